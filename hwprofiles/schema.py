@@ -1,0 +1,297 @@
+"""The schema of one device profile (``hwprofiles/devices/<name>.yaml``).
+
+Hardware is data: every number lives in a YAML file next to a citation in ``sources``; this module
+holds only structure, unit conversions and checks.  Conventions:
+
+* units are in field names (``_GB`` decimal gigabytes as vendors market them, ``_bytes``, ``_GBps``
+  = 10^9 B/s per direction, ``_W``, ``_tflops`` = 10^12 FLOP/s);
+* every FLOP figure is **dense** (no 2:4 structured sparsity, which vendors quote at 2x);
+* a profile describes one *software-visible* device, i.e. one ``torch.device("cuda", i)``
+  (an MI250X module is two such devices, see ``devices_per_package``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+TERA = 10**12
+"""TFLOPS -> FLOP/s."""
+GIGA = 10**9
+"""GB/s -> B/s."""
+GIB = 1024**3
+"""Bytes in a GiB."""
+
+Dtype = Literal["fp32", "tf32", "bf16", "fp16", "fp8", "int8"]
+DTYPES: tuple[str, ...] = ("fp32", "tf32", "bf16", "fp16", "fp8", "int8")
+
+Vendor = Literal["nvidia", "amd"]
+Architecture = Literal["volta", "turing", "ampere", "ada", "hopper", "blackwell", "cdna2", "cdna3"]
+AMD_ARCHITECTURES: frozenset[str] = frozenset({"cdna2", "cdna3"})
+FormFactor = Literal["sxm", "pcie", "oam", "superchip"]
+MemoryType = Literal["HBM2", "HBM2e", "HBM3", "HBM3e", "GDDR6", "GDDR6X", "GDDR7"]
+
+PRICE_FIELD = "price_usd_per_hour"
+"""The one numeric field whose citation is ``price_source`` instead of a ``sources`` entry."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, strict=True)
+
+
+def _as_tuples(value: Any) -> Any:
+    """YAML gives lists; the frozen models store tuples so that nothing inside them can change."""
+    if isinstance(value, list):
+        return tuple(_as_tuples(v) for v in value)
+    return value
+
+
+class PeakTflops(_Strict):
+    """Dense peak throughput per dtype in TFLOPS (TOPS for int8); ``null`` where the device has no such path."""
+
+    fp32: float = Field(gt=0)
+    """Non-tensor FP32 rate (CUDA cores / AMD vector units), dense TFLOPS."""
+    tf32: float | None = Field(gt=0)
+    """TF32 tensor-core rate (AMD: XF32/TF32 matrix), dense TFLOPS; null where there is no TF32 path (Volta, Turing, CDNA2)."""
+    bf16: float | None = Field(gt=0)
+    """BF16 tensor-core rate, dense TFLOPS; GeForce cards: the FP32-accumulate rate; null where bf16 has no tensor path (Volta, Turing)."""
+    fp16: float = Field(gt=0)
+    """FP16 tensor-core rate, dense TFLOPS; GeForce cards: the FP32-accumulate rate (half the FP16-accumulate figure)."""
+    fp8: float | None = Field(gt=0)
+    """FP8 tensor-core rate, dense TFLOPS (GeForce: FP32 accumulate); null where unsupported (pre-Ada, CDNA2)."""
+    int8: float | None = Field(gt=0)
+    """INT8 tensor-core rate, dense TOPS; null where no INT8 tensor path was found in the sources."""
+
+
+class Efficiency(_Strict):
+    """Achievable fractions of the peaks, used by the roofline (Calculon's ``gflops_efficiency`` / ``MB_efficiency``)."""
+
+    matmul_max_fraction: float = Field(gt=0, le=1)
+    """Best measured GEMM throughput / dense bf16 peak (large, well-shaped GEMMs)."""
+    matmul_max_fraction_fp8: float | None = Field(gt=0, le=1)
+    """Best measured FP8 GEMM throughput / dense fp8 peak; null = use ``matmul_max_fraction``."""
+    matmul_curve: tuple[tuple[float, float], ...] = Field(min_length=2)
+    """[flops_per_gemm, fraction of the max fraction] points, flops strictly increasing, fraction non-decreasing in (0, 1]; interpolated in log10(flops), clamped outside."""
+    memory_bandwidth_fraction: float = Field(gt=0, le=1)
+    """Achieved / peak memory bandwidth for streaming (memory-bound) kernels."""
+
+    @field_validator("matmul_curve", mode="before")
+    @classmethod
+    def _curve_as_tuples(cls, value: Any) -> Any:
+        return _as_tuples(value)
+
+    @field_validator("matmul_curve")
+    @classmethod
+    def _curve_is_monotone(cls, curve: tuple[tuple[float, float], ...]) -> tuple[tuple[float, float], ...]:
+        flops = [f for f, _ in curve]
+        fractions = [r for _, r in curve]
+        if flops[0] <= 0 or any(b <= a for a, b in zip(flops, flops[1:])):
+            raise ValueError(f"matmul_curve flops must be positive and strictly increasing, got {flops}")
+        if any(not 0 < r <= 1 for r in fractions) or any(b < a for a, b in zip(fractions, fractions[1:])):
+            raise ValueError(f"matmul_curve fractions must be in (0, 1] and non-decreasing, got {fractions}")
+        return curve
+
+    def max_fraction(self, dtype: str = "bf16") -> float:
+        """Best achievable fraction of the dense peak of ``dtype``."""
+        if dtype == "fp8" and self.matmul_max_fraction_fp8 is not None:
+            return self.matmul_max_fraction_fp8
+        return self.matmul_max_fraction
+
+    def matmul_fraction(self, flops_per_gemm: float | np.ndarray, dtype: str = "bf16") -> float | np.ndarray:
+        """Achievable fraction of peak for a GEMM of ``flops_per_gemm`` FLOPs (scalar or array)."""
+        xs = np.log10([f for f, _ in self.matmul_curve])
+        ys = np.array([r for _, r in self.matmul_curve])
+        scale = np.interp(np.log10(np.maximum(flops_per_gemm, 1.0)), xs, ys)
+        out = scale * self.max_fraction(dtype)
+        return float(out) if np.ndim(out) == 0 else out
+
+
+class Device(_Strict):
+    """One software-visible accelerator: memory, peaks, links, runtime overheads, efficiencies, price, citations."""
+
+    name: str = Field(pattern=r"^[a-z0-9]+(-[a-z0-9]+)*$")
+    """Canonical lowercase name; equals the YAML file stem (``h100-sxm-80gb``)."""
+    display_name: str = Field(min_length=1)
+    """Human-readable product name."""
+    vendor: Vendor
+    """Vendor."""
+    architecture: Architecture
+    """GPU architecture generation."""
+    compute_capability: str = Field(pattern=r"^(\d+\.\d+|gfx[0-9a-f]+)$")
+    """CUDA compute capability (``"9.0"``) or the AMD gfx target (``"gfx942"``)."""
+    form_factor: FormFactor
+    """Board form factor: sxm, pcie, oam (AMD OAM module) or superchip (Grace-Blackwell board)."""
+    devices_per_package: int = Field(ge=1)
+    """Software-visible devices in one physical package (MI250X: 2 GCDs); every figure here is per visible device."""
+    aliases: tuple[str, ...] = ()
+    """Other names that resolve to this device (published-record names such as ``H100-SXM-80GB``)."""
+    memory_type: MemoryType
+    """Device memory technology."""
+    memory_capacity_GB: float = Field(gt=0)
+    """Marketed memory capacity in (vendor) GB, per visible device."""
+    memory_total_bytes: int = Field(gt=0)
+    """Total memory the driver reports (nvidia-smi ``memory.total`` / ``torch.cuda.get_device_properties().total_memory``), bytes."""
+    hbm_bandwidth_GBps: float = Field(gt=0)
+    """Peak device-memory bandwidth (HBM or GDDR), GB/s."""
+    peak_tflops: PeakTflops
+    """Dense peak throughput per dtype."""
+    tdp_W: float | None = Field(gt=0)
+    """Board power limit (TDP/TBP), W; null if not found."""
+    pcie_gen: int | None = Field(ge=1, le=6)
+    """PCIe generation of the host link; null when the host link is not PCIe (GB200: NVLink-C2C)."""
+    pcie_bandwidth_GBps: float | None = Field(gt=0)
+    """Host PCIe x16 bandwidth per direction, GB/s."""
+    interconnect: str = Field(min_length=1)
+    """GPU-to-GPU link name (``NVLink4``, ``xGMI``, ``PCIe`` when there is no dedicated link)."""
+    interconnect_bandwidth_GBps: float | None = Field(gt=0)
+    """GPU-to-GPU bandwidth per direction per GPU, GB/s; null if none/unknown."""
+    cuda_context_bytes: int = Field(ge=0)
+    """Device memory taken by the CUDA/HIP context and loaded kernels, outside PyTorch's allocator, bytes."""
+    cublas_workspace_bytes: int = Field(ge=0)
+    """cuBLAS/hipBLAS workspace per (handle, stream), allocated through PyTorch's caching allocator and never freed, bytes."""
+    cublaslt_workspace_bytes: int = Field(ge=0)
+    """Extra cuBLASLt workspace beyond the cuBLAS one, bytes (0 with the unified workspace of recent PyTorch)."""
+    efficiency: Efficiency
+    """Achievable fractions of the peaks."""
+    price_usd_per_hour: float | None = Field(gt=0)
+    """On-demand price per device-hour, USD; null if no price was collected."""
+    price_source: str | None
+    """Where the price comes from (provider, listing); its citation."""
+    price_date: str | None
+    """When the price was read (``2026-03``) or a phrase saying it is not known."""
+    sources: dict[str, str]
+    """Citation per numeric field, keyed by field path (``hbm_bandwidth_GBps``, ``peak_tflops.bf16``)."""
+
+    @field_validator("aliases", mode="before")
+    @classmethod
+    def _aliases_as_tuple(cls, value: Any) -> Any:
+        return _as_tuples(value)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Device:
+        _check_vendor(self)
+        _check_memory(self)
+        _check_pcie(self)
+        _check_price(self)
+        _check_sources(self)
+        return self
+
+    # ---- helpers (pure, derived from the fields) ----
+
+    def peak_flops(self, dtype: str) -> float:
+        """Dense peak of ``dtype`` in FLOP/s (ops/s for int8); ValueError naming the allowed dtypes."""
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r} for peak_flops; allowed: {', '.join(DTYPES)}")
+        tflops = getattr(self.peak_tflops, dtype)
+        if tflops is None:
+            raise ValueError(
+                f"{self.name} has no {dtype} tensor path (peak_tflops.{dtype} is null); "
+                f"supported: {', '.join(self.supported_dtypes)}"
+            )
+        return tflops * TERA
+
+    @property
+    def supported_dtypes(self) -> tuple[str, ...]:
+        """Dtypes with a peak figure on this device."""
+        return tuple(d for d in DTYPES if getattr(self.peak_tflops, d) is not None)
+
+    @property
+    def memory_bandwidth_Bps(self) -> float:
+        """Peak device-memory bandwidth, B/s."""
+        return self.hbm_bandwidth_GBps * GIGA
+
+    @property
+    def supports_fp8(self) -> bool:
+        """True when the device has FP8 tensor cores."""
+        return self.peak_tflops.fp8 is not None
+
+    @property
+    def supports_bf16(self) -> bool:
+        """True when bf16 runs on tensor cores (False on Volta/Turing, where it is emulated or unsupported)."""
+        return self.peak_tflops.bf16 is not None
+
+    def citation(self, path: str) -> str | None:
+        """The citation of the field at ``path`` (``price_source`` for the price)."""
+        if path == PRICE_FIELD and self.price_source:
+            return self.price_source
+        return self.sources.get(path)
+
+
+# ---- validation pieces (each one rule, each error quotes the numbers) ----
+
+
+def field_paths(model: BaseModel, prefix: str = "") -> Iterator[str]:
+    """Dotted paths of every field of ``model`` and its sub-models (``peak_tflops.bf16``)."""
+    for field in type(model).model_fields:
+        value = getattr(model, field)
+        if isinstance(value, BaseModel):
+            yield from field_paths(value, f"{prefix}{field}.")
+        else:
+            yield f"{prefix}{field}"
+
+
+def _is_numeric(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int | float):
+        return True
+    return isinstance(value, tuple) and bool(value) and all(_is_numeric(v) for v in value)
+
+
+def _value_at(model: BaseModel, path: str) -> Any:
+    value: Any = model
+    for part in path.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def numeric_field_paths(model: BaseModel) -> list[str]:
+    """Paths of the fields holding a number (or a curve of numbers) that is set (not null)."""
+    return [p for p in field_paths(model) if p != "sources" and _is_numeric(_value_at(model, p))]
+
+
+def _check_sources(device: Device) -> None:
+    known = set(field_paths(device)) - {"sources"}
+    unknown = sorted(set(device.sources) - known)
+    if unknown:
+        raise ValueError(f"sources has keys that name no field: {', '.join(unknown)}")
+    empty = sorted(k for k, v in device.sources.items() if not v.strip())
+    if empty:
+        raise ValueError(f"sources has empty citations for: {', '.join(empty)}")
+    missing = [p for p in numeric_field_paths(device) if not device.citation(p)]
+    if missing:
+        raise ValueError(f"numeric field(s) without a source: {', '.join(missing)} (add sources['<field path>'])")
+
+
+def _check_vendor(device: Device) -> None:
+    expected = "amd" if device.architecture in AMD_ARCHITECTURES else "nvidia"
+    if device.vendor != expected:
+        raise ValueError(f"architecture={device.architecture!r} is {expected}, not vendor={device.vendor!r}")
+
+
+def _check_memory(device: Device) -> None:
+    ceiling = device.memory_capacity_GB * GIB
+    if device.memory_total_bytes > ceiling:
+        raise ValueError(
+            f"memory_total_bytes={device.memory_total_bytes} exceeds memory_capacity_GB={device.memory_capacity_GB} "
+            f"read as GiB ({ceiling:.0f} B)"
+        )
+
+
+def _check_pcie(device: Device) -> None:
+    if (device.pcie_gen is None) != (device.pcie_bandwidth_GBps is None):
+        raise ValueError(
+            f"pcie_gen={device.pcie_gen} and pcie_bandwidth_GBps={device.pcie_bandwidth_GBps} must be both set or both null"
+        )
+
+
+def _check_price(device: Device) -> None:
+    given = [device.price_usd_per_hour is not None, device.price_source is not None, device.price_date is not None]
+    if any(given) and not all(given):
+        raise ValueError(
+            "price_usd_per_hour, price_source and price_date must be all set or all null, got "
+            f"{device.price_usd_per_hour!r}, {device.price_source!r}, {device.price_date!r}"
+        )

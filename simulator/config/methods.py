@@ -1,0 +1,125 @@
+"""Fine-tuning methods as a tagged union discriminated by ``kind``.
+
+Adding a method = one config class here + its transform in ``simulator.graph.transforms``
++ its exact CPU test.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import Field, model_validator
+
+from .base import Strict
+
+QuantKind = Literal["nf4", "fp4", "int8", "gptq", "awq", "fp8"]
+
+
+class Full(Strict):
+    kind: Literal["full"] = "full"
+
+
+class Freeze(Strict):
+    """Train only the first or last n blocks (everything else frozen)."""
+
+    kind: Literal["freeze"] = "freeze"
+    n_trainable_layers: int = Field(default=1, ge=0)
+    """How many blocks stay trainable."""
+    which: Literal["last", "first"] = "last"
+    """Train the first or the last blocks."""
+    train_embeddings: bool = False
+    """Also train the input embeddings."""
+    train_lm_head: bool = False
+    """Also train the output head (and the final norm)."""
+
+
+class _LoRABase(Strict):
+    r: int = Field(default=8, gt=0)
+    """LoRA rank (must be > 0)."""
+    alpha: float = Field(default=16.0, gt=0)
+    """LoRA scaling numerator (scaling = alpha / r)."""
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """Dropout on the LoRA branch input; > 0 stores a mask and a dropped copy per adapted module."""
+    targets: list[str] | Literal["all-linear"] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    """Module names to adapt (leaf names such as 'q_proj', or 'all-linear'; 'embed_tokens'/'lm_head' allowed)."""
+    modules_to_save: list[str] = Field(default_factory=list)
+    """Modules trained in full beside the adapters (e.g. 'lm_head', 'embed_tokens')."""
+    lora_fa: bool = False
+    """LoRA-FA: freeze lora_A, so only B trains and the full-width input is not stored."""
+
+    @model_validator(mode="after")
+    def _targets_nonempty(self):
+        if isinstance(self.targets, list) and not self.targets:
+            raise ValueError("targets: empty list; name at least one module or use 'all-linear'")
+        return self
+
+
+class LoRA(_LoRABase):
+    kind: Literal["lora"] = "lora"
+
+
+class DoRA(_LoRABase):
+    kind: Literal["dora"] = "dora"
+
+
+class QLoRA(_LoRABase):
+    """LoRA on a quantized, frozen base (bitsandbytes 4-bit by default; GPTQ/AWQ/int8 bases too)."""
+
+    kind: Literal["qlora"] = "qlora"
+    quant: Literal["nf4", "fp4", "int8", "gptq", "awq"] = "nf4"
+    """Storage format of the frozen base weights."""
+    double_quant: bool = True
+    """bitsandbytes nested quantization of the absmax scales (4.127 instead of 4.5 bits/param)."""
+    compute_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    """Dtype the base weights are dequantized to for the matmul."""
+    group_size: int = Field(default=128, gt=0)
+    """GPTQ/AWQ quantization group size."""
+    blocksize: int = Field(default=64, gt=0)
+    """bitsandbytes 4-bit block size (one absmax per block)."""
+
+
+class IA3(Strict):
+    kind: Literal["ia3"] = "ia3"
+    targets: list[str] | None = None
+    """Modules scaled by a learned vector; None = PEFT's default for the family (k, v, down for Llama)."""
+    feedforward_modules: list[str] | None = None
+    """Targets whose input (not output) is scaled; None = PEFT's default (down_proj for Llama)."""
+
+
+class PrefixTuning(Strict):
+    kind: Literal["prefix"] = "prefix"
+    n_virtual_tokens: int = Field(default=20, gt=0)
+    """Prefix length per layer (added to the keys and values)."""
+    prefix_projection: bool = False
+    """Reparametrise the prefix through an MLP (Li & Liang)."""
+    encoder_hidden_size: int | None = Field(default=None, gt=0)
+    """Hidden size of the prefix MLP (defaults to the model hidden size)."""
+
+
+class PromptTuning(Strict):
+    kind: Literal["prompt"] = "prompt"
+    n_virtual_tokens: int = Field(default=20, gt=0)
+    """Soft prompt length (lengthens every layer's sequence)."""
+
+
+class BitFit(Strict):
+    """Train only the bias terms."""
+
+    kind: Literal["bitfit"] = "bitfit"
+
+
+class Adapter(Strict):
+    """Bottleneck adapters (Houlsby: after attention and after MLP; Pfeiffer: after MLP only)."""
+
+    kind: Literal["adapter"] = "adapter"
+    bottleneck: int = Field(default=64, gt=0)
+    """Adapter bottleneck width m."""
+    placement: Literal["houlsby", "pfeiffer"] = "houlsby"
+    """Two adapters per block (houlsby) or one (pfeiffer)."""
+
+
+Method = Annotated[
+    Union[Full, Freeze, LoRA, DoRA, QLoRA, IA3, PrefixTuning, PromptTuning, BitFit, Adapter],
+    Field(discriminator="kind"),
+]
+METHOD_KINDS = ("full", "freeze", "lora", "dora", "qlora", "ia3", "prefix", "prompt", "bitfit", "adapter")

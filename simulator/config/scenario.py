@@ -1,0 +1,108 @@
+"""Scenario = model (what) + workload/method/precision/... (how) + gpu (on what)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, field_validator, model_validator
+
+from .base import Strict
+from .methods import Freeze, Full, IA3, Method, PrefixTuning, PromptTuning, QLoRA, _LoRABase
+from .model import ModelArch
+from .training import Attention, Checkpointing, InferenceQuant, InferWorkload, Optimizer, Precision, TrainWorkload, Workload
+
+
+class Scenario(Strict):
+    model: ModelArch
+    """Architecture, or a catalog name such as 'llama-3.1-8b' (see `fitsim models`)."""
+    gpu: str = "h100-sxm-80gb"
+    """Device profile name (see `fitsim gpus`)."""
+    workload: Workload = Field(default_factory=TrainWorkload)
+    """What one step does: training (micro-batch, seq len, grad accumulation) or inference (batch, prompt, generation)."""
+    method: Method = Field(default_factory=Full)
+    """Fine-tuning method (training only)."""
+    precision: Precision = "bf16"
+    """Numerics: fp32, bf16-amp/fp16-amp (fp32 master weights), bf16/fp16 (pure), fp8."""
+    optimizer: Optimizer = Field(default_factory=Optimizer)
+    """Optimizer and its implementation."""
+    checkpointing: Checkpointing = Field(default_factory=Checkpointing)
+    """Activation checkpointing policy."""
+    attention: Attention = "sdpa-flash"
+    """Attention kernel: eager (materialised scores), sdpa-math, sdpa-mem-efficient, sdpa-flash / flash2 / flash3."""
+    inference: InferenceQuant = Field(default_factory=InferenceQuant)
+    """Weight and KV-cache quantization at inference."""
+    loss: Literal["upcast", "fused"] = "upcast"
+    """'upcast': HF loss casts the b*s*V logits to fp32; 'fused': chunked linear+cross-entropy (Liger-style)."""
+    expandable_segments: bool = False
+    """PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (less fragmentation in reserved memory)."""
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _resolve_model(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            from ..models import get_model
+
+            return get_model(v)
+        return v
+
+    @field_validator("gpu")
+    @classmethod
+    def _resolve_gpu(cls, v: str) -> str:
+        from hwprofiles import get_device
+
+        return get_device(v).name
+
+    @model_validator(mode="after")
+    def _cross_check(self) -> "Scenario":
+        m, arch = self.method, self.model
+        if isinstance(self.workload, InferWorkload):
+            if not isinstance(m, Full):
+                raise ValueError(
+                    f"method.kind={m.kind!r} applies to training; for inference leave method 'full' and set inference.weights"
+                )
+            return self
+        if self.inference.weights != "none":
+            raise ValueError(
+                f"inference.weights={self.inference.weights!r} applies to task 'infer'; to train on a quantized base use method.kind='qlora'"
+            )
+        seq = self.workload.seq_len
+        if isinstance(m, QLoRA) and self.precision == "fp32":
+            raise ValueError("method.kind='qlora' with precision='fp32': QLoRA computes in 16-bit; use precision 'bf16' or 'fp16'")
+        if isinstance(m, (PrefixTuning, PromptTuning)) and m.n_virtual_tokens >= seq:
+            raise ValueError(
+                f"method.n_virtual_tokens={m.n_virtual_tokens} must be smaller than workload.seq_len={seq}"
+            )
+        if isinstance(m, Freeze) and m.n_trainable_layers > arch.n_layers:
+            raise ValueError(
+                f"method.n_trainable_layers={m.n_trainable_layers} exceeds the model's n_layers={arch.n_layers}"
+            )
+        if isinstance(m, (_LoRABase, IA3)):
+            from ..graph.build import target_names
+
+            known = target_names(arch)
+            asked = m.targets if isinstance(m, _LoRABase) else (m.targets or [])
+            if asked != "all-linear":
+                missing = [t for t in asked if t not in known]
+                if missing:
+                    raise ValueError(
+                        f"method.targets: {missing} not in model {arch.name!r}; allowed: {', '.join(sorted(known))}, all-linear"
+                    )
+        if self.precision == "fp8" and not isinstance(m, Full):
+            raise ValueError(f"precision='fp8' (float8 training) applies to method 'full'; got method.kind={m.kind!r}")
+        return self
+
+    @property
+    def is_training(self) -> bool:
+        return isinstance(self.workload, TrainWorkload)
+
+    # YAML round trip -------------------------------------------------------------------------
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> "Scenario":
+        data = yaml.safe_load(text)
+        if not isinstance(data, dict):
+            raise ValueError("scenario YAML must be a mapping with at least 'model'")
+        return cls.model_validate(data)

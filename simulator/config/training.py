@@ -1,0 +1,80 @@
+"""How the job runs: workload, precision, optimizer, checkpointing, attention, inference quantization."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import Field, model_validator
+
+from .base import Strict
+
+Precision = Literal["fp32", "bf16-amp", "fp16-amp", "bf16", "fp16", "fp8"]
+"""fp32; 16-bit autocast over fp32 master weights (-amp); pure 16-bit weights and states; fp8 matmuls (torchao float8) over bf16."""
+
+OptimizerName = Literal[
+    "adamw", "adam", "sgd", "sgd-momentum", "adafactor", "lion",
+    "adamw-8bit", "paged-adamw-8bit", "paged-adamw-32bit",
+]
+
+
+class TrainWorkload(Strict):
+    task: Literal["train"] = "train"
+    micro_batch: int = Field(default=1, ge=1)
+    """Sequences per forward/backward on one device."""
+    seq_len: int = Field(default=2048, ge=1)
+    """Tokens per sequence (padded length)."""
+    grad_accum: int = Field(default=1, ge=1)
+    """Micro-batches accumulated per optimizer step."""
+
+
+class InferWorkload(Strict):
+    task: Literal["infer"] = "infer"
+    batch: int = Field(default=1, ge=1)
+    """Concurrent sequences."""
+    prompt_len: int = Field(default=512, ge=1)
+    """Prompt tokens per sequence (prefill)."""
+    gen_len: int = Field(default=256, ge=0)
+    """Generated tokens per sequence (decode)."""
+
+
+Workload = Annotated[Union[TrainWorkload, InferWorkload], Field(discriminator="task")]
+
+
+class Optimizer(Strict):
+    name: OptimizerName = "adamw"
+    """Optimizer; the -8bit ones are bitsandbytes blockwise 8-bit, paged ones live in CUDA managed memory."""
+    impl: Literal["foreach", "fused", "for-loop"] = "foreach"
+    """torch.optim implementation: foreach (default on CUDA) holds ~one extra copy of the params being updated."""
+    beta1: bool = True
+    """Adafactor only: keep a first moment (exp_avg)."""
+
+
+class Checkpointing(Strict):
+    mode: Literal["none", "full", "every_k"] = "none"
+    """Activation checkpointing: none, every block (full), or every k-th block."""
+    every_k: int = Field(default=1, ge=1)
+    """With mode='every_k': checkpoint one block in k."""
+
+
+Attention = Literal["eager", "sdpa-math", "sdpa-mem-efficient", "sdpa-flash", "flash2", "flash3"]
+
+
+class InferenceQuant(Strict):
+    weights: Literal["none", "int8", "nf4", "fp4", "gptq", "awq", "fp8"] = "none"
+    """Weight storage at inference."""
+    group_size: int = Field(default=128, gt=0)
+    """GPTQ/AWQ group size."""
+    double_quant: bool = False
+    """bitsandbytes nested quantization of the 4-bit scales."""
+    kv_dtype: Literal["auto", "bf16", "fp16", "fp32", "fp8", "int8"] = "auto"
+    """KV-cache element type; 'auto' = compute dtype. int4 caches are not supported."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _kv_int4(cls, data):
+        if isinstance(data, dict) and data.get("kv_dtype") in ("int4", "int2", "nf4"):
+            raise ValueError(
+                f"kv_dtype={data['kv_dtype']!r} is not supported (no fused attention kernel reads it); "
+                "allowed: auto, bf16, fp16, fp32, fp8, int8"
+            )
+        return data

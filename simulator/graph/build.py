@@ -1,0 +1,676 @@
+"""Operator templates: each family's forward, traced op by op with the real module paths.
+
+One block template is traced per distinct *variant* of a block (which weights train,
+whether its input needs grad, whether it is checkpointed) and repeated by count, so a
+126-layer model costs a handful of traces.  Module paths are those of the Hugging Face
+implementation (``model.layers.3.self_attn.q_proj``), so every number can be compared
+node by node with torch's FlopCounterMode / saved-tensor hooks.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+from ..config.model import ModelArch
+from ..units import dtype_bytes
+from .ir import ZERO, Param, Poly, Tensor, Trace, Tracer
+from .transforms import Plan
+
+# ---------------------------------------------------------------------------------------------
+# Family naming: module paths of the HF implementation.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Names:
+    embed: str
+    pos_embed: str | None
+    layers: str  # prefix of block i: f"{layers}.{i}"
+    final_norm: str
+    lm_head: str
+    norm1: str
+    norm2: str
+    q: str
+    k: str
+    v: str
+    qkv: str | None  # fused projection
+    o: str
+    gate: str | None
+    up: str
+    down: str
+    embed_norm: str | None = None
+
+
+NAMES: dict[str, Names] = {
+    "llama": Names("model.embed_tokens", None, "model.layers", "model.norm", "lm_head", "input_layernorm",
+                   "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", None,
+                   "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+    "qwen": Names("transformer.wte", None, "transformer.h", "transformer.ln_f", "lm_head", "ln_1", "ln_2",
+                  "", "", "", "attn.c_attn", "attn.c_proj", "mlp.w2", "mlp.w1", "mlp.c_proj"),
+    "gpt2": Names("transformer.wte", "transformer.wpe", "transformer.h", "transformer.ln_f", "lm_head", "ln_1",
+                  "ln_2", "", "", "", "attn.c_attn", "attn.c_proj", None, "mlp.c_fc", "mlp.c_proj"),
+    "opt": Names("model.decoder.embed_tokens", "model.decoder.embed_positions", "model.decoder.layers",
+                 "model.decoder.final_layer_norm", "lm_head", "self_attn_layer_norm", "final_layer_norm",
+                 "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", None, "self_attn.out_proj", None,
+                 "fc1", "fc2"),
+    "bloom": Names("transformer.word_embeddings", None, "transformer.h", "transformer.ln_f", "lm_head",
+                   "input_layernorm", "post_attention_layernorm", "", "", "", "self_attention.query_key_value",
+                   "self_attention.dense", None, "mlp.dense_h_to_4h", "mlp.dense_4h_to_h",
+                   embed_norm="transformer.word_embeddings_layernorm"),
+    "falcon": Names("transformer.word_embeddings", None, "transformer.h", "transformer.ln_f", "lm_head",
+                    "input_layernorm", "input_layernorm", "", "", "", "self_attention.query_key_value",
+                    "self_attention.dense", None, "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
+    "gpt_neox": Names("gpt_neox.embed_in", None, "gpt_neox.layers", "gpt_neox.final_layer_norm", "embed_out",
+                      "input_layernorm", "post_attention_layernorm", "", "", "", "attention.query_key_value",
+                      "attention.dense", None, "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
+    "phi": Names("model.embed_tokens", None, "model.layers", "model.final_layernorm", "lm_head", "input_layernorm",
+                 "input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", None,
+                 "self_attn.dense", None, "mlp.fc1", "mlp.fc2"),
+    "bert": Names("bert.embeddings.word_embeddings", "bert.embeddings.position_embeddings", "bert.encoder.layer",
+                  "", "cls.predictions.decoder", "attention.output.LayerNorm", "output.LayerNorm",
+                  "attention.self.query", "attention.self.key", "attention.self.value", None,
+                  "attention.output.dense", None, "intermediate.dense", "output.dense",
+                  embed_norm="bert.embeddings.LayerNorm"),
+    "t5": Names("shared", None, "encoder.block", "encoder.final_layer_norm", "lm_head", "layer.0.layer_norm",
+                "layer.1.layer_norm", "layer.0.SelfAttention.q", "layer.0.SelfAttention.k",
+                "layer.0.SelfAttention.v", None, "layer.0.SelfAttention.o", "layer.1.DenseReluDense.wi_0",
+                "layer.1.DenseReluDense.wi_1", "layer.1.DenseReluDense.wo"),
+}
+NAMES["roberta"] = Names(**{**NAMES["bert"].__dict__, **{k: v.replace("bert.", "roberta.") for k, v in NAMES["bert"].__dict__.items() if isinstance(v, str) and v.startswith("bert.")}})
+NAMES["deberta_v2"] = Names(**{**NAMES["bert"].__dict__, **{k: v.replace("bert.", "deberta.") for k, v in NAMES["bert"].__dict__.items() if isinstance(v, str) and v.startswith("bert.")}})
+
+
+def names_of(arch: ModelArch) -> Names:
+    n = NAMES[arch.family]
+    if arch.family == "llama" and arch.moe is not None:
+        return Names(**{**n.__dict__, "gate": "mlp.experts.gate_up_proj", "up": "mlp.experts.gate_up_proj",
+                        "down": "mlp.experts.down_proj"})
+    if arch.family == "t5" and not arch.gated_mlp:
+        return Names(**{**n.__dict__, "gate": None, "up": "layer.1.DenseReluDense.wi"})
+    if arch.family == "gpt_neox" or (arch.family == "falcon" and arch.kv_heads > 1):
+        return Names(**{**n.__dict__, "norm2": "post_attention_layernorm" if arch.family == "gpt_neox" else "ln_mlp",
+                        "norm1": "input_layernorm" if arch.family == "gpt_neox" else "ln_attn"})
+    return n
+
+
+def _leaf(path: str) -> str:
+    return path.rsplit(".", 1)[-1]
+
+
+@functools.cache
+def target_names(arch: ModelArch) -> frozenset[str]:
+    """Leaf (and dotted) names of the model's linear modules: what LoRA/IA3 may target."""
+    n = names_of(arch)
+    out = {n.o, n.up, n.down, "lm_head", _leaf(n.embed)}
+    out |= {n.qkv} if n.qkv else {n.q, n.k, n.v}
+    if n.gate:
+        out.add(n.gate)
+    if arch.moe is not None:
+        out.add("mlp.gate")
+    leaves = {_leaf(x) for x in out if x}
+    return frozenset(leaves | {x for x in out if x})
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantized weight storage
+# ---------------------------------------------------------------------------------------------
+
+
+def quant_storage_bytes(kind: str, numel: int, out_f: int, in_f: int, group: int, double_quant: bool,
+                        blocksize: int = 64) -> tuple[float, float]:
+    """(total bytes, of which scales/metadata) of one quantized weight matrix.
+
+    - nf4/fp4 (bitsandbytes ``Params4bit``): 4 bits + one fp32 absmax per 64 weights = 4.5 bits;
+      double quant: absmax as uint8 per 64 + one fp32 per 256 blocks = 4.127 bits
+      (bitsandbytes ``functional.quantize_4bit``, ``blocksize=64``, nested ``blocksize=256``).
+    - int8 (LLM.int8 ``Int8Params``): 1 B/weight + fp32 ``SCB`` per output row.
+    - gptq (AutoGPTQ ``QuantLinear``): qweight 4 bits, fp16 scales and 4-bit qzeros per group of
+      ``group`` inputs per output, int32 ``g_idx`` per input: bits = 4 + 20/g + 32/out.
+    - awq: as GPTQ without ``g_idx``.
+    - fp8: 1 B/weight + one fp32 per-tensor scale.
+    """
+    if kind in ("nf4", "fp4"):
+        data = numel * 0.5
+        nblocks = -(-numel // blocksize)
+        if double_quant:
+            scales = nblocks * 1.0 + (-(-nblocks // 256)) * 4.0
+        else:
+            scales = nblocks * 4.0
+        return data + scales, scales
+    if kind == "int8":
+        return numel * 1.0 + out_f * 4.0, out_f * 4.0
+    if kind in ("gptq", "awq"):
+        groups = -(-in_f // group)
+        scales = groups * out_f * 2.0 + groups * out_f * 0.5
+        if kind == "gptq":
+            scales += in_f * 4.0
+        return numel * 0.5 + scales, scales
+    if kind == "fp8":
+        return numel * 1.0 + 4.0, 4.0
+    raise ValueError(f"unknown quantization {kind!r}; allowed: nf4, fp4, int8, gptq, awq, fp8")
+
+
+# ---------------------------------------------------------------------------------------------
+# The builder
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BlockVariant:
+    key: tuple
+    layers: list[int]
+    trace: Trace
+    out_requires_grad: bool
+
+
+@dataclass
+class ModelTrace:
+    """Everything the cost model needs, symbolic in (b, s)."""
+
+    arch: ModelArch
+    plan: Plan
+    pre: Trace  # embeddings (and globals such as RoPE cos/sin)
+    variants: list[BlockVariant]
+    post: Trace  # final norm, head, loss
+    globals_: list[Tensor] = field(default_factory=list)
+    seq_extra: int = 0  # prompt-tuning tokens added to every sequence
+    kv_extra: int = 0  # prefix-tuning tokens added to every key/value sequence
+
+
+class Builder:
+    def __init__(self, arch: ModelArch, plan: Plan):
+        self.arch, self.plan = arch, plan
+        self.n = names_of(arch)
+        p = plan.precision
+        self.pdt = p.param_dtype
+        self.cdt = p.compute_dtype
+        self.tr = Tracer(autocast=p.autocast)
+        self.globals: dict[str, Tensor] = {}
+
+    # -- parameters -----------------------------------------------------------------------
+    def weight(self, path: str, numel: int, trainable: bool, *, dtype: str | None = None, quant: str = "dense",
+               shape: tuple[int, ...] = (), tied_to: str | None = None) -> Tensor:
+        dtype = dtype or self.pdt
+        if quant == "dense":
+            nbytes, scales = numel * dtype_bytes(dtype), 0.0
+        else:
+            blocksize = getattr(self.plan.lora, "blocksize", 64)
+            nbytes, scales = quant_storage_bytes(quant, numel, shape[0], shape[1], self.plan.quant_group_size,
+                                                 self.plan.double_quant, blocksize)
+        return self.tr.param(Param(path, numel, dtype, trainable and quant == "dense", quant, nbytes, scales, tied_to,
+                                   shape or (numel,)))
+
+    # -- linear with its adapters ---------------------------------------------------------
+    def linear(self, path: str, x: Tensor, in_f: int, out_f: int, *, bias: bool, trainable: bool,
+               quantizable: bool = True) -> Tensor:
+        pl = self.plan
+        leaf = _leaf(path)
+        qualified = ".".join(path.split(".")[-2:])
+        if pl.saved_module(leaf):
+            trainable = True
+        quant = pl.base_quant if (quantizable and pl.base_quant != "dense") else "dense"
+        w = self.weight(f"{path}.weight", in_f * out_f, trainable, quant=quant, shape=(out_f, in_f))
+        b = None
+        if bias:
+            b = self.weight(f"{path}.bias", out_f, trainable or pl.biases_trainable)
+        ia3 = pl.ia3_on(leaf, qualified)
+        if ia3 == "in":
+            x = self._ia3_scale(path, x, in_f)
+        if quant != "dense":
+            out = self._quant_matmul(path, x, w, in_f, out_f, b, quant)
+        else:
+            out = self.tr.matmul(path, x, w, in_f, out_f, bias=b)
+        if ia3 == "out":
+            out = self._ia3_scale(path, out, out_f)
+        if pl.lora_on(leaf, qualified) and pl.training:
+            out = self._lora(path, x, out, in_f, out_f, w)
+        return out
+
+    def _quant_matmul(self, path: str, x: Tensor, w: Tensor, in_f: int, out_f: int, b: Tensor | None,
+                      quant: str) -> Tensor:
+        """Frozen quantized weight: dequantized to the compute dtype for each use (bitsandbytes
+        ``MatMul4Bit``: ``linear(A, dequantize_4bit(B))`` in forward and ``grad @ dequantize_4bit(B)``
+        in backward; the input is not saved)."""
+        tr = self.tr
+        deq = Tensor(-1, Poly.const(in_f * out_f), self.cdt, False, path)
+        tr.transient(path, deq.nbytes)
+        rows = x.numel * (1.0 / in_f)
+        mm = rows * (2.0 * in_f * out_f)
+        tr.flops(path, "linear", mm, mm if x.requires_grad else ZERO,
+                 rows * (dtype_bytes(x.dtype) * (in_f + out_f)) + Poly.const(w.nbytes.c[-1]))
+        return tr.new(path, rows * out_f, self.cdt if x.dtype == "fp32" and self.cdt != "fp32" else x.dtype,
+                      x.requires_grad or (b is not None and b.requires_grad))
+
+    def _lora(self, path: str, x: Tensor, result: Tensor, in_f: int, out_f: int, base_w: Tensor) -> Tensor:
+        """PEFT ``lora.Linear.forward``: ``result + lora_B(lora_A(dropout(x.to(A.dtype)))) * scaling``,
+        then ``result.to(result_dtype)``.  Adapter weights are fp32 (``autocast_adapter_dtype=True``)."""
+        tr, lo = self.tr, self.plan.lora
+        adt = self.plan.adapter_dtype if self.pdt != "fp32" else "fp32"
+        r = lo.r
+        a_w = self.weight(f"{path}.lora_A.weight", in_f * r, not lo.lora_fa, dtype=adt, shape=(r, in_f))
+        b_w = self.weight(f"{path}.lora_B.weight", r * out_f, True, dtype=adt, shape=(out_f, r))
+        result_dtype = result.dtype
+        xa = tr.cast(path, x, adt)
+        xa = tr.dropout(f"{path}.lora_dropout", xa, lo.dropout)
+        h = tr.matmul(f"{path}.lora_A", xa, a_w, in_f, r)
+        if lo.kind == "dora":
+            return self._dora_tail(path, x, result, h, b_w, in_f, out_f, r, base_w)
+        h = tr.matmul(f"{path}.lora_B", h, b_w, r, out_f)
+        h = tr.mul(path, h, None)  # * scaling
+        out = tr.add(path, result, h)
+        return tr.cast(path, out, result_dtype)
+
+    def _dora_tail(self, path: str, x: Tensor, result: Tensor, a_out: Tensor, b_w: Tensor, in_f: int,
+                   out_f: int, r: int, base_w: Tensor) -> Tensor:
+        """PEFT ``DoraLinearLayer.forward``: the weight norm ||W + s*BA||_row is computed on a full
+        ``out x in`` temporary (detached), and ``(mag/norm - 1) * base + mag/norm * lora * s`` saves
+        the base result and the LoRA result (b*s*out each)."""
+        tr = self.tr
+        mag = self.weight(f"{path}.lora_magnitude_vector", out_f, True, dtype=self.plan.adapter_dtype)
+        tr.transient(path, Poly.const(in_f * out_f * 4.0 + in_f * in_f * 4.0))
+        tr.flops(path, "dora_weight", Poly.const(2.0 * in_f * r * out_f + 2.0 * in_f * in_f * r))
+        lora_res = tr.matmul(f"{path}.lora_B", a_out, b_w, r, out_f)
+        scale = tr.new(path, Poly.const(out_f), "fp32", True)  # mag / weight_norm
+        tr.save(path, mag)
+        t1 = tr.mul(path, result, scale)  # (mag_norm_scale - 1) * base_result
+        t2 = tr.mul(path, lora_res, scale)
+        out = tr.add(path, tr.add(path, result, t1), t2)
+        return tr.cast(path, out, result.dtype)
+
+    def _ia3_scale(self, path: str, x: Tensor, width: int) -> Tensor:
+        """PEFT IA3: ``x * ia3_l`` (a learned vector, fp32 under autocast_adapter_dtype)."""
+        v = self.weight(f"{path}.ia3_l", width, True, dtype=self.plan.adapter_dtype if self.pdt != "fp32" else "fp32")
+        y = self.tr.mul(path, x, v, out_numel=x.numel)
+        return self.tr.cast(path, y, x.dtype)
+
+    # -- norms ----------------------------------------------------------------------------
+    def rmsnorm(self, path: str, x: Tensor, width: int, trainable: bool) -> Tensor:
+        """HF ``LlamaRMSNorm``: fp32 upcast, ``x * rsqrt(mean(x^2) + eps)``, ``weight * y.to(dtype)``.
+
+        Saves the fp32 input (pow and mul share it), the fp32 rsqrt (b*s), and the cast-back
+        normalised tensor when the weight trains."""
+        tr = self.tr
+        w = self.weight(f"{path}.weight", width, trainable or self.plan.saved_module(_leaf(path)))
+        x32 = tr.cast(path, x, "fp32")
+        if x32.requires_grad:
+            tr.save(path, x32)  # pow(2) saves self
+        rs = tr.new(path, x.numel * (1.0 / width), "fp32", x32.requires_grad)
+        if x32.requires_grad:
+            tr.save(path, rs)  # rsqrt saves its result
+        y = tr.mul(path, x32, rs, out_numel=x.numel)
+        y = tr.cast(path, y, x.dtype)
+        return tr.mul(path, w, y, out_numel=x.numel)
+
+    def layernorm(self, path: str, x: Tensor, width: int, trainable: bool, bias: bool = True) -> Tensor:
+        """``aten.native_layer_norm``: saves input, mean and rstd (fp32, b*s each); autocast runs it in fp32."""
+        tr = self.tr
+        w = self.weight(f"{path}.weight", width, trainable or self.plan.saved_module(_leaf(path)))
+        b = self.weight(f"{path}.bias", width, trainable or self.plan.biases_trainable) if bias else None
+        if tr.autocast is not None:
+            x = tr.cast(path, x, "fp32")
+        rg = x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)
+        if rg:
+            tr.save(path, x)
+            rows = x.numel * (1.0 / width)
+            tr.save(path, tr.new(path, rows, "fp32", False), tr.new(path, rows, "fp32", False))
+        return tr.new(path, x.numel, promote_out(x.dtype, w.dtype) if tr.autocast is None else "fp32", rg)
+
+    def norm(self, path: str, x: Tensor, width: int, trainable: bool) -> Tensor:
+        if self.arch.norm == "rmsnorm":
+            return self.rmsnorm(path, x, width, trainable)
+        return self.layernorm(path, x, width, trainable, self.arch.norm_bias)
+
+    # -- activations ----------------------------------------------------------------------
+    def act(self, path: str, x: Tensor) -> Tensor:
+        if self.arch.activation == "relu":
+            return self.tr.relu(path, x)
+        return self.tr.unary_saving_input(path, x, self.arch.activation)
+
+    # -- attention core -------------------------------------------------------------------
+    def attention_core(self, path: str, q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True) -> Tensor:
+        """Scaled dot-product attention as the chosen kernel stores it.
+
+        - flash / mem-efficient (SDPA or flash-attn): saves q, k, v, the output O and the fp32
+          logsumexp (b*a*s); GQA keys/values stay at n_kv heads (``enable_gqa``); the output is
+          already (b, s, a, d)-contiguous, so HF's ``transpose(1, 2).contiguous()`` copies nothing.
+        - eager: ``repeat_kv`` copies K/V to all heads, ``softmax(QK^T, dtype=fp32)`` saves its
+          fp32 output (4*b*a*s^2 B) and the cast-back probabilities are saved by ``@ V``.
+        - sdpa-math: the same as eager, decomposed inside ATen.
+        FLOPs per torch's ``sdpa_flop_count``: 4*b*a*s*s_kv*d forward, 10*b*a*s*s_kv*d backward
+        (causal masking is not discounted).
+        """
+        tr, arch, impl = self.tr, self.arch, self.plan.attention
+        a, akv, d = arch.n_heads, arch.kv_heads, arch.d_head
+        q = tr.autocast_in(path, q)
+        k = tr.autocast_in(path, k)
+        v = tr.autocast_in(path, v)
+        rg = q.requires_grad or k.requires_grad or v.requires_grad
+        fwd = Poly.att(4.0 * a * d)
+        if impl in ("eager", "sdpa-math"):
+            if akv != a:
+                k = tr.new(path, Poly.kv(a * d), k.dtype, k.requires_grad)
+                v = tr.new(path, Poly.kv(a * d), v.dtype, v.requires_grad)
+            if q.requires_grad:
+                tr.save(path, k)
+            if k.requires_grad:
+                tr.save(path, q)
+            probs32 = tr.new(path, Poly.att(a), "fp32", rg)
+            if rg:
+                tr.save(path, probs32)
+            probs = tr.cast(path, probs32, q.dtype)
+            if probs.requires_grad:
+                tr.save(path, v)
+            if v.requires_grad:
+                tr.save(path, probs)
+            bwd = ZERO
+            if rg:
+                bwd = Poly.att(2.0 * a * d) * (int(probs.requires_grad) + int(v.requires_grad)
+                                                + int(q.requires_grad) + int(k.requires_grad))
+            tr.flops(path, "attention", fwd, bwd, Poly.att(a * 6.0) + Poly.tok(4.0 * a * d))
+            tr.new(path, Poly.tok(a * d), q.dtype, rg)  # probs @ V in (b, a, s, d) layout
+            return tr.new(path, Poly.tok(a * d), q.dtype, rg)  # transpose(1, 2).contiguous() copies
+        o = tr.new(path, Poly.tok(a * d), q.dtype, rg)
+        if rg:
+            lse = tr.new(path, Poly.tok(a), "fp32", False)
+            tr.save(path, q, k, v, o, lse)
+        tr.flops(path, "attention", fwd, Poly.att(10.0 * a * d) if rg else ZERO,
+                 Poly.tok(2.0 * dtype_bytes(q.dtype) * a * d) + Poly.kv(2.0 * dtype_bytes(k.dtype) * akv * d))
+        return o
+
+    # -- embeddings -----------------------------------------------------------------------
+    def embedding(self, path: str, ids: Tensor, vocab: int, width: int, trainable: bool, rows: Poly) -> Tensor:
+        """``F.embedding`` saves the int64 indices when the table trains."""
+        w = self.weight(f"{path}.weight", vocab * width, trainable, shape=(vocab, width))
+        if w.requires_grad:
+            self.tr.save(path, ids)
+        return self.tr.new(path, rows * width, self.pdt, w.requires_grad)
+
+
+def promote_out(a: str, b: str) -> str:
+    from .ir import promote
+
+    return promote(a, b)
+
+
+class ModelBuilder(Builder):
+    """Traces embeddings -> blocks -> head -> loss for every family."""
+
+    # -- block pieces ---------------------------------------------------------------------
+    def rope(self, path: str, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """``x * cos + rotate_half(x) * sin``: saves the (shared) cos and sin; rotate_half's cat saves nothing."""
+        tr = self.tr
+        a = tr.mul(path, x, cos, out_numel=x.numel)
+        rot = tr.new(path, x.numel, x.dtype, x.requires_grad)
+        b = tr.mul(path, rot, sin, out_numel=x.numel)
+        return tr.add(path, a, b)
+
+    def self_attention(self, L: str, h: Tensor, train: bool, cross_kv: Tensor | None = None,
+                       names: tuple[str, str, str, str] | None = None) -> Tensor:
+        arch, n, tr, pl = self.arch, self.n, self.tr, self.plan
+        H, qd, kvd, d = arch.hidden, arch.q_dim, arch.kv_dim, arch.d_head
+        qn, kn, vn, on = names or (n.q, n.k, n.v, n.o)
+        if n.qkv and names is None:
+            qkv = self.linear(f"{L}.{n.qkv}", h, H, qd + 2 * kvd, bias=arch.qkv_bias, trainable=train)
+            # views into one storage: the kernel saves the storage once
+            q = k = v = qkv
+            q = Tensor(qkv.id, Poly.tok(qd), qkv.dtype, qkv.requires_grad, qkv.module)
+            k = Tensor(qkv.id, Poly.tok(kvd), qkv.dtype, qkv.requires_grad, qkv.module)
+            v = Tensor(qkv.id, Poly.tok(kvd), qkv.dtype, qkv.requires_grad, qkv.module)
+            self._views[qkv.id] = qkv
+        else:
+            q = self.linear(f"{L}.{qn}", h, H, qd, bias=arch.qkv_bias, trainable=train)
+            src = cross_kv if cross_kv is not None else h
+            k = self.linear(f"{L}.{kn}", src, H, kvd, bias=arch.qkv_bias, trainable=train)
+            v = self.linear(f"{L}.{vn}", src, H, kvd, bias=arch.qkv_bias, trainable=train)
+        if arch.qk_norm:
+            q = self.rmsnorm(f"{L}.self_attn.q_norm", q, d, train)
+            k = self.rmsnorm(f"{L}.self_attn.k_norm", k, d, train)
+        if arch.position == "rope" and cross_kv is None:
+            cos, sin = self.globals["cos"], self.globals["sin"]
+            q = self.rope(f"{L}.self_attn", q, cos, sin)
+            k = self.rope(f"{L}.self_attn", k, cos, sin)
+        if pl.prefix_tokens and cross_kv is None:
+            pk = self.globals["prefix"]
+            k = tr.new(f"{L}.self_attn", Poly.kv(kvd), k.dtype, k.requires_grad or pk.requires_grad)
+            v = tr.new(f"{L}.self_attn", Poly.kv(kvd), v.dtype, v.requires_grad or pk.requires_grad)
+        o = self.attention_core(f"{L}.{on.rsplit('.', 1)[0]}" if "." in on else L, q, k, v)
+        return self.linear(f"{L}.{on}", o, qd, H, bias=arch.attn_out_bias, trainable=train)
+
+    def mlp(self, L: str, x: Tensor, train: bool) -> Tensor:
+        arch, n, tr = self.arch, self.n, self.tr
+        H, inter = arch.hidden, arch.intermediate
+        if arch.moe is not None:
+            return self.moe(L, x, train)
+        if arch.gated_mlp:
+            g = self.linear(f"{L}.{n.gate}", x, H, inter, bias=arch.mlp_bias, trainable=train)
+            u = self.linear(f"{L}.{n.up}", x, H, inter, bias=arch.mlp_bias, trainable=train)
+            a = self.act(f"{L}.mlp.act_fn", g)
+            m = tr.mul(f"{L}.mlp", a, u)
+        else:
+            u = self.linear(f"{L}.{n.up}", x, H, inter, bias=arch.mlp_bias, trainable=train)
+            m = self.act(f"{L}.mlp.act", u)
+        return self.linear(f"{L}.{n.down}", m, inter, H, bias=arch.mlp_bias, trainable=train)
+
+    def moe(self, L: str, x: Tensor, train: bool) -> Tensor:
+        """HF Mixtral ``SparseMoeBlock``: router linear + fp32 softmax + top-k, then per expert
+        ``hidden[idx] -> gate_up -> act * up -> down -> * weight -> index_add``.  Expert rows sum to
+        top_k * tokens, so sizes are deterministic even though routing is not."""
+        arch, tr, moe = self.arch, self.tr, self.arch.moe
+        H, ei, E, k = arch.hidden, arch.expert_intermediate, moe.n_experts, moe.top_k
+        logits = self.linear(f"{L}.mlp.gate", x, H, E, bias=False, trainable=train, quantizable=False)
+        probs = tr.new(f"{L}.mlp.gate", logits.numel, "fp32", logits.requires_grad)
+        if probs.requires_grad:
+            tr.save(f"{L}.mlp.gate", probs)
+        rows = x.numel * (k / H)  # routed token copies
+        wgu = self.weight(f"{L}.mlp.experts.gate_up_proj", E * 2 * ei * H, train, shape=(E, 2 * ei, H))
+        wd = self.weight(f"{L}.mlp.experts.down_proj", E * ei * H, train, shape=(E, H, ei))
+        cur = tr.new(f"{L}.mlp.experts", rows * H, x.dtype, x.requires_grad)  # hidden_states[token_idx]
+        idx = tr.new(f"{L}.mlp.experts", rows * (1.0 / H) * 1.0, "int64", False)
+        if x.requires_grad:
+            tr.save(f"{L}.mlp.experts", idx)
+        gu = tr.matmul(f"{L}.mlp.experts", cur, wgu, H, 2 * ei, tokens=rows)
+        g = Tensor(gu.id, rows * ei, gu.dtype, gu.requires_grad, gu.module)
+        self._views[gu.id] = gu
+        a = self.act(f"{L}.mlp.experts", g)
+        m = tr.mul(f"{L}.mlp.experts", a, g)
+        dn = tr.matmul(f"{L}.mlp.experts", m, wd, ei, H, tokens=rows)
+        wts = tr.new(f"{L}.mlp.experts", rows * (1.0 / H), "fp32", probs.requires_grad)
+        y = tr.mul(f"{L}.mlp.experts", dn, wts, out_numel=dn.numel)
+        return tr.new(f"{L}.mlp", x.numel, y.dtype if y.dtype == x.dtype else x.dtype, y.requires_grad or x.requires_grad)
+
+    def bottleneck(self, path: str, x: Tensor) -> Tensor:
+        """Houlsby/Pfeiffer adapter ``x + up(relu(down(x)))``."""
+        m, H, tr = self.plan.adapter.bottleneck, self.arch.hidden, self.tr
+        down = self.weight(f"{path}.down.weight", H * m, True, dtype=self.pdt, shape=(m, H))
+        db = self.weight(f"{path}.down.bias", m, True, dtype=self.pdt)
+        h = tr.matmul(f"{path}.down", x, down, H, m, bias=db)
+        h = tr.relu(f"{path}.act", h)
+        up = self.weight(f"{path}.up.weight", m * H, True, dtype=self.pdt, shape=(H, m))
+        ub = self.weight(f"{path}.up.bias", H, True, dtype=self.pdt)
+        h = tr.matmul(f"{path}.up", h, up, m, H, bias=ub)
+        return tr.add(path, x, h)
+
+    def block(self, i: int, x: Tensor, *, decoder_of_encdec: bool = False, enc_out: Tensor | None = None) -> Tensor:
+        arch, n, tr, pl = self.arch, self.n, self.tr, self.plan
+        H = arch.hidden
+        train = pl.layer_base_trainable(i)
+        L = f"{n.layers}.{i}" if not decoder_of_encdec else f"decoder.block.{i}"
+        if arch.family in ("bert", "roberta", "deberta_v2"):
+            a = self.self_attention(L, x, train)
+            if pl.adapter is not None and pl.adapter.placement == "houlsby":
+                a = self.bottleneck(f"{L}.attention.adapter", a)
+            x = self.norm(f"{L}.{n.norm1}", tr.add(L, a, x), H, train)
+            m = self.mlp(L, x, train)
+            if pl.adapter is not None:
+                m = self.bottleneck(f"{L}.output.adapter", m)
+            return self.norm(f"{L}.{n.norm2}", tr.add(L, m, x), H, train)
+        if arch.family == "t5":
+            return self.t5_block(L, x, train, enc_out)
+        h1 = self.norm(f"{L}.{n.norm1}", x, H, train)
+        a = self.self_attention(L, h1, train)
+        if arch.sandwich_norm:
+            a = self.norm(f"{L}.post_attention_layernorm", a, H, train)
+        if pl.adapter is not None and pl.adapter.placement == "houlsby":
+            a = self.bottleneck(f"{L}.attn_adapter", a)
+        if arch.parallel_block:
+            h2 = h1 if n.norm2 == n.norm1 else self.norm(f"{L}.{n.norm2}", x, H, train)
+            m = self.mlp(L, h2, train)
+            if pl.adapter is not None:
+                m = self.bottleneck(f"{L}.mlp_adapter", m)
+            return tr.add(L, tr.add(L, x, a), m)
+        x = tr.add(L, x, a)
+        norm2 = "pre_feedforward_layernorm" if arch.sandwich_norm else n.norm2
+        m = self.mlp(L, self.norm(f"{L}.{norm2}", x, H, train), train)
+        if arch.sandwich_norm:
+            m = self.norm(f"{L}.post_feedforward_layernorm", m, H, train)
+        if pl.adapter is not None:
+            m = self.bottleneck(f"{L}.mlp_adapter", m)
+        return tr.add(L, x, m)
+
+    def t5_block(self, L: str, x: Tensor, train: bool, enc_out: Tensor | None) -> Tensor:
+        """T5 block: pre-RMSNorm self-attention (+ cross-attention in the decoder) and FF, no biases."""
+        arch, tr = self.arch, self.tr
+        H = arch.hidden
+        h = self.rmsnorm(f"{L}.layer.0.layer_norm", x, H, train)
+        x = tr.add(L, x, self.self_attention(L, h, train))
+        ff_idx = 1
+        if enc_out is not None:
+            h = self.rmsnorm(f"{L}.layer.1.layer_norm", x, H, train)
+            ca = self.self_attention(L, h, train, cross_kv=enc_out, names=(
+                "layer.1.EncDecAttention.q", "layer.1.EncDecAttention.k", "layer.1.EncDecAttention.v",
+                "layer.1.EncDecAttention.o"))
+            x = tr.add(L, x, ca)
+            ff_idx = 2
+        h = self.rmsnorm(f"{L}.layer.{ff_idx}.layer_norm", x, H, train)
+        old = self.n
+        self.n = Names(**{**old.__dict__, **{k: getattr(old, k).replace("layer.1.", f"layer.{ff_idx}.")
+                                             for k in ("gate", "up", "down") if getattr(old, k)}})
+        m = self.mlp(L, h, train)
+        self.n = old
+        return tr.add(L, x, m)
+
+    # -- whole model ----------------------------------------------------------------------
+    def pre(self) -> Tensor:
+        arch, n, tr, pl = self.arch, self.n, self.tr, self.plan
+        H = arch.hidden
+        ids = tr.new("", Poly.tok(1), "int64", False)
+        self.globals["ids"] = ids
+        x = self.embedding(n.embed, ids, arch.vocab, H, pl.embeddings_trainable or pl.saved_module(_leaf(n.embed)),
+                           Poly.tok(1))
+        if pl.prompt_tokens:
+            # PEFT prompt tuning: Embedding(n_virtual, h) prepended; the sequence grows by n_virtual
+            self.weight("prompt_encoder.embedding.weight", pl.prompt_tokens * H, True)
+            x = tr.new("", Poly.tok(H), x.dtype, True)
+        if pl.prefix_tokens:
+            L, kvd = arch.n_layers, arch.kv_dim
+            self.weight("prompt_encoder.embedding.weight", pl.prefix_tokens * L * 2 * kvd, True)
+            pk = tr.new("prompt_encoder", Poly.seq(pl.prefix_tokens * L * 2 * kvd), self.pdt, True)
+            self.globals["prefix"] = pk
+        if n.pos_embed:
+            # learned positions: OPT offsets its table by 2 rows
+            rows = arch.max_position_embeddings + (2 if arch.family == "opt" else 0)
+            pe = self.embedding(n.pos_embed, tr.new("", Poly.pos(1), "int64", False), rows, H,
+                                pl.embeddings_trainable, Poly.pos(1))
+            x = tr.add("", x, pe)
+        if arch.type_vocab_size:
+            tt = self.embedding(n.embed.replace("word_embeddings", "token_type_embeddings"),
+                                tr.new("", Poly.tok(1), "int64", False), arch.type_vocab_size, H,
+                                pl.embeddings_trainable, Poly.tok(1))
+            x = tr.add("", x, tt)
+        if n.embed_norm:
+            x = self.layernorm(n.embed_norm, x, H, pl.embeddings_trainable)
+        if arch.position == "rope":
+            d = arch.d_head
+            dt = x.dtype
+            self.globals["cos"] = tr.new("model.rotary_emb", Poly.pos(d), dt, False)
+            self.globals["sin"] = tr.new("model.rotary_emb", Poly.pos(d), dt, False)
+        if arch.family == "t5":
+            # relative position bias table (one per stack, in layer 0)
+            self.weight("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+                        arch.relative_attention_num_buckets * arch.n_heads, pl.base_trainable)
+        return x
+
+    def post(self, x: Tensor, loss: str) -> None:
+        arch, n, tr, pl = self.arch, self.n, self.tr, self.plan
+        H, V = arch.hidden, arch.vocab
+        head_tr = pl.lm_head_trainable or pl.saved_module("lm_head")
+        if n.final_norm:
+            x = self.norm(n.final_norm, x, H, head_tr)
+        if arch.family in ("bert", "roberta", "deberta_v2"):
+            base = n.lm_head.rsplit(".", 1)[0]
+            x = self.linear(f"{base}.transform.dense", x, H, H, bias=True, trainable=head_tr, quantizable=False)
+            x = self.act(f"{base}.transform.act", x)
+            x = self.layernorm(f"{base}.transform.LayerNorm", x, H, head_tr)
+        if arch.family == "t5" and arch.tied_embeddings:
+            x = tr.mul("", x, None)  # sequence_output * d_model**-0.5
+        tied = f"{n.embed}.weight" if arch.tied_embeddings else None
+        w = self.weight(f"{n.lm_head}.weight", V * H, head_tr, tied_to=tied, shape=(V, H))
+        b = self.weight(f"{n.lm_head}.bias", V, head_tr) if (arch.lm_head_bias or arch.family in ("bert", "roberta", "deberta_v2")) else None
+        if self.plan.lora_on("lm_head", "lm_head") and pl.training:
+            logits = self.tr.matmul(n.lm_head, x, w, H, V, bias=b, op="lm_head")
+            logits = self._lora(n.lm_head, x, logits, H, V, w)
+        else:
+            logits = self.tr.matmul(n.lm_head, x, w, H, V, bias=b, op="lm_head")
+        self.logits = logits
+        if not pl.training:
+            return
+        if loss == "fused":
+            # chunked linear + cross-entropy never materialises b*s*V; one chunk is transient
+            return
+        # HF ForCausalLMLoss: logits.float(); labels padded and shifted (.contiguous(), int64);
+        # cross_entropy = log_softmax (saves its fp32 output) + nll_loss (saves the target).
+        lf = tr.cast("", logits, "fp32")
+        lsm = tr.new("", lf.numel, "fp32", lf.requires_grad)
+        labels = tr.new("", Poly.tok(1), "int64", False)
+        if lf.requires_grad:
+            tr.save("", lsm, labels)
+        self.loss_fp32_copy = lf is not logits
+
+
+def _variant_key(pl: Plan, i: int, in_rg: bool) -> tuple:
+    return (pl.layer_base_trainable(i), in_rg, i in pl.checkpointed)
+
+
+def trace_model(arch: ModelArch, plan: Plan, loss: str = "upcast") -> ModelTrace:
+    """Trace the whole model once per distinct block variant."""
+    b = ModelBuilder(arch, plan)
+    b._views = {}
+    pre = b.tr.trace
+    x = b.pre()
+    variants: dict[tuple, BlockVariant] = {}
+    in_rg = x.requires_grad
+    enc_out = None
+    layer_ids: list[tuple[int, bool]] = [(i, False) for i in range(arch.n_layers)]
+    if arch.arch == "encoder_decoder":
+        layer_ids += [(i, True) for i in range(arch.n_decoder_layers or arch.n_layers)]
+    for i, is_dec in layer_ids:
+        if is_dec and enc_out is None:
+            # encoder output (after the final norm) feeds every cross-attention
+            b.tr.trace = Trace()
+            enc_out = b.rmsnorm(NAMES["t5"].final_norm, x, arch.hidden, plan.base_trainable)
+            variants[("encoder_final_norm",)] = BlockVariant(("encoder_final_norm",), [0], b.tr.trace, True)
+            x = b.tr.new("decoder.embed_tokens", Poly.tok(arch.hidden), x.dtype, plan.embeddings_trainable)
+            in_rg = x.requires_grad
+        key = _variant_key(plan, i, in_rg) + (is_dec,)
+        if key in variants:
+            variants[key].layers.append(i)
+            in_rg = variants[key].out_requires_grad
+            continue
+        b.tr.trace = Trace()
+        xin = b.tr.new(f"{arch.name}.block_input", Poly.tok(arch.hidden), x.dtype, in_rg)
+        out = b.block(i, xin, decoder_of_encdec=is_dec, enc_out=enc_out)
+        variants[key] = BlockVariant(key, [i], b.tr.trace, out.requires_grad)
+        variants[key].input = xin  # type: ignore[attr-defined]
+        in_rg = out.requires_grad
+        x = out
+    b.tr.trace = Trace()
+    x_final = b.tr.new("final_input", Poly.tok(arch.hidden), x.dtype, in_rg)
+    if arch.family == "t5":
+        b.n = Names(**{**b.n.__dict__, "final_norm": "decoder.final_layer_norm"})
+    b.post(x_final, loss)
+    post = b.tr.trace
+    mt = ModelTrace(arch, plan, pre, list(variants.values()), post, list(b.globals.values()),
+                    seq_extra=plan.prompt_tokens, kv_extra=plan.prefix_tokens)
+    mt.builder = b  # type: ignore[attr-defined]
+    return mt

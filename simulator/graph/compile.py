@@ -1,0 +1,225 @@
+"""Compile a traced model into a CostTable: a handful of symbolic sums, cheap to evaluate.
+
+Built once per (model, method, precision, attention, checkpointing, loss) and cached; an
+estimate for any (micro-batch, seq len) is then a few dot products.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import networkx as nx
+import numpy as np
+
+from ..config.model import ModelArch
+from .build import ModelTrace, trace_model
+from .ir import ZERO, Param, Poly, Trace
+from .transforms import Plan
+
+
+@dataclass(frozen=True)
+class ParamGroup:
+    """Parameters of one storage kind, summed (numel and bytes)."""
+
+    numel: int = 0
+    nbytes: float = 0.0
+    scale_bytes: float = 0.0
+
+
+@dataclass
+class CostTable:
+    arch: ModelArch
+    plan: Plan
+    n_params: int  # unique parameter elements (tied counted once)
+    n_trainable: int
+    frozen_dense_bytes: float  # frozen weights stored densely
+    quant_data_bytes: float  # quantized weights (packed data)
+    quant_scale_bytes: float  # their scales / zeros / g_idx
+    trainable_bytes: float  # trainable parameter storage
+    trainable_tensors: list[tuple[int, str, tuple[int, ...]]]  # (numel, dtype, 2-D shape or ()) per trainable param
+    largest_trainable_numel: int
+    saved: Poly  # activation bytes saved for backward at the end of forward (checkpointing applied)
+    saved_no_ckpt: Poly  # the same without checkpointing
+    saved_by_layer: dict[str, Poly]  # block / top-level module -> saved bytes (checkpointing applied)
+    saved_by_module: dict[str, Poly]  # module path -> saved bytes (no checkpointing; representative layers)
+    max_layer_saved: Poly  # largest single block's full saved set (recomputed in backward when checkpointed)
+    fwd_flops: Poly
+    bwd_flops: Poly
+    recompute_flops: Poly
+    fwd_bytes: Poly  # bytes moved by matmul-like ops in forward (roofline)
+    flops_by_module: dict[str, tuple[Poly, Poly]]
+    max_dequant_bytes: float  # largest transient dequantised weight
+    other_transient_bytes: Poly  # other op temporaries (DoRA weight norms ...)
+    logits_numel: Poly
+    logits_dtype: str
+    loss_upcast_copy: bool  # the fp32 logits copy is a separate storage
+    block_io: Poly  # bytes of one block's input/output hidden state
+    layer_count: int
+    graph: nx.DiGraph = field(repr=False, default=None)  # type: ignore[assignment]
+
+    def at(self, poly: Poly, b: np.ndarray) -> float:
+        return float(poly.vec() @ b)
+
+
+def _params(traces: list[tuple[Trace, int]]) -> list[tuple[Param, int]]:
+    out = []
+    for tr, count in traces:
+        for p in tr.params:
+            out.append((p, count))
+    return out
+
+
+def _saved_bytes(mt: ModelTrace) -> tuple[Poly, Poly, dict[str, Poly], dict[str, Poly], Poly]:
+    """Saved-for-backward bytes: each storage once model-wide; block-local storages x count."""
+    all_t = mt.builder.tr.all  # type: ignore[attr-defined]
+    global_ids = {t.id for t in mt.globals_}
+    global_saved: set[int] = set()
+    by_layer: dict[str, Poly] = defaultdict(lambda: ZERO)
+    by_module: dict[str, Poly] = defaultdict(lambda: ZERO)
+    total = ZERO
+    total_no_ckpt = ZERO
+    max_layer = ZERO
+    layers_prefix = mt.builder.n.layers  # type: ignore[attr-defined]
+
+    def local_sum(tr: Trace, record: bool) -> Poly:
+        seen: set[int] = set()
+        s = ZERO
+        for mod, tid in tr.saves:
+            if tid in global_ids:
+                global_saved.add(tid)
+                continue
+            if tid in seen:
+                continue
+            seen.add(tid)
+            nb = all_t[tid].nbytes
+            s = s + nb
+            if record:
+                by_module[mod] = by_module[mod] + nb
+        return s
+
+    for name, tr in (("embeddings", mt.pre), ("head", mt.post)):
+        s = local_sum(tr, True)
+        by_layer[name] = by_layer[name] + s
+        total, total_no_ckpt = total + s, total_no_ckpt + s
+    for v in mt.variants:
+        full = local_sum(v.trace, True)
+        n = len(v.layers)
+        total_no_ckpt = total_no_ckpt + full * n
+        if full.c > max_layer.c:
+            max_layer = full
+        ckpt = len(v.key) > 2 and v.key[2]
+        if ckpt:
+            # the checkpoint keeps only the block's tensor inputs alive (hidden state + shared globals)
+            kept = v.input.nbytes  # type: ignore[attr-defined]
+            for mod, tid in v.trace.saves:
+                if tid in global_ids:
+                    global_saved.add(tid)
+        else:
+            kept = full
+        for i in v.layers:
+            by_layer[f"{layers_prefix}.{i}" if v.key[-1] is False else f"decoder.block.{i}"] = kept
+        total = total + kept * n
+    g = ZERO
+    for tid in global_saved:
+        g = g + all_t[tid].nbytes
+    by_layer["shared"] = g
+    return total + g, total_no_ckpt + g, dict(by_layer), dict(by_module), max_layer
+
+
+def _graph(mt: ModelTrace) -> nx.DiGraph:
+    """Module graph: nodes are module paths (containment edges 'contains', data order edges 'next')."""
+    g = nx.DiGraph()
+    order: list[str] = []
+    traces = [mt.pre] + [v.trace for v in mt.variants] + [mt.post]
+    for tr in traces:
+        for op in tr.ops:
+            if op.module not in g:
+                g.add_node(op.module, fwd_flops=ZERO, bwd_flops=ZERO, params=0, kind=op.op)
+                order.append(op.module)
+            node = g.nodes[op.module]
+            node["fwd_flops"] = node["fwd_flops"] + op.fwd_flops
+            node["bwd_flops"] = node["bwd_flops"] + op.bwd_flops
+        for p in tr.params:
+            mod = p.path.rsplit(".", 1)[0]
+            if mod not in g:
+                g.add_node(mod, fwd_flops=ZERO, bwd_flops=ZERO, params=0, kind="params")
+                order.append(mod)
+            g.nodes[mod]["params"] += p.numel
+    for a, b in zip(order, order[1:]):
+        g.add_edge(a, b, kind="next")
+    for node in list(g.nodes):
+        parts = node.split(".")
+        for k in range(1, len(parts)):
+            parent, child = ".".join(parts[:k]), ".".join(parts[: k + 1])
+            g.add_edge(parent, child, kind="contains") if not g.has_edge(parent, child) else None
+    return g
+
+
+def compile_trace(mt: ModelTrace) -> CostTable:
+    traces = [(mt.pre, 1), (mt.post, 1)] + [(v.trace, len(v.layers)) for v in mt.variants]
+    n_params = n_tr = 0
+    frozen = qdata = qscale = trb = 0.0
+    tr_tensors: list[tuple[int, str, tuple[int, ...]]] = []
+    max_tr = 0
+    for p, count in _params(traces):
+        if p.tied_to is not None:
+            continue
+        n_params += p.numel * count
+        if p.storage != "dense":
+            qdata += (p.storage_bytes - p.scale_bytes) * count
+            qscale += p.scale_bytes * count
+        elif p.trainable:
+            n_tr += p.numel * count
+            trb += p.storage_bytes * count
+            tr_tensors.extend([(p.numel, p.dtype, p.shape)] * count)
+            max_tr = max(max_tr, p.numel)
+        else:
+            frozen += p.storage_bytes * count
+    saved, saved_nc, by_layer, by_module, max_layer = _saved_bytes(mt)
+    fwd = bwd = rec = fbytes = ZERO
+    flops_by_module: dict[str, tuple[Poly, Poly]] = {}
+    max_deq = 0.0
+    other = ZERO
+    for tr, count in traces:
+        for op in tr.ops:
+            fwd = fwd + op.fwd_flops * count
+            bwd = bwd + op.bwd_flops * count
+            fbytes = fbytes + op.fwd_bytes * count
+            f0, b0 = flops_by_module.get(op.module, (ZERO, ZERO))
+            flops_by_module[op.module] = (f0 + op.fwd_flops, b0 + op.bwd_flops)
+        for mod, nb in tr.transients:
+            if nb.c[:-1] == (0.0,) * 5:
+                max_deq = max(max_deq, nb.c[-1])
+            else:
+                other = other + nb
+    for v in mt.variants:
+        if len(v.key) > 2 and v.key[2]:
+            for op in v.trace.ops:
+                rec = rec + op.fwd_flops * len(v.layers)
+    b = mt.builder  # type: ignore[attr-defined]
+    logits = b.logits
+    return CostTable(
+        arch=mt.arch, plan=mt.plan, n_params=n_params, n_trainable=n_tr, frozen_dense_bytes=frozen,
+        quant_data_bytes=qdata, quant_scale_bytes=qscale, trainable_bytes=trb, trainable_tensors=tr_tensors,
+        largest_trainable_numel=max_tr, saved=saved, saved_no_ckpt=saved_nc, saved_by_layer=by_layer,
+        saved_by_module=by_module, max_layer_saved=max_layer, fwd_flops=fwd, bwd_flops=bwd, recompute_flops=rec,
+        fwd_bytes=fbytes, flops_by_module=flops_by_module, max_dequant_bytes=max_deq, other_transient_bytes=other,
+        logits_numel=logits.numel, logits_dtype=logits.dtype,
+        loss_upcast_copy=getattr(b, "loss_fp32_copy", False), block_io=Poly.tok(mt.arch.hidden * 1.0) * _bytes(logits.dtype),
+        layer_count=mt.arch.n_layers + (mt.arch.n_decoder_layers or 0 if mt.arch.arch == "encoder_decoder" else 0),
+        graph=_graph(mt),
+    )
+
+
+def _bytes(dtype: str) -> float:
+    from ..units import dtype_bytes
+
+    return dtype_bytes(dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def cost_table(arch: ModelArch, plan: Plan, loss: str = "upcast") -> CostTable:
+    """Trace + compile, cached per (model, plan, loss)."""
+    return compile_trace(trace_model(arch, plan, loss))

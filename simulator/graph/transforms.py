@@ -1,0 +1,179 @@
+"""Scenario -> Plan: the ordered transforms applied while the templates are traced.
+
+Order (each reads the result of the previous one):
+
+1. **method**: which parameters train, which modules get adapters (LoRA/DoRA/IA3/bottleneck),
+   extra virtual tokens (prefix/prompt tuning);
+2. **quantization**: storage format of the frozen base linears (QLoRA, or inference weights);
+3. **recompute**: which blocks are activation-checkpointed.
+
+The Plan is consumed by ``build.trace_model``; it holds no sizes, only decisions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import Scenario
+from ..config.methods import IA3, Adapter, BitFit, DoRA, Freeze, Full, LoRA, PrefixTuning, PromptTuning, QLoRA, _LoRABase
+from ..config.model import ModelArch
+
+# PEFT's IA3 defaults (peft/utils/constants.py TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING / FEEDFORWARD mapping).
+IA3_DEFAULTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "llama": (("k_proj", "v_proj", "down_proj"), ("down_proj",)),
+    "qwen": (("c_attn", "w2"), ("w2",)),
+    "gpt2": (("c_attn", "mlp.c_proj"), ("mlp.c_proj",)),
+    "opt": (("k_proj", "v_proj", "fc2"), ("fc2",)),
+    "bloom": (("query_key_value", "mlp.dense_4h_to_h"), ("mlp.dense_4h_to_h",)),
+    "falcon": (("query_key_value", "mlp.dense_4h_to_h"), ("mlp.dense_4h_to_h",)),
+    "gpt_neox": (("query_key_value", "dense_4h_to_h"), ("dense_4h_to_h",)),
+    "phi": (("k_proj", "v_proj", "fc2"), ("fc2",)),
+    "t5": (("k", "v", "wo"), ("wo",)),
+    "bert": (("key", "value", "output.dense"), ("output.dense",)),
+    "roberta": (("key", "value", "output.dense"), ("output.dense",)),
+    "deberta_v2": (("key_proj", "value_proj", "output.dense"), ("output.dense",)),
+}
+
+
+@dataclass(frozen=True)
+class Precision:
+    param_dtype: str  # dtype the weights are stored in
+    compute_dtype: str  # dtype activations flow in
+    autocast: str | None  # lower-precision dtype under torch.autocast
+    master_fp32: bool  # fp32 master weights (AMP)
+
+
+def precision_of(name: str) -> Precision:
+    """Map the precision knob to dtypes (AMP keeps fp32 params and autocasts matmuls)."""
+    return {
+        "fp32": Precision("fp32", "fp32", None, False),
+        "bf16-amp": Precision("fp32", "bf16", "bf16", True),
+        "fp16-amp": Precision("fp32", "fp16", "fp16", True),
+        "bf16": Precision("bf16", "bf16", None, False),
+        "fp16": Precision("fp16", "fp16", None, False),
+        # float8 training (torchao): bf16 weights, fp8 matmul operands cast on the fly.
+        "fp8": Precision("bf16", "bf16", None, False),
+    }[name]
+
+
+@dataclass(frozen=True)
+class Plan:
+    arch: ModelArch
+    precision: Precision
+    kind: str  # method kind
+    training: bool
+    base_trainable: bool  # every base weight trains (full)
+    layers_trainable: frozenset[int]  # blocks whose base weights train (freeze)
+    embeddings_trainable: bool
+    lm_head_trainable: bool
+    biases_trainable: bool  # BitFit
+    lora: _LoRABase | None
+    lora_targets: frozenset[str] | None  # None = all-linear
+    adapter_dtype: str  # LoRA/IA3 weights: fp32 under PEFT's autocast_adapter_dtype
+    ia3_targets: frozenset[str]
+    ia3_feedforward: frozenset[str]
+    adapter: Adapter | None
+    prefix_tokens: int
+    prompt_tokens: int
+    base_quant: str  # dense | nf4 | fp4 | int8 | gptq | awq | fp8
+    quant_group_size: int
+    double_quant: bool
+    checkpointed: frozenset[int]
+    attention: str
+    modules_to_save: frozenset[str]
+
+    def layer_base_trainable(self, i: int) -> bool:
+        return self.base_trainable or i in self.layers_trainable
+
+    def lora_on(self, leaf: str, qualified: str) -> bool:
+        if self.lora is None:
+            return False
+        if self.lora_targets is None:
+            return leaf != "lm_head"
+        return leaf in self.lora_targets or qualified in self.lora_targets
+
+    def ia3_on(self, leaf: str, qualified: str) -> str | None:
+        """'in' (feed-forward: scale the input), 'out' (scale the output) or None."""
+        if not self.ia3_targets:
+            return None
+        hit = lambda names: leaf in names or qualified in names or any(qualified.endswith("." + n) for n in names)  # noqa: E731
+        if not hit(self.ia3_targets):
+            return None
+        return "in" if hit(self.ia3_feedforward) else "out"
+
+    def saved_module(self, leaf: str) -> bool:
+        return leaf in self.modules_to_save
+
+
+def _checkpointed_layers(sc: Scenario) -> frozenset[int]:
+    ck, n = sc.checkpointing, sc.model.n_layers
+    if not sc.is_training or ck.mode == "none":
+        return frozenset()
+    if ck.mode == "full":
+        return frozenset(range(n))
+    return frozenset(i for i in range(n) if i % ck.every_k == 0)
+
+
+def plan_of(sc: Scenario) -> Plan:
+    """Apply the transforms in order: method -> quantization -> recompute."""
+    arch, m = sc.model, sc.method
+    prec = precision_of(sc.precision)
+    training = sc.is_training
+    # 1. method
+    base_trainable = training and isinstance(m, Full)
+    layers_trainable: frozenset[int] = frozenset()
+    emb_tr = lm_tr = base_trainable
+    if isinstance(m, Freeze):
+        n = m.n_trainable_layers
+        idx = range(arch.n_layers - n, arch.n_layers) if m.which == "last" else range(n)
+        layers_trainable = frozenset(idx)
+        emb_tr, lm_tr = m.train_embeddings, m.train_lm_head
+    lora = m if isinstance(m, _LoRABase) else None
+    targets = None
+    mts: frozenset[str] = frozenset()
+    if lora is not None:
+        targets = None if lora.targets == "all-linear" else frozenset(lora.targets)
+        mts = frozenset(lora.modules_to_save)
+    ia3_t: frozenset[str] = frozenset()
+    ia3_ff: frozenset[str] = frozenset()
+    if isinstance(m, IA3):
+        dflt = IA3_DEFAULTS.get(arch.family, ((), ()))
+        ia3_t = frozenset(m.targets if m.targets is not None else dflt[0])
+        ia3_ff = frozenset(m.feedforward_modules if m.feedforward_modules is not None else dflt[1])
+    # 2. quantization
+    base_quant, group, dq = "dense", 128, False
+    if isinstance(m, QLoRA):
+        base_quant, group, dq = m.quant, m.group_size, m.double_quant
+    elif not training and sc.inference.weights != "none":
+        base_quant, group, dq = sc.inference.weights, sc.inference.group_size, sc.inference.double_quant
+    if isinstance(m, QLoRA):
+        prec = Precision(m.compute_dtype, m.compute_dtype, None, False) if sc.precision in ("bf16", "fp16") else prec
+    return Plan(
+        arch=arch,
+        precision=prec,
+        kind=m.kind,
+        training=training,
+        base_trainable=base_trainable,
+        layers_trainable=layers_trainable,
+        embeddings_trainable=emb_tr,
+        lm_head_trainable=lm_tr,
+        biases_trainable=isinstance(m, BitFit),
+        lora=lora,
+        lora_targets=targets,
+        adapter_dtype="fp32",
+        ia3_targets=ia3_t,
+        ia3_feedforward=ia3_ff,
+        adapter=m if isinstance(m, Adapter) else None,
+        prefix_tokens=m.n_virtual_tokens if isinstance(m, PrefixTuning) else 0,
+        prompt_tokens=m.n_virtual_tokens if isinstance(m, PromptTuning) else 0,
+        base_quant=base_quant,
+        quant_group_size=group,
+        double_quant=dq,
+        # 3. recompute
+        checkpointed=_checkpointed_layers(sc),
+        attention=sc.attention,
+        modules_to_save=mts,
+    )
+
+
+__all__ = ["Plan", "Precision", "plan_of", "precision_of", "IA3_DEFAULTS", "DoRA", "LoRA", "QLoRA"]

@@ -1,0 +1,165 @@
+"""Per-device memory, one small pure function per quantity.
+
+Every constant here is a fact of a software stack (PyTorch, bitsandbytes, HF), cited beside
+it; hardware numbers come from the device profile.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .units import MiB, dtype_bytes
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer states
+# ---------------------------------------------------------------------------------------------
+
+BNB_BLOCKSIZE = 256  # bitsandbytes optimizer.py: blockwise 8-bit states, one fp32 absmax per 256 values
+BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes Optimizer8bit: tensors smaller than this keep fp32 states
+
+
+def adam_state_bytes(numel: int, dtype: str) -> float:
+    """torch.optim.Adam/AdamW: exp_avg and exp_avg_sq in the parameter's dtype (8 B/param fp32, 4 B/param bf16)."""
+    return 2.0 * numel * dtype_bytes(dtype)
+
+
+def bnb_8bit_state_bytes(numel: int, n_states: int) -> float:
+    """bitsandbytes 8-bit blockwise states: uint8 + fp32 absmax per 256 values; small tensors stay fp32."""
+    if numel < BNB_MIN_8BIT_SIZE:
+        return n_states * numel * 4.0
+    return n_states * (numel * 1.0 + math.ceil(numel / BNB_BLOCKSIZE) * 4.0)
+
+
+def adafactor_state_bytes(numel: int, shape: tuple[int, ...], beta1: bool) -> float:
+    """HF Adafactor: factored second moment for >= 2-D params (row: shape[:-1], col: shape[:-2]+shape[-1:]),
+    full second moment otherwise; fp32 (grads are upcast before the state is created); exp_avg if beta1."""
+    if len(shape) >= 2:
+        rows = numel // shape[-1]
+        cols = numel // shape[-2]
+        v = (rows + cols) * 4.0
+    else:
+        v = numel * 4.0
+    return v + (numel * 4.0 if beta1 else 0.0)
+
+
+def optimizer_state_bytes(tensors: list[tuple[int, str, tuple[int, ...]]], name: str, beta1: bool = True) -> float:
+    """Optimizer state bytes on the device for trainable tensors (numel, dtype, shape).
+
+    ``step`` counters are excluded: torch keeps them on the CPU unless ``fused``/``capturable``
+    (a 0-dim fp32 tensor per parameter: see :func:`step_counter_bytes`).
+    """
+    total = 0.0
+    for numel, dtype, shape in tensors:
+        if name in ("adamw", "adam", "paged-adamw-32bit"):
+            total += adam_state_bytes(numel, dtype) if name != "paged-adamw-32bit" else 2.0 * numel * 4.0
+        elif name in ("adamw-8bit", "paged-adamw-8bit"):
+            total += bnb_8bit_state_bytes(numel, 2)
+        elif name in ("sgd-momentum", "lion"):
+            total += numel * dtype_bytes(dtype)
+        elif name == "sgd":
+            total += 0.0
+        elif name == "adafactor":
+            total += adafactor_state_bytes(numel, shape, beta1)
+        else:
+            raise ValueError(f"optimizer {name!r} unknown; allowed: adamw, adam, sgd, sgd-momentum, adafactor, lion, "
+                             "adamw-8bit, paged-adamw-8bit, paged-adamw-32bit")
+    return total
+
+
+def step_counter_bytes(n_tensors: int, name: str) -> float:
+    """torch Adam/AdamW keep ``state['step']`` as a 0-dim fp32 tensor per parameter (on the CPU by default)."""
+    return 4.0 * n_tensors if name in ("adamw", "adam") else 0.0
+
+
+def optimizer_temp_bytes(tensors: list[tuple[int, str, tuple[int, ...]]], name: str, impl: str) -> float:
+    """Transient memory of ``optimizer.step()``.
+
+    torch docs (Adam): "the foreach implementation uses ~ sizeof(params) more peak memory than the
+    for-loop version due to the intermediates being a tensorlist"; fused needs none; the for-loop
+    one parameter's worth.  bitsandbytes 8-bit/paged kernels update in place.
+    """
+    if not tensors or name in ("sgd", "adamw-8bit", "paged-adamw-8bit", "paged-adamw-32bit", "adafactor"):
+        if name == "adafactor" and tensors:
+            # Adafactor upcasts each grad and param to fp32 one at a time
+            return max(2.0 * n * 4.0 for n, _, _ in tensors)
+        return 0.0
+    if impl == "fused":
+        return 0.0
+    if impl == "for-loop":
+        return max(n * dtype_bytes(d) for n, d, _ in tensors)
+    return sum(n * dtype_bytes(d) for n, d, _ in tensors)
+
+
+def optimizer_is_paged(name: str) -> bool:
+    """bitsandbytes paged optimizers allocate states in CUDA managed memory, outside PyTorch's allocator."""
+    return name.startswith("paged-")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss / logits transients
+# ---------------------------------------------------------------------------------------------
+
+
+def loss_forward_transient_bytes(logits_numel: float, logits_dtype: str, upcast_copy: bool) -> float:
+    """Live at the cross-entropy in forward besides the saved log-softmax output: the logits
+    (HF returns them) and their fp32 copy (``logits.float()`` in ``ForCausalLMLoss``)."""
+    return logits_numel * dtype_bytes(logits_dtype) + (logits_numel * 4.0 if upcast_copy else 0.0)
+
+
+def loss_backward_transient_bytes(logits_numel: float) -> float:
+    """At ``log_softmax`` backward: the fp32 grad from nll_loss and the fp32 grad it produces (2 x 4 B x b*s*V);
+    the saved log-softmax output is counted with the activations."""
+    return 2.0 * 4.0 * logits_numel
+
+
+# ---------------------------------------------------------------------------------------------
+# KV cache
+# ---------------------------------------------------------------------------------------------
+
+
+def kv_cache_bytes(n_layers: int, n_kv_heads: int, head_dim: int, tokens: int, batch: int, dtype: str) -> float:
+    """2 (K and V) x layers x kv heads x head_dim x context x batch x bytes/element."""
+    return 2.0 * n_layers * n_kv_heads * head_dim * tokens * batch * dtype_bytes(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Caching allocator
+# ---------------------------------------------------------------------------------------------
+
+K_SMALL_SIZE = 1 * MiB  # c10/cuda/CUDACachingAllocator.cpp kSmallSize
+K_SMALL_BUFFER = 2 * MiB  # kSmallBuffer: small requests packed in 2 MiB segments
+K_LARGE_BUFFER = 20 * MiB  # kLargeBuffer: 1-10 MiB requests get a 20 MiB segment
+K_MIN_LARGE_ALLOC = 10 * MiB  # kMinLargeAlloc
+K_ROUND_LARGE = 2 * MiB  # kRoundLarge: larger requests rounded up to 2 MiB
+
+
+def block_bytes(request: float) -> float:
+    """Bytes a single request occupies in ``memory_allocated``: rounded up to 512 B."""
+    return math.ceil(request / 512) * 512
+
+
+def segment_bytes(request: float) -> float:
+    """Bytes of the cudaMalloc segment a fresh request creates (what ``memory_reserved`` grows by)."""
+    if request <= K_SMALL_SIZE:
+        return K_SMALL_BUFFER
+    if request < K_MIN_LARGE_ALLOC:
+        return K_LARGE_BUFFER
+    return math.ceil(request / K_ROUND_LARGE) * K_ROUND_LARGE
+
+
+def reserved_overhead_bytes(transient_sizes: list[float], expandable_segments: bool) -> float:
+    """Reserved minus allocated at the peak.
+
+    The caching allocator keeps freed blocks cached; a transient that cannot reuse a cached
+    block of the right size grows a new segment that stays reserved after it is freed.  We
+    charge each distinct large transient its segment rounding, plus the segment of the
+    largest transient once more (it is allocated after the forward's blocks were freed and
+    split, so it cannot be carved from them).  With ``expandable_segments`` segments grow in
+    place and only the 2 MiB rounding remains.
+    """
+    if not transient_sizes:
+        return 0.0
+    rounding = sum(segment_bytes(t) - t for t in transient_sizes if t > 0)
+    if expandable_segments:
+        return rounding
+    return rounding + max(transient_sizes)

@@ -1,0 +1,88 @@
+"""Typed results (frozen pydantic models; ``model_dump(mode='json')`` is the CLI's --json)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+Phase = Literal["forward", "backward", "optimizer", "prefill", "decode"]
+
+CATEGORIES = (
+    "weights",
+    "quant_scales",
+    "trainable_weights",
+    "gradients",
+    "optimizer_states",
+    "activations",
+    "transients",
+    "kv_cache",
+    "allocator_overhead",
+    "cuda_context",
+    "workspaces",
+)
+
+
+class Result(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class MemoryBreakdown(Result):
+    """Bytes per category at the peak (PyTorch MemTracker vocabulary plus KV cache and runtime)."""
+
+    weights: float = 0.0
+    quant_scales: float = 0.0
+    trainable_weights: float = 0.0
+    gradients: float = 0.0
+    optimizer_states: float = 0.0
+    activations: float = 0.0
+    transients: float = 0.0
+    kv_cache: float = 0.0
+    allocator_overhead: float = 0.0
+    cuda_context: float = 0.0
+    workspaces: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return sum(getattr(self, c) for c in CATEGORIES)
+
+
+class Suggestion(Result):
+    change: str
+    peak_memory_bytes: float
+    fits: bool
+
+
+class FlopBreakdown(Result):
+    forward: float
+    backward: float
+    recompute: float
+    per_step: float  # all micro-batches of one optimizer step (or one full generation)
+    per_token: float
+
+
+class Estimate(Result):
+    model: str
+    gpu: str
+    task: Literal["train", "infer"]
+    method: str
+    fits: bool
+    peak_memory_bytes: float  # device memory needed at the peak: reserved + CUDA context (nvidia-smi view)
+    peak_allocated_bytes: float  # torch.cuda.max_memory_allocated
+    peak_reserved_bytes: float  # torch.cuda.max_memory_reserved
+    peak_phase: Phase
+    phase_allocated_bytes: dict[str, float]
+    memory_bytes: MemoryBreakdown
+    device_memory_bytes: float
+    headroom_bytes: float  # negative: shortfall
+    n_params: int
+    n_trainable_params: int
+    flops: FlopBreakdown
+    flops_per_step: float
+    tokens_per_step: int
+    activations_by_layer: dict[str, float]
+    max_batch_that_fits: int | None = None
+    max_seq_len_that_fits: int | None = None
+    suggestions: list[Suggestion] = []
+    warnings: list[str] = []
+    notes: list[str] = []

@@ -1,0 +1,243 @@
+"""Device profiles: every YAML validates, every number is cited, names resolve, real figures match their citations."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from hwprofiles import Device, ProfileError, UnknownNameError, all_devices, get_device, list_devices, load_device_file
+from hwprofiles.registry import DEVICES_DIR, _aliases
+from hwprofiles.schema import numeric_field_paths
+
+YAML_FILES = sorted(DEVICES_DIR.glob("*.yaml"))
+
+REQUESTED = {
+    "h100-sxm-80gb", "h100-pcie-80gb", "h100-nvl-94gb", "h200-sxm-141gb", "b200-sxm-180gb", "gb200-186gb",
+    "a100-sxm-80gb", "a100-sxm-40gb", "a100-pcie-80gb", "a100-pcie-40gb", "a10g-24gb", "a10-24gb", "a40-48gb",
+    "rtx-a6000-48gb", "l40s-48gb", "l4-24gb", "t4-16gb", "v100-sxm-16gb", "v100-sxm-32gb", "rtx-3090-24gb",
+    "rtx-4090-24gb", "rtx-5090-32gb", "mi250x-gcd-64gb", "mi300x-192gb",
+}
+
+
+def _h100_dict() -> dict:
+    return yaml.safe_load((DEVICES_DIR / "h100-sxm-80gb.yaml").read_text())
+
+
+# ---- the catalog ----
+
+
+@pytest.mark.parametrize("path", YAML_FILES, ids=lambda p: p.stem)
+def test_every_yaml_loads_and_is_named_after_its_file(path: Path) -> None:
+    device = load_device_file(path)
+    assert device.name == path.stem
+
+
+def test_catalog_has_the_requested_devices() -> None:
+    names = list_devices()
+    assert len(names) >= 20
+    assert REQUESTED <= set(names)
+    assert names == sorted(names)
+
+
+@pytest.mark.parametrize("device", all_devices(), ids=lambda d: d.name)
+def test_every_numeric_field_has_a_citation(device: Device) -> None:
+    paths = numeric_field_paths(device)
+    assert "peak_tflops.fp32" in paths and "efficiency.matmul_curve" in paths
+    for path in paths:
+        assert device.citation(path), f"{device.name}: {path} has no source"
+
+
+@pytest.mark.parametrize("device", all_devices(), ids=lambda d: d.name)
+def test_matmul_curve_is_monotone_and_small_gemms_are_slower(device: Device) -> None:
+    flops = np.logspace(6, 14, 50)
+    fractions = device.efficiency.matmul_fraction(flops)
+    assert np.all(np.diff(fractions) >= 0)
+    assert fractions[0] < fractions[-1] <= device.efficiency.matmul_max_fraction
+
+
+def test_aliases_do_not_clash_between_devices() -> None:
+    table = _aliases()  # raises ProfileError on a clash
+    assert table["h100"] == "h100-sxm-80gb"
+
+
+def test_no_io_at_import() -> None:
+    code = "import hwprofiles.registry as r; print(r._device_paths.cache_info().currsize, r._load.cache_info().currsize)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.stdout.split() == ["0", "0"]
+
+
+# ---- names ----
+
+
+@pytest.mark.parametrize(
+    ("published", "canonical"),
+    [
+        ("H100-SXM-80GB", "h100-sxm-80gb"),
+        ("A100-SXM-40GB", "a100-sxm-40gb"),
+        ("A100-SXM-80GB", "a100-sxm-80gb"),
+        ("L40S-48GB", "l40s-48gb"),
+        ("A10G-24GB", "a10g-24gb"),
+        ("RTX4090-24GB", "rtx-4090-24gb"),
+        ("V100-SXM-32GB", "v100-sxm-32gb"),
+        ("A6000-48GB", "rtx-a6000-48gb"),
+        ("T4-16GB", "t4-16gb"),
+        ("H100 SXM", "h100-sxm-80gb"),
+        ("h100", "h100-sxm-80gb"),
+        ("rtx_4090_24gb", "rtx-4090-24gb"),
+        ("NVIDIA H100 80GB HBM3", "h100-sxm-80gb"),
+        ("mi250x-128gb", "mi250x-gcd-64gb"),
+    ],
+)
+def test_published_names_resolve(published: str, canonical: str) -> None:
+    assert get_device(published).name == canonical
+
+
+def test_unknown_name_lists_close_matches() -> None:
+    with pytest.raises(UnknownNameError, match="h100-sxm-80gb"):
+        get_device("h10-sxm")
+
+
+# ---- validation ----
+
+
+def test_missing_source_is_rejected_from_a_dict() -> None:
+    data = _h100_dict()
+    del data["sources"]["hbm_bandwidth_GBps"]
+    with pytest.raises(ValidationError, match="hbm_bandwidth_GBps"):
+        Device.model_validate(data)
+
+
+def test_missing_nested_source_is_rejected_from_a_file(tmp_path: Path) -> None:
+    data = _h100_dict()
+    del data["sources"]["peak_tflops.bf16"]
+    path = tmp_path / "h100-sxm-80gb.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ProfileError) as err:
+        load_device_file(path)
+    assert str(path) in str(err.value) and "peak_tflops.bf16" in str(err.value)
+
+
+def test_invalid_field_in_a_file_names_file_and_field(tmp_path: Path) -> None:
+    data = _h100_dict()
+    data["hbm_bandwidth_GBps"] = "fast"
+    path = tmp_path / "h100-sxm-80gb.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ProfileError) as err:
+        load_device_file(path)
+    assert str(path) in str(err.value) and "hbm_bandwidth_GBps" in str(err.value)
+
+
+def test_name_must_equal_file_stem(tmp_path: Path) -> None:
+    path = tmp_path / "h100-copy.yaml"
+    path.write_text((DEVICES_DIR / "h100-sxm-80gb.yaml").read_text())
+    with pytest.raises(ProfileError, match="file stem"):
+        load_device_file(path)
+
+
+def test_source_key_naming_no_field_is_rejected() -> None:
+    data = _h100_dict()
+    data["sources"]["hbm_bandwith_GBps"] = "typo"
+    with pytest.raises(ValidationError, match="hbm_bandwith_GBps"):
+        Device.model_validate(data)
+
+
+def test_unknown_field_is_rejected() -> None:
+    data = _h100_dict()
+    data["hbm_bandwidth_TBps"] = 3.35
+    with pytest.raises(ValidationError, match="hbm_bandwidth_TBps"):
+        Device.model_validate(data)
+
+
+def test_price_without_source_is_rejected() -> None:
+    data = _h100_dict()
+    data["price_source"] = None
+    with pytest.raises(ValidationError, match="price_source"):
+        Device.model_validate(data)
+
+
+def test_decreasing_matmul_curve_is_rejected() -> None:
+    data = _h100_dict()
+    data["efficiency"]["matmul_curve"] = [[1.0e9, 0.9], [1.0e10, 0.5]]
+    with pytest.raises(ValidationError, match="non-decreasing"):
+        Device.model_validate(data)
+
+
+def test_profiles_are_frozen() -> None:
+    with pytest.raises(ValidationError):
+        get_device("h100-sxm-80gb").hbm_bandwidth_GBps = 1.0  # type: ignore[misc]
+
+
+# ---- real numbers against their citations ----
+
+
+def test_h100_sxm_figures() -> None:
+    h100 = get_device("H100-SXM-80GB")
+    # reference hardware.csv row 'H100 SXM': 989 dense bf16 TFLOPS (1979 is the 2:4 sparse figure), 3350 GB/s.
+    assert h100.peak_tflops.bf16 == 989
+    assert h100.peak_flops("bf16") == 989e12
+    assert h100.hbm_bandwidth_GBps == 3350
+    assert h100.memory_bandwidth_Bps == 3350e9
+    # NVLink4 "900 GB/s" is bidirectional; 450 per direction (reference §6.4).
+    assert h100.interconnect_bandwidth_GBps == 450
+    # nvidia-smi memory.total 81,559 MiB = 81,559 * 1,048,576 B.
+    assert h100.memory_total_bytes == 81_559 * 1_048_576 == 85_520_809_984
+    # ml-engineering best bf16 matmul 794.5 TFLOPS of 989 (reference §7.2).
+    assert h100.efficiency.matmul_max_fraction == pytest.approx(794.5 / 989, abs=1e-4)
+    assert h100.supports_fp8 and h100.supports_bf16
+
+
+def test_rtx4090_bf16_is_the_fp32_accumulate_rate() -> None:
+    rtx = get_device("RTX4090-24GB")
+    # GeForce bf16 with fp32 accumulate runs at half the fp16-accumulate 330.3 TFLOPS (reference §8): 330.3 / 2 = 165.15.
+    assert rtx.peak_tflops.bf16 == 165.2
+    assert rtx.peak_tflops.bf16 == pytest.approx(330.3 / 2, abs=0.06)
+
+
+def test_cublas_workspace_sizes() -> None:
+    # CUBLAS_WORKSPACE_CONFIG default ":4096:2:16:8" = 4096 KiB x 2 + 16 KiB x 8 (reference §1.5).
+    assert get_device("A100-SXM-80GB").cublas_workspace_bytes == 4096 * 1024 * 2 + 16 * 1024 * 8 == 8_519_680
+    # Hopper (sm90): 4096 * 8 * 1024 = 32 MiB.
+    assert get_device("H100-SXM-80GB").cublas_workspace_bytes == 4096 * 8 * 1024 == 33_554_432
+    # ROCm gfx94x (MI300X): 128 MiB.
+    assert get_device("mi300x-192gb").cublas_workspace_bytes == 128 * 1024 * 1024
+
+
+def test_mi250x_is_modelled_per_gcd() -> None:
+    gcd = get_device("MI250X")
+    # hardware.csv: a 128 GB, 3200 GB/s, 383 TFLOPS bf16 module = 2 GCDs seen as 2 GPUs.
+    assert gcd.devices_per_package == 2
+    assert gcd.memory_capacity_GB * gcd.devices_per_package == 128
+    assert gcd.hbm_bandwidth_GBps * gcd.devices_per_package == 3200
+    assert gcd.peak_tflops.bf16 * gcd.devices_per_package == 383
+
+
+def test_volta_and_turing_have_no_bf16() -> None:
+    for name in ("v100-sxm-32gb", "t4-16gb"):
+        device = get_device(name)
+        assert not device.supports_bf16
+        assert device.peak_flops("fp16") > 0
+    assert get_device("a100-sxm-80gb").supports_bf16
+
+
+def test_unsupported_dtype_raises_with_the_supported_list() -> None:
+    with pytest.raises(ValueError, match=r"a100-sxm-80gb has no fp8 .*supported: fp32, tf32, bf16, fp16, int8"):
+        get_device("A100-SXM-80GB").peak_flops("fp8")
+
+
+def test_unknown_dtype_raises_with_the_allowed_list() -> None:
+    with pytest.raises(ValueError, match=r"unknown dtype 'fp64'.*allowed: fp32, tf32, bf16, fp16, fp8, int8"):
+        get_device("h100").peak_flops("fp64")
+
+
+def test_dense_not_sparse() -> None:
+    # Dense fp8 is twice dense bf16 on Hopper/Blackwell; a sparse figure would make bf16 equal fp8.
+    for name in ("h100-sxm-80gb", "h200-sxm-141gb", "b200-sxm-180gb", "gb200-186gb", "mi300x-192gb"):
+        peak = get_device(name).peak_tflops
+        assert peak.fp8 == pytest.approx(2 * peak.bf16, rel=1e-3)
