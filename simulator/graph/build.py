@@ -216,13 +216,13 @@ class Builder:
             b = self.weight(f"{path}.bias", out_f, trainable or pl.biases_trainable)
         ia3 = pl.ia3_on(leaf, qualified)
         if ia3 == "in":
-            x = self._ia3_scale(path, x, in_f)
+            x = self._ia3_scale(path, x, in_f, True)
         if quant != "dense":
             out = self._quant_matmul(path, x, w, in_f, out_f, b, quant)
         else:
             out = self.tr.matmul(path, x, w, in_f, out_f, bias=b)
         if ia3 == "out":
-            out = self._ia3_scale(path, out, out_f)
+            out = self._ia3_scale(path, out, out_f, False)
         if pl.lora_on(leaf, qualified) and pl.training:
             out = self._lora(path, x, out, in_f, out_f, w)
         return out
@@ -255,34 +255,48 @@ class Builder:
         xa = tr.dropout(f"{path}.lora_dropout", xa, lo.dropout)
         h = tr.matmul(f"{path}.lora_A", xa, a_w, in_f, r)
         if lo.kind == "dora":
-            return self._dora_tail(path, x, result, h, b_w, in_f, out_f, r, base_w)
+            return self._dora_tail(path, xa, result, h, b_w, in_f, out_f, r, base_w, a_w)
         h = tr.matmul(f"{path}.lora_B", h, b_w, r, out_f)
         h = tr.mul(path, h, None)  # * scaling
         out = tr.add(path, result, h)
         return tr.cast(path, out, result_dtype)
 
     def _dora_tail(self, path: str, x: Tensor, result: Tensor, a_out: Tensor, b_w: Tensor, in_f: int,
-                   out_f: int, r: int, base_w: Tensor) -> Tensor:
-        """PEFT ``DoraLinearLayer.forward``: the weight norm ||W + s*BA||_row is computed on a full
-        ``out x in`` temporary (detached), and ``(mag/norm - 1) * base + mag/norm * lora * s`` saves
-        the base result and the LoRA result (b*s*out each)."""
+                   out_f: int, r: int, base_w: Tensor, a_w: Tensor) -> Tensor:
+        """PEFT ``DoraLinearLayer.forward``: ``lora_weight = lora_B(lora_A(eye(in)))`` (its graph is
+        recorded: lora_A saves the identity, lora_B saves ``A(eye)``), the row norm of
+        ``W + s*lora_weight`` is detached, ``mag_norm_scale = magnitude / norm``, and
+        ``(mag_norm_scale - 1) * base + mag_norm_scale * lora(x) * s`` saves the base result, the LoRA
+        result and two ``out``-sized vectors."""
         tr = self.tr
-        mag = self.weight(f"{path}.lora_magnitude_vector", out_f, True, dtype=self.plan.adapter_dtype)
-        tr.transient(path, Poly.const(in_f * out_f * 4.0 + in_f * in_f * 4.0))
-        tr.flops(path, "dora_weight", Poly.const(2.0 * in_f * r * out_f + 2.0 * in_f * in_f * r))
+        adt = a_w.dtype
+        mod_mag = f"{path}.lora_magnitude_vector"
+        self.weight(f"{mod_mag}", out_f, True, dtype=adt)
+        eye = tr.new(path, Poly.const(in_f * in_f), adt, False)
+        a_eye = tr.matmul(f"{path}.lora_A", eye, a_w, in_f, r, tokens=Poly.const(in_f))
+        tr.matmul(f"{path}.lora_B", a_eye, b_w, r, out_f, tokens=Poly.const(in_f))
+        # W + s*lora_weight and its norm: one out x in temporary in the compute dtype
+        tr.transient(path, Poly.const(in_f * out_f * dtype_bytes(x.dtype)))
         lora_res = tr.matmul(f"{path}.lora_B", a_out, b_w, r, out_f)
-        scale = tr.new(path, Poly.const(out_f), "fp32", True)  # mag / weight_norm
-        tr.save(path, mag)
-        t1 = tr.mul(path, result, scale)  # (mag_norm_scale - 1) * base_result
-        t2 = tr.mul(path, lora_res, scale)
-        out = tr.add(path, tr.add(path, result, t1), t2)
+        scale = tr.new(mod_mag, Poly.const(out_f), adt, True)
+        scale_m1 = tr.new(mod_mag, Poly.const(out_f), adt, True)
+        t1 = tr.mul(mod_mag, scale_m1, result, out_numel=result.numel)
+        t2 = tr.mul(mod_mag, scale, lora_res, out_numel=lora_res.numel)
+        out = tr.add(path, result, tr.add(path, t1, tr.mul(path, t2, None)))
         return tr.cast(path, out, result.dtype)
 
-    def _ia3_scale(self, path: str, x: Tensor, width: int) -> Tensor:
-        """PEFT IA3: ``x * ia3_l`` (a learned vector, fp32 under autocast_adapter_dtype)."""
-        v = self.weight(f"{path}.ia3_l", width, True, dtype=self.plan.adapter_dtype if self.pdt != "fp32" else "fp32")
-        y = self.tr.mul(path, x, v, out_numel=x.numel)
-        return self.tr.cast(path, y, x.dtype)
+    def _ia3_scale(self, path: str, x: Tensor, width: int, feedforward: bool) -> Tensor:
+        """PEFT ``ia3.Linear.forward``: ``scaling = 1 * ia3_l.flatten()`` (a new tensor), then
+        feed-forward targets scale their input ``(x.to(ia3 dtype) * scaling).to(x dtype)``, the
+        others their output ``(result * scaling).to(result dtype)``."""
+        tr = self.tr
+        adt = self.plan.adapter_dtype if self.pdt != "fp32" else "fp32"
+        v = self.weight(f"{path}.ia3_l", width, True, dtype=adt)
+        scaling = tr.new(path, Poly.const(width), adt, True)
+        src = tr.cast(path, x, adt) if feedforward else x
+        y = tr.mul(path, src, scaling, out_numel=x.numel)
+        del v
+        return tr.cast(path, y, x.dtype)
 
     # -- norms ----------------------------------------------------------------------------
     def rmsnorm(self, path: str, x: Tensor, width: int, trainable: bool) -> Tensor:
@@ -347,29 +361,23 @@ class Builder:
         v = tr.autocast_in(path, v)
         rg = q.requires_grad or k.requires_grad or v.requires_grad
         fwd = Poly.att(4.0 * a * d)
-        if impl in ("eager", "sdpa-math"):
-            if akv != a:
+        if impl == "eager":
+            if akv != a:  # repeat_kv: expand + reshape copies K and V to all heads
                 k = tr.new(path, Poly.kv(a * d), k.dtype, k.requires_grad)
                 v = tr.new(path, Poly.kv(a * d), v.dtype, v.requires_grad)
-            if q.requires_grad:
-                tr.save(path, k)
-            if k.requires_grad:
-                tr.save(path, q)
-            probs32 = tr.new(path, Poly.att(a), "fp32", rg)
-            if rg:
-                tr.save(path, probs32)
+            probs32 = tr.new(path, Poly.att(a), "fp32", rg)  # softmax(..., dtype=float32)
             probs = tr.cast(path, probs32, q.dtype)
-            if probs.requires_grad:
-                tr.save(path, v)
-            if v.requires_grad:
-                tr.save(path, probs)
-            bwd = ZERO
-            if rg:
-                bwd = Poly.att(2.0 * a * d) * (int(probs.requires_grad) + int(v.requires_grad)
-                                                + int(q.requires_grad) + int(k.requires_grad))
-            tr.flops(path, "attention", fwd, bwd, Poly.att(a * 6.0) + Poly.tok(4.0 * a * d))
-            tr.new(path, Poly.tok(a * d), q.dtype, rg)  # probs @ V in (b, a, s, d) layout
-            return tr.new(path, Poly.tok(a * d), q.dtype, rg)  # transpose(1, 2).contiguous() copies
+            return self._explicit_attention(path, q, k, v, probs32, probs, fwd, q.dtype)
+        if impl == "sdpa-math":
+            # ATen's math kernel upcasts 16-bit q/k/v to fp32, scales q and k by sqrt(scale)
+            # (new storages), repeats GQA heads, and keeps the softmax in fp32.
+            acc = "fp32" if q.dtype in ("bf16", "fp16") else q.dtype
+            qs = tr.new(path, Poly.tok(a * d), acc, q.requires_grad)
+            ks = tr.new(path, Poly.kv(a * d), acc, k.requires_grad)
+            if akv != a or v.dtype != acc:
+                v = tr.new(path, Poly.kv(a * d), acc, v.requires_grad)
+            probs = tr.new(path, Poly.att(a), acc, rg)
+            return self._explicit_attention(path, qs, ks, v, probs, probs, fwd, q.dtype)
         o = tr.new(path, Poly.tok(a * d), q.dtype, rg)
         if rg:
             lse = tr.new(path, Poly.tok(a), "fp32", False)
@@ -377,6 +385,30 @@ class Builder:
         tr.flops(path, "attention", fwd, Poly.att(10.0 * a * d) if rg else ZERO,
                  Poly.tok(2.0 * dtype_bytes(q.dtype) * a * d) + Poly.kv(2.0 * dtype_bytes(k.dtype) * akv * d))
         return o
+
+    def _explicit_attention(self, path: str, q: Tensor, k: Tensor, v: Tensor, probs_saved: Tensor, probs: Tensor,
+                            fwd: Poly, out_dtype: str) -> Tensor:
+        """``probs = softmax(q @ k^T)``, ``probs @ v`` with autograd's save rules; softmax saves its output."""
+        tr, arch = self.tr, self.arch
+        a, d = arch.n_heads, arch.d_head
+        rg = q.requires_grad or k.requires_grad or v.requires_grad
+        if q.requires_grad:
+            tr.save(path, k)
+        if k.requires_grad:
+            tr.save(path, q)
+        if rg:
+            tr.save(path, probs_saved)
+        if probs.requires_grad:
+            tr.save(path, v)
+        if v.requires_grad:
+            tr.save(path, probs)
+        bwd = ZERO
+        if rg:
+            n_mm = int(probs.requires_grad) + int(v.requires_grad) + int(q.requires_grad) + int(k.requires_grad)
+            bwd = Poly.att(2.0 * a * d) * n_mm
+        tr.flops(path, "attention", fwd, bwd, Poly.att(a * 6.0) + Poly.tok(4.0 * a * d))
+        tr.new(path, Poly.tok(a * d), probs.dtype, rg)  # probs @ V in (b, a, s, d) layout
+        return tr.new(path, Poly.tok(a * d), out_dtype, rg)  # cast back, transpose(1, 2).contiguous()
 
     # -- embeddings -----------------------------------------------------------------------
     def embedding(self, path: str, ids: Tensor, vocab: int, width: int, trainable: bool, rows: Poly) -> Tensor:
@@ -499,11 +531,11 @@ class ModelBuilder(Builder):
         if arch.family in ("bert", "roberta", "deberta_v2"):
             a = self.self_attention(L, x, train)
             if pl.adapter is not None and pl.adapter.placement == "houlsby":
-                a = self.bottleneck(f"{L}.attention.adapter", a)
+                a = self.bottleneck(f"{L}.{n.o}.adapter", a)
             x = self.norm(f"{L}.{n.norm1}", tr.add(L, a, x), H, train)
             m = self.mlp(L, x, train)
             if pl.adapter is not None:
-                m = self.bottleneck(f"{L}.output.adapter", m)
+                m = self.bottleneck(f"{L}.{n.down}.adapter", m)
             return self.norm(f"{L}.{n.norm2}", tr.add(L, m, x), H, train)
         if arch.family == "t5":
             return self.t5_block(L, x, train, enc_out)
@@ -512,12 +544,12 @@ class ModelBuilder(Builder):
         if arch.sandwich_norm:
             a = self.norm(f"{L}.post_attention_layernorm", a, H, train)
         if pl.adapter is not None and pl.adapter.placement == "houlsby":
-            a = self.bottleneck(f"{L}.attn_adapter", a)
+            a = self.bottleneck(f"{L}.{n.o}.adapter", a)
         if arch.parallel_block:
             h2 = h1 if n.norm2 == n.norm1 else self.norm(f"{L}.{n.norm2}", x, H, train)
             m = self.mlp(L, h2, train)
             if pl.adapter is not None:
-                m = self.bottleneck(f"{L}.mlp_adapter", m)
+                m = self.bottleneck(f"{L}.{n.down}.adapter", m)
             return tr.add(L, tr.add(L, x, a), m)
         x = tr.add(L, x, a)
         norm2 = "pre_feedforward_layernorm" if arch.sandwich_norm else n.norm2
@@ -525,7 +557,7 @@ class ModelBuilder(Builder):
         if arch.sandwich_norm:
             m = self.norm(f"{L}.post_feedforward_layernorm", m, H, train)
         if pl.adapter is not None:
-            m = self.bottleneck(f"{L}.mlp_adapter", m)
+            m = self.bottleneck(f"{L}.{n.down}.adapter", m)
         return tr.add(L, x, m)
 
     def t5_block(self, L: str, x: Tensor, train: bool, enc_out: Tensor | None) -> Tensor:
@@ -561,6 +593,8 @@ class ModelBuilder(Builder):
         if pl.prompt_tokens:
             # PEFT prompt tuning: Embedding(n_virtual, h) prepended; the sequence grows by n_virtual
             self.weight("prompt_encoder.embedding.weight", pl.prompt_tokens * H, True)
+            # prompt ids: (1, n_virtual) int64 expanded over the batch (a view), saved by the embedding
+            tr.save("prompt_encoder.embedding", tr.new("prompt_encoder", Poly.const(pl.prompt_tokens), "int64", False))
             x = tr.new("", Poly.tok(H), x.dtype, True)
         if pl.prefix_tokens:
             L, kvd = arch.n_layers, arch.kv_dim
@@ -623,8 +657,9 @@ class ModelBuilder(Builder):
         lf = tr.cast("", logits, "fp32")
         lsm = tr.new("", lf.numel, "fp32", lf.requires_grad)
         labels = tr.new("", Poly.tok(1), "int64", False)
+        total_weight = tr.new("", Poly.const(1), "fp32", False)  # nll_loss's 0-dim total_weight
         if lf.requires_grad:
-            tr.save("", lsm, labels)
+            tr.save("", lsm, labels, total_weight)
         self.loss_fp32_copy = lf is not logits
 
 

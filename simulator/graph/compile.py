@@ -72,60 +72,61 @@ def _params(traces: list[tuple[Trace, int]]) -> list[tuple[Param, int]]:
 
 
 def _saved_bytes(mt: ModelTrace) -> tuple[Poly, Poly, dict[str, Poly], dict[str, Poly], Poly]:
-    """Saved-for-backward bytes: each storage once model-wide; block-local storages x count."""
+    """Saved-for-backward bytes: each storage once model-wide; block-local storages x count.
+
+    Shared tensors (RoPE cos/sin, prefix states, input ids) are charged once, to the module and
+    block that saves them first -- the attribution a saved-tensor hook sees.
+    """
     all_t = mt.builder.tr.all  # type: ignore[attr-defined]
     global_ids = {t.id for t in mt.globals_}
-    global_saved: set[int] = set()
+    global_seen: set[int] = set()
     by_layer: dict[str, Poly] = defaultdict(lambda: ZERO)
     by_module: dict[str, Poly] = defaultdict(lambda: ZERO)
-    total = ZERO
-    total_no_ckpt = ZERO
     max_layer = ZERO
     layers_prefix = mt.builder.n.layers  # type: ignore[attr-defined]
 
-    def local_sum(tr: Trace, record: bool) -> Poly:
+    def sums(tr: Trace, record: bool) -> tuple[Poly, Poly]:
+        """(local bytes per instance, newly seen shared bytes)."""
         seen: set[int] = set()
-        s = ZERO
+        loc = glob = ZERO
         for mod, tid in tr.saves:
+            nb = all_t[tid].nbytes
             if tid in global_ids:
-                global_saved.add(tid)
+                if tid not in global_seen:
+                    global_seen.add(tid)
+                    glob = glob + nb
+                    by_module[mod] = by_module[mod] + nb
                 continue
             if tid in seen:
                 continue
             seen.add(tid)
-            nb = all_t[tid].nbytes
-            s = s + nb
+            loc = loc + nb
             if record:
                 by_module[mod] = by_module[mod] + nb
-        return s
+        return loc, glob
 
-    for name, tr in (("embeddings", mt.pre), ("head", mt.post)):
-        s = local_sum(tr, True)
-        by_layer[name] = by_layer[name] + s
-        total, total_no_ckpt = total + s, total_no_ckpt + s
+    total = total_no_ckpt = ZERO
+    for name, tr in (("embeddings", mt.pre),):
+        loc, glob = sums(tr, True)
+        by_layer[name] = loc + glob
+        total, total_no_ckpt = total + loc + glob, total_no_ckpt + loc + glob
     for v in mt.variants:
-        full = local_sum(v.trace, True)
+        full, glob = sums(v.trace, True)
         n = len(v.layers)
-        total_no_ckpt = total_no_ckpt + full * n
+        total_no_ckpt = total_no_ckpt + full * n + glob
         if full.c > max_layer.c:
             max_layer = full
         ckpt = len(v.key) > 2 and v.key[2]
-        if ckpt:
-            # the checkpoint keeps only the block's tensor inputs alive (hidden state + shared globals)
-            kept = v.input.nbytes  # type: ignore[attr-defined]
-            for mod, tid in v.trace.saves:
-                if tid in global_ids:
-                    global_saved.add(tid)
-        else:
-            kept = full
-        for i in v.layers:
-            by_layer[f"{layers_prefix}.{i}" if v.key[-1] is False else f"decoder.block.{i}"] = kept
-        total = total + kept * n
-    g = ZERO
-    for tid in global_saved:
-        g = g + all_t[tid].nbytes
-    by_layer["shared"] = g
-    return total + g, total_no_ckpt + g, dict(by_layer), dict(by_module), max_layer
+        # a checkpoint keeps only the block's tensor inputs alive (hidden state + the shared tensors)
+        kept = v.input.nbytes if ckpt else full  # type: ignore[attr-defined]
+        for j, i in enumerate(v.layers):
+            name = f"{layers_prefix}.{i}" if v.key[-1] is False else f"decoder.block.{i}"
+            by_layer[name] = kept + (glob if j == 0 else ZERO)
+        total = total + kept * n + glob
+    loc, glob = sums(mt.post, True)
+    by_layer["head"] = loc + glob
+    total, total_no_ckpt = total + loc + glob, total_no_ckpt + loc + glob
+    return total, total_no_ckpt, dict(by_layer), dict(by_module), max_layer
 
 
 def _graph(mt: ModelTrace) -> nx.DiGraph:

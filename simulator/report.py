@@ -1,0 +1,258 @@
+"""Plain-text rendering of an :class:`~simulator.results.Estimate` (no third-party dependencies).
+
+Every function here is pure: it takes results (and, optionally, the scenario they came from) and
+returns text.  ``render`` is what ``fitsim estimate`` prints; the section functions can be used on
+their own (for a notebook cell or a log line).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .config import Scenario
+from .config.training import TrainWorkload
+from .results import CATEGORIES, Estimate
+from .units import fmt_bytes, fmt_count, fmt_flops
+
+CATEGORY_LABELS: dict[str, str] = {
+    "weights": "frozen weights",
+    "quant_scales": "quantization scales",
+    "trainable_weights": "trainable weights",
+    "gradients": "gradients",
+    "optimizer_states": "optimizer states",
+    "activations": "saved activations",
+    "transients": "temporaries",
+    "kv_cache": "KV cache",
+    "allocator_overhead": "allocator cache (reserved - allocated)",
+    "cuda_context": "CUDA context",
+    "workspaces": "cuBLAS workspaces",
+}
+"""Readable names of the :data:`~simulator.results.CATEGORIES` (PyTorch MemTracker vocabulary)."""
+
+TOP_ACTIVATION_CONSUMERS = 5
+"""How many modules the activation section lists."""
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def table(rows: Sequence[Sequence[str]], align: str, indent: int = 2, gap: int = 2) -> list[str]:
+    """Aligned columns: ``align`` holds one 'l' or 'r' per column.  Returns the lines (no trailing spaces)."""
+    if not rows:
+        return []
+    widths = [max(len(r[i]) for r in rows) for i in range(len(align))]
+    out = []
+    for r in rows:
+        cells = [c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(r, widths, align)]
+        out.append((" " * indent + (" " * gap).join(cells)).rstrip())
+    return out
+
+
+def pct(part: float, whole: float) -> str:
+    """'12.3%' (or '-' when the whole is zero)."""
+    if not whole:
+        return "-"
+    x = 100.0 * part / whole
+    return "<0.1%" if 0 < abs(x) < 0.05 else f"{x:.1f}%"
+
+
+def _share(part: float, whole: float) -> str:
+    """Like :func:`pct` but keeps two significant digits below 1% (trainable share of LoRA: '0.042%')."""
+    if not whole:
+        return "-"
+    x = 100.0 * part / whole
+    return f"{x:.2g}%" if 0 < x < 1 else f"{x:.1f}%"
+
+
+def _section(title: str, lines: list[str]) -> list[str]:
+    return ["", title, *lines] if lines else []
+
+
+# ------------------------------------------------------------------------------------------ sections
+
+
+def workload_line(scenario: Scenario) -> str:
+    """One line describing what one step does."""
+    w = scenario.workload
+    if isinstance(w, TrainWorkload):
+        tokens = w.micro_batch * w.seq_len * w.grad_accum
+        return (f"train: micro-batch {w.micro_batch} x seq_len {w.seq_len} x grad-accum {w.grad_accum}"
+                f" = {fmt_count(tokens)} tokens per optimizer step")
+    return f"infer: batch {w.batch} x (prompt {w.prompt_len} + generate {w.gen_len} tokens)"
+
+
+def runtime_line(scenario: Scenario) -> str:
+    """One line with the numerics and runtime knobs."""
+    parts = [f"precision {scenario.precision}", f"attention {scenario.attention}"]
+    if scenario.is_training:
+        c = scenario.checkpointing
+        ckpt = f"every {c.every_k} blocks" if c.mode == "every_k" else c.mode
+        parts += [f"optimizer {scenario.optimizer.name} ({scenario.optimizer.impl})", f"checkpointing {ckpt}",
+                  f"loss {scenario.loss}"]
+    else:
+        inf = scenario.inference
+        parts += [f"weights {'unquantized' if inf.weights == 'none' else inf.weights}", f"KV cache {inf.kv_dtype}"]
+    if scenario.expandable_segments:
+        parts.append("expandable segments")
+    return ", ".join(parts)
+
+
+def _fmt_value(v: object) -> str:
+    if isinstance(v, list):
+        return ",".join(map(str, v))
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def method_text(e: Estimate, scenario: Scenario | None = None) -> str:
+    """'qlora (quant=nf4, r=8, alpha=16, targets=q_proj,v_proj)'; inference says so."""
+    if e.task == "infer":
+        return "none (inference)"
+    if scenario is None:
+        return e.method
+    m = scenario.method
+    keys = ("quant", "r", "alpha", "targets", "n_virtual_tokens", "bottleneck", "n_trainable_layers")
+    fields = [f"{k}={_fmt_value(getattr(m, k))}" for k in keys if k in type(m).model_fields]
+    return m.kind + (f" ({', '.join(fields)})" if fields else "")
+
+
+def header(e: Estimate, scenario: Scenario | None = None) -> list[str]:
+    """Model, parameters (total / trainable), method, GPU and its memory, and the workload."""
+    rows = [
+        ["model", f"{e.model}: {fmt_count(e.n_params)} parameters, {fmt_count(e.n_trainable_params)} trainable "
+                  f"({_share(e.n_trainable_params, e.n_params)})"],
+        ["method", method_text(e, scenario)],
+        ["gpu", f"{e.gpu}: {fmt_bytes(e.device_memory_bytes)} device memory"],
+    ]
+    if scenario is not None:
+        rows += [["step", workload_line(scenario)], ["runtime", runtime_line(scenario)]]
+    return [f"fitsim estimate: {e.model} on {e.gpu}", *table(rows, "ll")]
+
+
+def verdict(e: Estimate) -> str:
+    """'FITS with 12.30 GiB headroom' or 'DOES NOT FIT: short by 4.10 GiB'."""
+    if e.fits:
+        return f"FITS with {fmt_bytes(e.headroom_bytes)} headroom"
+    return f"DOES NOT FIT: short by {fmt_bytes(-e.headroom_bytes)}"
+
+
+def peak(e: Estimate) -> list[str]:
+    """Device peak (reserved + CUDA context), the allocated and reserved peaks, and the phase."""
+    dev = e.device_memory_bytes
+    rows = [
+        ["device total", fmt_bytes(e.peak_memory_bytes), pct(e.peak_memory_bytes, dev),
+         "reserved + CUDA context (what nvidia-smi shows)"],
+        ["reserved", fmt_bytes(e.peak_reserved_bytes), pct(e.peak_reserved_bytes, dev), "torch.cuda.max_memory_reserved"],
+        ["allocated", fmt_bytes(e.peak_allocated_bytes), pct(e.peak_allocated_bytes, dev), "torch.cuda.max_memory_allocated"],
+    ]
+    return [f"Peak memory {fmt_bytes(e.peak_memory_bytes)} ({pct(e.peak_memory_bytes, dev)} of {fmt_bytes(dev)}), "
+            f"during {e.peak_phase}",
+            *table(rows, "lrrl")]
+
+
+def breakdown(e: Estimate) -> list[str]:
+    """Bytes per category at the peak with % of the peak; zero rows skipped."""
+    mb = e.memory_bytes
+    total = e.peak_memory_bytes
+    rows = [[CATEGORY_LABELS.get(c, c), fmt_bytes(getattr(mb, c)), pct(getattr(mb, c), total)]
+            for c in CATEGORIES if getattr(mb, c)]
+    rows.append(["total", fmt_bytes(mb.total), pct(mb.total, total)])
+    return table(rows, "lrr")
+
+
+def phases(e: Estimate) -> list[str]:
+    """Allocated bytes at the peak of each phase of the step."""
+    rows = [[ph, fmt_bytes(v), "<- peak" if ph == e.peak_phase else ""] for ph, v in e.phase_allocated_bytes.items()]
+    return table(rows, "lrl")
+
+
+def flops(e: Estimate) -> list[str]:
+    """FLOPs per step (forward / backward / recompute) and per token."""
+    f = e.flops
+    if e.task == "infer":
+        rows = [["per generation", fmt_flops(f.per_step), "prefill + every decode step, all sequences"]]
+    else:
+        rows = [["forward", fmt_flops(f.forward), pct(f.forward, f.per_step)],
+                ["backward", fmt_flops(f.backward), pct(f.backward, f.per_step)]]
+        if f.recompute:
+            rows.append(["recompute", fmt_flops(f.recompute), pct(f.recompute, f.per_step)])
+        rows.append(["per step", fmt_flops(f.per_step), ""])
+    rows.append(["per token", fmt_flops(f.per_token), f"{fmt_count(e.tokens_per_step)} tokens"])
+    return table(rows, "lrl")
+
+
+def what_fits(e: Estimate, scenario: Scenario | None = None) -> list[str]:
+    """The largest batch and sequence length that fit (the other knobs held)."""
+    if e.max_batch_that_fits is None and e.max_seq_len_that_fits is None and e.fits:
+        return []  # not computed (estimate(..., what_fits=False))
+    train = e.task == "train"
+    b_name, s_name = ("micro-batch", "seq_len") if train else ("batch", "prompt_len")
+    held_b = held_s = ""
+    if scenario is not None:
+        w = scenario.workload
+        held_b = f" (at {s_name} {w.seq_len if train else w.prompt_len})"  # type: ignore[union-attr]
+        held_s = f" (at {b_name} {w.micro_batch if train else w.batch})"  # type: ignore[union-attr]
+
+    def val(v: int | None, held: str) -> str:
+        return f"{v}{held}" if v is not None else f"none: not even the smallest{held}"
+
+    seq = val(e.max_seq_len_that_fits, held_s)
+    ctx = scenario.model.max_position_embeddings if scenario is not None else None
+    if ctx is not None and e.max_seq_len_that_fits is not None and e.max_seq_len_that_fits > ctx:
+        seq += f"; beyond the model's context of {ctx}"
+    return table([[f"largest {b_name}", val(e.max_batch_that_fits, held_b)], [f"largest {s_name}", seq]], "ll")
+
+
+def suggestions(e: Estimate) -> list[str]:
+    """Each suggested change with its peak and whether it fits."""
+    rows = [[s.change, fmt_bytes(s.peak_memory_bytes), "fits" if s.fits else "does not fit"] for s in e.suggestions]
+    return table(rows, "lrl")
+
+
+def top_activations(e: Estimate, n: int = TOP_ACTIVATION_CONSUMERS) -> list[str]:
+    """The ``n`` modules that save the most activation bytes."""
+    items = sorted(((k, v) for k, v in e.activations_by_layer.items() if v > 0), key=lambda kv: -kv[1])
+    total = sum(v for _, v in items)
+    rows = [[k, fmt_bytes(v), pct(v, total)] for k, v in items[:n]]
+    if len(items) > n:
+        rows.append([f"({len(items) - n} more)", fmt_bytes(sum(v for _, v in items[n:])), pct(sum(v for _, v in items[n:]), total)])
+    return table(rows, "lrr")
+
+
+def render(e: Estimate, scenario: Scenario | None = None) -> str:
+    """The full plain-text report (``fitsim estimate``)."""
+    lines = header(e, scenario)
+    lines += ["", verdict(e), *peak(e)]
+    lines += _section(f"Breakdown at the peak ({e.peak_phase})", breakdown(e))
+    lines += _section("Allocated peak per phase", phases(e))
+    lines += _section("FLOPs", flops(e))
+    lines += _section("What fits on this GPU", what_fits(e, scenario))
+    if not e.fits:
+        lines += _section("Suggestions", suggestions(e) or ["  (no single change tried makes a difference)"])
+    lines += _section("Warnings", [f"  ! {w}" for w in e.warnings])
+    lines += _section("Notes", [f"  - {n}" for n in e.notes])
+    lines += _section("Top activation consumers", top_activations(e))
+    return "\n".join(lines) + "\n"
+
+
+def models_table(rows: Sequence[dict]) -> str:
+    """``fitsim models``: one row per catalog model (dicts from ``simulator.cli.model_rows``)."""
+    head = ["name", "family", "arch", "params", "layers", "hidden", "heads", "kv", "vocab", "context"]
+    body = [[str(r["name"]), str(r["family"]), str(r["arch"]), fmt_count(r["params"]) if r.get("params") else "?",
+             str(r["n_layers"]), str(r["hidden"]), str(r["n_heads"]), str(r["n_kv_heads"]), str(r["vocab"]),
+             str(r["max_position_embeddings"])] for r in rows]
+    return "\n".join(table([head, *body], "lllrrrrrrr", indent=0)) + f"\n{len(body)} models\n"
+
+
+def gpus_table(rows: Sequence[dict]) -> str:
+    """``fitsim gpus``: one row per device profile (dicts from ``simulator.cli.gpu_rows``)."""
+    head = ["name", "product", "memory", "bf16 TFLOPS", "GB/s", "$/h"]
+
+    def num(v: float | None, f: str) -> str:
+        return "-" if v is None else format(v, f)
+
+    body = [[r["name"], r["display_name"], fmt_bytes(r["memory_total_bytes"]), num(r["bf16_tflops"], ".0f"),
+             num(r["hbm_bandwidth_GBps"], ".0f"), num(r["price_usd_per_hour"], ".2f")] for r in rows]
+    return ("\n".join(table([head, *body], "llrrrr", indent=0)) + f"\n{len(body)} devices (dense TFLOPS; "
+            "'-' = no bf16 tensor path or no price collected)\n")

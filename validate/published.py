@@ -1,0 +1,552 @@
+"""Published measurements -> fitsim predictions (``/work/shared/published/README.md`` is the record format).
+
+One record = one setup that someone ran and measured (``scenario``) plus what they measured (``target``).
+``record_to_scenario`` turns the machine-readable ``scenario`` into a :class:`simulator.Scenario`,
+``predict_record`` predicts the ``target`` in its own metric and unit, and ``predict_records`` does that for
+a list, turning every failure into ``status: "unsupported"`` with the reason (never a crash).
+
+Scope today: single-GPU records (``scenario.n_gpus == 1``) of the memory metrics
+(``peak_memory_per_gpu_GB``, ``peak_memory_total_GB``), ``fits`` and ``max_seq_len_fit``.  Multi-GPU
+records wait for the distributed model, speed metrics for the time model.
+
+Fields the source did not state (``scenario.unstated``, value null) take what that framework does when the
+user leaves them out: the table ``FRAMEWORK_DEFAULTS`` below.  Every default or mapping that was applied is
+written into the prediction's ``notes``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from hwprofiles import get_device
+from simulator import Scenario, estimate, get_model
+from simulator.config import (
+    IA3,
+    DoRA,
+    Freeze,
+    Full,
+    InferWorkload,
+    LoRA,
+    ModelArch,
+    MoE,
+    PrefixTuning,
+    PromptTuning,
+    QLoRA,
+    TrainWorkload,
+)
+from simulator.graph.build import names_of, target_names
+
+# ------------------------------------------------------------------------------------------------------------
+# Defaults for unstated fields, per framework
+# ------------------------------------------------------------------------------------------------------------
+# "model-dtype": the dtype the checkpoint is released in when it is 16-bit (bf16/fp16 loaded as such, no fp32
+# master copy = pure 16-bit), fp32 otherwise -- the brief's rule for transformers-based trainers (load with
+# torch_dtype="auto"/the config dtype, Trainer without --bf16).
+# A 4-bit/8-bit base (QLoRA, quantized inference) computes in 16-bit whatever the table says: bf16 where the
+# device has it, fp16 otherwise (T4, V100).
+#
+# Sources for the non-obvious entries:
+#   transformers TrainingArguments: per_device_train_batch_size=8, gradient_accumulation_steps=1,
+#     gradient_checkpointing=False, optim="adamw_torch" (torch.optim.AdamW, foreach on CUDA);
+#     attn_implementation defaults to "sdpa" where the model class supports it (T5, Bloom: eager only);
+#     Qwen (v1) remote code uses flash-attn when installed, else its own eager attention.
+#   peft LoraConfig: r=8, lora_alpha=8, lora_dropout=0.0, target_modules from
+#     TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING (PEFT_DEFAULT_TARGETS below).
+#   litgpt finetune/*: micro_batch_size=1, precision "bf16-true" where bf16 is supported, torch SDPA attention,
+#     AdamW, no activation checkpointing on a single device.
+#   torchtune *_single_device recipes: dtype bf16, batch_size 2, enable_activation_checkpointing True,
+#     AdamW(fused=True) (or bnb PagedAdamW8bit for full single-device), torch SDPA.
+#   sequence length: no framework fixes one; 512 is the common padded max_length of the HF example scripts
+#     and 2048 of litgpt/torchtune configs -- only records marked not comparable leave it out.
+_HF = dict(
+    precision="model-dtype",
+    optimizer="adamw",
+    optimizer_impl="foreach",
+    micro_batch=8,
+    seq_len=512,
+    grad_accum=1,
+    checkpointing="none",
+    attention="sdpa",
+    double_quant=False,
+    loss="upcast",
+)
+FRAMEWORK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "transformers": _HF,
+    "peft": _HF,
+    "trl": _HF,
+    "accelerate": _HF,
+    "axolotl": {**_HF, "micro_batch": 1, "seq_len": 2048, "precision": "bf16-amp"},
+    "llama-recipes": {**_HF, "micro_batch": 4, "seq_len": 4096, "precision": "bf16"},
+    "unsloth": {**_HF, "micro_batch": 2, "seq_len": 2048, "precision": "bf16-amp", "checkpointing": "full",
+                "double_quant": True},
+    "fsdp-qlora": {**_HF, "micro_batch": 1, "seq_len": 2048, "precision": "bf16", "double_quant": True},
+    # litgpt keeps the bf16 logits of every 128-token lm_head chunk and upcasts per chunk (chunked_cross_entropy):
+    # between the engine's "upcast" (full fp32 copy) and "fused" (no logits); "upcast" is the closer one today.
+    "litgpt": dict(precision="bf16", optimizer="adamw", optimizer_impl="foreach", micro_batch=1, seq_len=2048,
+                   grad_accum=1, checkpointing="none", attention="sdpa", double_quant=False, loss="upcast"),
+    # torchtune recipes: CEWithChunkedOutputLoss (output projection in 8 chunks, fp32 upcast per chunk) -> "fused".
+    "torchtune": dict(precision="bf16", optimizer="adamw", optimizer_impl="fused", micro_batch=2, seq_len=2048,
+                      grad_accum=1, checkpointing="full", attention="sdpa", double_quant=False, loss="fused"),
+    "torchtitan": dict(precision="bf16-amp", optimizer="adamw", optimizer_impl="foreach", micro_batch=8,
+                       seq_len=8192, grad_accum=1, checkpointing="selective", attention="sdpa", double_quant=False,
+                       loss="upcast"),
+    "deepspeed": dict(precision="fp16-amp", optimizer="adamw", optimizer_impl="fused", micro_batch=1, seq_len=2048,
+                      grad_accum=1, checkpointing="none", attention="sdpa", double_quant=False, loss="upcast"),
+    "megatron": dict(precision="bf16-amp", optimizer="adam", optimizer_impl="fused", micro_batch=1, seq_len=2048,
+                     grad_accum=1, checkpointing="none", attention="flash2", double_quant=False, loss="upcast"),
+    "nemo": dict(precision="bf16-amp", optimizer="adam", optimizer_impl="fused", micro_batch=1, seq_len=4096,
+                 grad_accum=1, checkpointing="none", attention="flash2", double_quant=False, loss="upcast"),
+}
+FRAMEWORK_DEFAULTS["other"] = _HF
+
+# Families whose transformers implementation has no SDPA path (attention scores are materialised).
+EAGER_ONLY_FAMILIES = frozenset({"t5", "bloom", "qwen"})
+
+# PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING for the families in the catalog.
+PEFT_DEFAULT_TARGETS: dict[str, list[str]] = {
+    "llama": ["q_proj", "v_proj"],
+    "qwen": ["c_attn"],
+    "gpt2": ["c_attn"],
+    "opt": ["q_proj", "v_proj"],
+    "bloom": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "gpt_neox": ["query_key_value"],
+    "phi": ["q_proj", "v_proj"],
+    "t5": ["q", "v"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "deberta_v2": ["query_proj", "value_proj"],
+}
+PEFT_LORA_DEFAULTS = dict(r=8, alpha=8.0, dropout=0.0)
+
+# Soft-prompt/prefix length when the record does not give one (PEFT requires it; 20 is the docs' example).
+DEFAULT_VIRTUAL_TOKENS = 20
+# Inference with the prompt length unstated: a 1-token prompt, i.e. all the memory is weights + the cache of
+# the generated tokens (what "generate N tokens" benchmarks such as Qwen's profile script measure).
+DEFAULT_PROMPT_LEN = 1
+DEFAULT_GEN_LEN = 256
+
+# ------------------------------------------------------------------------------------------------------------
+# Value tables
+# ------------------------------------------------------------------------------------------------------------
+PRECISIONS = {"fp32": "fp32", "fp16-amp": "fp16-amp", "bf16-amp": "bf16-amp", "bf16-pure": "bf16",
+              "fp16-pure": "fp16", "fp8": "fp8"}
+OPTIMIZERS = {"adamw": "adamw", "adam": "adam", "adamw-8bit": "adamw-8bit", "paged-adamw-8bit": "paged-adamw-8bit",
+              "paged-adamw-32bit": "paged-adamw-32bit", "sgd": "sgd", "adafactor": "adafactor", "lion": "lion"}
+QUANTS = {"nf4": "nf4", "fp4": "fp4", "int8": "int8", "int4-gptq": "gptq", "int4-awq": "awq", "fp8": "fp8"}
+FAMILIES = {"llama": "llama", "qwen": "qwen", "gpt": "gpt2", "gpt2": "gpt2", "gpt-neox": "gpt_neox",
+            "gpt_neox": "gpt_neox", "t5": "t5", "phi": "phi", "bloom": "bloom", "falcon": "falcon", "opt": "opt"}
+# Architecture details a record never carries, per family (the HF implementation's choices).
+FAMILY_ARCH: dict[str, dict[str, Any]] = {
+    "llama": {},
+    "qwen": dict(qkv_bias=True),
+    "gpt2": dict(position="learned", norm="layernorm", activation="gelu_tanh", gated_mlp=False, qkv_bias=True,
+                 attn_out_bias=True, mlp_bias=True, norm_bias=True),
+    "opt": dict(position="learned", norm="layernorm", activation="relu", gated_mlp=False, qkv_bias=True,
+                attn_out_bias=True, mlp_bias=True, norm_bias=True),
+    "gpt_neox": dict(norm="layernorm", activation="gelu", gated_mlp=False, qkv_bias=True, attn_out_bias=True,
+                     mlp_bias=True, norm_bias=True, parallel_block=True),
+    "falcon": dict(norm="layernorm", activation="gelu", gated_mlp=False, norm_bias=True, parallel_block=True),
+    "bloom": dict(position="alibi", norm="layernorm", activation="gelu_tanh", gated_mlp=False, qkv_bias=True,
+                  attn_out_bias=True, mlp_bias=True, norm_bias=True),
+    "phi": dict(norm="layernorm", activation="gelu_tanh", gated_mlp=False, qkv_bias=True, attn_out_bias=True,
+                mlp_bias=True, norm_bias=True, parallel_block=True, lm_head_bias=True),
+    "t5": dict(arch="encoder_decoder", position="relative", activation="gelu_tanh"),
+}
+
+MEMORY_METRICS = ("peak_memory_per_gpu_GB", "peak_memory_total_GB")
+SUPPORTED_METRICS = (*MEMORY_METRICS, "fits", "max_seq_len_fit")
+SPEED_METRICS = ("step_time_s", "tokens_per_s_per_gpu", "tokens_per_s_total", "samples_per_s_total",
+                 "tflops_per_gpu", "mfu", "decode_time_per_token_s", "run_time_s")
+
+GB = 1e9
+GiB = float(2**30)
+
+
+class Unsupported(Exception):
+    """The record cannot be expressed with today's engine; the message says why."""
+
+
+# ------------------------------------------------------------------------------------------------------------
+# scenario -> Scenario
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _defaults(sc: dict) -> dict[str, Any]:
+    return FRAMEWORK_DEFAULTS.get(sc.get("framework") or "other", FRAMEWORK_DEFAULTS["other"])
+
+
+def _model(m: dict, notes: list[str]) -> ModelArch:
+    errors = []
+    for key in ("hf_id", "name"):
+        name = m.get(key)
+        if not name:
+            continue
+        try:
+            return get_model(name)
+        except Exception as err:  # UnknownNameError, or a catalog error
+            errors.append(str(err).split(";")[0])
+    fam = FAMILIES.get((m.get("family") or "").lower())
+    needed = ("n_layers", "hidden", "n_heads", "intermediate", "vocab")
+    missing = [k for k in needed if not m.get(k)]
+    label = m.get("hf_id") or m.get("name") or "?"
+    if fam is None:
+        raise Unsupported(f"model {label!r} not in the catalog and family {m.get('family')!r} has no operator template")
+    if missing:
+        raise Unsupported(f"model {label!r} not in the catalog and the record lacks {', '.join(missing)} "
+                          f"(only n_params={m.get('n_params')}); add it to simulator/models/")
+    moe = m.get("moe")
+    arch = ModelArch(
+        name=str(label), family=fam, hf_id=m.get("hf_id"), n_layers=int(m["n_layers"]), hidden=int(m["hidden"]),
+        n_heads=int(m["n_heads"]), n_kv_heads=m.get("n_kv_heads"), head_dim=m.get("head_dim"),
+        intermediate=int(m["intermediate"]), vocab=int(m["vocab"]),
+        tied_embeddings=bool(m.get("tied_embeddings")) if m.get("tied_embeddings") is not None else fam == "gpt2",
+        moe=MoE(n_experts=moe["n_experts"], top_k=moe["top_k"]) if moe else None,
+        source="published record", **FAMILY_ARCH.get(fam, {}),
+    )
+    notes.append(f"model {label!r} built from the record's arch fields (family {fam})")
+    return arch
+
+
+def _precision(sc: dict, arch: ModelArch, dev, quantized: bool, notes: list[str]) -> str:
+    raw = sc.get("precision")
+    if raw is not None:
+        if raw not in PRECISIONS:
+            raise Unsupported(f"precision {raw!r} not modelled")
+        prec = PRECISIONS[raw]
+    else:
+        d = _defaults(sc)["precision"]
+        if d == "model-dtype":
+            prec = arch.torch_dtype if arch.torch_dtype in ("bf16", "fp16") else "fp32"
+            notes.append(f"precision unstated: {sc.get('framework')} loads the checkpoint dtype ({arch.torch_dtype}) -> {prec}")
+        else:
+            prec = d
+            notes.append(f"precision unstated: {sc.get('framework')} default {prec}")
+    if quantized and prec == "fp32":
+        prec = "bf16" if dev.supports_bf16 else "fp16"
+        notes.append(f"quantized base computes in 16-bit: precision {prec}")
+    if prec in ("bf16", "bf16-amp") and not dev.supports_bf16 and raw is None:
+        prec = prec.replace("bf16", "fp16")
+        notes.append(f"{dev.name} has no bf16: precision {prec}")
+    return prec
+
+
+def _attention(sc: dict, arch: ModelArch, precision: str, notes: list[str]) -> str:
+    raw = sc.get("attention")
+    if raw in (None, "other"):
+        fw = sc.get("framework") or "other"
+        d = _defaults(sc)["attention"]
+        if d == "sdpa" and _defaults(sc) is _HF and arch.family in EAGER_ONLY_FAMILIES:
+            d = "eager"
+        notes.append(f"attention {raw or 'unstated'}: {fw} default for {arch.family} -> {d}")
+        raw = d
+    if raw == "sdpa":
+        # torch SDPA dispatch: the flash kernel needs 16-bit inputs; fp32 runs the memory-efficient kernel.
+        return "sdpa-mem-efficient" if precision == "fp32" else "sdpa-flash"
+    if raw == "xformers":
+        notes.append("xformers memory-efficient attention modelled as sdpa-mem-efficient")
+        return "sdpa-mem-efficient"
+    if raw in ("eager", "flash2", "flash3"):
+        return raw
+    raise Unsupported(f"attention {raw!r} not modelled")
+
+
+def _checkpointing(sc: dict, notes: list[str]) -> dict:
+    raw = sc.get("checkpointing")
+    if raw is None:
+        raw = _defaults(sc)["checkpointing"]
+        notes.append(f"checkpointing unstated: {sc.get('framework')} default {raw}")
+    if raw == "selective":
+        notes.append("selective checkpointing modelled as full (no per-op policy yet): predicts low")
+        raw = "full"
+    if raw == "offload":
+        notes.append("activation offloading modelled as full checkpointing")
+        raw = "full"
+    if raw not in ("none", "full"):
+        raise Unsupported(f"checkpointing {raw!r} not modelled")
+    return {"mode": raw}
+
+
+def _optimizer(sc: dict, notes: list[str]) -> dict:
+    raw = sc.get("optimizer")
+    d = _defaults(sc)
+    if raw is None:
+        raw = d["optimizer"]
+        notes.append(f"optimizer unstated: {sc.get('framework')} default {raw}")
+    if raw == "other":
+        notes.append("optimizer 'other' modelled as AdamW (two fp32 moments)")
+        raw = "adamw"
+    if raw not in OPTIMIZERS:
+        raise Unsupported(f"optimizer {raw!r} not modelled")
+    return {"name": OPTIMIZERS[raw], "impl": d.get("optimizer_impl", "foreach")}
+
+
+def _targets(raw: list[str] | None, arch: ModelArch, notes: list[str]) -> list[str] | str:
+    if raw is None:
+        t = PEFT_DEFAULT_TARGETS.get(arch.family)
+        if t is None:
+            raise Unsupported(f"LoRA targets unstated and no PEFT default for family {arch.family}")
+        notes.append(f"LoRA targets unstated: PEFT default for {arch.family} {t}")
+        return list(t)
+    if "all-linear" in raw:
+        return "all-linear"
+    known = target_names(arch)
+    n = names_of(arch)
+    leaf = lambda p: p.rsplit(".", 1)[-1] if p else None  # noqa: E731
+    # Role aliases for names from another implementation (litgpt's records use HF Llama names for every model).
+    roles = {
+        **{a: n.qkv or n.q for a in ("q_proj", "q", "query", "query_proj")},
+        **{a: n.qkv or n.k for a in ("k_proj", "k", "key", "key_proj")},
+        **{a: n.qkv or n.v for a in ("v_proj", "v", "value", "value_proj")},
+        **{a: n.o for a in ("o_proj", "out_proj", "o")},
+        **{a: n.gate for a in ("gate_proj",)},
+        **{a: n.up for a in ("up_proj",)},
+        **{a: n.down for a in ("down_proj",)},
+    }
+    out: list[str] = []
+    for t in raw:
+        if t in known:
+            name = t
+        elif roles.get(t) and leaf(roles[t]) in known:
+            name = leaf(roles[t])
+            notes.append(f"LoRA target {t!r} -> {name!r} in {arch.family}")
+        else:
+            raise Unsupported(f"LoRA target {t!r} has no module in {arch.name} ({', '.join(sorted(known))})")
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def _method(sc: dict, arch: ModelArch, precision: str, notes: list[str]):
+    kind = sc.get("method")
+    wq = sc.get("weight_quant") or "none"
+    lora = sc.get("lora")
+    if kind in ("lora", "qlora", "dora"):
+        kw: dict[str, Any] = {}
+        lo = lora or {}
+        if lora is None:
+            notes.append(f"LoRA config unstated: PEFT defaults r={PEFT_LORA_DEFAULTS['r']}, alpha={PEFT_LORA_DEFAULTS['alpha']}")
+        kw["r"] = lo.get("r") or PEFT_LORA_DEFAULTS["r"]
+        kw["alpha"] = float(lo.get("alpha") or PEFT_LORA_DEFAULTS["alpha"])
+        kw["dropout"] = float(lo.get("dropout") or PEFT_LORA_DEFAULTS["dropout"])
+        kw["targets"] = _targets(lo.get("targets"), arch, notes)
+        if lo.get("modules_to_save"):
+            kw["modules_to_save"] = list(lo["modules_to_save"])
+        if kind == "dora":
+            if wq != "none":
+                raise Unsupported(f"DoRA on a {wq} base (QDoRA) not modelled")
+            return DoRA(**kw)
+        if kind == "qlora" or wq != "none":
+            if wq == "none":
+                wq = "nf4"
+                notes.append("qlora without weight_quant: NF4 base")
+            if wq not in QUANTS or QUANTS[wq] == "fp8":
+                raise Unsupported(f"LoRA on a {wq!r} base not modelled")
+            dq = sc.get("double_quant")
+            if dq is None:
+                dq = _defaults(sc)["double_quant"]
+                if QUANTS[wq] in ("nf4", "fp4"):
+                    notes.append(f"double_quant unstated: {sc.get('framework')} default {dq}")
+            compute = "fp16" if precision.startswith("fp16") else "bf16"
+            return QLoRA(quant=QUANTS[wq], double_quant=bool(dq), compute_dtype=compute, **kw)
+        return LoRA(**kw)
+    if wq != "none":
+        raise Unsupported(f"method {kind!r} on a {wq!r}-quantized base not modelled")
+    if kind == "full":
+        return Full()
+    if kind == "freeze":
+        notes.append("freeze: trainable layers not in the record; default last 1 block")
+        return Freeze()
+    if kind == "prefix":
+        notes.append(f"prefix tuning: {DEFAULT_VIRTUAL_TOKENS} virtual tokens assumed")
+        return PrefixTuning(n_virtual_tokens=DEFAULT_VIRTUAL_TOKENS)
+    if kind == "prompt":
+        notes.append(f"prompt tuning: {DEFAULT_VIRTUAL_TOKENS} virtual tokens assumed")
+        return PromptTuning(n_virtual_tokens=DEFAULT_VIRTUAL_TOKENS)
+    if kind == "ia3":
+        return IA3()
+    raise Unsupported(f"method {kind!r} not modelled yet")
+
+
+def _gpu(sc: dict):
+    g = sc.get("gpu") or ""
+    if not g or g.startswith("other:"):
+        raise Unsupported(f"gpu {g!r}: the record does not name a device")
+    try:
+        return get_device(g)
+    except Exception as err:
+        raise Unsupported(f"gpu {g!r} has no profile in hwprofiles/ ({str(err).split(';')[0]})") from None
+
+
+def _check_single_gpu(sc: dict, notes: list[str]) -> None:
+    if (sc.get("n_gpus") or 1) != 1 or (sc.get("n_nodes") or 1) != 1:
+        raise Unsupported("multi-GPU records arrive with the distributed model")
+    p = sc.get("parallel") or {}
+    for k in ("offload_optimizer", "offload_params"):
+        if p.get(k) not in (None, "none"):
+            raise Unsupported(f"parallel.{k}={p[k]!r}: CPU/NVMe offload arrives with the distributed model")
+    if p.get("zero_stage"):
+        notes.append(f"zero_stage={p['zero_stage']} on one GPU shards nothing: ignored")
+
+
+def record_to_scenario(rec: dict, notes: list[str] | None = None) -> Scenario:
+    """The record's ``scenario`` as a fitsim Scenario; raises :class:`Unsupported` (or a validation error)."""
+    notes = [] if notes is None else notes
+    sc = rec["scenario"]
+    _check_single_gpu(sc, notes)
+    arch = _model(sc["model"], notes)
+    dev = _gpu(sc)
+    d = _defaults(sc)
+    wq = sc.get("weight_quant") or "none"
+    quantized = wq != "none"
+    precision = _precision(sc, arch, dev, quantized, notes)
+    attention = _attention(sc, arch, precision, notes)
+
+    if sc.get("task") == "infer" or sc.get("method") == "inference":
+        inf = sc.get("inference") or {}
+        if (inf.get("engine") or "") in ("vllm", "tgi", "tensorrt-llm", "sglang"):
+            raise Unsupported(f"engine {inf['engine']!r} preallocates a paged KV pool: no serving-engine model yet")
+        prompt = inf.get("prompt_len")
+        if prompt is None:
+            prompt = DEFAULT_PROMPT_LEN
+            notes.append(f"prompt_len unstated: {DEFAULT_PROMPT_LEN} token assumed")
+        gen = inf.get("gen_len")
+        if gen is None:
+            gen = DEFAULT_GEN_LEN
+            notes.append(f"gen_len unstated: {DEFAULT_GEN_LEN} assumed")
+        kv = inf.get("kv_dtype") or "auto"
+        if quantized and wq not in QUANTS:
+            raise Unsupported(f"weight_quant {wq!r} not modelled")
+        weights = QUANTS.get(wq, "none")
+        if weights in ("gptq", "awq") and precision not in ("fp16", "fp16-amp") and sc.get("precision") is None:
+            precision = "fp16"
+            notes.append("GPTQ/AWQ kernels run in fp16: precision fp16")
+        prec = {"bf16-amp": "bf16", "fp16-amp": "fp16"}.get(precision, precision)
+        dq = sc.get("double_quant")
+        return Scenario(
+            model=arch, gpu=dev.name, precision=prec, attention=attention,
+            workload=InferWorkload(batch=inf.get("batch") or 1, prompt_len=int(prompt), gen_len=int(gen)),
+            inference={"weights": weights, "double_quant": bool(dq), "kv_dtype": kv},
+        )
+
+    method = _method(sc, arch, precision, notes)
+    mb, seq, ga = sc.get("micro_batch"), sc.get("seq_len"), sc.get("grad_accum")
+    for k, v in (("micro_batch", mb), ("seq_len", seq), ("grad_accum", ga)):
+        if v is None:
+            notes.append(f"{k} unstated: {sc.get('framework')} default {d[k]}")
+    loss = d.get("loss", "upcast")
+    if loss != "upcast":
+        notes.append(f"loss: {sc.get('framework')} computes a chunked cross-entropy -> loss={loss!r}")
+    return Scenario(
+        model=arch, gpu=dev.name, method=method, precision=precision, attention=attention, loss=loss,
+        workload=TrainWorkload(micro_batch=mb or d["micro_batch"], seq_len=seq or d["seq_len"], grad_accum=ga or d["grad_accum"]),
+        optimizer=_optimizer(sc, notes), checkpointing=_checkpointing(sc, notes),
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# target -> prediction
+# ------------------------------------------------------------------------------------------------------------
+
+# Which Estimate field each `measured_how` corresponds to.  "unknown": reserved -- what most published tables
+# report when they do not say (torch.cuda.max_memory_reserved in trainer logs/W&B "gpu memory", and the value
+# closest to nvidia-smi without the context); "active" is allocated minus freed-but-cached, i.e. allocated.
+MEASURED_FIELD = {
+    "allocated": "peak_allocated_bytes",
+    "active": "peak_allocated_bytes",
+    "reserved": "peak_reserved_bytes",
+    "nvidia-smi": "peak_memory_bytes",
+    "unknown": "peak_reserved_bytes",
+    "n/a": "peak_reserved_bytes",
+}
+
+
+def memory_unit(target: dict) -> tuple[str, float]:
+    """("GB" | "GiB", bytes per unit) of a memory record.
+
+    The note says GiB -> GiB; it says 1e9 bytes -> GB.  Unclear ("GB as printed") -> GiB: the torch tools
+    behind these tables print ``max_memory_allocated()/1024**3`` (or nvidia-smi MiB / 1024) and label it "GB".
+    """
+    note = (target.get("unit_note") or "").lower()
+    if "gib" in note or "2^30" in note:
+        return "GiB", GiB
+    if "1e9" in note or "10^9" in note:
+        return "GB", GB
+    return "GiB", GiB
+
+
+def _unsupported_metric(metric: str) -> str | None:
+    if metric in SUPPORTED_METRICS:
+        return None
+    if metric in SPEED_METRICS or "time" in metric or "tokens" in metric:
+        return f"speed metric {metric!r}: no time model yet"
+    if metric == "model_states_per_gpu_GB":
+        return "model_states_per_gpu_GB: arrives with the distributed model (per-device model states)"
+    return f"metric {metric!r} not modelled"
+
+
+def predict_record(rec: dict) -> dict[str, Any]:
+    """One prediction line: {id, predicted, unit, status, reason, notes, measured_as}."""
+    t = rec.get("target") or {}
+    sc = rec.get("scenario") or {}
+    metric = t.get("metric", "")
+    out: dict[str, Any] = {"id": rec.get("id"), "predicted": None, "unit": None, "status": "unsupported",
+                           "reason": None, "notes": []}
+    why = _unsupported_metric(metric)
+    if why is None and (sc.get("n_gpus") or 1) != 1:
+        why = "multi-GPU records arrive with the distributed model"
+    if why:
+        out["reason"] = why
+        return out
+    notes: list[str] = out["notes"]
+    try:
+        scen = record_to_scenario(rec, notes)
+        if metric in MEMORY_METRICS:
+            e = estimate(scen, what_fits=False)
+            field = MEASURED_FIELD.get(t.get("measured_how") or "unknown", "peak_reserved_bytes")
+            unit, per = memory_unit(t)
+            out.update(predicted=round(getattr(e, field) / per, 4), unit=unit, measured_as=field)
+            if (t.get("measured_how") or "unknown") in ("unknown", "n/a"):
+                notes.append("measured_how unknown: predicting reserved")
+        elif metric == "fits":
+            e = estimate(scen, what_fits=False)
+            out.update(predicted=bool(e.fits), unit=None)
+        elif metric == "max_seq_len_fit":
+            e = estimate(scen, what_fits=True)
+            if e.max_seq_len_that_fits is None:
+                raise Unsupported("no sequence length fits (the setup does not fit at length 1)")
+            out.update(predicted=int(e.max_seq_len_that_fits), unit="tokens")
+        out["status"] = "ok"
+    except Unsupported as err:
+        out["reason"] = str(err)
+    except Exception as err:  # validation errors, engine errors: one record never stops the run
+        out["reason"] = f"{type(err).__name__}: {err}".replace("\n", " ")[:500]
+    if out["status"] != "ok":
+        out["predicted"] = None
+        out["unit"] = None
+    return out
+
+
+def predict_records(records: Iterable[dict]) -> list[dict[str, Any]]:
+    return [predict_record(r) for r in records]
+
+
+def load_jsonl(path: str | Path) -> list[dict]:
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def write_jsonl(rows: Iterable[dict], path: str | Path) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        for r in rows:
+            fh.write(json.dumps(r, allow_nan=False, default=_json_default) + "\n")
+
+
+def _json_default(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
