@@ -111,15 +111,14 @@ def _train_memory(sc: Scenario, ct: CostTable, dev: Device) -> tuple[dict[str, f
     other = ct.at(ct.other_transient_bytes, B)
     deq = ct.max_dequant_bytes
     ws = dev.cublas_workspace_bytes * 2.0 + dev.cublaslt_workspace_bytes  # forward + autograd thread handles
-    autocast_cache = 0.0
-    if ct.plan.precision.autocast:
-        # torch.autocast caches the bf16 copy of every fp32 weight used in a matmul for the forward+backward
-        autocast_cache = (ct.frozen_dense_bytes + ct.trainable_bytes) / 2.0
+    # torch.autocast's bf16 weight copies are in the saved activations: cached copies of trainable
+    # leaves (autocast_mode.cpp caches only leaf tensors that require grad) and per-op copies of frozen
+    # weights, each saved by its matmul when the input needs grad.
     g_acc = grads if w.grad_accum > 1 else 0.0
     st = 0.0 if paged else states
     base = weights + scales + trainable + st
-    fwd_tr = max(loss_fwd, deq, other) + autocast_cache
-    bwd_tr = max(loss_bwd, blk_bwd + recompute + deq + other) + autocast_cache
+    fwd_tr = max(loss_fwd, deq, other)
+    bwd_tr = max(loss_bwd, blk_bwd + recompute + deq + other)
     # backward: early on the grads of the first (top) blocks exist; with accumulation all of them
     # the top-most trainable tensor's grad (e.g. lm_head) already exists when the loss grads are live
     largest_grad = max((n * dtype_bytes(d) for n, d, _ in ct.trainable_tensors), default=0.0)
@@ -139,8 +138,8 @@ def _train_memory(sc: Scenario, ct: CostTable, dev: Device) -> tuple[dict[str, f
         "optimizer": MemoryBreakdown(weights=weights, quant_scales=scales, trainable_weights=trainable, gradients=grads,
                                      optimizer_states=states, transients=opt_tr, workspaces=ws),
     }
-    transients = [loss_fwd, loss_bwd, blk_bwd, deq, opt_tr]
-    return phases, bd, paged * states, max(transients)
+    peak_transient = {"forward": fwd_tr, "backward": bwd_tr, "optimizer": opt_tr}
+    return phases, bd, paged * states, peak_transient
 
 
 def _infer_memory(sc: Scenario, ct: CostTable, dev: Device) -> tuple[dict[str, float], dict[str, MemoryBreakdown], float, float]:
@@ -173,7 +172,7 @@ def _infer_memory(sc: Scenario, ct: CostTable, dev: Device) -> tuple[dict[str, f
         "prefill": MemoryBreakdown(weights=weights, quant_scales=scales, kv_cache=kv_prefill, transients=prefill_tr, workspaces=ws),
         "decode": MemoryBreakdown(weights=weights, quant_scales=scales, kv_cache=kv, transients=decode_tr, workspaces=ws),
     }
-    return phases, bd, 0.0, max(prefill_tr, decode_tr)
+    return phases, bd, 0.0, {"prefill": prefill_tr, "decode": decode_tr}
 
 
 def _flops(sc: Scenario, ct: CostTable) -> tuple[FlopBreakdown, int]:
@@ -200,10 +199,10 @@ def _flops(sc: Scenario, ct: CostTable) -> tuple[FlopBreakdown, int]:
 
 
 def _peak(sc: Scenario, ct: CostTable, dev: Device) -> dict[str, Any]:
-    phases, bd, paged, largest_transient = (_train_memory if sc.is_training else _infer_memory)(sc, ct, dev)
+    phases, bd, paged, transient = (_train_memory if sc.is_training else _infer_memory)(sc, ct, dev)
     phase = max(phases, key=lambda k: phases[k])
     allocated = phases[phase]
-    over = mem.reserved_overhead_bytes([largest_transient], sc.expandable_segments)
+    over = mem.reserved_overhead_bytes(transient[phase], allocated, sc.expandable_segments)
     reserved = allocated + over
     total = reserved + paged + dev.cuda_context_bytes
     b = bd[phase].model_copy(update={"allocator_overhead": over, "cuda_context": dev.cuda_context_bytes,
@@ -317,6 +316,10 @@ def _estimate(sc: Scenario, what_fits: bool) -> Estimate:
         warnings.append(f"{dev.name} has no native bf16; use fp16 or fp32")
     if sc.precision == "fp8" and not dev.supports_fp8:
         warnings.append(f"{dev.name} has no fp8 tensor cores")
+    if sc.is_training and ct.n_trainable == 0:
+        warnings.append(f"method {sc.method.kind!r} trains no parameter of {sc.model.name!r} (e.g. BitFit on a model without biases)")
+    if sc.is_training and sc.workload.seq_len > sc.model.max_position_embeddings:
+        warnings.append(f"seq_len {sc.workload.seq_len} exceeds the model's trained context {sc.model.max_position_embeddings}")
     if mem.optimizer_is_paged(sc.optimizer.name) and sc.is_training:
         notes.append("paged optimizer states live in CUDA managed memory: counted in the device total, not in max_memory_allocated")
     max_batch = max_len = None
@@ -326,9 +329,18 @@ def _estimate(sc: Scenario, what_fits: bool) -> Estimate:
         field_s = "seq_len" if sc.is_training else "prompt_len"
         cur_b = getattr(sc.workload, field_b)
         cur_s = getattr(sc.workload, field_s)
-        max_batch = _largest(sc, dev, field_b, 1, max(cur_b * 64, 64))
+        cap_b = max(cur_b * 64, 64)
+        max_batch = _largest(sc, dev, field_b, 1, cap_b)
         lo_s = (ct.plan.prefix_tokens or ct.plan.prompt_tokens) + 1
-        max_len = _largest(sc, dev, field_s, lo_s, max(cur_s * 64, sc.model.max_position_embeddings * 4))
+        # learned position tables cannot go past their length; RoPE models are searched to 4x their context
+        cap_s = sc.model.max_position_embeddings if sc.model.position == "learned" else max(cur_s, sc.model.max_position_embeddings * 4)
+        if not sc.is_training:
+            cap_s = max(1, cap_s - sc.workload.gen_len) if sc.model.position == "learned" else cap_s
+        max_len = _largest(sc, dev, field_s, min(lo_s, cap_s), cap_s)
+        if max_batch == cap_b:
+            notes.append(f"largest {field_b} searched up to {cap_b}: it fits there, the real limit is higher")
+        if max_len == cap_s:
+            notes.append(f"largest {field_s} searched up to {cap_s} (the search limit for this model)")
         if not fits:
             suggestions = _suggestions(sc, dev)
     return Estimate(

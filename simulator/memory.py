@@ -147,19 +147,21 @@ def segment_bytes(request: float) -> float:
     return math.ceil(request / K_ROUND_LARGE) * K_ROUND_LARGE
 
 
-def reserved_overhead_bytes(transient_sizes: list[float], expandable_segments: bool) -> float:
+# Share of the allocated peak that the caching allocator holds as cached-but-free blocks at the
+# peak (blocks freed by the forward that the backward's differently sized requests cannot reuse).
+# A default, to be replaced by the value fitted by ``python -m validate`` from measured
+# max_memory_reserved / max_memory_allocated pairs.
+FRAGMENTATION_FRACTION = 0.03
+
+
+def reserved_overhead_bytes(peak_transient: float, allocated_peak: float, expandable_segments: bool) -> float:
     """Reserved minus allocated at the peak.
 
-    The caching allocator keeps freed blocks cached; a transient that cannot reuse a cached
-    block of the right size grows a new segment that stays reserved after it is freed.  We
-    charge each distinct large transient its segment rounding, plus the segment of the
-    largest transient once more (it is allocated after the forward's blocks were freed and
-    split, so it cannot be carved from them).  With ``expandable_segments`` segments grow in
-    place and only the 2 MiB rounding remains.
+    The transient that creates the peak gets a fresh segment (rounded per :func:`segment_bytes`),
+    and cached-but-free blocks add a fragmentation share of the allocated peak.  With
+    ``expandable_segments`` segments grow in place and only the rounding remains.
     """
-    if not transient_sizes:
-        return 0.0
-    rounding = sum(segment_bytes(t) - t for t in transient_sizes if t > 0)
+    rounding = segment_bytes(peak_transient) - peak_transient if peak_transient > 0 else 0.0
     if expandable_segments:
         return rounding
-    return rounding + max(transient_sizes)
+    return rounding + FRAGMENTATION_FRACTION * allocated_peak

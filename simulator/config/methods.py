@@ -40,8 +40,9 @@ class _LoRABase(Strict):
     """LoRA scaling numerator (scaling = alpha / r)."""
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     """Dropout on the LoRA branch input; > 0 stores a mask and a dropped copy per adapted module."""
-    targets: list[str] | Literal["all-linear"] = Field(default_factory=lambda: ["q_proj", "v_proj"])
-    """Module names to adapt (leaf names such as 'q_proj', or 'all-linear'; 'embed_tokens'/'lm_head' allowed)."""
+    targets: list[str] | Literal["all-linear"] | None = None
+    """Module names to adapt (leaf names such as 'q_proj', or 'all-linear'; 'embed_tokens'/'lm_head' allowed);
+    None = PEFT's default for the model family (q_proj, v_proj for Llama; c_attn for GPT-2 ...)."""
     modules_to_save: list[str] = Field(default_factory=list)
     """Modules trained in full beside the adapters (e.g. 'lm_head', 'embed_tokens')."""
     lora_fa: bool = False

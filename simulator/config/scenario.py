@@ -37,6 +37,16 @@ class Scenario(Strict):
     expandable_segments: bool = False
     """PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (less fragmentation in reserved memory)."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_task(cls, data: Any) -> Any:
+        """A workload without 'task' is training unless it names inference fields."""
+        if isinstance(data, dict) and isinstance(data.get("workload"), dict) and "task" not in data["workload"]:
+            w = dict(data["workload"])
+            w["task"] = "infer" if {"batch", "prompt_len", "gen_len"} & set(w) else "train"
+            data = {**data, "workload": w}
+        return data
+
     @field_validator("model", mode="before")
     @classmethod
     def _resolve_model(cls, v: Any) -> Any:
@@ -67,6 +77,11 @@ class Scenario(Strict):
                 f"inference.weights={self.inference.weights!r} applies to task 'infer'; to train on a quantized base use method.kind='qlora'"
             )
         seq = self.workload.seq_len
+        if arch.position == "learned" and seq + getattr(m, "n_virtual_tokens", 0) * isinstance(m, PromptTuning) > arch.max_position_embeddings:
+            raise ValueError(
+                f"workload.seq_len={seq} exceeds model {arch.name!r} max_position_embeddings={arch.max_position_embeddings} "
+                "(learned position table)"
+            )
         if isinstance(m, QLoRA) and self.precision == "fp32":
             raise ValueError("method.kind='qlora' with precision='fp32': QLoRA computes in 16-bit; use precision 'bf16' or 'fp16'")
         if isinstance(m, (PrefixTuning, PromptTuning)) and m.n_virtual_tokens >= seq:
@@ -82,7 +97,7 @@ class Scenario(Strict):
 
             known = target_names(arch)
             asked = m.targets if isinstance(m, _LoRABase) else (m.targets or [])
-            if asked != "all-linear":
+            if asked is not None and asked != "all-linear":
                 missing = [t for t in asked if t not in known]
                 if missing:
                     raise ValueError(

@@ -94,6 +94,15 @@ def names_of(arch: ModelArch) -> Names:
     return n
 
 
+# families whose "gelu_tanh" is HF's Python NewGELUActivation ("gelu_new"), not F.gelu(approximate="tanh")
+PYTHON_GELU_FAMILIES = frozenset({"gpt2", "phi", "t5"})
+
+
+# HF eager attention: these families run softmax in the input dtype; the others upcast to fp32
+# (``softmax(..., dtype=torch.float32).to(query.dtype)``); read from each modeling_*.py.
+EAGER_SOFTMAX_IN_INPUT_DTYPE = frozenset({"gpt2", "bert", "roberta", "t5", "falcon"})
+
+
 def _leaf(path: str) -> str:
     return path.rsplit(".", 1)[-1]
 
@@ -339,7 +348,22 @@ class Builder:
     def act(self, path: str, x: Tensor) -> Tensor:
         if self.arch.activation == "relu":
             return self.tr.relu(path, x)
+        if self.arch.activation == "gelu_tanh" and self.arch.family in PYTHON_GELU_FAMILIES:
+            return self.new_gelu(path, x)
         return self.tr.unary_saving_input(path, x, self.arch.activation)
+
+    def new_gelu(self, path: str, x: Tensor) -> Tensor:
+        """HF ``NewGELUActivation`` ("gelu_new"), written in Python:
+        ``0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x**3)))`` saves x (pow), the tanh
+        output, ``0.5 * x`` and ``1 + tanh`` -- four tensors of the input's size."""
+        tr = self.tr
+        if not x.requires_grad:
+            return tr.new(path, x.numel, x.dtype, False)
+        th = tr.new(path, x.numel, x.dtype, True)
+        half = tr.new(path, x.numel, x.dtype, True)
+        one_p = tr.new(path, x.numel, x.dtype, True)
+        tr.save(path, x, th, half, one_p)
+        return tr.new(path, x.numel, x.dtype, True)
 
     # -- attention core -------------------------------------------------------------------
     def attention_core(self, path: str, q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True) -> Tensor:
@@ -365,8 +389,11 @@ class Builder:
             if akv != a:  # repeat_kv: expand + reshape copies K and V to all heads
                 k = tr.new(path, Poly.kv(a * d), k.dtype, k.requires_grad)
                 v = tr.new(path, Poly.kv(a * d), v.dtype, v.requires_grad)
-            probs32 = tr.new(path, Poly.att(a), "fp32", rg)  # softmax(..., dtype=float32)
-            probs = tr.cast(path, probs32, q.dtype)
+            if arch.family in EAGER_SOFTMAX_IN_INPUT_DTYPE:
+                probs32 = probs = tr.new(path, Poly.att(a), q.dtype, rg)  # softmax in the input dtype
+            else:
+                probs32 = tr.new(path, Poly.att(a), "fp32", rg)  # softmax(..., dtype=float32)
+                probs = tr.cast(path, probs32, q.dtype)
             return self._explicit_attention(path, q, k, v, probs32, probs, fwd, q.dtype)
         if impl == "sdpa-math":
             # ATen's math kernel upcasts 16-bit q/k/v to fp32, scales q and k by sqrt(scale)
@@ -485,31 +512,55 @@ class ModelBuilder(Builder):
         return self.linear(f"{L}.{n.down}", m, inter, H, bias=arch.mlp_bias, trainable=train)
 
     def moe(self, L: str, x: Tensor, train: bool) -> Tensor:
-        """HF Mixtral ``SparseMoeBlock``: router linear + fp32 softmax + top-k, then per expert
-        ``hidden[idx] -> gate_up -> act * up -> down -> * weight -> index_add``.  Expert rows sum to
-        top_k * tokens, so sizes are deterministic even though routing is not."""
+        """HF Mixtral sparse MoE with the grouped-GEMM experts (transformers ``integrations/moe.py``).
+
+        Router: ``linear -> softmax(fp32) -> topk -> /= sum`` (saves probs, top-k indices, the sum and
+        a clone of the top-k values).  Experts over the R = tokens x top_k routed rows: gather
+        ``hidden[perm // k]`` (saves the int64 index), ``grouped_mm`` with the gate_up weights (saves
+        its input and the int32 group offsets), ``silu(gate) * up`` (the gate_up output storage and
+        the silu output), ``grouped_mm`` down (its input), ``* routing weight`` and the inverse
+        permutation gather.  Routed rows always total tokens x top_k, so sizes are deterministic.
+        grouped_mm is not autocast-enabled: inputs are cast to the weight dtype.
+        """
         arch, tr, moe = self.arch, self.tr, self.arch.moe
         H, ei, E, k = arch.hidden, arch.expert_intermediate, moe.n_experts, moe.top_k
+        R = x.numel * (k / H)  # routed rows (tokens x top_k)
         logits = self.linear(f"{L}.mlp.gate", x, H, E, bias=False, trainable=train, quantizable=False)
-        probs = tr.new(f"{L}.mlp.gate", logits.numel, "fp32", logits.requires_grad)
+        G = f"{L}.mlp.gate"
+        probs = tr.new(G, logits.numel, "fp32", logits.requires_grad)
+        topi = tr.new(G, R, "int64", False)
+        ssum = tr.new(G, x.numel * (1.0 / H), "fp32", probs.requires_grad)
+        vals = tr.new(G, R, "fp32", probs.requires_grad)
         if probs.requires_grad:
-            tr.save(f"{L}.mlp.gate", probs)
-        rows = x.numel * (k / H)  # routed token copies
-        wgu = self.weight(f"{L}.mlp.experts.gate_up_proj", E * 2 * ei * H, train, shape=(E, 2 * ei, H))
-        wd = self.weight(f"{L}.mlp.experts.down_proj", E * ei * H, train, shape=(E, H, ei))
-        cur = tr.new(f"{L}.mlp.experts", rows * H, x.dtype, x.requires_grad)  # hidden_states[token_idx]
-        idx = tr.new(f"{L}.mlp.experts", rows * (1.0 / H) * 1.0, "int64", False)
+            tr.save(G, probs, topi, ssum, vals)
+        X = f"{L}.mlp.experts"
+        q = self.plan.base_quant
+        wgu = self.weight(f"{X}.gate_up_proj", E * 2 * ei * H, train, shape=(E * 2 * ei, H), quant=q)
+        wd = self.weight(f"{X}.down_proj", E * ei * H, train, shape=(E * H, ei), quant=q)
+        if q != "dense":  # each expert's matrices are dequantized when used
+            tr.transient(X, Poly.const(2 * ei * H * dtype_bytes(self.cdt)))
+        rows_idx = tr.new(X, R, "int64", False)  # perm // k
+        perm = tr.new(X, R, "int64", False)
         if x.requires_grad:
-            tr.save(f"{L}.mlp.experts", idx)
-        gu = tr.matmul(f"{L}.mlp.experts", cur, wgu, H, 2 * ei, tokens=rows)
-        g = Tensor(gu.id, rows * ei, gu.dtype, gu.requires_grad, gu.module)
-        self._views[gu.id] = gu
-        a = self.act(f"{L}.mlp.experts", g)
-        m = tr.mul(f"{L}.mlp.experts", a, g)
-        dn = tr.matmul(f"{L}.mlp.experts", m, wd, ei, H, tokens=rows)
-        wts = tr.new(f"{L}.mlp.experts", rows * (1.0 / H), "fp32", probs.requires_grad)
-        y = tr.mul(f"{L}.mlp.experts", dn, wts, out_numel=dn.numel)
-        return tr.new(f"{L}.mlp", x.numel, y.dtype if y.dtype == x.dtype else x.dtype, y.requires_grad or x.requires_grad)
+            tr.save(X, rows_idx)
+        if vals.requires_grad:
+            tr.save(X, perm)
+        cur = tr.new(X, R * H, x.dtype, x.requires_grad)  # hidden_states[perm // k]
+        cur = tr.cast(X, cur, wgu.dtype)
+        offs = tr.new(X, Poly.const(E), "int32", False)
+        gu = tr.matmul(X, cur, wgu, H, 2 * ei, tokens=R, autocast=False)
+        if gu.requires_grad:
+            tr.save(X, offs)
+        gate = Tensor(gu.id, R * ei, gu.dtype, gu.requires_grad, gu.module)
+        a = self.act(f"{X}.act_fn", gate)
+        m = tr.mul(X, a, gate)  # silu(gate) * up: both views share the gate_up storage
+        dn = tr.matmul(X, m, wd, ei, H, tokens=R, autocast=False)
+        w_g = tr.new(X, R, "fp32", vals.requires_grad)  # sample_weights[perm].unsqueeze(-1)
+        y = tr.mul(X, dn, w_g, out_numel=dn.numel)
+        inv = tr.new(X, R, "int64", False)
+        if y.requires_grad:
+            tr.save(X, inv)
+        return tr.new(f"{L}.mlp", x.numel, x.dtype, y.requires_grad)  # summed over top_k, cast back
 
     def bottleneck(self, path: str, x: Tensor) -> Tensor:
         """Houlsby/Pfeiffer adapter ``x + up(relu(down(x)))``."""
@@ -565,7 +616,10 @@ class ModelBuilder(Builder):
         arch, tr = self.arch, self.tr
         H = arch.hidden
         h = self.rmsnorm(f"{L}.layer.0.layer_norm", x, H, train)
-        x = tr.add(L, x, self.self_attention(L, h, train))
+        a = self.self_attention(L, h, train)
+        if self.plan.adapter is not None and self.plan.adapter.placement == "houlsby":
+            a = self.bottleneck(f"{L}.layer.0.SelfAttention.o.adapter", a)
+        x = tr.add(L, x, a)
         ff_idx = 1
         if enc_out is not None:
             h = self.rmsnorm(f"{L}.layer.1.layer_norm", x, H, train)
@@ -579,6 +633,8 @@ class ModelBuilder(Builder):
         self.n = Names(**{**old.__dict__, **{k: getattr(old, k).replace("layer.1.", f"layer.{ff_idx}.")
                                              for k in ("gate", "up", "down") if getattr(old, k)}})
         m = self.mlp(L, h, train)
+        if self.plan.adapter is not None:
+            m = self.bottleneck(f"{L}.{self.n.down}.adapter", m)
         self.n = old
         return tr.add(L, x, m)
 
@@ -619,6 +675,8 @@ class ModelBuilder(Builder):
             dt = x.dtype
             self.globals["cos"] = tr.new("model.rotary_emb", Poly.pos(d), dt, False)
             self.globals["sin"] = tr.new("model.rotary_emb", Poly.pos(d), dt, False)
+            # (1, s) int64 position ids: handed to every block (a checkpoint keeps them alive)
+            self.globals["position_ids"] = tr.new("model", Poly.pos(1), "int64", False)
         if arch.family == "t5":
             # relative position bias table (one per stack, in layer 0)
             self.weight("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",

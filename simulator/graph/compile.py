@@ -119,6 +119,11 @@ def _saved_bytes(mt: ModelTrace) -> tuple[Poly, Poly, dict[str, Poly], dict[str,
         ckpt = len(v.key) > 2 and v.key[2]
         # a checkpoint keeps only the block's tensor inputs alive (hidden state + the shared tensors)
         kept = v.input.nbytes if ckpt else full  # type: ignore[attr-defined]
+        if ckpt:
+            for g in mt.globals_:
+                if g.id not in global_seen and g.dtype == "int64" and g.module == "model":  # position ids
+                    global_seen.add(g.id)
+                    glob = glob + g.nbytes
         for j, i in enumerate(v.layers):
             name = f"{layers_prefix}.{i}" if v.key[-1] is False else f"decoder.block.{i}"
             by_layer[name] = kept + (glob if j == 0 else ZERO)

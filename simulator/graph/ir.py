@@ -250,7 +250,7 @@ class Tracer:
 
     # -- matmuls ---------------------------------------------------------------------------
     def matmul(self, module: str, x: Tensor, w: Tensor, in_f: int, out_f: int, *, op: str = "linear",
-               bias: Tensor | None = None, tokens: Poly | None = None) -> Tensor:
+               bias: Tensor | None = None, tokens: Poly | None = None, autocast: bool = True) -> Tensor:
         """``F.linear(x, w, bias)`` with x of ``tokens`` rows (default: x.numel / in_f).
 
         Saves x if w needs grad (for dW) and w if x needs grad (for dX; a parameter, so no
@@ -258,8 +258,8 @@ class Tracer:
         forward; backward 2*rows*in*out for dX (if x needs grad) plus the same for dW (if w needs grad).
         """
         rows = tokens if tokens is not None else x.numel * (1.0 / in_f)
-        xin = self.autocast_in(module, x)
-        win = self.autocast_in(module, w)
+        xin = self.autocast_in(module, x) if autocast else x
+        win = self.autocast_in(module, w) if autocast else w
         if win.requires_grad:
             self.save(module, xin)
         if xin.requires_grad:
@@ -270,7 +270,7 @@ class Tracer:
             bwd = bwd + mm
         if win.requires_grad:
             bwd = bwd + mm
-        out_dtype = promote(xin.dtype, win.dtype) if self.autocast is None else self.autocast
+        out_dtype = promote(xin.dtype, win.dtype) if (self.autocast is None or not autocast) else self.autocast
         if bias is not None:
             out_dtype = promote(out_dtype, bias.dtype) if self.autocast is None else out_dtype
         rg = xin.requires_grad or win.requires_grad or (bias is not None and bias.requires_grad)

@@ -18,6 +18,22 @@ from ..config import Scenario
 from ..config.methods import IA3, Adapter, BitFit, DoRA, Freeze, Full, LoRA, PrefixTuning, PromptTuning, QLoRA, _LoRABase
 from ..config.model import ModelArch
 
+# PEFT's LoRA defaults (peft/utils/constants.py TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
+LORA_DEFAULTS: dict[str, tuple[str, ...]] = {
+    "llama": ("q_proj", "v_proj"),
+    "qwen": ("c_attn",),
+    "gpt2": ("c_attn",),
+    "opt": ("q_proj", "v_proj"),
+    "bloom": ("query_key_value",),
+    "falcon": ("query_key_value",),
+    "gpt_neox": ("query_key_value",),
+    "phi": ("q_proj", "v_proj"),
+    "t5": ("q", "v"),
+    "bert": ("query", "value"),
+    "roberta": ("query", "value"),
+    "deberta_v2": ("query_proj", "value_proj"),
+}
+
 # PEFT's IA3 defaults (peft/utils/constants.py TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING / FEEDFORWARD mapping).
 IA3_DEFAULTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "llama": (("k_proj", "v_proj", "down_proj"), ("down_proj",)),
@@ -132,7 +148,8 @@ def plan_of(sc: Scenario) -> Plan:
     targets = None
     mts: frozenset[str] = frozenset()
     if lora is not None:
-        targets = None if lora.targets == "all-linear" else frozenset(lora.targets)
+        asked = lora.targets if lora.targets is not None else LORA_DEFAULTS.get(arch.family, ("q_proj", "v_proj"))
+        targets = None if asked == "all-linear" else frozenset(asked)
         mts = frozenset(lora.modules_to_save)
     ia3_t: frozenset[str] = frozenset()
     ia3_ff: frozenset[str] = frozenset()

@@ -1,0 +1,533 @@
+"""Exact CPU ground truth for one training step of a :class:`~simulator.config.Scenario`.
+
+``measure(scenario)`` builds the real model (``validate.torch_models.build_model``), runs one
+forward with labels, one backward and one ``optimizer.step()`` on CPU, and counts:
+
+* parameters (numel and bytes, tied weights once) and buffers;
+* the bytes autograd keeps for the backward (``saved_tensors_hooks``), per module path;
+* gradient bytes and optimizer-state bytes;
+* forward / backward FLOPs (``FlopCounterMode``), in total and per module.
+
+Every byte count is a count of *storages* (``untyped_storage()``), each once: a view saved twice, or
+a tensor saved by two ops, costs its storage once, exactly as it does on a device.
+
+Module paths are the plain HF ``named_modules`` paths of the un-wrapped model
+(see ``validate.torch_models.module_paths``): ``model.layers.0.self_attn.q_proj``,
+``model.layers.0.self_attn.q_proj.lora_A``, ``lm_head``; ``""`` is code that runs in the top-level
+forward outside every submodule (the loss, PEFT's prompt concatenation).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from typing import Iterable, Iterator
+
+import torch
+import torch.nn as nn
+from pydantic import BaseModel, ConfigDict
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from simulator.config import Optimizer, Scenario, TrainWorkload
+
+from .torch_models import backward_context, block_paths, build_model, forward_context, module_paths, unwrap
+
+__all__ = ["Truth", "measure", "make_optimizer", "layer_of", "EXTRA_FLOP_FORMULAS"]
+
+
+class Truth(BaseModel):
+    """What one CPU training step of a scenario really holds and computes."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+    total_params: int
+    """Parameter elements, every parameter once (tied embeddings once; PEFT's frozen base included)."""
+    trainable_params: int
+    """Elements of the parameters with ``requires_grad``."""
+    param_bytes: int
+    """Bytes of all parameter storages (each storage once)."""
+    trainable_param_bytes: int
+    """Bytes of the trainable parameters' storages."""
+    buffer_bytes: int
+    """Bytes of registered buffers that are not parameters (rotary ``inv_freq``, BERT ``position_ids`` ...)."""
+
+    saved_bytes_by_module: dict[str, int]
+    """Bytes autograd keeps for the backward, by the innermost module running when each storage was first
+    saved; parameter and buffer storages excluded.  Under activation checkpointing, what a checkpointed
+    block keeps is its call's tensor inputs (positional and keyword), attributed to the block's path."""
+    saved_bytes_by_layer: dict[str, int]
+    """``saved_bytes_by_module`` summed per block (``model.layers.3``, ``transformer.h.0``,
+    ``encoder.block.1`` ...); modules outside every block keep their own path."""
+    saved_bytes_by_dtype: dict[str, int]
+    """``saved_bytes_by_module`` split by the dtype of the tensor that first saved each storage."""
+    saved_bytes_total: int
+    """Sum of ``saved_bytes_by_module``."""
+    checkpointed_layers: tuple[str, ...]
+    """Block paths whose forward ran inside ``torch.utils.checkpoint`` (non-reentrant)."""
+
+    grad_bytes: int
+    """Bytes of the ``.grad`` storages of the trainable parameters after one backward."""
+    optimizer_state_bytes: int
+    """Bytes of every tensor in ``optimizer.state`` after one step (each storage once), including
+    torch Adam/AdamW's per-parameter ``step`` (a 0-dim float32 tensor, 4 B each, on CPU)."""
+    optimizer_state_bytes_by_key: dict[str, int]
+    """``optimizer_state_bytes`` by state key (``exp_avg``, ``exp_avg_sq``, ``step``, ``momentum_buffer``,
+    ``exp_avg_sq_row`` ...)."""
+
+    forward_flops: int
+    """FLOPs of the training forward (``FlopCounterMode``: matmuls, convolutions, attention kernels;
+    elementwise ops count 0)."""
+    backward_flops: int
+    """FLOPs of ``loss.backward()`` (``FlopCounterMode``), *including* ``recompute_flops``."""
+    recompute_flops: int
+    """The part of ``backward_flops`` that re-runs checkpointed blocks' forwards."""
+    forward_flops_by_module: dict[str, int]
+    """Forward FLOPs per module path, *exclusive*: each op charged to the innermost running module
+    (same convention as ``saved_bytes_by_module``; sums to ``forward_flops``)."""
+    backward_flops_by_module: dict[str, int]
+    """Backward FLOPs (gradient ops, recomputation excluded) per module path, exclusive: each op charged
+    to the module whose forward created the autograd node being run."""
+    recompute_flops_by_module: dict[str, int]
+    """Recomputation FLOPs per module path, exclusive (``backward_flops_by_module`` + this sums to
+    ``backward_flops``)."""
+
+    loss: float
+    """The loss of the measured step (a sanity check that the step ran)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Storage helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _storage_key(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def _storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind ``tensors``."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        seen.setdefault(_storage_key(t), t.untyped_storage().nbytes())
+    return sum(seen.values())
+
+
+def _unique_params(model: nn.Module) -> list[nn.Parameter]:
+    """Every parameter once, by storage (tied weights share one)."""
+    seen: dict[int, nn.Parameter] = {}
+    for p in model.parameters():
+        seen.setdefault(_storage_key(p), p)
+    return list(seen.values())
+
+
+def layer_of(path: str, blocks: Iterable[str]) -> str:
+    """The block path ``path`` lies in (longest match), or ``path`` itself outside every block."""
+    best = ""
+    for b in blocks:
+        if (path == b or path.startswith(b + ".")) and len(b) > len(best):
+            best = b
+    return best or path
+
+
+# --------------------------------------------------------------------------------------------
+# Which module is running
+# --------------------------------------------------------------------------------------------
+
+
+class _ModuleStack:
+    """The paths of the modules whose forward is running (innermost last), kept by module hooks.
+
+    Active through the forward *and* the backward: a checkpointed block's recomputation runs its
+    submodules' forwards again inside ``loss.backward()``.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.names = module_paths(model)
+        self.stack: list[str] = []
+
+    def current(self) -> str:
+        return self.stack[-1] if self.stack else ""
+
+    def _enter_hook(self, name: str):
+        def hook(_module, _args) -> None:
+            self.stack.append(name)
+
+        return hook
+
+    def _exit_hook(self, _module, _args, _output) -> None:  # returns None: the output is left alone
+        self.stack.pop()
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        handles = []
+        for mod in self.model.modules():
+            handles.append(mod.register_forward_pre_hook(self._enter_hook(self.names[id(mod)])))
+            handles.append(mod.register_forward_hook(self._exit_hook, always_call=True))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+
+# --------------------------------------------------------------------------------------------
+# Saved tensors, attributed to modules
+# --------------------------------------------------------------------------------------------
+
+
+class _SavedTensorRecorder:
+    """Counts the storages autograd saves, charged to the innermost running module.
+
+    The pack hook of ``saved_tensors_hooks`` charges a storage the first time it is seen.  Parameter
+    and buffer storages are never charged (they exist anyway; the engine counts them as weights).
+    """
+
+    def __init__(self, modules: _ModuleStack):
+        self.modules = modules
+        model = modules.model
+        self.seen: set[int] = {_storage_key(t) for t in [*model.parameters(), *model.buffers()]}
+        self.by_module: dict[str, int] = defaultdict(int)
+        self.by_dtype: dict[str, int] = defaultdict(int)
+        self.checkpointed: list[str] = []
+
+    def record(self, t: torch.Tensor, where: str | None = None) -> None:
+        if t.layout != torch.strided or t.device.type == "meta":
+            return
+        key = _storage_key(t)
+        if key in self.seen:
+            return
+        self.seen.add(key)
+        nbytes = t.untyped_storage().nbytes()
+        self.by_module[self.modules.current() if where is None else where] += nbytes
+        self.by_dtype[str(t.dtype).removeprefix("torch.")] += nbytes
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        self.record(t)
+        return t
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        """Saved-tensor hooks + the checkpoint-input wrapper, for the forward only."""
+        with _wrap_checkpoints(self), torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
+            yield
+
+
+@contextlib.contextmanager
+def _wrap_checkpoints(rec: _SavedTensorRecorder) -> Iterator[None]:
+    """Charge what each checkpointed block keeps alive: the tensor inputs of its checkpoint call.
+
+    transformers 5 (``GradientCheckpointingLayer.__init_subclass__``) checkpoints ``forward`` — not
+    ``__call__``, so module hooks stay outside — as
+    ``self._gradient_checkpointing_func(partial(forward, self, **kwargs), *args)`` where the function is
+    ``functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)`` by default.
+    Non-reentrant checkpointing replaces every tensor saved inside the block by a placeholder (its
+    own inner ``saved_tensors_hooks`` shadow ours) and keeps the positional inputs (as saved tensors,
+    which our pack hook also sees) and the keyword inputs (through the ``partial`` that the recompute
+    closure holds: ``position_embeddings``, masks, ``position_ids``) until the backward.  The CPU RNG
+    state it stashes (``torch.get_rng_state()``, 5056 B per block) is host memory and not charged.
+
+    The wrapped function also puts the block's path on the module stack, so that the recomputation in
+    the backward (which does not pass through the block's ``__call__`` hooks) is attributed to it.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    stack = rec.modules
+    patched = []
+    for mod in stack.model.modules():
+        if isinstance(mod, GradientCheckpointingLayer) and mod.gradient_checkpointing:
+            orig = mod._gradient_checkpointing_func
+            name = stack.names[id(mod)]
+
+            def wrapper(fn, *args, _orig=orig, _name=name, **kwargs):
+                rec.checkpointed.append(_name)
+                leaves, _ = tree_flatten((args, kwargs, getattr(fn, "keywords", {})))
+                for t in leaves:
+                    if isinstance(t, torch.Tensor):
+                        rec.record(t, _name)
+
+                def in_block(*a, **k):
+                    stack.stack.append(_name)
+                    try:
+                        return fn(*a, **k)
+                    finally:
+                        stack.stack.pop()
+
+                return _orig(in_block, *args, **kwargs)
+
+            mod._gradient_checkpointing_func = wrapper
+            patched.append((mod, orig))
+    try:
+        yield
+    finally:
+        for mod, orig in patched:
+            mod._gradient_checkpointing_func = orig
+
+
+# --------------------------------------------------------------------------------------------
+# FLOPs
+# --------------------------------------------------------------------------------------------
+
+
+def _cpu_flash_fwd_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_flash_bwd_flop(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_backward_flop_count
+
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+def _grouped_mm_flop(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """``aten._grouped_mm`` (transformers 5 MoE experts): 2 flops per multiply-add of every group.
+
+    2-D x 2-D (ragged K, the weight-gradient form): a (M, K_total) @ b (K_total, N) -> (G, M, N), each
+    k in exactly one group: 2·M·K_total·N.  Otherwise K = a.shape[-1] is shared by every output element:
+    2·numel(out)·K (2-D x 3-D forward (M_total, K) @ (G, K, N) -> (M_total, N); 3-D x 3-D batched).
+    """
+    if len(a_shape) == 2 and len(b_shape) == 2:
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+    n_out = 1
+    for d in out_shape:
+        n_out *= d
+    return 2 * n_out * a_shape[-1]
+
+
+EXTRA_FLOP_FORMULAS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_fwd_flop,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_bwd_flop,
+    torch.ops.aten._grouped_mm: _grouped_mm_flop,
+}
+"""Formulas torch's FlopCounterMode lacks (it would count these ops as 0 FLOPs):
+
+* the CPU flash-attention kernel: torch's own CUDA SDPA formulas, 4·b·h·s_q·s_k·d forward and
+  10·b·h·s_q·s_k·d backward (5 matmuls: the scores are recomputed), with no causal discount, as for CUDA;
+* ``aten._grouped_mm``, which transformers 5 uses for MoE experts (``experts_implementation='grouped_mm'``,
+  the default wherever the kernel exists: CPU with torch >= 2.9, CUDA sm80+)."""
+
+
+_MODULE_KEY = "fitsim_module"
+
+
+class _NodeTagger(TorchFunctionMode):
+    """Forward only: writes the running module's path into ``grad_fn.metadata`` of every autograd node
+    a call creates (walking back from its outputs to the nodes already tagged), so that the backward
+    can tell which module each backward op belongs to."""
+
+    def __init__(self, modules: _ModuleStack):
+        super().__init__()
+        self.modules = modules
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        where = self.modules.current()
+        todo = [t.grad_fn for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+        while todo:
+            node = todo.pop()
+            if node is None or _MODULE_KEY in node.metadata:
+                continue
+            node.metadata[_MODULE_KEY] = where
+            todo.extend(n for n, _ in node.next_functions)
+        return out
+
+
+class _FlopAttributor(TorchDispatchMode):
+    """Counts FLOPs with FlopCounterMode's formulas, charged to one module each (exclusive counts).
+
+    forward: the innermost running module.  backward: during a checkpoint recomputation the module
+    stack is non-empty and names the recomputed module (counted separately as recompute); otherwise
+    the module that created the autograd node being run (``torch._C._current_autograd_node()``).
+    """
+
+    def __init__(self, modules: _ModuleStack, registry: dict):
+        super().__init__()
+        self.modules = modules
+        self.registry = registry
+        self.phase = "forward"
+        self.counts: dict[str, dict[str, int]] = {
+            "forward": defaultdict(int), "backward": defaultdict(int), "recompute": defaultdict(int)
+        }
+
+    def _where(self) -> tuple[str, str]:
+        if self.phase == "forward":
+            return "forward", self.modules.current()
+        if self.modules.stack:
+            return "recompute", self.modules.current()
+        node = torch._C._current_autograd_node()
+        return "backward", node.metadata.get(_MODULE_KEY, "") if node is not None else ""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = self.registry.get(func._overloadpacket)
+        if formula is not None:
+            phase, where = self._where()
+            self.counts[phase][where] += int(formula(*args, **kwargs, out_val=out))
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizers
+# --------------------------------------------------------------------------------------------
+
+_IMPL = {"foreach": {"foreach": True}, "fused": {"fused": True}, "for-loop": {"foreach": False}}
+
+
+def make_optimizer(params: list[nn.Parameter], opt: Optimizer) -> torch.optim.Optimizer:
+    """The torch / transformers optimizer of ``opt`` (lr 1e-3) over ``params``.
+
+    adamw/adam/sgd/sgd-momentum: ``torch.optim`` with ``opt.impl`` (foreach / fused / for-loop);
+    adafactor: ``transformers.optimization.Adafactor(relative_step=False, beta1=0.9 or None)``.
+    """
+    name = opt.name
+    if name in ("adamw-8bit", "paged-adamw-8bit", "paged-adamw-32bit"):
+        raise NotImplementedError(
+            f"optimizer {name!r}: bitsandbytes 8-bit / paged optimizers need CUDA (paged = CUDA managed memory)"
+        )
+    if name == "lion":
+        raise NotImplementedError("optimizer 'lion': not in torch.optim (lion-pytorch / bitsandbytes); no CPU truth")
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=1e-3, relative_step=False, warmup_init=False, beta1=0.9 if opt.beta1 else None)
+    impl = _IMPL[opt.impl]
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=1e-3, **impl)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=1e-3, **impl)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=1e-3, momentum=0.0, **impl)
+    if name == "sgd-momentum":
+        return torch.optim.SGD(params, lr=1e-3, momentum=0.9, **impl)
+    raise NotImplementedError(f"optimizer {name!r}: no CPU truth")
+
+
+def _optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Bytes per state key over all parameters (storages once; non-tensor entries such as Adafactor's
+    integer ``step`` and float ``RMS`` are Python objects, not counted)."""
+    seen: set[int] = set()
+    out: dict[str, int] = defaultdict(int)
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if not isinstance(value, torch.Tensor):
+                continue
+            k = _storage_key(value)
+            if k in seen:
+                continue
+            seen.add(k)
+            out[key] += value.untyped_storage().nbytes()
+    return dict(out)
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------
+
+
+def _batch(scenario: Scenario, seed: int) -> dict[str, torch.Tensor]:
+    """Random token ids (micro_batch x seq_len) as inputs and labels (T5: decoder labels of the same length)."""
+    wl = scenario.workload
+    gen = torch.Generator().manual_seed(seed + 1)
+    vocab = scenario.model.vocab
+    ids = torch.randint(0, vocab, (wl.micro_batch, wl.seq_len), generator=gen)
+    if scenario.model.arch == "encoder_decoder":
+        labels = torch.randint(0, vocab, (wl.micro_batch, wl.seq_len), generator=gen)
+        return {"input_ids": ids, "labels": labels}
+    return {"input_ids": ids, "labels": ids}
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """intra-op threads = 1 while measuring: tiny ops run several times faster, and nothing counted
+    (bytes, FLOPs, kernels chosen) depends on the thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _by_layer(by_module: dict[str, int], blocks: list[str]) -> dict[str, int]:
+    out: dict[str, int] = defaultdict(int)
+    for path, n in by_module.items():
+        out[layer_of(path, blocks)] += n
+    return dict(out)
+
+
+def measure(scenario: Scenario, *, dropout: float = 0.0, seed: int = 0) -> Truth:
+    """Run one training step of ``scenario`` on CPU and count what it holds and computes.
+
+    Steps: build the model; forward with labels under saved-tensor hooks and the FLOP counters
+    (:func:`forward_context`: SDPA pin, autocast); ``loss.backward()`` (:func:`backward_context`);
+    ``optimizer.step()``; then read grads and optimizer state.
+    """
+    if not isinstance(scenario.workload, TrainWorkload):
+        raise NotImplementedError("measure() runs a training step; scenario.workload.task is 'infer'")
+    with _one_thread():
+        return _measure(scenario, dropout=dropout, seed=seed)
+
+
+def _measure(scenario: Scenario, *, dropout: float, seed: int) -> Truth:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(seed)  # dropout masks, MoE routing of random weights: same run for the same seed
+    model = build_model(scenario, dropout=dropout, seed=seed)
+    params = _unique_params(model)
+    trainable = [p for p in params if p.requires_grad]
+    param_keys = {_storage_key(p) for p in params}
+    buffers = [b for b in model.buffers() if _storage_key(b) not in param_keys]
+    optimizer = make_optimizer(trainable, scenario.optimizer)
+    batch = _batch(scenario, seed)
+
+    modules = _ModuleStack(model)
+    saved = _SavedTensorRecorder(modules)
+    counter = FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS)
+    flops = _FlopAttributor(modules, counter.flop_registry)
+    with modules.active(), counter, flops:
+        with forward_context(scenario), saved.active(), _NodeTagger(modules):
+            loss = model(**batch).loss
+        forward_flops = counter.get_total_flops()
+        flops.phase = "backward"
+        with backward_context(scenario):
+            loss.backward()
+        total_flops = counter.get_total_flops()
+
+    grads = [p.grad for p in trainable if p.grad is not None]
+    optimizer.step()
+    state = _optimizer_state_bytes(optimizer)
+    blocks = block_paths(unwrap(model))
+    fwd, bwd, rec = (dict(flops.counts[k]) for k in ("forward", "backward", "recompute"))
+
+    return Truth(
+        total_params=sum(p.numel() for p in params),
+        trainable_params=sum(p.numel() for p in trainable),
+        param_bytes=_storage_bytes(params),
+        trainable_param_bytes=_storage_bytes(trainable),
+        buffer_bytes=_storage_bytes(buffers),
+        saved_bytes_by_module=dict(saved.by_module),
+        saved_bytes_by_layer=_by_layer(saved.by_module, blocks),
+        saved_bytes_by_dtype=dict(saved.by_dtype),
+        saved_bytes_total=sum(saved.by_module.values()),
+        checkpointed_layers=tuple(saved.checkpointed),
+        grad_bytes=_storage_bytes(grads),
+        optimizer_state_bytes=sum(state.values()),
+        optimizer_state_bytes_by_key=state,
+        forward_flops=forward_flops,
+        backward_flops=total_flops - forward_flops,
+        recompute_flops=sum(rec.values()),
+        forward_flops_by_module={k: v for k, v in fwd.items() if v},
+        backward_flops_by_module={k: v for k, v in bwd.items() if v},
+        recompute_flops_by_module={k: v for k, v in rec.items() if v},
+        loss=float(loss.detach()),
+    )
