@@ -102,7 +102,7 @@ def _train_memory(sc: Scenario, ct: CostTable, dev: Device) -> tuple[dict[str, f
     loss_fwd = loss_bwd = 0.0
     if sc.loss == "upcast":
         loss_fwd = mem.loss_forward_transient_bytes(logits_n, ct.logits_dtype, ct.loss_upcast_copy)
-        loss_bwd = mem.loss_backward_transient_bytes(logits_n)
+        loss_bwd = mem.loss_backward_transient_bytes(logits_n, ct.loss_dtype)
     else:
         # chunked fused CE: one chunk of fp32 logits and its grad (Liger default chunking ~ hidden/vocab ratio)
         loss_fwd = loss_bwd = 2.0 * 4.0 * min(logits_n, tokens * ct.arch.vocab / max(1, int(np.ceil(ct.arch.vocab / ct.arch.hidden))))
@@ -187,7 +187,7 @@ def _flops(sc: Scenario, ct: CostTable) -> tuple[FlopBreakdown, int]:
                              per_step=per_step, per_token=per_step / tokens), tokens
     # inference: prefill over the prompt + one forward per generated token over a growing context
     f_prefill = ct.at(ct.fwd_flops, B)
-    c = ct.fwd_flops.c  # over (T, K, A, B, S, 1): per new token, T and K terms are per token, A per context position
+    c = ct.fwd_flops.c  # over (T, K, A, B, S, Q, 1): per new token, T and K terms are per token, A per context position
     lin_per_tok = c[0] + c[1]
     att_coef = c[2]
     ctx_sum = sum(w.prompt_len + t for t in range(w.gen_len))

@@ -106,10 +106,11 @@ def loss_forward_transient_bytes(logits_numel: float, logits_dtype: str, upcast_
     return logits_numel * dtype_bytes(logits_dtype) + (logits_numel * 4.0 if upcast_copy else 0.0)
 
 
-def loss_backward_transient_bytes(logits_numel: float) -> float:
-    """At ``log_softmax`` backward: the fp32 grad from nll_loss and the fp32 grad it produces (2 x 4 B x b*s*V);
-    the saved log-softmax output is counted with the activations."""
-    return 2.0 * 4.0 * logits_numel
+def loss_backward_transient_bytes(logits_numel: float, loss_dtype: str = "fp32") -> float:
+    """At ``log_softmax`` backward: the grad from nll_loss and the grad it produces, both in the loss
+    dtype (2 x 4 B x b*s*V after HF's fp32 upcast); the saved log-softmax output is counted with
+    the activations."""
+    return 2.0 * dtype_bytes(loss_dtype) * logits_numel
 
 
 # ---------------------------------------------------------------------------------------------

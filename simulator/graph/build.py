@@ -40,6 +40,12 @@ class Names:
     up: str
     down: str
     embed_norm: str | None = None
+    act: str = "mlp.act_fn"  # module running the MLP activation
+
+    @property
+    def attn_core(self) -> str:
+        """The module whose forward runs the attention kernel (parent of the q or fused qkv projection)."""
+        return (self.qkv or self.q).rsplit(".", 1)[0]
 
 
 NAMES: dict[str, Names] = {
@@ -47,35 +53,35 @@ NAMES: dict[str, Names] = {
                    "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", None,
                    "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
     "qwen": Names("transformer.wte", None, "transformer.h", "transformer.ln_f", "lm_head", "ln_1", "ln_2",
-                  "", "", "", "attn.c_attn", "attn.c_proj", "mlp.w2", "mlp.w1", "mlp.c_proj"),
+                  "", "", "", "attn.c_attn", "attn.c_proj", "mlp.w2", "mlp.w1", "mlp.c_proj", act="mlp"),
     "gpt2": Names("transformer.wte", "transformer.wpe", "transformer.h", "transformer.ln_f", "lm_head", "ln_1",
-                  "ln_2", "", "", "", "attn.c_attn", "attn.c_proj", None, "mlp.c_fc", "mlp.c_proj"),
+                  "ln_2", "", "", "", "attn.c_attn", "attn.c_proj", None, "mlp.c_fc", "mlp.c_proj", act="mlp.act"),
     "opt": Names("model.decoder.embed_tokens", "model.decoder.embed_positions", "model.decoder.layers",
                  "model.decoder.final_layer_norm", "lm_head", "self_attn_layer_norm", "final_layer_norm",
                  "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", None, "self_attn.out_proj", None,
-                 "fc1", "fc2"),
+                 "fc1", "fc2", act="activation_fn"),
     "bloom": Names("transformer.word_embeddings", None, "transformer.h", "transformer.ln_f", "lm_head",
                    "input_layernorm", "post_attention_layernorm", "", "", "", "self_attention.query_key_value",
                    "self_attention.dense", None, "mlp.dense_h_to_4h", "mlp.dense_4h_to_h",
-                   embed_norm="transformer.word_embeddings_layernorm"),
+                   embed_norm="transformer.word_embeddings_layernorm", act="mlp.gelu_impl"),
     "falcon": Names("transformer.word_embeddings", None, "transformer.h", "transformer.ln_f", "lm_head",
                     "input_layernorm", "input_layernorm", "", "", "", "self_attention.query_key_value",
-                    "self_attention.dense", None, "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
+                    "self_attention.dense", None, "mlp.dense_h_to_4h", "mlp.dense_4h_to_h", act="mlp.act"),
     "gpt_neox": Names("gpt_neox.embed_in", None, "gpt_neox.layers", "gpt_neox.final_layer_norm", "embed_out",
                       "input_layernorm", "post_attention_layernorm", "", "", "", "attention.query_key_value",
-                      "attention.dense", None, "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
+                      "attention.dense", None, "mlp.dense_h_to_4h", "mlp.dense_4h_to_h", act="mlp.act"),
     "phi": Names("model.embed_tokens", None, "model.layers", "model.final_layernorm", "lm_head", "input_layernorm",
                  "input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", None,
-                 "self_attn.dense", None, "mlp.fc1", "mlp.fc2"),
+                 "self_attn.dense", None, "mlp.fc1", "mlp.fc2", act="mlp.activation_fn"),
     "bert": Names("bert.embeddings.word_embeddings", "bert.embeddings.position_embeddings", "bert.encoder.layer",
                   "", "cls.predictions.decoder", "attention.output.LayerNorm", "output.LayerNorm",
                   "attention.self.query", "attention.self.key", "attention.self.value", None,
                   "attention.output.dense", None, "intermediate.dense", "output.dense",
-                  embed_norm="bert.embeddings.LayerNorm"),
-    "t5": Names("shared", None, "encoder.block", "encoder.final_layer_norm", "lm_head", "layer.0.layer_norm",
+                  embed_norm="bert.embeddings.LayerNorm", act="intermediate.intermediate_act_fn"),
+    "t5": Names("encoder.embed_tokens", None, "encoder.block", "encoder.final_layer_norm", "lm_head", "layer.0.layer_norm",
                 "layer.1.layer_norm", "layer.0.SelfAttention.q", "layer.0.SelfAttention.k",
                 "layer.0.SelfAttention.v", None, "layer.0.SelfAttention.o", "layer.1.DenseReluDense.wi_0",
-                "layer.1.DenseReluDense.wi_1", "layer.1.DenseReluDense.wo"),
+                "layer.1.DenseReluDense.wi_1", "layer.1.DenseReluDense.wo", act="layer.1.DenseReluDense.act"),
 }
 NAMES["roberta"] = Names(**{**NAMES["bert"].__dict__, **{k: v.replace("bert.", "roberta.") for k, v in NAMES["bert"].__dict__.items() if isinstance(v, str) and v.startswith("bert.")}})
 NAMES["deberta_v2"] = Names(**{**NAMES["bert"].__dict__, **{k: v.replace("bert.", "deberta.") for k, v in NAMES["bert"].__dict__.items() if isinstance(v, str) and v.startswith("bert.")}})
@@ -339,6 +345,21 @@ class Builder:
             tr.save(path, tr.new(path, rows, "fp32", False), tr.new(path, rows, "fp32", False))
         return tr.new(path, x.numel, promote_out(x.dtype, w.dtype) if tr.autocast is None else "fp32", rg)
 
+    def t5_norm(self, path: str, x: Tensor, width: int, trainable: bool) -> Tensor:
+        """HF ``T5LayerNorm``: the variance from an fp32 copy, but ``x * rsqrt(var)`` multiplies the
+        original-dtype input (saved too), then casts to the weight dtype before ``weight * y``."""
+        tr = self.tr
+        w = self.weight(f"{path}.weight", width, trainable or self.plan.saved_module(_leaf(path)))
+        x32 = tr.cast(path, x, "fp32")
+        if x32.requires_grad:
+            tr.save(path, x32)
+        rs = tr.new(path, x.numel * (1.0 / width), "fp32", x.requires_grad)
+        y = tr.mul(path, x, rs, out_numel=x.numel)
+        if rs.requires_grad:
+            tr.save(path, rs)
+        y = tr.cast(path, y, w.dtype) if w.dtype in ("bf16", "fp16") else y
+        return tr.mul(path, w, y, out_numel=x.numel)
+
     def norm(self, path: str, x: Tensor, width: int, trainable: bool) -> Tensor:
         if self.arch.norm == "rmsnorm":
             return self.rmsnorm(path, x, width, trainable)
@@ -493,7 +514,8 @@ class ModelBuilder(Builder):
             pk = self.globals["prefix"]
             k = tr.new(f"{L}.self_attn", Poly.kv(kvd), k.dtype, k.requires_grad or pk.requires_grad)
             v = tr.new(f"{L}.self_attn", Poly.kv(kvd), v.dtype, v.requires_grad or pk.requires_grad)
-        o = self.attention_core(f"{L}.{on.rsplit('.', 1)[0]}" if "." in on else L, q, k, v)
+        core = qn.rsplit(".", 1)[0] if names is not None else n.attn_core
+        o = self.attention_core(f"{L}.{core}", q, k, v)
         return self.linear(f"{L}.{on}", o, qd, H, bias=arch.attn_out_bias, trainable=train)
 
     def mlp(self, L: str, x: Tensor, train: bool) -> Tensor:
@@ -504,11 +526,11 @@ class ModelBuilder(Builder):
         if arch.gated_mlp:
             g = self.linear(f"{L}.{n.gate}", x, H, inter, bias=arch.mlp_bias, trainable=train)
             u = self.linear(f"{L}.{n.up}", x, H, inter, bias=arch.mlp_bias, trainable=train)
-            a = self.act(f"{L}.mlp.act_fn", g)
+            a = self.act(f"{L}.{n.act}", g)
             m = tr.mul(f"{L}.mlp", a, u)
         else:
             u = self.linear(f"{L}.{n.up}", x, H, inter, bias=arch.mlp_bias, trainable=train)
-            m = self.act(f"{L}.mlp.act", u)
+            m = self.act(f"{L}.{n.act}", u)
         return self.linear(f"{L}.{n.down}", m, inter, H, bias=arch.mlp_bias, trainable=train)
 
     def moe(self, L: str, x: Tensor, train: bool) -> Tensor:
@@ -615,23 +637,23 @@ class ModelBuilder(Builder):
         """T5 block: pre-RMSNorm self-attention (+ cross-attention in the decoder) and FF, no biases."""
         arch, tr = self.arch, self.tr
         H = arch.hidden
-        h = self.rmsnorm(f"{L}.layer.0.layer_norm", x, H, train)
+        h = self.t5_norm(f"{L}.layer.0.layer_norm", x, H, train)
         a = self.self_attention(L, h, train)
         if self.plan.adapter is not None and self.plan.adapter.placement == "houlsby":
             a = self.bottleneck(f"{L}.layer.0.SelfAttention.o.adapter", a)
         x = tr.add(L, x, a)
         ff_idx = 1
         if enc_out is not None:
-            h = self.rmsnorm(f"{L}.layer.1.layer_norm", x, H, train)
+            h = self.t5_norm(f"{L}.layer.1.layer_norm", x, H, train)
             ca = self.self_attention(L, h, train, cross_kv=enc_out, names=(
                 "layer.1.EncDecAttention.q", "layer.1.EncDecAttention.k", "layer.1.EncDecAttention.v",
                 "layer.1.EncDecAttention.o"))
             x = tr.add(L, x, ca)
             ff_idx = 2
-        h = self.rmsnorm(f"{L}.layer.{ff_idx}.layer_norm", x, H, train)
+        h = self.t5_norm(f"{L}.layer.{ff_idx}.layer_norm", x, H, train)
         old = self.n
         self.n = Names(**{**old.__dict__, **{k: getattr(old, k).replace("layer.1.", f"layer.{ff_idx}.")
-                                             for k in ("gate", "up", "down") if getattr(old, k)}})
+                                             for k in ("gate", "up", "down", "act") if getattr(old, k)}})
         m = self.mlp(L, h, train)
         if self.plan.adapter is not None:
             m = self.bottleneck(f"{L}.{self.n.down}.adapter", m)
@@ -660,12 +682,15 @@ class ModelBuilder(Builder):
         if n.pos_embed:
             # learned positions: OPT offsets its table by 2 rows
             rows = arch.max_position_embeddings + (2 if arch.family == "opt" else 0)
-            pe = self.embedding(n.pos_embed, tr.new("", Poly.pos(1), "int64", False), rows, H,
-                                pl.embeddings_trainable, Poly.pos(1))
+            # position ids: arange (GPT-2, OPT) or a registered buffer (BERT: not an activation)
+            pos_ids = tr.new("", Poly.pos(1), "int64", False) if arch.arch != "encoder" else \
+                Tensor(-1, Poly.pos(1), "int64", False, "", is_param=True)
+            pe = self.embedding(n.pos_embed, pos_ids, rows, H, pl.embeddings_trainable, Poly.pos(1))
             x = tr.add("", x, pe)
         if arch.type_vocab_size:
+            # token_type_ids: a (1, s) slice of a zeros buffer, expanded over the batch
             tt = self.embedding(n.embed.replace("word_embeddings", "token_type_embeddings"),
-                                tr.new("", Poly.tok(1), "int64", False), arch.type_vocab_size, H,
+                                tr.new("", Poly.pos(1), "int64", False), arch.type_vocab_size, H,
                                 pl.embeddings_trainable, Poly.tok(1))
             x = tr.add("", x, tt)
         if n.embed_norm:
@@ -678,21 +703,29 @@ class ModelBuilder(Builder):
             # (1, s) int64 position ids: handed to every block (a checkpoint keeps them alive)
             self.globals["position_ids"] = tr.new("model", Poly.pos(1), "int64", False)
         if arch.family == "t5":
-            # relative position bias table (one per stack, in layer 0)
-            self.weight("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
-                        arch.relative_attention_num_buckets * arch.n_heads, pl.base_trainable)
+            self.relative_bias("encoder")
         return x
+
+    def relative_bias(self, stack: str) -> None:
+        """T5 relative position bias: an Embedding(buckets, heads) in block 0 of each stack, looked up
+        with an (s, s) int64 bucket matrix (saved when the table trains)."""
+        arch, pl, tr = self.arch, self.plan, self.tr
+        path = f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias"
+        w = self.weight(f"{path}.weight", arch.relative_attention_num_buckets * arch.n_heads,
+                        pl.layer_base_trainable(0 if stack == "encoder" else arch.n_layers))
+        if w.requires_grad:
+            tr.save(path, tr.new(path, Poly.pos2(1), "int64", False))
 
     def post(self, x: Tensor, loss: str) -> None:
         arch, n, tr, pl = self.arch, self.n, self.tr, self.plan
         H, V = arch.hidden, arch.vocab
         head_tr = pl.lm_head_trainable or pl.saved_module("lm_head")
         if n.final_norm:
-            x = self.norm(n.final_norm, x, H, head_tr)
+            x = (self.t5_norm if arch.family == "t5" else self.norm)(n.final_norm, x, H, head_tr)
         if arch.family in ("bert", "roberta", "deberta_v2"):
             base = n.lm_head.rsplit(".", 1)[0]
             x = self.linear(f"{base}.transform.dense", x, H, H, bias=True, trainable=head_tr, quantizable=False)
-            x = self.act(f"{base}.transform.act", x)
+            x = self.act(f"{base}.transform.transform_act_fn", x)
             x = self.layernorm(f"{base}.transform.LayerNorm", x, H, head_tr)
         if arch.family == "t5" and arch.tied_embeddings:
             x = tr.mul("", x, None)  # sequence_output * d_model**-0.5
@@ -711,14 +744,18 @@ class ModelBuilder(Builder):
             # chunked linear + cross-entropy never materialises b*s*V; one chunk is transient
             return
         # HF ForCausalLMLoss: logits.float(); labels padded and shifted (.contiguous(), int64);
-        # cross_entropy = log_softmax (saves its fp32 output) + nll_loss (saves the target).
-        lf = tr.cast("", logits, "fp32")
-        lsm = tr.new("", lf.numel, "fp32", lf.requires_grad)
-        labels = tr.new("", Poly.tok(1), "int64", False)
-        total_weight = tr.new("", Poly.const(1), "fp32", False)  # nll_loss's 0-dim total_weight
+        # cross_entropy = log_softmax (saves its output) + nll_loss (saves the target and a 0-dim
+        # total_weight).  BERT's MLM head calls CrossEntropyLoss on the logits as they are (no upcast).
+        upcast = arch.family not in ("bert", "roberta", "deberta_v2", "t5")
+        lf = tr.cast("", logits, "fp32") if upcast else logits
+        lsm = tr.new("", lf.numel, lf.dtype, lf.requires_grad)
+        # causal LM: labels padded and shifted (.contiguous(): a new int64 tensor); MLM: the labels themselves
+        labels = tr.new("", Poly.tok(1), "int64", False) if arch.arch != "encoder" else self.globals["ids"]
+        total_weight = tr.new("", Poly.const(1), lf.dtype, False)
         if lf.requires_grad:
             tr.save("", lsm, labels, total_weight)
         self.loss_fp32_copy = lf is not logits
+        self.loss_dtype = lf.dtype
 
 
 def _variant_key(pl: Plan, i: int, in_rg: bool) -> tuple:
@@ -741,7 +778,13 @@ def trace_model(arch: ModelArch, plan: Plan, loss: str = "upcast") -> ModelTrace
         if is_dec and enc_out is None:
             # encoder output (after the final norm) feeds every cross-attention
             b.tr.trace = Trace()
-            enc_out = b.rmsnorm(NAMES["t5"].final_norm, x, arch.hidden, plan.base_trainable)
+            enc_out = b.t5_norm(NAMES["t5"].final_norm, x, arch.hidden, plan.base_trainable)
+            b.globals["encoder_output"] = enc_out  # one storage read by every cross-attention
+            # decoder: shift_right(labels) ids through the shared embedding, its own relative bias table
+            dec_ids = b.tr.new("", Poly.tok(1), "int64", False)
+            if plan.embeddings_trainable:
+                b.tr.save("decoder.embed_tokens", dec_ids)
+            b.relative_bias("decoder")
             variants[("encoder_final_norm",)] = BlockVariant(("encoder_final_norm",), [0], b.tr.trace, True)
             x = b.tr.new("decoder.embed_tokens", Poly.tok(arch.hidden), x.dtype, plan.embeddings_trainable)
             in_rg = x.requires_grad

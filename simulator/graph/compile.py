@@ -54,6 +54,7 @@ class CostTable:
     other_transient_bytes: Poly  # other op temporaries (DoRA weight norms ...)
     logits_numel: Poly
     logits_dtype: str
+    loss_dtype: str  # dtype cross-entropy runs in (fp32 after HF's upcast)
     loss_upcast_copy: bool  # the fp32 logits copy is a separate storage
     block_io: Poly  # bytes of one block's input/output hidden state
     layer_count: int
@@ -196,7 +197,7 @@ def compile_trace(mt: ModelTrace) -> CostTable:
             f0, b0 = flops_by_module.get(op.module, (ZERO, ZERO))
             flops_by_module[op.module] = (f0 + op.fwd_flops, b0 + op.bwd_flops)
         for mod, nb in tr.transients:
-            if nb.c[:-1] == (0.0,) * 5:
+            if not any(nb.c[:-1]):
                 max_deq = max(max_deq, nb.c[-1])
             else:
                 other = other + nb
@@ -212,7 +213,7 @@ def compile_trace(mt: ModelTrace) -> CostTable:
         largest_trainable_numel=max_tr, saved=saved, saved_no_ckpt=saved_nc, saved_by_layer=by_layer,
         saved_by_module=by_module, max_layer_saved=max_layer, fwd_flops=fwd, bwd_flops=bwd, recompute_flops=rec,
         fwd_bytes=fbytes, flops_by_module=flops_by_module, max_dequant_bytes=max_deq, other_transient_bytes=other,
-        logits_numel=logits.numel, logits_dtype=logits.dtype,
+        logits_numel=logits.numel, logits_dtype=logits.dtype, loss_dtype=getattr(b, "loss_dtype", logits.dtype),
         loss_upcast_copy=getattr(b, "loss_fp32_copy", False), block_io=Poly.tok(mt.arch.hidden * 1.0) * _bytes(logits.dtype),
         layer_count=mt.arch.n_layers + (mt.arch.n_decoder_layers or 0 if mt.arch.arch == "encoder_decoder" else 0),
         graph=_graph(mt),

@@ -8,10 +8,11 @@ creates (a ``.to()`` to another dtype is a new storage, a view is not), propagat
 needs it is required).  FLOPs are recorded with the conventions of
 ``torch.utils.flop_counter`` (matmul-like ops only, 2 FLOPs per multiply-add).
 
-Sizes are symbolic: a :class:`Poly` over the basis ``(T, K, A, B, S, 1)`` where
+Sizes are symbolic: a :class:`Poly` over the basis ``(T, K, A, B, S, Q, 1)`` where
 ``T = b*s`` query tokens, ``K = b*s_kv`` key tokens (prefix tokens included),
 ``A = b*s*s_kv`` score elements per head, ``B = b`` sequences, ``S = s`` positions
-(batch-independent tensors such as RoPE's cos/sin of shape (1, s, d)).  A compiled trace is
+(batch-independent tensors such as RoPE's cos/sin of shape (1, s, d)), ``Q = s*s_kv``
+(batch-independent position pairs, e.g. T5's relative-position buckets).  A compiled trace is
 evaluated for any (b, s) with one dot product.
 """
 
@@ -23,44 +24,61 @@ import numpy as np
 
 from ..units import dtype_bytes
 
-BASIS = ("T", "K", "A", "B", "S", "1")
+BASIS = ("T", "K", "A", "B", "S", "Q", "1")
+_N = len(BASIS)
+
+
+def _unit(i: int, n: float) -> tuple[float, ...]:
+    c = [0.0] * _N
+    c[i] = float(n)
+    return tuple(c)
 
 
 @dataclass(frozen=True)
 class Poly:
-    """Linear combination of the basis monomials (T, K, A, B, S, 1)."""
+    """Linear combination of the basis monomials (T, K, A, B, S, Q, 1)."""
 
-    c: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    c: tuple[float, ...] = (0.0,) * _N
 
     @staticmethod
     def tok(n: float) -> "Poly":
-        return Poly((n, 0.0, 0.0, 0.0, 0.0, 0.0))
+        """n per query token (b*s)."""
+        return Poly(_unit(0, n))
 
     @staticmethod
     def kv(n: float) -> "Poly":
-        return Poly((0.0, n, 0.0, 0.0, 0.0, 0.0))
+        """n per key token (b*s_kv)."""
+        return Poly(_unit(1, n))
 
     @staticmethod
     def att(n: float) -> "Poly":
-        return Poly((0.0, 0.0, n, 0.0, 0.0, 0.0))
+        """n per score element of one head (b*s*s_kv)."""
+        return Poly(_unit(2, n))
 
     @staticmethod
     def seq(n: float) -> "Poly":
-        return Poly((0.0, 0.0, 0.0, n, 0.0, 0.0))
+        """n per sequence (b)."""
+        return Poly(_unit(3, n))
 
     @staticmethod
     def pos(n: float) -> "Poly":
-        return Poly((0.0, 0.0, 0.0, 0.0, n, 0.0))
+        """n per position, batch-independent (s)."""
+        return Poly(_unit(4, n))
+
+    @staticmethod
+    def pos2(n: float) -> "Poly":
+        """n per (query, key) position pair, batch-independent (s*s_kv)."""
+        return Poly(_unit(5, n))
 
     @staticmethod
     def const(n: float) -> "Poly":
-        return Poly((0.0, 0.0, 0.0, 0.0, 0.0, n))
+        return Poly(_unit(6, n))
 
     def __add__(self, o: "Poly") -> "Poly":
-        return Poly(tuple(a + b for a, b in zip(self.c, o.c)))  # type: ignore[arg-type]
+        return Poly(tuple(a + b for a, b in zip(self.c, o.c)))
 
     def __mul__(self, k: float) -> "Poly":
-        return Poly(tuple(a * k for a in self.c))  # type: ignore[arg-type]
+        return Poly(tuple(a * k for a in self.c))
 
     __rmul__ = __mul__
 
@@ -75,9 +93,9 @@ ZERO = Poly()
 
 
 def basis(b: int, s: int, s_kv: int | None = None) -> np.ndarray:
-    """Values of (T, K, A, B, S, 1) for micro-batch b, query length s and key length s_kv."""
+    """Values of (T, K, A, B, S, Q, 1) for micro-batch b, query length s and key length s_kv."""
     s_kv = s if s_kv is None else s_kv
-    return np.array([b * s, b * s_kv, b * s * s_kv, b, s, 1.0], dtype=np.float64)
+    return np.array([b * s, b * s_kv, b * s * s_kv, b, s, s * s_kv, 1.0], dtype=np.float64)
 
 
 @dataclass
