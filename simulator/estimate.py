@@ -93,8 +93,7 @@ def _train_memory(sc: Scenario, ct: CostTable, dev: Device) -> tuple[dict[str, f
     trainable = ct.trainable_bytes
     grads = trainable  # .grad in the parameter dtype
     states = mem.optimizer_state_bytes(ct.trainable_tensors, opt.name, opt.beta1)
-    if opt.impl == "fused":
-        states += mem.step_counter_bytes(len(ct.trainable_tensors), opt.name)
+    states += mem.step_counter_bytes(len(ct.trainable_tensors), opt.name, opt.impl)
     paged = mem.optimizer_is_paged(opt.name)
     acts = ct.at(ct.saved, B)
     tokens = float(B[0])

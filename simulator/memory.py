@@ -66,9 +66,14 @@ def optimizer_state_bytes(tensors: list[tuple[int, str, tuple[int, ...]]], name:
     return total
 
 
-def step_counter_bytes(n_tensors: int, name: str) -> float:
-    """torch Adam/AdamW keep ``state['step']`` as a 0-dim fp32 tensor per parameter (on the CPU by default)."""
-    return 4.0 * n_tensors if name in ("adamw", "adam") else 0.0
+def step_counter_bytes(n_tensors: int, name: str, impl: str = "foreach", *, on_device_only: bool = True) -> float:
+    """0-dim fp32 tensors per parameter: torch Adam/AdamW ``state['step']`` (host memory unless
+    ``fused``/``capturable``), HF Adafactor ``state['RMS']`` (on the parameter's device)."""
+    if name in ("adamw", "adam"):
+        return 4.0 * n_tensors if (impl == "fused" or not on_device_only) else 0.0
+    if name == "adafactor":
+        return 4.0 * n_tensors
+    return 0.0
 
 
 def optimizer_temp_bytes(tensors: list[tuple[int, str, tuple[int, ...]]], name: str, impl: str) -> float:

@@ -637,6 +637,9 @@ class ModelBuilder(Builder):
         """T5 block: pre-RMSNorm self-attention (+ cross-attention in the decoder) and FF, no biases."""
         arch, tr = self.arch, self.tr
         H = arch.hidden
+        stack = "decoder" if enc_out is not None else "encoder"
+        if self._bias_trains[stack]:
+            tr.save(f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias", self.globals[f"{stack}_buckets"])
         h = self.t5_norm(f"{L}.layer.0.layer_norm", x, H, train)
         a = self.self_attention(L, h, train)
         if self.plan.adapter is not None and self.plan.adapter.placement == "houlsby":
@@ -668,15 +671,20 @@ class ModelBuilder(Builder):
         self.globals["ids"] = ids
         x = self.embedding(n.embed, ids, arch.vocab, H, pl.embeddings_trainable or pl.saved_module(_leaf(n.embed)),
                            Poly.tok(1))
+        if pl.checkpointed:
+            # transformers' gradient_checkpointing_enable() calls enable_input_require_grads() for text
+            # models: a hook makes the embedding output require grad, so frozen blocks backpropagate
+            x.requires_grad = True
         if pl.prompt_tokens:
             # PEFT prompt tuning: Embedding(n_virtual, h) prepended; the sequence grows by n_virtual
-            self.weight("prompt_encoder.embedding.weight", pl.prompt_tokens * H, True)
+            # PEFT keeps the prompt embedding in fp32 (autocast_adapter_dtype); its output is cast to the model dtype
+            self.weight("prompt_encoder.embedding.weight", pl.prompt_tokens * H, True, dtype=pl.adapter_dtype)
             # prompt ids: (1, n_virtual) int64 expanded over the batch (a view), saved by the embedding
             tr.save("prompt_encoder.embedding", tr.new("prompt_encoder", Poly.const(pl.prompt_tokens), "int64", False))
             x = tr.new("", Poly.tok(H), x.dtype, True)
         if pl.prefix_tokens:
             L, kvd = arch.n_layers, arch.kv_dim
-            self.weight("prompt_encoder.embedding.weight", pl.prefix_tokens * L * 2 * kvd, True)
+            self.weight("prompt_encoder.embedding.weight", pl.prefix_tokens * L * 2 * kvd, True, dtype=pl.adapter_dtype)
             pk = tr.new("prompt_encoder", Poly.seq(pl.prefix_tokens * L * 2 * kvd), self.pdt, True)
             self.globals["prefix"] = pk
         if n.pos_embed:
@@ -713,8 +721,10 @@ class ModelBuilder(Builder):
         path = f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias"
         w = self.weight(f"{path}.weight", arch.relative_attention_num_buckets * arch.n_heads,
                         pl.layer_base_trainable(0 if stack == "encoder" else arch.n_layers))
-        if w.requires_grad:
-            tr.save(path, tr.new(path, Poly.pos2(1), "int64", False))
+        # the bucket matrix is looked up in block 0 and its bias reused by every block of the stack:
+        # a shared tensor, charged once to block 0
+        self.globals[f"{stack}_buckets"] = tr.new(path, Poly.pos2(1), "int64", False)
+        self._bias_trains = {**getattr(self, "_bias_trains", {}), stack: w.requires_grad}
 
     def post(self, x: Tensor, loss: str) -> None:
         arch, n, tr, pl = self.arch, self.n, self.tr, self.plan

@@ -201,10 +201,15 @@ def compile_trace(mt: ModelTrace) -> CostTable:
                 max_deq = max(max_deq, nb.c[-1])
             else:
                 other = other + nb
+    global_ids = {t.id for t in mt.globals_}
     for v in mt.variants:
         if len(v.key) > 2 and v.key[2]:
+            # non-reentrant checkpointing stops recomputing once the last saved tensor is rebuilt
+            # (torch.utils.checkpoint early stop): ops after it (Llama's down_proj) are not rerun
+            last = max((tid for _, tid in v.trace.saves if tid not in global_ids), default=-1)
             for op in v.trace.ops:
-                rec = rec + op.fwd_flops * len(v.layers)
+                if op.watermark <= last:
+                    rec = rec + op.fwd_flops * len(v.layers)
     b = mt.builder  # type: ignore[attr-defined]
     logits = b.logits
     return CostTable(

@@ -132,6 +132,7 @@ class OpRecord:
     fwd_flops: Poly = ZERO
     bwd_flops: Poly = ZERO
     fwd_bytes: Poly = ZERO  # bytes read + written (for the roofline)
+    watermark: int = 0  # tensor ids below this existed when the op ran (its outputs come at or after it)
 
 
 @dataclass
@@ -198,7 +199,7 @@ class Tracer:
                 self.trace.saves.append((module, t.id))
 
     def flops(self, module: str, op: str, fwd: Poly, bwd: Poly = ZERO, fwd_bytes: Poly = ZERO) -> None:
-        self.trace.ops.append(OpRecord(module, op, fwd, bwd, fwd_bytes))
+        self.trace.ops.append(OpRecord(module, op, fwd, bwd, fwd_bytes, len(self.all)))
 
     def transient(self, module: str, nbytes: Poly) -> None:
         self.trace.transients.append((module, nbytes))

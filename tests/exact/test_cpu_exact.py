@@ -1,0 +1,170 @@
+"""The engine against real torch / transformers / peft modules on CPU: integers equal, no tolerance.
+
+For tiny models built from configs, the engine's parameter counts, bytes saved for backward
+(each storage once, per block and in total), gradient and optimizer-state bytes and FLOPs
+(torch.utils.flop_counter) must equal what ``validate.cpu_truth.measure`` records.
+
+Where torch's CPU path differs from CUDA the engine models CUDA and the test states the
+difference exactly:
+- ``native_layer_norm`` on CPU keeps mean/rstd of a 16-bit input in 16 bits (2 B per row);
+  CUDA keeps them in fp32 (4 B per row), so a 16-bit LayerNorm model saves 2 x 2 B x rows more
+  per norm on CUDA;
+- adam's ``state['step']`` is a 0-dim fp32 tensor on the host (not GPU memory) unless fused;
+  the CPU truth counts it;
+- CPU has no mem-efficient / flash-attn-2 kernels and a different dropout (tested on CUDA only).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from simulator.config import ModelArch, Scenario  # noqa: E402
+from simulator.estimate import _dims, cost_table_for  # noqa: E402
+from simulator.graph.ir import basis  # noqa: E402
+from simulator.memory import optimizer_state_bytes, step_counter_bytes  # noqa: E402
+from validate.cpu_truth import measure  # noqa: E402
+
+pytestmark = pytest.mark.torch
+
+BASE = dict(name="tiny", n_layers=2, hidden=64, n_heads=4, n_kv_heads=2, intermediate=160, vocab=128,
+            max_position_embeddings=256)
+ARCHS = {
+    "llama": dict(family="llama"),
+    "qwen2": dict(family="llama", qkv_bias=True),
+    "qwen3": dict(family="llama", qk_norm=True, head_dim=16),
+    "mixtral": dict(family="llama", moe={"n_experts": 4, "top_k": 2}),
+    "gpt2": dict(family="gpt2", n_kv_heads=4, position="learned", norm="layernorm", norm_bias=True,
+                 activation="gelu_tanh", gated_mlp=False, qkv_bias=True, attn_out_bias=True, mlp_bias=True,
+                 tied_embeddings=True),
+    "bert": dict(family="bert", arch="encoder", n_kv_heads=4, position="learned", norm="layernorm", norm_bias=True,
+                 activation="gelu", gated_mlp=False, qkv_bias=True, attn_out_bias=True, mlp_bias=True,
+                 tied_embeddings=True, type_vocab_size=2),
+    "t5": dict(family="t5", arch="encoder_decoder", n_kv_heads=4, position="relative", norm="rmsnorm",
+               activation="relu", gated_mlp=False, tied_embeddings=True, head_dim=16),
+}
+# LayerNorms whose statistics are saved (see the module docstring), n_layers=2: GPT-2 ln_1, ln_2 per
+# block + ln_f; BERT embeddings.LayerNorm + 2 per block + the MLM head's.  With LoRA the first norm
+# of GPT-2 sees an input that needs no grad (frozen embeddings) and saves nothing.
+LAYERNORMS = {("gpt2", "full"): 2 * 2 + 1, ("gpt2", "lora"): 2 * 2 + 1 - 1, ("bert", "full"): 1 + 2 * 2 + 1}
+
+LORA = {"kind": "lora", "r": 4}
+CASES = [
+    # (arch, precision, attention, method, checkpointing)
+    ("llama", "bf16", "eager", {"kind": "full"}, "none"),
+    ("llama", "bf16", "sdpa-math", {"kind": "full"}, "none"),
+    ("llama", "bf16", "sdpa-flash", {"kind": "full"}, "none"),
+    ("llama", "fp32", "eager", {"kind": "full"}, "none"),
+    ("llama", "fp32", "sdpa-flash", {"kind": "full"}, "none"),
+    ("llama", "bf16-amp", "eager", {"kind": "full"}, "none"),
+    ("llama", "bf16-amp", "sdpa-math", {"kind": "full"}, "none"),
+    ("llama", "bf16-amp", "sdpa-flash", {"kind": "full"}, "none"),
+    ("llama", "bf16", "sdpa-flash", {"kind": "full"}, "full"),
+    ("llama", "bf16", "sdpa-flash", {"kind": "full"}, "every_k"),
+    ("llama", "bf16", "sdpa-flash", LORA, "none"),
+    ("llama", "fp32", "sdpa-flash", LORA, "none"),
+    ("llama", "bf16-amp", "sdpa-flash", LORA, "none"),
+    ("llama", "bf16", "eager", {"kind": "lora", "r": 4, "targets": "all-linear"}, "none"),
+    ("llama", "fp32", "sdpa-flash", {"kind": "lora", "r": 8, "targets": "all-linear"}, "none"),
+    ("llama", "bf16", "sdpa-flash", {"kind": "lora", "r": 4, "targets": ["q_proj", "v_proj"], "lora_fa": True}, "none"),
+    ("llama", "bf16", "sdpa-flash", LORA, "full"),
+    ("llama", "bf16", "sdpa-flash", {"kind": "ia3"}, "none"),
+    ("llama", "fp32", "sdpa-flash", {"kind": "ia3"}, "none"),
+    ("llama", "bf16", "sdpa-flash", {"kind": "prompt", "n_virtual_tokens": 4}, "none"),
+    ("llama", "fp32", "sdpa-flash", {"kind": "prompt", "n_virtual_tokens": 4}, "none"),
+    ("llama", "bf16", "sdpa-flash", {"kind": "freeze", "n_trainable_layers": 1}, "none"),
+    ("llama", "fp32", "eager", {"kind": "freeze", "n_trainable_layers": 1, "which": "first"}, "none"),
+    ("llama", "bf16", "sdpa-flash", {"kind": "adapter", "bottleneck": 8}, "none"),
+    ("llama", "fp32", "sdpa-flash", {"kind": "adapter", "bottleneck": 8, "placement": "pfeiffer"}, "none"),
+    ("qwen2", "bf16", "sdpa-flash", {"kind": "full"}, "none"),
+    ("qwen2", "bf16", "eager", LORA, "none"),
+    ("qwen3", "bf16", "sdpa-flash", {"kind": "full"}, "none"),
+    ("qwen3", "fp32", "eager", LORA, "none"),
+    ("mixtral", "bf16", "sdpa-flash", {"kind": "full"}, "none"),
+    ("mixtral", "fp32", "sdpa-flash", {"kind": "lora", "r": 4, "targets": ["q_proj", "v_proj"]}, "none"),
+    ("mixtral", "bf16-amp", "sdpa-flash", {"kind": "full"}, "none"),
+    ("gpt2", "fp32", "eager", {"kind": "full"}, "none"),
+    ("gpt2", "bf16", "eager", {"kind": "full"}, "none"),
+    ("gpt2", "bf16", "sdpa-flash", LORA, "none"),
+    ("gpt2", "fp32", "sdpa-flash", {"kind": "bitfit"}, "none"),
+    ("bert", "fp32", "eager", {"kind": "full"}, "none"),
+    ("bert", "fp32", "sdpa-flash", LORA, "none"),
+    ("bert", "bf16", "sdpa-flash", {"kind": "full"}, "none"),
+    ("t5", "fp32", "eager", {"kind": "full"}, "none"),
+    ("t5", "bf16", "eager", {"kind": "full"}, "none"),
+    ("t5", "bf16", "eager", LORA, "none"),
+]
+
+
+def _scenario(arch: str, precision: str, attention: str, method: dict, ckpt: str, **wl) -> Scenario:
+    ck = {"mode": ckpt, "every_k": 2} if ckpt == "every_k" else {"mode": ckpt}
+    workload = {"task": "train", "micro_batch": 2, "seq_len": 16, **wl}
+    return Scenario(model=ModelArch(**{**BASE, **ARCHS[arch]}), precision=precision, attention=attention,
+                    method=method, checkpointing=ck, workload=workload)
+
+
+def _cuda_minus_cpu_bytes(sc: Scenario, arch: str) -> int:
+    """Bytes the CUDA path saves beyond the CPU path (LayerNorm statistics of 16-bit inputs)."""
+    key = (arch, sc.method.kind)
+    if key in LAYERNORMS and sc.precision in ("bf16", "fp16"):
+        rows = sc.workload.micro_batch * sc.workload.seq_len
+        return LAYERNORMS[key] * 2 * rows * 2  # mean and rstd, 4 B instead of 2 B per row
+    return 0
+
+
+def _engine(sc: Scenario):
+    ct = cost_table_for(sc)
+    b, s, skv = _dims(sc, ct)
+    return ct, basis(b, s, skv)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}-{c[2]}-{c[3]['kind']}-{c[4]}")
+def test_engine_equals_torch(case):
+    arch = case[0]
+    sc = _scenario(*case)
+    truth = measure(sc)
+    ct, B = _engine(sc)
+    assert ct.n_params == truth.total_params
+    assert ct.n_trainable == truth.trainable_params
+    assert ct.trainable_bytes == truth.grad_bytes  # one .grad per trainable parameter, same dtype
+    saved = ct.at(ct.saved, B) - _cuda_minus_cpu_bytes(sc, arch)
+    assert saved == truth.saved_bytes_total
+    # every transformer block on its own (the truth names blocks by their HF path); LayerNorm models
+    # in 16-bit are checked in total above (their per-block CPU/CUDA difference depends on the block)
+    if not _cuda_minus_cpu_bytes(sc, arch):
+        for name, value in ct.saved_by_layer.items():
+            if name in truth.saved_bytes_by_layer and (".layers." in name or ".h." in name or ".block." in name
+                                                       or ".layer." in name):
+                assert ct.at(value, B) == truth.saved_bytes_by_layer[name], name
+    assert ct.at(ct.fwd_flops, B) == truth.forward_flops
+    assert ct.at(ct.bwd_flops, B) + ct.at(ct.recompute_flops, B) == truth.backward_flops
+    assert ct.at(ct.recompute_flops, B) == truth.recompute_flops
+
+
+OPTIMIZERS = [
+    {"name": "adamw"}, {"name": "adam"}, {"name": "adamw", "impl": "fused"}, {"name": "sgd"},
+    {"name": "sgd-momentum"}, {"name": "adafactor"}, {"name": "adafactor", "beta1": False},
+]
+
+
+@pytest.mark.parametrize("opt", OPTIMIZERS, ids=lambda o: "-".join(str(v) for v in o.values()))
+@pytest.mark.parametrize("precision,method", [("fp32", {"kind": "full"}), ("bf16", LORA), ("bf16", {"kind": "full"})])
+def test_optimizer_state_bytes_equal_torch(opt, precision, method):
+    sc = _scenario("llama", precision, "sdpa-flash", method, "none").model_copy(update={})
+    sc = Scenario.model_validate({**sc.model_dump(), "optimizer": opt})
+    truth = measure(sc)
+    ct, _ = _engine(sc)
+    n_tensors = len(ct.trainable_tensors)
+    predicted = optimizer_state_bytes(ct.trainable_tensors, sc.optimizer.name, sc.optimizer.beta1)
+    # adam keeps a 0-dim fp32 'step' per parameter (host memory unless fused; the CPU truth counts it)
+    predicted += step_counter_bytes(n_tensors, sc.optimizer.name, on_device_only=False)
+    assert predicted == truth.optimizer_state_bytes
+
+
+def test_lora_trainable_count_formula():
+    """r * (in + out) per adapted module: q (64 -> 64) and v (64 -> 32) in 2 layers, r = 4."""
+    ct, _ = _engine(_scenario("llama", "bf16", "sdpa-flash", LORA, "none"))
+    assert ct.n_trainable == 2 * 4 * ((64 + 64) + (64 + 32))
