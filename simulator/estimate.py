@@ -98,13 +98,8 @@ def _train_memory(sc: Scenario, ct: CostTable, dev: Device) -> tuple[dict[str, f
     acts = ct.at(ct.saved, B)
     tokens = float(B[0])
     logits_n = ct.at(ct.logits_numel, B)
-    loss_fwd = loss_bwd = 0.0
-    if sc.loss == "upcast":
-        loss_fwd = mem.loss_forward_transient_bytes(logits_n, ct.logits_dtype, ct.loss_upcast_copy)
-        loss_bwd = mem.loss_backward_transient_bytes(logits_n, ct.loss_dtype)
-    else:
-        # chunked fused CE: one chunk of fp32 logits and its grad (Liger default chunking ~ hidden/vocab ratio)
-        loss_fwd = loss_bwd = 2.0 * 4.0 * min(logits_n, tokens * ct.arch.vocab / max(1, int(np.ceil(ct.arch.vocab / ct.arch.hidden))))
+    loss_fwd, loss_bwd = mem.loss_transient_bytes(sc.loss, logits_n, ct.logits_dtype, ct.loss_dtype,
+                                                  ct.loss_upcast_copy, tokens * ct.arch.hidden)
     blk_bwd = block_backward_transient_bytes(ct, tokens)
     recompute = ct.at(ct.max_layer_saved, B) if ct.plan.checkpointed else 0.0
     other = ct.at(ct.other_transient_bytes, B)
@@ -114,6 +109,9 @@ def _train_memory(sc: Scenario, ct: CostTable, dev: Device) -> tuple[dict[str, f
     # leaves (autocast_mode.cpp caches only leaf tensors that require grad) and per-op copies of frozen
     # weights, each saved by its matmul when the input needs grad.
     g_acc = grads if w.grad_accum > 1 else 0.0
+    if opt.in_backward:
+        # each gradient is consumed by its parameter's step as soon as it is produced
+        grads = max((n * dtype_bytes(d) for n, d, _ in ct.trainable_tensors), default=0.0)
     st = 0.0 if paged else states
     base = weights + scales + trainable + st
     fwd_tr = max(loss_fwd, deq, other)
@@ -122,7 +120,9 @@ def _train_memory(sc: Scenario, ct: CostTable, dev: Device) -> tuple[dict[str, f
     # the top-most trainable tensor's grad (e.g. lm_head) already exists when the loss grads are live
     largest_grad = max((n * dtype_bytes(d) for n, d, _ in ct.trainable_tensors), default=0.0)
     bwd_grads = g_acc if g_acc else largest_grad
-    opt_tr = mem.optimizer_temp_bytes(ct.trainable_tensors, opt.name, opt.impl)
+    opt_tr = mem.optimizer_temp_bytes(ct.trainable_tensors, opt.name, opt.impl if not opt.in_backward else "for-loop")
+    if opt.in_backward:
+        bwd_grads, bwd_tr = grads, bwd_tr + opt_tr
     phases = {
         "forward": base + g_acc + acts + fwd_tr + ws,
         "backward": base + bwd_grads + acts + bwd_tr + ws,

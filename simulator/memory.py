@@ -118,6 +118,27 @@ def loss_backward_transient_bytes(logits_numel: float, loss_dtype: str = "fp32")
     return 2.0 * dtype_bytes(loss_dtype) * logits_numel
 
 
+# torchtune CEWithChunkedOutputLoss default (num_output_chunks=8); litgpt's 128-token chunks are smaller
+LOSS_CHUNKS = 8
+
+
+def loss_transient_bytes(mode: str, logits_numel: float, logits_dtype: str, loss_dtype: str, upcast_copy: bool,
+                         hidden_numel: float) -> tuple[float, float]:
+    """(forward, backward) transient bytes of the loss for the three loss implementations.
+
+    - upcast (HF): logits + their fp32 copy in forward; two fp32 logit-sized grads in backward.
+    - chunked (torchtune/litgpt): 16-bit logits kept; the fp32 copy and grads exist one chunk at a time.
+    - fused (Liger linear+CE): per chunk logits and their grad; nothing b*s*V-sized survives.
+    """
+    if mode == "upcast":
+        return (loss_forward_transient_bytes(logits_numel, logits_dtype, upcast_copy),
+                loss_backward_transient_bytes(logits_numel, loss_dtype))
+    chunk = logits_numel / LOSS_CHUNKS
+    if mode == "chunked":
+        return (logits_numel * dtype_bytes(logits_dtype) + chunk * 4.0, 2.0 * 4.0 * chunk)
+    return (2.0 * 4.0 * chunk, 2.0 * 4.0 * chunk)
+
+
 # ---------------------------------------------------------------------------------------------
 # KV cache
 # ---------------------------------------------------------------------------------------------

@@ -84,13 +84,17 @@ FRAMEWORK_DEFAULTS: dict[str, dict[str, Any]] = {
     "unsloth": {**_HF, "micro_batch": 2, "seq_len": 2048, "precision": "bf16-amp", "checkpointing": "full",
                 "double_quant": True},
     "fsdp-qlora": {**_HF, "micro_batch": 1, "seq_len": 2048, "precision": "bf16", "double_quant": True},
-    # litgpt keeps the bf16 logits of every 128-token lm_head chunk and upcasts per chunk (chunked_cross_entropy):
-    # between the engine's "upcast" (full fp32 copy) and "fused" (no logits); "upcast" is the closer one today.
+    # litgpt: lm_head in 128-token chunks, chunked_cross_entropy upcasts per chunk -> loss "chunked"; its own
+    # LoRA layers stay in the model dtype (no fp32 adapter copies) -> adapter_dtype "model".
     "litgpt": dict(precision="bf16", optimizer="adamw", optimizer_impl="foreach", micro_batch=1, seq_len=2048,
-                   grad_accum=1, checkpointing="none", attention="sdpa", double_quant=False, loss="upcast"),
-    # torchtune recipes: CEWithChunkedOutputLoss (output projection in 8 chunks, fp32 upcast per chunk) -> "fused".
+                   grad_accum=1, checkpointing="none", attention="sdpa", double_quant=False, loss="chunked",
+                   adapter_dtype="model"),
+    # torchtune recipes: CEWithChunkedOutputLoss (output projection in 8 chunks, fp32 upcast per chunk) -> "chunked";
+    # LoRA modules in the model dtype; the full single-device recipe steps the optimizer in backward
+    # (optimizer_in_bwd: True in llama3_1/8B_full_single_device.yaml).
     "torchtune": dict(precision="bf16", optimizer="adamw", optimizer_impl="fused", micro_batch=2, seq_len=2048,
-                      grad_accum=1, checkpointing="full", attention="sdpa", double_quant=False, loss="fused"),
+                      grad_accum=1, checkpointing="full", attention="sdpa", double_quant=False, loss="chunked",
+                      adapter_dtype="model", full_optimizer_in_bwd=True),
     "torchtitan": dict(precision="bf16-amp", optimizer="adamw", optimizer_impl="foreach", micro_batch=8,
                        seq_len=8192, grad_accum=1, checkpointing="selective", attention="sdpa", double_quant=False,
                        loss="upcast"),
@@ -336,6 +340,10 @@ def _method(sc: dict, arch: ModelArch, precision: str, notes: list[str]):
         kw["targets"] = _targets(lo.get("targets"), arch, notes)
         if lo.get("modules_to_save"):
             kw["modules_to_save"] = list(lo["modules_to_save"])
+        adt = _defaults(sc).get("adapter_dtype", "fp32")
+        if adt != "fp32":
+            kw["adapter_dtype"] = adt
+            notes.append(f"{sc.get('framework')} keeps adapters in the model dtype")
         if kind == "dora":
             if wq != "none":
                 raise Unsupported(f"DoRA on a {wq} base (QDoRA) not modelled")
@@ -441,10 +449,15 @@ def record_to_scenario(rec: dict, notes: list[str] | None = None) -> Scenario:
     loss = d.get("loss", "upcast")
     if loss != "upcast":
         notes.append(f"loss: {sc.get('framework')} computes a chunked cross-entropy -> loss={loss!r}")
+    optimizer = _optimizer(sc, notes)
+    ga_v = ga or d["grad_accum"]
+    if d.get("full_optimizer_in_bwd") and sc.get("method") == "full" and sc.get("n_gpus", 1) == 1 and ga_v == 1:
+        optimizer = {**optimizer, "in_backward": True}
+        notes.append(f"{sc.get('framework')} full single-device recipe steps the optimizer in backward")
     return Scenario(
         model=arch, gpu=dev.name, method=method, precision=precision, attention=attention, loss=loss,
-        workload=TrainWorkload(micro_batch=mb or d["micro_batch"], seq_len=seq or d["seq_len"], grad_accum=ga or d["grad_accum"]),
-        optimizer=_optimizer(sc, notes), checkpointing=_checkpointing(sc, notes),
+        workload=TrainWorkload(micro_batch=mb or d["micro_batch"], seq_len=seq or d["seq_len"], grad_accum=ga_v),
+        optimizer=optimizer, checkpointing=_checkpointing(sc, notes),
     )
 
 

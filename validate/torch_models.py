@@ -625,7 +625,8 @@ def _apply_method(model: nn.Module, scenario: Scenario, dtype: torch.dtype) -> n
         _bitfit(model)
         return model
     if isinstance(m, Adapter):
-        _add_adapters(model, arch, m, dtype)
+        # under AMP the trainable adapters are fp32 masters over the 16-bit frozen base (as PEFT does)
+        _add_adapters(model, arch, m, torch.float32 if _dtypes(scenario)[1] is not None else dtype)
         return model
     if isinstance(m, QLoRA):
         raise NotImplementedError(
@@ -686,6 +687,9 @@ def _model_class(arch: ModelArch):
     return tf.AutoModelForSeq2SeqLM  # -> T5ForConditionalGeneration
 
 
+from simulator.graph.transforms import ADDON_METHODS  # noqa: E402
+
+
 def build_model(scenario: Scenario, *, dropout: float = 0.0, seed: int = 0) -> nn.Module:
     """The trainable model of ``scenario`` on CPU, in ``train()`` mode.
 
@@ -698,7 +702,11 @@ def build_model(scenario: Scenario, *, dropout: float = 0.0, seed: int = 0) -> n
     arch = scenario.model
     if arch.family == "bert" and arch.arch != "encoder" or arch.family == "t5" and arch.arch != "encoder_decoder":
         raise _unsupported(arch, f"arch={arch.arch!r} does not match the family")
-    param_dtype, _ = _dtypes(scenario)
+    param_dtype, amp = _dtypes(scenario)
+    if amp is not None and scenario.method.kind in ADDON_METHODS:
+        # PEFT under AMP: the frozen base is loaded in 16 bits (no fp32 master for weights that never
+        # update); PEFT upcasts the adapters to fp32 (autocast_adapter_dtype)
+        param_dtype = amp
     attn_impl, _ = _attention(scenario)
     if dropout > 0 and scenario.attention == "sdpa-flash":
         raise NotImplementedError(

@@ -47,6 +47,9 @@ class _LoRABase(Strict):
     """Modules trained in full beside the adapters (e.g. 'lm_head', 'embed_tokens')."""
     lora_fa: bool = False
     """LoRA-FA: freeze lora_A, so only B trains and the full-width input is not stored."""
+    adapter_dtype: Literal["fp32", "model"] = "fp32"
+    """Adapter weight dtype: 'fp32' (PEFT's autocast_adapter_dtype default: each adapted input is upcast
+    and stored in fp32) or 'model' (litgpt/torchtune keep adapters in the model dtype)."""
 
     @model_validator(mode="after")
     def _targets_nonempty(self):

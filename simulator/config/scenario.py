@@ -32,8 +32,10 @@ class Scenario(Strict):
     """Attention kernel: eager (materialised scores), sdpa-math, sdpa-mem-efficient, sdpa-flash / flash2 / flash3."""
     inference: InferenceQuant = Field(default_factory=InferenceQuant)
     """Weight and KV-cache quantization at inference."""
-    loss: Literal["upcast", "fused"] = "upcast"
-    """'upcast': HF loss casts the b*s*V logits to fp32; 'fused': chunked linear+cross-entropy (Liger-style)."""
+    loss: Literal["upcast", "chunked", "fused"] = "upcast"
+    """'upcast': HF loss casts all b*s*V logits to fp32 at once; 'chunked': 16-bit logits, upcast and
+    cross-entropy one chunk at a time (torchtune/litgpt); 'fused': linear + cross-entropy fused per chunk
+    (Liger), the logits never exist whole."""
     expandable_segments: bool = False
     """PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (less fragmentation in reserved memory)."""
 
@@ -103,6 +105,11 @@ class Scenario(Strict):
                     raise ValueError(
                         f"method.targets: {missing} not in model {arch.name!r}; allowed: {', '.join(sorted(known))}, all-linear"
                     )
+        if self.optimizer.in_backward and self.workload.grad_accum > 1:
+            raise ValueError(
+                f"optimizer.in_backward steps each parameter during backward, so workload.grad_accum must be 1 "
+                f"(got {self.workload.grad_accum})"
+            )
         if self.precision == "fp8" and not isinstance(m, Full):
             raise ValueError(f"precision='fp8' (float8 training) applies to method 'full'; got method.kind={m.kind!r}")
         return self

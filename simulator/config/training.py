@@ -47,6 +47,9 @@ class Optimizer(Strict):
     """torch.optim implementation: foreach (default on CUDA) holds ~one extra copy of the params being updated."""
     beta1: bool = True
     """Adafactor only: keep a first moment (exp_avg)."""
+    in_backward: bool = False
+    """Step each parameter from its gradient hook during backward (torchtune optimizer_in_bwd, LOMO):
+    gradients never exist all at once."""
 
 
 class Checkpointing(Strict):

@@ -199,14 +199,22 @@ class Builder:
         self.n = names_of(arch)
         p = plan.precision
         self.pdt = p.param_dtype
+        self.base_dt = plan.base_dtype
         self.cdt = p.compute_dtype
         self.tr = Tracer(autocast=p.autocast)
         self.globals: dict[str, Tensor] = {}
 
     # -- parameters -----------------------------------------------------------------------
     def weight(self, path: str, numel: int, trainable: bool, *, dtype: str | None = None, quant: str = "dense",
-               shape: tuple[int, ...] = (), tied_to: str | None = None) -> Tensor:
-        dtype = dtype or self.pdt
+               shape: tuple[int, ...] = (), tied_to: str | None = None, saved: bool = False) -> Tensor:
+        """A parameter: trainable ones in the parameter dtype (fp32 masters under AMP), frozen base
+        weights in the base dtype.  ``saved``: a PEFT ``modules_to_save`` module -- a trainable copy
+        in the base dtype beside the frozen ``original_module``."""
+        if saved:
+            self.weight(f"{path}.original_module", numel, False, dtype=dtype or self.base_dt, quant=quant,
+                        shape=shape)
+            dtype, trainable = dtype or self.base_dt, True
+        dtype = dtype or (self.pdt if trainable else self.base_dt)
         if quant == "dense":
             nbytes, scales = numel * dtype_bytes(dtype), 0.0
         else:
@@ -222,13 +230,12 @@ class Builder:
         pl = self.plan
         leaf = _leaf(path)
         qualified = ".".join(path.split(".")[-2:])
-        if pl.saved_module(leaf):
-            trainable = True
-        quant = pl.base_quant if (quantizable and pl.base_quant != "dense") else "dense"
-        w = self.weight(f"{path}.weight", in_f * out_f, trainable, quant=quant, shape=(out_f, in_f))
+        saved = pl.saved_module(leaf)
+        quant = pl.base_quant if (quantizable and pl.base_quant != "dense" and not saved) else "dense"
+        w = self.weight(f"{path}.weight", in_f * out_f, trainable, quant=quant, shape=(out_f, in_f), saved=saved)
         b = None
         if bias:
-            b = self.weight(f"{path}.bias", out_f, trainable or pl.biases_trainable)
+            b = self.weight(f"{path}.bias", out_f, trainable or pl.biases_trainable, saved=saved)
         ia3 = pl.ia3_on(leaf, qualified)
         if ia3 == "in":
             x = self._ia3_scale(path, x, in_f, True)
@@ -459,12 +466,13 @@ class Builder:
         return tr.new(path, Poly.tok(a * d), out_dtype, rg)  # cast back, transpose(1, 2).contiguous()
 
     # -- embeddings -----------------------------------------------------------------------
-    def embedding(self, path: str, ids: Tensor, vocab: int, width: int, trainable: bool, rows: Poly) -> Tensor:
+    def embedding(self, path: str, ids: Tensor, vocab: int, width: int, trainable: bool, rows: Poly,
+                  saved: bool = False) -> Tensor:
         """``F.embedding`` saves the int64 indices when the table trains."""
-        w = self.weight(f"{path}.weight", vocab * width, trainable, shape=(vocab, width))
+        w = self.weight(f"{path}.weight", vocab * width, trainable, shape=(vocab, width), saved=saved)
         if w.requires_grad:
             self.tr.save(path, ids)
-        return self.tr.new(path, rows * width, self.pdt, w.requires_grad)
+        return self.tr.new(path, rows * width, w.dtype, w.requires_grad)
 
 
 def promote_out(a: str, b: str) -> str:
@@ -669,8 +677,8 @@ class ModelBuilder(Builder):
         H = arch.hidden
         ids = tr.new("", Poly.tok(1), "int64", False)
         self.globals["ids"] = ids
-        x = self.embedding(n.embed, ids, arch.vocab, H, pl.embeddings_trainable or pl.saved_module(_leaf(n.embed)),
-                           Poly.tok(1))
+        x = self.embedding(n.embed, ids, arch.vocab, H, pl.embeddings_trainable, Poly.tok(1),
+                           saved=pl.saved_module(_leaf(n.embed)))
         if pl.checkpointed:
             # transformers' gradient_checkpointing_enable() calls enable_input_require_grads() for text
             # models: a hook makes the embedding output require grad, so frozen blocks backpropagate
@@ -729,7 +737,8 @@ class ModelBuilder(Builder):
     def post(self, x: Tensor, loss: str) -> None:
         arch, n, tr, pl = self.arch, self.n, self.tr, self.plan
         H, V = arch.hidden, arch.vocab
-        head_tr = pl.lm_head_trainable or pl.saved_module("lm_head")
+        head_tr = pl.lm_head_trainable
+        head_saved = pl.saved_module(_leaf(n.lm_head))
         if n.final_norm:
             x = (self.t5_norm if arch.family == "t5" else self.norm)(n.final_norm, x, H, head_tr)
         if arch.family in ("bert", "roberta", "deberta_v2"):
@@ -740,7 +749,8 @@ class ModelBuilder(Builder):
         if arch.family == "t5" and arch.tied_embeddings:
             x = tr.mul("", x, None)  # sequence_output * d_model**-0.5
         tied = f"{n.embed}.weight" if arch.tied_embeddings else None
-        w = self.weight(f"{n.lm_head}.weight", V * H, head_tr, tied_to=tied, shape=(V, H))
+        w = self.weight(f"{n.lm_head}.weight", V * H, head_tr, tied_to=None if head_saved else tied, shape=(V, H),
+                        saved=head_saved)
         b = self.weight(f"{n.lm_head}.bias", V, head_tr) if (arch.lm_head_bias or arch.family in ("bert", "roberta", "deberta_v2")) else None
         if self.plan.lora_on("lm_head", "lm_head") and pl.training:
             logits = self.tr.matmul(n.lm_head, x, w, H, V, bias=b, op="lm_head")
@@ -751,7 +761,9 @@ class ModelBuilder(Builder):
         if not pl.training:
             return
         if loss == "fused":
-            # chunked linear + cross-entropy never materialises b*s*V; one chunk is transient
+            # fused linear + cross-entropy (Liger) computes the grads chunk by chunk in forward:
+            # nothing b*s*V-sized is saved, the hidden states' grad (fp32) is
+            tr.save("", tr.new("", Poly.tok(arch.hidden), "fp32", False))
             return
         # HF ForCausalLMLoss: logits.float(); labels padded and shifted (.contiguous(), int64);
         # cross_entropy = log_softmax (saves its output) + nll_loss (saves the target and a 0-dim

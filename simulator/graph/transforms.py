@@ -72,10 +72,16 @@ def precision_of(name: str) -> Precision:
     }[name]
 
 
+# Methods that freeze the whole base and train small add-ons: under AMP the base is loaded in the
+# 16-bit dtype (no fp32 master copy is needed for weights that never update), the add-ons in fp32.
+ADDON_METHODS = frozenset({"lora", "dora", "qlora", "ia3", "prefix", "prompt", "adapter"})
+
+
 @dataclass(frozen=True)
 class Plan:
     arch: ModelArch
     precision: Precision
+    base_dtype: str  # dtype of the frozen base weights
     kind: str  # method kind
     training: bool
     base_trainable: bool  # every base weight trains (full)
@@ -165,9 +171,11 @@ def plan_of(sc: Scenario) -> Plan:
         base_quant, group, dq = sc.inference.weights, sc.inference.group_size, sc.inference.double_quant
     if isinstance(m, QLoRA):
         prec = Precision(m.compute_dtype, m.compute_dtype, None, False) if sc.precision in ("bf16", "fp16") else prec
+    base_dtype = prec.autocast if (prec.autocast and m.kind in ADDON_METHODS) else prec.param_dtype
     return Plan(
         arch=arch,
         precision=prec,
+        base_dtype=base_dtype,
         kind=m.kind,
         training=training,
         base_trainable=base_trainable,
@@ -177,7 +185,7 @@ def plan_of(sc: Scenario) -> Plan:
         biases_trainable=isinstance(m, BitFit),
         lora=lora,
         lora_targets=targets,
-        adapter_dtype="fp32",
+        adapter_dtype="fp32" if lora is None else ("fp32" if lora.adapter_dtype == "fp32" else prec.param_dtype),
         ia3_targets=ia3_t,
         ia3_feedforward=ia3_ff,
         adapter=m if isinstance(m, Adapter) else None,

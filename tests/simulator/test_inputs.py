@@ -1,0 +1,118 @@
+"""The bad-input contract: every invalid scenario is a ``ValueError`` whose message names the field and
+what is allowed -- through the library (``estimate``) and through ``fitsim estimate`` (exit 2, one line).
+Plus the YAML round trip, and "does not fit" as an answer (not an exception)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from simulator import Scenario, estimate
+from simulator.cli import main
+
+# (id, scenario dict, substrings the message must contain: the field, the offending value, what is allowed)
+BAD = [
+    ("unknown-model", {"model": "llama-3.1-7b"},
+     ["model", "unknown model 'llama-3.1-7b'", "closest:", "llama-3.1-8b", "llama-3.1-70b"]),
+    ("unknown-gpu", {"model": "gpt2", "gpu": "h100-sxm-81gb"},
+     ["gpu", "unknown device 'h100-sxm-81gb'", "closest:", "h100-sxm-80gb"]),
+    ("qlora-fp32", {"model": "llama-3.2-1b", "method": {"kind": "qlora"}, "precision": "fp32"},
+     ["qlora", "precision='fp32'", "'bf16'", "'fp16'"]),
+    ("lora-r-zero", {"model": "llama-3.2-1b", "method": {"kind": "lora", "r": 0}},
+     ["method", "r", "greater than 0"]),
+    ("lora-r-negative", {"model": "llama-3.2-1b", "method": {"kind": "dora", "r": -2}},
+     ["method", "r", "greater than 0"]),
+    ("unknown-target", {"model": "llama-3.2-1b", "method": {"kind": "lora", "targets": ["q_proj", "c_attn"]}},
+     ["method.targets", "['c_attn']", "llama-3.2-1b", "allowed:", "q_proj", "v_proj", "down_proj", "all-linear"]),
+    ("prefix-too-long", {"model": "llama-3.2-1b", "method": {"kind": "prefix", "n_virtual_tokens": 128},
+                         "workload": {"task": "train", "seq_len": 128}},
+     ["method.n_virtual_tokens=128", "smaller than", "workload.seq_len=128"]),
+    ("kv-int4", {"model": "llama-3.2-1b", "workload": {"task": "infer"}, "inference": {"kv_dtype": "int4"}},
+     ["kv_dtype='int4'", "not supported", "allowed: auto, bf16, fp16, fp32, fp8, int8"]),
+    ("weights-when-training", {"model": "llama-3.2-1b", "workload": {"task": "train"}, "inference": {"weights": "nf4"}},
+     ["inference.weights='nf4'", "task 'infer'", "qlora"]),
+    ("freeze-too-many-layers", {"model": "llama-3.2-1b", "method": {"kind": "freeze", "n_trainable_layers": 17}},
+     ["method.n_trainable_layers=17", "n_layers=16"]),
+]
+
+
+def cli(argv: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(argv)
+    return rc, out.getvalue(), err.getvalue()
+
+
+@pytest.mark.parametrize("scenario,expected", [(d, e) for _, d, e in BAD], ids=[i for i, _, _ in BAD])
+def test_bad_input_library_message_names_field_and_allowed_values(scenario, expected):
+    with pytest.raises(ValidationError) as info:
+        estimate(scenario, what_fits=False)
+    assert all(s in str(info.value) for s in expected), (expected, str(info.value))
+
+
+@pytest.mark.parametrize("scenario,expected", [(d, e) for _, d, e in BAD], ids=[i for i, _, _ in BAD])
+def test_bad_input_cli_exit_2_one_line(scenario, expected, tmp_path):
+    path = tmp_path / "scenario.yaml"
+    path.write_text(yaml.safe_dump(scenario), encoding="utf-8")
+    rc, out, err = cli(["estimate", str(path)])
+    lines = err.strip().splitlines()
+    assert (rc, out, len(lines)) == (2, "", 1) and lines[0].startswith("fitsim: error: ") and all(s in lines[0] for s in expected), err
+
+
+def test_unknown_model_flag_lists_close_names():
+    rc, out, err = cli(["estimate", "--model", "llama-3.1-7b"])
+    assert rc == 2 and err.startswith("fitsim: error: model: unknown model 'llama-3.1-7b'; closest: llama-3.1-70b, llama-3.1-8b"), err
+
+
+def test_lora_r_zero_flag_names_the_field():
+    rc, out, err = cli(["estimate", "--model", "llama-3.2-1b", "--method", "lora", "--r", "0"])
+    assert (rc, err.strip()) == (2, "fitsim: error: method.r: Input should be greater than 0"), err
+
+
+# ------------------------------------------------------------------------------------------------- YAML round trip
+
+ROUND_TRIP = [
+    {"model": "llama-3.1-8b", "gpu": "rtx-4090-24gb", "workload": {"task": "train", "micro_batch": 1, "seq_len": 4096, "grad_accum": 8},
+     "method": {"kind": "qlora", "quant": "nf4", "r": 16, "alpha": 32, "targets": "all-linear"},
+     "precision": "bf16", "optimizer": {"name": "paged-adamw-8bit"}, "checkpointing": {"mode": "full"}},
+    {"model": "mixtral-8x7b", "gpu": "h100-sxm-80gb", "workload": {"task": "infer", "batch": 32, "prompt_len": 1024, "gen_len": 256},
+     "inference": {"weights": "awq", "kv_dtype": "fp8"}, "attention": "flash2"},
+    {"model": "t5-base", "method": {"kind": "lora", "r": 4, "targets": ["q", "v"], "dropout": 0.1, "modules_to_save": ["lm_head"]},
+     "loss": "fused", "expandable_segments": True, "checkpointing": {"mode": "every_k", "every_k": 3}},
+    {"model": "gpt2", "method": {"kind": "prefix", "n_virtual_tokens": 30, "prefix_projection": True},
+     "workload": {"task": "train", "seq_len": 512}, "precision": "fp16-amp", "optimizer": {"name": "adafactor", "beta1": False}},
+    {"model": "qwen2.5-0.5b", "method": {"kind": "freeze", "n_trainable_layers": 2, "which": "first", "train_lm_head": True}},
+    {"model": "opt-125m", "method": {"kind": "ia3"}},
+    {"model": {"name": "tiny", "family": "llama", "n_layers": 2, "hidden": 64, "n_heads": 4, "n_kv_heads": 2,
+               "intermediate": 128, "vocab": 1000}, "gpu": "t4-16gb", "precision": "fp32"},
+]
+
+
+@pytest.mark.parametrize("data", ROUND_TRIP, ids=lambda d: d["model"] if isinstance(d["model"], str) else "inline")
+def test_yaml_round_trip(data):
+    sc = Scenario.model_validate(data)
+    again = Scenario.from_yaml(sc.to_yaml())
+    assert again == sc and again.to_yaml() == sc.to_yaml()
+    assert estimate(again, what_fits=False) == estimate(sc, what_fits=False)
+
+
+# ------------------------------------------------------------------------------------------------------ no fit
+
+
+def test_not_fitting_is_an_answer_with_suggestions():
+    e = estimate({"model": "llama-3.1-70b", "gpu": "l4-24gb", "method": {"kind": "full"}})
+    assert e.fits is False and e.headroom_bytes < 0 and e.headroom_bytes == e.device_memory_bytes - e.peak_memory_bytes
+    assert len(e.suggestions) >= 2 and all(s.change and s.peak_memory_bytes > 0 for s in e.suggestions)
+    assert [s.peak_memory_bytes for s in e.suggestions if not s.fits] == sorted(s.peak_memory_bytes for s in e.suggestions if not s.fits)
+    assert all(s.peak_memory_bytes < e.peak_memory_bytes for s in e.suggestions)  # each suggestion helps
+    assert e.max_batch_that_fits is None
+
+
+def test_not_fitting_cli_exit_codes():
+    argv = ["estimate", "--model", "llama-3.1-70b", "--gpu", "l4-24gb", "--method", "full"]
+    assert cli(argv)[0] == 0
+    assert cli(argv + ["--fail-if-no-fit"])[0] == 1
