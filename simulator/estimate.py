@@ -189,7 +189,7 @@ def _flops(sc: Scenario, ct: CostTable) -> tuple[FlopBreakdown, int]:
     c = ct.fwd_flops.c  # over (T, K, A, B, S, Q, 1): per new token, T and K terms are per token, A per context position
     lin_per_tok = c[0] + c[1]
     att_coef = c[2]
-    ctx_sum = sum(w.prompt_len + t for t in range(w.gen_len))
+    ctx_sum = w.gen_len * w.prompt_len + w.gen_len * (w.gen_len - 1) / 2  # sum of contexts over decode steps
     f_decode = w.batch * (lin_per_tok * w.gen_len + att_coef * ctx_sum)
     tokens = w.batch * (w.prompt_len + w.gen_len)
     total = f_prefill + f_decode
@@ -351,6 +351,11 @@ def _estimate(sc: Scenario, what_fits: bool) -> Estimate:
         tokens_per_step=tokens, activations_by_layer=acts_by_layer, max_batch_that_fits=max_batch,
         max_seq_len_that_fits=max_len, suggestions=suggestions, warnings=warnings, notes=notes,
     )
+
+
+def count_params(arch) -> int:
+    """Total parameters of an architecture (tied weights once)."""
+    return cost_table_for(Scenario(model=arch)).n_params
 
 
 def summary_line(e: Estimate) -> str:

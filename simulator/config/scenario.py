@@ -79,6 +79,10 @@ class Scenario(Strict):
                 f"inference.weights={self.inference.weights!r} applies to task 'infer'; to train on a quantized base use method.kind='qlora'"
             )
         seq = self.workload.seq_len
+        if "seq_len" not in self.workload.model_fields_set and seq > arch.max_position_embeddings:
+            # the default length, not the user's: shorten it to what the model can take
+            seq = arch.max_position_embeddings
+            object.__setattr__(self, "workload", self.workload.model_copy(update={"seq_len": seq}))
         if arch.position == "learned" and seq + getattr(m, "n_virtual_tokens", 0) * isinstance(m, PromptTuning) > arch.max_position_embeddings:
             raise ValueError(
                 f"workload.seq_len={seq} exceeds model {arch.name!r} max_position_embeddings={arch.max_position_embeddings} "

