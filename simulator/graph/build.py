@@ -173,10 +173,15 @@ def quant_storage_bytes(kind: str, numel: int, out_f: int, in_f: int, group: int
 
 @dataclass
 class BlockVariant:
-    key: tuple
+    key: tuple  # (base trains, input needs grad, checkpointed, decoder of an encoder-decoder)
     layers: list[int]
     trace: Trace
     out_requires_grad: bool
+    input: Tensor | None = None  # the block's hidden-state input (what a checkpoint keeps)
+
+    @property
+    def checkpointed(self) -> bool:
+        return len(self.key) > 2 and bool(self.key[2])
 
 
 @dataclass
@@ -189,8 +194,12 @@ class ModelTrace:
     variants: list[BlockVariant]
     post: Trace  # final norm, head, loss
     globals_: list[Tensor] = field(default_factory=list)
-    seq_extra: int = 0  # prompt-tuning tokens added to every sequence
-    kv_extra: int = 0  # prefix-tuning tokens added to every key/value sequence
+    checkpoint_inputs: list[Tensor] = field(default_factory=list)  # shared tensors every block receives
+    tensors: dict[int, Tensor] = field(default_factory=dict)  # every tensor by id
+    layers_prefix: str = ""
+    logits: Tensor | None = None
+    loss_upcast_copy: bool = False
+    loss_dtype: str = "fp32"
 
 
 class Builder:
@@ -203,6 +212,10 @@ class Builder:
         self.cdt = p.compute_dtype
         self.tr = Tracer(autocast=p.autocast)
         self.globals: dict[str, Tensor] = {}
+        self.checkpoint_inputs: list[Tensor] = []
+        self.logits: Tensor | None = None
+        self.loss_fp32_copy = False
+        self.loss_dtype = "fp32"
 
     # -- parameters -----------------------------------------------------------------------
     def weight(self, path: str, numel: int, trainable: bool, *, dtype: str | None = None, quant: str = "dense",
@@ -504,7 +517,6 @@ class ModelBuilder(Builder):
             q = Tensor(qkv.id, Poly.tok(qd), qkv.dtype, qkv.requires_grad, qkv.module)
             k = Tensor(qkv.id, Poly.tok(kvd), qkv.dtype, qkv.requires_grad, qkv.module)
             v = Tensor(qkv.id, Poly.tok(kvd), qkv.dtype, qkv.requires_grad, qkv.module)
-            self._views[qkv.id] = qkv
         else:
             q = self.linear(f"{L}.{qn}", h, H, qd, bias=arch.qkv_bias, trainable=train)
             src = cross_kv if cross_kv is not None else h
@@ -717,6 +729,7 @@ class ModelBuilder(Builder):
             self.globals["sin"] = tr.new("model.rotary_emb", Poly.pos(d), dt, False)
             # (1, s) int64 position ids: handed to every block (a checkpoint keeps them alive)
             self.globals["position_ids"] = tr.new("model", Poly.pos(1), "int64", False)
+            self.checkpoint_inputs.append(self.globals["position_ids"])
         if arch.family == "t5":
             self.relative_bias("encoder")
         return x
@@ -786,7 +799,6 @@ def _variant_key(pl: Plan, i: int, in_rg: bool) -> tuple:
 def trace_model(arch: ModelArch, plan: Plan, loss: str = "upcast") -> ModelTrace:
     """Trace the whole model once per distinct block variant."""
     b = ModelBuilder(arch, plan)
-    b._views = {}
     pre = b.tr.trace
     x = b.pre()
     variants: dict[tuple, BlockVariant] = {}
@@ -817,8 +829,7 @@ def trace_model(arch: ModelArch, plan: Plan, loss: str = "upcast") -> ModelTrace
         b.tr.trace = Trace()
         xin = b.tr.new(f"{arch.name}.block_input", Poly.tok(arch.hidden), x.dtype, in_rg)
         out = b.block(i, xin, decoder_of_encdec=is_dec, enc_out=enc_out)
-        variants[key] = BlockVariant(key, [i], b.tr.trace, out.requires_grad)
-        variants[key].input = xin  # type: ignore[attr-defined]
+        variants[key] = BlockVariant(key, [i], b.tr.trace, out.requires_grad, xin)
         in_rg = out.requires_grad
         x = out
     b.tr.trace = Trace()
@@ -827,7 +838,6 @@ def trace_model(arch: ModelArch, plan: Plan, loss: str = "upcast") -> ModelTrace
         b.n = Names(**{**b.n.__dict__, "final_norm": "decoder.final_layer_norm"})
     b.post(x_final, loss)
     post = b.tr.trace
-    mt = ModelTrace(arch, plan, pre, list(variants.values()), post, list(b.globals.values()),
-                    seq_extra=plan.prompt_tokens, kv_extra=plan.prefix_tokens)
-    mt.builder = b  # type: ignore[attr-defined]
-    return mt
+    return ModelTrace(arch, plan, pre, list(variants.values()), post, list(b.globals.values()),
+                      checkpoint_inputs=b.checkpoint_inputs, tensors=b.tr.all, layers_prefix=b.n.layers,
+                      logits=b.logits, loss_upcast_copy=b.loss_fp32_copy, loss_dtype=b.loss_dtype)

@@ -78,13 +78,13 @@ def _saved_bytes(mt: ModelTrace) -> tuple[Poly, Poly, dict[str, Poly], dict[str,
     Shared tensors (RoPE cos/sin, prefix states, input ids) are charged once, to the module and
     block that saves them first -- the attribution a saved-tensor hook sees.
     """
-    all_t = mt.builder.tr.all  # type: ignore[attr-defined]
+    all_t = mt.tensors
     global_ids = {t.id for t in mt.globals_}
     global_seen: set[int] = set()
     by_layer: dict[str, Poly] = defaultdict(lambda: ZERO)
     by_module: dict[str, Poly] = defaultdict(lambda: ZERO)
     max_layer = ZERO
-    layers_prefix = mt.builder.n.layers  # type: ignore[attr-defined]
+    layers_prefix = mt.layers_prefix
 
     def sums(tr: Trace, record: bool) -> tuple[Poly, Poly]:
         """(local bytes per instance, newly seen shared bytes)."""
@@ -117,12 +117,12 @@ def _saved_bytes(mt: ModelTrace) -> tuple[Poly, Poly, dict[str, Poly], dict[str,
         total_no_ckpt = total_no_ckpt + full * n + glob
         if full.c > max_layer.c:
             max_layer = full
-        ckpt = len(v.key) > 2 and v.key[2]
+        ckpt = v.checkpointed
         # a checkpoint keeps only the block's tensor inputs alive (hidden state + the shared tensors)
-        kept = v.input.nbytes if ckpt else full  # type: ignore[attr-defined]
+        kept = v.input.nbytes if ckpt else full
         if ckpt:
-            for g in mt.globals_:
-                if g.id not in global_seen and g.dtype == "int64" and g.module == "model":  # position ids
+            for g in mt.checkpoint_inputs:
+                if g.id not in global_seen:
                     global_seen.add(g.id)
                     glob = glob + g.nbytes
         for j, i in enumerate(v.layers):
@@ -203,23 +203,22 @@ def compile_trace(mt: ModelTrace) -> CostTable:
                 other = other + nb
     global_ids = {t.id for t in mt.globals_}
     for v in mt.variants:
-        if len(v.key) > 2 and v.key[2]:
+        if v.checkpointed:
             # non-reentrant checkpointing stops recomputing once the last saved tensor is rebuilt
             # (torch.utils.checkpoint early stop): ops after it (Llama's down_proj) are not rerun
             last = max((tid for _, tid in v.trace.saves if tid not in global_ids), default=-1)
             for op in v.trace.ops:
                 if op.watermark <= last:
                     rec = rec + op.fwd_flops * len(v.layers)
-    b = mt.builder  # type: ignore[attr-defined]
-    logits = b.logits
+    logits = mt.logits
     return CostTable(
         arch=mt.arch, plan=mt.plan, n_params=n_params, n_trainable=n_tr, frozen_dense_bytes=frozen,
         quant_data_bytes=qdata, quant_scale_bytes=qscale, trainable_bytes=trb, trainable_tensors=tr_tensors,
         largest_trainable_numel=max_tr, saved=saved, saved_no_ckpt=saved_nc, saved_by_layer=by_layer,
         saved_by_module=by_module, max_layer_saved=max_layer, fwd_flops=fwd, bwd_flops=bwd, recompute_flops=rec,
         fwd_bytes=fbytes, flops_by_module=flops_by_module, max_dequant_bytes=max_deq, other_transient_bytes=other,
-        logits_numel=logits.numel, logits_dtype=logits.dtype, loss_dtype=getattr(b, "loss_dtype", logits.dtype),
-        loss_upcast_copy=getattr(b, "loss_fp32_copy", False), block_io=Poly.tok(mt.arch.hidden * 1.0) * _bytes(logits.dtype),
+        logits_numel=logits.numel, logits_dtype=logits.dtype, loss_dtype=mt.loss_dtype,
+        loss_upcast_copy=mt.loss_upcast_copy, block_io=Poly.tok(mt.arch.hidden * 1.0) * _bytes(logits.dtype),
         layer_count=mt.arch.n_layers + (mt.arch.n_decoder_layers or 0 if mt.arch.arch == "encoder_decoder" else 0),
         graph=_graph(mt),
     )

@@ -29,7 +29,7 @@ import tempfile
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, note, reject, settings
+from hypothesis import HealthCheck, event, given, note, reject, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
@@ -297,8 +297,10 @@ def run_estimate(d) -> Estimate | None:
     try:
         e = estimate(d, what_fits=False)
     except ALLOWED_ERRORS:
+        event("invalid input (ValueError)")
         return None
     assert isinstance(e, Estimate)
+    event(f"estimate ({e.task}, {'fits' if e.fits else 'does not fit'})")
     return e
 
 
@@ -449,6 +451,7 @@ def test_cli_exit_code_and_one_line_error(case):
     finally:
         if path:
             os.unlink(path)
+    event(f"exit {rc}")
     allowed = {0, 2} | ({1} if "--fail-if-no-fit" in argv else set())
     assert rc in allowed, (rc, err)
     assert "Traceback" not in err
