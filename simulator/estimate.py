@@ -92,8 +92,8 @@ def _train_memory(sc: Scenario, ct: CostTable, dev: Device) -> tuple[dict[str, f
     scales = ct.quant_scale_bytes
     trainable = ct.trainable_bytes
     grads = trainable  # .grad in the parameter dtype
-    states = mem.optimizer_state_bytes(ct.trainable_tensors, opt.name, opt.beta1)
-    states += mem.step_counter_bytes(len(ct.trainable_tensors), opt.name, opt.impl)
+    states = mem.optimizer_state_bytes(ct.trainable_groups, opt.name, opt.beta1)
+    states += mem.step_counter_bytes(ct.n_trainable_tensors, opt.name, opt.impl)
     paged = mem.optimizer_is_paged(opt.name)
     acts = ct.at(ct.saved, B)
     tokens = float(B[0])
@@ -111,16 +111,16 @@ def _train_memory(sc: Scenario, ct: CostTable, dev: Device) -> tuple[dict[str, f
     g_acc = grads if w.grad_accum > 1 else 0.0
     if opt.in_backward:
         # each gradient is consumed by its parameter's step as soon as it is produced
-        grads = max((n * dtype_bytes(d) for n, d, _ in ct.trainable_tensors), default=0.0)
+        grads = ct.largest_trainable_bytes
     st = 0.0 if paged else states
     base = weights + scales + trainable + st
     fwd_tr = max(loss_fwd, deq, other)
     bwd_tr = max(loss_bwd, blk_bwd + recompute + deq + other)
     # backward: early on the grads of the first (top) blocks exist; with accumulation all of them
     # the top-most trainable tensor's grad (e.g. lm_head) already exists when the loss grads are live
-    largest_grad = max((n * dtype_bytes(d) for n, d, _ in ct.trainable_tensors), default=0.0)
+    largest_grad = ct.largest_trainable_bytes
     bwd_grads = g_acc if g_acc else largest_grad
-    opt_tr = mem.optimizer_temp_bytes(ct.trainable_tensors, opt.name, opt.impl if not opt.in_backward else "for-loop")
+    opt_tr = mem.optimizer_temp_bytes(ct.trainable_groups, opt.name, opt.impl if not opt.in_backward else "for-loop")
     if opt.in_backward:
         bwd_grads, bwd_tr = grads, bwd_tr + opt_tr
     phases = {

@@ -42,28 +42,34 @@ def adafactor_state_bytes(numel: int, shape: tuple[int, ...], beta1: bool) -> fl
     return v + (numel * 4.0 if beta1 else 0.0)
 
 
-def optimizer_state_bytes(tensors: list[tuple[int, str, tuple[int, ...]]], name: str, beta1: bool = True) -> float:
-    """Optimizer state bytes on the device for trainable tensors (numel, dtype, shape).
+TensorGroup = tuple[int, str, tuple[int, ...], int]
+"""(numel, dtype, shape, count): identical trainable tensors, counted once."""
+
+
+def _state_bytes_one(numel: int, dtype: str, shape: tuple[int, ...], name: str, beta1: bool) -> float:
+    if name in ("adamw", "adam"):
+        return adam_state_bytes(numel, dtype)
+    if name == "paged-adamw-32bit":
+        return 2.0 * numel * 4.0
+    if name in ("adamw-8bit", "paged-adamw-8bit"):
+        return bnb_8bit_state_bytes(numel, 2)
+    if name in ("sgd-momentum", "lion"):
+        return numel * dtype_bytes(dtype)
+    if name == "sgd":
+        return 0.0
+    if name == "adafactor":
+        return adafactor_state_bytes(numel, shape, beta1)
+    raise ValueError(f"optimizer {name!r} unknown; allowed: adamw, adam, sgd, sgd-momentum, adafactor, lion, "
+                     "adamw-8bit, paged-adamw-8bit, paged-adamw-32bit")
+
+
+def optimizer_state_bytes(groups: list[TensorGroup], name: str, beta1: bool = True) -> float:
+    """Optimizer state bytes on the device for the trainable tensors.
 
     ``step`` counters are excluded: torch keeps them on the CPU unless ``fused``/``capturable``
     (a 0-dim fp32 tensor per parameter: see :func:`step_counter_bytes`).
     """
-    total = 0.0
-    for numel, dtype, shape in tensors:
-        if name in ("adamw", "adam", "paged-adamw-32bit"):
-            total += adam_state_bytes(numel, dtype) if name != "paged-adamw-32bit" else 2.0 * numel * 4.0
-        elif name in ("adamw-8bit", "paged-adamw-8bit"):
-            total += bnb_8bit_state_bytes(numel, 2)
-        elif name in ("sgd-momentum", "lion"):
-            total += numel * dtype_bytes(dtype)
-        elif name == "sgd":
-            total += 0.0
-        elif name == "adafactor":
-            total += adafactor_state_bytes(numel, shape, beta1)
-        else:
-            raise ValueError(f"optimizer {name!r} unknown; allowed: adamw, adam, sgd, sgd-momentum, adafactor, lion, "
-                             "adamw-8bit, paged-adamw-8bit, paged-adamw-32bit")
-    return total
+    return sum(_state_bytes_one(n, d, s, name, beta1) * c for n, d, s, c in groups)
 
 
 def step_counter_bytes(n_tensors: int, name: str, impl: str = "foreach", *, on_device_only: bool = True) -> float:
@@ -76,23 +82,23 @@ def step_counter_bytes(n_tensors: int, name: str, impl: str = "foreach", *, on_d
     return 0.0
 
 
-def optimizer_temp_bytes(tensors: list[tuple[int, str, tuple[int, ...]]], name: str, impl: str) -> float:
+def optimizer_temp_bytes(groups: list[TensorGroup], name: str, impl: str) -> float:
     """Transient memory of ``optimizer.step()``.
 
     torch docs (Adam): "the foreach implementation uses ~ sizeof(params) more peak memory than the
     for-loop version due to the intermediates being a tensorlist"; fused needs none; the for-loop
-    one parameter's worth.  bitsandbytes 8-bit/paged kernels update in place.
+    one parameter's worth.  bitsandbytes 8-bit/paged kernels update in place; HF Adafactor upcasts
+    one parameter and its gradient to fp32 at a time.
     """
-    if not tensors or name in ("sgd", "adamw-8bit", "paged-adamw-8bit", "paged-adamw-32bit", "adafactor"):
-        if name == "adafactor" and tensors:
-            # Adafactor upcasts each grad and param to fp32 one at a time
-            return max(2.0 * n * 4.0 for n, _, _ in tensors)
+    if not groups or name in ("sgd", "adamw-8bit", "paged-adamw-8bit", "paged-adamw-32bit"):
         return 0.0
+    if name == "adafactor":
+        return max(2.0 * n * 4.0 for n, _, _, _ in groups)
     if impl == "fused":
         return 0.0
     if impl == "for-loop":
-        return max(n * dtype_bytes(d) for n, d, _ in tensors)
-    return sum(n * dtype_bytes(d) for n, d, _ in tensors)
+        return max(n * dtype_bytes(d) for n, d, _, _ in groups)
+    return sum(n * dtype_bytes(d) * c for n, d, _, c in groups)
 
 
 def optimizer_is_paged(name: str) -> bool:

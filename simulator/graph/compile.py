@@ -7,7 +7,7 @@ estimate for any (micro-batch, seq len) is then a few dot products.
 from __future__ import annotations
 
 import functools
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -38,8 +38,9 @@ class CostTable:
     quant_data_bytes: float  # quantized weights (packed data)
     quant_scale_bytes: float  # their scales / zeros / g_idx
     trainable_bytes: float  # trainable parameter storage
-    trainable_tensors: list[tuple[int, str, tuple[int, ...]]]  # (numel, dtype, 2-D shape or ()) per trainable param
-    largest_trainable_numel: int
+    trainable_groups: list[tuple[int, str, tuple[int, ...], int]]  # (numel, dtype, shape, count) of trainable tensors
+    n_trainable_tensors: int
+    largest_trainable_bytes: float
     saved: Poly  # activation bytes saved for backward at the end of forward (checkpointing applied)
     saved_no_ckpt: Poly  # the same without checkpointing
     saved_by_layer: dict[str, Poly]  # block / top-level module -> saved bytes (checkpointing applied)
@@ -168,8 +169,8 @@ def compile_trace(mt: ModelTrace) -> CostTable:
     traces = [(mt.pre, 1), (mt.post, 1)] + [(v.trace, len(v.layers)) for v in mt.variants]
     n_params = n_tr = 0
     frozen = qdata = qscale = trb = 0.0
-    tr_tensors: list[tuple[int, str, tuple[int, ...]]] = []
-    max_tr = 0
+    tr_groups: Counter[tuple[int, str, tuple[int, ...]]] = Counter()
+    max_tr = 0.0
     for p, count in _params(traces):
         if p.tied_to is not None:
             continue
@@ -180,8 +181,8 @@ def compile_trace(mt: ModelTrace) -> CostTable:
         elif p.trainable:
             n_tr += p.numel * count
             trb += p.storage_bytes * count
-            tr_tensors.extend([(p.numel, p.dtype, p.shape)] * count)
-            max_tr = max(max_tr, p.numel)
+            tr_groups[(p.numel, p.dtype, p.shape)] += count
+            max_tr = max(max_tr, p.storage_bytes)
         else:
             frozen += p.storage_bytes * count
     saved, saved_nc, by_layer, by_module, max_layer = _saved_bytes(mt)
@@ -213,8 +214,9 @@ def compile_trace(mt: ModelTrace) -> CostTable:
     logits = mt.logits
     return CostTable(
         arch=mt.arch, plan=mt.plan, n_params=n_params, n_trainable=n_tr, frozen_dense_bytes=frozen,
-        quant_data_bytes=qdata, quant_scale_bytes=qscale, trainable_bytes=trb, trainable_tensors=tr_tensors,
-        largest_trainable_numel=max_tr, saved=saved, saved_no_ckpt=saved_nc, saved_by_layer=by_layer,
+        quant_data_bytes=qdata, quant_scale_bytes=qscale, trainable_bytes=trb,
+        trainable_groups=[(n, d, s, c) for (n, d, s), c in tr_groups.items()],
+        n_trainable_tensors=sum(tr_groups.values()), largest_trainable_bytes=max_tr, saved=saved, saved_no_ckpt=saved_nc, saved_by_layer=by_layer,
         saved_by_module=by_module, max_layer_saved=max_layer, fwd_flops=fwd, bwd_flops=bwd, recompute_flops=rec,
         fwd_bytes=fbytes, flops_by_module=flops_by_module, max_dequant_bytes=max_deq, other_transient_bytes=other,
         logits_numel=logits.numel, logits_dtype=logits.dtype, loss_dtype=mt.loss_dtype,

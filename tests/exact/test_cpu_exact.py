@@ -162,8 +162,8 @@ def test_optimizer_state_bytes_equal_torch(opt, precision, method):
     sc = Scenario.model_validate({**sc.model_dump(), "optimizer": opt})
     truth = measure(sc)
     ct, _ = _engine(sc)
-    n_tensors = len(ct.trainable_tensors)
-    predicted = optimizer_state_bytes(ct.trainable_tensors, sc.optimizer.name, sc.optimizer.beta1)
+    n_tensors = ct.n_trainable_tensors
+    predicted = optimizer_state_bytes(ct.trainable_groups, sc.optimizer.name, sc.optimizer.beta1)
     # adam keeps a 0-dim fp32 'step' per parameter (host memory unless fused; the CPU truth counts it)
     predicted += step_counter_bytes(n_tensors, sc.optimizer.name, on_device_only=False)
     assert predicted == truth.optimizer_state_bytes
