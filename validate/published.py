@@ -106,6 +106,7 @@ FRAMEWORK_DEFAULTS: dict[str, dict[str, Any]] = {
                  grad_accum=1, checkpointing="none", attention="flash2", double_quant=False, loss="upcast"),
 }
 FRAMEWORK_DEFAULTS["other"] = _HF
+UNPADDED_FRAMEWORKS = frozenset({"torchtune", "torchtitan", "megatron", "nemo", "deepspeed"})
 
 # Families whose transformers implementation has no SDPA path (attention scores are materialised).
 EAGER_ONLY_FAMILIES = frozenset({"t5", "bloom", "qwen"})
@@ -405,6 +406,7 @@ def record_to_scenario(rec: dict, notes: list[str] | None = None) -> Scenario:
     """The record's ``scenario`` as a fitsim Scenario; raises :class:`Unsupported` (or a validation error)."""
     notes = [] if notes is None else notes
     sc = rec["scenario"]
+    notes_text = str(rec.get("notes") or "").lower()
     _check_single_gpu(sc, notes)
     arch = _model(sc["model"], notes)
     dev = _gpu(sc)
@@ -454,10 +456,16 @@ def record_to_scenario(rec: dict, notes: list[str] | None = None) -> Scenario:
     if d.get("full_optimizer_in_bwd") and sc.get("method") == "full" and sc.get("n_gpus", 1) == 1 and ga_v == 1:
         optimizer = {**optimizer, "in_backward": True}
         notes.append(f"{sc.get('framework')} full single-device recipe steps the optimizer in backward")
+    mb_v = mb or d["micro_batch"]
+    # HF/PEFT/TRL/litgpt collators pad each batch to its longest sample and pass the attention mask;
+    # packed datasets (torchtune, torchtitan, Megatron) have none
+    padded = mb_v > 1 and sc.get("framework") not in UNPADDED_FRAMEWORKS and "packed" not in notes_text
+    if padded:
+        notes.append("micro-batch > 1 padded to its longest sample: SDPA gets an explicit mask")
     return Scenario(
         model=arch, gpu=dev.name, method=method, precision=precision, attention=attention, loss=loss,
-        workload=TrainWorkload(micro_batch=mb or d["micro_batch"], seq_len=seq or d["seq_len"], grad_accum=ga_v),
-        optimizer=optimizer, checkpointing=_checkpointing(sc, notes),
+        workload=TrainWorkload(micro_batch=mb_v, seq_len=seq or d["seq_len"], grad_accum=ga_v),
+        optimizer=optimizer, checkpointing=_checkpointing(sc, notes), padded_batches=padded,
     )
 
 

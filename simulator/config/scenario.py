@@ -36,6 +36,10 @@ class Scenario(Strict):
     """'upcast': HF loss casts all b*s*V logits to fp32 at once; 'chunked': 16-bit logits, upcast and
     cross-entropy one chunk at a time (torchtune/litgpt); 'fused': linear + cross-entropy fused per chunk
     (Liger), the logits never exist whole."""
+    padded_batches: bool = False
+    """Batches padded to their longest sequence with an attention mask (HF collators): SDPA then gets an
+    explicit mask, so GQA keys/values are expanded to all heads (repeat_kv) and flash gives way to the
+    mem-efficient kernel."""
     expandable_segments: bool = False
     """PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (less fragmentation in reserved memory)."""
 

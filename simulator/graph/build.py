@@ -445,6 +445,11 @@ class Builder:
                 v = tr.new(path, Poly.kv(a * d), acc, v.requires_grad)
             probs = tr.new(path, Poly.att(a), acc, rg)
             return self._explicit_attention(path, qs, ks, v, probs, probs, fwd, q.dtype)
+        if self.plan.padded and akv != a and impl.startswith("sdpa"):
+            # HF passes SDPA an explicit mask when batches are padded: no enable_gqa, repeat_kv copies
+            # K and V to all heads, and the mask sends CUDA to the mem-efficient kernel
+            k = tr.new(path, Poly.kv(a * d), k.dtype, k.requires_grad)
+            v = tr.new(path, Poly.kv(a * d), v.dtype, v.requires_grad)
         o = tr.new(path, Poly.tok(a * d), q.dtype, rg)
         if rg:
             lse = tr.new(path, Poly.tok(a), "fp32", False)

@@ -103,6 +103,7 @@ class Plan:
     checkpointed: frozenset[int]
     attention: str
     modules_to_save: frozenset[str]
+    padded: bool = False
 
     def layer_base_trainable(self, i: int) -> bool:
         return self.base_trainable or i in self.layers_trainable
@@ -200,6 +201,7 @@ def plan_of(sc: Scenario) -> Plan:
         checkpointed=_checkpointed_layers(sc),
         attention=sc.attention,
         modules_to_save=mts,
+        padded=sc.padded_batches,
     )
 
 
