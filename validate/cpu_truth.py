@@ -192,6 +192,9 @@ class _SavedTensorRecorder:
         self.by_module: dict[str, int] = defaultdict(int)
         self.by_dtype: dict[str, int] = defaultdict(int)
         self.checkpointed: list[str] = []
+        # every charged tensor is held until the measurement ends: a storage freed early (e.g. in a graph
+        # that is only used detached) must not hand its address to a later one and be taken for it
+        self._alive: list[torch.Tensor] = []
 
     def record(self, t: torch.Tensor, where: str | None = None) -> None:
         if t.layout != torch.strided or t.device.type == "meta":
@@ -200,6 +203,7 @@ class _SavedTensorRecorder:
         if key in self.seen:
             return
         self.seen.add(key)
+        self._alive.append(t)
         nbytes = t.untyped_storage().nbytes()
         self.by_module[self.modules.current() if where is None else where] += nbytes
         self.by_dtype[str(t.dtype).removeprefix("torch.")] += nbytes

@@ -307,11 +307,13 @@ class Builder:
         mod_mag = f"{path}.lora_magnitude_vector"
         self.weight(f"{mod_mag}", out_f, True, dtype=adt)
         eye = tr.new(path, Poly.const(in_f * in_f), adt, False)
-        a_eye = tr.matmul(f"{path}.lora_A", eye, a_w, in_f, r, tokens=Poly.const(in_f))
-        tr.matmul(f"{path}.lora_B", a_eye, b_w, r, out_f, tokens=Poly.const(in_f))
+        a_eye = tr.matmul(f"{path}.lora_A", eye, a_w, in_f, r, tokens=Poly.const(in_f), detached=True)
+        tr.matmul(f"{path}.lora_B", a_eye, b_w, r, out_f, tokens=Poly.const(in_f), detached=True)
         # W + s*lora_weight and its norm: one out x in temporary in the compute dtype
         tr.transient(path, Poly.const(in_f * out_f * dtype_bytes(x.dtype)))
         lora_res = tr.matmul(f"{path}.lora_B", a_out, b_w, r, out_f)
+        # magnitude / weight_norm: the detached norm is saved for the magnitude's grad
+        tr.save(mod_mag, tr.new(mod_mag, Poly.const(out_f), adt, False))
         scale = tr.new(mod_mag, Poly.const(out_f), adt, True)
         scale_m1 = tr.new(mod_mag, Poly.const(out_f), adt, True)
         t1 = tr.mul(mod_mag, scale_m1, result, out_numel=result.numel)
@@ -445,15 +447,19 @@ class Builder:
                 v = tr.new(path, Poly.kv(a * d), acc, v.requires_grad)
             probs = tr.new(path, Poly.att(a), acc, rg)
             return self._explicit_attention(path, qs, ks, v, probs, probs, fwd, q.dtype)
-        if self.plan.padded and akv != a and impl.startswith("sdpa"):
-            # HF passes SDPA an explicit mask when batches are padded: no enable_gqa, repeat_kv copies
-            # K and V to all heads, and the mask sends CUDA to the mem-efficient kernel
+        mask = self.globals.get("attn_mask")
+        if (self.plan.padded or mask is not None) and akv != a and impl.startswith("sdpa"):
+            # HF passes SDPA an explicit mask when batches are padded or a prefix is prepended: no
+            # enable_gqa, repeat_kv copies K and V to all heads, and CUDA uses the mem-efficient kernel
             k = tr.new(path, Poly.kv(a * d), k.dtype, k.requires_grad)
             v = tr.new(path, Poly.kv(a * d), v.dtype, v.requires_grad)
         o = tr.new(path, Poly.tok(a * d), q.dtype, rg)
         if rg:
             lse = tr.new(path, Poly.tok(a), "fp32", False)
             tr.save(path, q, k, v, o, lse)
+            if mask is not None:
+                # each call hands the kernel its own copy of the float mask, kept for backward
+                tr.save(path, tr.new(path, mask.numel, mask.dtype, False))
         tr.flops(path, "attention", fwd, Poly.att(10.0 * a * d) if rg else ZERO,
                  Poly.tok(2.0 * dtype_bytes(q.dtype) * a * d) + Poly.kv(2.0 * dtype_bytes(k.dtype) * akv * d))
         return o
@@ -709,8 +715,12 @@ class ModelBuilder(Builder):
         if pl.prefix_tokens:
             L, kvd = arch.n_layers, arch.kv_dim
             self.weight("prompt_encoder.embedding.weight", pl.prefix_tokens * L * 2 * kvd, True, dtype=pl.adapter_dtype)
+            # prefix ids (1, p) expanded over the batch, saved by the embedding; its output (b, p, L*2*kvd)
+            tr.save("prompt_encoder.embedding", tr.new("prompt_encoder", Poly.const(pl.prefix_tokens), "int64", False))
             pk = tr.new("prompt_encoder", Poly.seq(pl.prefix_tokens * L * 2 * kvd), self.pdt, True)
             self.globals["prefix"] = pk
+            # PEFT prepends ones to the attention mask: HF builds a (b, 1, s, p + s) float mask, one for all layers
+            self.globals["attn_mask"] = tr.new("model", Poly.att(1), x.dtype, False)
         if n.pos_embed:
             # learned positions: OPT offsets its table by 2 rows
             rows = arch.max_position_embeddings + (2 if arch.family == "opt" else 0)

@@ -269,11 +269,13 @@ class Tracer:
 
     # -- matmuls ---------------------------------------------------------------------------
     def matmul(self, module: str, x: Tensor, w: Tensor, in_f: int, out_f: int, *, op: str = "linear",
-               bias: Tensor | None = None, tokens: Poly | None = None, autocast: bool = True) -> Tensor:
+               bias: Tensor | None = None, tokens: Poly | None = None, autocast: bool = True,
+               detached: bool = False) -> Tensor:
         """``F.linear(x, w, bias)`` with x of ``tokens`` rows (default: x.numel / in_f).
 
         Saves x if w needs grad (for dW) and w if x needs grad (for dX; a parameter, so no
-        extra memory unless it is an autocast copy).  FLOPs per flop_counter: 2*rows*in*out
+        extra memory unless it is an autocast copy).  ``detached``: the result is only used
+        detached, so its graph is recorded (and holds its saved tensors) but never run backward.  FLOPs per flop_counter: 2*rows*in*out
         forward; backward 2*rows*in*out for dX (if x needs grad) plus the same for dW (if w needs grad).
         """
         rows = tokens if tokens is not None else x.numel * (1.0 / in_f)
@@ -285,9 +287,9 @@ class Tracer:
             self.save(module, win)
         mm = rows * (2.0 * in_f * out_f)
         bwd = ZERO
-        if xin.requires_grad:
+        if xin.requires_grad and not detached:
             bwd = bwd + mm
-        if win.requires_grad:
+        if win.requires_grad and not detached:
             bwd = bwd + mm
         out_dtype = promote(xin.dtype, win.dtype) if (self.autocast is None or not autocast) else self.autocast
         if bias is not None:
