@@ -113,7 +113,8 @@ def method_text(e: Estimate, scenario: Scenario | None = None) -> str:
         return e.method
     m = scenario.method
     keys = ("quant", "r", "alpha", "targets", "n_virtual_tokens", "bottleneck", "n_trainable_layers")
-    fields = [f"{k}={_fmt_value(getattr(m, k))}" for k in keys if k in type(m).model_fields]
+    fields = [f"{k}={_fmt_value(getattr(m, k)) if getattr(m, k) is not None else 'PEFT default'}"
+              for k in keys if k in type(m).model_fields]
     return m.kind + (f" ({', '.join(fields)})" if fields else "")
 
 
