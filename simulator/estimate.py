@@ -333,7 +333,8 @@ def _estimate(sc: Scenario, what_fits: bool) -> Estimate:
         max_batch = _largest(sc, dev, field_b, 1, cap_b)
         lo_s = (ct.plan.prefix_tokens or ct.plan.prompt_tokens) + 1
         # learned position tables cannot go past their length; RoPE models are searched to 4x their context
-        cap_s = sc.model.max_position_embeddings if sc.model.position == "learned" else max(cur_s, sc.model.max_position_embeddings * 4)
+        cap_s = (sc.model.max_position_embeddings - ct.plan.prompt_tokens if sc.model.position == "learned"
+                 else max(cur_s, sc.model.max_position_embeddings * 4))
         if not sc.is_training:
             cap_s = max(1, cap_s - sc.workload.gen_len) if sc.model.position == "learned" else cap_s
         max_len = _largest(sc, dev, field_s, min(lo_s, cap_s), cap_s)

@@ -73,6 +73,12 @@ class Scenario(Strict):
     def _cross_check(self) -> "Scenario":
         m, arch = self.method, self.model
         if isinstance(self.workload, InferWorkload):
+            ctx = self.workload.prompt_len + self.workload.gen_len
+            if arch.position == "learned" and ctx > arch.max_position_embeddings:
+                raise ValueError(
+                    f"workload.prompt_len + gen_len = {ctx} exceeds model {arch.name!r} "
+                    f"max_position_embeddings={arch.max_position_embeddings} (learned position table)"
+                )
             if not isinstance(m, Full):
                 raise ValueError(
                     f"method.kind={m.kind!r} applies to training; for inference leave method 'full' and set inference.weights"
@@ -105,13 +111,23 @@ class Scenario(Strict):
         if isinstance(m, (_LoRABase, IA3)):
             from ..graph.build import target_names
 
-            known = target_names(arch)
+            known = target_names(arch, embeddings=isinstance(m, _LoRABase))
             asked = m.targets if isinstance(m, _LoRABase) else (m.targets or [])
             if asked is not None and asked != "all-linear":
                 missing = [t for t in asked if t not in known]
                 if missing:
                     raise ValueError(
-                        f"method.targets: {missing} not in model {arch.name!r}; allowed: {', '.join(sorted(known))}, all-linear"
+                        f"method.targets: {missing} not in model {arch.name!r}; allowed: {', '.join(sorted(known))}"
+                        + (", all-linear" if isinstance(m, _LoRABase) else "")
+                    )
+            if isinstance(m, IA3) and m.feedforward_modules is not None:
+                from ..graph.transforms import IA3_DEFAULTS
+
+                targets = set(m.targets if m.targets is not None else IA3_DEFAULTS.get(arch.family, ((), ()))[0])
+                extra = [f for f in m.feedforward_modules if f not in targets]
+                if extra:
+                    raise ValueError(
+                        f"method.feedforward_modules: {extra} must be among the IA3 targets ({', '.join(sorted(targets))})"
                     )
         if self.optimizer.in_backward and self.workload.grad_accum > 1:
             raise ValueError(

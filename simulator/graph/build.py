@@ -84,7 +84,9 @@ NAMES: dict[str, Names] = {
                 "layer.1.DenseReluDense.wi_1", "layer.1.DenseReluDense.wo", act="layer.1.DenseReluDense.act"),
 }
 NAMES["roberta"] = Names(**{**NAMES["bert"].__dict__, **{k: v.replace("bert.", "roberta.") for k, v in NAMES["bert"].__dict__.items() if isinstance(v, str) and v.startswith("bert.")}})
-NAMES["deberta_v2"] = Names(**{**NAMES["bert"].__dict__, **{k: v.replace("bert.", "deberta.") for k, v in NAMES["bert"].__dict__.items() if isinstance(v, str) and v.startswith("bert.")}})
+NAMES["deberta_v2"] = Names(**{**NAMES["bert"].__dict__, **{k: v.replace("bert.", "deberta.") for k, v in NAMES["bert"].__dict__.items() if isinstance(v, str) and v.startswith("bert.")},
+                                "q": "attention.self.query_proj", "k": "attention.self.key_proj",
+                                "v": "attention.self.value_proj"})
 
 
 def names_of(arch: ModelArch) -> Names:
@@ -114,15 +116,18 @@ def _leaf(path: str) -> str:
 
 
 @functools.cache
-def target_names(arch: ModelArch) -> frozenset[str]:
-    """Leaf (and dotted) names of the model's linear modules: what LoRA/IA3 may target."""
+def target_names(arch: ModelArch, *, embeddings: bool = True) -> frozenset[str]:
+    """Leaf (and dotted) names of the modules PEFT can adapt: the nn.Linear layers (and, for LoRA, the
+    input embedding).  MoE experts are 3-D parameters and the router is no nn.Linear in transformers 5,
+    so they are not module targets."""
     n = names_of(arch)
-    out = {n.o, n.up, n.down, "lm_head", _leaf(n.embed)}
+    out = {n.o, n.lm_head} | ({_leaf(n.embed)} if embeddings else set())
     out |= {n.qkv} if n.qkv else {n.q, n.k, n.v}
-    if n.gate:
-        out.add(n.gate)
-    if arch.moe is not None:
-        out.add("mlp.gate")
+    if arch.moe is None:
+        out |= {x for x in (n.gate, n.up, n.down) if x}
+    if arch.family == "t5":
+        out |= {"layer.1.EncDecAttention.q", "layer.1.EncDecAttention.k", "layer.1.EncDecAttention.v",
+                "layer.1.EncDecAttention.o", "layer.2.DenseReluDense.wo"}
     leaves = {_leaf(x) for x in out if x}
     return frozenset(leaves | {x for x in out if x})
 
@@ -224,9 +229,10 @@ class Builder:
         weights in the base dtype.  ``saved``: a PEFT ``modules_to_save`` module -- a trainable copy
         in the base dtype beside the frozen ``original_module``."""
         if saved:
+            # the original stays (still tied if it was); the trainable copy is a new, untied tensor
             self.weight(f"{path}.original_module", numel, False, dtype=dtype or self.base_dt, quant=quant,
-                        shape=shape)
-            dtype, trainable = dtype or self.base_dt, True
+                        shape=shape, tied_to=tied_to)
+            dtype, trainable, tied_to = dtype or self.base_dt, True, None
         dtype = dtype or (self.pdt if trainable else self.base_dt)
         if quant == "dense":
             nbytes, scales = numel * dtype_bytes(dtype), 0.0
@@ -495,7 +501,25 @@ class Builder:
         w = self.weight(f"{path}.weight", vocab * width, trainable, shape=(vocab, width), saved=saved)
         if w.requires_grad:
             self.tr.save(path, ids)
-        return self.tr.new(path, rows * width, w.dtype, w.requires_grad)
+        out = self.tr.new(path, rows * width, w.dtype, w.requires_grad)
+        pl = self.plan
+        if pl.lora is not None and pl.training and pl.lora_targets is not None and pl.lora_on(path):
+            # named explicitly: 'all-linear' covers nn.Linear layers only
+            out = self._lora_embedding(path, ids, out, vocab, width, rows)
+        return out
+
+    def _lora_embedding(self, path: str, ids: Tensor, result: Tensor, vocab: int, width: int, rows: Poly) -> Tensor:
+        """PEFT ``lora.Embedding``: ``embedding(ids, lora_embedding_A.T) @ lora_embedding_B.T * scaling``
+        (A: r x V, B: h x r, in the adapter dtype); the lookup saves the ids, the matmul its r-wide input."""
+        tr, lo = self.tr, self.plan.lora
+        adt = self.plan.adapter_dtype if self.pdt != "fp32" else "fp32"
+        a_w = self.weight(f"{path}.lora_embedding_A", lo.r * vocab, True, dtype=adt, shape=(lo.r, vocab))
+        b_w = self.weight(f"{path}.lora_embedding_B", width * lo.r, True, dtype=adt, shape=(width, lo.r))
+        tr.save(path, ids)
+        h = tr.new(path, rows * lo.r, a_w.dtype, True)
+        h = tr.matmul(path, h, b_w, lo.r, width, tokens=rows)
+        out = tr.add(path, result, tr.mul(path, h, None))
+        return tr.cast(path, out, result.dtype)
 
 
 def promote_out(a: str, b: str) -> str:
@@ -776,14 +800,16 @@ class ModelBuilder(Builder):
         if arch.family == "t5" and arch.tied_embeddings:
             x = tr.mul("", x, None)  # sequence_output * d_model**-0.5
         tied = f"{n.embed}.weight" if arch.tied_embeddings else None
-        w = self.weight(f"{n.lm_head}.weight", V * H, head_tr, tied_to=None if head_saved else tied, shape=(V, H),
-                        saved=head_saved)
+        w = self.weight(f"{n.lm_head}.weight", V * H, head_tr, tied_to=tied, shape=(V, H), saved=head_saved)
         b = self.weight(f"{n.lm_head}.bias", V, head_tr) if (arch.lm_head_bias or arch.family in ("bert", "roberta", "deberta_v2")) else None
+        ia3 = pl.ia3_on(n.lm_head) if pl.training else None
+        if ia3 == "in":
+            x = self._ia3_scale(n.lm_head, x, H, True)
+        logits = self.tr.matmul(n.lm_head, x, w, H, V, bias=b, op="lm_head")
+        if ia3 == "out":
+            logits = self._ia3_scale(n.lm_head, logits, V, False)
         if self.plan.lora_on(n.lm_head) and pl.training:
-            logits = self.tr.matmul(n.lm_head, x, w, H, V, bias=b, op="lm_head")
             logits = self._lora(n.lm_head, x, logits, H, V, w)
-        else:
-            logits = self.tr.matmul(n.lm_head, x, w, H, V, bias=b, op="lm_head")
         self.logits = logits
         if not pl.training:
             return

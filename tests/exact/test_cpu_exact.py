@@ -34,6 +34,7 @@ BASE = dict(name="tiny", n_layers=2, hidden=64, n_heads=4, n_kv_heads=2, interme
             max_position_embeddings=256)
 ARCHS = {
     "llama": dict(family="llama"),
+    "llama-tied": dict(family="llama", tied_embeddings=True),
     "qwen2": dict(family="llama", qkv_bias=True),
     "qwen3": dict(family="llama", qk_norm=True, head_dim=16),
     "mixtral": dict(family="llama", moe={"n_experts": 4, "top_k": 2}),
@@ -73,6 +74,8 @@ CASES = [
     ("llama", "bf16", "sdpa-flash", LORA, "full"),
     ("llama", "bf16", "sdpa-flash", {"kind": "dora", "r": 4, "targets": ["q_proj", "v_proj"]}, "none"),
     ("llama", "fp32", "eager", {"kind": "dora", "r": 4, "targets": "all-linear"}, "none"),
+    ("llama", "bf16", "sdpa-flash", {"kind": "lora", "r": 4, "targets": ["embed_tokens", "q_proj"]}, "none"),
+    ("llama", "bf16", "sdpa-flash", {"kind": "ia3", "targets": ["k_proj", "lm_head"], "feedforward_modules": []}, "none"),
     ("llama", "bf16", "sdpa-flash", {"kind": "ia3"}, "none"),
     ("llama", "fp32", "sdpa-flash", {"kind": "ia3"}, "none"),
     ("llama", "bf16", "sdpa-flash", {"kind": "prompt", "n_virtual_tokens": 4}, "none"),
@@ -88,6 +91,7 @@ CASES = [
     ("llama", "bf16-amp", "sdpa-flash", {"kind": "freeze", "n_trainable_layers": 1}, "none"),
     ("llama", "bf16", "sdpa-flash", {"kind": "lora", "r": 4, "modules_to_save": ["lm_head"]}, "none"),
     ("llama", "bf16-amp", "sdpa-flash", {"kind": "lora", "r": 4, "modules_to_save": ["embed_tokens"]}, "none"),
+    ("llama-tied", "bf16", "sdpa-flash", {"kind": "lora", "r": 4, "modules_to_save": ["lm_head"]}, "none"),
     ("qwen2", "bf16", "sdpa-flash", {"kind": "full"}, "none"),
     ("qwen2", "bf16", "eager", LORA, "none"),
     ("qwen3", "bf16", "sdpa-flash", {"kind": "full"}, "none"),
