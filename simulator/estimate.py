@@ -258,6 +258,12 @@ def _suggestions(sc: Scenario, dev: Device) -> list[Suggestion]:
         if sc.method.kind in ("full", "lora"):
             cands.append(("QLoRA (NF4 base) r=16 on all linear layers",
                           {"method": {"kind": "qlora", "r": 16, "targets": "all-linear"}, "precision": "bf16"}))
+        # the usual low-memory recipe, all at once
+        cands.append(("QLoRA r=16 all-linear + checkpointing + paged 8-bit AdamW + chunked loss, micro-batch 1",
+                      {"method": {"kind": "qlora", "r": 16, "targets": "all-linear"}, "precision": "bf16",
+                       "checkpointing": {"mode": "full"}, "loss": "chunked",
+                       "optimizer": {**sc.optimizer.model_dump(), "name": "paged-adamw-8bit", "in_backward": False},
+                       "workload": {**w.model_dump(), "micro_batch": 1, "grad_accum": w.grad_accum * w.micro_batch}}))
     else:
         w = sc.workload
         if sc.inference.weights == "none":
