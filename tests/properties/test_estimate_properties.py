@@ -13,7 +13,8 @@ workload sizes, including zero, negative and huge values.  The properties:
 * monotonicity: activations and the allocated peak in seq_len and micro-batch, LoRA trainable
   parameters in r, the KV cache in batch / prompt / generation length, NF4 weights vs bf16.
 
-Settings keep the file well under a minute on two cores (a few thousand examples in all).
+Settings keep the file under a minute on two cores (about 2,800 examples in all); FITSIM_FUZZ_SCALE=10
+multiplies every example count for a deeper run.
 ``database=None``: nothing is written outside tests/; a failure prints its reproduction blob.
 """
 
@@ -35,7 +36,7 @@ from pydantic import ValidationError
 
 from hwprofiles import UnknownNameError, list_devices
 from simulator import Estimate, Scenario, estimate, get_model, list_models
-from simulator.cli import main
+from simulator.cli import CliError, build_parser, build_scenario, main
 from simulator.graph.build import target_names
 from simulator.results import CATEGORIES
 
@@ -63,6 +64,14 @@ JUNK_NAMES = ["not_a_module", "q", "proj", "", "Q_PROJ", "model.layers.0.self_at
 JUNK_VALUES = [None, "", "abc", -1, 0, 1.5, [], {}, True, 10**30, float("nan"), float("inf")]
 
 ALLOWED_ERRORS = (ValidationError, UnknownNameError, ValueError)
+
+# FITSIM_FUZZ_SCALE=10 multiplies every max_examples (a deeper run; the default keeps the file under a minute)
+SCALE = float(os.environ.get("FITSIM_FUZZ_SCALE", "1"))
+
+
+def scaled(examples: int) -> int:
+    return max(1, int(examples * SCALE))
+
 
 FAST = dict(deadline=None, database=None, print_blob=True,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large])
@@ -218,14 +227,11 @@ def train_workload(draw, junk: bool) -> dict:
     return w
 
 
-def infer_workload(draw, junk: bool, max_gen: int = 10**5) -> dict:
+def infer_workload(draw, junk: bool) -> dict:
     w: dict = {"task": "infer"}
     w["batch"] = _int(draw, 1, 512, junk, bad=(0, -1, 10**6))
     w["prompt_len"] = _int(draw, 1, 32768, junk, bad=(0, -1, 10**7))
-    gen = _int(draw, 0, 4096, junk, bad=(-1, max_gen))
-    # decode FLOPs loop over every generated token (engine bug, tests/simulator/test_engine_regressions.py):
-    # a junk 10**30 would hang the run, so huge generation lengths are capped here
-    w["gen_len"] = min(gen, max_gen) if isinstance(gen, int) and not isinstance(gen, bool) else gen
+    w["gen_len"] = _int(draw, 0, 4096, junk, bad=(-1, 10**5, 10**9))
     if junk and _junk(draw, 20):
         w["seq_len"] = 128  # a training field in an inference workload
     return w
@@ -335,7 +341,7 @@ def check_invariants(e: Estimate, training: bool) -> None:
 # ------------------------------------------------------------------------------------------------ robustness
 
 
-@settings(max_examples=1000, **FAST)
+@settings(max_examples=scaled(1000), **FAST)
 @given(scenario_dicts())
 def test_estimate_returns_or_raises_value_error(d):
     e = run_estimate(d)
@@ -343,7 +349,7 @@ def test_estimate_returns_or_raises_value_error(d):
         check_invariants(e, training=e.task == "train")
 
 
-@settings(max_examples=150, **FAST)
+@settings(max_examples=scaled(150), **FAST)
 @given(st.sampled_from(BIG_MODELS), st.data())
 def test_big_models_return_or_raise_value_error(model, data):
     d = data.draw(scenario_dicts())
@@ -353,7 +359,7 @@ def test_big_models_return_or_raise_value_error(model, data):
         check_invariants(e, training=e.task == "train")
 
 
-@settings(max_examples=120, **FAST)
+@settings(max_examples=scaled(120), **FAST)
 @given(st.sampled_from(SMALL_MODELS), st.sampled_from(["prompt_len", "gen_len", "batch"]))
 def test_estimate_input_types_are_checked(model, field):
     """Non-integers where integers go are validation errors, never TypeErrors from deep inside."""
@@ -403,7 +409,6 @@ def cli_argvs(draw) -> tuple[list[str], str | None]:
             file_text = draw(st.sampled_from(["model: [", "- a\n- b\n", "", "model: gpt2\nbogus: 1\n", "\x00\x01"]))
         else:
             d = draw(scenario_dicts())
-            d["workload"] = {k: v for k, v in d.get("workload", {}).items() if not (isinstance(v, int) and v > 10**5)}
             file_text = yaml.safe_dump(d, sort_keys=False, allow_unicode=True)
     if file_text is None or _junk(draw, 3):
         argv += ["--model", draw(st.sampled_from(CLI_CHOICE_FLAGS["--model"]()))]
@@ -435,7 +440,7 @@ def run_cli(argv: list[str]) -> tuple[int, str, str]:
     return rc, out.getvalue(), err.getvalue()
 
 
-@settings(max_examples=300, **FAST)
+@settings(max_examples=scaled(300), **FAST)
 @given(cli_argvs())
 def test_cli_exit_code_and_one_line_error(case):
     argv, file_text = case
@@ -448,10 +453,14 @@ def test_cli_exit_code_and_one_line_error(case):
     note(f"argv: {argv!r}\nfile: {file_text!r}")
     try:
         rc, out, err = run_cli(argv)
+        event(f"exit {rc}")
+        check_cli_result(argv, rc, out, err)
     finally:
         if path:
             os.unlink(path)
-    event(f"exit {rc}")
+
+
+def check_cli_result(argv: list[str], rc: int, out: str, err: str) -> None:
     allowed = {0, 2} | ({1} if "--fail-if-no-fit" in argv else set())
     assert rc in allowed, (rc, err)
     assert "Traceback" not in err
@@ -460,18 +469,26 @@ def test_cli_exit_code_and_one_line_error(case):
         assert len(lines) == 1, err
         assert lines[0].startswith("fitsim: error:"), err
         assert out == ""
-    else:
-        assert out.strip(), "a report or JSON on stdout"
-        if "--json" in argv:
-            data = json.loads(out)
-            if "--fail-if-no-fit" in argv:
-                assert data["fits"] == (rc == 0)
+        # exit 2 means bad input: the scenario the flags (and file) describe must really be invalid
+        try:
+            sc = build_scenario(build_parser().parse_args(argv))
+        except (CliError, *ALLOWED_ERRORS):
+            return
+        raise AssertionError(f"exit 2 for a valid scenario {sc.model_dump(mode='json')!r}: {err}")
+    assert out.strip(), "a report or JSON on stdout"
+    if "--json" in argv:
+        data = json.loads(out)
+        if "--fail-if-no-fit" in argv:
+            assert data["fits"] == (rc == 0)
+        # the CLI prints what the library computes for the scenario it echoes
+        lib = estimate(data.pop("scenario"), what_fits=True).model_dump(mode="json")
+        assert data == lib
 
 
 # -------------------------------------------------------------------------------------------- invariants (valid)
 
 
-@settings(max_examples=400, **FAST)
+@settings(max_examples=scaled(300), **FAST)
 @given(scenario_dicts(junk=False))
 def test_invariants_of_valid_estimates(d):
     sc = valid_scenario(d)
@@ -479,9 +496,14 @@ def test_invariants_of_valid_estimates(d):
     check_invariants(e, training=sc.is_training)
     if sc.is_training and sc.method.kind == "full":
         assert e.n_trainable_params == e.n_params
+    # every entry point gives the same answer: Scenario, dict, YAML text; the JSON dump round-trips
+    assert Scenario.from_yaml(sc.to_yaml()) == sc
+    assert estimate(d, what_fits=False) == e
+    assert estimate(sc.to_yaml(), what_fits=False) == e
+    assert Estimate.model_validate(json.loads(json.dumps(e.model_dump(mode="json")))) == e
 
 
-@settings(max_examples=60, **FAST)
+@settings(max_examples=scaled(60), **FAST)
 @given(scenario_dicts(junk=False))
 def test_what_fits_agrees_with_the_verdict(d):
     sc = valid_scenario(d)
@@ -508,7 +530,7 @@ def _not_less(a: float, b: float) -> bool:
     return b >= a - 1e-12 * abs(a)
 
 
-@settings(max_examples=200, **FAST)
+@settings(max_examples=scaled(200), **FAST)
 @given(scenario_dicts(junk=False, task="train"), st.integers(1, 4096))
 def test_activations_and_peak_grow_with_seq_len(d, extra):
     d2 = _with_workload(d, seq_len=d["workload"]["seq_len"] + extra)
@@ -521,7 +543,7 @@ def test_activations_and_peak_grow_with_seq_len(d, extra):
     assert _not_less(e1.flops_per_step, e2.flops_per_step)
 
 
-@settings(max_examples=200, **FAST)
+@settings(max_examples=scaled(200), **FAST)
 @given(scenario_dicts(junk=False, task="train"), st.integers(1, 64))
 def test_activations_and_peak_grow_with_micro_batch(d, extra):
     d2 = _with_workload(d, micro_batch=d["workload"]["micro_batch"] + extra)
@@ -534,7 +556,16 @@ def test_activations_and_peak_grow_with_micro_batch(d, extra):
     assert e2.flops_per_step > e1.flops_per_step
 
 
-@settings(max_examples=200, **FAST)
+def _known_zero_adapter_bug(sc: Scenario) -> bool:
+    """Open engine bug (xfail: tests/simulator/test_engine_regressions.py::test_t5_without_cross_attention_lists_no_
+    cross_attention_targets): an inline T5 without a decoder stack accepts cross-attention targets that adapt nothing.
+    Delete when fixed."""
+    t = sc.method.targets
+    return (sc.model.family == "t5" and sc.model.arch != "encoder_decoder" and isinstance(t, list)
+            and all("EncDecAttention" in x or x.startswith("layer.2.") for x in t))
+
+
+@settings(max_examples=scaled(200), **FAST)
 @given(st.sampled_from(["lora", "dora", "qlora"]).flatmap(
     lambda k: scenario_dicts(junk=False, task="train", kind=k)), st.integers(1, 256))
 def test_lora_trainable_params_strictly_grow_with_r(d, extra):
@@ -543,14 +574,12 @@ def test_lora_trainable_params_strictly_grow_with_r(d, extra):
     valid_scenario(d), valid_scenario(d2)
     n1, n2 = estimate(d, what_fits=False).n_trainable_params, estimate(d2, what_fits=False).n_trainable_params
     note(f"r {r1} -> {r1 + extra}: trainable {n1} -> {n2}")
-    if n1 == n2 == 0:
-        # accepted targets that adapt no module at all: a known engine bug class, tracked (xfail) by
-        # tests/simulator/test_engine_regressions.py::test_every_accepted_lora_target_adapts_something
+    if n1 == n2 and _known_zero_adapter_bug(valid_scenario(d)):
         reject()
     assert n2 > n1
 
 
-@settings(max_examples=200, **FAST)
+@settings(max_examples=scaled(200), **FAST)
 @given(scenario_dicts(junk=False, task="infer"), st.sampled_from(["batch", "prompt_len", "gen_len"]),
        st.integers(1, 2048))
 def test_kv_cache_grows_with_batch_prompt_and_generation(d, field, extra):
@@ -568,7 +597,7 @@ def test_kv_cache_grows_with_batch_prompt_and_generation(d, field, extra):
         assert _not_less(e1.memory_bytes.kv_cache, e2.memory_bytes.kv_cache)
 
 
-@settings(max_examples=80, **FAST)
+@settings(max_examples=scaled(80), **FAST)
 @given(st.sampled_from(ALL_MODELS), st.booleans(), st.sampled_from([32, 64, 128, 256, 4096]),
        st.sampled_from(["q_proj,v_proj", "all-linear"]))
 def test_nf4_weights_never_exceed_bf16(model, double_quant, blocksize, targets):
