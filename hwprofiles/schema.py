@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any, Literal
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 TERA = 10**12
@@ -100,8 +99,10 @@ class Efficiency(_Strict):
             return self.matmul_max_fraction_fp8
         return self.matmul_max_fraction
 
-    def matmul_fraction(self, flops_per_gemm: float | np.ndarray, dtype: str = "bf16") -> float | np.ndarray:
+    def matmul_fraction(self, flops_per_gemm, dtype: str = "bf16"):
         """Achievable fraction of peak for a GEMM of ``flops_per_gemm`` FLOPs (scalar or array)."""
+        import numpy as np  # lazy: profiles load without numpy
+
         xs = np.log10([f for f, _ in self.matmul_curve])
         ys = np.array([r for _, r in self.matmul_curve])
         scale = np.interp(np.log10(np.maximum(flops_per_gemm, 1.0)), xs, ys)

@@ -10,8 +10,6 @@ import functools
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
-import networkx as nx
-import numpy as np
 
 from ..config.model import ModelArch
 from .build import ModelTrace, trace_model
@@ -59,10 +57,18 @@ class CostTable:
     loss_upcast_copy: bool  # the fp32 logits copy is a separate storage
     block_io: Poly  # bytes of one block's input/output hidden state
     layer_count: int
-    graph: nx.DiGraph = field(repr=False, default=None)  # type: ignore[assignment]
+    trace: ModelTrace | None = field(repr=False, default=None)
+    _graph: object = field(repr=False, default=None)
 
-    def at(self, poly: Poly, b: np.ndarray) -> float:
-        return float(poly.vec() @ b)
+    def at(self, poly: Poly, b: tuple[float, ...]) -> float:
+        return poly.at(b)
+
+    @property
+    def graph(self):
+        """The operator graph (networkx.DiGraph, module paths as nodes), built on first use."""
+        if self._graph is None and self.trace is not None:
+            self._graph = _graph(self.trace)
+        return self._graph
 
 
 def _params(traces: list[tuple[Trace, int]]) -> list[tuple[Param, int]]:
@@ -136,8 +142,10 @@ def _saved_bytes(mt: ModelTrace) -> tuple[Poly, Poly, dict[str, Poly], dict[str,
     return total, total_no_ckpt, dict(by_layer), dict(by_module), max_layer
 
 
-def _graph(mt: ModelTrace) -> nx.DiGraph:
+def _graph(mt: ModelTrace):
     """Module graph: nodes are module paths (containment edges 'contains', data order edges 'next')."""
+    import networkx as nx  # only when the graph is asked for: keeps `import simulator` light
+
     g = nx.DiGraph()
     order: list[str] = []
     traces = [mt.pre] + [v.trace for v in mt.variants] + [mt.post]
@@ -222,7 +230,7 @@ def compile_trace(mt: ModelTrace) -> CostTable:
         logits_numel=logits.numel, logits_dtype=logits.dtype, loss_dtype=mt.loss_dtype,
         loss_upcast_copy=mt.loss_upcast_copy, block_io=Poly.tok(mt.arch.hidden * 1.0) * _bytes(logits.dtype),
         layer_count=mt.arch.n_layers + (mt.arch.n_decoder_layers or 0 if mt.arch.arch == "encoder_decoder" else 0),
-        graph=_graph(mt),
+        trace=mt,
     )
 
 

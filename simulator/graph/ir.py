@@ -20,8 +20,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from ..units import dtype_bytes
 
 BASIS = ("T", "K", "A", "B", "S", "Q", "1")
@@ -82,20 +80,21 @@ class Poly:
 
     __rmul__ = __mul__
 
-    def vec(self) -> np.ndarray:
-        return np.asarray(self.c, dtype=np.float64)
-
-    def at(self, basis: np.ndarray) -> float:
-        return float(self.vec() @ basis)
+    def at(self, basis: tuple[float, ...]) -> float:
+        """Value for the basis values from :func:`basis` (7 multiply-adds: no numpy on the hot path)."""
+        c, v = self.c, basis
+        return c[0] * v[0] + c[1] * v[1] + c[2] * v[2] + c[3] * v[3] + c[4] * v[4] + c[5] * v[5] + c[6] * v[6]
 
 
 ZERO = Poly()
 
 
-def basis(b: int, s: int, s_kv: int | None = None) -> np.ndarray:
-    """Values of (T, K, A, B, S, Q, 1) for micro-batch b, query length s and key length s_kv."""
+def basis(b: float, s: float, s_kv: float | None = None) -> tuple[float, ...]:
+    """Values of (T, K, A, B, S, Q, 1) for micro-batch b, query length s and key length s_kv.
+
+    Works element-wise on numpy arrays too (``plan`` evaluates many setups at once)."""
     s_kv = s if s_kv is None else s_kv
-    return np.array([b * s, b * s_kv, b * s * s_kv, b, s, s * s_kv, 1.0], dtype=np.float64)
+    return (b * s, b * s_kv, b * s * s_kv, b, s, s * s_kv, 1.0)
 
 
 @dataclass

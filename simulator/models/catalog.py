@@ -22,6 +22,9 @@ from typing import Any
 
 import yaml
 
+# libyaml's safe loader when PyYAML was built with it (10x faster), the pure-Python one otherwise
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
 from hwprofiles.names import UnknownNameError, normalize, resolve_name
 
 from ..config.model import ModelArch, MoE
@@ -49,7 +52,7 @@ def list_models() -> list[str]:
 @functools.cache
 def _load(name: str) -> ModelArch:
     path = _catalog_files()[name]
-    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    data = yaml.load(path.read_text(encoding="utf-8"), Loader=_LOADER)
     if not isinstance(data, dict):
         raise ValueError(f"{path.name}: expected a mapping of ModelArch fields, got {type(data).__name__}")
     try:
