@@ -125,7 +125,7 @@ def target_names(arch: ModelArch, *, embeddings: bool = True) -> frozenset[str]:
     out |= {n.qkv} if n.qkv else {n.q, n.k, n.v}
     if arch.moe is None:
         out |= {x for x in (n.gate, n.up, n.down) if x}
-    if arch.family == "t5":
+    if arch.family == "t5" and arch.arch == "encoder_decoder":
         out |= {"layer.1.EncDecAttention.q", "layer.1.EncDecAttention.k", "layer.1.EncDecAttention.v",
                 "layer.1.EncDecAttention.o", "layer.2.DenseReluDense.wo"}
     leaves = {_leaf(x) for x in out if x}

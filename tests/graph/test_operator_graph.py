@@ -1,0 +1,39 @@
+"""The operator graph: networkx nodes named like torch module paths, one block template per variant."""
+
+from __future__ import annotations
+
+from simulator import Scenario
+from simulator.estimate import cost_table_for
+from simulator.graph.ir import basis
+
+
+def _table(**kw):
+    return cost_table_for(Scenario.model_validate({"model": "llama-3.1-8b", "gpu": "h100-sxm-80gb", **kw}))
+
+
+def test_nodes_are_module_paths_with_params_and_flops():
+    g = _table().graph
+    q = "model.layers.0.self_attn.q_proj"
+    assert q in g
+    assert g.nodes[q]["params"] == 4096 * 4096  # q_proj: hidden x (heads * head_dim), no bias
+    # forward FLOPs of q_proj per token: 2 * 4096 * 4096 (one multiply-add per weight)
+    assert g.nodes[q]["fwd_flops"].at(basis(1, 1)) == 2 * 4096 * 4096
+    assert g.has_edge("model.layers.0.self_attn", q)  # containment
+    assert "lm_head" in g and "model.embed_tokens" in g
+
+
+def test_repeated_blocks_are_one_template():
+    """32 identical trainable blocks trace as one variant: the graph holds the representative block."""
+    ct = _table()
+    assert ct.trace is not None
+    assert [len(v.layers) for v in ct.trace.variants] == [32]
+
+
+def test_frozen_first_block_is_its_own_variant():
+    """With LoRA the first block's input needs no grad (frozen embeddings), so it saves less: two variants."""
+    ct = _table(method={"kind": "lora"})
+    sizes = sorted(len(v.layers) for v in ct.trace.variants)
+    assert sizes == [1, 31]
+    b = basis(1, 2048)
+    first, rest = ct.saved_by_layer["model.layers.0"], ct.saved_by_layer["model.layers.1"]
+    assert first.at(b) < rest.at(b)
