@@ -286,22 +286,20 @@ def gpu_rows() -> list[dict[str, Any]]:
                  price_date=d.price_date) for d in all_devices()]
 
 
-def cmd_models(args: argparse.Namespace) -> int:
-    rows = model_rows()
-    if args.json:
+def _listing(rows: list[dict[str, Any]], table, as_json: bool) -> int:
+    if as_json:
         print(json.dumps(rows, indent=2))
     else:
-        sys.stdout.write(report.models_table(rows))
+        sys.stdout.write(table(rows))
     return EXIT_OK
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    return _listing(model_rows(), report.models_table, args.json)
 
 
 def cmd_gpus(args: argparse.Namespace) -> int:
-    rows = gpu_rows()
-    if args.json:
-        print(json.dumps(rows, indent=2))
-    else:
-        sys.stdout.write(report.gpus_table(rows))
-    return EXIT_OK
+    return _listing(gpu_rows(), report.gpus_table, args.json)
 
 
 SCENARIO_TEMPLATE = """\
