@@ -240,12 +240,15 @@ def _precision(sc: dict, arch: ModelArch, dev, quantized: bool, notes: list[str]
     return prec
 
 
-def _attention(sc: dict, arch: ModelArch, precision: str, notes: list[str]) -> str:
+def _attention(sc: dict, arch: ModelArch, precision: str, notes: list[str], year: int | None = None) -> str:
     raw = sc.get("attention")
     if raw in (None, "other"):
         fw = sc.get("framework") or "other"
         d = _defaults(sc)["attention"]
         if d == "sdpa" and _defaults(sc) is _HF and arch.family in EAGER_ONLY_FAMILIES:
+            d = "eager"
+        if d == "sdpa" and _defaults(sc) is _HF and year is not None and year <= 2023:
+            # transformers made SDPA the default attention in v4.36 (December 2023); before, eager
             d = "eager"
         notes.append(f"attention {raw or 'unstated'}: {fw} default for {arch.family} -> {d}")
         raw = d
@@ -326,7 +329,16 @@ def _targets(raw: list[str] | None, arch: ModelArch, notes: list[str]) -> list[s
     return out
 
 
-def _method(sc: dict, arch: ModelArch, precision: str, notes: list[str]):
+def _source_year(source: dict | None) -> int | None:
+    """The latest 20xx year named in the record's source text (its name / where), if any."""
+    import re
+
+    text = " ".join(str(v) for v in (source or {}).values())
+    years = [int(y) for y in re.findall(r"\b(20[12]\d)\b", text)]
+    return max(years) if years else None
+
+
+def _method(sc: dict, arch: ModelArch, precision: str, notes: list[str], rec_source: dict | None = None):
     kind = sc.get("method")
     wq = sc.get("weight_quant") or "none"
     lora = sc.get("lora")
@@ -352,6 +364,11 @@ def _method(sc: dict, arch: ModelArch, precision: str, notes: list[str]):
         if kind == "qlora" or wq != "none":
             if wq == "none":
                 wq = "nf4"
+            year = _source_year(rec_source)
+            if wq in ("nf4", "fp4") and year is not None and year <= 2023:
+                # measured with bitsandbytes < 0.43.2: 4-bit matmuls kept their input (fixed by PR #1270, 2024-07)
+                kw["bnb_keeps_input"] = True
+                notes.append(f"source from {year}: bitsandbytes of that time kept each 4-bit matmul's input")
                 notes.append("qlora without weight_quant: NF4 base")
             if wq not in QUANTS or QUANTS[wq] == "fp8":
                 raise Unsupported(f"LoRA on a {wq!r} base not modelled")
@@ -414,7 +431,7 @@ def record_to_scenario(rec: dict, notes: list[str] | None = None) -> Scenario:
     wq = sc.get("weight_quant") or "none"
     quantized = wq != "none"
     precision = _precision(sc, arch, dev, quantized, notes)
-    attention = _attention(sc, arch, precision, notes)
+    attention = _attention(sc, arch, precision, notes, _source_year(rec.get("source")))
 
     if sc.get("task") == "infer" or sc.get("method") == "inference":
         inf = sc.get("inference") or {}
@@ -443,7 +460,7 @@ def record_to_scenario(rec: dict, notes: list[str] | None = None) -> Scenario:
             inference={"weights": weights, "double_quant": bool(dq), "kv_dtype": kv},
         )
 
-    method = _method(sc, arch, precision, notes)
+    method = _method(sc, arch, precision, notes, rec.get("source"))
     mb, seq, ga = sc.get("micro_batch"), sc.get("seq_len"), sc.get("grad_accum")
     for k, v in (("micro_batch", mb), ("seq_len", seq), ("grad_accum", ga)):
         if v is None:

@@ -80,6 +80,9 @@ class QLoRA(_LoRABase):
     """GPTQ/AWQ quantization group size."""
     blocksize: int = Field(default=64, gt=0)
     """bitsandbytes 4-bit block size (one absmax per block)."""
+    bnb_keeps_input: bool = False
+    """bitsandbytes before 0.43.2 (PR #1270, July 2024) kept each 4-bit matmul's input until backward
+    (``ctx.tensors = (A, B)``) although the frozen weight needs no gradient; set it for older stacks."""
 
 
 class IA3(Strict):

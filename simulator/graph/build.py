@@ -275,6 +275,8 @@ class Builder:
         tr = self.tr
         deq = Tensor(-1, Poly.const(in_f * out_f), self.cdt, False, path)
         tr.transient(path, deq.nbytes)
+        if quant in ("nf4", "fp4") and x.requires_grad and getattr(self.plan.lora, "bnb_keeps_input", False):
+            tr.save(path, x)  # legacy MatMul4Bit: ctx.tensors = (A, B)
         rows = x.numel * (1.0 / in_f)
         mm = rows * (2.0 * in_f * out_f)
         tr.flops(path, "linear", mm, mm if x.requires_grad else ZERO,
