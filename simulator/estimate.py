@@ -150,6 +150,8 @@ def _infer_memory(sc: Scenario, ct: CostTable, dev: Device) -> tuple[dict[str, f
     ctx = w.prompt_len + w.gen_len
     kv = mem.kv_cache_bytes(arch.decoder_layers, arch.kv_heads, arch.d_head, ctx, w.batch, kv_dtype(sc, ct))
     kv_prefill = mem.kv_cache_bytes(arch.decoder_layers, arch.kv_heads, arch.d_head, w.prompt_len, w.batch, kv_dtype(sc, ct))
+    if arch.arch == "encoder":  # one bidirectional forward: nothing is cached
+        kv = kv_prefill = 0.0
     T = w.batch * w.prompt_len
     inter = arch.expert_intermediate * (arch.moe.top_k if arch.moe else 1)
     # prefill: one block's temporaries (gate, up, act*up) + residual/normed hidden states;

@@ -73,6 +73,11 @@ class Scenario(Strict):
     def _cross_check(self) -> "Scenario":
         m, arch = self.method, self.model
         if isinstance(self.workload, InferWorkload):
+            if arch.arch == "encoder" and self.workload.gen_len > 0:
+                raise ValueError(
+                    f"workload.gen_len={self.workload.gen_len}: {arch.name!r} is an encoder (no generation, no KV cache); "
+                    "use gen_len 0 to estimate one forward pass"
+                )
             ctx = self.workload.prompt_len + self.workload.gen_len
             if arch.position == "learned" and ctx > arch.max_position_embeddings:
                 raise ValueError(
