@@ -217,12 +217,14 @@ def build_scenario_dict(args: argparse.Namespace) -> dict[str, Any]:
         md.update(given_m)
         data["method"] = md
 
-    for flag in ("precision", "attention", "loss"):
+    for flag in ("precision", "attention", "loss", "implementation"):
         v = getattr(args, flag)
         if v is not None:
             data[flag] = v
     if args.expandable_segments:
         data["expandable_segments"] = True
+    if args.padded_batches:
+        data["padded_batches"] = True
     if args.optimizer is not None:
         data["optimizer"] = {**_sub(data, "optimizer"), "name": args.optimizer}
     if args.checkpointing is not None or args.every_k is not None:
@@ -399,7 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--every-k", type=int, metavar="K", help=_doc(Checkpointing, "every_k") + " (implies --checkpointing every_k)")
     g.add_argument("--attention", metavar="A", help=_doc(Scenario, "attention", choices=False)
                    + " [" + " | ".join(_choices(Scenario, "attention")) + "]")
-    g.add_argument("--loss", metavar="upcast|fused", help=_doc(Scenario, "loss", choices=False))
+    g.add_argument("--loss", metavar="upcast|chunked|fused", help=_doc(Scenario, "loss", choices=False))
+    g.add_argument("--implementation", metavar="transformers|litgpt|torchtune", help=_doc(Scenario, "implementation", choices=False))
+    g.add_argument("--padded-batches", action="store_true", help=_doc(Scenario, "padded_batches"))
     g.add_argument("--weights", metavar="W", help=_doc(InferenceQuant, "weights") + " (implies --task infer)")
     g.add_argument("--kv-dtype", metavar="D", help=_doc(InferenceQuant, "kv_dtype") + " (implies --task infer)")
     g.add_argument("--expandable-segments", action="store_true", help=_doc(Scenario, "expandable_segments"))

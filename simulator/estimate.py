@@ -33,6 +33,7 @@ def _table_key(sc: Scenario) -> str:
         sc.checkpointing.model_dump_json(),
         sc.loss,
         str(sc.padded_batches),
+        sc.implementation,
         sc.workload.task,
         sc.inference.weights,
         str(sc.inference.group_size),

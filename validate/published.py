@@ -483,6 +483,7 @@ def record_to_scenario(rec: dict, notes: list[str] | None = None) -> Scenario:
         model=arch, gpu=dev.name, method=method, precision=precision, attention=attention, loss=loss,
         workload=TrainWorkload(micro_batch=mb_v, seq_len=seq or d["seq_len"], grad_accum=ga_v),
         optimizer=optimizer, checkpointing=_checkpointing(sc, notes), padded_batches=padded,
+        implementation=sc.get("framework") if sc.get("framework") in ("litgpt", "torchtune") else "transformers",
     )
 
 

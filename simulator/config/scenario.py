@@ -36,6 +36,9 @@ class Scenario(Strict):
     """'upcast': HF loss casts all b*s*V logits to fp32 at once; 'chunked': 16-bit logits, upcast and
     cross-entropy one chunk at a time (torchtune/litgpt); 'fused': linear + cross-entropy fused per chunk
     (Liger), the logits never exist whole."""
+    implementation: Literal["transformers", "litgpt", "torchtune"] = "transformers"
+    """Whose model code runs: Hugging Face transformers + PEFT (the traced reference), or litgpt / torchtune,
+    whose blocks use a fused F.gelu and expand GQA keys/values to all heads before SDPA."""
     padded_batches: bool = False
     """Batches padded to their longest sequence with an attention mask (HF collators): SDPA then gets an
     explicit mask, so GQA keys/values are expanded to all heads (repeat_kv) and flash gives way to the

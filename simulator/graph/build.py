@@ -398,7 +398,8 @@ class Builder:
     def act(self, path: str, x: Tensor) -> Tensor:
         if self.arch.activation == "relu":
             return self.tr.relu(path, x)
-        if self.arch.activation == "gelu_tanh" and self.arch.family in PYTHON_GELU_FAMILIES:
+        if (self.arch.activation == "gelu_tanh" and self.arch.family in PYTHON_GELU_FAMILIES
+                and self.plan.implementation == "transformers"):
             return self.new_gelu(path, x)
         return self.tr.unary_saving_input(path, x, self.arch.activation)
 
@@ -456,9 +457,11 @@ class Builder:
             probs = tr.new(path, Poly.att(a), acc, rg)
             return self._explicit_attention(path, qs, ks, v, probs, probs, fwd, q.dtype)
         mask = self.globals.get("attn_mask")
-        if (self.plan.padded or mask is not None) and akv != a and impl.startswith("sdpa"):
+        expand = self.plan.padded or mask is not None or self.plan.implementation != "transformers"
+        if expand and akv != a and impl.startswith("sdpa"):
             # HF passes SDPA an explicit mask when batches are padded or a prefix is prepended: no
-            # enable_gqa, repeat_kv copies K and V to all heads, and CUDA uses the mem-efficient kernel
+            # enable_gqa, repeat_kv copies K and V to all heads, and CUDA uses the mem-efficient kernel.
+            # litgpt and torchtune expand K and V to all heads themselves before calling SDPA.
             k = tr.new(path, Poly.kv(a * d), k.dtype, k.requires_grad)
             v = tr.new(path, Poly.kv(a * d), v.dtype, v.requires_grad)
         o = tr.new(path, Poly.tok(a * d), q.dtype, rg)

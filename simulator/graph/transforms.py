@@ -104,6 +104,7 @@ class Plan:
     attention: str
     modules_to_save: frozenset[str]
     padded: bool = False
+    implementation: str = "transformers"
 
     def layer_base_trainable(self, i: int) -> bool:
         return self.base_trainable or i in self.layers_trainable
@@ -202,6 +203,7 @@ def plan_of(sc: Scenario) -> Plan:
         attention=sc.attention,
         modules_to_save=mts,
         padded=sc.padded_batches,
+        implementation=sc.implementation,
     )
 
 
