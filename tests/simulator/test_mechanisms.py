@@ -1,0 +1,51 @@
+"""Memory mechanisms beyond the CPU-exact set, each checked against its derivation."""
+
+from __future__ import annotations
+
+from simulator import Scenario
+from simulator.estimate import cost_table_for
+from simulator.graph.ir import basis
+
+B, S = 2, 1024
+T = B * S  # tokens per micro-batch
+
+
+def _table(**kw):
+    base = {"model": "llama-3.1-8b", "precision": "bf16", "attention": "sdpa-flash",
+            "workload": {"task": "train", "micro_batch": B, "seq_len": S}}
+    return cost_table_for(Scenario.model_validate({**base, **kw}))
+
+
+def _saved(ct, layer: str | None = None) -> float:
+    poly = ct.saved if layer is None else ct.saved_by_layer[layer]
+    return poly.at(basis(B, S))
+
+
+def test_padded_batches_expand_gqa_keys_and_values():
+    """A padding mask turns off SDPA's enable_gqa: repeat_kv copies K and V from 8 to 32 heads.
+    Llama-3.1-8B, full fine-tuning: the kernel saves the two 32-head copies instead of the 8-head
+    post-RoPE K and V (which nothing else saves): per block 2 x T x (32 - 8) x 128 x 2 B more."""
+    plain, padded = _table(), _table(padded_batches=True)
+    per_block = 2 * T * (32 - 8) * 128 * 2
+    assert _saved(padded) - _saved(plain) == 32 * per_block
+
+
+def test_litgpt_gelu_saves_one_tensor_instead_of_four():
+    """GPT-2's HF NewGELU (Python) saves x, tanh(.), 0.5x and 1+tanh(.); F.gelu saves x only:
+    3 x T x 3072 x 2 B less per block, 12 blocks (gpt2 is MHA, so no GQA expansion applies)."""
+    base = {"model": "gpt2", "precision": "bf16", "attention": "sdpa-flash",
+            "workload": {"task": "train", "micro_batch": B, "seq_len": S}}
+    hf = cost_table_for(Scenario.model_validate(base))
+    lit = cost_table_for(Scenario.model_validate({**base, "implementation": "litgpt"}))
+    assert _saved(hf) - _saved(lit) == 12 * 3 * T * 3072 * 2
+
+
+def test_legacy_bitsandbytes_keeps_the_4bit_matmul_inputs():
+    """bitsandbytes < 0.43.2 kept A in MatMul4Bit. In a block whose input needs grad (layer 1), QLoRA on
+    q, v saves in addition: the normed input of q/k/v (one storage, T x 4096 x 2 B; the LoRA branch keeps
+    its own fp32 copy), the normed input of gate/up (T x 4096 x 2 B) and down_proj's input (T x 14336 x 2 B);
+    o_proj's input is the SDPA output, already saved by the kernel."""
+    new = _table(method={"kind": "qlora", "targets": ["q_proj", "v_proj"]})
+    old = _table(method={"kind": "qlora", "targets": ["q_proj", "v_proj"], "bnb_keeps_input": True})
+    extra = T * 4096 * 2 + T * 4096 * 2 + T * 14336 * 2
+    assert _saved(old, "model.layers.1") - _saved(new, "model.layers.1") == extra
