@@ -49,3 +49,34 @@ def test_legacy_bitsandbytes_keeps_the_4bit_matmul_inputs():
     old = _table(method={"kind": "qlora", "targets": ["q_proj", "v_proj"], "bnb_keeps_input": True})
     extra = T * 4096 * 2 + T * 4096 * 2 + T * 14336 * 2
     assert _saved(old, "model.layers.1") - _saved(new, "model.layers.1") == extra
+
+
+def _estimate(**kw):
+    from simulator import estimate
+
+    base = {"model": "llama-3.1-8b", "precision": "bf16", "attention": "sdpa-flash",
+            "workload": {"task": "train", "micro_batch": B, "seq_len": S}}
+    return estimate({**base, **kw}, what_fits=False)
+
+
+def test_optimizer_in_backward_holds_one_gradient():
+    """Stepping each parameter in its grad hook: at most the largest gradient exists, here the untied
+    lm_head / embedding (128256 x 4096 bf16), and the step's temporaries are one parameter's, not the
+    foreach copy of all 8,030,261,248 bf16 parameters: the optimizer phase drops by 2 x (all - largest)."""
+    e = _estimate(optimizer={"name": "adamw", "in_backward": True})
+    largest, everything = 128256 * 4096 * 2, 8_030_261_248 * 2
+    assert e.memory_bytes.gradients == largest
+    full = _estimate()
+    assert full.phase_allocated_bytes["optimizer"] - e.phase_allocated_bytes["optimizer"] == 2 * (everything - largest)
+
+
+def test_chunked_loss_transients():
+    """torchtune/litgpt: the bf16 logits exist whole, their fp32 copy and the two fp32 grads one chunk
+    (of 8) at a time; HF's upcast holds the whole fp32 copy and two whole fp32 grads."""
+    from simulator.memory import loss_transient_bytes
+
+    n = T * 128256
+    fwd, bwd = loss_transient_bytes("chunked", n, "bf16", "fp32", True, T * 4096)
+    assert (fwd, bwd) == (n * 2 + n * 4 / 8, 2 * 4 * n / 8)
+    fwd, bwd = loss_transient_bytes("upcast", n, "bf16", "fp32", True, T * 4096)
+    assert (fwd, bwd) == (n * 2 + n * 4, 2 * 4 * n)
