@@ -224,20 +224,23 @@ def _with(sc: Scenario, **upd: Any) -> Scenario:
     return Scenario.model_validate(data)
 
 
-def _largest(sc: Scenario, dev: Device, field: str, lo: int, hi: int) -> int | None:
-    """Largest value of a workload field (batch / length) that fits, by bisection (memory is monotone in it)."""
+def _largest(sc: Scenario, ct: CostTable, dev: Device, field: str, lo: int, hi: int) -> int | None:
+    """Largest value of a workload field (batch / length) in [lo, hi] that fits, by bisection (memory is
+    monotone in it).  Sizes do not change the cost table, so each probe is one evaluation of it."""
     def fits(v: int) -> bool:
-        s2 = _with(sc, workload={**sc.workload.model_dump(), field: v})
-        return _fits(s2, cost_table_for(s2), dev)[0]
+        s2 = sc.model_copy(update={"workload": sc.workload.model_copy(update={field: v})})
+        return _fits(s2, ct, dev)[0]
     if not fits(lo):
         return None
-    while hi > lo and not fits(hi):
-        mid = (lo + hi + 1) // 2
+    if fits(hi):
+        return hi
+    while hi - lo > 1:  # fits(lo) and not fits(hi)
+        mid = (lo + hi) // 2
         if fits(mid):
             lo = mid
         else:
-            hi = mid - 1
-    return hi
+            hi = mid
+    return lo
 
 
 def _suggestions(sc: Scenario, dev: Device) -> list[Suggestion]:
@@ -338,14 +341,14 @@ def _estimate(sc: Scenario, what_fits: bool) -> Estimate:
         cur_b = getattr(sc.workload, field_b)
         cur_s = getattr(sc.workload, field_s)
         cap_b = max(cur_b * 64, 64)
-        max_batch = _largest(sc, dev, field_b, 1, cap_b)
+        max_batch = _largest(sc, ct, dev, field_b, 1, cap_b)
         lo_s = (ct.plan.prefix_tokens or ct.plan.prompt_tokens) + 1
         # learned position tables cannot go past their length; RoPE models are searched to 4x their context
         cap_s = (sc.model.max_position_embeddings - ct.plan.prompt_tokens if sc.model.position == "learned"
                  else max(cur_s, sc.model.max_position_embeddings * 4))
         if not sc.is_training:
             cap_s = max(1, cap_s - sc.workload.gen_len) if sc.model.position == "learned" else cap_s
-        max_len = _largest(sc, dev, field_s, min(lo_s, cap_s), cap_s)
+        max_len = _largest(sc, ct, dev, field_s, min(lo_s, cap_s), cap_s)
         if max_batch == cap_b:
             notes.append(f"largest {field_b} searched up to {cap_b}: it fits there, the real limit is higher")
         if max_len == cap_s:
