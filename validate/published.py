@@ -44,7 +44,7 @@ from simulator.graph.build import names_of, target_names
 # Defaults for unstated fields, per framework
 # ------------------------------------------------------------------------------------------------------------
 # "model-dtype": the dtype the checkpoint is released in when it is 16-bit (bf16/fp16 loaded as such, no fp32
-# master copy = pure 16-bit), fp32 otherwise -- the brief's rule for transformers-based trainers (load with
+# master copy = pure 16-bit), fp32 otherwise -- the rule for transformers-based trainers (load with
 # torch_dtype="auto"/the config dtype, Trainer without --bf16).
 # A 4-bit/8-bit base (QLoRA, quantized inference) computes in 16-bit whatever the table says: bf16 where the
 # device has it, fp16 otherwise (T4, V100).
