@@ -100,7 +100,7 @@ class PrefixTuning(Strict):
     prefix_projection: bool = False
     """Reparametrise the prefix through an MLP (Li & Liang)."""
     encoder_hidden_size: int | None = Field(default=None, gt=0)
-    """Hidden size of the prefix MLP (defaults to the model hidden size)."""
+    """Hidden size of the prefix MLP (PEFT's default: the model's hidden size)."""
 
 
 class PromptTuning(Strict):

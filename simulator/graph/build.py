@@ -641,7 +641,24 @@ class ModelBuilder(Builder):
         inv = tr.new(X, R, "int64", False)
         if y.requires_grad:
             tr.save(X, inv)
-        return tr.new(f"{L}.mlp", x.numel, x.dtype, y.requires_grad)  # summed over top_k, cast back
+        out = tr.new(f"{L}.mlp", x.numel, x.dtype, y.requires_grad)  # summed over top_k, cast back
+        if moe.n_shared_experts:
+            out = tr.add(f"{L}.mlp", out, self.shared_expert(L, x, train))
+        return out
+
+    def shared_expert(self, L: str, x: Tensor, train: bool) -> Tensor:
+        """Qwen2-MoE always-on expert: a gated MLP of width n_shared x shared_intermediate, scaled by
+        ``sigmoid(shared_expert_gate(x))`` (a Linear(h, 1))."""
+        arch, tr, moe = self.arch, self.tr, self.arch.moe
+        H = arch.hidden
+        si = (moe.shared_intermediate or arch.intermediate) * moe.n_shared_experts
+        S = f"{L}.mlp.shared_expert"
+        g = self.linear(f"{S}.gate_proj", x, H, si, bias=False, trainable=train)
+        u = self.linear(f"{S}.up_proj", x, H, si, bias=False, trainable=train)
+        m = tr.mul(S, self.act(f"{S}.act_fn", g), u)
+        d = self.linear(f"{S}.down_proj", m, si, H, bias=False, trainable=train)
+        gate = self.linear(f"{L}.mlp.shared_expert_gate", x, H, 1, bias=False, trainable=train)
+        return tr.mul(f"{L}.mlp", tr.sigmoid(f"{L}.mlp", gate), d, out_numel=d.numel)
 
     def bottleneck(self, path: str, x: Tensor) -> Tensor:
         """Houlsby/Pfeiffer adapter ``x + up(relu(down(x)))``."""
@@ -742,11 +759,7 @@ class ModelBuilder(Builder):
             tr.save("prompt_encoder.embedding", tr.new("prompt_encoder", Poly.const(pl.prompt_tokens), "int64", False))
             x = tr.new("", Poly.tok(H), x.dtype, True)
         if pl.prefix_tokens:
-            L, kvd = arch.n_layers, arch.kv_dim
-            self.weight("prompt_encoder.embedding.weight", pl.prefix_tokens * L * 2 * kvd, True, dtype=pl.adapter_dtype)
-            # prefix ids (1, p) expanded over the batch, saved by the embedding; its output (b, p, L*2*kvd)
-            tr.save("prompt_encoder.embedding", tr.new("prompt_encoder", Poly.const(pl.prefix_tokens), "int64", False))
-            pk = tr.new("prompt_encoder", Poly.seq(pl.prefix_tokens * L * 2 * kvd), self.pdt, True)
+            pk = self.prefix_encoder()
             self.globals["prefix"] = pk
             # PEFT prepends ones to the attention mask: HF builds a (b, 1, s, p + s) float mask, one for all layers
             self.globals["attn_mask"] = tr.new("model", Poly.att(1), x.dtype, False)
@@ -777,6 +790,29 @@ class ModelBuilder(Builder):
         if arch.family == "t5":
             self.relative_bias("encoder")
         return x
+
+    def prefix_encoder(self) -> Tensor:
+        """PEFT ``PrefixEncoder``: an Embedding(p, L*2*kv_dim) looked up with (1, p) ids expanded over the
+        batch, or with ``prefix_projection`` Embedding(p, kv_dim) -> Linear(kv_dim, e) -> Tanh ->
+        Linear(e, L*2*kv_dim), all trainable in the adapter dtype.  Output: (b, p, L*2*kv_dim)."""
+        arch, pl, tr = self.arch, self.plan, self.tr
+        p, L, kvd, e = pl.prefix_tokens, arch.n_layers, arch.kv_dim, pl.prefix_hidden
+        adt = pl.adapter_dtype
+        ids = tr.new("prompt_encoder", Poly.const(p), "int64", False)
+        tr.save("prompt_encoder.embedding", ids)
+        rows = Poly.seq(p)
+        if not e:
+            self.weight("prompt_encoder.embedding.weight", p * L * 2 * kvd, True, dtype=adt)
+            return tr.new("prompt_encoder", rows * (L * 2 * kvd), self.pdt, True)
+        self.weight("prompt_encoder.embedding.weight", p * kvd, True, dtype=adt)
+        emb = tr.new("prompt_encoder.embedding", rows * kvd, adt, True)
+        w1 = self.weight("prompt_encoder.transform.0.weight", kvd * e, True, dtype=adt, shape=(e, kvd))
+        b1 = self.weight("prompt_encoder.transform.0.bias", e, True, dtype=adt)
+        h = tr.matmul("prompt_encoder.transform.0", emb, w1, kvd, e, bias=b1, tokens=rows)
+        h = tr.tanh("prompt_encoder.transform.1", h)
+        w2 = self.weight("prompt_encoder.transform.2.weight", e * L * 2 * kvd, True, dtype=adt, shape=(L * 2 * kvd, e))
+        b2 = self.weight("prompt_encoder.transform.2.bias", L * 2 * kvd, True, dtype=adt)
+        return tr.matmul("prompt_encoder.transform.2", h, w2, e, L * 2 * kvd, bias=b2, tokens=rows)
 
     def relative_bias(self, stack: str) -> None:
         """T5 relative position bias: an Embedding(buckets, heads) in block 0 of each stack, looked up

@@ -251,11 +251,15 @@ class Tracer:
         return self.new(module, x.numel, x.dtype, x.requires_grad)
 
     def relu(self, module: str, x: Tensor) -> Tensor:
-        """relu saves its output (``threshold_backward(grad, result, 0)``)."""
+        """relu, tanh and sigmoid save their output (``threshold_backward(grad, result, 0)``,
+        ``tanh_backward(grad, result)``, ``sigmoid_backward(grad, result)``)."""
         out = self.new(module, x.numel, x.dtype, x.requires_grad)
         if x.requires_grad:
             self.save(module, out)
         return out
+
+    tanh = relu
+    sigmoid = relu
 
     def dropout(self, module: str, x: Tensor, p: float) -> Tensor:
         """Training dropout: a bool mask (1 B/element) is saved; p = 0 is the identity."""

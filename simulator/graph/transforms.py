@@ -96,6 +96,7 @@ class Plan:
     ia3_feedforward: frozenset[str]
     adapter: Adapter | None
     prefix_tokens: int
+    prefix_hidden: int  # > 0: PEFT prefix_projection MLP width (encoder_hidden_size)
     prompt_tokens: int
     base_quant: str  # dense | nf4 | fp4 | int8 | gptq | awq | fp8
     quant_group_size: int
@@ -194,6 +195,9 @@ def plan_of(sc: Scenario) -> Plan:
         ia3_feedforward=ia3_ff,
         adapter=m if isinstance(m, Adapter) else None,
         prefix_tokens=m.n_virtual_tokens if isinstance(m, PrefixTuning) else 0,
+        # PEFT sets encoder_hidden_size to token_dim = the model's hidden size before it narrows token_dim to
+        # head_dim * n_kv_heads for GQA (peft/utils/other.py _prepare_prompt_learning_config)
+        prefix_hidden=(m.encoder_hidden_size or arch.hidden) if isinstance(m, PrefixTuning) and m.prefix_projection else 0,
         prompt_tokens=m.n_virtual_tokens if isinstance(m, PromptTuning) else 0,
         base_quant=base_quant,
         quant_group_size=group,

@@ -81,6 +81,7 @@ CASES = [
     ("llama", "bf16", "sdpa-flash", {"kind": "prompt", "n_virtual_tokens": 4}, "none"),
     ("llama", "bf16", "sdpa-flash", {"kind": "prefix", "n_virtual_tokens": 4}, "none"),
     ("llama", "fp32", "eager", {"kind": "prefix", "n_virtual_tokens": 4}, "none"),
+    ("llama", "bf16", "eager", {"kind": "prefix", "n_virtual_tokens": 4, "prefix_projection": True}, "none"),
     ("llama", "fp32", "sdpa-flash", {"kind": "prompt", "n_virtual_tokens": 4}, "none"),
     ("llama", "bf16", "sdpa-flash", {"kind": "freeze", "n_trainable_layers": 1}, "none"),
     ("llama", "fp32", "eager", {"kind": "freeze", "n_trainable_layers": 1, "which": "first"}, "none"),

@@ -37,3 +37,21 @@ def test_frozen_first_block_is_its_own_variant():
     b = basis(1, 2048)
     first, rest = ct.saved_by_layer["model.layers.0"], ct.saved_by_layer["model.layers.1"]
     assert first.at(b) < rest.at(b)
+
+
+def test_qwen2_moe_shared_expert_parameters_equal_transformers():
+    """Routed experts + the always-on shared expert and its sigmoid gate, against the real module."""
+    import pytest
+
+    pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM, Qwen2MoeConfig
+
+    from simulator import from_hf_config
+    from simulator.estimate import count_params
+
+    cfg = Qwen2MoeConfig(hidden_size=64, intermediate_size=160, moe_intermediate_size=48,
+                         shared_expert_intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, num_experts=4, num_experts_per_tok=2,
+                         decoder_sparse_step=1, mlp_only_layers=[])
+    model = AutoModelForCausalLM.from_config(cfg)
+    assert count_params(from_hf_config(cfg.to_dict(), name="tiny-qwen2-moe")) == sum(p.numel() for p in model.parameters())
