@@ -149,8 +149,10 @@ def _infer_memory(sc: Scenario, ct: CostTable, dev: Device) -> tuple[dict[str, f
     weights = ct.frozen_dense_bytes + ct.quant_data_bytes + ct.trainable_bytes
     scales = ct.quant_scale_bytes
     ctx = w.prompt_len + w.gen_len
-    kv = mem.kv_cache_bytes(arch.decoder_layers, arch.kv_heads, arch.d_head, ctx, w.batch, kv_dtype(sc, ct))
-    kv_prefill = mem.kv_cache_bytes(arch.decoder_layers, arch.kv_heads, arch.d_head, w.prompt_len, w.batch, kv_dtype(sc, ct))
+    window = dict(sliding_window=arch.sliding_window, full_layers=arch.full_attention_layers)
+    kv = mem.kv_cache_bytes(arch.decoder_layers, arch.kv_heads, arch.d_head, ctx, w.batch, kv_dtype(sc, ct), **window)
+    kv_prefill = mem.kv_cache_bytes(arch.decoder_layers, arch.kv_heads, arch.d_head, w.prompt_len, w.batch,
+                                    kv_dtype(sc, ct), **window)
     if arch.arch == "encoder":  # one bidirectional forward: nothing is cached
         kv = kv_prefill = 0.0
     T = w.batch * w.prompt_len

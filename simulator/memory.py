@@ -150,9 +150,17 @@ def loss_transient_bytes(mode: str, logits_numel: float, logits_dtype: str, loss
 # ---------------------------------------------------------------------------------------------
 
 
-def kv_cache_bytes(n_layers: int, n_kv_heads: int, head_dim: int, tokens: int, batch: int, dtype: str) -> float:
-    """2 (K and V) x layers x kv heads x head_dim x context x batch x bytes/element."""
-    return 2.0 * n_layers * n_kv_heads * head_dim * tokens * batch * dtype_bytes(dtype)
+def kv_cache_bytes(n_layers: int, n_kv_heads: int, head_dim: int, tokens: int, batch: int, dtype: str,
+                   *, sliding_window: int | None = None, full_layers: int | None = None) -> float:
+    """2 (K and V) x layers x kv heads x head_dim x context x batch x bytes/element.
+
+    With a sliding window, ``n_layers - full_layers`` layers keep at most ``sliding_window`` tokens
+    (transformers' sliding-window cache layers, vLLM's sliding-window blocks)."""
+    per_token_layer = 2.0 * n_kv_heads * head_dim * batch * dtype_bytes(dtype)
+    if sliding_window is None:
+        return per_token_layer * n_layers * tokens
+    full = n_layers if full_layers is None else full_layers
+    return per_token_layer * (full * tokens + (n_layers - full) * min(tokens, sliding_window))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -107,6 +107,11 @@ class ModelArch(Strict):
     """Extra post-attention and post-MLP norms (Gemma2): four norms per block."""
     moe: MoE | None = None
     """Mixture-of-experts MLP, or None for a dense MLP."""
+    sliding_window: int | None = Field(default=None, ge=1)
+    """Sliding-window attention span in tokens (Mistral v0.1, Gemma 2 local layers): a sliding layer's KV
+    cache keeps only the last window."""
+    full_attention_every: int = Field(default=0, ge=0)
+    """With a sliding window: every k-th layer attends globally (Gemma 2: 2); 0 = every layer slides."""
     type_vocab_size: int = Field(default=0, ge=0)
     """Token-type embeddings (BERT)."""
     relative_attention_num_buckets: int = Field(default=32, ge=1)
@@ -146,6 +151,13 @@ class ModelArch(Strict):
         if self.moe is None or self.moe.expert_intermediate is None:
             return self.intermediate
         return self.moe.expert_intermediate
+
+    @property
+    def full_attention_layers(self) -> int:
+        """Decoder layers whose KV cache holds the whole context."""
+        if self.sliding_window is None:
+            return self.decoder_layers
+        return self.decoder_layers // self.full_attention_every if self.full_attention_every else 0
 
     @property
     def decoder_layers(self) -> int:

@@ -218,6 +218,11 @@ def _llama_like(c: _Cfg) -> dict[str, Any]:
         out["qk_norm"] = True
     if mt == "gemma2":
         out["sandwich_norm"] = True
+    window = c.get("sliding_window")
+    if window and (mt in ("mistral", "mixtral", "gemma2") or c.get("use_sliding_window")):
+        out["sliding_window"] = int(window)
+        # Gemma 2 alternates local (sliding) and global layers: layer i slides when (i + 1) % 2 != 0
+        out["full_attention_every"] = 2 if mt == "gemma2" else 0
     if mt == "mixtral":
         out["moe"] = MoE(n_experts=c.req("num_local_experts"), top_k=c.req("num_experts_per_tok"))
     if mt == "qwen2_moe":

@@ -80,3 +80,19 @@ def test_chunked_loss_transients():
     assert (fwd, bwd) == (n * 2 + n * 4 / 8, 2 * 4 * n / 8)
     fwd, bwd = loss_transient_bytes("upcast", n, "bf16", "fp32", True, T * 4096)
     assert (fwd, bwd) == (n * 2 + n * 4, 2 * 4 * n)
+
+
+def test_sliding_window_caps_the_kv_cache():
+    """Mistral-7B v0.1 slides every layer over 4096 tokens: 32 layers x 8 kv heads x 128 x 2 (K, V) x 2 B
+    x 4096 tokens, whatever the context.  Gemma-2-9B alternates: 21 of its 42 layers keep the whole
+    context, 21 keep 4096 (8 kv heads x 256 head dim)."""
+    from simulator import estimate
+
+    def kv(model: str, ctx: int) -> float:
+        e = estimate({"model": model, "workload": {"task": "infer", "batch": 1, "prompt_len": ctx, "gen_len": 0}},
+                     what_fits=False)
+        return e.memory_bytes.kv_cache
+
+    assert kv("mistral-7b", 16384) == 32 * 8 * 128 * 2 * 2 * 4096
+    assert kv("gemma-2-9b", 16384) == 8 * 256 * 2 * 2 * (21 * 16384 + 21 * 4096)
+    assert kv("llama-3.1-8b", 16384) == 32 * 8 * 128 * 2 * 2 * 16384
