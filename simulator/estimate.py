@@ -103,6 +103,8 @@ def _train_memory(sc: Scenario, ct: CostTable, dev: Device) -> tuple[dict[str, f
                                                   ct.loss_upcast_copy, tokens * ct.arch.hidden)
     blk_bwd = block_backward_transient_bytes(ct, tokens)
     recompute = ct.at(ct.max_layer_saved, B) if ct.plan.checkpointed else 0.0
+    if ct.plan.offload_checkpoints:
+        recompute += ct.at(ct.block_io, B)  # the block input copied back from host memory
     other = ct.at(ct.other_transient_bytes, B)
     deq = ct.max_dequant_bytes
     ws = dev.cublas_workspace_bytes * 2.0 + dev.cublaslt_workspace_bytes  # forward + autograd thread handles

@@ -81,8 +81,10 @@ FRAMEWORK_DEFAULTS: dict[str, dict[str, Any]] = {
     "accelerate": _HF,
     "axolotl": {**_HF, "micro_batch": 1, "seq_len": 2048, "precision": "bf16-amp"},
     "llama-recipes": {**_HF, "micro_batch": 4, "seq_len": 4096, "precision": "bf16"},
-    "unsloth": {**_HF, "micro_batch": 2, "seq_len": 2048, "precision": "bf16-amp", "checkpointing": "full",
-                "double_quant": True},
+    # unsloth: use_gradient_checkpointing="unsloth" offloads the checkpointed inputs to host memory, and its
+    # fused cross-entropy never materialises the fp32 logits
+    "unsloth": {**_HF, "micro_batch": 2, "seq_len": 2048, "precision": "bf16-amp", "checkpointing": "offload",
+                "double_quant": True, "loss": "fused"},
     "fsdp-qlora": {**_HF, "micro_batch": 1, "seq_len": 2048, "precision": "bf16", "double_quant": True},
     # litgpt: lm_head in 128-token chunks, chunked_cross_entropy upcasts per chunk -> loss "chunked"; its own
     # LoRA layers stay in the model dtype (no fp32 adapter copies) -> adapter_dtype "model".
@@ -271,10 +273,7 @@ def _checkpointing(sc: dict, notes: list[str]) -> dict:
     if raw == "selective":
         notes.append("selective checkpointing modelled as full (no per-op policy yet): predicts low")
         raw = "full"
-    if raw == "offload":
-        notes.append("activation offloading modelled as full checkpointing")
-        raw = "full"
-    if raw not in ("none", "full"):
+    if raw not in ("none", "full", "offload"):
         raise Unsupported(f"checkpointing {raw!r} not modelled")
     return {"mode": raw}
 

@@ -53,8 +53,9 @@ class Optimizer(Strict):
 
 
 class Checkpointing(Strict):
-    mode: Literal["none", "full", "every_k"] = "none"
-    """Activation checkpointing: none, every block (full), or every k-th block."""
+    mode: Literal["none", "full", "every_k", "offload"] = "none"
+    """Activation checkpointing: none, every block (full), every k-th block, or every block with the
+    checkpointed inputs offloaded to host memory (Unsloth's, torchtune's activation offloading)."""
     every_k: int = Field(default=1, ge=1)
     """With mode='every_k': checkpoint one block in k."""
 

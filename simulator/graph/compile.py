@@ -127,6 +127,8 @@ def _saved_bytes(mt: ModelTrace) -> tuple[Poly, Poly, dict[str, Poly], dict[str,
         ckpt = v.checkpointed
         # a checkpoint keeps only the block's tensor inputs alive (hidden state + the shared tensors)
         kept = v.input.nbytes if ckpt else full
+        if ckpt and mt.plan.offload_checkpoints:
+            kept = ZERO  # copied to host memory; one block's input comes back for its recompute
         if ckpt:
             for g in mt.checkpoint_inputs:
                 if g.id not in global_seen:

@@ -106,6 +106,7 @@ class Plan:
     modules_to_save: frozenset[str]
     padded: bool = False
     implementation: str = "transformers"
+    offload_checkpoints: bool = False  # checkpointed block inputs live in host memory
 
     def layer_base_trainable(self, i: int) -> bool:
         return self.base_trainable or i in self.layers_trainable
@@ -136,7 +137,7 @@ def _checkpointed_layers(sc: Scenario) -> frozenset[int]:
     ck, n = sc.checkpointing, sc.model.n_layers
     if not sc.is_training or ck.mode == "none":
         return frozenset()
-    if ck.mode == "full":
+    if ck.mode in ("full", "offload"):
         return frozenset(range(n))
     return frozenset(i for i in range(n) if i % ck.every_k == 0)
 
@@ -204,6 +205,7 @@ def plan_of(sc: Scenario) -> Plan:
         double_quant=dq,
         # 3. recompute
         checkpointed=_checkpointed_layers(sc),
+        offload_checkpoints=sc.is_training and sc.checkpointing.mode == "offload",
         attention=sc.attention,
         modules_to_save=mts,
         padded=sc.padded_batches,

@@ -96,3 +96,11 @@ def test_sliding_window_caps_the_kv_cache():
     assert kv("mistral-7b", 16384) == 32 * 8 * 128 * 2 * 2 * 4096
     assert kv("gemma-2-9b", 16384) == 8 * 256 * 2 * 2 * (21 * 16384 + 21 * 4096)
     assert kv("llama-3.1-8b", 16384) == 32 * 8 * 128 * 2 * 2 * 16384
+
+
+def test_offloaded_checkpoints_leave_no_block_inputs_on_the_gpu():
+    """Checkpointing with offload keeps the 32 block inputs (T x 4096 x 2 B each, bf16) in host memory;
+    the shared RoPE tables and position ids stay; one block input returns for its recompute."""
+    full = _table(checkpointing={"mode": "full"})
+    off = _table(checkpointing={"mode": "offload"})
+    assert _saved(full) - _saved(off) == 32 * T * 4096 * 2
