@@ -397,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--precision", metavar="P", help=_doc(Scenario, "precision", choices=False)
                    + " [" + " | ".join(_choices(Scenario, "precision")) + "]")
     g.add_argument("--optimizer", metavar="O", help=_doc(Optimizer, "name"))
-    g.add_argument("--checkpointing", metavar="none|full|every_k", help=_doc(Checkpointing, "mode", choices=False))
+    g.add_argument("--checkpointing", metavar="none|full|every_k|offload", help=_doc(Checkpointing, "mode", choices=False))
     g.add_argument("--every-k", type=int, metavar="K", help=_doc(Checkpointing, "every_k") + " (implies --checkpointing every_k)")
     g.add_argument("--attention", metavar="A", help=_doc(Scenario, "attention", choices=False)
                    + " [" + " | ".join(_choices(Scenario, "attention")) + "]")
