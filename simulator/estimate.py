@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 
@@ -16,7 +15,7 @@ from .graph.build import trace_model
 from .graph.ir import basis
 from .graph.transforms import plan_of
 from .results import Estimate, FlopBreakdown, MemoryBreakdown, Suggestion
-from .units import dtype_bytes, fmt_bytes
+from .units import dtype_bytes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,9 +372,3 @@ def _estimate(sc: Scenario, what_fits: bool) -> Estimate:
 def count_params(arch) -> int:
     """Total parameters of an architecture (tied weights once)."""
     return cost_table_for(Scenario(model=arch)).n_params
-
-
-def summary_line(e: Estimate) -> str:
-    verdict = "fits" if e.fits else "does NOT fit"
-    return (f"{e.model} on {e.gpu}: {verdict}; peak {fmt_bytes(e.peak_memory_bytes)} ({e.peak_phase}) of "
-            f"{fmt_bytes(e.device_memory_bytes)}")

@@ -10,7 +10,7 @@ node by node with torch's FlopCounterMode / saved-tensor hooks.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..config.model import ModelArch
 from ..units import dtype_bytes
@@ -83,22 +83,25 @@ NAMES: dict[str, Names] = {
                 "layer.0.SelfAttention.v", None, "layer.0.SelfAttention.o", "layer.1.DenseReluDense.wi_0",
                 "layer.1.DenseReluDense.wi_1", "layer.1.DenseReluDense.wo", act="layer.1.DenseReluDense.act"),
 }
-NAMES["roberta"] = Names(**{**NAMES["bert"].__dict__, **{k: v.replace("bert.", "roberta.") for k, v in NAMES["bert"].__dict__.items() if isinstance(v, str) and v.startswith("bert.")}})
-NAMES["deberta_v2"] = Names(**{**NAMES["bert"].__dict__, **{k: v.replace("bert.", "deberta.") for k, v in NAMES["bert"].__dict__.items() if isinstance(v, str) and v.startswith("bert.")},
-                                "q": "attention.self.query_proj", "k": "attention.self.key_proj",
-                                "v": "attention.self.value_proj"})
+def _renamed(n: Names, old: str, new: str, **extra: str) -> Names:
+    """The same layout under another top-level prefix (BERT -> RoBERTa / DeBERTa)."""
+    moved = {k: v.replace(old, new, 1) for k, v in n.__dict__.items() if isinstance(v, str) and v.startswith(old)}
+    return replace(n, **moved, **extra)
+
+
+NAMES["roberta"] = _renamed(NAMES["bert"], "bert.", "roberta.")
+NAMES["deberta_v2"] = _renamed(NAMES["bert"], "bert.", "deberta.", q="attention.self.query_proj",
+                               k="attention.self.key_proj", v="attention.self.value_proj")
 
 
 def names_of(arch: ModelArch) -> Names:
     n = NAMES[arch.family]
     if arch.family == "llama" and arch.moe is not None:
-        return Names(**{**n.__dict__, "gate": "mlp.experts.gate_up_proj", "up": "mlp.experts.gate_up_proj",
-                        "down": "mlp.experts.down_proj"})
+        return replace(n, gate="mlp.experts.gate_up_proj", up="mlp.experts.gate_up_proj", down="mlp.experts.down_proj")
     if arch.family == "t5" and not arch.gated_mlp:
-        return Names(**{**n.__dict__, "gate": None, "up": "layer.1.DenseReluDense.wi"})
-    if arch.family == "gpt_neox" or (arch.family == "falcon" and arch.kv_heads > 1):
-        return Names(**{**n.__dict__, "norm2": "post_attention_layernorm" if arch.family == "gpt_neox" else "ln_mlp",
-                        "norm1": "input_layernorm" if arch.family == "gpt_neox" else "ln_attn"})
+        return replace(n, gate=None, up="layer.1.DenseReluDense.wi")
+    if arch.family == "falcon" and arch.kv_heads > 1:  # new decoder architecture: one norm per branch
+        return replace(n, norm1="ln_attn", norm2="ln_mlp")
     return n
 
 
@@ -731,8 +734,8 @@ class ModelBuilder(Builder):
             ff_idx = 2
         h = self.t5_norm(f"{L}.layer.{ff_idx}.layer_norm", x, H, train)
         old = self.n
-        self.n = Names(**{**old.__dict__, **{k: getattr(old, k).replace("layer.1.", f"layer.{ff_idx}.")
-                                             for k in ("gate", "up", "down", "act") if getattr(old, k)}})
+        self.n = replace(old, **{k: getattr(old, k).replace("layer.1.", f"layer.{ff_idx}.")
+                                 for k in ("gate", "up", "down", "act") if getattr(old, k)})
         m = self.mlp(L, h, train)
         if self.plan.adapter is not None:
             m = self.bottleneck(f"{L}.{self.n.down}.adapter", m)
@@ -917,7 +920,7 @@ def trace_model(arch: ModelArch, plan: Plan, loss: str = "upcast") -> ModelTrace
     b.tr.trace = Trace()
     x_final = b.tr.new("final_input", Poly.tok(arch.hidden), x.dtype, in_rg)
     if arch.family == "t5":
-        b.n = Names(**{**b.n.__dict__, "final_norm": "decoder.final_layer_norm"})
+        b.n = replace(b.n, final_norm="decoder.final_layer_norm")
     b.post(x_final, loss)
     post = b.tr.trace
     return ModelTrace(arch, plan, pre, list(variants.values()), post, list(b.globals.values()),
