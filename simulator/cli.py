@@ -401,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--every-k", type=int, metavar="K", help=_doc(Checkpointing, "every_k") + " (implies --checkpointing every_k)")
     g.add_argument("--attention", metavar="A", help=_doc(Scenario, "attention", choices=False)
                    + " [" + " | ".join(_choices(Scenario, "attention")) + "]")
-    g.add_argument("--loss", metavar="upcast|chunked|fused", help=_doc(Scenario, "loss", choices=False))
+    g.add_argument("--loss", metavar="upcast|upcast-shift|chunked|fused", help=_doc(Scenario, "loss", choices=False))
     g.add_argument("--implementation", metavar="transformers|litgpt|torchtune", help=_doc(Scenario, "implementation", choices=False))
     g.add_argument("--padded-batches", action="store_true", help=_doc(Scenario, "padded_batches"))
     g.add_argument("--weights", metavar="W", help=_doc(InferenceQuant, "weights") + " (implies --task infer)")

@@ -133,11 +133,14 @@ def loss_transient_bytes(mode: str, logits_numel: float, logits_dtype: str, loss
     """(forward, backward) transient bytes of the loss for the three loss implementations.
 
     - upcast (HF): logits + their fp32 copy in forward; two fp32 logit-sized grads in backward.
+    - upcast-shift (transformers < 4.46, remote code): ``logits.float()`` then
+      ``shift_logits = logits[..., :-1, :].contiguous()``: one more fp32 logit-sized copy in forward.
     - chunked (torchtune/litgpt): 16-bit logits kept; the fp32 copy and grads exist one chunk at a time.
     - fused (Liger linear+CE): per chunk logits and their grad; nothing b*s*V-sized survives.
     """
-    if mode == "upcast":
-        return (loss_forward_transient_bytes(logits_numel, logits_dtype, upcast_copy),
+    if mode in ("upcast", "upcast-shift"):
+        shift = logits_numel * 4.0 if mode == "upcast-shift" else 0.0
+        return (loss_forward_transient_bytes(logits_numel, logits_dtype, upcast_copy) + shift,
                 loss_backward_transient_bytes(logits_numel, loss_dtype))
     chunk = logits_numel / LOSS_CHUNKS
     if mode == "chunked":

@@ -465,6 +465,10 @@ def record_to_scenario(rec: dict, notes: list[str] | None = None) -> Scenario:
         if v is None:
             notes.append(f"{k} unstated: {sc.get('framework')} default {d[k]}")
     loss = d.get("loss", "upcast")
+    year = _source_year(rec.get("source"))
+    if loss == "upcast" and year is not None and year <= 2023:
+        # transformers before 4.46 (Oct 2024) and 2023 remote-code models shift a contiguous copy of the logits
+        loss = "upcast-shift"
     if loss != "upcast":
         notes.append(f"loss: {sc.get('framework')} computes a chunked cross-entropy -> loss={loss!r}")
     optimizer = _optimizer(sc, notes)
