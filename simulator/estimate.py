@@ -99,7 +99,7 @@ def _train_memory(sc: Scenario, ct: CostTable, dev: Device) -> tuple[dict[str, f
     tokens = float(B[0])
     logits_n = ct.at(ct.logits_numel, B)
     loss_fwd, loss_bwd = mem.loss_transient_bytes(sc.loss, logits_n, ct.logits_dtype, ct.loss_dtype,
-                                                  ct.loss_upcast_copy, tokens * ct.arch.hidden)
+                                                  ct.loss_upcast_copy)
     blk_bwd = block_backward_transient_bytes(ct, tokens)
     recompute = ct.at(ct.max_layer_saved, B) if ct.plan.checkpointed else 0.0
     if ct.plan.offload_checkpoints:

@@ -128,8 +128,8 @@ def loss_backward_transient_bytes(logits_numel: float, loss_dtype: str = "fp32")
 LOSS_CHUNKS = 8
 
 
-def loss_transient_bytes(mode: str, logits_numel: float, logits_dtype: str, loss_dtype: str, upcast_copy: bool,
-                         hidden_numel: float) -> tuple[float, float]:
+def loss_transient_bytes(mode: str, logits_numel: float, logits_dtype: str, loss_dtype: str,
+                         upcast_copy: bool) -> tuple[float, float]:
     """(forward, backward) transient bytes of the loss for the three loss implementations.
 
     - upcast (HF): logits + their fp32 copy in forward; two fp32 logit-sized grads in backward.

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 
 from ..config.model import ModelArch
 from ..units import dtype_bytes
-from .ir import ZERO, Param, Poly, Tensor, Trace, Tracer
+from .ir import ZERO, Param, Poly, Tensor, Trace, Tracer, promote
 from .transforms import Plan
 
 # ---------------------------------------------------------------------------------------------
@@ -375,7 +375,7 @@ class Builder:
             tr.save(path, x)
             rows = x.numel * (1.0 / width)
             tr.save(path, tr.new(path, rows, "fp32", False), tr.new(path, rows, "fp32", False))
-        return tr.new(path, x.numel, promote_out(x.dtype, w.dtype) if tr.autocast is None else "fp32", rg)
+        return tr.new(path, x.numel, promote(x.dtype, w.dtype) if tr.autocast is None else "fp32", rg)
 
     def t5_norm(self, path: str, x: Tensor, width: int, trainable: bool) -> Tensor:
         """HF ``T5LayerNorm``: the variance from an fp32 copy, but ``x * rsqrt(var)`` multiplies the
@@ -530,10 +530,6 @@ class Builder:
         return tr.cast(path, out, result.dtype)
 
 
-def promote_out(a: str, b: str) -> str:
-    from .ir import promote
-
-    return promote(a, b)
 
 
 class ModelBuilder(Builder):

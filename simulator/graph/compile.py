@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 
 from ..config.model import ModelArch
+from ..units import dtype_bytes
 from .build import ModelTrace, trace_model
 from .ir import ZERO, Param, Poly, Trace
 from .transforms import Plan
@@ -40,7 +41,6 @@ class CostTable:
     n_trainable_tensors: int
     largest_trainable_bytes: float
     saved: Poly  # activation bytes saved for backward at the end of forward (checkpointing applied)
-    saved_no_ckpt: Poly  # the same without checkpointing
     saved_by_layer: dict[str, Poly]  # block / top-level module -> saved bytes (checkpointing applied)
     saved_by_module: dict[str, Poly]  # module path -> saved bytes (no checkpointing; representative layers)
     max_layer_saved: Poly  # largest single block's full saved set (recomputed in backward when checkpointed)
@@ -48,7 +48,6 @@ class CostTable:
     bwd_flops: Poly
     recompute_flops: Poly
     fwd_bytes: Poly  # bytes moved by matmul-like ops in forward (roofline)
-    flops_by_module: dict[str, tuple[Poly, Poly]]
     max_dequant_bytes: float  # largest transient dequantised weight
     other_transient_bytes: Poly  # other op temporaries (DoRA weight norms ...)
     logits_numel: Poly
@@ -56,7 +55,6 @@ class CostTable:
     loss_dtype: str  # dtype cross-entropy runs in (fp32 after HF's upcast)
     loss_upcast_copy: bool  # the fp32 logits copy is a separate storage
     block_io: Poly  # bytes of one block's input/output hidden state
-    layer_count: int
     trace: ModelTrace | None = field(repr=False, default=None)
     _graph: object = field(repr=False, default=None)
 
@@ -79,7 +77,7 @@ def _params(traces: list[tuple[Trace, int]]) -> list[tuple[Param, int]]:
     return out
 
 
-def _saved_bytes(mt: ModelTrace) -> tuple[Poly, Poly, dict[str, Poly], dict[str, Poly], Poly]:
+def _saved_bytes(mt: ModelTrace) -> tuple[Poly, dict[str, Poly], dict[str, Poly], Poly]:
     """Saved-for-backward bytes: each storage once model-wide; block-local storages x count.
 
     Shared tensors (RoPE cos/sin, prefix states, input ids) are charged once, to the module and
@@ -113,15 +111,14 @@ def _saved_bytes(mt: ModelTrace) -> tuple[Poly, Poly, dict[str, Poly], dict[str,
                 by_module[mod] = by_module[mod] + nb
         return loc, glob
 
-    total = total_no_ckpt = ZERO
+    total = ZERO
     for name, tr in (("embeddings", mt.pre),):
         loc, glob = sums(tr, True)
         by_layer[name] = loc + glob
-        total, total_no_ckpt = total + loc + glob, total_no_ckpt + loc + glob
+        total = total + loc + glob
     for v in mt.variants:
         full, glob = sums(v.trace, True)
         n = len(v.layers)
-        total_no_ckpt = total_no_ckpt + full * n + glob
         if full.c > max_layer.c:
             max_layer = full
         ckpt = v.checkpointed
@@ -140,8 +137,8 @@ def _saved_bytes(mt: ModelTrace) -> tuple[Poly, Poly, dict[str, Poly], dict[str,
         total = total + kept * n + glob
     loc, glob = sums(mt.post, True)
     by_layer["head"] = loc + glob
-    total, total_no_ckpt = total + loc + glob, total_no_ckpt + loc + glob
-    return total, total_no_ckpt, dict(by_layer), dict(by_module), max_layer
+    total = total + loc + glob
+    return total, dict(by_layer), dict(by_module), max_layer
 
 
 def _graph(mt: ModelTrace):
@@ -195,9 +192,8 @@ def compile_trace(mt: ModelTrace) -> CostTable:
             max_tr = max(max_tr, p.storage_bytes)
         else:
             frozen += p.storage_bytes * count
-    saved, saved_nc, by_layer, by_module, max_layer = _saved_bytes(mt)
+    saved, by_layer, by_module, max_layer = _saved_bytes(mt)
     fwd = bwd = rec = fbytes = ZERO
-    flops_by_module: dict[str, tuple[Poly, Poly]] = {}
     max_deq = 0.0
     other = ZERO
     for tr, count in traces:
@@ -205,8 +201,6 @@ def compile_trace(mt: ModelTrace) -> CostTable:
             fwd = fwd + op.fwd_flops * count
             bwd = bwd + op.bwd_flops * count
             fbytes = fbytes + op.fwd_bytes * count
-            f0, b0 = flops_by_module.get(op.module, (ZERO, ZERO))
-            flops_by_module[op.module] = (f0 + op.fwd_flops, b0 + op.bwd_flops)
         for mod, nb in tr.transients:
             if not any(nb.c[:-1]):
                 max_deq = max(max_deq, nb.c[-1])
@@ -226,20 +220,13 @@ def compile_trace(mt: ModelTrace) -> CostTable:
         arch=mt.arch, plan=mt.plan, n_params=n_params, n_trainable=n_tr, frozen_dense_bytes=frozen,
         quant_data_bytes=qdata, quant_scale_bytes=qscale, trainable_bytes=trb,
         trainable_groups=[(n, d, s, c) for (n, d, s), c in tr_groups.items()],
-        n_trainable_tensors=sum(tr_groups.values()), largest_trainable_bytes=max_tr, saved=saved, saved_no_ckpt=saved_nc, saved_by_layer=by_layer,
+        n_trainable_tensors=sum(tr_groups.values()), largest_trainable_bytes=max_tr, saved=saved, saved_by_layer=by_layer,
         saved_by_module=by_module, max_layer_saved=max_layer, fwd_flops=fwd, bwd_flops=bwd, recompute_flops=rec,
-        fwd_bytes=fbytes, flops_by_module=flops_by_module, max_dequant_bytes=max_deq, other_transient_bytes=other,
+        fwd_bytes=fbytes, max_dequant_bytes=max_deq, other_transient_bytes=other,
         logits_numel=logits.numel, logits_dtype=logits.dtype, loss_dtype=mt.loss_dtype,
-        loss_upcast_copy=mt.loss_upcast_copy, block_io=Poly.tok(mt.arch.hidden * 1.0) * _bytes(logits.dtype),
-        layer_count=mt.arch.n_layers + (mt.arch.n_decoder_layers or 0 if mt.arch.arch == "encoder_decoder" else 0),
+        loss_upcast_copy=mt.loss_upcast_copy, block_io=Poly.tok(mt.arch.hidden * 1.0) * dtype_bytes(logits.dtype),
         trace=mt,
     )
-
-
-def _bytes(dtype: str) -> float:
-    from ..units import dtype_bytes
-
-    return dtype_bytes(dtype)
 
 
 @functools.lru_cache(maxsize=256)

@@ -76,12 +76,12 @@ def test_chunked_loss_transients():
     from simulator.memory import loss_transient_bytes
 
     n = T * 128256
-    fwd, bwd = loss_transient_bytes("chunked", n, "bf16", "fp32", True, T * 4096)
+    fwd, bwd = loss_transient_bytes("chunked", n, "bf16", "fp32", True)
     assert (fwd, bwd) == (n * 2 + n * 4 / 8, 2 * 4 * n / 8)
-    fwd, bwd = loss_transient_bytes("upcast", n, "bf16", "fp32", True, T * 4096)
+    fwd, bwd = loss_transient_bytes("upcast", n, "bf16", "fp32", True)
     assert (fwd, bwd) == (n * 2 + n * 4, 2 * 4 * n)
     # older transformers: logits.float() and a shifted .contiguous() fp32 copy on top
-    fwd, bwd = loss_transient_bytes("upcast-shift", n, "bf16", "fp32", True, T * 4096)
+    fwd, bwd = loss_transient_bytes("upcast-shift", n, "bf16", "fp32", True)
     assert (fwd, bwd) == (n * 2 + n * 4 + n * 4, 2 * 4 * n)
 
 
