@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 
 
 from ..config.model import ModelArch
-from ..units import dtype_bytes
 from .build import ModelTrace, trace_model
 from .ir import ZERO, Param, Poly, Trace
 from .transforms import Plan
@@ -224,7 +223,7 @@ def compile_trace(mt: ModelTrace) -> CostTable:
         saved_by_module=by_module, max_layer_saved=max_layer, fwd_flops=fwd, bwd_flops=bwd, recompute_flops=rec,
         fwd_bytes=fbytes, max_dequant_bytes=max_deq, other_transient_bytes=other,
         logits_numel=logits.numel, logits_dtype=logits.dtype, loss_dtype=mt.loss_dtype,
-        loss_upcast_copy=mt.loss_upcast_copy, block_io=Poly.tok(mt.arch.hidden * 1.0) * dtype_bytes(logits.dtype),
+        loss_upcast_copy=mt.loss_upcast_copy, block_io=mt.variants[0].input.nbytes,  # the residual stream in its own dtype (fp32 under AMP)
         trace=mt,
     )
 
