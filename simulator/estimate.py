@@ -83,7 +83,8 @@ def kv_dtype(sc: Scenario, ct: CostTable) -> str:
     return ct.plan.precision.compute_dtype if kv == "auto" else kv
 
 
-def _train_memory(sc: Scenario, ct: CostTable, dev: Device) -> tuple[dict[str, float], dict[str, MemoryBreakdown], float, float]:
+def _train_memory(sc: Scenario, ct: CostTable, dev: Device
+                  ) -> tuple[dict[str, float], dict[str, MemoryBreakdown], float, dict[str, float]]:
     w: TrainWorkload = sc.workload  # type: ignore[assignment]
     b, s, skv = _dims(sc, ct)
     B = basis(b, s, skv)
@@ -111,20 +112,21 @@ def _train_memory(sc: Scenario, ct: CostTable, dev: Device) -> tuple[dict[str, f
     # leaves (autocast_mode.cpp caches only leaf tensors that require grad) and per-op copies of frozen
     # weights, each saved by its matmul when the input needs grad.
     g_acc = grads if w.grad_accum > 1 else 0.0
-    if opt.in_backward:
-        # each gradient is consumed by its parameter's step as soon as it is produced
-        grads = ct.largest_trainable_bytes
     st = 0.0 if paged else states
     base = weights + scales + trainable + st
     fwd_tr = max(loss_fwd, deq, other)
     bwd_tr = max(loss_bwd, blk_bwd + recompute + deq + other)
     # backward: early on the grads of the first (top) blocks exist; with accumulation all of them
     # the top-most trainable tensor's grad (e.g. lm_head) already exists when the loss grads are live
-    largest_grad = ct.largest_trainable_bytes
-    bwd_grads = g_acc if g_acc else largest_grad
-    opt_tr = mem.optimizer_temp_bytes(ct.trainable_groups, opt.name, opt.impl if not opt.in_backward else "for-loop")
+    bwd_grads = g_acc if g_acc else ct.largest_trainable_bytes
     if opt.in_backward:
-        bwd_grads, bwd_tr = grads, bwd_tr + opt_tr
+        # each gradient is consumed by its parameter's step (one parameter's temporaries) as soon as it
+        # is produced; the validator keeps grad_accum at 1
+        grads = ct.largest_trainable_bytes
+        opt_tr = mem.optimizer_temp_bytes(ct.trainable_groups, opt.name, "for-loop")
+        bwd_tr += opt_tr
+    else:
+        opt_tr = mem.optimizer_temp_bytes(ct.trainable_groups, opt.name, opt.impl)
     phases = {
         "forward": base + g_acc + acts + fwd_tr + ws,
         "backward": base + bwd_grads + acts + bwd_tr + ws,
@@ -143,7 +145,8 @@ def _train_memory(sc: Scenario, ct: CostTable, dev: Device) -> tuple[dict[str, f
     return phases, bd, paged * states, peak_transient
 
 
-def _infer_memory(sc: Scenario, ct: CostTable, dev: Device) -> tuple[dict[str, float], dict[str, MemoryBreakdown], float, float]:
+def _infer_memory(sc: Scenario, ct: CostTable, dev: Device
+                  ) -> tuple[dict[str, float], dict[str, MemoryBreakdown], float, dict[str, float]]:
     w: InferWorkload = sc.workload  # type: ignore[assignment]
     arch = ct.arch
     cd = dtype_bytes(ct.plan.precision.compute_dtype)
