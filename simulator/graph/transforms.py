@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import Scenario
-from ..config.methods import IA3, Adapter, BitFit, DoRA, Freeze, Full, LoRA, PrefixTuning, PromptTuning, QLoRA, _LoRABase
+from ..config.methods import IA3, Adapter, BitFit, Freeze, Full, PrefixTuning, PromptTuning, QLoRA, _LoRABase
 from ..config.model import ModelArch
 
 # PEFT's LoRA defaults (peft/utils/constants.py TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
@@ -173,10 +173,10 @@ def plan_of(sc: Scenario) -> Plan:
     base_quant, group, dq = "dense", 128, False
     if isinstance(m, QLoRA):
         base_quant, group, dq = m.quant, m.group_size, m.double_quant
+        if sc.precision in ("bf16", "fp16"):
+            prec = Precision(m.compute_dtype, m.compute_dtype, None, False)
     elif not training and sc.inference.weights != "none":
         base_quant, group, dq = sc.inference.weights, sc.inference.group_size, sc.inference.double_quant
-    if isinstance(m, QLoRA):
-        prec = Precision(m.compute_dtype, m.compute_dtype, None, False) if sc.precision in ("bf16", "fp16") else prec
     base_dtype = prec.autocast if (prec.autocast and m.kind in ADDON_METHODS) else prec.param_dtype
     return Plan(
         arch=arch,
@@ -213,4 +213,4 @@ def plan_of(sc: Scenario) -> Plan:
     )
 
 
-__all__ = ["Plan", "Precision", "plan_of", "precision_of", "IA3_DEFAULTS", "DoRA", "LoRA", "QLoRA"]
+__all__ = ["ADDON_METHODS", "IA3_DEFAULTS", "LORA_DEFAULTS", "Plan", "Precision", "plan_of", "precision_of"]
