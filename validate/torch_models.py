@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from simulator.graph.transforms import ADDON_METHODS
 from simulator.config import (
     IA3,
     Adapter,
@@ -686,8 +687,6 @@ def _model_class(arch: ModelArch):
         return tf.AutoModelForMaskedLM  # -> BertForMaskedLM
     return tf.AutoModelForSeq2SeqLM  # -> T5ForConditionalGeneration
 
-
-from simulator.graph.transforms import ADDON_METHODS  # noqa: E402
 
 
 def build_model(scenario: Scenario, *, dropout: float = 0.0, seed: int = 0) -> nn.Module:
