@@ -296,3 +296,261 @@ def _check_price(device: Device) -> None:
             "price_usd_per_hour, price_source and price_date must be all set or all null, got "
             f"{device.price_usd_per_hour!r}, {device.price_source!r}, {device.price_date!r}"
         )
+
+
+# =============================================================================================
+# Systems: one node type (``hwprofiles/systems/<name>.yaml``)
+# =============================================================================================
+#
+# A system is the unit that communication and cost are computed on: a node of ``gpus_per_node``
+# devices of one kind, its GPU-to-GPU fabric, its network to other nodes (or none), its host
+# (RAM, CPU, host link, NVMe) and its price and power.  GB200 NVL72 is one 72-GPU NVLink domain.
+# Conventions as for devices: units in field names, ``_GBps`` = 10^9 B/s per direction,
+# ``_Gbps`` = 10^9 bit/s (network line rates are marketed in bits), every number cited.
+
+IntraNodeKind = Literal["nvswitch", "nvlink-p2p", "nvlink-bridge", "pcie", "xgmi"]
+"""GPU-to-GPU fabric inside a node: NVSwitch (all-to-all NVLink), direct NVLink links (V100 hybrid
+cube-mesh), an NVLink bridge between a pair of cards, PCIe (P2P or through host memory), AMD xGMI mesh."""
+
+InterNodeTechnology = Literal["infiniband-hdr", "infiniband-ndr", "roce", "efa", "ethernet"]
+"""Network between nodes: InfiniBand HDR (200 Gb/s) / NDR (400 Gb/s), RoCE, AWS EFA, plain TCP Ethernet."""
+
+HostLink = Literal["pcie", "nvlink-c2c"]
+"""Host<->GPU link: PCIe, or NVLink-C2C on Grace superchips."""
+
+SYSTEM_PRICE_FIELD = "price_usd_per_gpu_hour"
+"""The one numeric field of a system whose citation is ``price_source`` instead of a ``sources`` entry."""
+
+
+def _check_busbw_curve(curve: tuple[tuple[float, float], ...], field: str) -> None:
+    """Sizes strictly increasing, busbw positive and non-decreasing, and the implied time
+    ``S / busbw(S)`` non-decreasing (a bigger message never finishes sooner): busbw may not grow
+    faster than the message size between two points."""
+    sizes = [s for s, _ in curve]
+    busbw = [b for _, b in curve]
+    if sizes[0] <= 0 or any(b <= a for a, b in zip(sizes, sizes[1:])):
+        raise ValueError(f"{field} message sizes must be positive and strictly increasing, got {sizes}")
+    if busbw[0] <= 0 or any(b < a for a, b in zip(busbw, busbw[1:])):
+        raise ValueError(f"{field} busbw must be positive and non-decreasing, got {busbw}")
+    for (s1, b1), (s2, b2) in zip(curve, curve[1:]):
+        if b2 / b1 > s2 / s1:
+            raise ValueError(
+                f"{field}: busbw grows from {b1} to {b2} GB/s while the size grows from {s1:g} to {s2:g} B, "
+                f"so the larger message would finish sooner ({s2 / b2:g} < {s1 / b1:g} ns)"
+            )
+
+
+class IntraNodeFabric(_Strict):
+    """The GPU-to-GPU fabric inside one node, with its measured NCCL efficiency."""
+
+    kind: IntraNodeKind
+    """Fabric topology: nvswitch, nvlink-p2p, nvlink-bridge, pcie or xgmi."""
+    bandwidth_GBps: float = Field(gt=0)
+    """Line rate per GPU per direction, GB/s (NVLink4: 450; the '900 GB/s' is bidirectional)."""
+    latency_us: float = Field(gt=0)
+    """Latency of one algorithm step (one hop of a ring or tree) of an NCCL/RCCL collective, microseconds."""
+    busbw_curve: tuple[tuple[float, float], ...] = Field(min_length=2)
+    """[message_bytes, achieved all-reduce busbw GB/s] at ``gpus_per_node`` ranks, nccl-tests conventions
+    (default algorithm, NVLink SHARP where present); interpolated in log-log, clamped outside."""
+    ring_busbw_GBps: float | None = Field(gt=0)
+    """Large-message busbw of ring-based operations (all-gather, reduce-scatter, all-to-all, p2p) where it is
+    below the all-reduce peak (NVLink SHARP all-reduce exceeds the wire rate); null = the curve's peak."""
+
+    @field_validator("busbw_curve", mode="before")
+    @classmethod
+    def _curve_as_tuples(cls, value: Any) -> Any:
+        return _as_tuples(value)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> IntraNodeFabric:
+        _check_busbw_curve(self.busbw_curve, "busbw_curve")
+        if self.ring_busbw_GBps is not None and self.ring_busbw_GBps > self.peak_busbw_GBps:
+            raise ValueError(
+                f"ring_busbw_GBps={self.ring_busbw_GBps} exceeds the busbw_curve peak {self.peak_busbw_GBps} GB/s"
+            )
+        return self
+
+    @property
+    def peak_busbw_GBps(self) -> float:
+        """Highest all-reduce busbw of the curve, GB/s."""
+        return max(b for _, b in self.busbw_curve)
+
+    @property
+    def ring_fraction(self) -> float:
+        """Ring-based operations' busbw / all-reduce busbw (1 without NVLink SHARP)."""
+        return 1.0 if self.ring_busbw_GBps is None else self.ring_busbw_GBps / self.peak_busbw_GBps
+
+
+class InterNodeFabric(_Strict):
+    """The network between nodes: the node's NICs, their line rate and the fraction NCCL achieves."""
+
+    technology: InterNodeTechnology
+    """Network technology."""
+    nics_per_node: int = Field(ge=1)
+    """Compute-fabric NICs per node (storage/management NICs excluded)."""
+    nic_bandwidth_Gbps: float = Field(gt=0)
+    """Line rate of one NIC per direction, Gb/s (10^9 bit/s)."""
+    latency_us: float = Field(gt=0)
+    """Latency of one algorithm step across the network (NIC, switch, NCCL proxy), microseconds."""
+    achieved_fraction: float = Field(gt=0, le=1)
+    """nccl-tests busbw per NIC / NIC line rate for large messages."""
+
+    @property
+    def nic_achieved_Bps(self) -> float:
+        """Achieved bandwidth of one NIC, B/s."""
+        return self.nic_bandwidth_Gbps * GIGA / 8 * self.achieved_fraction
+
+    @property
+    def node_achieved_Bps(self) -> float:
+        """Achieved bandwidth of all the node's NICs together, B/s."""
+        return self.nics_per_node * self.nic_achieved_Bps
+
+
+class HostSpec(_Strict):
+    """The host side of a node: memory, CPU, host<->GPU link, local NVMe."""
+
+    host_ram_GB: float | None = Field(gt=0)
+    """Host DRAM of the node, GB; null if unknown."""
+    cpu_cores: int | None = Field(ge=1)
+    """Physical CPU cores of the node (cloud vCPUs / 2 where SMT is on); null if unknown."""
+    link: HostLink
+    """Host<->GPU link type."""
+    pcie_gen: int | None = Field(ge=1, le=6)
+    """PCIe generation of the host<->GPU link; null when the link is not PCIe."""
+    host_to_gpu_bandwidth_GBps: float = Field(gt=0)
+    """Host<->GPU bandwidth per GPU per direction, GB/s (each GPU has its own link)."""
+    nvme_capacity_TB: float | None = Field(gt=0)
+    """Local NVMe capacity usable for offload, TB; null when unknown or absent."""
+    nvme_bandwidth_GBps: float | None = Field(gt=0)
+    """Aggregate sequential NVMe bandwidth of the node, GB/s; null when the system has no NVMe figure for offload."""
+    cpu_adam_params_per_s: float | None = Field(default=None, gt=0)
+    """DeepSpeed CPU-Adam update throughput of the host, parameters/s; left out when no citable figure exists."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> HostSpec:
+        if (self.link == "pcie") != (self.pcie_gen is not None):
+            raise ValueError(f"link={self.link!r} and pcie_gen={self.pcie_gen}: pcie_gen is set exactly when the link is PCIe")
+        return self
+
+
+class System(_Strict):
+    """One node type: ``gpus_per_node`` devices, intra- and inter-node fabric, host, price, power, citations."""
+
+    name: str = Field(pattern=r"^[a-z0-9]+(-[a-z0-9]+)*$")
+    """Canonical lowercase name; equals the YAML file stem (``dgx-h100``)."""
+    display_name: str = Field(min_length=1)
+    """Human-readable system name."""
+    aliases: tuple[str, ...] = ()
+    """Other names that resolve to this system (``DGX H100``, ``8xH100``)."""
+    device: str = Field(pattern=r"^[a-z0-9]+(-[a-z0-9]+)*$")
+    """Canonical name of the device profile (``hwprofiles/devices/<device>.yaml``)."""
+    gpus_per_node: int = Field(ge=1)
+    """Devices in one node (one NVLink domain for NVL72: 72)."""
+    intra_node: IntraNodeFabric
+    """GPU-to-GPU fabric inside the node."""
+    inter_node: InterNodeFabric | None
+    """Network between nodes; null for single-node-only systems (workstations)."""
+    host: HostSpec
+    """Host memory, CPU, host link and NVMe."""
+    price_usd_per_gpu_hour: float | None = Field(gt=0)
+    """On-demand price per GPU-hour, USD; null if no price was collected."""
+    price_source: str | None
+    """Where the price comes from (provider, listing); its citation."""
+    price_date: str | None
+    """When the price was read (``2026-03``) or a phrase saying it is not known."""
+    node_power_W: float | None = Field(gt=0)
+    """Maximum power of the whole node including host, W (for kWh); null if not found."""
+    derived: bool = False
+    """True for a system synthesised from a device profile and the defaults, not read from the catalog."""
+    notes: str | None = None
+    """Caveats: what the figures assume, what could not be verified."""
+    sources: dict[str, str]
+    """Citation per numeric field, keyed by field path (``intra_node.busbw_curve``, ``host.host_ram_GB``)."""
+
+    @field_validator("aliases", mode="before")
+    @classmethod
+    def _aliases_as_tuple(cls, value: Any) -> Any:
+        return _as_tuples(value)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> System:
+        given = [self.price_usd_per_gpu_hour is not None, self.price_source is not None, self.price_date is not None]
+        if any(given) and not all(given):
+            raise ValueError(
+                "price_usd_per_gpu_hour, price_source and price_date must be all set or all null, got "
+                f"{self.price_usd_per_gpu_hour!r}, {self.price_source!r}, {self.price_date!r}"
+            )
+        _check_sources(self)  # type: ignore[arg-type]  # duck-typed: sources + citation()
+        return self
+
+    def citation(self, path: str) -> str | None:
+        """The citation of the field at ``path`` (``price_source`` for the price)."""
+        if path == SYSTEM_PRICE_FIELD and self.price_source:
+            return self.price_source
+        return self.sources.get(path)
+
+    @property
+    def multi_node(self) -> bool:
+        """True when nodes of this system can be joined over a network."""
+        return self.inter_node is not None
+
+    @property
+    def node_power_per_gpu_W(self) -> float | None:
+        """Node power shared out per GPU (host included), W; null without a node figure."""
+        return None if self.node_power_W is None else self.node_power_W / self.gpus_per_node
+
+    @property
+    def price_usd_per_node_hour(self) -> float | None:
+        """On-demand price of the whole node per hour, USD."""
+        return None if self.price_usd_per_gpu_hour is None else self.price_usd_per_gpu_hour * self.gpus_per_node
+
+
+class SystemDefaults(_Strict):
+    """Figures used to synthesise a system for a device that has no catalog system
+    (``hwprofiles/systems/_defaults.yaml``)."""
+
+    max_gpus_per_node: int = Field(ge=1)
+    """GPUs per synthesised node; a larger request spans several such nodes."""
+    fabric_by_interconnect: dict[str, IntraNodeKind]
+    """Device ``interconnect`` value -> intra-node fabric kind."""
+    fallback_fabric: IntraNodeKind
+    """Fabric kind for an interconnect value not in the table."""
+    fabric_max_gpus: dict[IntraNodeKind, int]
+    """Largest node a fabric kind joins (an NVLink bridge pairs two cards); beyond it the node falls back to PCIe."""
+    busbw_fraction: dict[IntraNodeKind, float]
+    """Large-message busbw / line rate per fabric kind."""
+    step_latency_us: dict[IntraNodeKind, float]
+    """Per-step collective latency per fabric kind, microseconds."""
+    curve_sizes_bytes: tuple[float, ...] = Field(min_length=2)
+    """Message sizes of a synthesised busbw curve, bytes."""
+    host_to_gpu_bandwidth_GBps: float = Field(gt=0)
+    """Host<->GPU bandwidth per direction for a device whose profile has no PCIe figure, GB/s."""
+    inter_node: InterNodeFabric
+    """The network of a synthesised node."""
+    sources: dict[str, str]
+    """Citation per field path."""
+
+    @field_validator("curve_sizes_bytes", mode="before")
+    @classmethod
+    def _sizes_as_tuple(cls, value: Any) -> Any:
+        return _as_tuples(value)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SystemDefaults:
+        for field in ("busbw_fraction", "step_latency_us"):
+            table = getattr(self, field)
+            missing = sorted(set(IntraNodeKind.__args__) - set(table))  # type: ignore[attr-defined]
+            if missing:
+                raise ValueError(f"{field} has no entry for fabric kind(s): {', '.join(missing)}")
+            bad = {k: v for k, v in table.items() if v <= 0 or (field == "busbw_fraction" and v > 1)}
+            if bad:
+                raise ValueError(f"{field} values must be positive (fractions at most 1), got {bad}")
+        known = set(field_paths(self)) - {"sources"}
+        unknown = sorted(set(self.sources) - known)
+        if unknown:
+            raise ValueError(f"sources has keys that name no field: {', '.join(unknown)}")
+        needed = set(numeric_field_paths(self)) | {"fabric_max_gpus", "busbw_fraction", "step_latency_us"}
+        missing = sorted(p for p in needed if not self.sources.get(p, "").strip())
+        if missing:
+            raise ValueError(f"field(s) without a source: {', '.join(missing)} (add sources['<field path>'])")
+        return self
