@@ -10,6 +10,7 @@ from pydantic import Field, field_validator, model_validator
 from .base import Strict
 from .methods import Freeze, Full, IA3, Method, PrefixTuning, PromptTuning, QLoRA, _LoRABase
 from .model import ModelArch
+from .parallel import Parallel
 from .training import Attention, Checkpointing, InferenceQuant, InferWorkload, Optimizer, Precision, TrainWorkload, Workload
 
 
@@ -46,6 +47,10 @@ class Scenario(Strict):
     mem-efficient kernel."""
     expandable_segments: bool = False
     """PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (less fragmentation in reserved memory)."""
+    parallel: Parallel = Field(default_factory=Parallel)
+    """How the job is spread over GPUs: dp x tp x pp x cp ranks, ZeRO / FSDP sharding, offload."""
+    system: str | None = None
+    """Node type the GPUs sit in (see `fitsim systems`); default: the catalog node for the GPU, or one derived from its links."""
 
     @model_validator(mode="before")
     @classmethod
@@ -72,6 +77,11 @@ class Scenario(Strict):
         from hwprofiles import get_device
 
         return get_device(v).name
+
+    @model_validator(mode="after")
+    def _parallel_fits_model(self) -> "Scenario":
+        check_parallel(self.parallel, self.model, self.workload, self.attention)
+        return self
 
     @model_validator(mode="after")
     def _cross_check(self) -> "Scenario":
@@ -161,3 +171,47 @@ class Scenario(Strict):
         if not isinstance(data, dict):
             raise ValueError("scenario YAML must be a mapping with at least 'model'")
         return cls.model_validate(data)
+
+
+def check_parallel(par: Parallel, arch: ModelArch, workload: Any, attention: str) -> None:
+    """Parallel degrees against the model and the workload; each error names the fields and quotes the numbers."""
+    if arch.n_heads % par.tp:
+        raise ValueError(f"parallel.tp={par.tp} does not divide the model's n_heads={arch.n_heads} ({arch.name!r})")
+    training = isinstance(workload, TrainWorkload)
+    if par.tp > 1 and arch.kv_heads % par.tp and (training or par.tp % arch.kv_heads):
+        raise ValueError(
+            f"parallel.tp={par.tp} does not divide the model's n_kv_heads={arch.kv_heads} ({arch.name!r})"
+            + ("" if training else f"; for inference tp may also be a multiple of n_kv_heads (replicated KV heads)")
+        )
+    layers = arch.n_layers + (arch.n_decoder_layers or 0) if arch.arch == "encoder_decoder" else arch.n_layers
+    if par.pp > layers:
+        raise ValueError(f"parallel.pp={par.pp} exceeds the model's {layers} layers ({arch.name!r})")
+    if par.pp * par.pp_virtual > layers:
+        raise ValueError(
+            f"parallel.pp={par.pp} x pp_virtual={par.pp_virtual} = {par.pp * par.pp_virtual} model chunks exceed the model's {layers} layers"
+        )
+    if par.ep > 1:
+        if arch.moe is None:
+            raise ValueError(f"parallel.ep={par.ep} needs an MoE model; {arch.name!r} is dense")
+        if arch.moe.n_experts % par.ep:
+            raise ValueError(f"parallel.ep={par.ep} does not divide the model's n_experts={arch.moe.n_experts}")
+    if par.cp > 1:
+        if attention in ("eager", "sdpa-math"):
+            raise ValueError(
+                f"parallel.cp={par.cp} (ring attention) needs a fused attention kernel; attention={attention!r} "
+                "materialises the scores; allowed: sdpa-flash, sdpa-mem-efficient, flash2, flash3"
+            )
+        if arch.arch != "decoder":
+            raise ValueError(f"parallel.cp={par.cp} applies to decoder-only models; {arch.name!r} is {arch.arch}")
+    if training:
+        if par.cp > 1 and workload.seq_len % par.cp:
+            raise ValueError(f"workload.seq_len={workload.seq_len} must be divisible by parallel.cp={par.cp}")
+        if par.sp and workload.seq_len % par.tp:
+            raise ValueError(f"workload.seq_len={workload.seq_len} must be divisible by parallel.tp={par.tp} with sequence parallelism")
+    else:
+        if par.zero > 0 or par.fsdp != "none" or par.offload_optimizer != "none":
+            raise ValueError(
+                "parallel.zero / fsdp / offload_optimizer apply to training; for inference use tp, pp (and ep)"
+            )
+        if par.cp > 1:
+            raise ValueError("parallel.cp applies to training; for long-context inference use tp or pp")

@@ -24,7 +24,9 @@ class TrainWorkload(Strict):
     seq_len: int = Field(default=2048, ge=1)
     """Tokens per sequence (padded length)."""
     grad_accum: int = Field(default=1, ge=1)
-    """Micro-batches accumulated per optimizer step."""
+    """Micro-batches accumulated per optimizer step (the pipeline's micro-batches under pipeline parallelism)."""
+    total_tokens: float | None = Field(default=None, gt=0)
+    """Tokens the whole run trains on (dataset tokens x epochs), for its time, cost and energy; none = per million tokens only."""
 
 
 class InferWorkload(Strict):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 
 from ..config.model import ModelArch
-from .build import ModelTrace, trace_model
+from .build import ModelTrace, names_of, trace_model
 from .ir import ZERO, Param, Poly, Trace
 from .transforms import Plan
 
@@ -24,6 +24,25 @@ class ParamGroup:
     numel: int = 0
     nbytes: float = 0.0
     scale_bytes: float = 0.0
+
+
+@dataclass(frozen=True)
+class ParamRow:
+    """One parameter tensor of the model (a block's tensor stands for every layer of its variant):
+    what sharding needs to place and split it."""
+
+    path: str
+    numel: int
+    storage_bytes: float  # incl. quantization scales
+    scale_bytes: float
+    quantized: bool
+    trainable: bool
+    dtype: str
+    shape: tuple[int, ...]
+    where: str  # "pre" (embeddings), "block" or "post" (final norm, head)
+    layers: tuple[int, ...]  # block indices this tensor exists in (one entry for pre/post)
+    tp_split: bool  # split over tensor-parallel ranks (Megatron column/row, vocab-parallel embedding)
+    expert: bool  # an MoE expert weight (split over expert-parallel ranks)
 
 
 @dataclass
@@ -54,6 +73,12 @@ class CostTable:
     loss_dtype: str  # dtype cross-entropy runs in (fp32 after HF's upcast)
     loss_upcast_copy: bool  # the fp32 logits copy is a separate storage
     block_io: Poly  # bytes of one block's input/output hidden state
+    param_rows: tuple[ParamRow, ...] = ()
+    block_saved_tp: tuple[tuple[tuple[int, ...], Poly, Poly], ...] = ()  # per variant: (layers, TP-replicated, TP-split) saved bytes per layer, checkpointing applied
+    pre_saved: Poly = ZERO  # embeddings' saved bytes
+    post_saved: Poly = ZERO  # final norm / head / loss saved bytes
+    shared_saved: Poly = ZERO  # tensors every block uses, saved once (RoPE cos/sin, prefix states)
+    n_blocks: int = 0
     trace: ModelTrace | None = field(repr=False, default=None)
     _graph: object = field(repr=False, default=None)
 
@@ -171,6 +196,92 @@ def _graph(mt: ModelTrace):
     return g
 
 
+# ---- tensor-parallel placement (Megatron-LM: column-parallel q/k/v/gate/up, row-parallel o/down,
+# vocab-parallel embedding and head; norms and row-parallel biases replicated) ----
+
+
+def _row_parallel_leaves(mt: ModelTrace) -> frozenset[str]:
+    n = names_of(mt.arch)
+    return frozenset({n.o.rsplit(".", 1)[-1], n.down.rsplit(".", 1)[-1], "wo", "o"})
+
+
+def _tp_split(p: Param, where: str, mt: ModelTrace, row_leaves: frozenset[str], linears: set[str]) -> bool:
+    mod = p.path.rsplit(".", 1)[0] if p.path.endswith((".weight", ".bias")) else p.path
+    ndim = len(p.shape) if p.shape else 1
+    if ".lora_" in mod:  # A is split on row-parallel layers (input dim), B on column-parallel ones (output dim)
+        base = mod.split(".lora_", 1)[0].rsplit(".", 1)[-1]
+        return (".lora_A" in mod or ".lora_embedding_A" in mod) == (base in row_leaves)
+    if where != "block":
+        n = names_of(mt.arch)
+        return ndim >= 2 and not (n.pos_embed and mod.startswith(n.pos_embed))
+    if ndim >= 2:
+        return not (mt.arch.moe is not None and mod.endswith("mlp.gate"))  # the MoE router stays whole
+    # a bias of a column-parallel linear is split with its output features; other vectors stay whole
+    return p.path.endswith(".bias") and mod in linears and mod.rsplit(".", 1)[-1] not in row_leaves
+
+
+def _param_rows(mt: ModelTrace) -> tuple[ParamRow, ...]:
+    row_leaves = _row_parallel_leaves(mt)
+    rows: list[ParamRow] = []
+    parts = [("pre", mt.pre, (0,)), ("post", mt.post, (0,))] + [("block", v.trace, tuple(v.layers)) for v in mt.variants]
+    for where, tr, layers in parts:
+        linears = {p.path.rsplit(".", 1)[0] for p in tr.params if len(p.shape) >= 2}
+        for p in tr.params:
+            if p.tied_to is not None:
+                continue
+            rows.append(ParamRow(
+                path=p.path, numel=p.numel, storage_bytes=p.storage_bytes, scale_bytes=p.scale_bytes,
+                quantized=p.storage != "dense", trainable=p.trainable and p.storage == "dense", dtype=p.dtype,
+                shape=p.shape, where=where, layers=layers, tp_split=_tp_split(p, where, mt, row_leaves, linears),
+                expert=".experts." in p.path or p.path.endswith(".experts"),
+            ))
+    return tuple(rows)
+
+
+def _tp_replicated(t, module: str, mt: ModelTrace, row_leaves: frozenset[str], core: str) -> bool:
+    """A saved tensor that every TP rank holds whole (Korthikanti et al. 2022, section 4.2: the
+    norm inputs/outputs, residual dropout masks and the inputs of the column-parallel linears are
+    hidden-sized and outside the split regions); sequence parallelism splits them too."""
+    c = t.numel.c
+    if c[2] or c[5] or c[0] != mt.arch.hidden:
+        return False
+    leaf = module.rsplit(".", 1)[-1]
+    return leaf not in row_leaves and not module.endswith(core)
+
+
+def _block_saved_tp(mt: ModelTrace) -> tuple[tuple[tuple[int, ...], Poly, Poly], ...]:
+    row_leaves = _row_parallel_leaves(mt)
+    core = names_of(mt.arch).attn_core
+    global_ids = {t.id for t in mt.globals_}
+    out = []
+    for v in mt.variants:
+        if v.checkpointed:  # the checkpoint keeps the block input: hidden-sized, replicated
+            kept = ZERO if mt.plan.offload_checkpoints else v.input.nbytes
+            out.append((tuple(v.layers), kept, ZERO))
+            continue
+        seen: set[int] = set()
+        rep = split = ZERO
+        for mod, tid in v.trace.saves:
+            if tid in global_ids or tid in seen:
+                continue
+            seen.add(tid)
+            t = mt.tensors[tid]
+            if _tp_replicated(t, mod, mt, row_leaves, core):
+                rep = rep + t.nbytes
+            else:
+                split = split + t.nbytes
+        out.append((tuple(v.layers), rep, split))
+    return tuple(out)
+
+
+def _shared_saved(total: Poly, by_layer: dict[str, Poly], mt: ModelTrace) -> Poly:
+    """Saved bytes charged once model-wide (shared tensors), i.e. the total less the per-block, embedding and head parts."""
+    blocks = ZERO
+    for layers, rep, split in _block_saved_tp(mt):
+        blocks = blocks + (rep + split) * len(layers)
+    return total + (blocks + by_layer.get("embeddings", ZERO) + by_layer.get("head", ZERO)) * -1.0
+
+
 def compile_trace(mt: ModelTrace) -> CostTable:
     traces = [(mt.pre, 1), (mt.post, 1)] + [(v.trace, len(v.layers)) for v in mt.variants]
     n_params = n_tr = 0
@@ -224,6 +335,9 @@ def compile_trace(mt: ModelTrace) -> CostTable:
         fwd_bytes=fbytes, max_dequant_bytes=max_deq, other_transient_bytes=other,
         logits_numel=logits.numel, logits_dtype=logits.dtype, loss_dtype=mt.loss_dtype,
         loss_upcast_copy=mt.loss_upcast_copy, block_io=mt.variants[0].input.nbytes,  # the residual stream in its own dtype (fp32 under AMP)
+        param_rows=_param_rows(mt), block_saved_tp=_block_saved_tp(mt),
+        pre_saved=by_layer.get("embeddings", ZERO), post_saved=by_layer.get("head", ZERO),
+        n_blocks=sum(len(v.layers) for v in mt.variants), shared_saved=_shared_saved(saved, by_layer, mt),
         trace=mt,
     )
 

@@ -1,0 +1,271 @@
+"""Where each byte of model state lives once the job is spread over devices.
+
+One small pure function per quantity.  The order of placement is the order the frameworks apply it
+(torchtitan's ``parallelize_llama``: TP, then pipeline stages, then data-parallel sharding):
+
+1. tensor parallel splits the column/row-parallel weights and the vocab-parallel embedding/head
+   (``ParamRow.tp_split``), expert parallel splits the MoE experts (``ParamRow.expert``);
+2. pipeline parallel gives each stage a contiguous run of blocks (the first stage also the
+   embeddings, the last the final norm and head; a tied embedding has a copy on the last stage,
+   as Megatron-LM keeps it);
+3. ZeRO / FSDP partition what is left over the data-parallel ranks.
+
+Model-state bytes follow the ZeRO paper (arXiv 1910.02054, section 3): with mixed-precision Adam a
+DeepSpeed rank holds 2Psi of 16-bit weights, 2Psi of 16-bit gradients and K=12 Psi of fp32 master
+copy + moments, stage s dividing the last 1, 2 or 3 terms by N_d.  FSDP keeps the sharded
+parameters in their own dtype (fp32 under a mixed-precision policy) and gathers 16-bit copies per
+unit (docs.pytorch.org FSDP notes; reference section 6.3).
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from dataclasses import dataclass
+
+from . import memory as mem
+from .config.parallel import Parallel
+from .graph.compile import CostTable, ParamRow
+from .units import dtype_bytes
+
+
+def stage_layer_ranges(n_blocks: int, pp: int) -> list[range]:
+    """Contiguous blocks per pipeline stage; the first ``n_blocks % pp`` stages take one more
+    (numpy.array_split's convention; Megatron-LM requires an even split, torchtitan does not)."""
+    base, extra = divmod(n_blocks, pp)
+    out, start = [], 0
+    for i in range(pp):
+        n = base + (1 if i < extra else 0)
+        out.append(range(start, start + n))
+        start += n
+    return out
+
+
+def row_count_on_stage(row: ParamRow, stage: int, layers: range, pp: int, tied_head: bool) -> int:
+    """How many copies of ``row`` stage ``stage`` holds (blocks of the row's variant in the stage's range)."""
+    if row.where == "pre":
+        return int(stage == 0) + int(tied_head and pp > 1 and stage == pp - 1 and row.tp_split)
+    if row.where == "post":
+        return int(stage == pp - 1)
+    return bisect_left(row.layers, layers.stop) - bisect_left(row.layers, layers.start)  # layers are sorted
+
+
+def row_split_factor(row: ParamRow, par: Parallel) -> float:
+    """Share of the tensor one rank holds after tensor and expert parallelism."""
+    f = 1.0 / par.tp if row.tp_split else 1.0
+    return f / par.ep if row.expert else f
+
+
+@dataclass(frozen=True)
+class RankParams:
+    """The parameters placed on one rank of one pipeline stage, before data-parallel sharding."""
+
+    frozen_bytes: float = 0.0  # dense frozen weights
+    quant_bytes: float = 0.0  # packed quantized weights
+    scale_bytes: float = 0.0  # their scales
+    trainable_numel: float = 0.0
+    trainable_bytes: float = 0.0
+    groups: tuple[tuple[float, str, tuple[int, ...], int], ...] = ()  # (numel, dtype, shape, count) for the optimizer
+    n_trainable_tensors: int = 0
+    largest_trainable_bytes: float = 0.0
+    small_numel: float = 0.0  # elements in tensors under the ZeRO-3 persistence threshold (never partitioned)
+    small_bytes: float = 0.0
+    largest_block_numel: float = 0.0  # one block's parameters (an FSDP unit / ZeRO-3 fetch)
+    root_numel: float = 0.0  # embeddings + final norm + head on this stage (FSDP's root unit)
+    blocks_numel: float = 0.0  # all block parameters on this stage
+    n_blocks: int = 0
+
+
+def rank_params(ct: CostTable, par: Parallel, stage: int = 0) -> RankParams:
+    """Parameters one rank of ``stage`` holds after TP / EP / PP placement (cached on the cost table)."""
+    key = (par.tp, par.ep, par.pp, par.stage3_param_persistence_threshold, stage)
+    cache = ct.__dict__.setdefault("_rank_params", {})
+    hit = cache.get(key)
+    if hit is None:
+        hit = cache[key] = _rank_params(ct, par, stage)
+    return hit
+
+
+def _rank_params(ct: CostTable, par: Parallel, stage: int) -> RankParams:
+    layers = stage_layer_ranges(ct.n_blocks, par.pp)[stage]
+    tied = ct.arch.tied_embeddings
+    frozen = quant = scales = tn = tb = small_n = small_b = root = blocks = 0.0
+    groups: dict[tuple[float, str, tuple[int, ...]], int] = {}
+    largest = 0.0
+    per_variant: dict[tuple[int, ...], float] = {}  # one block's parameters, per block variant on the stage
+    thr = par.stage3_param_persistence_threshold
+    for row in ct.param_rows:
+        count = row_count_on_stage(row, stage, layers, par.pp, tied)
+        if not count:
+            continue
+        f = row_split_factor(row, par)
+        numel, nbytes = row.numel * f, row.storage_bytes * f
+        if row.quantized:
+            quant += (row.storage_bytes - row.scale_bytes) * f * count
+            scales += row.scale_bytes * f * count
+        elif row.trainable:
+            tn += numel * count
+            tb += nbytes * count
+            groups[(numel, row.dtype, row.shape)] = groups.get((numel, row.dtype, row.shape), 0) + count
+            largest = max(largest, nbytes)
+        else:
+            frozen += nbytes * count
+        if numel < thr:
+            small_n += numel * count
+            small_b += nbytes * count
+        if row.where == "block":
+            per_variant[row.layers] = per_variant.get(row.layers, 0.0) + numel
+            blocks += numel * count
+        else:
+            root += numel * count
+    return RankParams(
+        frozen_bytes=frozen, quant_bytes=quant, scale_bytes=scales, trainable_numel=tn, trainable_bytes=tb,
+        groups=tuple((n, d, s, c) for (n, d, s), c in groups.items()), n_trainable_tensors=sum(groups.values()),
+        largest_trainable_bytes=largest, small_numel=small_n, small_bytes=small_b,
+        largest_block_numel=max(per_variant.values(), default=0.0), root_numel=root, blocks_numel=blocks,
+        n_blocks=len(layers),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Data-parallel sharding of the model states
+# ---------------------------------------------------------------------------------------------
+
+
+def shard_group_size(par: Parallel, gpus_per_node: int) -> int:
+    """Ranks that split the model states: dp, or for hybrid sharding the data-parallel ranks of one node."""
+    if par.fsdp == "hybrid_shard":
+        return max(1, min(par.dp, gpus_per_node // max(1, par.tp * par.cp)))
+    return par.dp
+
+
+@dataclass(frozen=True)
+class ModelStates:
+    """Bytes of model state on one rank, by category, plus what sits on the host / NVMe."""
+
+    weights: float  # frozen (dense) weights resident on the device
+    quant_scales: float
+    quant_data: float
+    trainable_weights: float
+    gradients: float  # held from backward to the optimizer step
+    optimizer_states: float  # moments (+ fp32 master copy under DeepSpeed)
+    gathered_bytes: float  # ZeRO-3 / FSDP: unsharded parameters of the units being computed (fwd/bwd)
+    gathered_grad_bytes: float  # unsharded gradients of one unit before its reduce-scatter (bwd)
+    bucket_bytes: float  # DDP / ZeRO communication buckets
+    step_temp_bytes: float  # extra at the optimizer step (fp32 gradient partition, foreach temporaries)
+    host_bytes: float  # host RAM for offloaded states / parameters
+    nvme_bytes: float
+    paged_bytes: float  # bitsandbytes paged states (CUDA managed memory)
+
+
+def deepspeed_weight_dtype(compute_dtype: str, param_dtype: str) -> str:
+    """DeepSpeed runs the module in 16-bit when fp16/bf16 is enabled; the fp32 master copy moves to the optimizer."""
+    return compute_dtype if compute_dtype in ("bf16", "fp16") else param_dtype
+
+
+def model_state_bytes(rp: RankParams, par: Parallel, optimizer_name: str, optimizer_impl: str, beta1: bool,
+                      param_dtype: str, compute_dtype: str, n_shard: int) -> ModelStates:
+    """Model states on one rank (see the module docstring for the rules and citations)."""
+    N = max(1, n_shard)
+    paged = mem.optimizer_is_paged(optimizer_name)
+    if par.deepspeed:
+        wdt = deepspeed_weight_dtype(compute_dtype, param_dtype)
+        trainable = rp.trainable_numel * dtype_bytes(wdt)
+        grads = trainable
+        master = rp.trainable_numel * 4.0 if wdt != "fp32" else 0.0
+        fp32_groups = [(n, "fp32", s, c) for n, _, s, c in rp.groups]
+        states = mem.optimizer_state_bytes(fp32_groups, optimizer_name, beta1) + master
+        grad_elem = dtype_bytes(wdt)
+    else:
+        wdt = None
+        trainable = rp.trainable_bytes
+        grads = trainable
+        states = mem.optimizer_state_bytes(list(rp.groups), optimizer_name, beta1)
+        grad_elem = trainable / rp.trainable_numel if rp.trainable_numel else dtype_bytes(param_dtype)
+    states += mem.step_counter_bytes(rp.n_trainable_tensors, optimizer_name, optimizer_impl)
+    weights, quant, scales = rp.frozen_bytes, rp.quant_bytes, rp.scale_bytes
+    gathered = gathered_grads = bucket = step_temp = host = nvme = 0.0
+    cdt = dtype_bytes(compute_dtype)
+    if par.shards_optimizer and N > 1:
+        states /= N
+    if par.shards_grads and N > 1:
+        grads /= N
+    if par.shards_params and N > 1:
+        if par.deepspeed:
+            # parameters under stage3_param_persistence_threshold stay whole on every rank
+            small_frac = rp.small_bytes / max(1.0, rp.frozen_bytes + rp.quant_bytes + rp.scale_bytes + rp.trainable_bytes)
+            keep = lambda x: x * small_frac + x * (1.0 - small_frac) / N  # noqa: E731
+        else:
+            keep = lambda x: x / N  # noqa: E731
+        weights, quant, scales, trainable = keep(weights), keep(quant), keep(scales), keep(trainable)
+    if par.shards_params and N > 1:
+        if par.deepspeed:
+            # ZeRO-3 fetches a module's parameters before use and prefetches up to the bucket size;
+            # DeepSpeed's own estimator charges 4 x the largest layer (16-bit params + grads)
+            live = min(par.stage3_max_live_parameters, rp.largest_block_numel + par.stage3_prefetch_bucket_elems)
+            gathered = max(live, rp.root_numel) * cdt
+            gathered_grads = rp.largest_block_numel * cdt
+        else:
+            # FSDP: the root unit (embeddings, norm, head) stays gathered through the step; one block
+            # unit computing and the next one prefetched
+            gathered = (rp.root_numel + 2.0 * rp.largest_block_numel) * cdt
+            gathered_grads = rp.largest_block_numel * grad_elem
+    elif par.fsdp == "shard_grad_op" and N > 1:
+        gathered = (rp.root_numel + rp.blocks_numel) * cdt  # every unit stays gathered from its forward to its backward
+        gathered_grads = rp.largest_block_numel * grad_elem
+    if par.deepspeed:
+        # the IPG / reduce bucket in the weight dtype (never larger than the gradients themselves)
+        bucket = min(float(par.reduce_bucket_elems), rp.trainable_numel) * grad_elem
+        if par.zero < 3 and N > 1:
+            step_temp = rp.trainable_numel * 4.0 / N  # the fp32 gradient partition at the step
+    elif par.dp > 1 and par.fsdp in ("none", "no_shard") and not par.ddp_bucket_view:
+        bucket = grads  # DDP's flat buckets hold a second copy of every gradient
+    if par.offload_optimizer != "none":
+        off = states + rp.trainable_numel * 4.0 / N  # states (+ master) and the fp32 gradient partition
+        host, nvme = (off, 0.0) if par.offload_optimizer == "cpu" else (rp.trainable_numel * 4.0 / N, states)
+        states = 0.0
+        grads = min(grads, bucket) if par.deepspeed else 0.0
+        step_temp = 0.0
+    if par.offload_params != "none":
+        resident = weights + quant + scales + trainable
+        if par.offload_params == "cpu":
+            host += resident
+        else:
+            nvme += resident
+        weights = quant = scales = trainable = 0.0
+        if par.fsdp != "none":  # FSDP CPUOffload keeps gradients and the step on the host too
+            host += grads + states
+            grads = states = 0.0
+    return ModelStates(
+        weights=weights, quant_scales=scales, quant_data=quant, trainable_weights=trainable, gradients=grads,
+        optimizer_states=0.0 if paged else states, gathered_bytes=gathered, gathered_grad_bytes=gathered_grads,
+        bucket_bytes=bucket, step_temp_bytes=step_temp, host_bytes=host, nvme_bytes=nvme,
+        paged_bytes=states if paged else 0.0,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations on one rank
+# ---------------------------------------------------------------------------------------------
+
+
+def in_flight_microbatches(par: Parallel, stage: int, n_micro: int) -> float:
+    """Micro-batches whose activations a stage holds at once.
+
+    1F1B: stage i keeps min(p - i, m) (Narayanan et al. 2021); interleaved with v chunks multiplies
+    the first stage's by (1 + (p - 1)/(p v)) (Korthikanti et al. 2022, section 4.2.3); GPipe keeps all m."""
+    p = par.pp
+    if p == 1:
+        return 1.0
+    if par.pp_schedule == "gpipe":
+        return float(n_micro)
+    base = float(min(p - stage, n_micro))
+    if par.pp_schedule == "interleaved":
+        return base * (1.0 + (p - 1) / (p * par.pp_virtual))
+    return base
+
+
+def activation_split(par: Parallel) -> tuple[float, float]:
+    """(divisor of the TP-replicated part, divisor of the TP-split part) of a block's saved bytes;
+    context parallelism divides both by cp (each rank holds s/cp tokens)."""
+    rep = (par.tp if par.sp else 1) * par.cp
+    return float(rep), float(par.tp * par.cp)
