@@ -28,6 +28,7 @@ from .config import (
     IA3, Adapter, BitFit, Checkpointing, DoRA, Freeze, Full, InferenceQuant, InferWorkload, LoRA, ModelArch,
     Optimizer, PrefixTuning, PromptTuning, QLoRA, Scenario, TrainWorkload,
 )
+from .config.parallel import Parallel
 from .estimate import count_params, estimate
 from .models import get_model, list_models
 
@@ -235,6 +236,7 @@ def build_scenario_dict(args: argparse.Namespace) -> dict[str, Any]:
             ck["every_k"] = args.every_k
             ck.setdefault("mode", "every_k")
         data["checkpointing"] = ck
+    _apply_parallel_flags(args, data)
     if args.weights is not None or args.kv_dtype is not None:
         inf = _sub(data, "inference")
         if args.weights is not None:
@@ -243,6 +245,40 @@ def build_scenario_dict(args: argparse.Namespace) -> dict[str, Any]:
             inf["kv_dtype"] = args.kv_dtype
         data["inference"] = inf
     return data
+
+
+PARALLEL_FLAGS = ("tp", "pp", "cp", "ep", "zero", "fsdp", "pp_schedule", "pp_virtual")
+
+
+def _apply_parallel_flags(args: argparse.Namespace, data: dict[str, Any]) -> None:
+    """--gpus N, --tp/--pp/--cp/--ep, --zero, --fsdp, --offload: the data-parallel degree is what is left
+    of the GPU count once tp x pp x cp are taken."""
+    if args.system is not None:
+        data["system"] = args.system
+    if args.total_tokens is not None:
+        wl = _sub(data, "workload")
+        wl["total_tokens"] = args.total_tokens
+        data["workload"] = wl
+    given = {f: getattr(args, f) for f in PARALLEL_FLAGS if getattr(args, f) is not None}
+    if args.sp:
+        given["sp"] = True
+    if args.offload is not None:
+        parts = {x.strip() for x in args.offload.split(",") if x.strip()}
+        allowed = {"optimizer", "params", "optimizer-nvme", "params-nvme", "none"}
+        bad = sorted(parts - allowed)
+        if bad:
+            raise CliError("--offload", f"unknown {bad}; allowed: comma-separated {', '.join(sorted(allowed))}")
+        given["offload_optimizer"] = "nvme" if "optimizer-nvme" in parts else ("cpu" if "optimizer" in parts else "none")
+        given["offload_params"] = "nvme" if "params-nvme" in parts else ("cpu" if "params" in parts else "none")
+    if args.gpus is None and not given:
+        return
+    par = {**_sub(data, "parallel"), **given}
+    if args.gpus is not None:
+        inner = par.get("tp", 1) * par.get("pp", 1) * par.get("cp", 1)
+        if args.gpus < 1 or args.gpus % inner:
+            raise CliError("--gpus", f"--gpus {args.gpus} is not a multiple of tp x pp x cp = {inner}")
+        par["dp"] = args.gpus // inner
+    data["parallel"] = par
 
 
 def build_scenario(args: argparse.Namespace) -> Scenario:
@@ -288,6 +324,17 @@ def gpu_rows() -> list[dict[str, Any]]:
                  price_date=d.price_date) for d in all_devices()]
 
 
+def system_rows() -> list[dict[str, Any]]:
+    """One dict per system profile: GPUs per node, fabrics, price."""
+    from hwprofiles import all_systems
+
+    return [dict(name=x.name, display_name=x.display_name, device=x.device, gpus_per_node=x.gpus_per_node,
+                 intra_node=x.intra_node.kind, intra_node_GBps=x.intra_node.bandwidth_GBps,
+                 inter_node=None if x.inter_node is None else x.inter_node.technology,
+                 nics_per_node=None if x.inter_node is None else x.inter_node.nics_per_node,
+                 price_usd_per_gpu_hour=x.price_usd_per_gpu_hour) for x in all_systems()]
+
+
 def _listing(rows: list[dict[str, Any]], table, as_json: bool) -> int:
     if as_json:
         print(json.dumps(rows, indent=2))
@@ -302,6 +349,10 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_gpus(args: argparse.Namespace) -> int:
     return _listing(gpu_rows(), report.gpus_table, args.json)
+
+
+def cmd_systems(args: argparse.Namespace) -> int:
+    return _listing(system_rows(), report.systems_table, args.json)
 
 
 SCENARIO_TEMPLATE = """\
@@ -407,6 +458,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weights", metavar="W", help=_doc(InferenceQuant, "weights") + " (implies --task infer)")
     g.add_argument("--kv-dtype", metavar="D", help=_doc(InferenceQuant, "kv_dtype") + " (implies --task infer)")
     g.add_argument("--expandable-segments", action="store_true", help=_doc(Scenario, "expandable_segments"))
+    g = e.add_argument_group("parallelism, hardware and cost")
+    g.add_argument("--gpus", type=int, metavar="N", help="GPUs in all; data parallel = N / (tp x pp x cp)")
+    g.add_argument("--system", metavar="S", help=_doc(Scenario, "system"))
+    g.add_argument("--tp", type=int, metavar="N", help=_doc(Parallel, "tp"))
+    g.add_argument("--pp", type=int, metavar="N", help=_doc(Parallel, "pp"))
+    g.add_argument("--cp", type=int, metavar="N", help=_doc(Parallel, "cp"))
+    g.add_argument("--ep", type=int, metavar="N", help=_doc(Parallel, "ep"))
+    g.add_argument("--sp", action="store_true", help=_doc(Parallel, "sp"))
+    g.add_argument("--zero", type=int, metavar="0-3", help=_doc(Parallel, "zero", choices=False))
+    g.add_argument("--fsdp", metavar="MODE", help=_doc(Parallel, "fsdp"))
+    g.add_argument("--pp-schedule", metavar="S", help=_doc(Parallel, "pp_schedule"))
+    g.add_argument("--pp-virtual", type=int, metavar="V", help=_doc(Parallel, "pp_virtual"))
+    g.add_argument("--offload", metavar="optimizer,params", help="offload to host RAM: optimizer, params; to NVMe: optimizer-nvme, params-nvme")
+    g.add_argument("--total-tokens", type=float, metavar="N", help=_doc(TrainWorkload, "total_tokens"))
     g = e.add_argument_group("output")
     g.add_argument("--json", action="store_true", help="print the Estimate as JSON (with the validated scenario under 'scenario')")
     g.add_argument("--fail-if-no-fit", action="store_true", help="exit 1 when the setup does not fit (default: 0, it is an answer)")
@@ -419,6 +484,10 @@ def build_parser() -> argparse.ArgumentParser:
     gp = sub.add_parser("gpus", help="list the device profiles", description="List the GPU profiles (dense peaks).")
     gp.add_argument("--json", action="store_true", help="print JSON")
     gp.set_defaults(func=cmd_gpus)
+
+    sy = sub.add_parser("systems", help="list the node types", description="List the system (node) profiles.")
+    sy.add_argument("--json", action="store_true", help="print JSON")
+    sy.set_defaults(func=cmd_systems)
 
     t = sub.add_parser("scenario-template", help="print a commented example scenario YAML",
                        description="Print a commented example scenario (valid as is).")

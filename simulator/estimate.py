@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 
 from hwprofiles import Device, get_device
 
 from . import memory as mem
+from . import sharding as sh
 from .config import Scenario
 from .config.training import InferWorkload, TrainWorkload
 from .graph.compile import CostTable, compile_trace
 from .graph.build import trace_model
 from .graph.ir import basis
 from .graph.transforms import plan_of
-from .results import Estimate, FlopBreakdown, MemoryBreakdown, Suggestion
+from .results import Cost, Estimate, FlopBreakdown, MemoryBreakdown, Suggestion, TimeBreakdown
 from .units import dtype_bytes
 
 
@@ -78,99 +80,151 @@ def _dims(sc: Scenario, ct: CostTable) -> tuple[int, int, int]:
     return w.batch, w.prompt_len, w.prompt_len
 
 
+def _n_shard(sc: Scenario) -> int:
+    """Ranks the model states are partitioned over (the node's ranks for hybrid sharding)."""
+    par = sc.parallel
+    return sh.shard_group_size(par, _system(sc).gpus_per_node if par.fsdp == "hybrid_shard" else par.dp)
+
+
+def _system(sc: Scenario):
+    return _system_named(sc.system, sc.gpu, sc.parallel.n_gpus)
+
+
+@functools.lru_cache(maxsize=256)
+def _system_named(name: str | None, gpu: str, n_gpus: int):
+    from hwprofiles import get_system, system_for
+
+    return get_system(name) if name else system_for(gpu, n_gpus)
+
+
 def kv_dtype(sc: Scenario, ct: CostTable) -> str:
     kv = sc.inference.kv_dtype
     return ct.plan.precision.compute_dtype if kv == "auto" else kv
 
 
-def _train_memory(sc: Scenario, ct: CostTable, dev: Device
-                  ) -> tuple[dict[str, float], dict[str, MemoryBreakdown], float, dict[str, float]]:
+def _stage_activation_bytes(ct: CostTable, par, B: tuple, stage: int, n_micro: int) -> float:
+    """Saved activations on one rank of ``stage``: the stage's blocks (TP/SP/CP split), the embeddings on
+    the first stage, the head on the last, times the micro-batches in flight."""
+    rep_div, split_div = sh.activation_split(par)
+    if par.n_gpus == 1:
+        acts = ct.at(ct.saved, B)
+    else:
+        layers = sh.stage_layer_ranges(ct.n_blocks, par.pp)[stage]
+        acts = 0.0
+        for var_layers, rep, split in ct.block_saved_tp:
+            n = sum(1 for i in var_layers if i in layers)
+            if n:
+                acts += n * (ct.at(rep, B) / rep_div + ct.at(split, B) / split_div)
+        if stage == 0:
+            acts += (ct.at(ct.pre_saved, B) + ct.at(ct.shared_saved, B)) / rep_div
+        if stage == par.pp - 1:
+            acts += ct.at(ct.post_saved, B) / split_div  # vocab-parallel logits
+    return acts * sh.in_flight_microbatches(par, stage, n_micro)
+
+
+def _train_memory(sc: Scenario, ct: CostTable, dev: Device, stage: int = 0
+                  ) -> tuple[dict[str, float], dict[str, MemoryBreakdown], float, dict[str, float], sh.ModelStates]:
     w: TrainWorkload = sc.workload  # type: ignore[assignment]
+    par = sc.parallel
     b, s, skv = _dims(sc, ct)
     B = basis(b, s, skv)
     opt = sc.optimizer
-    weights = ct.frozen_dense_bytes + ct.quant_data_bytes
-    scales = ct.quant_scale_bytes
-    trainable = ct.trainable_bytes
-    grads = trainable  # .grad in the parameter dtype
-    states = mem.optimizer_state_bytes(ct.trainable_groups, opt.name, opt.beta1)
-    states += mem.step_counter_bytes(ct.n_trainable_tensors, opt.name, opt.impl)
-    paged = mem.optimizer_is_paged(opt.name)
-    acts = ct.at(ct.saved, B)
+    prec = ct.plan.precision
+    rp = sh.rank_params(ct, par, stage)
+    ms = sh.model_state_bytes(rp, par, opt.name, opt.impl, opt.beta1, prec.param_dtype, prec.compute_dtype,
+                              _n_shard(sc))
+    weights = ms.weights + ms.quant_data
+    scales = ms.quant_scales
+    trainable = ms.trainable_weights
+    grads = ms.gradients
+    states = ms.optimizer_states + ms.paged_bytes
+    paged = ms.paged_bytes
+    last = stage == par.pp - 1
+    rep_div, split_div = sh.activation_split(par)
+    acts = _stage_activation_bytes(ct, par, B, stage, w.grad_accum)
     tokens = float(B[0])
-    logits_n = ct.at(ct.logits_numel, B)
+    logits_n = ct.at(ct.logits_numel, B) / split_div if last else 0.0
     loss_fwd, loss_bwd = mem.loss_transient_bytes(sc.loss, logits_n, ct.logits_dtype, ct.loss_dtype,
                                                   ct.loss_upcast_copy)
-    blk_bwd = block_backward_transient_bytes(ct, tokens)
-    recompute = ct.at(ct.max_layer_saved, B) if ct.plan.checkpointed else 0.0
-    if ct.plan.offload_checkpoints:
-        recompute += ct.at(ct.block_io, B)  # the block input copied back from host memory
-    other = ct.at(ct.other_transient_bytes, B)
-    deq = ct.max_dequant_bytes
+    blk_bwd = block_backward_transient_bytes(ct, tokens) / split_div if rp.n_blocks else 0.0
+    recompute = ct.at(ct.max_layer_saved, B) / split_div if ct.plan.checkpointed and rp.n_blocks else 0.0
+    if ct.plan.offload_checkpoints and rp.n_blocks:
+        recompute += ct.at(ct.block_io, B) / rep_div  # the block input copied back from host memory
+    other = ct.at(ct.other_transient_bytes, B) / split_div
+    deq = ct.max_dequant_bytes / par.tp
     ws = dev.cublas_workspace_bytes * 2.0 + dev.cublaslt_workspace_bytes  # forward + autograd thread handles
     # torch.autocast's bf16 weight copies are in the saved activations: cached copies of trainable
     # leaves (autocast_mode.cpp caches only leaf tensors that require grad) and per-op copies of frozen
     # weights, each saved by its matmul when the input needs grad.
     g_acc = grads if w.grad_accum > 1 else 0.0
-    st = 0.0 if paged else states
-    base = weights + scales + trainable + st
-    fwd_tr = max(loss_fwd, deq, other)
-    bwd_tr = max(loss_bwd, blk_bwd + recompute + deq + other)
+    base = weights + scales + trainable + (states - paged) + ms.bucket_bytes
+    fwd_tr = max(loss_fwd, deq, other) + ms.gathered_bytes
+    bwd_tr = max(loss_bwd, blk_bwd + recompute + deq + other) + ms.gathered_bytes + ms.gathered_grad_bytes
     # backward: early on the grads of the first (top) blocks exist; with accumulation all of them
     # the top-most trainable tensor's grad (e.g. lm_head) already exists when the loss grads are live
-    bwd_grads = g_acc if g_acc else ct.largest_trainable_bytes
+    bwd_grads = g_acc if g_acc else min(grads, rp.largest_trainable_bytes)
+    groups = list(rp.groups)
     if opt.in_backward:
         # each gradient is consumed by its parameter's step (one parameter's temporaries) as soon as it
         # is produced; the validator keeps grad_accum at 1
-        grads = ct.largest_trainable_bytes
-        opt_tr = mem.optimizer_temp_bytes(ct.trainable_groups, opt.name, "for-loop")
+        grads = rp.largest_trainable_bytes
+        opt_tr = mem.optimizer_temp_bytes(groups, opt.name, "for-loop")
         bwd_tr += opt_tr
+    elif par.offload_optimizer != "none":
+        opt_tr = 0.0  # the step runs on the host
     else:
-        opt_tr = mem.optimizer_temp_bytes(ct.trainable_groups, opt.name, opt.impl)
+        opt_tr = mem.optimizer_temp_bytes(groups, opt.name, opt.impl)
+        if par.shards_optimizer and _n_shard(sc) > 1:
+            opt_tr /= _n_shard(sc)
+        opt_tr += ms.step_temp_bytes
     phases = {
         "forward": base + g_acc + acts + fwd_tr + ws,
         "backward": base + bwd_grads + acts + bwd_tr + ws,
         "optimizer": base + grads + opt_tr + ws,
     }
+    common = dict(weights=weights, quant_scales=scales, trainable_weights=trainable, optimizer_states=states,
+                  workspaces=ws + ms.bucket_bytes)
     bd = {
-        "forward": MemoryBreakdown(weights=weights, quant_scales=scales, trainable_weights=trainable, gradients=g_acc,
-                                   optimizer_states=states, activations=acts, transients=fwd_tr, workspaces=ws),
-        "backward": MemoryBreakdown(weights=weights, quant_scales=scales, trainable_weights=trainable,
-                                    gradients=bwd_grads, optimizer_states=states, activations=acts, transients=bwd_tr,
-                                    workspaces=ws),
-        "optimizer": MemoryBreakdown(weights=weights, quant_scales=scales, trainable_weights=trainable, gradients=grads,
-                                     optimizer_states=states, transients=opt_tr, workspaces=ws),
+        "forward": MemoryBreakdown(**common, gradients=g_acc, activations=acts, transients=fwd_tr),
+        "backward": MemoryBreakdown(**common, gradients=bwd_grads, activations=acts, transients=bwd_tr),
+        "optimizer": MemoryBreakdown(**common, gradients=grads, transients=opt_tr),
     }
     peak_transient = {"forward": fwd_tr, "backward": bwd_tr, "optimizer": opt_tr}
-    return phases, bd, paged * states, peak_transient
+    return phases, bd, paged, peak_transient, ms
 
 
-def _infer_memory(sc: Scenario, ct: CostTable, dev: Device
-                  ) -> tuple[dict[str, float], dict[str, MemoryBreakdown], float, dict[str, float]]:
+def _infer_memory(sc: Scenario, ct: CostTable, dev: Device, stage: int = 0
+                  ) -> tuple[dict[str, float], dict[str, MemoryBreakdown], float, dict[str, float], sh.ModelStates]:
     w: InferWorkload = sc.workload  # type: ignore[assignment]
+    par = sc.parallel
     arch = ct.arch
     cd = dtype_bytes(ct.plan.precision.compute_dtype)
-    weights = ct.frozen_dense_bytes + ct.quant_data_bytes + ct.trainable_bytes
-    scales = ct.quant_scale_bytes
+    rp = sh.rank_params(ct, par, stage)
+    weights = rp.frozen_bytes + rp.quant_bytes + rp.trainable_bytes
+    scales = rp.scale_bytes
     ctx = w.prompt_len + w.gen_len
-    window = dict(sliding_window=arch.sliding_window, full_layers=arch.full_attention_layers)
-    kv = mem.kv_cache_bytes(arch.decoder_layers, arch.kv_heads, arch.d_head, ctx, w.batch, kv_dtype(sc, ct), **window)
-    kv_prefill = mem.kv_cache_bytes(arch.decoder_layers, arch.kv_heads, arch.d_head, w.prompt_len, w.batch,
-                                    kv_dtype(sc, ct), **window)
+    # KV heads split over TP ranks; with tp > n_kv_heads each rank keeps one (replicated) head
+    kv_heads = max(1, arch.kv_heads // par.tp) if arch.kv_heads >= par.tp else 1
+    n_layers = round(arch.decoder_layers * len(sh.stage_layer_ranges(ct.n_blocks, par.pp)[stage]) / max(1, ct.n_blocks))
+    window = dict(sliding_window=arch.sliding_window,
+                  full_layers=None if arch.full_attention_layers is None else
+                  round(arch.full_attention_layers * n_layers / max(1, arch.decoder_layers)))
+    kv = mem.kv_cache_bytes(n_layers, kv_heads, arch.d_head, ctx, w.batch, kv_dtype(sc, ct), **window)
+    kv_prefill = mem.kv_cache_bytes(n_layers, kv_heads, arch.d_head, w.prompt_len, w.batch, kv_dtype(sc, ct), **window)
     if arch.arch == "encoder":  # one bidirectional forward: nothing is cached
         kv = kv_prefill = 0.0
     T = w.batch * w.prompt_len
     inter = arch.expert_intermediate * (arch.moe.top_k if arch.moe else 1)
     # prefill: one block's temporaries (gate, up, act*up) + residual/normed hidden states;
     # eager attention also materialises fp32 scores and their 16-bit copy per layer.
-    prefill_tr = T * (3.0 * inter + 4.0 * arch.hidden) * cd
+    prefill_tr = T * (3.0 * inter / par.tp + 4.0 * arch.hidden) * cd
     if sc.attention in ("eager", "sdpa-math"):
-        prefill_tr = max(prefill_tr, w.batch * arch.n_heads * w.prompt_len**2 * (4.0 + cd))
-    # generate() computes logits for the last position only, upcast to fp32
-    logits = w.batch * arch.vocab * (cd + 4.0)
-    deq = ct.max_dequant_bytes
+        prefill_tr = max(prefill_tr, w.batch * arch.n_heads / par.tp * w.prompt_len**2 * (4.0 + cd))
+    # generate() computes logits for the last position only, upcast to fp32 (on the last stage)
+    logits = w.batch * arch.vocab * (cd + 4.0) / par.tp if stage == par.pp - 1 else 0.0
+    deq = ct.max_dequant_bytes / par.tp
     prefill_tr = prefill_tr + max(logits, deq)
-    decode_tr = w.batch * (3.0 * inter + 4.0 * arch.hidden) * cd + logits + deq
+    decode_tr = w.batch * (3.0 * inter / par.tp + 4.0 * arch.hidden) * cd + logits + deq
     ws = dev.cublas_workspace_bytes + dev.cublaslt_workspace_bytes
     phases = {
         "prefill": weights + scales + kv_prefill + prefill_tr + ws,
@@ -180,19 +234,24 @@ def _infer_memory(sc: Scenario, ct: CostTable, dev: Device
         "prefill": MemoryBreakdown(weights=weights, quant_scales=scales, kv_cache=kv_prefill, transients=prefill_tr, workspaces=ws),
         "decode": MemoryBreakdown(weights=weights, quant_scales=scales, kv_cache=kv, transients=decode_tr, workspaces=ws),
     }
-    return phases, bd, 0.0, {"prefill": prefill_tr, "decode": decode_tr}
+    ms = sh.ModelStates(weights=rp.frozen_bytes + rp.trainable_bytes, quant_scales=scales, quant_data=rp.quant_bytes,
+                        trainable_weights=0.0, gradients=0.0, optimizer_states=0.0, gathered_bytes=0.0,
+                        gathered_grad_bytes=0.0, bucket_bytes=0.0, step_temp_bytes=0.0, host_bytes=0.0,
+                        nvme_bytes=0.0, paged_bytes=0.0)
+    return phases, bd, 0.0, {"prefill": prefill_tr, "decode": decode_tr}, ms
 
 
 def _flops(sc: Scenario, ct: CostTable) -> tuple[FlopBreakdown, int]:
+    """FLOPs of one step of the whole job (every data-parallel replica; TP/PP/CP ranks share one replica's)."""
     b, s, skv = _dims(sc, ct)
     B = basis(b, s, skv)
     w = sc.workload
     if isinstance(w, TrainWorkload):
-        f, bw, rc = ct.at(ct.fwd_flops, B), ct.at(ct.bwd_flops, B), ct.at(ct.recompute_flops, B)
-        tokens = w.micro_batch * w.seq_len * w.grad_accum
-        per_step = (f + bw + rc) * w.grad_accum
-        return FlopBreakdown(forward=f * w.grad_accum, backward=bw * w.grad_accum, recompute=rc * w.grad_accum,
-                             per_step=per_step, per_token=per_step / tokens), tokens
+        reps = sc.parallel.dp * w.grad_accum
+        f, bw, rc = ct.at(ct.fwd_flops, B) * reps, ct.at(ct.bwd_flops, B) * reps, ct.at(ct.recompute_flops, B) * reps
+        tokens = w.micro_batch * w.seq_len * reps
+        per_step = f + bw + rc
+        return FlopBreakdown(forward=f, backward=bw, recompute=rc, per_step=per_step, per_token=per_step / tokens), tokens
     # inference: prefill over the prompt + one forward per generated token over a growing context
     f_prefill = ct.at(ct.fwd_flops, B)
     c = ct.fwd_flops.c  # over (T, K, A, B, S, Q, 1): per new token, T and K terms are per token, A per context position
@@ -206,16 +265,76 @@ def _flops(sc: Scenario, ct: CostTable) -> tuple[FlopBreakdown, int]:
                          per_token=total / max(1, tokens)), tokens
 
 
-def _peak(sc: Scenario, ct: CostTable, dev: Device) -> dict[str, Any]:
-    phases, bd, paged, transient = (_train_memory if sc.is_training else _infer_memory)(sc, ct, dev)
+def _stages_to_check(pp: int) -> list[int]:
+    """Pipeline stages whose peak can be the largest: all of them for short pipelines; else the first two
+    (most micro-batches in flight, one extra block under an uneven split) and the last (head and logits)."""
+    return list(range(pp)) if pp <= 8 else [0, 1, pp - 1]
+
+
+def _stage_peak(sc: Scenario, ct: CostTable, dev: Device, stage: int) -> dict[str, Any]:
+    phases, bd, paged, transient, ms = (_train_memory if sc.is_training else _infer_memory)(sc, ct, dev, stage)
     phase = max(phases, key=lambda k: phases[k])
     allocated = phases[phase]
     over = mem.reserved_overhead_bytes(transient[phase], allocated, sc.expandable_segments)
     reserved = allocated + over
     total = reserved + paged + dev.cuda_context_bytes
-    b = bd[phase].model_copy(update={"allocator_overhead": over, "cuda_context": dev.cuda_context_bytes,
-                                     "optimizer_states": bd[phase].optimizer_states})
-    return dict(phases=phases, phase=phase, allocated=allocated, reserved=reserved, total=total, breakdown=b)
+    b = bd[phase].model_copy(update={"allocator_overhead": over, "cuda_context": dev.cuda_context_bytes})
+    return dict(phases=phases, phase=phase, allocated=allocated, reserved=reserved, total=total, breakdown=b,
+                stage=stage, host_bytes=ms.host_bytes, nvme_bytes=ms.nvme_bytes)
+
+
+def _peak(sc: Scenario, ct: CostTable, dev: Device) -> dict[str, Any]:
+    """The rank with the largest peak (over pipeline stages), with every checked stage's total."""
+    peaks = [_stage_peak(sc, ct, dev, st) for st in _stages_to_check(sc.parallel.pp)]
+    worst = max(peaks, key=lambda p: p["total"])
+    return {**worst, "stage_totals": {p["stage"]: p["total"] for p in peaks}}
+
+
+def _time_and_cost(sc: Scenario, ct: CostTable, dev: Device, flops: FlopBreakdown, tokens: int
+                   ) -> tuple[TimeBreakdown, Cost]:
+    from . import compute, cost, timing
+
+    system = _system(sc)
+    n = sc.parallel.n_gpus
+    dtype = compute.matmul_dtype(ct.plan.precision.compute_dtype, sc.precision)
+    peak = compute.peak_flops(dev, dtype)
+    if sc.is_training:
+        b, s, skv = _dims(sc, ct)
+        t = timing.train_step_time(sc, ct, dev, system, basis(b, s, skv))
+        step = t.step_s
+        parts = {k: getattr(t, k) for k in ("forward_s", "backward_s", "recompute_s", "tp_comm_s", "cp_comm_exposed_s",
+                                            "ep_comm_s", "pp_p2p_s", "pp_bubble_s", "dp_comm_s", "dp_comm_exposed_s",
+                                            "optimizer_s", "offload_s")}
+        model_flops = flops.forward + flops.backward
+    else:
+        t = timing.infer_time(sc, ct, dev, system)
+        step = t.total_s
+        parts = dict(prefill_s=t.prefill_s, decode_per_token_s=t.decode_per_token_s, tp_comm_s=t.tp_comm_s)
+        model_flops = flops.forward
+    tps = tokens / step if step > 0 else 0.0
+    tb = TimeBreakdown(step_s=step, **parts, tokens_per_s=tps, tokens_per_s_per_gpu=tps / n,
+                       mfu=model_flops / (step * n * peak) if step > 0 else 0.0,
+                       hfu=flops.per_step / (step * n * peak) if step > 0 else 0.0)
+    price = system.price_usd_per_gpu_hour if (system.price_usd_per_gpu_hour and system.device == dev.name) else dev.price_usd_per_hour
+    price_src = (system.price_source if price == system.price_usd_per_gpu_hour else dev.price_source) if price else None
+    if system.node_power_per_gpu_W and system.device == dev.name:
+        watts, power_src = system.node_power_per_gpu_W, f"{system.name}: node_power_W / gpus_per_node (host included)"
+    else:
+        watts, power_src = dev.tdp_W or 0.0, f"{dev.name}: tdp_W (board power limit, the GPU alone)"
+    usd_step = cost.run_cost_usd(step, n, price) if price else None
+    kwh_step = cost.energy_kwh(step, n, watts)
+    run_tokens = getattr(sc.workload, "total_tokens", None)
+    run = {}
+    if run_tokens:
+        run_time = step * run_tokens / tokens
+        run = dict(run_tokens=run_tokens, run_time_s=run_time,
+                   run_usd=cost.run_cost_usd(run_time, n, price) if price else None,
+                   run_kwh=cost.energy_kwh(run_time, n, watts))
+    c = Cost(usd_per_gpu_hour=price, price_source=price_src, watts_per_gpu=watts, power_source=power_src,
+             usd_per_step=usd_step,
+             usd_per_million_tokens=cost.per_million_tokens(usd_step, tokens) if usd_step is not None else None,
+             kwh_per_million_tokens=cost.per_million_tokens(kwh_step, tokens), **run)
+    return tb, c
 
 
 def _fits(sc: Scenario, ct: CostTable, dev: Device) -> tuple[bool, float]:
@@ -311,14 +430,15 @@ def _coerce(sc: Scenario | dict | str) -> Scenario:
     raise TypeError(f"estimate() takes a Scenario, a dict or YAML text, not {type(sc).__name__}")
 
 
-def estimate(scenario: Scenario | dict | str, *, what_fits: bool = True) -> Estimate:
-    """Estimate one setup on one device.  ``what_fits`` adds the largest batch/length and, if it
-    does not fit, the changes that would make it fit (a few more estimates)."""
+def estimate(scenario: Scenario | dict | str, *, what_fits: bool = True, timing: bool = True) -> Estimate:
+    """Estimate one setup: per-rank memory over one step, FLOPs, and (``timing``) step time, throughput
+    and cost.  ``what_fits`` adds the largest batch/length and, if it does not fit, the changes that
+    would make it fit (a few more estimates)."""
     sc = _coerce(scenario)
-    return _estimate(sc, what_fits)
+    return _estimate(sc, what_fits, timing)
 
 
-def _estimate(sc: Scenario, what_fits: bool) -> Estimate:
+def _estimate(sc: Scenario, what_fits: bool, with_time: bool = True) -> Estimate:
     dev = get_device(sc.gpu)
     ct = cost_table_for(sc)
     p = _peak(sc, ct, dev)
@@ -361,7 +481,13 @@ def _estimate(sc: Scenario, what_fits: bool) -> Estimate:
             notes.append(f"largest {field_s} searched up to {cap_s} (the search limit for this model)")
         if not fits:
             suggestions = _suggestions(sc, dev)
+    time = cost_ = None
+    if with_time:
+        time, cost_ = _time_and_cost(sc, ct, dev, flops, tokens)
     return Estimate(
+        n_gpus=sc.parallel.n_gpus, system=_system(sc).name, peak_stage=p["stage"],
+        stage_peak_bytes=p["stage_totals"], host_memory_bytes=p["host_bytes"], nvme_bytes=p["nvme_bytes"],
+        time=time, cost=cost_,
         model=sc.model.name, gpu=dev.name, task=sc.workload.task, method=sc.method.kind, fits=fits,
         peak_memory_bytes=p["total"], peak_allocated_bytes=p["allocated"], peak_reserved_bytes=p["reserved"],
         peak_phase=p["phase"], phase_allocated_bytes=p["phases"], memory_bytes=p["breakdown"],

@@ -25,7 +25,7 @@ CATEGORY_LABELS: dict[str, str] = {
     "kv_cache": "KV cache",
     "allocator_overhead": "allocator cache (reserved - allocated)",
     "cuda_context": "CUDA context",
-    "workspaces": "cuBLAS workspaces",
+    "workspaces": "cuBLAS workspaces + comm buckets",
 }
 """Readable names of the :data:`~simulator.results.CATEGORIES` (PyTorch MemTracker vocabulary)."""
 
@@ -127,7 +127,8 @@ def header(e: Estimate, scenario: Scenario | None = None) -> list[str]:
         ["gpu", f"{e.gpu}: {fmt_bytes(e.device_memory_bytes)} device memory"],
     ]
     if scenario is not None:
-        rows += [["step", workload_line(scenario)], ["runtime", runtime_line(scenario)]]
+        rows += [["step", workload_line(scenario)], ["runtime", runtime_line(scenario)],
+                 ["parallel", parallel_line(scenario) + (f" on {e.system}" if e.system else "")]]
     return [f"fitsim estimate: {e.model} on {e.gpu}", *table(rows, "ll")]
 
 
@@ -221,12 +222,103 @@ def top_activations(e: Estimate, n: int = TOP_ACTIVATION_CONSUMERS) -> list[str]
     return table(rows, "lrr")
 
 
+def parallel_line(scenario: Scenario) -> str:
+    """'8 GPUs: dp 2 x tp 4 (sp), ZeRO-3, offload optimizer to cpu' or '1 GPU'."""
+    par = scenario.parallel
+    if par.n_gpus == 1 and par.zero == 0 and par.fsdp == "none":
+        return "1 GPU"
+    dims = [f"{k} {getattr(par, k)}" for k in ("dp", "tp", "pp", "cp", "ep") if getattr(par, k) > 1] or ["dp 1"]
+    extra = []
+    if par.sp:
+        extra.append("sequence parallel")
+    if par.zero:
+        extra.append(f"ZeRO-{int(par.zero)}")
+    if par.fsdp != "none":
+        extra.append(f"FSDP{par.fsdp_version} {par.fsdp}")
+    if par.pp > 1:
+        extra.append(f"{par.pp_schedule} schedule" + (f", {par.pp_virtual} chunks/rank" if par.pp_virtual > 1 else ""))
+    for what in ("optimizer", "params"):
+        where = getattr(par, f"offload_{what}")
+        if where != "none":
+            extra.append(f"{what} offloaded to {where}")
+    return f"{par.n_gpus} GPUs: " + " x ".join(dims) + (f"; {', '.join(extra)}" if extra else "")
+
+
+def ranks(e: Estimate) -> list[str]:
+    """Peak per pipeline stage (when they differ) and host / NVMe use per rank."""
+    rows = []
+    if len(e.stage_peak_bytes) > 1:
+        for st, v in sorted(e.stage_peak_bytes.items()):
+            rows.append([f"stage {st}", fmt_bytes(v), "<- largest" if st == e.peak_stage else ""])
+    if e.host_memory_bytes:
+        rows.append(["host RAM per rank", fmt_bytes(e.host_memory_bytes), "offloaded states / parameters"])
+    if e.nvme_bytes:
+        rows.append(["NVMe per rank", fmt_bytes(e.nvme_bytes), "offloaded to NVMe"])
+    return table(rows, "lrl") if rows else []
+
+
+def fmt_seconds(t: float) -> str:
+    if t >= 86400:
+        return f"{t / 86400:.2f} d"
+    if t >= 3600:
+        return f"{t / 3600:.2f} h"
+    if t >= 1:
+        return f"{t:.3f} s"
+    return f"{t * 1e3:.2f} ms"
+
+
+TIME_LABELS = {
+    "forward_s": "forward", "backward_s": "backward", "recompute_s": "recompute",
+    "tp_comm_s": "tensor-parallel all-reduces", "cp_comm_exposed_s": "ring attention (exposed)",
+    "ep_comm_s": "expert all-to-all", "pp_p2p_s": "pipeline send/recv", "pp_bubble_s": "pipeline bubble",
+    "dp_comm_exposed_s": "data-parallel comm (exposed)", "optimizer_s": "optimizer step", "offload_s": "offload (exposed)",
+    "prefill_s": "prefill",
+}
+
+
+def timing(e: Estimate) -> list[str]:
+    """Step time and its parts, throughput, MFU."""
+    t = e.time
+    if t is None:
+        return []
+    rows = [[TIME_LABELS[k], fmt_seconds(getattr(t, k)), pct(getattr(t, k), t.step_s)]
+            for k in TIME_LABELS if getattr(t, k)]
+    if e.task == "infer":
+        rows.append(["per output token (decode)", fmt_seconds(t.decode_per_token_s), ""])
+    if t.dp_comm_s:
+        rows.append(["data-parallel comm (total)", fmt_seconds(t.dp_comm_s), "overlapped with backward except the exposed part"])
+    what = "one optimizer step" if e.task == "train" else "one batch: prefill + decode"
+    rows.append([f"step ({what})", fmt_seconds(t.step_s), ""])
+    rows.append(["throughput", f"{t.tokens_per_s:,.0f} tokens/s", f"{t.tokens_per_s_per_gpu:,.0f} per GPU"])
+    rows.append(["MFU / HFU", f"{t.mfu * 100:.1f}% / {t.hfu * 100:.1f}%", "of the dense peak of the matmul dtype"])
+    return table(rows, "lrl")
+
+
+def cost(e: Estimate) -> list[str]:
+    c = e.cost
+    if c is None:
+        return []
+    rows = []
+    if c.usd_per_million_tokens is not None:
+        rows.append(["$ per million tokens", f"${c.usd_per_million_tokens:,.4g}", f"at ${c.usd_per_gpu_hour:.2f}/GPU-hour ({c.price_source})"])
+    else:
+        rows.append(["$ per million tokens", "-", "no price in the profiles for this GPU"])
+    rows.append(["kWh per million tokens", f"{c.kwh_per_million_tokens:,.4g}", f"{c.watts_per_gpu:.0f} W per GPU ({c.power_source})"])
+    if c.run_tokens:
+        rows.append([f"run of {fmt_count(c.run_tokens)} tokens", fmt_seconds(c.run_time_s or 0.0),
+                     (f"${c.run_usd:,.2f}" if c.run_usd is not None else "no price") + f", {c.run_kwh:,.1f} kWh"])
+    return table(rows, "lrl")
+
+
 def render(e: Estimate, scenario: Scenario | None = None) -> str:
     """The full plain-text report (``fitsim estimate``)."""
     lines = header(e, scenario)
     lines += ["", verdict(e), *peak(e)]
     lines += _section(f"Breakdown at the peak ({e.peak_phase})", breakdown(e))
     lines += _section("Allocated peak per phase", phases(e))
+    lines += _section("Ranks", ranks(e))
+    lines += _section("Time", timing(e))
+    lines += _section("Cost and energy", cost(e))
     lines += _section("FLOPs", flops(e))
     lines += _section("What fits on this GPU", what_fits(e, scenario))
     if not e.fits:
@@ -244,6 +336,15 @@ def models_table(rows: Sequence[dict]) -> str:
              str(r["n_layers"]), str(r["hidden"]), str(r["n_heads"]), str(r["n_kv_heads"]), str(r["vocab"]),
              str(r["max_position_embeddings"])] for r in rows]
     return "\n".join(table([head, *body], "lllrrrrrrr", indent=0)) + f"\n{len(body)} models\n"
+
+
+def systems_table(rows: Sequence[dict]) -> str:
+    """``fitsim systems``: one row per node profile."""
+    head = ["name", "device", "GPUs/node", "intra-node", "GB/s/GPU", "inter-node", "$/GPU-h"]
+    body = [[r["name"], r["device"], str(r["gpus_per_node"]), r["intra_node"], f"{r['intra_node_GBps']:.0f}",
+             f"{r['nics_per_node']}x {r['inter_node']}" if r["inter_node"] else "-",
+             "-" if r["price_usd_per_gpu_hour"] is None else f"{r['price_usd_per_gpu_hour']:.2f}"] for r in rows]
+    return "\n".join(table([head, *body], "llrlrlr", indent=0)) + f"\n{len(body)} systems\n"
 
 
 def gpus_table(rows: Sequence[dict]) -> str:

@@ -61,6 +61,47 @@ class FlopBreakdown(Result):
     per_token: float
 
 
+class TimeBreakdown(Result):
+    """Where the time of one step goes on the slowest rank (training: one optimizer step; inference: the
+    whole generation of one batch).  ``*_exposed_s`` is what overlapping could not hide."""
+
+    step_s: float
+    forward_s: float = 0.0
+    backward_s: float = 0.0
+    recompute_s: float = 0.0
+    tp_comm_s: float = 0.0
+    cp_comm_exposed_s: float = 0.0
+    ep_comm_s: float = 0.0
+    pp_p2p_s: float = 0.0
+    pp_bubble_s: float = 0.0
+    dp_comm_s: float = 0.0
+    dp_comm_exposed_s: float = 0.0
+    optimizer_s: float = 0.0
+    offload_s: float = 0.0
+    prefill_s: float = 0.0
+    decode_per_token_s: float = 0.0
+    tokens_per_s: float  # all GPUs together
+    tokens_per_s_per_gpu: float
+    mfu: float  # model FLOPs (no recompute) / (time x GPUs x dense peak of the matmul dtype)
+    hfu: float  # hardware FLOPs (with recompute) / the same
+
+
+class Cost(Result):
+    """Money and energy; prices and power come from the system / device profiles with their sources."""
+
+    usd_per_gpu_hour: float | None
+    price_source: str | None
+    watts_per_gpu: float
+    power_source: str
+    usd_per_step: float | None
+    usd_per_million_tokens: float | None
+    kwh_per_million_tokens: float
+    run_tokens: float | None = None
+    run_time_s: float | None = None
+    run_usd: float | None = None
+    run_kwh: float | None = None
+
+
 class Estimate(Result):
     model: str
     gpu: str
@@ -83,6 +124,14 @@ class Estimate(Result):
     activations_by_layer: dict[str, float]
     max_batch_that_fits: int | None = None
     max_seq_len_that_fits: int | None = None
+    n_gpus: int = 1
+    system: str | None = None
+    peak_stage: int = 0  # pipeline stage of the rank with the largest peak
+    stage_peak_bytes: dict[int, float] = {}  # pipeline stage -> peak of its ranks (nvidia-smi view)
+    host_memory_bytes: float = 0.0  # per rank: offloaded states / parameters in host RAM
+    nvme_bytes: float = 0.0  # per rank: offloaded to NVMe
+    time: TimeBreakdown | None = None
+    cost: Cost | None = None
     suggestions: list[Suggestion] = []
     warnings: list[str] = []
     notes: list[str] = []

@@ -70,7 +70,8 @@ def test_json_has_the_estimate_and_the_scenario(capsys):
     assert d["peak_memory_bytes"] == e.peak_memory_bytes
     assert d["flops_per_step"] == e.flops_per_step
     assert d["scenario"]["method"]["kind"] == "qlora"
-    assert d["scenario"]["workload"] == {"task": "train", "micro_batch": 4, "seq_len": 2048, "grad_accum": 1}
+    assert d["scenario"]["workload"] == {"task": "train", "micro_batch": 4, "seq_len": 2048, "grad_accum": 1,
+                                         "total_tokens": None}
     assert d["scenario"]["gpu"] == "h100-sxm-80gb"
 
 

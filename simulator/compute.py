@@ -1,0 +1,178 @@
+"""Compute time on one device: a roofline per operator with the device's measured efficiencies.
+
+Each traced operator (GEMM, attention kernel) takes ``max(flops / (peak * f(flops)), bytes / (bw * g))``
+where ``f`` is the device's GEMM efficiency curve (``Efficiency.matmul_curve``: achievable fraction
+as a function of the FLOPs of one call) and ``g`` its streaming-bandwidth fraction.  Everything
+else a block does (norms, activations, residual adds, casts, RoPE, dropout) is memory-bound: each
+tensor it creates is written once and read once in forward, and the backward moves twice that
+(the gradient of each, plus the saved input it reads) -- the usual estimate for unfused eager
+PyTorch (Korthikanti et al. 2022 count the same elementwise tensors for memory).  QLoRA's
+dequantization reads the packed weight and writes a 16-bit copy before every use (forward and the
+input-gradient GEMM of backward).
+
+The operator tables are built once per cost table as coefficient tuples over the (T, K, A, B, S, Q, 1)
+basis, so one evaluation is a few dot products per operator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import math
+
+from hwprofiles import Device
+
+from .graph.compile import CostTable
+from .units import dtype_bytes
+
+
+def _dot(c: tuple[float, ...], B: tuple[float, ...]) -> float:
+    return c[0] * B[0] + c[1] * B[1] + c[2] * B[2] + c[3] * B[3] + c[4] * B[4] + c[5] * B[5] + c[6] * B[6]
+
+
+@dataclass(frozen=True)
+class Op:
+    fwd_flops: tuple[float, ...]  # coefficients over the basis
+    bwd_flops: tuple[float, ...]
+    fwd_bytes: tuple[float, ...]
+    attention: bool
+    tp_split: bool  # split over tensor-parallel ranks (all but the MoE router)
+    recomputed: bool  # rerun in backward under checkpointing
+
+
+@dataclass(frozen=True)
+class OpArrays:
+    """The operators of one part of the model (embeddings, one block variant, head)."""
+
+    where: str  # "pre" | "block" | "post"
+    layers: tuple[int, ...]
+    ops: tuple[Op, ...]
+    elementwise_bytes: tuple[float, ...]  # bytes of non-parameter tensors created in forward (coefficients)
+    dequant_bytes: float  # QLoRA: packed bytes read + 16-bit bytes written per forward
+
+    @property
+    def has_attention(self) -> bool:
+        return any(op.attention for op in self.ops)
+
+
+def _part(where, layers, tr, arch, recompute_until: int | None, quant_rows) -> OpArrays:
+    ops = tuple(
+        Op(tuple(op.fwd_flops.c), tuple(op.bwd_flops.c), tuple(op.fwd_bytes.c), op.op == "attention",
+           not (arch.moe is not None and op.module.endswith("mlp.gate")),
+           recompute_until is not None and op.watermark <= recompute_until)
+        for op in tr.ops)
+    ew = [0.0] * 7
+    for t in tr.tensors:
+        if not t.is_param:
+            k = dtype_bytes(t.dtype)
+            for i, c in enumerate(t.numel.c):
+                ew[i] += c * k
+    deq = sum(r.storage_bytes + 2.0 * r.numel for r in quant_rows)
+    return OpArrays(where, tuple(layers), ops, tuple(ew), deq)
+
+
+def op_arrays(ct: CostTable) -> tuple[OpArrays, ...]:
+    """The operator tables of ``ct`` (built on first use and kept on the table)."""
+    cached = ct.__dict__.get("_ops")
+    if cached is not None:
+        return cached
+    mt = ct.trace
+    global_ids = {t.id for t in mt.globals_}
+    quant_by_part: dict[str, list] = {"pre": [], "post": [], "block": []}
+    for r in ct.param_rows:
+        if r.quantized:
+            quant_by_part[r.where].append(r)
+    parts = [_part("pre", (0,), mt.pre, ct.arch, None, quant_by_part["pre"])]
+    for v in mt.variants:
+        until = None
+        if v.checkpointed:
+            until = max((tid for _, tid in v.trace.saves if tid not in global_ids), default=-1)
+        rows = [r for r in quant_by_part["block"] if r.layers == tuple(v.layers)]
+        parts.append(_part("block", v.layers, v.trace, ct.arch, until, rows))
+    parts.append(_part("post", (0,), mt.post, ct.arch, None, quant_by_part["post"]))
+    out = tuple(parts)
+    ct.__dict__["_ops"] = out
+    return out
+
+
+def matmul_dtype(compute_dtype: str, precision: str) -> str:
+    """The tensor-core path the GEMMs take: fp8 under float8 training, fp32 (no TF32 by default in
+    torch.matmul) for fp32, else the 16-bit compute dtype."""
+    if precision == "fp8":
+        return "fp8"
+    return compute_dtype if compute_dtype in ("bf16", "fp16") else "fp32"
+
+
+def _interp(x: float, xs: tuple[float, ...], ys: tuple[float, ...]) -> float:
+    if x <= xs[0]:
+        return ys[0]
+    for i in range(1, len(xs)):
+        if x <= xs[i]:
+            t = (x - xs[i - 1]) / (xs[i] - xs[i - 1])
+            return ys[i - 1] + t * (ys[i] - ys[i - 1])
+    return ys[-1]
+
+
+def matmul_fraction(dev: Device, flops: float, dtype: str) -> float:
+    """Achievable fraction of peak for one GEMM call of ``flops`` (the device curve, log10-interpolated)."""
+    curve = dev.efficiency.matmul_curve
+    xs = tuple(math.log10(f) for f, _ in curve)
+    ys = tuple(r for _, r in curve)
+    return _interp(math.log10(max(flops, 1.0)), xs, ys) * dev.efficiency.max_fraction(dtype)
+
+
+def peak_flops(dev: Device, dtype: str) -> float:
+    """Dense peak of the matmul dtype (fp16's where the device has no path for it)."""
+    return dev.peak_flops(dtype if getattr(dev.peak_tflops, dtype) is not None else "fp16")
+
+
+def gemm_time_s(flops: float, nbytes: float, dev: Device, dtype: str) -> float:
+    """Roofline time of one GEMM-like call: compute at the achievable fraction of peak for calls of that
+    size, or memory traffic at the streaming fraction, whichever is longer."""
+    if flops <= 0:
+        return memory_time_s(nbytes, dev)
+    t_compute = flops / (peak_flops(dev, dtype) * matmul_fraction(dev, flops, dtype))
+    return max(t_compute, memory_time_s(nbytes, dev))
+
+
+def memory_time_s(nbytes: float, dev: Device) -> float:
+    """Time to stream ``nbytes`` through device memory at the achievable bandwidth."""
+    return nbytes / (dev.memory_bandwidth_Bps * dev.efficiency.memory_bandwidth_fraction)
+
+
+@dataclass(frozen=True)
+class PartTime:
+    forward_s: float
+    backward_s: float
+    recompute_s: float
+    attention_s: float
+
+
+def part_time(part: OpArrays, B: tuple[float, ...], dev: Device, dtype: str, tp: int, cp: int,
+              training: bool) -> PartTime:
+    """One instance of a part (one block, the embeddings or the head) for one micro-batch on one rank."""
+    fwd = bwd = rec = attn = 0.0
+    for op in part.ops:
+        div = (tp if op.tp_split else 1) * cp
+        f = _dot(op.fwd_flops, B) / div
+        nb = _dot(op.fwd_bytes, B) / div
+        t_f = gemm_time_s(f, nb, dev, dtype)
+        fwd += t_f
+        if op.attention:
+            attn += t_f
+        if op.recomputed:
+            rec += t_f
+        if training:
+            bf = _dot(op.bwd_flops, B) / div
+            if bf > 0:
+                # a backward call runs up to two GEMMs the size of the forward one (dX, dW)
+                n_mm = max(1.0, round(bf / f)) if f > 0 else 1.0
+                bwd += n_mm * gemm_time_s(bf / n_mm, 2.0 * nb / n_mm, dev, dtype)
+    t_ew = memory_time_s(2.0 * _dot(part.elementwise_bytes, B) / (tp * cp), dev)
+    t_deq = memory_time_s(part.dequant_bytes / tp, dev)
+    fwd += t_ew + t_deq
+    if training:
+        bwd += 2.0 * t_ew + t_deq
+        if any(op.recomputed for op in part.ops):
+            rec += t_ew + t_deq
+    return PartTime(fwd, bwd, rec, attn)
