@@ -26,6 +26,15 @@ from .graph.compile import CostTable
 from .units import dtype_bytes
 
 
+# Host-side cost of one eager PyTorch operator: Python call, autograd recording, ATen dispatch, backend
+# selection and cudaLaunchKernel, "~5-25 us of CPU-side work per op" (jiahuanglin.xyz, "From PyTorch op to
+# kernel launch", dispatch-chain table).  The GPU runs asynchronously, so a pass takes the longer of its
+# GPU time and the host time to issue its kernels; small decode steps and small micro-batches are
+# host-bound.  The trace counts the tensor-producing operators only (no views, reshapes or cache
+# updates), hence a figure in the upper half of the range.
+EAGER_OP_OVERHEAD_S = 20e-6
+
+
 def _dot(c: tuple[float, ...], B: tuple[float, ...]) -> float:
     return c[0] * B[0] + c[1] * B[1] + c[2] * B[2] + c[3] * B[3] + c[4] * B[4] + c[5] * B[5] + c[6] * B[6]
 
@@ -49,6 +58,7 @@ class OpArrays:
     ops: tuple[Op, ...]
     elementwise_bytes: tuple[float, ...]  # bytes of non-parameter tensors created in forward (coefficients)
     dequant_bytes: float  # QLoRA: packed bytes read + 16-bit bytes written per forward
+    n_kernels: int  # operators issued per forward (tensor-producing ops of the trace)
 
     @property
     def has_attention(self) -> bool:
@@ -68,7 +78,8 @@ def _part(where, layers, tr, arch, recompute_until: int | None, quant_rows) -> O
             for i, c in enumerate(t.numel.c):
                 ew[i] += c * k
     deq = sum(r.storage_bytes + 2.0 * r.numel for r in quant_rows)
-    return OpArrays(where, tuple(layers), ops, tuple(ew), deq)
+    n_kernels = sum(1 for t in tr.tensors if not t.is_param) + len(quant_rows)
+    return OpArrays(where, tuple(layers), ops, tuple(ew), deq, n_kernels)
 
 
 def op_arrays(ct: CostTable) -> tuple[OpArrays, ...]:
@@ -142,10 +153,11 @@ def memory_time_s(nbytes: float, dev: Device) -> float:
 
 @dataclass(frozen=True)
 class PartTime:
-    forward_s: float
+    forward_s: float  # GPU time
     backward_s: float
     recompute_s: float
     attention_s: float
+    host_forward_s: float  # host time to issue the forward's kernels (backward issues about twice as many)
 
 
 def part_time(part: OpArrays, B: tuple[float, ...], dev: Device, dtype: str, tp: int, cp: int,
@@ -175,4 +187,4 @@ def part_time(part: OpArrays, B: tuple[float, ...], dev: Device, dtype: str, tp:
         bwd += 2.0 * t_ew + t_deq
         if any(op.recomputed for op in part.ops):
             rec += t_ew + t_deq
-    return PartTime(fwd, bwd, rec, attn)
+    return PartTime(fwd, bwd, rec, attn, part.n_kernels * EAGER_OP_OVERHEAD_S)

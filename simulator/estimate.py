@@ -280,7 +280,9 @@ def _stage_peak(sc: Scenario, ct: CostTable, dev: Device, stage: int) -> dict[st
     total = reserved + paged + dev.cuda_context_bytes
     b = bd[phase].model_copy(update={"allocator_overhead": over, "cuda_context": dev.cuda_context_bytes})
     return dict(phases=phases, phase=phase, allocated=allocated, reserved=reserved, total=total, breakdown=b,
-                stage=stage, host_bytes=ms.host_bytes, nvme_bytes=ms.nvme_bytes)
+                stage=stage, host_bytes=ms.host_bytes, nvme_bytes=ms.nvme_bytes,
+                model_states=ms.weights + ms.quant_data + ms.quant_scales + ms.trainable_weights + ms.gradients
+                + ms.optimizer_states + ms.paged_bytes)
 
 
 def _peak(sc: Scenario, ct: CostTable, dev: Device) -> dict[str, Any]:
@@ -311,7 +313,9 @@ def _time_and_cost(sc: Scenario, ct: CostTable, dev: Device, flops: FlopBreakdow
         step = t.total_s
         parts = dict(prefill_s=t.prefill_s, decode_per_token_s=t.decode_per_token_s, tp_comm_s=t.tp_comm_s)
         model_flops = flops.forward
-    tps = tokens / step if step > 0 else 0.0
+    # inference throughput is the serving convention: generated tokens per second
+    out_tokens = tokens if sc.is_training else sc.workload.batch * max(1, sc.workload.gen_len)
+    tps = out_tokens / step if step > 0 else 0.0
     tb = TimeBreakdown(step_s=step, **parts, tokens_per_s=tps, tokens_per_s_per_gpu=tps / n,
                        mfu=model_flops / (step * n * peak) if step > 0 else 0.0,
                        hfu=flops.per_step / (step * n * peak) if step > 0 else 0.0)
@@ -332,8 +336,8 @@ def _time_and_cost(sc: Scenario, ct: CostTable, dev: Device, flops: FlopBreakdow
                    run_kwh=cost.energy_kwh(run_time, n, watts))
     c = Cost(usd_per_gpu_hour=price, price_source=price_src, watts_per_gpu=watts, power_source=power_src,
              usd_per_step=usd_step,
-             usd_per_million_tokens=cost.per_million_tokens(usd_step, tokens) if usd_step is not None else None,
-             kwh_per_million_tokens=cost.per_million_tokens(kwh_step, tokens), **run)
+             usd_per_million_tokens=cost.per_million_tokens(usd_step, out_tokens) if usd_step is not None else None,
+             kwh_per_million_tokens=cost.per_million_tokens(kwh_step, out_tokens), **run)
     return tb, c
 
 
@@ -487,6 +491,7 @@ def _estimate(sc: Scenario, what_fits: bool, with_time: bool = True) -> Estimate
     return Estimate(
         n_gpus=sc.parallel.n_gpus, system=_system(sc).name, peak_stage=p["stage"],
         stage_peak_bytes=p["stage_totals"], host_memory_bytes=p["host_bytes"], nvme_bytes=p["nvme_bytes"],
+        model_state_bytes=p["model_states"],
         time=time, cost=cost_,
         model=sc.model.name, gpu=dev.name, task=sc.workload.task, method=sc.method.kind, fits=fits,
         peak_memory_bytes=p["total"], peak_allocated_bytes=p["allocated"], peak_reserved_bytes=p["reserved"],

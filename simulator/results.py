@@ -128,6 +128,7 @@ class Estimate(Result):
     system: str | None = None
     peak_stage: int = 0  # pipeline stage of the rank with the largest peak
     stage_peak_bytes: dict[int, float] = {}  # pipeline stage -> peak of its ranks (nvidia-smi view)
+    model_state_bytes: float = 0.0  # per rank: weights (incl. quantized and scales) + gradients + optimizer states
     host_memory_bytes: float = 0.0  # per rank: offloaded states / parameters in host RAM
     nvme_bytes: float = 0.0  # per rank: offloaded to NVMe
     time: TimeBreakdown | None = None

@@ -175,8 +175,14 @@ def model_state_bytes(rp: RankParams, par: Parallel, optimizer_name: str, optimi
         fp32_groups = [(n, "fp32", s, c) for n, _, s, c in rp.groups]
         states = mem.optimizer_state_bytes(fp32_groups, optimizer_name, beta1) + master
         grad_elem = dtype_bytes(wdt)
+    elif par.fsdp not in ("none", "no_shard") and compute_dtype in ("bf16", "fp16"):
+        # FSDP's MixedPrecisionPolicy(param_dtype=16-bit, reduce_dtype=fp32): the sharded parameters, their
+        # gradients and the optimizer states stay fp32; only the gathered copies are 16-bit
+        trainable = rp.trainable_numel * 4.0
+        grads = trainable
+        states = mem.optimizer_state_bytes([(n, "fp32", s, c) for n, _, s, c in rp.groups], optimizer_name, beta1)
+        grad_elem = 4.0
     else:
-        wdt = None
         trainable = rp.trainable_bytes
         grads = trainable
         states = mem.optimizer_state_bytes(list(rp.groups), optimizer_name, beta1)

@@ -79,6 +79,7 @@ def stage_compute(ct: CostTable, par, B: tuple, dev: Device, dtype: str, stage: 
     """Compute of one micro-batch on one rank of ``stage``."""
     layers = sh.stage_layer_ranges(ct.n_blocks, par.pp)[stage]
     f = b = r = attn = 0.0
+    hf = hb = hr = 0.0
     for part in cp_.op_arrays(ct):
         if part.where == "pre":
             n = int(stage == 0)
@@ -93,7 +94,11 @@ def stage_compute(ct: CostTable, par, B: tuple, dev: Device, dtype: str, stage: 
         b += n * t.backward_s
         r += n * t.recompute_s
         attn += n * t.attention_s
-    return StageCompute(f, b, r, attn, len(layers))
+        hf += n * t.host_forward_s
+        hb += n * 2.0 * t.host_forward_s
+        hr += n * t.host_forward_s if t.recompute_s else 0.0
+    # the GPU waits for the host when issuing the kernels takes longer than running them
+    return StageCompute(max(f, hf), max(b, hb) if training else 0.0, max(r, hr) if training else 0.0, attn, len(layers))
 
 
 @dataclass(frozen=True)

@@ -166,7 +166,9 @@ FAMILY_ARCH: dict[str, dict[str, Any]] = {
 }
 
 MEMORY_METRICS = ("peak_memory_per_gpu_GB", "peak_memory_total_GB")
-SUPPORTED_METRICS = (*MEMORY_METRICS, "fits", "max_seq_len_fit")
+TIME_METRICS = ("step_time_s", "tokens_per_s_per_gpu", "tokens_per_s_total", "samples_per_s_total", "tflops_per_gpu",
+                "mfu", "decode_time_per_token_s")
+SUPPORTED_METRICS = (*MEMORY_METRICS, "fits", "max_seq_len_fit", "model_states_per_gpu_GB", *TIME_METRICS)
 SPEED_METRICS = ("step_time_s", "tokens_per_s_per_gpu", "tokens_per_s_total", "samples_per_s_total",
                  "tflops_per_gpu", "mfu", "decode_time_per_token_s", "run_time_s")
 
@@ -407,15 +409,35 @@ def _gpu(sc: dict):
         raise Unsupported(f"gpu {g!r} has no profile in hwprofiles/ ({str(err).split(';')[0]})") from None
 
 
-def _check_single_gpu(sc: dict, notes: list[str]) -> None:
-    if (sc.get("n_gpus") or 1) != 1 or (sc.get("n_nodes") or 1) != 1:
-        raise Unsupported("multi-GPU records arrive with the distributed model")
+def _parallel(sc: dict, arch: ModelArch, training: bool, notes: list[str]) -> dict[str, Any]:
+    """The record's parallel layout as fitsim's ``parallel`` (degrees completed from n_gpus)."""
     p = sc.get("parallel") or {}
-    for k in ("offload_optimizer", "offload_params"):
-        if p.get(k) not in (None, "none"):
-            raise Unsupported(f"parallel.{k}={p[k]!r}: CPU/NVMe offload arrives with the distributed model")
-    if p.get("zero_stage"):
-        notes.append(f"zero_stage={p['zero_stage']} on one GPU shards nothing: ignored")
+    n = int(sc.get("n_gpus") or 1)
+    out: dict[str, Any] = {k: int(p.get(k) or 1) for k in ("tp", "pp", "cp", "ep")}
+    if out["tp"] > 1 and (p.get("sp") or (p.get("sp") is None and sc.get("framework") == "torchtitan")):
+        out["sp"] = True  # torchtitan's TP plan runs the norms sequence-parallel (SequenceParallel on the norms)
+        if not p.get("sp"):
+            notes.append("torchtitan tensor parallelism is sequence-parallel on the norms: sp on")
+    inner = out["tp"] * out["pp"] * out["cp"]
+    if n % inner:
+        raise Unsupported(f"n_gpus={n} is not a multiple of tp x pp x cp = {inner}")
+    out["dp"] = n // inner
+    if p.get("dp") and int(p["dp"]) != out["dp"]:
+        notes.append(f"dp {p['dp']} stated; {out['dp']} = n_gpus / (tp x pp x cp) used")
+    zero = int(p.get("zero_stage") or 0)
+    if training:
+        if p.get("fsdp"):
+            out["fsdp"] = "shard_grad_op" if zero == 2 else "full_shard"
+        elif zero:
+            out["zero"] = zero
+        for k in ("offload_optimizer", "offload_params"):
+            if p.get(k) not in (None, "none"):
+                out[k] = p[k]
+    if not training and out["pp"] > 1:
+        notes.append(f"device_map split over {out['pp']} GPUs: a pipeline of {out['pp']} stages run one after another")
+    if out["ep"] > 1 and arch.moe is None:
+        out["ep"] = 1
+    return out
 
 
 def record_to_scenario(rec: dict, notes: list[str] | None = None) -> Scenario:
@@ -423,7 +445,6 @@ def record_to_scenario(rec: dict, notes: list[str] | None = None) -> Scenario:
     notes = [] if notes is None else notes
     sc = rec["scenario"]
     notes_text = str(rec.get("notes") or "").lower()
-    _check_single_gpu(sc, notes)
     arch = _model(sc["model"], notes)
     dev = _gpu(sc)
     d = _defaults(sc)
@@ -455,10 +476,16 @@ def record_to_scenario(rec: dict, notes: list[str] | None = None) -> Scenario:
         dq = sc.get("double_quant")
         return Scenario(
             model=arch, gpu=dev.name, precision=prec, attention=attention,
+            parallel=_parallel(sc, arch, False, notes),
             workload=InferWorkload(batch=inf.get("batch") or 1, prompt_len=int(prompt), gen_len=int(gen)),
             inference={"weights": weights, "double_quant": bool(dq), "kv_dtype": kv},
         )
 
+    if sc.get("framework") == "torchtitan" and precision == "bf16-amp" and (sc.get("parallel") or {}).get("fsdp"):
+        # FSDP2's MixedPrecisionPolicy casts the gathered weights to bf16: activations and the residual stream
+        # are bf16 (no autocast), the sharded fp32 master and states are kept by the FSDP model states
+        precision = "bf16"
+        notes.append("FSDP2 mixed precision: bf16 compute over fp32 sharded parameters -> precision bf16 under FSDP")
     method = _method(sc, arch, precision, notes, rec.get("source"))
     mb, seq, ga = sc.get("micro_batch"), sc.get("seq_len"), sc.get("grad_accum")
     for k, v in (("micro_batch", mb), ("seq_len", seq), ("grad_accum", ga)):
@@ -477,6 +504,11 @@ def record_to_scenario(rec: dict, notes: list[str] | None = None) -> Scenario:
         optimizer = {**optimizer, "in_backward": True}
         notes.append(f"{sc.get('framework')} full single-device recipe steps the optimizer in backward")
     mb_v = mb or d["micro_batch"]
+    par = _parallel(sc, arch, True, notes)
+    gb = sc.get("global_batch")
+    if ga is None and gb:
+        ga_v = max(1, int(gb) // (mb_v * par["dp"] * par.get("cp", 1)))
+        notes.append(f"grad_accum from global_batch {gb} / (micro_batch {mb_v} x dp {par['dp']}) = {ga_v}")
     # HF/PEFT/TRL/litgpt collators pad each batch to its longest sample and pass the attention mask;
     # packed datasets (torchtune, torchtitan, Megatron) have none
     padded = mb_v > 1 and sc.get("framework") not in UNPADDED_FRAMEWORKS and "packed" not in notes_text
@@ -485,7 +517,7 @@ def record_to_scenario(rec: dict, notes: list[str] | None = None) -> Scenario:
     return Scenario(
         model=arch, gpu=dev.name, method=method, precision=precision, attention=attention, loss=loss,
         workload=TrainWorkload(micro_batch=mb_v, seq_len=seq or d["seq_len"], grad_accum=ga_v),
-        optimizer=optimizer, checkpointing=_checkpointing(sc, notes), padded_batches=padded,
+        optimizer=optimizer, checkpointing=_checkpointing(sc, notes), padded_batches=padded, parallel=par,
         implementation=sc.get("framework") if sc.get("framework") in ("litgpt", "torchtune") else "transformers",
     )
 
@@ -521,13 +553,53 @@ def memory_unit(target: dict) -> tuple[str, float]:
     return "GiB", GiB
 
 
+TIME_UNITS = {"step_time_s": "s", "tokens_per_s_per_gpu": "tokens/s", "tokens_per_s_total": "tokens/s",
+              "samples_per_s_total": "samples/s", "tflops_per_gpu": "TFLOP/s", "mfu": "fraction",
+              "decode_time_per_token_s": "s"}
+
+
+def total_memory_bytes(e, scen: Scenario, field: str) -> float:
+    """Sum of every rank's peak: each pipeline stage's peak times the ranks per stage (dp x tp x cp)."""
+    ctx = e.memory_bytes.cuda_context
+    shift = 0.0 if field == "peak_memory_bytes" else -ctx - (e.peak_memory_bytes - e.peak_reserved_bytes - ctx)
+    if field == "peak_allocated_bytes":
+        shift -= e.peak_reserved_bytes - e.peak_allocated_bytes
+    per_stage = scen.parallel.n_gpus // scen.parallel.pp
+    stages = e.stage_peak_bytes or {0: e.peak_memory_bytes}
+    if len(stages) < scen.parallel.pp:  # long pipelines are checked at a few stages: the others as the largest
+        stages = {i: stages.get(i, max(stages.values())) for i in range(scen.parallel.pp)}
+    return sum(v + shift for v in stages.values()) * per_stage
+
+
+def time_metric(e, scen: Scenario, metric: str, flops_convention: str | None) -> float:
+    t = e.time
+    if metric == "step_time_s":
+        return t.step_s
+    if metric == "tokens_per_s_per_gpu":
+        return t.tokens_per_s_per_gpu
+    if metric == "tokens_per_s_total":
+        return t.tokens_per_s
+    if metric == "samples_per_s_total":
+        return t.tokens_per_s / scen.workload.seq_len
+    if metric == "decode_time_per_token_s":
+        return t.decode_per_token_s
+    if metric == "mfu":
+        return t.mfu
+    # TFLOP/s per GPU: Megatron's formula counts the recomputed forward ("hardware"), torchtitan's does not
+    util = t.hfu if flops_convention == "hardware" else t.mfu
+    from simulator.compute import matmul_dtype, peak_flops
+    from hwprofiles import get_device
+
+    dtype = matmul_dtype("bf16" if scen.precision in ("bf16", "bf16-amp") else "fp16" if "fp16" in scen.precision
+                         else "fp32", scen.precision)
+    return util * peak_flops(get_device(scen.gpu), dtype) / 1e12
+
+
 def _unsupported_metric(metric: str) -> str | None:
     if metric in SUPPORTED_METRICS:
         return None
-    if metric in SPEED_METRICS or "time" in metric or "tokens" in metric:
-        return f"speed metric {metric!r}: no time model yet"
-    if metric == "model_states_per_gpu_GB":
-        return "model_states_per_gpu_GB: arrives with the distributed model (per-device model states)"
+    if metric == "run_time_s":
+        return "run_time_s: the records do not state the tokens of the run"
     return f"metric {metric!r} not modelled"
 
 
@@ -539,8 +611,6 @@ def predict_record(rec: dict) -> dict[str, Any]:
     out: dict[str, Any] = {"id": rec.get("id"), "predicted": None, "unit": None, "status": "unsupported",
                            "reason": None, "notes": []}
     why = _unsupported_metric(metric)
-    if why is None and (sc.get("n_gpus") or 1) != 1:
-        why = "multi-GPU records arrive with the distributed model"
     if why:
         out["reason"] = why
         return out
@@ -548,12 +618,23 @@ def predict_record(rec: dict) -> dict[str, Any]:
     try:
         scen = record_to_scenario(rec, notes)
         if metric in MEMORY_METRICS:
-            e = estimate(scen, what_fits=False)
+            e = estimate(scen, what_fits=False, timing=False)
             field = MEASURED_FIELD.get(t.get("measured_how") or "unknown", "peak_reserved_bytes")
             unit, per = memory_unit(t)
-            out.update(predicted=round(getattr(e, field) / per, 4), unit=unit, measured_as=field)
+            value = getattr(e, field)
+            if metric == "peak_memory_total_GB":
+                value = total_memory_bytes(e, scen, field)
+                notes.append(f"total over {scen.parallel.n_gpus} GPUs: the sum of every rank's peak")
+            out.update(predicted=round(value / per, 4), unit=unit, measured_as=field)
             if (t.get("measured_how") or "unknown") in ("unknown", "n/a"):
                 notes.append("measured_how unknown: predicting reserved")
+        elif metric == "model_states_per_gpu_GB":
+            e = estimate(scen, what_fits=False, timing=False)
+            unit, per = memory_unit(t)
+            out.update(predicted=round(e.model_state_bytes / per, 4), unit=unit)
+        elif metric in TIME_METRICS:
+            e = estimate(scen, what_fits=False)
+            out.update(predicted=time_metric(e, scen, metric, t.get("flops_convention")), unit=TIME_UNITS[metric])
         elif metric == "fits":
             e = estimate(scen, what_fits=False)
             out.update(predicted=bool(e.fits), unit=None)

@@ -1,0 +1,151 @@
+"""Distributed memory, time and cost: paper figures, placement rules, validation errors."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from simulator import Scenario, estimate
+from simulator import sharding as sh
+from simulator.config.parallel import Parallel
+from simulator.estimate import cost_table_for
+
+GB = 1e9
+
+
+def _states(numel: float, par: Parallel) -> float:
+    rp = sh.RankParams(trainable_numel=numel, trainable_bytes=4 * numel, groups=((numel, "fp32", (), 1),),
+                       n_trainable_tensors=1, largest_trainable_bytes=4 * numel)
+    ms = sh.model_state_bytes(rp, par, "adamw", "foreach", True, "fp32", "bf16", par.dp)  # step counters on the host
+    return ms.trainable_weights + ms.gradients + ms.optimizer_states
+
+
+@pytest.mark.parametrize("stage,expected_GB", [
+    # ZeRO paper (arXiv 1910.02054) Figure 1: Psi = 7.5B, N_d = 64, K = 12 (mixed-precision Adam)
+    (1, 2 * 7.5 + 2 * 7.5 + 12 * 7.5 / 64),  # P_os: 31.4 GB
+    (2, 2 * 7.5 + (2 + 12) * 7.5 / 64),  # P_os+g: 16.6 GB
+    (3, (2 + 2 + 12) * 7.5 / 64),  # P_os+g+p: 1.9 GB
+])
+def test_zero_paper_model_states_per_device(stage, expected_GB):
+    got = _states(7.5e9, Parallel(dp=64, zero=stage, stage3_param_persistence_threshold=0))
+    assert got / GB == pytest.approx(expected_GB, rel=1e-12)
+
+
+def test_zero_paper_baseline_is_16_bytes_per_parameter_under_deepspeed_amp():
+    # (2 + 2 + K) Psi with K = 12: one rank, stage 1 (nothing to shard over)
+    assert _states(7.5e9, Parallel(dp=1, zero=1)) / GB == pytest.approx(16 * 7.5)
+
+
+def _sc(par: dict, **kw) -> Scenario:
+    base = dict(model="llama-3.2-1b", gpu="h100-sxm-80gb", precision="bf16-amp",
+                workload={"micro_batch": 2, "seq_len": 1024}, checkpointing={"mode": "full"}, parallel=par)
+    base.update(kw)
+    return Scenario.model_validate(base)
+
+
+def test_tensor_parallel_splits_matrices_and_keeps_norms_whole():
+    sc1, sc2 = _sc({}), _sc({"tp": 2})
+    ct = cost_table_for(sc1)
+    split = sum(r.storage_bytes * len(r.layers) for r in ct.param_rows if r.tp_split and r.trainable)
+    whole = sum(r.storage_bytes * len(r.layers) for r in ct.param_rows if not r.tp_split and r.trainable)
+    assert whole > 0  # the RMSNorm weights
+    rp = sh.rank_params(cost_table_for(sc2), sc2.parallel)
+    assert rp.trainable_bytes == pytest.approx(split / 2 + whole)
+    assert sh.rank_params(ct, sc1.parallel).trainable_bytes == pytest.approx(split + whole)
+
+
+def test_ddp_buckets_hold_a_second_copy_of_the_gradients():
+    one = estimate(_sc({}), what_fits=False, timing=False)
+    two = estimate(_sc({"dp": 2}), what_fits=False, timing=False)
+    view = estimate(_sc({"dp": 2, "ddp_bucket_view": True}), what_fits=False, timing=False)
+    grads = cost_table_for(_sc({})).trainable_bytes  # fp32 gradients of every trainable parameter
+    assert two.memory_bytes.workspaces - one.memory_bytes.workspaces == pytest.approx(grads)
+    assert view.memory_bytes.workspaces == pytest.approx(one.memory_bytes.workspaces)
+
+
+def test_sharding_more_ranks_never_needs_more_memory_per_rank():
+    peaks = [estimate(_sc({"dp": n, "zero": 3}), what_fits=False, timing=False).peak_allocated_bytes for n in (2, 4, 8, 16)]
+    assert peaks == sorted(peaks, reverse=True) and peaks[0] > peaks[-1]
+    fsdp = [estimate(_sc({"dp": n, "fsdp": "full_shard"}), what_fits=False, timing=False).model_state_bytes for n in (2, 8)]
+    assert fsdp[0] > fsdp[1]
+
+
+def test_pipeline_stage_peaks_bubble_and_in_flight_micro_batches():
+    sc = _sc({"pp": 4}, workload={"micro_batch": 1, "seq_len": 1024, "grad_accum": 8})
+    e = estimate(sc, what_fits=False)
+    assert set(e.stage_peak_bytes) == {0, 1, 2, 3} and len(set(e.stage_peak_bytes.values())) > 1
+    # 1F1B: stage i holds min(p - i, m) micro-batches
+    assert [sh.in_flight_microbatches(sc.parallel, i, 8) for i in range(4)] == [4, 3, 2, 1]
+    # bubble = (p - 1) micro-batch slots of the slowest stage
+    t = e.time
+    micro = (t.forward_s + t.backward_s + t.recompute_s + t.pp_p2p_s) / 8
+    assert t.pp_bubble_s == pytest.approx(3 * micro)
+    inter = sc.model_copy(update={"parallel": Parallel(pp=4, pp_schedule="interleaved", pp_virtual=2)})
+    assert estimate(inter, what_fits=False).time.pp_bubble_s == pytest.approx(1.5 * micro, rel=1e-9)
+
+
+def test_offload_moves_the_optimizer_states_to_the_host():
+    on = estimate(_sc({"dp": 4, "zero": 2}), what_fits=False)
+    off = estimate(_sc({"dp": 4, "zero": 2, "offload_optimizer": "cpu"}), what_fits=False)
+    assert off.memory_bytes.optimizer_states == 0 and on.memory_bytes.optimizer_states > 0
+    assert off.host_memory_bytes >= on.memory_bytes.optimizer_states
+    assert off.time.offload_s > 0 and off.time.optimizer_s == 0
+
+
+def test_time_cost_and_energy_are_consistent():
+    e = estimate(_sc({"dp": 8}, workload={"micro_batch": 2, "seq_len": 1024, "total_tokens": 1e9}), what_fits=False)
+    t, c = e.time, e.cost
+    assert t.tokens_per_s == pytest.approx(e.tokens_per_step / t.step_s)
+    assert t.tokens_per_s_per_gpu == pytest.approx(t.tokens_per_s / 8)
+    assert c.usd_per_step == pytest.approx(t.step_s / 3600 * 8 * c.usd_per_gpu_hour)
+    assert c.run_time_s == pytest.approx(1e9 / t.tokens_per_s)
+    assert c.run_kwh == pytest.approx(c.run_time_s * 8 * c.watts_per_gpu / 3.6e6)
+    assert 0 < t.mfu < t.hfu < 1  # checkpointing: recompute counts toward HFU only
+
+
+@pytest.mark.parametrize("par,field", [
+    ({"tp": 3}, "tp=3 does not divide"),
+    ({"pp": 64}, "exceeds the model's 16 layers"),
+    ({"ep": 2, "dp": 2}, "needs an MoE model"),
+    ({"zero": 3, "fsdp": "full_shard"}, "choose DeepSpeed ZeRO or FSDP"),
+    ({"offload_params": "cpu"}, "needs sharded parameters"),
+    ({"sp": True}, "needs parallel.tp > 1"),
+])
+def test_bad_parallel_input_names_the_fields(par, field):
+    with pytest.raises(ValidationError, match=field):
+        _sc(par)
+
+
+def test_context_parallel_needs_a_fused_attention_kernel():
+    with pytest.raises(ValidationError, match="ring attention"):
+        _sc({"cp": 2}, attention="eager")
+
+
+def test_inference_rejects_training_only_sharding():
+    with pytest.raises(ValidationError, match="apply to training"):
+        Scenario.model_validate(dict(model="llama-3.2-1b", workload={"task": "infer"}, parallel={"zero": 3}))
+
+
+def test_nvme_offload_on_a_system_without_nvme_is_a_clear_error():
+    sc = _sc({"dp": 8, "zero": 3, "offload_optimizer": "nvme"}, gpu="a10g-24gb", system="aws-g5-48xlarge")
+    with pytest.raises(ValueError, match="aws-g5-48xlarge"):
+        estimate(sc, what_fits=False)
+
+
+def test_tensor_parallel_inference_splits_the_kv_cache():
+    base = dict(model="llama-3.1-8b", workload={"task": "infer", "batch": 64, "prompt_len": 4096, "gen_len": 512})
+    one = estimate(base, what_fits=False)
+    two = estimate({**base, "parallel": {"tp": 2}}, what_fits=False)
+    assert two.memory_bytes.kv_cache == pytest.approx(one.memory_bytes.kv_cache / 2)
+    # prefill of 64 x 4K tokens is compute-bound: half the GEMM work per rank, plus the all-reduces
+    assert two.time.prefill_s < 0.75 * one.time.prefill_s
+
+
+def test_small_decode_steps_are_bound_by_issuing_kernels():
+    from simulator.compute import EAGER_OP_OVERHEAD_S, op_arrays
+
+    sc = Scenario.model_validate(dict(model="llama-3.1-8b", workload={"task": "infer", "batch": 1, "prompt_len": 16,
+                                                                       "gen_len": 64}))
+    e = estimate(sc, what_fits=False)
+    kernels = sum(p.n_kernels * (len(p.layers) if p.where == "block" else 1) for p in op_arrays(cost_table_for(sc)))
+    assert e.time.decode_per_token_s == pytest.approx(kernels * EAGER_OP_OVERHEAD_S)
