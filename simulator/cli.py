@@ -391,6 +391,13 @@ expandable_segments: false   # PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 """
 
 
+def cmd_app(args: argparse.Namespace) -> int:
+    """Run the dashboard in its own process (``python -m app.cli``): the engine never imports ``app``."""
+    import subprocess
+
+    return subprocess.call([sys.executable, "-m", "app.cli", *getattr(args, "rest", [])])
+
+
 def cmd_template(args: argparse.Namespace) -> int:
     sys.stdout.write(SCENARIO_TEMPLATE)
     return EXIT_OK
@@ -489,6 +496,10 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--json", action="store_true", help="print JSON")
     sy.set_defaults(func=cmd_systems)
 
+    a = sub.add_parser("app", help="start the what-if dashboard (needs the 'app' extra)", add_help=False,
+                       description="Start the Streamlit dashboard on localhost; further arguments go to streamlit.")
+    a.set_defaults(func=cmd_app)
+
     t = sub.add_parser("scenario-template", help="print a commented example scenario YAML",
                        description="Print a commented example scenario (valid as is).")
     t.set_defaults(func=cmd_template)
@@ -516,7 +527,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``fitsim`` and ``python -m simulator``; returns the exit code."""
     parser = build_parser()
     try:
-        args = parser.parse_args(list(argv) if argv is not None else None)
+        args, rest = parser.parse_known_args(list(argv) if argv is not None else None)
+        if rest and getattr(args, "func", None) is not cmd_app:
+            parser.parse_args(list(argv) if argv is not None else None)  # the usual error for unknown arguments
+        args.rest = rest
         if getattr(args, "func", None) is None:
             parser.print_help(sys.stderr)
             return EXIT_USAGE

@@ -1,0 +1,180 @@
+"""Plotly figures built from results: pure functions (no streamlit), one per chart.
+
+Memory axes are in GiB (the bytes of the results divided by 2**30); each trace also carries the exact
+byte counts in ``customdata`` so that a hover, or a test, reads the engine's numbers unrounded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import plotly.graph_objects as go
+
+from hwprofiles import Device
+from simulator.report import CATEGORY_LABELS
+from simulator.results import CATEGORIES, Estimate
+from simulator.units import GiB, fmt_bytes
+
+CAPACITY_COLOR = "#d62728"
+PEAK_COLOR = "#ff7f0e"
+ALLOCATED_COLOR = "#1f77b4"
+
+
+def _gib(n_bytes: float) -> float:
+    return n_bytes / GiB
+
+
+def _layout(fig: go.Figure, title: str, **kw: Any) -> go.Figure:
+    fig.update_layout(title=title, margin=dict(l=10, r=10, t=50, b=10), legend=dict(orientation="h", y=-0.2), **kw)
+    return fig
+
+
+def _capacity_trace(x: list[Any], capacity_bytes: float, name: str = "device memory") -> go.Scatter:
+    """A horizontal line at the device's memory across the categorical axis ``x``."""
+    return go.Scatter(x=x, y=[_gib(capacity_bytes)] * len(x), mode="lines", name=name,
+                      line=dict(color=CAPACITY_COLOR, dash="dash"), customdata=[capacity_bytes] * len(x),
+                      hovertemplate=f"{name}: {fmt_bytes(capacity_bytes)}<extra></extra>")
+
+
+def memory_breakdown(e: Estimate) -> go.Figure:
+    """One stacked bar: the bytes of each category (results.CATEGORIES) at the peak; zero categories
+    are left out.  A dashed line marks the device's memory."""
+    x = [f"peak ({e.peak_phase})"]
+    fig = go.Figure()
+    for c in CATEGORIES:
+        v = getattr(e.memory_bytes, c)
+        if not v:
+            continue
+        fig.add_trace(go.Bar(x=x, y=[_gib(v)], name=CATEGORY_LABELS.get(c, c), customdata=[v], meta=c,
+                             hovertemplate=f"{CATEGORY_LABELS.get(c, c)}: {fmt_bytes(v)}<extra></extra>"))
+    fig.add_shape(type="line", xref="paper", x0=0, x1=1, y0=_gib(e.device_memory_bytes), y1=_gib(e.device_memory_bytes),
+                  line=dict(color=CAPACITY_COLOR, dash="dash"))
+    fig.add_annotation(xref="paper", x=0, y=_gib(e.device_memory_bytes), text=f"{e.gpu}: {fmt_bytes(e.device_memory_bytes)}",
+                       showarrow=False, xanchor="left", yanchor="bottom", font=dict(color=CAPACITY_COLOR))
+    top = max(e.memory_bytes.total, e.device_memory_bytes)
+    return _layout(fig, "Memory at the peak, by category", barmode="stack", yaxis_title="GiB", bargap=0.6,
+                   yaxis_range=[0, _gib(top) * 1.1])
+
+
+def memory_timeline(e: Estimate) -> go.Figure:
+    """Allocated memory at the peak of each phase of one step, in order (forward -> backward -> optimizer,
+    or prefill -> decode), the device total at the peak phase (reserved + CUDA context) and the capacity."""
+    phases = list(e.phase_allocated_bytes)
+    alloc = [e.phase_allocated_bytes[p] for p in phases]
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=phases, y=[_gib(v) for v in alloc], mode="lines+markers", name="allocated",
+                             line=dict(color=ALLOCATED_COLOR, shape="linear"), customdata=alloc,
+                             hovertemplate="%{x}: %{customdata:.4s}B allocated<extra></extra>"))
+    fig.add_trace(go.Scatter(x=[e.peak_phase], y=[_gib(e.peak_memory_bytes)], mode="markers+text", name="peak (device total)",
+                             marker=dict(color=PEAK_COLOR, size=14, symbol="star"), customdata=[e.peak_memory_bytes],
+                             text=[f"peak {fmt_bytes(e.peak_memory_bytes)}"], textposition="top left",
+                             hovertemplate=f"peak during {e.peak_phase}: {fmt_bytes(e.peak_memory_bytes)} "
+                                           "(reserved + CUDA context)<extra></extra>"))
+    fig.add_trace(_capacity_trace(phases, e.device_memory_bytes))
+    top = max(e.peak_memory_bytes, e.device_memory_bytes, *alloc)
+    return _layout(fig, "Memory over one step", yaxis_title="GiB", yaxis_range=[0, _gib(top) * 1.15],
+                   xaxis_title="phase")
+
+
+def activations_by_layer(e: Estimate, top: int | None = None) -> go.Figure:
+    """Saved-activation bytes per module (embeddings, each block, head and loss), in model order;
+    with ``top``, only the largest ``top`` modules."""
+    items = list(e.activations_by_layer.items())
+    if top is not None:
+        keep = {k for k, _ in sorted(items, key=lambda kv: -kv[1])[:top]}
+        items = [kv for kv in items if kv[0] in keep]
+    names = [k for k, _ in items]
+    values = [v for _, v in items]
+    fig = go.Figure(go.Bar(x=names, y=[_gib(v) for v in values], customdata=values, name="saved activations",
+                           marker_color=ALLOCATED_COLOR,
+                           hovertemplate="%{x}: %{customdata:.4s}B<extra></extra>"))
+    return _layout(fig, "Saved activations by module", yaxis_title="GiB", xaxis_title="module", showlegend=False)
+
+
+def comparison_bars(estimates: Sequence[Estimate], labels: Sequence[str]) -> go.Figure:
+    """Grouped bars: for each memory category present in any estimate (and the device total at the peak),
+    one bar per scenario; a marker per scenario shows its device's memory."""
+    if len(estimates) != len(labels):
+        raise ValueError(f"{len(estimates)} estimates but {len(labels)} labels")
+    cats = [c for c in CATEGORIES if any(getattr(e.memory_bytes, c) for e in estimates)]
+    x = [CATEGORY_LABELS.get(c, c) for c in cats] + ["peak (device total)"]
+    fig = go.Figure()
+    for e, label in zip(estimates, labels):
+        values = [getattr(e.memory_bytes, c) for c in cats] + [e.peak_memory_bytes]
+        fig.add_trace(go.Bar(x=x, y=[_gib(v) for v in values], name=label, customdata=values,
+                             hovertemplate=f"{label}<br>%{{x}}: %{{customdata:.4s}}B<extra></extra>"))
+    return _layout(fig, "Memory by category", barmode="group", yaxis_title="GiB")
+
+
+def roofline(device: Device, intensity_range: tuple[float, float] | None = None) -> go.Figure:
+    """Roofline of one device: for each dtype with a peak, attainable FLOP/s = min(peak, intensity x
+    memory bandwidth) over arithmetic intensity (FLOP per byte of device memory traffic), the ridge
+    point (peak / bandwidth) of each, and the achievable roof from the profile's measured fractions."""
+    bw = device.memory_bandwidth_Bps
+    dtypes = list(device.supported_dtypes)
+    ridges = {d: device.peak_flops(d) / bw for d in dtypes}
+    lo, hi = intensity_range or (10 ** math.floor(math.log10(min(ridges.values())) - 1),
+                                 10 ** math.ceil(math.log10(max(ridges.values())) + 1))
+    fig = go.Figure()
+    for d in dtypes:
+        peak = device.peak_flops(d)
+        unit = "TOPS" if d == "int8" else "TFLOP/s"
+        xs = [lo, ridges[d], hi]
+        fig.add_trace(go.Scatter(x=xs, y=[min(peak, x * bw) / 1e12 for x in xs], mode="lines", meta=d,
+                                 name=f"{d} ({peak / 1e12:g} {unit})",
+                                 hovertemplate=f"{d}: %{{y:.1f}} {unit} at %{{x:.3g}} FLOP/B<extra></extra>"))
+    fig.add_trace(go.Scatter(x=[ridges[d] for d in dtypes], y=[device.peak_flops(d) / 1e12 for d in dtypes],
+                             mode="markers+text", name="ridge points", text=[f"{ridges[d]:.0f}" for d in dtypes],
+                             textposition="top left", marker=dict(size=9, color="black"), customdata=dtypes,
+                             hovertemplate="%{customdata}: ridge at %{x:.1f} FLOP/B<extra></extra>"))
+    ref = "bf16" if "bf16" in dtypes else "fp16"
+    eff = device.efficiency
+    peak_eff = device.peak_flops(ref) * eff.max_fraction(ref)
+    bw_eff = bw * eff.memory_bandwidth_fraction
+    ridge_eff = peak_eff / bw_eff
+    xs = [lo, ridge_eff, hi]
+    fig.add_trace(go.Scatter(x=xs, y=[min(peak_eff, x * bw_eff) / 1e12 for x in xs], mode="lines",
+                             name=f"achievable {ref} (profile fractions)", line=dict(dash="dot", color="gray"), meta="achievable",
+                             hovertemplate="achievable: %{y:.1f} TFLOP/s at %{x:.3g} FLOP/B<extra></extra>"))
+    return _layout(fig, f"Roofline: {device.display_name} ({device.hbm_bandwidth_GBps:g} GB/s)",
+                   xaxis=dict(type="log", title="arithmetic intensity (FLOP / byte)"),
+                   yaxis=dict(type="log", title="attainable TFLOP/s"))
+
+
+def predicted_vs_measured(records: Iterable[dict], predictions: Iterable[dict],
+                          metrics: Sequence[str] | None = None) -> go.Figure:
+    """Predicted against measured memory for every published record predicted with status ok, one trace per
+    source group (filled: comparable records, open: not comparable), with the line predicted = measured.
+    Values are in the record's own unit (GB or GiB, as the source reports)."""
+    from validate.published import MEMORY_METRICS
+    from validate.score import group_of
+
+    wanted = tuple(metrics) if metrics is not None else MEMORY_METRICS
+    by_id = {p["id"]: p for p in predictions}
+    groups: dict[str, list[tuple[dict, dict]]] = {}
+    for r in records:
+        p = by_id.get(r.get("id"))
+        t = r.get("target") or {}
+        if p is None or p.get("status") != "ok" or t.get("metric") not in wanted:
+            continue
+        if isinstance(t.get("value"), bool) or not isinstance(t.get("value"), (int, float)):
+            continue
+        if not isinstance(p.get("predicted"), (int, float)) or isinstance(p.get("predicted"), bool):
+            continue
+        groups.setdefault(group_of(r["id"]), []).append((r, p))
+    fig = go.Figure()
+    top = 0.0
+    for g, pairs in sorted(groups.items()):
+        xs = [r["target"]["value"] for r, _ in pairs]
+        ys = [p["predicted"] for _, p in pairs]
+        top = max(top, *xs, *ys)
+        fig.add_trace(go.Scatter(
+            x=xs, y=ys, mode="markers", name=g, customdata=[[r["id"], p.get("unit") or ""] for r, p in pairs],
+            marker=dict(size=8, symbol=["circle" if r["target"].get("comparable") else "circle-open" for r, _ in pairs]),
+            hovertemplate="%{customdata[0]}<br>measured %{x} %{customdata[1]}<br>predicted %{y:.2f}<extra></extra>"))
+    fig.add_trace(go.Scatter(x=[0, top * 1.05], y=[0, top * 1.05], mode="lines", name="predicted = measured",
+                             line=dict(color="gray", dash="dash"), hoverinfo="skip"))
+    return _layout(fig, "Published memory measurements: predicted vs measured",
+                   xaxis_title="measured (GB or GiB, as published)", yaxis_title="predicted (same unit)")

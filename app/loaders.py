@@ -1,0 +1,135 @@
+"""Everything the pages read from the catalogs, the engine and the published records, under ``st.cache_data``.
+
+The functions take and return plain data (names, JSON text, pydantic results), so their cache keys are
+cheap to hash and their results safe to share between sessions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import streamlit as st
+
+import hwprofiles
+import simulator
+from simulator import Estimate, Scenario
+from simulator.config import ModelArch
+from simulator.units import GiB
+
+REPO = Path(__file__).resolve().parents[1]
+
+PUBLISHED_ENV = "FITSIM_PUBLISHED"
+"""Environment variable naming the published-records JSONL (default: ``../shared/published/public.jsonl``
+beside the repository, where ``validate`` and its tests look)."""
+
+
+@st.cache_data(show_spinner=False)
+def model_names() -> list[str]:
+    return simulator.list_models()
+
+
+@st.cache_data(show_spinner=False)
+def device_names() -> list[str]:
+    return hwprofiles.list_devices()
+
+
+@st.cache_data(show_spinner=False)
+def device(name: str) -> hwprofiles.Device:
+    return hwprofiles.get_device(name)
+
+
+@st.cache_data(show_spinner=False)
+def device_labels() -> dict[str, str]:
+    """Device name -> 'name (79.6 GiB)', the memory the driver reports."""
+    return {d.name: f"{d.name} ({d.memory_total_bytes / GiB:.1f} GiB)" for d in hwprofiles.all_devices()}
+
+
+@st.cache_data(show_spinner=False)
+def device_rows() -> list[dict[str, Any]]:
+    """One row per device profile for the Hardware page (values as the profile states them)."""
+    rows = []
+    for d in hwprofiles.all_devices():
+        p = d.peak_tflops
+        rows.append({
+            "device": d.name,
+            "product": d.display_name,
+            "memory (GiB, driver)": round(d.memory_total_bytes / GiB, 1),
+            "memory (GB, marketed)": d.memory_capacity_GB,
+            "bandwidth (GB/s)": d.hbm_bandwidth_GBps,
+            "fp32 TFLOPS": p.fp32,
+            "tf32 TFLOPS": p.tf32,
+            "bf16 TFLOPS": p.bf16,
+            "fp16 TFLOPS": p.fp16,
+            "fp8 TFLOPS": p.fp8,
+            "int8 TOPS": p.int8,
+            "TDP (W)": d.tdp_W,
+            "$ / hour": d.price_usd_per_hour,
+            "price source": d.price_source,
+            "price date": d.price_date,
+        })
+    return rows
+
+
+@st.cache_data(show_spinner=False)
+def target_names(model_json: str) -> list[str]:
+    """Module names PEFT can adapt in this architecture (leaf names first), for the target pickers."""
+    from simulator.graph.build import target_names as names
+
+    arch = ModelArch.model_validate_json(model_json)
+    return sorted(names(arch, embeddings=True), key=lambda n: ("." in n, n))
+
+
+@st.cache_data(show_spinner=False)
+def arch_json(name: str) -> str:
+    return simulator.get_model(name).model_dump_json()
+
+
+@st.cache_data(show_spinner=False, max_entries=512)
+def run_estimate(scenario_json: str) -> Estimate:
+    """The estimate of a validated scenario (its JSON is the cache key)."""
+    return simulator.estimate(Scenario.model_validate_json(scenario_json))
+
+
+# -------------------------------------------------------------------------------------- validation
+
+
+def published_path() -> Path:
+    env = os.environ.get(PUBLISHED_ENV)
+    return Path(env) if env else REPO.parent / "shared" / "published" / "public.jsonl"
+
+
+@st.cache_data(show_spinner="Predicting the published records ...")
+def published(path: str, mtime: float) -> dict[str, Any]:
+    """Records, predictions, per-group scores and the worst errors for the JSONL at ``path``
+    (``mtime`` is part of the key, so an updated file is read again)."""
+    from validate.published import load_jsonl, predict_records
+    from validate.score import score, worst
+
+    records = load_jsonl(path)
+    predictions = predict_records(records)
+    return {"records": records, "predictions": predictions, "scores": score(records, predictions),
+            "worst": worst(records, predictions, n=10)}
+
+
+def results_dir() -> Path:
+    import validate
+
+    return Path(validate.__file__).resolve().parent / "results"
+
+
+def result_files() -> list[Path]:
+    """GPU measurement results stored under ``validate/results/`` (JSON files), newest first."""
+    d = results_dir()
+    if not d.is_dir():
+        return []
+    return sorted(d.rglob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def read_result(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        return {"error": f"cannot read {path.name}: {err}"}

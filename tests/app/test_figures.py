@@ -1,0 +1,115 @@
+"""The figure builders are pure: their traces carry exactly the Estimate's (and the profile's) numbers."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("plotly")
+
+from app import figures  # noqa: E402
+from hwprofiles import get_device  # noqa: E402
+from simulator import estimate  # noqa: E402
+from simulator.results import CATEGORIES  # noqa: E402
+from simulator.units import GiB  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def train():
+    return estimate({"model": "llama-3.2-1b", "gpu": "rtx-4090-24gb", "method": {"kind": "lora"},
+                     "workload": {"micro_batch": 2, "seq_len": 1024}})
+
+
+@pytest.fixture(scope="module")
+def infer():
+    return estimate({"model": "llama-3.2-1b", "workload": {"task": "infer", "batch": 4}})
+
+
+def test_memory_breakdown(train):
+    fig = figures.memory_breakdown(train)
+    nonzero = [c for c in CATEGORIES if getattr(train.memory_bytes, c)]
+    assert [t.meta for t in fig.data] == nonzero
+    for t in fig.data:
+        assert t.customdata[0] == getattr(train.memory_bytes, t.meta)
+        assert t.y[0] == pytest.approx(t.customdata[0] / GiB)
+    # the stack adds up to the peak the verdict uses
+    assert sum(t.customdata[0] for t in fig.data) == pytest.approx(train.peak_memory_bytes)
+    assert fig.layout.barmode == "stack"
+    assert fig.layout.shapes[0].y0 == pytest.approx(train.device_memory_bytes / GiB)
+
+
+@pytest.mark.parametrize("which, phases", [("train", ["forward", "backward", "optimizer"]), ("infer", ["prefill", "decode"])])
+def test_memory_timeline(which, phases, request):
+    e = request.getfixturevalue(which)
+    fig = figures.memory_timeline(e)
+    alloc, peak, capacity = fig.data
+    assert list(alloc.x) == phases == list(e.phase_allocated_bytes)
+    assert list(alloc.customdata) == [e.phase_allocated_bytes[p] for p in phases]
+    assert list(alloc.y) == pytest.approx([e.phase_allocated_bytes[p] / GiB for p in phases])
+    assert list(peak.x) == [e.peak_phase] and peak.customdata[0] == e.peak_memory_bytes
+    # the peak phase is the phase of the largest allocation
+    assert e.peak_phase == max(phases, key=e.phase_allocated_bytes.get)
+    assert list(capacity.y) == pytest.approx([e.device_memory_bytes / GiB] * len(phases))
+    assert list(capacity.x) == phases
+
+
+def test_activations_by_layer(train):
+    fig = figures.activations_by_layer(train)
+    (bar,) = fig.data
+    assert list(bar.x) == list(train.activations_by_layer)
+    assert list(bar.customdata) == list(train.activations_by_layer.values())
+    top = figures.activations_by_layer(train, top=3).data[0]
+    largest = sorted(train.activations_by_layer.values(), reverse=True)[:3]
+    assert sorted(top.customdata, reverse=True) == largest
+
+
+def test_comparison_bars(train, infer):
+    fig = figures.comparison_bars([train, infer], ["a", "b"])
+    assert [t.name for t in fig.data] == ["a", "b"]
+    assert fig.layout.barmode == "group"
+    for t, e in zip(fig.data, (train, infer)):
+        assert t.x[-1] == "peak (device total)" and t.customdata[-1] == e.peak_memory_bytes
+        assert len(t.x) == len(t.y) == len(t.customdata)
+    with pytest.raises(ValueError, match="2 estimates but 1 labels"):
+        figures.comparison_bars([train, infer], ["a"])
+
+
+@pytest.mark.parametrize("name", ["h100-sxm-80gb", "v100-sxm-32gb", "mi300x-192gb"])
+def test_roofline(name):
+    d = get_device(name)
+    fig = figures.roofline(d)
+    dtypes = list(d.supported_dtypes)
+    roofs = [t for t in fig.data if t.meta in dtypes]
+    assert [t.meta for t in roofs] == dtypes
+    assert len(fig.data) == len(dtypes) + 2  # the roofs, the ridge points, the achievable roof
+    bw = d.hbm_bandwidth_GBps * 1e9
+    for t in roofs:
+        peak = getattr(d.peak_tflops, t.meta)
+        assert max(t.y) == pytest.approx(peak)  # flat roof at the dense peak, TFLOP/s
+        assert t.x[1] == pytest.approx(peak * 1e12 / bw)  # ridge point in FLOP per byte
+        assert t.y[0] == pytest.approx(t.x[0] * bw / 1e12)  # the bandwidth slope below it
+    ridges = next(t for t in fig.data if t.name == "ridge points")
+    assert list(ridges.customdata) == dtypes
+    achievable = next(t for t in fig.data if t.meta == "achievable")
+    ref = "bf16" if d.supports_bf16 else "fp16"
+    assert max(achievable.y) == pytest.approx(getattr(d.peak_tflops, ref) * d.efficiency.max_fraction(ref))
+    assert fig.layout.xaxis.type == "log" and fig.layout.yaxis.type == "log"
+
+
+def test_predicted_vs_measured():
+    def rec(i, group, value, comparable=True, metric="peak_memory_per_gpu_GB"):
+        return {"id": f"{group}-{i:03d}", "target": {"metric": metric, "value": value, "comparable": comparable}}
+
+    records = [rec(1, "a", 10.0), rec(2, "a", 20.0, comparable=False), rec(1, "b", 30.0),
+               rec(2, "b", 5.0), rec(3, "b", True, metric="fits"), rec(4, "b", 7.0)]
+    preds = [{"id": "a-001", "status": "ok", "predicted": 11.0, "unit": "GiB"},
+             {"id": "a-002", "status": "ok", "predicted": 18.0, "unit": "GiB"},
+             {"id": "b-001", "status": "ok", "predicted": 33.0, "unit": "GB"},
+             {"id": "b-002", "status": "unsupported", "predicted": None},
+             {"id": "b-003", "status": "ok", "predicted": True},
+             {"id": "b-004", "status": "ok", "predicted": 6.5, "unit": "GB"}]
+    fig = figures.predicted_vs_measured(records, preds)
+    a, b, diagonal = fig.data
+    assert (a.name, list(a.x), list(a.y)) == ("a", [10.0, 20.0], [11.0, 18.0])
+    assert list(a.marker.symbol) == ["circle", "circle-open"]  # open: not comparable
+    assert (b.name, list(b.x), list(b.y)) == ("b", [30.0, 7.0], [33.0, 6.5])
+    assert diagonal.x == diagonal.y

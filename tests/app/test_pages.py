@@ -1,0 +1,370 @@
+"""Every page of the dashboard through streamlit's AppTest: renders, reacts to widgets, restores from the
+URL, and shows invalid input as one line (never a traceback)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("streamlit")
+pytest.importorskip("plotly")
+
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+from app import knobs  # noqa: E402
+from hwprofiles import get_device, list_devices  # noqa: E402
+from simulator import Scenario, estimate, from_hf_config  # noqa: E402
+from simulator.units import to_gib  # noqa: E402
+
+APP = Path(__file__).resolve().parents[2] / "app" / "streamlit_app.py"
+TIMEOUT = 120  # seconds: a first run imports plotly and pandas and compiles cost tables on a 2-core machine
+E = "e."  # widget-key prefix of the Estimate page
+
+TINY_LLAMA = {  # a small Llama-style config.json, as a user would upload it
+    "model_type": "llama", "_name_or_path": "acme/tiny-llama", "hidden_size": 256, "intermediate_size": 688,
+    "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 1000,
+    "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+}
+
+
+def run_app(page: str | None = None, **query: object) -> AppTest:
+    """A fresh session, run once; ``page``: a file under app/app_pages/; ``query``: URL parameters
+    (anything but a string is sent as JSON)."""
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
+    for k, v in query.items():
+        at.query_params[k] = v if isinstance(v, str) else json.dumps(v)
+    at.run()
+    if page is not None:
+        at.switch_page(f"app_pages/{page}").run()
+    return at
+
+
+def texts(elements) -> list[str]:
+    return [e.value for e in elements]
+
+
+def metric(at: AppTest, label: str) -> str:
+    found = [m.value for m in at.metric if m.label == label]
+    assert found, f"no metric {label!r}; metrics: {[m.label for m in at.metric]}"
+    return found[0]
+
+
+def gib(n_bytes: float) -> str:
+    return f"{to_gib(n_bytes):.2f} GiB"
+
+
+def ok(at: AppTest) -> None:
+    assert not at.exception, texts(at.exception)
+
+
+def url_scenario(at: AppTest, param: str = "s"):
+    return json.loads(at.query_params[param][0])
+
+
+# ------------------------------------------------------------------------------------------ Estimate
+
+
+def test_estimate_default_render():
+    at = run_app()
+    ok(at)
+    assert not at.error, texts(at.error)
+    e = estimate({"model": knobs.DEFAULT_MODEL})
+    assert metric(at, "Peak memory") == gib(e.peak_memory_bytes)
+    assert metric(at, "Peak phase") == e.peak_phase
+    assert metric(at, "Largest micro-batch") == str(e.max_batch_that_fits)
+    assert len(at.get("plotly_chart")) == 3  # breakdown, timeline, activations by layer
+    assert len(at.get("download_button")) == 3  # scenario YAML, result JSON, result CSV
+    assert any("Fits" in s for s in texts(at.success))
+    assert url_scenario(at) == {"model": knobs.DEFAULT_MODEL, "gpu": Scenario.model_fields["gpu"].default}
+
+
+def test_help_text_is_the_field_docstring():
+    at = run_app()
+    from simulator.config import TrainWorkload
+
+    assert at.number_input(key=E + "workload.micro_batch").help == TrainWorkload.model_fields["micro_batch"].description
+    assert at.selectbox(key=E + "precision").help == Scenario.model_fields["precision"].description
+
+
+def test_micro_batch_changes_the_peak_and_the_url():
+    at = run_app()
+    before = metric(at, "Peak memory")
+    at.number_input(key=E + "workload.micro_batch").set_value(2).run()
+    ok(at)
+    after = metric(at, "Peak memory")
+    assert after != before
+    assert after == gib(estimate({"model": knobs.DEFAULT_MODEL, "workload": {"micro_batch": 2}}).peak_memory_bytes)
+    assert url_scenario(at)["workload"] == {"task": "train", "micro_batch": 2}
+
+
+def test_model_change_changes_the_peak():
+    at = run_app()
+    before = metric(at, "Peak memory")
+    at.selectbox(key=E + "model").set_value("llama-3.2-1b").run()
+    ok(at)
+    assert metric(at, "Peak memory") != before
+    assert metric(at, "Peak memory") == gib(estimate({"model": "llama-3.2-1b"}).peak_memory_bytes)
+
+
+def test_short_context_model_gets_its_default_length():
+    at = run_app()
+    at.selectbox(key=E + "model").set_value("gpt2").run()  # learned 1024-position table
+    ok(at)
+    assert not at.error, texts(at.error)
+    assert at.number_input(key=E + "workload.seq_len").value == 1024
+    assert metric(at, "Peak memory") == gib(estimate({"model": "gpt2"}).peak_memory_bytes)
+    at.number_input(key=E + "workload.seq_len").set_value(4096).run()
+    assert any("exceeds model 'gpt2' max_position_embeddings=1024" in x for x in texts(at.error))
+
+
+def test_qlora_in_fp32_shows_the_validation_message():
+    at = run_app()
+    at.selectbox(key=E + "method.kind").set_value("qlora").run()
+    ok(at)
+    assert not at.error
+    at.selectbox(key=E + "precision").set_value("fp32").run()
+    ok(at)
+    errors = texts(at.error)
+    assert len(errors) == 1 and errors[0].startswith("Invalid scenario: ")
+    assert "QLoRA computes in 16-bit" in errors[0] and "\n" not in errors[0]
+    assert not at.metric  # no numbers for an invalid scenario
+
+
+def test_does_not_fit_shows_shortfall_and_suggestions():
+    at = run_app()
+    at.selectbox(key=E + "model").set_value("llama-3.1-70b").run()
+    at.selectbox(key=E + "gpu").set_value("rtx-4090-24gb").run()
+    ok(at)
+    e = estimate({"model": "llama-3.1-70b", "gpu": "rtx-4090-24gb"})
+    assert not e.fits and e.suggestions
+    banner = " ".join(texts(at.error))
+    assert "Does not fit" in banner and f"short by {gib(-e.headroom_bytes)}" in banner
+    shown = " ".join(texts(at.markdown))
+    for s in e.suggestions:
+        assert s.change in shown and gib(s.peak_memory_bytes) in shown
+
+
+def test_url_restores_the_widgets():
+    sc = {"model": "meta-llama/Llama-3.1-8B", "gpu": "RTX 4090",
+          "workload": {"micro_batch": 2, "seq_len": 1024},
+          "method": {"kind": "qlora", "r": 16, "alpha": 32, "targets": "all-linear"},
+          "checkpointing": {"mode": "full"}, "optimizer": {"name": "paged-adamw-8bit"}}
+    at = run_app(s=sc)
+    ok(at)
+    assert not at.error, texts(at.error)
+    assert at.selectbox(key=E + "model").value == "llama-3.1-8b"
+    assert at.selectbox(key=E + "gpu").value == "rtx-4090-24gb"
+    assert at.selectbox(key=E + "method.kind").value == "qlora"
+    assert at.number_input(key=E + "method.r").value == 16
+    assert at.number_input(key=E + "method.alpha").value == 32.0
+    assert at.selectbox(key=E + "method.targets#mode").value == "all-linear"
+    assert at.number_input(key=E + "workload.seq_len").value == 1024
+    assert at.selectbox(key=E + "checkpointing.mode").value == "full"
+    assert metric(at, "Peak memory") == gib(estimate(sc).peak_memory_bytes)
+
+
+def test_shared_link_round_trip():
+    at = run_app()
+    at.selectbox(key=E + "method.kind").set_value("lora").run()
+    at.number_input(key=E + "method.r").set_value(64).run()
+    at.selectbox(key=E + "method.targets#mode").set_value("modules").run()
+    at.multiselect(key=E + "method.targets#list").set_value(["q_proj", "k_proj", "v_proj"]).run()
+    ok(at)
+    link = at.query_params["s"][0]
+    assert json.loads(link)["method"] == {"kind": "lora", "r": 64, "targets": ["q_proj", "k_proj", "v_proj"]}
+    again = run_app(s=link)
+    ok(again)
+    assert metric(again, "Peak memory") == metric(at, "Peak memory")
+    assert again.multiselect(key=E + "method.targets#list").value == ["q_proj", "k_proj", "v_proj"]
+
+
+def test_hidden_knobs_keep_their_values():
+    at = run_app()
+    at.selectbox(key=E + "method.kind").set_value("lora").run()
+    at.number_input(key=E + "method.r").set_value(32).run()
+    at.selectbox(key=E + "method.kind").set_value("full").run()
+    at.selectbox(key=E + "method.kind").set_value("dora").run()  # DoRA shares LoRA's rank
+    ok(at)
+    assert at.number_input(key=E + "method.r").value == 32
+
+
+@pytest.mark.parametrize("param, expected", [
+    ("{not json", "not JSON"),
+    ({"model": "llama-3.1-7b"}, "closest: llama-3.1-70b, llama-3.1-8b"),
+    ({"model": "llama-3.1-8b", "method": {"kind": "lora", "r": 0}}, "method.r: Input should be greater than 0"),
+    ({"model": "llama-3.1-8b", "colour": "red"}, "colour: unknown field"),
+    ([1, 2], "must be a mapping"),
+])
+def test_invalid_url_parameter_is_an_error_line(param, expected):
+    at = run_app(s=param)
+    ok(at)
+    errors = texts(at.error)
+    assert any(expected in x and x.startswith("The link's scenario has problems") for x in errors), errors
+    assert metric(at, "Peak memory")  # the valid rest (or the defaults) is still estimated
+
+
+def test_invalid_combination_in_the_url_shows_the_scenario_message():
+    at = run_app(s={"model": "llama-3.1-8b", "method": {"kind": "qlora"}, "precision": "fp32"})
+    ok(at)
+    assert at.selectbox(key=E + "precision").value == "fp32"
+    assert any("QLoRA computes in 16-bit" in x for x in texts(at.error))
+
+
+def test_every_method_renders():
+    at = run_app()
+    for kind in knobs.method_classes():
+        at.selectbox(key=E + "method.kind").set_value(kind).run()
+        ok(at)
+        if not at.error:  # BitFit on a model without biases is fine (a warning), the rest estimates
+            assert metric(at, "Peak memory")
+        assert at.selectbox(key=E + "method.kind").value == kind
+        for knob in knobs.method_knobs(kind):
+            if knob.shown(knobs.default_state() | {"method.kind": kind}) and knob.widget is knobs.Widget.INT:
+                assert at.number_input(key=E + knob.key).value == knob.default
+
+
+def test_inference_task():
+    at = run_app()
+    at.radio(key=E + "task").set_value("infer").run()
+    at.number_input(key=E + "workload.batch").set_value(8).run()
+    at.selectbox(key=E + "inference.kv_dtype").set_value("fp8").run()
+    ok(at)
+    sc = {"model": knobs.DEFAULT_MODEL, "workload": {"task": "infer", "batch": 8}, "inference": {"kv_dtype": "fp8"}}
+    e = estimate(sc)
+    assert metric(at, "Peak memory") == gib(e.peak_memory_bytes)
+    assert metric(at, "Largest batch") == str(e.max_batch_that_fits)
+    assert url_scenario(at)["workload"] == {"task": "infer", "batch": 8}
+    timeline = at.get("plotly_chart")[1]
+    assert json.loads(timeline.proto.spec)["data"][0]["x"] == ["prefill", "decode"]
+
+
+def test_upload_config_json():
+    at = run_app()
+    at.file_uploader(key=E + "__upload").set_value(("config.json", json.dumps(TINY_LLAMA).encode(), "application/json")).run()
+    ok(at)
+    assert not at.error, texts(at.error)
+    assert at.selectbox(key=E + "model").value == knobs.CUSTOM_MODEL
+    arch = from_hf_config(TINY_LLAMA)
+    assert metric(at, "Peak memory") == gib(estimate({"model": arch.model_dump()}).peak_memory_bytes)
+    assert url_scenario(at)["model"]["name"] == "acme/tiny-llama"
+
+
+def test_upload_of_an_unsupported_config_is_one_line():
+    at = run_app()
+    bad = {**TINY_LLAMA, "model_type": "mamba"}
+    at.file_uploader(key=E + "__upload").set_value(("config.json", json.dumps(bad).encode(), "application/json")).run()
+    ok(at)
+    assert any(x.startswith("config.json: unsupported model_type 'mamba'") for x in texts(at.error)), texts(at.error)
+    assert at.selectbox(key=E + "model").value == knobs.DEFAULT_MODEL
+
+
+# ------------------------------------------------------------------------------------------- Compare
+
+
+def compare_table(at: AppTest):
+    return at.dataframe[0].value
+
+
+def test_compare_default_render():
+    at = run_app("compare.py")
+    ok(at)
+    df = compare_table(at)
+    assert list(df["#"]) == [1, 2, 3]
+    methods = ({"kind": "full"}, {"kind": "lora", "targets": "all-linear"}, {"kind": "qlora", "targets": "all-linear"})
+    full, lora, qlora = (estimate({"model": knobs.DEFAULT_MODEL, "method": m}) for m in methods)
+    assert list(df["peak (GiB)"]) == [round(to_gib(x.peak_memory_bytes), 2) for x in (full, lora, qlora)]
+    assert df["Δ peak vs #1"][0] == "+0.00 GiB (+0.0%)"
+    assert df["Δ peak vs #1"][1].startswith(f"{to_gib(lora.peak_memory_bytes) - to_gib(full.peak_memory_bytes):+.2f} GiB")
+    assert len(at.get("plotly_chart")) == 1
+    assert len(json.loads(at.query_params["c"][0])) == 3
+
+
+def test_compare_size_and_invalid_column():
+    at = run_app("compare.py")
+    at.radio(key="c.n").set_value(2).run()
+    ok(at)
+    assert list(compare_table(at)["#"]) == [1, 2]
+    at.selectbox(key="c1.method.kind").set_value("qlora").run()
+    at.selectbox(key="c1.precision").set_value("fp32").run()
+    ok(at)
+    assert any("QLoRA computes in 16-bit" in x for x in texts(at.error))
+    assert list(compare_table(at)["fits"])[1] == "invalid"
+
+
+def test_compare_starts_from_the_estimate_page():
+    at = run_app()
+    at.radio(key=E + "task").set_value("infer").run()
+    at.selectbox(key=E + "gpu").set_value("l4-24gb").run()
+    at.switch_page("app_pages/compare.py").run()
+    ok(at)
+    df = compare_table(at)
+    assert list(df["scenario"]) == [f"{knobs.DEFAULT_MODEL} infer on l4-24gb"] * 3
+    weights = [at.selectbox(key=f"c{i}.inference.weights").value for i in range(3)]
+    assert weights == ["none", "int8", "awq"]
+    expected = [estimate({"model": knobs.DEFAULT_MODEL, "gpu": "l4-24gb", "workload": {"task": "infer"},
+                          "inference": {"weights": w}}) for w in weights]
+    assert list(df["peak (GiB)"]) == [round(to_gib(x.peak_memory_bytes), 2) for x in expected]
+
+
+def test_compare_restores_from_the_url():
+    scenarios = [{"model": "llama-3.1-8b", "gpu": "h100-sxm-80gb", "method": {"kind": "lora"}},
+                 {"model": "llama-3.1-8b", "gpu": "rtx-4090-24gb", "method": {"kind": "lora"}}]
+    at = run_app()
+    at.query_params["c"] = json.dumps(scenarios)
+    at.switch_page("app_pages/compare.py").run()
+    ok(at)
+    df = compare_table(at)
+    assert list(df["peak (GiB)"]) == [round(to_gib(estimate(s).peak_memory_bytes), 2) for s in scenarios]
+    assert at.selectbox(key="c1.gpu").value == "rtx-4090-24gb"
+
+
+# ------------------------------------------------------------------------------------------ Hardware
+
+
+def test_hardware_page():
+    at = run_app("hardware.py")
+    ok(at)
+    assert at.selectbox(key="hw.device").value == Scenario.model_fields["gpu"].default  # the Estimate page's GPU
+    table = at.dataframe[0].value
+    assert list(table["device"]) == list_devices()
+    assert len(at.get("plotly_chart")) == 1
+    at.selectbox(key="hw.device").set_value("rtx-4090-24gb").run()
+    ok(at)
+    d = get_device("rtx-4090-24gb")
+    eff = at.dataframe[1].value.set_index("figure")
+    assert eff.loc["matmul_curve", "source"] == d.sources["efficiency.matmul_curve"]
+    assert eff.loc["memory_bandwidth_fraction", "value"] == str(d.efficiency.memory_bandwidth_fraction)
+    spec = json.loads(at.get("plotly_chart")[0].proto.spec)
+    assert "RTX 4090" in spec["layout"]["title"]["text"]
+
+
+# ---------------------------------------------------------------------------------------- Validation
+
+
+def test_validation_page_without_records(tmp_path, monkeypatch):
+    monkeypatch.setenv("FITSIM_PUBLISHED", str(tmp_path / "absent.jsonl"))
+    at = run_app("validation.py")
+    ok(at)
+    infos = texts(at.info)
+    assert any("No published records" in x for x in infos)
+    assert any("No GPU measurement results" in x or "validate/results" in x for x in infos) or at.dataframe
+
+
+def test_validation_page_scores_the_published_records():
+    from app.loaders import published_path
+    from validate.published import load_jsonl, predict_records
+    from validate.score import score
+
+    path = published_path()
+    if not path.is_file():
+        pytest.skip(f"{path} not present")
+    at = run_app("validation.py")
+    ok(at)
+    records = load_jsonl(path)
+    scores = score(records, predict_records(records))
+    table = at.dataframe[0].value
+    assert list(table["group"]) == list(scores)
+    assert list(table["predicted"]) == [r["n_ok"] for r in scores.values()]
+    assert len(at.get("plotly_chart")) == 1
