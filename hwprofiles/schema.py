@@ -289,13 +289,13 @@ def _check_pcie(device: Device) -> None:
         )
 
 
-def _check_price(device: Device) -> None:
-    given = [device.price_usd_per_hour is not None, device.price_source is not None, device.price_date is not None]
-    if any(given) and not all(given):
-        raise ValueError(
-            "price_usd_per_hour, price_source and price_date must be all set or all null, got "
-            f"{device.price_usd_per_hour!r}, {device.price_source!r}, {device.price_date!r}"
-        )
+def _check_price(model: BaseModel, price_field: str = PRICE_FIELD) -> None:
+    """The price, its source and its date come together or not at all."""
+    names = (price_field, "price_source", "price_date")
+    values = [getattr(model, n) for n in names]
+    if any(v is not None for v in values) and not all(v is not None for v in values):
+        raise ValueError(f"{', '.join(names[:2])} and {names[2]} must be all set or all null, got "
+                         + ", ".join(repr(v) for v in values))
 
 
 # =============================================================================================
@@ -474,12 +474,7 @@ class System(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> System:
-        given = [self.price_usd_per_gpu_hour is not None, self.price_source is not None, self.price_date is not None]
-        if any(given) and not all(given):
-            raise ValueError(
-                "price_usd_per_gpu_hour, price_source and price_date must be all set or all null, got "
-                f"{self.price_usd_per_gpu_hour!r}, {self.price_source!r}, {self.price_date!r}"
-            )
+        _check_price(self, SYSTEM_PRICE_FIELD)
         _check_sources(self)  # type: ignore[arg-type]  # duck-typed: sources + citation()
         return self
 

@@ -83,7 +83,7 @@ def _dims(sc: Scenario, ct: CostTable) -> tuple[int, int, int]:
 def _n_shard(sc: Scenario) -> int:
     """Ranks the model states are partitioned over (the node's ranks for hybrid sharding)."""
     par = sc.parallel
-    return sh.shard_group_size(par, _system(sc).gpus_per_node if par.fsdp == "hybrid_shard" else par.dp)
+    return sh.shard_group_size(par, _system(sc).gpus_per_node if par.fsdp == "hybrid_shard" else par.n_gpus)
 
 
 def _system(sc: Scenario):

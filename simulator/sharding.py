@@ -132,10 +132,13 @@ def _rank_params(ct: CostTable, par: Parallel, stage: int) -> RankParams:
 
 
 def shard_group_size(par: Parallel, gpus_per_node: int) -> int:
-    """Ranks that split the model states: dp, or for hybrid sharding the data-parallel ranks of one node."""
+    """Ranks that split the model states: the data- and context-parallel ranks together (context-parallel
+    ranks hold the same weights: torchtitan shards FSDP over its ``dp_shard_cp`` mesh, Megatron's
+    distributed optimizer over the data-parallel-with-context group), or for hybrid sharding those of one node."""
+    group = par.dp * par.cp
     if par.fsdp == "hybrid_shard":
-        return max(1, min(par.dp, gpus_per_node // max(1, par.tp * par.cp)))
-    return par.dp
+        return max(1, min(group, gpus_per_node // max(1, par.tp)))
+    return group
 
 
 @dataclass(frozen=True)

@@ -139,14 +139,16 @@ def optimizer_step_bytes(numel: float, name: str, param_dtype: str, deepspeed: b
     return numel * out
 
 
-def train_step_time(sc, ct: CostTable, dev: Device, system, B: tuple) -> TrainTime:
-    par = sc.parallel
-    w = sc.workload
-    m = w.grad_accum
+def _setup(sc, ct: CostTable, system):
+    """(parallel, workload, precision plan, GEMM dtype, compute-dtype bytes, group layout) of a scenario."""
     prec = ct.plan.precision
-    dtype = cp_.matmul_dtype(prec.compute_dtype, sc.precision)
-    cd = dtype_bytes(prec.compute_dtype)
-    lay = layout(par, system.gpus_per_node)
+    return (sc.parallel, sc.workload, prec, cp_.matmul_dtype(prec.compute_dtype, sc.precision),
+            dtype_bytes(prec.compute_dtype), layout(sc.parallel, system.gpus_per_node))
+
+
+def train_step_time(sc, ct: CostTable, dev: Device, system, B: tuple) -> TrainTime:
+    par, w, prec, dtype, cd, lay = _setup(sc, ct, system)
+    m = w.grad_accum
     stages = [stage_compute(ct, par, B, dev, dtype, st, True) for st in range(par.pp)] if par.pp <= 8 else \
         [stage_compute(ct, par, B, dev, dtype, st, True) for st in (0, 1, par.pp - 1)]
     slow = max(stages, key=lambda s_: s_.forward_s + s_.backward_s + s_.recompute_s)
@@ -254,12 +256,7 @@ def infer_time(sc, ct: CostTable, dev: Device, system) -> InferTime:
     memory-bound at small batch.  Pipeline stages run one after another for a batch."""
     from .graph.ir import basis
 
-    par = sc.parallel
-    w = sc.workload
-    prec = ct.plan.precision
-    dtype = cp_.matmul_dtype(prec.compute_dtype, sc.precision)
-    cd = dtype_bytes(prec.compute_dtype)
-    lay = layout(par, system.gpus_per_node)
+    par, w, prec, dtype, cd, lay = _setup(sc, ct, system)
     Bp = basis(w.batch, w.prompt_len, w.prompt_len)
     mid = w.prompt_len + w.gen_len / 2.0
     Bd = basis(w.batch, 1, mid)

@@ -65,14 +65,27 @@ def test_public_single_gpu_memory_records_mostly_ok():
     assert ok / len(recs) > 0.8, [(p["id"], p["reason"]) for p in preds if p["status"] != "ok"]
 
 
-def test_multi_gpu_and_speed_are_unsupported_with_reason():
+def test_multi_gpu_and_speed_records_are_predicted():
+    one = predict_record(_record())
     r = _record(n_gpus=8)
-    p = predict_record(r)
-    assert p["status"] == "unsupported" and "multi-GPU" in p["reason"]
+    r["scenario"]["parallel"] = {"zero_stage": 3}
+    eight = predict_record(r)
+    assert one["status"] == eight["status"] == "ok", (one["reason"], eight["reason"])
+    assert eight["predicted"] < one["predicted"]  # ZeRO-3 over 8 ranks: less per GPU
     r = _record()
     r["target"] = {**r["target"], "metric": "step_time_s"}
     p = predict_record(r)
-    assert p["status"] == "unsupported" and "speed" in p["reason"]
+    assert p["status"] == "ok" and p["unit"] == "s" and p["predicted"] > 0
+    r["target"] = {**r["target"], "metric": "run_time_s"}
+    p = predict_record(r)
+    assert p["status"] == "unsupported" and "tokens of the run" in p["reason"]
+
+
+def test_public_comparable_records_mostly_ok():
+    recs = [r for r in _public() if r["target"]["comparable"]]
+    preds = predict_records(recs)
+    ok = sum(p["status"] == "ok" for p in preds)
+    assert ok / len(recs) > 0.8, [(p["id"], p["reason"]) for p in preds if p["status"] != "ok"]
 
 
 def test_unknown_model_is_unsupported():
