@@ -13,7 +13,7 @@ from typing import Any
 import plotly.graph_objects as go
 
 from hwprofiles import Device
-from simulator.report import CATEGORY_LABELS
+from simulator.report import CATEGORY_LABELS, TIME_LABELS, fmt_seconds
 from simulator.results import CATEGORIES, Estimate
 from simulator.units import GiB, fmt_bytes
 
@@ -91,6 +91,55 @@ def activations_by_layer(e: Estimate, top: int | None = None) -> go.Figure:
                            marker_color=ALLOCATED_COLOR,
                            hovertemplate="%{x}: %{customdata:.4s}B<extra></extra>"))
     return _layout(fig, "Saved activations by module", yaxis_title="GiB", xaxis_title="module", showlegend=False)
+
+
+TRAIN_TIME_PARTS = tuple(k for k in TIME_LABELS if k != "prefill_s")
+"""TimeBreakdown fields that add up to a training step, in the order they are drawn."""
+
+DECODE = "decode"
+
+
+def time_parts(e: Estimate) -> list[tuple[str, str, float]]:
+    """(key, label, seconds) of each non-zero part of one step on the slowest rank: forward, backward,
+    recompute, communication, pipeline bubble, optimizer, offload (training); prefill and decode, the
+    decode being the rest of the step after the prefill (inference).  Empty without a time estimate."""
+    t = e.time
+    if t is None:
+        return []
+    if e.task == "infer":
+        parts = [("prefill_s", TIME_LABELS["prefill_s"], t.prefill_s), (DECODE, DECODE, t.step_s - t.prefill_s)]
+    else:
+        parts = [(k, TIME_LABELS[k], getattr(t, k)) for k in TRAIN_TIME_PARTS]
+    return [p for p in parts if p[2] > 0]
+
+
+def time_breakdown(e: Estimate) -> go.Figure:
+    """One horizontal stacked bar: where the time of one step goes (:func:`time_parts`); each trace holds
+    the part's seconds in ``customdata`` and its TimeBreakdown field in ``meta``."""
+    fig = go.Figure()
+    what = "optimizer step" if e.task == "train" else "batch (prefill + decode)"
+    y = [f"one {what}"]
+    for key, label, secs in time_parts(e):
+        fig.add_trace(go.Bar(y=y, x=[secs], name=label, orientation="h", customdata=[secs], meta=key,
+                             hovertemplate=f"{label}: {fmt_seconds(secs)}<extra></extra>"))
+    step = e.time.step_s if e.time is not None else 0.0
+    return _layout(fig, f"Time of one step: {fmt_seconds(step)} on the slowest rank", barmode="stack",
+                   xaxis_title="seconds", bargap=0.5, height=260)
+
+
+def stage_peaks(e: Estimate) -> go.Figure:
+    """Peak device memory of each pipeline stage's ranks (nvidia-smi view), the largest one highlighted,
+    and a dashed line at the device's memory."""
+    stages = sorted(e.stage_peak_bytes)
+    x = [f"stage {s}" for s in stages]
+    values = [e.stage_peak_bytes[s] for s in stages]
+    colors = [PEAK_COLOR if s == e.peak_stage else ALLOCATED_COLOR for s in stages]
+    fig = go.Figure(go.Bar(x=x, y=[_gib(v) for v in values], customdata=values, name="peak per stage",
+                           marker_color=colors, hovertemplate="%{x}: %{customdata:.4s}B<extra></extra>"))
+    fig.add_trace(_capacity_trace(x, e.device_memory_bytes, name=f"{e.gpu} memory"))
+    top = max(e.device_memory_bytes, *values)
+    return _layout(fig, "Peak memory per pipeline stage", yaxis_title="GiB", xaxis_title="pipeline stage",
+                   yaxis_range=[0, _gib(top) * 1.1])
 
 
 def comparison_bars(estimates: Sequence[Estimate], labels: Sequence[str]) -> go.Figure:

@@ -37,6 +37,7 @@ from pydantic.fields import FieldInfo
 from hwprofiles import get_device
 from simulator import Scenario
 from simulator.config import ModelArch
+from simulator.config.parallel import ZeroStage
 from simulator.models import list_models, resolve_model_name
 
 DEFAULT_MODEL = "llama-3.1-8b"
@@ -49,6 +50,7 @@ TRAIN, INFER = "train", "infer"
 
 LAYOUT: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Method", ("method",)),
+    ("GPUs and parallelism", ("parallel", "system")),
     ("Numerics and memory", ("precision", "optimizer", "checkpointing", "loss")),
     ("Inference", ("inference",)),
     ("Kernels and runtime", ("attention", "implementation", "padded_batches", "expandable_segments")),
@@ -72,6 +74,16 @@ SHOWN_WHEN: dict[str, tuple[str, tuple[Any, ...]]] = {
     "method.double_quant": ("method.quant", ("nf4", "fp4")),
     "method.bnb_keeps_input": ("method.quant", ("nf4", "fp4")),
     "method.encoder_hidden_size": ("method.prefix_projection", (True,)),
+    "parallel.pp_virtual": ("parallel.pp_schedule", ("interleaved",)),
+    "parallel.fsdp_version": ("parallel.fsdp", ("full_shard", "shard_grad_op", "hybrid_shard", "no_shard")),
+    "parallel.reshard_after_forward": ("parallel.fsdp", ("full_shard", "hybrid_shard")),
+    "parallel.ddp_bucket_MiB": ("parallel.zero", (ZeroStage.NONE,)),
+    "parallel.ddp_bucket_view": ("parallel.zero", (ZeroStage.NONE,)),
+    "parallel.reduce_bucket_elems": ("parallel.zero", (ZeroStage.OPTIMIZER, ZeroStage.GRADIENTS, ZeroStage.PARAMETERS)),
+    "parallel.allgather_bucket_elems": ("parallel.zero", (ZeroStage.OPTIMIZER, ZeroStage.GRADIENTS)),
+    "parallel.stage3_prefetch_bucket_elems": ("parallel.zero", (ZeroStage.PARAMETERS,)),
+    "parallel.stage3_max_live_parameters": ("parallel.zero", (ZeroStage.PARAMETERS,)),
+    "parallel.stage3_param_persistence_threshold": ("parallel.zero", (ZeroStage.PARAMETERS,)),
 }
 """Knobs that matter only for some values of another knob (the field docstrings say which)."""
 
@@ -97,11 +109,40 @@ LABELS: dict[str, str] = {
     "kv_dtype": "KV-cache dtype",
     "n_virtual_tokens": "virtual tokens",
     "n_trainable_layers": "trainable blocks",
+    "total_tokens": "total training tokens",
+    "parallel.dp": "data parallel (dp)",
+    "parallel.tp": "tensor parallel (tp)",
+    "parallel.pp": "pipeline stages (pp)",
+    "parallel.cp": "context parallel (cp)",
+    "parallel.ep": "expert parallel (ep)",
+    "parallel.sp": "sequence parallel (with tp)",
+    "parallel.zero": "ZeRO stage",
+    "parallel.fsdp": "FSDP sharding",
+    "parallel.fsdp_version": "FSDP version",
+    "parallel.reshard_after_forward": "FSDP reshard after forward",
+    "parallel.offload_optimizer": "offload optimizer states",
+    "parallel.offload_params": "offload parameters",
+    "parallel.pp_schedule": "pipeline schedule",
+    "parallel.pp_virtual": "model chunks per pipeline rank",
+    "parallel.ddp_bucket_MiB": "DDP bucket (MiB)",
+    "parallel.ddp_bucket_view": "DDP gradient as bucket view",
+    "parallel.reduce_bucket_elems": "ZeRO reduce bucket (elements)",
+    "parallel.allgather_bucket_elems": "ZeRO all-gather bucket (elements)",
+    "parallel.stage3_prefetch_bucket_elems": "ZeRO-3 prefetch bucket (elements)",
+    "parallel.stage3_max_live_parameters": "ZeRO-3 max live parameters",
+    "parallel.stage3_param_persistence_threshold": "ZeRO-3 persistence threshold",
+    "system": "system (node type)",
 }
 """Readable labels by knob key or field name where the name is terse; otherwise the field name with spaces,
 after its Scenario field for a sub-model's field ('optimizer impl')."""
 
 TASK_LABELS = {TRAIN: "training step", INFER: "inference"}
+
+CATALOG_CHOICES: dict[str, str] = {"system": "system_names"}
+"""Knobs whose values are names from a catalog: knob key -> the :mod:`app.loaders` function listing them.
+None (the field's default) is offered first as 'default'."""
+
+CATALOG_DEFAULT_LABELS: dict[str, str] = {"system": "default (derived from the GPU)"}
 
 
 class Widget(str, enum.Enum):
@@ -564,10 +605,21 @@ def _load_fields(state: dict[str, Any], field: str, cls: type[BaseModel], tag: d
         try:
             obj = cls.model_validate({**tag, k.name: value[k.name]})
         except ValidationError as err:
-            problems += _errors(field, err)
+            if not all(e["loc"] == () for e in err.errors()):
+                problems += _errors(field, err)
+                continue
+            # only a check across fields failed (sp needs tp > 1): the value itself is valid, and the
+            # combination is checked later by the Scenario with the rest of the link's values
+            state[k.key] = _field_adapter(cls, k.name).validate_python(value[k.name])
             continue
         state[k.key] = getattr(obj, k.name)
     return problems
+
+
+def _field_adapter(cls: type[BaseModel], name: str) -> TypeAdapter:
+    info = cls.model_fields[name]
+    ann = typing.Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+    return TypeAdapter(ann)
 
 
 # ---------------------------------------------------------------------------------------------- URL

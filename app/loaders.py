@@ -37,6 +37,11 @@ def device_names() -> list[str]:
 
 
 @st.cache_data(show_spinner=False)
+def system_names() -> list[str]:
+    return hwprofiles.list_systems()
+
+
+@st.cache_data(show_spinner=False)
 def device(name: str) -> hwprofiles.Device:
     return hwprofiles.get_device(name)
 

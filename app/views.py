@@ -10,6 +10,7 @@ import yaml
 from app import exports, figures
 from app import knobs as K
 from simulator import Estimate, Scenario, report
+from simulator.report import fmt_seconds
 from simulator.units import fmt_count, fmt_flops, to_gib
 
 CHART_CONFIG = {"displaylogo": False}
@@ -52,8 +53,9 @@ def suggestions(e: Estimate) -> None:
 def key_numbers(e: Estimate) -> None:
     train = e.task == K.TRAIN
     row1 = st.columns(4)
+    stage = f" on the ranks of pipeline stage {e.peak_stage}" if len(e.stage_peak_bytes) > 1 else ""
     row1[0].metric("Peak memory", gib(e.peak_memory_bytes), border=True,
-                   help=f"Device total at the peak: reserved {gib(e.peak_reserved_bytes)} + CUDA context "
+                   help=f"Per GPU{stage}. Device total at the peak: reserved {gib(e.peak_reserved_bytes)} + CUDA context "
                         f"(what nvidia-smi shows); allocated {gib(e.peak_allocated_bytes)}.")
     row1[1].metric("Peak phase", e.peak_phase, border=True, help="The phase of the step where memory peaks.")
     row1[2].metric("Parameters", fmt_count(e.n_params), border=True)
@@ -74,6 +76,70 @@ def key_numbers(e: Estimate) -> None:
                    help="The largest value that fits with every other knob held.")
 
 
+def usd(x: float | None) -> str:
+    return "no price" if x is None else f"${x:,.4g}"
+
+
+def kwh(x: float | None) -> str:
+    return "-" if x is None else f"{x:,.4g} kWh"
+
+
+def percent(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def tokens_per_s(x: float) -> str:
+    return f"{x:,.0f}"
+
+
+def ranks(e: Estimate, sc: Scenario) -> None:
+    """The layout (GPUs, system) and what one rank keeps outside the GPU."""
+    cols = st.columns(4)
+    cols[0].metric("GPUs", str(e.n_gpus), border=True, help=report.parallel_line(sc))
+    cols[1].metric("System", e.system or "-", border=True, help=Scenario.model_fields["system"].description)
+    cols[2].metric("Model state per GPU", gib(e.model_state_bytes), border=True,
+                   help="Weights (incl. quantized and scales) + gradients + optimizer states on one rank.")
+    outside = [("Host RAM per rank", e.host_memory_bytes, "Offloaded optimizer states / parameters in host memory."),
+               ("NVMe per rank", e.nvme_bytes, "Offloaded to NVMe.")]
+    outside = [m for m in outside if m[1]]
+    if outside:
+        label, v, text = outside[0]
+        cols[3].metric(label, gib(v), border=True, help=text)
+    for label, v, text in outside[1:]:
+        st.columns(4)[0].metric(label, gib(v), border=True, help=text)
+
+
+def time_and_cost(e: Estimate) -> None:
+    """Step time, throughput, MFU, $ and kWh per million tokens, the whole run when its tokens are set,
+    and the time-breakdown figure."""
+    t, c = e.time, e.cost
+    if t is None:
+        return
+    st.subheader("Time and cost")
+    train = e.task == K.TRAIN
+    row = st.columns(4)
+    row[0].metric("Step time", fmt_seconds(t.step_s), border=True,
+                  help="One optimizer step on the slowest rank." if train else
+                       f"One batch: prefill {fmt_seconds(t.prefill_s)} + decode ({fmt_seconds(t.decode_per_token_s)} per token).")
+    row[1].metric("Tokens/s", tokens_per_s(t.tokens_per_s), border=True, help="All GPUs together.")
+    row[2].metric("Tokens/s per GPU", tokens_per_s(t.tokens_per_s_per_gpu), border=True)
+    row[3].metric("MFU", percent(t.mfu), border=True,
+                  help=f"Model FLOPs utilisation of the dense peak of the matmul dtype; HFU (with recompute) {percent(t.hfu)}.")
+    if c is not None:
+        row = st.columns(4)
+        row[0].metric("$ per million tokens", usd(c.usd_per_million_tokens), border=True,
+                      help=None if c.usd_per_gpu_hour is None else f"At ${c.usd_per_gpu_hour:.2f} per GPU-hour.")
+        row[1].metric("kWh per million tokens", kwh(c.kwh_per_million_tokens), border=True,
+                      help=f"{c.watts_per_gpu:.0f} W per GPU.")
+        if c.run_tokens:
+            row[2].metric("Run time", fmt_seconds(c.run_time_s or 0.0), border=True,
+                          help=f"{fmt_count(c.run_tokens)} tokens.")
+            row[3].metric("Run cost", usd(c.run_usd), border=True, help=f"Energy: {kwh(c.run_kwh)}.")
+            st.columns(4)[0].metric("Run energy", kwh(c.run_kwh), border=True)
+        st.caption(f"Price: {c.price_source or 'no price in the profiles for this GPU'} · Power: {c.power_source}")
+    chart(figures.time_breakdown(e), "fig.time")
+
+
 def messages(e: Estimate) -> None:
     for w in e.warnings:
         st.warning(w)
@@ -87,6 +153,8 @@ def estimate_figures(e: Estimate) -> None:
         chart(figures.memory_breakdown(e), "fig.breakdown")
     with right:
         chart(figures.memory_timeline(e), "fig.timeline")
+    if len(e.stage_peak_bytes) > 1:
+        chart(figures.stage_peaks(e), "fig.stages")
     if any(e.activations_by_layer.values()):
         chart(figures.activations_by_layer(e), "fig.activations")
 
@@ -111,6 +179,8 @@ def estimate_page(sc: Scenario, data: dict[str, Any], estimate: Estimate) -> Non
     scenario_summary(estimate, sc, data)
     verdict(estimate)
     key_numbers(estimate)
+    ranks(estimate, sc)
     messages(estimate)
     estimate_figures(estimate)
+    time_and_cost(estimate)
     downloads(estimate, sc)

@@ -24,10 +24,11 @@ from app import knobs as K
 from app import loaders
 from app.knobs import Knob, Widget
 from simulator import Scenario, from_hf_config
+from simulator.config.parallel import Parallel
 from simulator.cli import format_validation_error
 
 STATE, URL_SEEN, UPLOAD, UPLOAD_ERROR = "__state", "__url", "__upload", "__upload_error"
-EXPANDED = frozenset({"Method", "Numerics and memory", "Inference"})
+EXPANDED = frozenset({"Method", "GPUs and parallelism", "Numerics and memory", "Inference"})
 """Sections open on first view."""
 
 
@@ -162,6 +163,20 @@ def _modules(prefix: str, s: dict[str, Any], knob: Knob, key: str, label: str, o
     return (picked or None) if optional else list(picked)
 
 
+def _catalog_choice(prefix: str, s: dict[str, Any], knob: Knob) -> Any:
+    """A name from a catalog (:data:`knobs.CATALOG_CHOICES`), or None for the field's default; a name the
+    catalog lacks (from a link) stays selectable so that the estimate can name it."""
+    key = prefix + knob.key
+    value = s[knob.key]
+    names: list[Any] = [None, *getattr(loaders, K.CATALOG_CHOICES[knob.key])()]
+    if value not in names:
+        names.append(value)
+    _seed(key, value)
+    default_label = K.CATALOG_DEFAULT_LABELS.get(knob.key, "default")
+    return st.selectbox(knob.label, names, key=key, help=knob.help,
+                        format_func=lambda n: default_label if n is None else str(n))
+
+
 def knob_widget(prefix: str, s: dict[str, Any], knob: Knob) -> None:
     """Draw the widget of one knob (if it applies) and write its value into the state ``s``."""
     if not knob.shown(s):
@@ -170,10 +185,12 @@ def knob_widget(prefix: str, s: dict[str, Any], knob: Knob) -> None:
     value = s[knob.key]
     w = knob.widget
     lo, hi = knob.bounds()
-    if w is Widget.CHOICE:
+    if knob.key in K.CATALOG_CHOICES:
+        v: Any = _catalog_choice(prefix, s, knob)
+    elif w is Widget.CHOICE:
         options = list(knob.choices)
         _seed(key, value if value in options else knob.default)
-        v: Any = st.selectbox(knob.label, options, key=key, help=knob.help, format_func=_fmt_choice)
+        v = st.selectbox(knob.label, options, key=key, help=knob.help, format_func=_fmt_choice)
     elif w is Widget.BOOL:
         _seed(key, bool(value))
         v = st.checkbox(knob.label, key=key, help=knob.help)
@@ -276,6 +293,15 @@ def method(prefix: str, s: dict[str, Any]) -> None:
         knob_widget(prefix, s, knob)
 
 
+def gpus_caption(s: dict[str, Any]) -> None:
+    """The number of GPUs the parallel degrees make (when they form a valid layout)."""
+    try:
+        par = Parallel.model_validate(K.data_from_state(s).get("parallel", {}))
+    except ValidationError:
+        return
+    st.caption(f"{par.n_gpus} GPU{'s' if par.n_gpus != 1 else ''} (dp x tp x pp x cp)")
+
+
 def scenario_form(prefix: str, container: Any = None, *, upload: bool = True) -> ScenarioInput:
     """Draw every widget of one scenario into ``container`` (default: the sidebar) and validate it."""
     s = state(prefix)
@@ -293,6 +319,8 @@ def scenario_form(prefix: str, container: Any = None, *, upload: bool = True) ->
                     else:
                         for knob in K.field_knobs(f):
                             knob_widget(prefix, s, knob)
+                        if f == "parallel":
+                            gpus_caption(s)
     data = K.data_from_state(s)
     scenario, error = validate(data)
     return ScenarioInput(state=s, data=data, scenario=scenario, error=error)

@@ -76,6 +76,9 @@ class Efficiency(_Strict):
     """[flops_per_gemm, fraction of the max fraction] points, flops strictly increasing, fraction non-decreasing in (0, 1]; interpolated in log10(flops), clamped outside."""
     memory_bandwidth_fraction: float = Field(gt=0, le=1)
     """Achieved / peak memory bandwidth for streaming (memory-bound) kernels."""
+    attention_fraction: float | None = Field(default=None, gt=0, le=1)
+    """Fraction of the dense 16-bit peak a fused (flash / SDPA) attention kernel reaches on the FLOPs it
+    performs; null = the GEMM curve."""
 
     @field_validator("matmul_curve", mode="before")
     @classmethod

@@ -45,6 +45,7 @@ class Op:
     bwd_flops: tuple[float, ...]
     fwd_bytes: tuple[float, ...]
     attention: bool
+    causal: bool  # a causal attention kernel skips the masked half of the score blocks
     tp_split: bool  # split over tensor-parallel ranks (all but the MoE router)
     recomputed: bool  # rerun in backward under checkpointing
 
@@ -68,6 +69,7 @@ class OpArrays:
 def _part(where, layers, tr, arch, recompute_until: int | None, quant_rows) -> OpArrays:
     ops = tuple(
         Op(tuple(op.fwd_flops.c), tuple(op.bwd_flops.c), tuple(op.fwd_bytes.c), op.op == "attention",
+           op.op == "attention" and arch.arch == "decoder",
            not (arch.moe is not None and op.module.endswith("mlp.gate")),
            recompute_until is not None and op.watermark <= recompute_until)
         for op in tr.ops)
@@ -146,6 +148,16 @@ def gemm_time_s(flops: float, nbytes: float, dev: Device, dtype: str) -> float:
     return max(t_compute, memory_time_s(nbytes, dev))
 
 
+def attention_time_s(flops: float, nbytes: float, dev: Device, dtype: str, causal: bool) -> float:
+    """A fused attention kernel: the FLOPs it runs (half the counted ones under a causal mask, which
+    FlopCounterMode and the MFU formulas count in full) at the device's attention fraction of peak."""
+    frac = dev.efficiency.attention_fraction
+    if frac is None or flops <= 0:
+        return gemm_time_s(flops, nbytes, dev, dtype)
+    run = flops * (0.5 if causal else 1.0)
+    return max(run / (peak_flops(dev, dtype) * frac), memory_time_s(nbytes, dev))
+
+
 def memory_time_s(nbytes: float, dev: Device) -> float:
     """Time to stream ``nbytes`` through device memory at the achievable bandwidth."""
     return nbytes / (dev.memory_bandwidth_Bps * dev.efficiency.memory_bandwidth_fraction)
@@ -161,14 +173,16 @@ class PartTime:
 
 
 def part_time(part: OpArrays, B: tuple[float, ...], dev: Device, dtype: str, tp: int, cp: int,
-              training: bool) -> PartTime:
-    """One instance of a part (one block, the embeddings or the head) for one micro-batch on one rank."""
+              training: bool, fused_attention: bool = True) -> PartTime:
+    """One instance of a part (one block, the embeddings or the head) for one micro-batch on one rank.
+    ``fused_attention``: the attention runs as one flash / SDPA kernel (not eager matmul + softmax)."""
     fwd = bwd = rec = attn = 0.0
     for op in part.ops:
         div = (tp if op.tp_split else 1) * cp
         f = _dot(op.fwd_flops, B) / div
         nb = _dot(op.fwd_bytes, B) / div
-        t_f = gemm_time_s(f, nb, dev, dtype)
+        fused = op.attention and fused_attention
+        t_f = attention_time_s(f, nb, dev, dtype, op.causal) if fused else gemm_time_s(f, nb, dev, dtype)
         fwd += t_f
         if op.attention:
             attn += t_f
@@ -178,8 +192,11 @@ def part_time(part: OpArrays, B: tuple[float, ...], dev: Device, dtype: str, tp:
             bf = _dot(op.bwd_flops, B) / div
             if bf > 0:
                 # a backward call runs up to two GEMMs the size of the forward one (dX, dW)
-                n_mm = max(1.0, round(bf / f)) if f > 0 else 1.0
-                bwd += n_mm * gemm_time_s(bf / n_mm, 2.0 * nb / n_mm, dev, dtype)
+                if fused:
+                    bwd += attention_time_s(bf, 2.0 * nb, dev, dtype, op.causal)
+                else:
+                    n_mm = max(1.0, round(bf / f)) if f > 0 else 1.0
+                    bwd += n_mm * gemm_time_s(bf / n_mm, 2.0 * nb / n_mm, dev, dtype)
     t_ew = memory_time_s(2.0 * _dot(part.elementwise_bytes, B) / (tp * cp), dev)
     t_deq = memory_time_s(part.dequant_bytes / tp, dev)
     fwd += t_ew + t_deq

@@ -21,6 +21,7 @@ How a search runs (every step keeps what :func:`simulator.estimate` would say ab
 
 from __future__ import annotations
 
+import heapq
 import json
 import math
 import time
@@ -240,6 +241,8 @@ class PlanResult(_Result):
     ranked: list[PlanRow]
     pareto: list[PlanRow]
     """Rows on the (time, cost) Pareto front, fastest first."""
+    pareto_complete: bool = True
+    """False when the search was asked for the ranking only: the front is then over the setups estimated."""
     rejected_reasons: dict[str, str]
     """Per family (method on n x GPU) with no acceptable setup: the binding reason with numbers."""
     candidates_evaluated: int
@@ -372,12 +375,14 @@ def pareto_front(rows: list[PlanRow]) -> list[PlanRow]:
 
 def plan(model: Any = None, task: Any = "finetune", constraints: Constraints | dict | None = None,
          objective: Objective = "cost", space: SearchSpace | dict | None = None, *, top_n: int = 10,
-         bound: bool = True, **job_fields: Any) -> PlanResult:
+         bound: bool = True, pareto: bool = True, **job_fields: Any) -> PlanResult:
     """The best setups for a job under constraints.
 
     ``task`` is 'finetune' | 'train' | 'infer' (with ``seq_len=``, ``total_tokens=``, ``prompt_len=``,
     ``gen_len=`` as keywords) or a :class:`Job` / dict.  ``bound=False`` estimates every candidate that
-    passes the lower-bound screen (no branch and bound; same answer, slower).  Raises :class:`PlanError`
+    passes the lower-bound screen (no branch and bound; same answer, slower).  ``pareto=False`` lets the
+    branch and bound skip every candidate that cannot enter the ranking (much faster); the Pareto front
+    is then the front of the setups estimated (``pareto_complete`` False).  Raises :class:`PlanError`
     (a ValueError) naming the binding constraint when nothing qualifies."""
     t0 = time.perf_counter()
     if objective not in ("cost", "time", "throughput", "gpus"):
@@ -390,16 +395,16 @@ def plan(model: Any = None, task: Any = "finetune", constraints: Constraints | d
         raise ValueError(f"constraints.{which} needs the job's total_tokens (how many tokens the run processes)")
     ctx = _Ctx(job, sp, cons, objective, top_n)
     if job.task == "infer":
-        rows, stats = _search_infer(ctx, bound)
+        rows, stats = _search_infer(ctx, bound, pareto)
     else:
-        rows, stats = _search_train(ctx, bound)
+        rows, stats = _search_train(ctx, bound, pareto)
     reasons = _reasons(ctx)
     if not rows:
         raise _explain(ctx, stats, reasons)
     rows.sort(key=lambda r: _sort_key(r, objective))
     return PlanResult(
         objective=objective, best=rows[0], ranked=rows[:top_n], pareto=pareto_front(rows),
-        rejected_reasons=reasons, candidates_evaluated=stats["evaluated"],
+        pareto_complete=pareto or not bound, rejected_reasons=reasons, candidates_evaluated=stats["evaluated"],
         candidates_pruned=stats["evaluated"] - stats["estimated"], candidates_estimated=stats["estimated"],
         search_time_s=time.perf_counter() - t0,
     )
@@ -445,7 +450,7 @@ def _layouts(ctx: _Ctx, gpu: str, n: int) -> list[tuple[int, int, int, str]]:
     return out
 
 
-def _search_train(ctx: _Ctx, bound: bool) -> tuple[list[PlanRow], dict[str, int]]:
+def _search_train(ctx: _Ctx, bound: bool, pareto: bool) -> tuple[list[PlanRow], dict[str, int]]:
     from hwprofiles import get_device
 
     from . import compute
@@ -560,7 +565,8 @@ def _search_train(ctx: _Ctx, bound: bool) -> tuple[list[PlanRow], dict[str, int]
         price = system.price_usd_per_gpu_hour if (system.price_usd_per_gpu_hour and system.device == dev.name) \
             else dev.price_usd_per_hour
         fixed = dev.cublas_workspace_bytes * 2.0 + dev.cublaslt_workspace_bytes + dev.cuda_context_bytes
-        peaks = [compute.peak_flops(dev, compute.matmul_dtype(f[7].plan.precision.compute_dtype, f[2])) for f in fams]
+        peaks = [_fastest_flops(compute, dev, compute.matmul_dtype(f[7].plan.precision.compute_dtype, f[2]))
+                 for f in fams]
         G.append((g, n, dev, (1.0 - cons.min_headroom_fraction) * dev.memory_total_bytes, fixed,
                   price if price else math.nan, peaks))
         for lay in ls:
@@ -623,8 +629,9 @@ def _search_train(ctx: _Ctx, bound: bool) -> tuple[list[PlanRow], dict[str, int]
         p, i, k = int(p), int(i), int(k)
         if bound and len(feasible_keys) >= ctx.top_n:
             lbk = _lb_key(ctx.objective, c_lb[p, i, k], t_lb[p, i, k], nvec[p, 0, 0])
-            n_better = sum(1 for fk in feasible_keys if fk < lbk)
-            if n_better >= ctx.top_n and _dominated(front_t, front_c, t_lb[p, i, k], c_lb[p, i, k]):
+            # feasible_keys holds the top_n best keys negated (a max-heap): its root is the n-th best
+            if _neg(feasible_keys[0]) < lbk and (not pareto or _dominated(front_t, front_c, t_lb[p, i, k],
+                                                                         c_lb[p, i, k])):
                 continue
         key = fam_of[(p, i)]
         if mb_fail.get((p, i), 1 << 60) <= mbs[k]:
@@ -652,10 +659,26 @@ def _search_train(ctx: _Ctx, bound: bool) -> tuple[list[PlanRow], dict[str, int]
             continue
         fam.ok = True
         rows.append(row)
-        feasible_keys.append(_key(row, ctx.objective))
+        nk = _neg(_key(row, ctx.objective))
+        if len(feasible_keys) < ctx.top_n:
+            heapq.heappush(feasible_keys, nk)
+        elif nk > feasible_keys[0]:
+            heapq.heapreplace(feasible_keys, nk)
         _add_front(front_t, front_c, row.time_key, row.cost_key)
     ctx.closest_state = (fams, G, lays, cand_gc, cand_l, mem_lb, usable, c_lb, t_lb, mem_ok, work, mbs, ga)
     return rows, {"evaluated": evaluated, "estimated": estimated}
+
+
+def _fastest_flops(compute: Any, dev: Any, dtype: str) -> float:
+    """FLOP/s no op of a step beats: the dense peak at the best GEMM fraction, or a fused attention
+    kernel's fraction doubled (it runs half the counted FLOPs under a causal mask)."""
+    eff = dev.efficiency
+    frac = max(eff.max_fraction(dtype), 2.0 * (eff.attention_fraction or 0.0))
+    return compute.peak_flops(dev, dtype) * min(1.0, frac) if frac < 1.0 else compute.peak_flops(dev, dtype) * frac
+
+
+def _neg(key: tuple) -> tuple:
+    return tuple(-x for x in key)
 
 
 def _lb_key(objective: str, c: float, t: float, n: float) -> tuple:
@@ -795,7 +818,7 @@ def _describe(r: PlanRow) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _search_infer(ctx: _Ctx, bound: bool) -> tuple[list[PlanRow], dict[str, int]]:
+def _search_infer(ctx: _Ctx, bound: bool, pareto: bool) -> tuple[list[PlanRow], dict[str, int]]:
     """Serving: GPU type, count (tensor parallel), weight format and batch; the latency target is the time
     to generate one batch.  Evaluated with estimate() per candidate (the spaces are small)."""
     from .config import Scenario

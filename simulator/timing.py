@@ -77,6 +77,7 @@ class StageCompute:
 
 def stage_compute(ct: CostTable, par, B: tuple, dev: Device, dtype: str, stage: int, training: bool) -> StageCompute:
     """Compute of one micro-batch on one rank of ``stage``."""
+    fused_attention = ct.plan.attention not in ("eager", "sdpa-math")
     layers = sh.stage_layer_ranges(ct.n_blocks, par.pp)[stage]
     f = b = r = attn = 0.0
     hf = hb = hr = 0.0
@@ -89,7 +90,7 @@ def stage_compute(ct: CostTable, par, B: tuple, dev: Device, dtype: str, stage: 
             n = sum(1 for i in part.layers if i in layers)
         if not n:
             continue
-        t = cp_.part_time(part, B, dev, dtype, par.tp, par.cp, training)
+        t = cp_.part_time(part, B, dev, dtype, par.tp, par.cp, training, fused_attention)
         f += n * t.forward_s
         b += n * t.backward_s
         r += n * t.recompute_s

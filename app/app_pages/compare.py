@@ -26,6 +26,11 @@ PRESETS = {
 
 
 COLUMN_HELP = {
+    "step time (s)": st.column_config.NumberColumn(
+        format="%.4g", help="One optimizer step (training) or one batch's generation (inference), slowest rank."),
+    "tokens/s": st.column_config.NumberColumn(help="All GPUs together."),
+    "$ / M tokens": st.column_config.NumberColumn(
+        format="$%.4g", help="Dollars per million tokens at the profile's GPU-hour price (empty: no price)."),
     "largest batch": st.column_config.NumberColumn(
         help="Largest micro-batch (training) or batch (inference) that fits, every other knob held."),
     "largest length": st.column_config.NumberColumn(
@@ -89,6 +94,13 @@ def table_rows(inputs: list[widgets.ScenarioInput], estimates: list[Estimate | N
                                            " GFLOP"),
             "largest batch": e.max_batch_that_fits,
             "largest length": e.max_seq_len_that_fits,
+            "GPUs": e.n_gpus,
+            "step time (s)": None if e.time is None else e.time.step_s,
+            "Δ step time vs #1": "" if e.time is None else delta(
+                e.time.step_s, None if first is None or first.time is None else first.time.step_s, " s"),
+            "tokens/s": None if e.time is None else round(e.time.tokens_per_s),
+            "tokens/s per GPU": None if e.time is None else round(e.time.tokens_per_s_per_gpu),
+            "$ / M tokens": None if e.cost is None else e.cost.usd_per_million_tokens,
         })
         rows.append(row)
     return rows

@@ -113,3 +113,42 @@ def test_predicted_vs_measured():
     assert list(a.marker.symbol) == ["circle", "circle-open"]  # open: not comparable
     assert (b.name, list(b.x), list(b.y)) == ("b", [30.0, 7.0], [33.0, 6.5])
     assert diagonal.x == diagonal.y
+
+
+@pytest.fixture(scope="module")
+def pipeline():
+    return estimate({"model": "llama-3.2-1b", "parallel": {"dp": 2, "pp": 2, "zero": 1}, "workload": {"grad_accum": 4}})
+
+
+@pytest.mark.parametrize("which", ["train", "pipeline"])
+def test_time_breakdown_training(which, request):
+    e = request.getfixturevalue(which)
+    fig = figures.time_breakdown(e)
+    assert fig.layout.barmode == "stack" and all(t.orientation == "h" for t in fig.data)
+    keys = [t.meta for t in fig.data]
+    assert keys == [k for k in figures.TRAIN_TIME_PARTS if getattr(e.time, k)]
+    for t in fig.data:
+        assert t.customdata[0] == t.x[0] == getattr(e.time, t.meta)
+    assert sum(t.x[0] for t in fig.data) == pytest.approx(e.time.step_s)  # the parts make the step
+    if which == "pipeline":
+        assert "pp_bubble_s" in keys
+
+
+def test_time_breakdown_inference(infer):
+    fig = figures.time_breakdown(infer)
+    prefill, decode = fig.data
+    assert (prefill.meta, decode.meta) == ("prefill_s", "decode")
+    assert prefill.x[0] == infer.time.prefill_s
+    assert prefill.x[0] + decode.x[0] == pytest.approx(infer.time.step_s)
+
+
+def test_stage_peaks(pipeline):
+    fig = figures.stage_peaks(pipeline)
+    bars, capacity = fig.data
+    stages = sorted(pipeline.stage_peak_bytes)
+    assert list(bars.x) == [f"stage {s}" for s in stages]
+    assert list(bars.customdata) == [pipeline.stage_peak_bytes[s] for s in stages]
+    assert list(bars.y) == pytest.approx([pipeline.stage_peak_bytes[s] / GiB for s in stages])
+    assert max(bars.customdata) == pytest.approx(pipeline.peak_memory_bytes)
+    assert bars.marker.color[pipeline.peak_stage] == figures.PEAK_COLOR
+    assert list(capacity.customdata) == [pipeline.device_memory_bytes] * len(stages)

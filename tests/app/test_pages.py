@@ -15,7 +15,10 @@ from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from app import knobs  # noqa: E402
 from hwprofiles import get_device, list_devices  # noqa: E402
+from hwprofiles import list_systems  # noqa: E402
 from simulator import Scenario, estimate, from_hf_config  # noqa: E402
+from simulator.config.parallel import ZeroStage  # noqa: E402
+from simulator.report import fmt_seconds  # noqa: E402
 from simulator.units import to_gib  # noqa: E402
 
 APP = Path(__file__).resolve().parents[2] / "app" / "streamlit_app.py"
@@ -74,7 +77,17 @@ def test_estimate_default_render():
     assert metric(at, "Peak memory") == gib(e.peak_memory_bytes)
     assert metric(at, "Peak phase") == e.peak_phase
     assert metric(at, "Largest micro-batch") == str(e.max_batch_that_fits)
-    assert len(at.get("plotly_chart")) == 3  # breakdown, timeline, activations by layer
+    charts = at.get("plotly_chart")
+    assert [c.key for c in charts] == ["fig.breakdown", "fig.timeline", "fig.activations", "fig.time"]
+    assert metric(at, "GPUs") == "1" and metric(at, "System") == e.system
+    assert metric(at, "Step time") == fmt_seconds(e.time.step_s)
+    assert metric(at, "Tokens/s") == f"{e.time.tokens_per_s:,.0f}"
+    assert metric(at, "Tokens/s per GPU") == f"{e.time.tokens_per_s_per_gpu:,.0f}"
+    assert metric(at, "MFU") == f"{100 * e.time.mfu:.1f}%"
+    assert metric(at, "$ per million tokens") == f"${e.cost.usd_per_million_tokens:,.4g}"
+    assert metric(at, "kWh per million tokens") == f"{e.cost.kwh_per_million_tokens:,.4g} kWh"
+    assert not [m for m in at.metric if m.label.startswith("Run ")]  # no total_tokens: per million tokens only
+    assert any(e.cost.price_source in c for c in texts(at.caption))
     assert len(at.get("download_button")) == 3  # scenario YAML, result JSON, result CSV
     assert any("Fits" in s for s in texts(at.success))
     assert url_scenario(at) == {"model": knobs.DEFAULT_MODEL, "gpu": Scenario.model_fields["gpu"].default}
@@ -260,6 +273,124 @@ def test_upload_of_an_unsupported_config_is_one_line():
     assert at.selectbox(key=E + "model").value == knobs.DEFAULT_MODEL
 
 
+# ------------------------------------------------------------------------------- parallel, time, cost
+
+
+def chart_spec(at: AppTest, key: str) -> dict:
+    found = [c for c in at.get("plotly_chart") if c.key == key]
+    assert found, f"no chart {key!r}: {[c.key for c in at.get('plotly_chart')]}"
+    return json.loads(found[0].proto.spec)
+
+
+def test_gpu_count_and_zero_stage_change_the_peak_and_the_step_time():
+    at = run_app()
+    one = estimate({"model": knobs.DEFAULT_MODEL})
+    assert metric(at, "Step time") == fmt_seconds(one.time.step_s)
+    at.number_input(key=E + "parallel.dp").set_value(4).run()
+    ok(at)
+    assert not [x for x in texts(at.error) if not x.startswith("**Does not fit**")], texts(at.error)
+    dp4 = estimate({"model": knobs.DEFAULT_MODEL, "parallel": {"dp": 4}})
+    assert metric(at, "GPUs") == "4"
+    assert metric(at, "Peak memory") == gib(dp4.peak_memory_bytes)
+    assert metric(at, "Step time") == fmt_seconds(dp4.time.step_s) != fmt_seconds(one.time.step_s)
+    assert metric(at, "Tokens/s") == f"{dp4.time.tokens_per_s:,.0f}"
+    at.selectbox(key=E + "parallel.zero").set_value(ZeroStage.PARAMETERS).run()
+    ok(at)
+    z3 = estimate({"model": knobs.DEFAULT_MODEL, "parallel": {"dp": 4, "zero": 3}})
+    assert metric(at, "Peak memory") == gib(z3.peak_memory_bytes) != gib(dp4.peak_memory_bytes)
+    assert metric(at, "Step time") == fmt_seconds(z3.time.step_s) != fmt_seconds(dp4.time.step_s)
+    assert metric(at, "Model state per GPU") == gib(z3.model_state_bytes)
+    assert url_scenario(at)["parallel"] == {"dp": 4, "zero": 3}
+    assert at.number_input(key=E + "parallel.stage3_max_live_parameters")  # ZeRO-3's own knobs appear
+
+
+def test_offload_shows_host_memory_per_rank():
+    sc = {"model": knobs.DEFAULT_MODEL, "parallel": {"dp": 4, "zero": 3, "offload_optimizer": "cpu"}}
+    at = run_app(s=sc)
+    ok(at)
+    assert not at.error, texts(at.error)
+    e = estimate(sc)
+    assert e.host_memory_bytes > 0
+    assert metric(at, "Host RAM per rank") == gib(e.host_memory_bytes)
+    assert at.selectbox(key=E + "parallel.offload_optimizer").value == "cpu"
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("parallel.tp", 3, "parallel.tp=3 does not divide the model's n_heads=32"),
+    ("parallel.fsdp", "full_shard", "choose DeepSpeed ZeRO or FSDP, not both"),
+])
+def test_invalid_layout_shows_the_validation_message(key, value, message):
+    at = run_app()
+    if key == "parallel.fsdp":
+        at.selectbox(key=E + "parallel.zero").set_value(ZeroStage.OPTIMIZER).run()
+    widget = at.number_input(key=E + key) if isinstance(value, int) else at.selectbox(key=E + key)
+    widget.set_value(value).run()
+    ok(at)
+    errors = texts(at.error)
+    assert len(errors) == 1 and errors[0].startswith("Invalid scenario: ") and message in errors[0], errors
+    assert "\n" not in errors[0]
+    assert not at.metric
+
+
+def test_pipeline_parallel_shows_the_stage_figure():
+    at = run_app()
+    assert not [c for c in at.get("plotly_chart") if c.key == "fig.stages"]  # one stage: no figure
+    at.number_input(key=E + "parallel.pp").set_value(2).run()
+    at.number_input(key=E + "workload.grad_accum").set_value(4).run()
+    ok(at)
+    assert not at.error, texts(at.error)
+    e = estimate({"model": knobs.DEFAULT_MODEL, "parallel": {"pp": 2}, "workload": {"grad_accum": 4}})
+    bars, capacity = chart_spec(at, "fig.stages")["data"]
+    assert bars["x"] == ["stage 0", "stage 1"]
+    assert bars["customdata"] == [e.stage_peak_bytes[0], e.stage_peak_bytes[1]]
+    assert capacity["customdata"][0] == e.device_memory_bytes
+    time = chart_spec(at, "fig.time")["data"]
+    assert "pipeline bubble" in [t["name"] for t in time]
+    assert metric(at, "Step time") == fmt_seconds(e.time.step_s)
+
+
+def test_system_picker_and_total_tokens():
+    at = run_app()
+    picker = at.selectbox(key=E + "system")
+    assert picker.value is None and list(picker.options)[1:] == list_systems()
+    picker.set_value("grand-teton-h100").run()
+    at.number_input(key=E + "workload.total_tokens").set_value(1e9).run()
+    ok(at)
+    assert not at.error, texts(at.error)
+    sc = {"model": knobs.DEFAULT_MODEL, "system": "grand-teton-h100", "workload": {"total_tokens": 1e9}}
+    e = estimate(sc)
+    assert metric(at, "System") == "grand-teton-h100"
+    assert metric(at, "Run time") == fmt_seconds(e.cost.run_time_s)
+    assert metric(at, "Run cost") == f"${e.cost.run_usd:,.4g}"
+    assert metric(at, "Run energy") == f"{e.cost.run_kwh:,.4g} kWh"
+    assert url_scenario(at)["system"] == "grand-teton-h100"
+    assert url_scenario(at)["workload"] == {"task": "train", "total_tokens": 1e9}
+
+
+def test_parallel_link_restores_the_widgets():
+    sc = {"model": "llama-3.1-8b", "parallel": {"dp": 2, "tp": 2, "sp": True, "pp": 2, "pp_schedule": "interleaved",
+                                                "pp_virtual": 2, "zero": 1}, "workload": {"grad_accum": 4}}
+    at = run_app(s=sc)
+    ok(at)
+    assert not at.error, texts(at.error)
+    assert at.number_input(key=E + "parallel.tp").value == 2
+    assert at.checkbox(key=E + "parallel.sp").value is True
+    assert at.selectbox(key=E + "parallel.pp_schedule").value == "interleaved"
+    assert at.number_input(key=E + "parallel.pp_virtual").value == 2
+    e = estimate(sc)
+    assert metric(at, "GPUs") == str(e.n_gpus) == "8"
+    assert metric(at, "Peak memory") == gib(e.peak_memory_bytes)
+
+
+def test_inference_time_is_prefill_and_decode():
+    sc = {"model": knobs.DEFAULT_MODEL, "workload": {"task": "infer", "batch": 4}}
+    at = run_app(s=sc)
+    ok(at)
+    e = estimate(sc)
+    assert metric(at, "Step time") == fmt_seconds(e.time.step_s)
+    assert [t["meta"] for t in chart_spec(at, "fig.time")["data"]] == ["prefill_s", "decode"]
+
+
 # ------------------------------------------------------------------------------------------- Compare
 
 
@@ -279,6 +410,9 @@ def test_compare_default_render():
     assert df["Δ peak vs #1"][1].startswith(f"{to_gib(lora.peak_memory_bytes) - to_gib(full.peak_memory_bytes):+.2f} GiB")
     assert len(at.get("plotly_chart")) == 1
     assert len(json.loads(at.query_params["c"][0])) == 3
+    assert list(df["step time (s)"]) == [x.time.step_s for x in (full, lora, qlora)]
+    assert list(df["tokens/s"]) == [round(x.time.tokens_per_s) for x in (full, lora, qlora)]
+    assert list(df["$ / M tokens"]) == [x.cost.usd_per_million_tokens for x in (full, lora, qlora)]
 
 
 def test_compare_size_and_invalid_column():

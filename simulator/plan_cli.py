@@ -1,0 +1,134 @@
+"""`fitsim plan`: the best setups for a job under constraints, as a ranked table or JSON.
+
+``add_plan_parser(subparsers)`` registers the sub-command; ``cmd_plan(args)`` runs it.  Errors (an
+unknown GPU, contradictory constraints, nothing that qualifies) are raised as ValueError and printed
+as one line by ``fitsim``'s main.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from typing import Any
+
+from .report import table
+
+_SUFFIX = {"": 1.0, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
+
+
+def parse_tokens(text: str) -> float:
+    """'50M' -> 5e7, '1.5B' -> 1.5e9, '2e6' -> 2e6."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmbgt]?)\s*", text.lower())
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a token count (e.g. 50M, 1.5B, 2e6)")
+    return float(m.group(1)) * _SUFFIX[m.group(2)]
+
+
+def add_plan_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "plan", help="pick the best setup under constraints",
+        description="Search GPU types and counts, methods, optimizers, micro-batches, checkpointing and "
+                    "sharding for the setup that best meets an objective under the constraints.")
+    p.add_argument("--model", required=True, help="catalog model name (see `fitsim models`)")
+    p.add_argument("--task", choices=["finetune", "train", "infer"], default="finetune",
+                   help="finetune (full, LoRA, QLoRA), train (pre-training) or infer (serving)")
+    p.add_argument("--tokens", type=parse_tokens, default=None,
+                   help="tokens the whole run processes (50M, 1.5B); needed for --budget-usd / --deadline-h")
+    p.add_argument("--seq-len", type=int, default=2048, help="training sequence length")
+    p.add_argument("--prompt-len", type=int, default=512, help="inference: prompt tokens")
+    p.add_argument("--gen-len", type=int, default=256, help="inference: generated tokens")
+    p.add_argument("--max-gpus", type=int, default=None, help="most GPUs one setup may use")
+    p.add_argument("--n-gpus", type=int, default=None, help="fixed GPU count")
+    p.add_argument("--budget-usd", type=float, default=None, help="most dollars the run may cost")
+    p.add_argument("--deadline-h", type=float, default=None, help="longest the run may take, hours")
+    p.add_argument("--max-latency-s", type=float, default=None, help="inference: longest time to generate one batch")
+    p.add_argument("--headroom", type=float, default=0.05, help="share of GPU memory left free (default 0.05)")
+    p.add_argument("--global-batch-tokens", type=int, default=None, help="tokens per optimizer step")
+    p.add_argument("--objective", choices=["cost", "time", "throughput", "gpus"], default="cost")
+    p.add_argument("--gpu", action="append", default=None, help="GPU type to consider (repeatable)")
+    p.add_argument("--method", default=None, help="fixed method kind (full, lora, qlora, ...)")
+    p.add_argument("--gpu-counts", default=None, help="comma-separated GPU counts to search (default 1,2,4,...,64)")
+    p.add_argument("--top", type=int, default=10, help="rows in the ranked table")
+    p.add_argument("--pareto", action="store_true", help="compute the complete time-cost Pareto front (slower)")
+    p.add_argument("--json", action="store_true", help="print JSON (with candidates_evaluated and search_time_s)")
+    p.set_defaults(func=cmd_plan)
+    return p
+
+
+def _inputs(args: argparse.Namespace) -> tuple[dict, dict, dict]:
+    job = {"model": args.model, "task": args.task, "seq_len": args.seq_len, "prompt_len": args.prompt_len,
+           "gen_len": args.gen_len}
+    if args.tokens is not None:
+        job["total_tokens"] = args.tokens
+    cons: dict[str, Any] = {"min_headroom_fraction": args.headroom}
+    for k in ("max_gpus", "n_gpus", "budget_usd", "max_latency_s", "global_batch_tokens", "method"):
+        if getattr(args, k) is not None:
+            cons[k] = getattr(args, k)
+    if args.deadline_h is not None:
+        cons["deadline_s"] = args.deadline_h * 3600.0
+    space: dict[str, Any] = {}
+    if args.gpu:
+        if len(args.gpu) == 1:
+            cons["gpu"] = args.gpu[0]
+        else:
+            space["gpus"] = args.gpu
+    if args.gpu_counts:
+        try:
+            space["gpu_counts"] = [int(x) for x in args.gpu_counts.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"--gpu-counts {args.gpu_counts!r}: give integers separated by commas") from None
+    return job, cons, space
+
+
+def _hours(s: float | None) -> str:
+    if s is None:
+        return "-"
+    return f"{s / 3600:.2f} h" if s >= 3600 else f"{s / 60:.1f} min" if s >= 60 else f"{s:.1f} s"
+
+
+def _money(x: float | None) -> str:
+    return "-" if x is None else f"${x:,.2f}"
+
+
+def render_plan(result: Any) -> str:
+    """The ranked table, the Pareto front and the rejected families as plain text."""
+    from .units import fmt_bytes
+
+    head = ["#", "GPU", "method", "prec", "optimizer", "mb x ga", "ckpt", "parallel", "peak/GPU", "headroom",
+            "step", "tok/s", "time", "cost", "kWh"]
+
+    def line(i: str, r: Any) -> list[str]:
+        return [i, f"{r.n_gpus}x {r.gpu}", r.method, r.precision, r.optimizer, f"{r.micro_batch}x{r.grad_accum}",
+                r.checkpointing, r.parallel, fmt_bytes(r.peak_memory_bytes), fmt_bytes(r.headroom_bytes),
+                f"{r.step_time_s:.3g} s", f"{r.tokens_per_s:,.0f}", _hours(r.run_time_s),
+                _money(r.run_usd if r.run_usd is not None else r.usd_per_million_tokens),
+                f"{r.run_kwh:.2f}" if r.run_kwh is not None else f"{r.kwh_per_million_tokens:.3f}"]
+
+    b = result.best
+    out = [f"best ({result.objective}): {b.n_gpus}x {b.gpu}, {b.method}, {b.parallel}"]
+    if b.run_time_s is None:
+        out.append("(no --tokens: cost and kWh are per million tokens)")
+    out += ["", "ranked:"]
+    out += table([head] + [line(str(i + 1), r) for i, r in enumerate(result.ranked)], "rllllrlrrrrrrrr")
+    out += ["", "time-cost Pareto front" + ("" if result.pareto_complete else " (over the setups estimated)") + ":"]
+    out += table([head] + [line("*", r) for r in result.pareto], "rllllrlrrrrrrrr")
+    if result.rejected_reasons:
+        out += ["", "ruled out:"]
+        out += table([[k, v] for k, v in result.rejected_reasons.items()], "ll")
+    out += ["", f"{result.candidates_evaluated:,} candidates screened, {result.candidates_estimated:,} estimated "
+                f"in {result.search_time_s:.2f} s"]
+    return "\n".join(out)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .plan import plan
+
+    job, cons, space = _inputs(args)
+    res = plan(task=job, constraints=cons, objective=args.objective, space=space, top_n=args.top,
+               pareto=args.pareto)
+    if args.json:
+        print(json.dumps(res.model_dump(mode="json"), indent=2))
+    else:
+        print(render_plan(res))
+    return 0
