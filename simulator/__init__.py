@@ -13,4 +13,16 @@ from .estimate import estimate
 from .models import from_hf_config, get_model, list_models
 from .results import Estimate
 
-__all__ = ["estimate", "Scenario", "ModelArch", "get_model", "list_models", "from_hf_config", "Estimate"]
+_PLAN_NAMES = ("plan", "PlanResult", "SearchSpace", "Constraints", "Job")
+
+
+def __getattr__(name: str):
+    """The planner on first use: it evaluates candidates with numpy, which ``estimate`` alone never needs."""
+    if name in _PLAN_NAMES:
+        import importlib
+
+        return getattr(importlib.import_module(".planner", __name__), name)
+    raise AttributeError(f"module 'simulator' has no attribute {name!r}")
+
+__all__ = ["estimate", "plan", "Scenario", "ModelArch", "get_model", "list_models", "from_hf_config", "Estimate",
+           "PlanResult", "SearchSpace", "Constraints", "Job"]

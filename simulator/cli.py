@@ -29,6 +29,7 @@ from .config import (
     Optimizer, PrefixTuning, PromptTuning, QLoRA, Scenario, TrainWorkload,
 )
 from .config.parallel import Parallel
+from .plan_cli import add_plan_parser
 from .estimate import count_params, estimate
 from .models import get_model, list_models
 
@@ -491,6 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
     gp = sub.add_parser("gpus", help="list the device profiles", description="List the GPU profiles (dense peaks).")
     gp.add_argument("--json", action="store_true", help="print JSON")
     gp.set_defaults(func=cmd_gpus)
+
+    add_plan_parser(sub)
 
     sy = sub.add_parser("systems", help="list the node types", description="List the system (node) profiles.")
     sy.add_argument("--json", action="store_true", help="print JSON")

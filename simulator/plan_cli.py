@@ -122,7 +122,7 @@ def render_plan(result: Any) -> str:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .plan import plan
+    from .planner import plan
 
     job, cons, space = _inputs(args)
     res = plan(task=job, constraints=cons, objective=args.objective, space=space, top_n=args.top,
