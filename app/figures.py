@@ -227,3 +227,34 @@ def predicted_vs_measured(records: Iterable[dict], predictions: Iterable[dict],
                              line=dict(color="gray", dash="dash"), hoverinfo="skip"))
     return _layout(fig, "Published memory measurements: predicted vs measured",
                    xaxis_title="measured (GB or GiB, as published)", yaxis_title="predicted (same unit)")
+
+
+def plan_front(ranked: Sequence[Any], pareto: Sequence[Any], best: Any | None = None) -> go.Figure:
+    """Time against dollars for a plan's setups (``simulator.planner.PlanRow``): the ranked setups as
+    points, the Pareto front as a line through its points, the best setup as a star.  Time is the whole
+    run in hours and cost its dollars when the job has a token count; otherwise seconds and dollars per
+    million tokens.  ``customdata`` carries each row's exact (time in s, $) and its description."""
+    rows = [*ranked, *pareto, *([best] if best is not None else [])]
+    run = bool(rows) and all(r.run_time_s is not None for r in rows)
+    scale = 3600.0 if run else 1.0
+
+    def trace(rs: Sequence[Any], name: str, **kw: Any) -> go.Scatter:
+        finite = [r for r in rs if math.isfinite(r.cost_key)]
+        return go.Scatter(
+            x=[r.time_key / scale for r in finite], y=[r.cost_key for r in finite], name=name,
+            customdata=[[r.time_key, r.cost_key, f"{r.n_gpus}x {r.gpu}, {r.method}, {r.parallel}",
+                         fmt_seconds(r.time_key)] for r in finite],
+            hovertemplate="%{customdata[2]}<br>%{customdata[3]}, $%{y:,.2f}<extra>" + name + "</extra>", **kw)
+
+    fig = go.Figure()
+    fig.add_trace(trace(ranked, "ranked", mode="markers", meta="ranked",
+                        marker=dict(size=8, color=ALLOCATED_COLOR, opacity=0.6)))
+    front = sorted(pareto, key=lambda r: r.time_key)
+    fig.add_trace(trace(front, "Pareto front", mode="lines+markers", meta="pareto",
+                        marker=dict(size=10, color=PEAK_COLOR), line=dict(color=PEAK_COLOR, shape="hv")))
+    if best is not None:
+        fig.add_trace(trace([best], "best", mode="markers", meta="best",
+                            marker=dict(size=16, symbol="star", color=CAPACITY_COLOR)))
+    return _layout(fig, "Time against cost (lower left is better)",
+                   xaxis_title="run time (h)" if run else "seconds per million tokens",
+                   yaxis_title="run cost ($)" if run else "$ per million tokens")

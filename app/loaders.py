@@ -79,6 +79,29 @@ def device_rows() -> list[dict[str, Any]]:
 
 
 @st.cache_data(show_spinner=False)
+def system_rows() -> list[dict[str, Any]]:
+    """One row per node profile for the Hardware page (values as the profile states them)."""
+    rows = []
+    for x in hwprofiles.all_systems():
+        net = x.inter_node
+        rows.append({
+            "system": x.name,
+            "product": x.display_name,
+            "device": x.device,
+            "GPUs / node": x.gpus_per_node,
+            "intra-node": x.intra_node.kind,
+            "intra-node GB/s per GPU": x.intra_node.bandwidth_GBps,
+            "peak busbw (GB/s)": x.intra_node.peak_busbw_GBps,
+            "network": "-" if net is None else f"{net.nics_per_node} x {net.nic_bandwidth_Gbps:g} Gb/s {net.technology}",
+            "host RAM (GB)": x.host.host_ram_GB,
+            "NVMe (GB/s)": x.host.nvme_bandwidth_GBps,
+            "$ / GPU-hour": x.price_usd_per_gpu_hour,
+            "node power (W)": x.node_power_W,
+        })
+    return rows
+
+
+@st.cache_data(show_spinner=False)
 def target_names(model_json: str) -> list[str]:
     """Module names PEFT can adapt in this architecture (leaf names first), for the target pickers."""
     from simulator.graph.build import target_names as names
@@ -138,3 +161,17 @@ def read_result(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         return {"error": f"cannot read {path.name}: {err}"}
+
+
+# -------------------------------------------------------------------------------------------- plan
+
+
+@st.cache_data(show_spinner="Searching setups ...", max_entries=64)
+def run_plan(request_json: str) -> Any:
+    """``simulator.planner.plan`` for a request ``{"job", "constraints", "space", "objective", "top_n",
+    "pareto"}`` (its JSON is the cache key); raises ``PlanError`` / ``ValueError`` as the planner does."""
+    from simulator.planner import plan
+
+    r = json.loads(request_json)
+    return plan(task=r["job"], constraints=r["constraints"], objective=r["objective"], space=r["space"],
+                top_n=r["top_n"], pareto=r["pareto"])

@@ -17,6 +17,7 @@ st.set_page_config(page_title="fitsim", page_icon=":material/memory:", layout="w
 st.navigation([
     st.Page(PAGES / "estimate.py", title="Estimate", icon=":material/memory:", default=True),
     st.Page(PAGES / "compare.py", title="Compare", icon=":material/compare_arrows:"),
+    st.Page(PAGES / "plan.py", title="Plan", icon=":material/travel_explore:"),
     st.Page(PAGES / "hardware.py", title="Hardware", icon=":material/developer_board:"),
     st.Page(PAGES / "validation.py", title="Validation", icon=":material/fact_check:"),
 ]).run()

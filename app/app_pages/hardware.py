@@ -42,6 +42,10 @@ def main() -> None:
         st.caption(f"Price: ${d.price_usd_per_hour:g} per device-hour ({d.price_source}, {d.price_date}).")
     else:
         st.caption("No price collected for this device.")
+    st.subheader("Systems (nodes)")
+    st.caption("One YAML profile per node under hwprofiles/systems/: fabrics with measured NCCL bus bandwidth, NICs, "
+               "host, NVMe, price and power, each with its source.")
+    st.dataframe(loaders.system_rows(), hide_index=True, key="hw.systems")
 
 
 main()

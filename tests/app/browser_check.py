@@ -38,6 +38,7 @@ TIMEOUT_S = 90
 PAGES = (
     ("estimate", "/", "Will it fit?", 3),
     ("compare", "/compare", "Compare scenarios", 1),
+    ("plan", "/plan", "Plan a setup", 0),  # no chart before "Plan" is pressed
     ("hardware", "/hardware", "Hardware", 1),
     ("validation", "/validation", "Validation", 0),
 )

@@ -152,3 +152,26 @@ def test_stage_peaks(pipeline):
     assert max(bars.customdata) == pytest.approx(pipeline.peak_memory_bytes)
     assert bars.marker.color[pipeline.peak_stage] == figures.PEAK_COLOR
     assert list(capacity.customdata) == [pipeline.device_memory_bytes] * len(stages)
+
+
+def test_plan_front():
+    from simulator.planner import plan
+
+    res = plan("llama-3.2-1b", "finetune", {"max_gpus": 2}, "cost", {"gpus": ["rtx-4090-24gb", "a100-sxm-80gb"]},
+               total_tokens=20e6)
+    fig = figures.plan_front(res.ranked, res.pareto, res.best)
+    ranked, front, best = fig.data
+    assert [t.meta for t in fig.data] == ["ranked", "pareto", "best"]
+    assert [c[0] for c in ranked.customdata] == [r.run_time_s for r in res.ranked]
+    assert list(ranked.y) == [r.run_usd for r in res.ranked]
+    assert list(ranked.x) == pytest.approx([r.run_time_s / 3600 for r in res.ranked])
+    assert [c[1] for c in front.customdata] == sorted(r.run_usd for r in res.pareto)[::-1]  # fastest first
+    assert [c[0] for c in front.customdata] == sorted(r.run_time_s for r in res.pareto)
+    assert best.y[0] == res.best.run_usd and best.marker.symbol == "star"
+    assert fig.layout.xaxis.title.text == "run time (h)"
+    # without a token count: per million tokens
+    per_m = plan("llama-3.2-1b", "finetune", {"max_gpus": 1}, "time", {"gpus": ["rtx-4090-24gb"]}, pareto=False)
+    fig = figures.plan_front(per_m.ranked, per_m.pareto)
+    assert len(fig.data) == 2
+    assert list(fig.data[0].x) == pytest.approx([1e6 / r.tokens_per_s for r in per_m.ranked])
+    assert fig.layout.yaxis.title.text == "$ per million tokens"

@@ -15,7 +15,7 @@ from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from app import knobs  # noqa: E402
 from hwprofiles import get_device, list_devices  # noqa: E402
-from hwprofiles import list_systems  # noqa: E402
+from hwprofiles import get_system, list_systems  # noqa: E402
 from simulator import Scenario, estimate, from_hf_config  # noqa: E402
 from simulator.config.parallel import ZeroStage  # noqa: E402
 from simulator.report import fmt_seconds  # noqa: E402
@@ -472,6 +472,86 @@ def test_hardware_page():
     assert eff.loc["memory_bandwidth_fraction", "value"] == str(d.efficiency.memory_bandwidth_fraction)
     spec = json.loads(at.get("plotly_chart")[0].proto.spec)
     assert "RTX 4090" in spec["layout"]["title"]["text"]
+    systems = at.dataframe[2].value.set_index("system")
+    assert list(systems.index) == list_systems()
+    dgx = get_system("dgx-h100")
+    assert systems.loc["dgx-h100", "GPUs / node"] == dgx.gpus_per_node
+    assert systems.loc["dgx-h100", "peak busbw (GB/s)"] == dgx.intra_node.peak_busbw_GBps
+
+
+# ---------------------------------------------------------------------------------------------- Plan
+
+PLAN_GPUS = ["rtx-4090-24gb", "a100-sxm-80gb"]
+
+
+def small_plan(at: AppTest, **extra: object) -> AppTest:
+    """The Plan page set to llama-3.2-1b on two GPU types, at most 4 GPUs, 50M tokens; ``extra``: more
+    widget values by key suffix (number inputs)."""
+    at.selectbox(key="p.model").set_value("llama-3.2-1b")
+    at.multiselect(key="p.gpus").set_value(PLAN_GPUS)
+    at.selectbox(key="p.max_gpus").set_value(4)
+    at.text_input(key="p.tokens").set_value("50M")
+    for k, v in extra.items():
+        at.number_input(key="p." + k).set_value(v)
+    return at.button(key="p.run").click().run()
+
+
+def test_plan_page_best_row_is_the_planners():
+    from simulator.planner import plan
+
+    at = run_app("plan.py")
+    ok(at)
+    assert not at.error and any("press **Plan**" in x for x in texts(at.info))
+    small_plan(at)
+    ok(at)
+    assert not at.error, texts(at.error)
+    res = plan("llama-3.2-1b", "finetune", {"max_gpus": 4}, "cost", {"gpus": PLAN_GPUS, "gpu_counts": [1, 2, 4]},
+               pareto=False, total_tokens=50e6, seq_len=2048)
+    b = res.best
+    assert metric(at, "Setup") == f"{b.n_gpus}x {b.gpu}"
+    assert metric(at, "Peak memory") == gib(b.peak_memory_bytes)
+    assert metric(at, "Step time") == fmt_seconds(b.step_time_s)
+    assert metric(at, "Run time") == fmt_seconds(b.run_time_s)
+    assert metric(at, "Run cost") == f"${b.run_usd:,.4g}"
+    ranked = at.dataframe[0].value
+    assert len(ranked) == len(res.ranked)
+    first = ranked.iloc[0]
+    assert first["GPUs"] == f"{b.n_gpus}x {b.gpu}" and first["method"] == b.method and first["parallel"] == b.parallel
+    assert first["run cost ($)"] == pytest.approx(b.run_usd)
+    assert [c.key for c in at.get("plotly_chart")] == ["fig.plan"]
+    assert len(at.dataframe[1].value) == len(res.pareto)
+    assert len(at.dataframe) == 2 + bool(res.rejected_reasons)  # ranked, Pareto front, ruled out
+    if res.rejected_reasons:
+        assert list(at.dataframe[2].value["ruled out because"]) == list(res.rejected_reasons.values())
+
+    # the best row opens on the Estimate page with its scenario
+    at.button(key="p.open").click().run()
+    ok(at)
+    assert at.selectbox(key=E + "model").value == "llama-3.2-1b"
+    assert at.selectbox(key=E + "gpu").value == b.gpu
+    assert metric(at, "Peak memory") == gib(estimate(b.scenario).peak_memory_bytes)
+    assert metric(at, "Step time") == fmt_seconds(b.step_time_s)
+
+
+def test_plan_page_too_small_budget_names_the_binding_constraint():
+    at = small_plan(run_app("plan.py"), budget=0.01)
+    ok(at)
+    errors = texts(at.error)
+    assert len(errors) == 1 and "budget_usd=$0.01 is binding" in errors[0] and "\n" not in errors[0]
+    assert not at.metric
+
+
+def test_plan_page_budget_without_tokens_is_one_line():
+    at = run_app("plan.py")
+    at.text_input(key="p.tokens").set_value("")
+    at.number_input(key="p.budget").set_value(100.0)
+    at.button(key="p.run").click().run()
+    ok(at)
+    errors = texts(at.error)
+    assert len(errors) == 1 and "total_tokens" in errors[0]
+    at.text_input(key="p.tokens").set_value("lots").run()
+    ok(at)
+    assert any("not a token count" in x for x in texts(at.error))
 
 
 # ---------------------------------------------------------------------------------------- Validation
