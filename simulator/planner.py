@@ -32,6 +32,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from .config.base import Strict
+from .config.scenario import model_from_name
 from .config.methods import Method
 from .config.model import ModelArch
 from .config.training import OptimizerName, Precision
@@ -95,11 +96,7 @@ class Job(Strict):
     @field_validator("model", mode="before")
     @classmethod
     def _resolve_model(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            from .models import get_model
-
-            return get_model(v)
-        return v
+        return model_from_name(v)
 
 
 class SearchSpace(Strict):

@@ -14,6 +14,15 @@ from .parallel import Parallel
 from .training import Attention, Checkpointing, InferenceQuant, InferWorkload, Optimizer, Precision, TrainWorkload, Workload
 
 
+def model_from_name(v: Any) -> Any:
+    """A catalog name (or Hugging Face id) becomes its ModelArch; anything else is left to validation."""
+    if isinstance(v, str):
+        from ..models import get_model
+
+        return get_model(v)
+    return v
+
+
 class Scenario(Strict):
     model: ModelArch
     """Architecture, or a catalog name such as 'llama-3.1-8b' (see `fitsim models`)."""
@@ -65,11 +74,7 @@ class Scenario(Strict):
     @field_validator("model", mode="before")
     @classmethod
     def _resolve_model(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            from ..models import get_model
-
-            return get_model(v)
-        return v
+        return model_from_name(v)
 
     @field_validator("gpu")
     @classmethod
