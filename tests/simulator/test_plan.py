@@ -154,3 +154,19 @@ def test_bad_input():
         _plan(objective="fastest")
     with pytest.raises(ValueError, match="max_gpus"):
         _plan(constraints={"max_gpus": 1}, space={**SPACE, "gpu_counts": [2, 4]})
+
+
+def test_two_hundred_sampled_rows_equal_estimate():
+    # a wider space (four GPU types, up to 8 GPUs, ZeRO-2/3 and FSDP) ranked deep enough to hold 200+ rows
+    space = dict(SPACE, gpus=["l4-24gb", "a100-sxm-80gb", "h100-sxm-80gb", "rtx-4090-24gb"], gpu_counts=[1, 2, 4, 8],
+                 sharding=["none", "zero2", "zero3", "fsdp"])
+    res = _plan(objective="cost", space=space, top_n=400, pareto=False)
+    rows = {json.dumps(r.scenario, sort_keys=True): r for r in res.ranked}
+    assert len(rows) >= 200
+    for k in random.Random(1).sample(sorted(rows), 200):
+        r = rows[k]
+        e = estimate(r.scenario, what_fits=False)
+        assert e.peak_memory_bytes == pytest.approx(r.peak_memory_bytes, rel=1e-9)
+        assert e.time.step_s == pytest.approx(r.step_time_s, rel=1e-9)
+        assert e.cost.run_usd == pytest.approx(r.run_usd, rel=1e-9)
+        assert e.cost.run_kwh == pytest.approx(r.run_kwh, rel=1e-9)
