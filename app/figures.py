@@ -229,6 +229,24 @@ def predicted_vs_measured(records: Iterable[dict], predictions: Iterable[dict],
                    xaxis_title="measured (GB or GiB, as published)", yaxis_title="predicted (same unit)")
 
 
+def plan_front_traces(ranked: Sequence[Any], pareto: Sequence[Any], best: Any | None = None) -> list[list[Any]]:
+    """The rows behind each trace of :func:`plan_front`, in trace and point order (ranked, Pareto front
+    sorted by time, best): a clicked point's (curve, index) names its row."""
+    finite = lambda rs: [r for r in rs if math.isfinite(r.cost_key)]  # noqa: E731
+    return [finite(ranked), finite(sorted(pareto, key=lambda r: r.time_key)), finite([best] if best is not None else [])]
+
+
+def plan_point_row(event: Any, traces: list[list[Any]]) -> Any | None:
+    """The plan row of the point clicked on :func:`plan_front` (``st.plotly_chart`` selection event), or
+    none when nothing is selected."""
+    points = ((event or {}).get("selection") or {}).get("points") or []
+    for pt in points:
+        curve, index = pt.get("curve_number"), pt.get("point_index")
+        if curve is not None and index is not None and curve < len(traces) and index < len(traces[curve]):
+            return traces[curve][index]
+    return None
+
+
 def plan_front(ranked: Sequence[Any], pareto: Sequence[Any], best: Any | None = None) -> go.Figure:
     """Time against dollars for a plan's setups (``simulator.planner.PlanRow``): the ranked setups as
     points, the Pareto front as a line through its points, the best setup as a star.  Time is the whole
@@ -238,8 +256,9 @@ def plan_front(ranked: Sequence[Any], pareto: Sequence[Any], best: Any | None = 
     run = bool(rows) and all(r.run_time_s is not None for r in rows)
     scale = 3600.0 if run else 1.0
 
-    def trace(rs: Sequence[Any], name: str, **kw: Any) -> go.Scatter:
-        finite = [r for r in rs if math.isfinite(r.cost_key)]
+    traces = plan_front_traces(ranked, pareto, best)
+
+    def trace(finite: Sequence[Any], name: str, **kw: Any) -> go.Scatter:
         return go.Scatter(
             x=[r.time_key / scale for r in finite], y=[r.cost_key for r in finite], name=name,
             customdata=[[r.time_key, r.cost_key, f"{r.n_gpus}x {r.gpu}, {r.method}, {r.parallel}",
@@ -247,13 +266,12 @@ def plan_front(ranked: Sequence[Any], pareto: Sequence[Any], best: Any | None = 
             hovertemplate="%{customdata[2]}<br>%{customdata[3]}, $%{y:,.2f}<extra>" + name + "</extra>", **kw)
 
     fig = go.Figure()
-    fig.add_trace(trace(ranked, "ranked", mode="markers", meta="ranked",
+    fig.add_trace(trace(traces[0], "ranked", mode="markers", meta="ranked",
                         marker=dict(size=8, color=ALLOCATED_COLOR, opacity=0.6)))
-    front = sorted(pareto, key=lambda r: r.time_key)
-    fig.add_trace(trace(front, "Pareto front", mode="lines+markers", meta="pareto",
+    fig.add_trace(trace(traces[1], "Pareto front", mode="lines+markers", meta="pareto",
                         marker=dict(size=10, color=PEAK_COLOR), line=dict(color=PEAK_COLOR, shape="hv")))
     if best is not None:
-        fig.add_trace(trace([best], "best", mode="markers", meta="best",
+        fig.add_trace(trace(traces[2], "best", mode="markers", meta="best",
                             marker=dict(size=16, symbol="star", color=CAPACITY_COLOR)))
     return _layout(fig, "Time against cost (lower left is better)",
                    xaxis_title="run time (h)" if run else "seconds per million tokens",

@@ -199,7 +199,12 @@ def show(request: dict[str, Any]) -> None:
     st.subheader("Time against cost")
     if not res.pareto_complete:
         st.caption("The front is over the setups estimated; tick 'complete Pareto front' for the full one.")
-    views.chart(figures.plan_front(res.ranked, res.pareto, res.best), "fig.plan")
+    st.caption("Click a point to open that setup on the Estimate page.")
+    event = st.plotly_chart(figures.plan_front(res.ranked, res.pareto, res.best), key="fig.plan",
+                            config=views.CHART_CONFIG, on_select="rerun", selection_mode="points")
+    clicked = figures.plan_point_row(event, figures.plan_front_traces(res.ranked, res.pareto, res.best))
+    if clicked is not None:
+        st.switch_page(ESTIMATE_PAGE, query_params={ESTIMATE_PARAM: link_param(clicked.scenario)})
     st.subheader("Pareto front")
     st.dataframe(row_table(res.pareto), hide_index=True, key="plan.pareto", column_config=COLUMNS)
     if res.rejected_reasons:

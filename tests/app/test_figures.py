@@ -175,3 +175,20 @@ def test_plan_front():
     assert len(fig.data) == 2
     assert list(fig.data[0].x) == pytest.approx([1e6 / r.tokens_per_s for r in per_m.ranked])
     assert fig.layout.yaxis.title.text == "$ per million tokens"
+
+
+def test_a_clicked_plan_point_names_its_row():
+    from simulator.planner import plan
+
+    clicked_row = figures.plan_point_row
+    res = plan(model="llama-3.2-1b", task="finetune", seq_len=1024, total_tokens=2e7, top_n=5, pareto=False,
+               space={"gpus": ["a100-sxm-80gb"], "gpu_counts": [1, 2], "micro_batches": [1, 4]})
+    traces = figures.plan_front_traces(res.ranked, res.pareto, res.best)
+    fig = figures.plan_front(res.ranked, res.pareto, res.best)
+    # every trace's points are its rows, in order: a click (curve, index) maps back to the row it shows
+    for curve, rows in enumerate(traces):
+        assert list(fig.data[curve].x) == [r.time_key / 3600.0 for r in rows]
+    event = {"selection": {"points": [{"curve_number": 0, "point_index": 1}]}}
+    assert clicked_row(event, traces) is traces[0][1]
+    assert clicked_row({"selection": {"points": []}}, traces) is None
+    assert clicked_row(None, traces) is None
