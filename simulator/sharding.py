@@ -67,8 +67,7 @@ class RankParams:
     groups: tuple[tuple[float, str, tuple[int, ...], int], ...] = ()  # (numel, dtype, shape, count) for the optimizer
     n_trainable_tensors: int = 0
     largest_trainable_bytes: float = 0.0
-    small_numel: float = 0.0  # elements in tensors under the ZeRO-3 persistence threshold (never partitioned)
-    small_bytes: float = 0.0
+    small_bytes: float = 0.0  # bytes in tensors under the ZeRO-3 persistence threshold (never partitioned)
     largest_block_numel: float = 0.0  # one block's parameters (an FSDP unit / ZeRO-3 fetch)
     root_numel: float = 0.0  # embeddings + final norm + head on this stage (FSDP's root unit)
     blocks_numel: float = 0.0  # all block parameters on this stage
@@ -88,7 +87,7 @@ def rank_params(ct: CostTable, par: Parallel, stage: int = 0) -> RankParams:
 def _rank_params(ct: CostTable, par: Parallel, stage: int) -> RankParams:
     layers = stage_layer_ranges(ct.n_blocks, par.pp)[stage]
     tied = ct.arch.tied_embeddings
-    frozen = quant = scales = tn = tb = small_n = small_b = root = blocks = 0.0
+    frozen = quant = scales = tn = tb = small_b = root = blocks = 0.0
     groups: dict[tuple[float, str, tuple[int, ...]], int] = {}
     largest = 0.0
     per_variant: dict[tuple[int, ...], float] = {}  # one block's parameters, per block variant on the stage
@@ -110,7 +109,6 @@ def _rank_params(ct: CostTable, par: Parallel, stage: int) -> RankParams:
         else:
             frozen += nbytes * count
         if numel < thr:
-            small_n += numel * count
             small_b += nbytes * count
         if row.where == "block":
             per_variant[row.layers] = per_variant.get(row.layers, 0.0) + numel
@@ -120,7 +118,7 @@ def _rank_params(ct: CostTable, par: Parallel, stage: int) -> RankParams:
     return RankParams(
         frozen_bytes=frozen, quant_bytes=quant, scale_bytes=scales, trainable_numel=tn, trainable_bytes=tb,
         groups=tuple((n, d, s, c) for (n, d, s), c in groups.items()), n_trainable_tensors=sum(groups.values()),
-        largest_trainable_bytes=largest, small_numel=small_n, small_bytes=small_b,
+        largest_trainable_bytes=largest, small_bytes=small_b,
         largest_block_numel=max(per_variant.values(), default=0.0), root_numel=root, blocks_numel=blocks,
         n_blocks=len(layers),
     )
@@ -203,21 +201,18 @@ def model_state_bytes(rp: RankParams, par: Parallel, optimizer_name: str, optimi
             # parameters under stage3_param_persistence_threshold stay whole on every rank
             small_frac = rp.small_bytes / max(1.0, rp.frozen_bytes + rp.quant_bytes + rp.scale_bytes + rp.trainable_bytes)
             keep = lambda x: x * small_frac + x * (1.0 - small_frac) / N  # noqa: E731
-        else:
-            keep = lambda x: x / N  # noqa: E731
-        weights, quant, scales, trainable = keep(weights), keep(quant), keep(scales), keep(trainable)
-    if par.shards_params and N > 1:
-        if par.deepspeed:
             # ZeRO-3 fetches a module's parameters before use and prefetches up to the bucket size;
             # DeepSpeed's own estimator charges 4 x the largest layer (16-bit params + grads)
             live = min(par.stage3_max_live_parameters, rp.largest_block_numel + par.stage3_prefetch_bucket_elems)
             gathered = max(live, rp.root_numel) * cdt
             gathered_grads = rp.largest_block_numel * cdt
         else:
+            keep = lambda x: x / N  # noqa: E731
             # FSDP: the root unit (embeddings, norm, head) stays gathered through the step; one block
             # unit computing and the next one prefetched
             gathered = (rp.root_numel + 2.0 * rp.largest_block_numel) * cdt
             gathered_grads = rp.largest_block_numel * grad_elem
+        weights, quant, scales, trainable = keep(weights), keep(quant), keep(scales), keep(trainable)
     elif par.fsdp == "shard_grad_op" and N > 1:
         gathered = (rp.root_numel + rp.blocks_numel) * cdt  # every unit stays gathered from its forward to its backward
         gathered_grads = rp.largest_block_numel * grad_elem
