@@ -274,10 +274,10 @@ def _block_saved_tp(mt: ModelTrace) -> tuple[tuple[tuple[int, ...], Poly, Poly],
     return tuple(out)
 
 
-def _shared_saved(total: Poly, by_layer: dict[str, Poly], mt: ModelTrace) -> Poly:
+def _shared_saved(total: Poly, by_layer: dict[str, Poly], block_tp) -> Poly:
     """Saved bytes charged once model-wide (shared tensors), i.e. the total less the per-block, embedding and head parts."""
     blocks = ZERO
-    for layers, rep, split in _block_saved_tp(mt):
+    for layers, rep, split in block_tp:
         blocks = blocks + (rep + split) * len(layers)
     return total + (blocks + by_layer.get("embeddings", ZERO) + by_layer.get("head", ZERO)) * -1.0
 
@@ -303,6 +303,7 @@ def compile_trace(mt: ModelTrace) -> CostTable:
         else:
             frozen += p.storage_bytes * count
     saved, by_layer, by_module, max_layer = _saved_bytes(mt)
+    block_tp = _block_saved_tp(mt)
     fwd = bwd = rec = fbytes = ZERO
     max_deq = 0.0
     other = ZERO
@@ -335,9 +336,9 @@ def compile_trace(mt: ModelTrace) -> CostTable:
         fwd_bytes=fbytes, max_dequant_bytes=max_deq, other_transient_bytes=other,
         logits_numel=logits.numel, logits_dtype=logits.dtype, loss_dtype=mt.loss_dtype,
         loss_upcast_copy=mt.loss_upcast_copy, block_io=mt.variants[0].input.nbytes,  # the residual stream in its own dtype (fp32 under AMP)
-        param_rows=_param_rows(mt), block_saved_tp=_block_saved_tp(mt),
+        param_rows=_param_rows(mt), block_saved_tp=block_tp,
         pre_saved=by_layer.get("embeddings", ZERO), post_saved=by_layer.get("head", ZERO),
-        n_blocks=sum(len(v.layers) for v in mt.variants), shared_saved=_shared_saved(saved, by_layer, mt),
+        n_blocks=sum(len(v.layers) for v in mt.variants), shared_saved=_shared_saved(saved, by_layer, block_tp),
         trace=mt,
     )
 
