@@ -131,8 +131,8 @@ def _train_memory(sc: Scenario, ct: CostTable, dev: Device, stage: int = 0
     opt = sc.optimizer
     prec = ct.plan.precision
     rp = sh.rank_params(ct, par, stage)
-    ms = sh.model_state_bytes(rp, par, opt.name, opt.impl, opt.beta1, prec.param_dtype, prec.compute_dtype,
-                              _n_shard(sc))
+    n_shard = _n_shard(sc)
+    ms = sh.model_state_bytes(rp, par, opt.name, opt.impl, opt.beta1, prec.param_dtype, prec.compute_dtype, n_shard)
     weights = ms.weights + ms.quant_data
     scales = ms.quant_scales
     trainable = ms.trainable_weights
@@ -174,8 +174,8 @@ def _train_memory(sc: Scenario, ct: CostTable, dev: Device, stage: int = 0
         opt_tr = 0.0  # the step runs on the host
     else:
         opt_tr = mem.optimizer_temp_bytes(groups, opt.name, opt.impl)
-        if par.shards_optimizer and _n_shard(sc) > 1:
-            opt_tr /= _n_shard(sc)
+        if par.shards_optimizer and n_shard > 1:
+            opt_tr /= n_shard
         opt_tr += ms.step_temp_bytes
     phases = {
         "forward": base + g_acc + acts + fwd_tr + ws,
@@ -265,12 +265,6 @@ def _flops(sc: Scenario, ct: CostTable) -> tuple[FlopBreakdown, int]:
                          per_token=total / max(1, tokens)), tokens
 
 
-def _stages_to_check(pp: int) -> list[int]:
-    """Pipeline stages whose peak can be the largest: all of them for short pipelines; else the first two
-    (most micro-batches in flight, one extra block under an uneven split) and the last (head and logits)."""
-    return list(range(pp)) if pp <= 8 else [0, 1, pp - 1]
-
-
 def _stage_peak(sc: Scenario, ct: CostTable, dev: Device, stage: int) -> dict[str, Any]:
     phases, bd, paged, transient, ms = (_train_memory if sc.is_training else _infer_memory)(sc, ct, dev, stage)
     phase = max(phases, key=lambda k: phases[k])
@@ -287,7 +281,7 @@ def _stage_peak(sc: Scenario, ct: CostTable, dev: Device, stage: int) -> dict[st
 
 def _peak(sc: Scenario, ct: CostTable, dev: Device) -> dict[str, Any]:
     """The rank with the largest peak (over pipeline stages), with every checked stage's total."""
-    peaks = [_stage_peak(sc, ct, dev, st) for st in _stages_to_check(sc.parallel.pp)]
+    peaks = [_stage_peak(sc, ct, dev, st) for st in sh.stages_to_check(sc.parallel.pp)]
     worst = max(peaks, key=lambda p: p["total"])
     return {**worst, "stage_totals": {p["stage"]: p["total"] for p in peaks}}
 

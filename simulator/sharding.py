@@ -40,6 +40,13 @@ def stage_layer_ranges(n_blocks: int, pp: int) -> list[range]:
     return out
 
 
+def stages_to_check(pp: int) -> list[int]:
+    """Pipeline stages whose peak memory or compute can be the largest: all of them for short pipelines; else
+    the first two (most micro-batches in flight, one extra block under an uneven split) and the last (head
+    and logits)."""
+    return list(range(pp)) if pp <= 8 else [0, 1, pp - 1]
+
+
 def row_count_on_stage(row: ParamRow, stage: int, layers: range, pp: int, tied_head: bool) -> int:
     """How many copies of ``row`` stage ``stage`` holds (blocks of the row's variant in the stage's range)."""
     if row.where == "pre":

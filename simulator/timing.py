@@ -150,9 +150,9 @@ def _setup(sc, ct: CostTable, system):
 def train_step_time(sc, ct: CostTable, dev: Device, system, B: tuple) -> TrainTime:
     par, w, prec, dtype, cd, lay = _setup(sc, ct, system)
     m = w.grad_accum
-    stages = [stage_compute(ct, par, B, dev, dtype, st, True) for st in range(par.pp)] if par.pp <= 8 else \
-        [stage_compute(ct, par, B, dev, dtype, st, True) for st in (0, 1, par.pp - 1)]
-    slow = max(stages, key=lambda s_: s_.forward_s + s_.backward_s + s_.recompute_s)
+    stages = {st: stage_compute(ct, par, B, dev, dtype, st, True) for st in sh.stages_to_check(par.pp)}
+    slow_stage = max(stages, key=lambda st: stages[st].forward_s + stages[st].backward_s + stages[st].recompute_s)
+    slow = stages[slow_stage]
     tokens = float(B[0]) / par.cp  # tokens of one micro-batch on one rank
     h = ct.arch.hidden
     act_bytes = tokens * h * cd
@@ -180,7 +180,7 @@ def train_step_time(sc, ct: CostTable, dev: Device, system, B: tuple) -> TrainTi
     pipe_s = slots * micro_s
     bubble_s = (slots - m) * micro_s
     # data parallel
-    rp = sh.rank_params(ct, par, stages.index(slow) if par.pp <= 8 else 0)
+    rp = sh.rank_params(ct, par, slow_stage)
     n_shard = sh.shard_group_size(par, system.gpus_per_node)
     wdt = sh.deepspeed_weight_dtype(prec.compute_dtype, prec.param_dtype) if par.deepspeed else None
     grad_elem = dtype_bytes(wdt) if wdt else (rp.trainable_bytes / rp.trainable_numel if rp.trainable_numel else 4.0)
