@@ -12,6 +12,8 @@ holds only structure, unit conversions and checks.  Conventions:
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -65,6 +67,17 @@ class PeakTflops(_Strict):
     """INT8 tensor-core rate, dense TOPS; null where no INT8 tensor path was found in the sources."""
 
 
+def _interp(x: float, xs: tuple[float, ...], ys: tuple[float, ...]) -> float:
+    """Piecewise-linear interpolation of (xs, ys) at x, clamped to the end values (numpy.interp for one value)."""
+    if x <= xs[0]:
+        return ys[0]
+    for i in range(1, len(xs)):
+        if x <= xs[i]:
+            t = (x - xs[i - 1]) / (xs[i] - xs[i - 1])
+            return ys[i - 1] + t * (ys[i] - ys[i - 1])
+    return ys[-1]
+
+
 class Efficiency(_Strict):
     """Achievable fractions of the peaks, used by the roofline (Calculon's ``gflops_efficiency`` / ``MB_efficiency``)."""
 
@@ -102,12 +115,21 @@ class Efficiency(_Strict):
             return self.matmul_max_fraction_fp8
         return self.matmul_max_fraction
 
+    @functools.cached_property
+    def _log_curve(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """The curve as (log10 flops, fraction) tuples, computed once per profile."""
+        return tuple(math.log10(f) for f, _ in self.matmul_curve), tuple(r for _, r in self.matmul_curve)
+
     def matmul_fraction(self, flops_per_gemm, dtype: str = "bf16"):
-        """Achievable fraction of peak for a GEMM of ``flops_per_gemm`` FLOPs (scalar or array)."""
+        """Achievable fraction of peak for a GEMM of ``flops_per_gemm`` FLOPs (scalar or array): the curve
+        interpolated in log10(flops), clamped outside, times :meth:`max_fraction`."""
+        if isinstance(flops_per_gemm, int | float):  # one call in an estimate's hot path: no numpy
+            xs, ys = self._log_curve
+            x = math.log10(max(flops_per_gemm, 1.0))
+            return _interp(x, xs, ys) * self.max_fraction(dtype)
         import numpy as np  # lazy: profiles load without numpy
 
-        xs = np.log10([f for f, _ in self.matmul_curve])
-        ys = np.array([r for _, r in self.matmul_curve])
+        xs, ys = self._log_curve
         scale = np.interp(np.log10(np.maximum(flops_per_gemm, 1.0)), xs, ys)
         out = scale * self.max_fraction(dtype)
         return float(out) if np.ndim(out) == 0 else out

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import math
 
 from hwprofiles import Device
 
@@ -116,24 +115,6 @@ def matmul_dtype(compute_dtype: str, precision: str) -> str:
     return compute_dtype if compute_dtype in ("bf16", "fp16") else "fp32"
 
 
-def _interp(x: float, xs: tuple[float, ...], ys: tuple[float, ...]) -> float:
-    if x <= xs[0]:
-        return ys[0]
-    for i in range(1, len(xs)):
-        if x <= xs[i]:
-            t = (x - xs[i - 1]) / (xs[i] - xs[i - 1])
-            return ys[i - 1] + t * (ys[i] - ys[i - 1])
-    return ys[-1]
-
-
-def matmul_fraction(dev: Device, flops: float, dtype: str) -> float:
-    """Achievable fraction of peak for one GEMM call of ``flops`` (the device curve, log10-interpolated)."""
-    curve = dev.efficiency.matmul_curve
-    xs = tuple(math.log10(f) for f, _ in curve)
-    ys = tuple(r for _, r in curve)
-    return _interp(math.log10(max(flops, 1.0)), xs, ys) * dev.efficiency.max_fraction(dtype)
-
-
 def peak_flops(dev: Device, dtype: str) -> float:
     """Dense peak of the matmul dtype (fp16's where the device has no path for it)."""
     return dev.peak_flops(dtype if getattr(dev.peak_tflops, dtype) is not None else "fp16")
@@ -144,7 +125,7 @@ def gemm_time_s(flops: float, nbytes: float, dev: Device, dtype: str) -> float:
     size, or memory traffic at the streaming fraction, whichever is longer."""
     if flops <= 0:
         return memory_time_s(nbytes, dev)
-    t_compute = flops / (peak_flops(dev, dtype) * matmul_fraction(dev, flops, dtype))
+    t_compute = flops / (peak_flops(dev, dtype) * dev.efficiency.matmul_fraction(float(flops), dtype))
     return max(t_compute, memory_time_s(nbytes, dev))
 
 
