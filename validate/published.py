@@ -586,13 +586,9 @@ def time_metric(e, scen: Scenario, metric: str, flops_convention: str | None) ->
     if metric == "mfu":
         return t.mfu
     # TFLOP/s per GPU: Megatron's formula counts the recomputed forward ("hardware"), torchtitan's does not
-    util = t.hfu if flops_convention == "hardware" else t.mfu
-    from simulator.compute import matmul_dtype, peak_flops
-    from hwprofiles import get_device
-
-    dtype = matmul_dtype("bf16" if scen.precision in ("bf16", "bf16-amp") else "fp16" if "fp16" in scen.precision
-                         else "fp32", scen.precision)
-    return util * peak_flops(get_device(scen.gpu), dtype) / 1e12
+    f = e.flops
+    flops = f.per_step if flops_convention == "hardware" else f.forward + f.backward
+    return flops / (t.step_s * e.n_gpus) / 1e12
 
 
 def _unsupported_metric(metric: str) -> str | None:
