@@ -81,16 +81,20 @@ def test_branch_and_bound_matches_exhaustive(by_cost):
     assert [r.scenario for r in full.pareto] == [r.scenario for r in by_cost.pareto]
 
 
+def _assert_row_equals_estimate(r) -> None:
+    e = estimate(r.scenario, what_fits=False)
+    assert e.peak_memory_bytes == pytest.approx(r.peak_memory_bytes, rel=1e-9)
+    assert e.time.step_s == pytest.approx(r.step_time_s, rel=1e-9)
+    assert e.cost.run_usd == pytest.approx(r.run_usd, rel=1e-9)
+    assert e.cost.run_kwh == pytest.approx(r.run_kwh, rel=1e-9)
+
+
 def test_rows_equal_estimate(by_cost, by_time):
     rows = {json.dumps(r.scenario, sort_keys=True): r for r in [*by_cost.ranked, *by_cost.pareto, *by_time.ranked]}
     sample = random.Random(0).sample(sorted(rows), min(8, len(rows)))
     for k in sample:
         r = rows[k]
-        e = estimate(r.scenario, what_fits=False)
-        assert e.peak_memory_bytes == pytest.approx(r.peak_memory_bytes, rel=1e-9)
-        assert e.time.step_s == pytest.approx(r.step_time_s, rel=1e-9)
-        assert e.cost.run_usd == pytest.approx(r.run_usd, rel=1e-9)
-        assert e.cost.run_kwh == pytest.approx(r.run_kwh, rel=1e-9)
+        _assert_row_equals_estimate(r)
         assert r.peak_memory_bytes <= r.usable_memory_bytes
 
 
@@ -164,9 +168,4 @@ def test_two_hundred_sampled_rows_equal_estimate():
     rows = {json.dumps(r.scenario, sort_keys=True): r for r in res.ranked}
     assert len(rows) >= 200
     for k in random.Random(1).sample(sorted(rows), 200):
-        r = rows[k]
-        e = estimate(r.scenario, what_fits=False)
-        assert e.peak_memory_bytes == pytest.approx(r.peak_memory_bytes, rel=1e-9)
-        assert e.time.step_s == pytest.approx(r.step_time_s, rel=1e-9)
-        assert e.cost.run_usd == pytest.approx(r.run_usd, rel=1e-9)
-        assert e.cost.run_kwh == pytest.approx(r.run_kwh, rel=1e-9)
+        _assert_row_equals_estimate(rows[k])
