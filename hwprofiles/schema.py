@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -135,8 +135,28 @@ class Efficiency(_Strict):
         return float(out) if np.ndim(out) == 0 else out
 
 
-class Device(_Strict):
+class _Profile(_Strict):
+    """What a device and a system profile share: aliases read from YAML lists, and citations keyed by field path,
+    with the price cited by ``price_source``.  Subclasses name their price field in ``_price_field``."""
+
+    _price_field: ClassVar[str]
+
+    @field_validator("aliases", mode="before", check_fields=False)
+    @classmethod
+    def _aliases_as_tuple(cls, value: Any) -> Any:
+        return _as_tuples(value)
+
+    def citation(self, path: str) -> str | None:
+        """The citation of the field at ``path`` (``price_source`` for the price)."""
+        if path == self._price_field and self.price_source:
+            return self.price_source
+        return self.sources.get(path)
+
+
+class Device(_Profile):
     """One software-visible accelerator: memory, peaks, links, runtime overheads, efficiencies, price, citations."""
+
+    _price_field: ClassVar[str] = PRICE_FIELD
 
     name: str = Field(pattern=r"^[a-z0-9]+(-[a-z0-9]+)*$")
     """Canonical lowercase name; equals the YAML file stem (``h100-sxm-80gb``)."""
@@ -191,11 +211,6 @@ class Device(_Strict):
     sources: dict[str, str]
     """Citation per numeric field, keyed by field path (``hbm_bandwidth_GBps``, ``peak_tflops.bf16``)."""
 
-    @field_validator("aliases", mode="before")
-    @classmethod
-    def _aliases_as_tuple(cls, value: Any) -> Any:
-        return _as_tuples(value)
-
     @model_validator(mode="after")
     def _consistent(self) -> Device:
         _check_vendor(self)
@@ -238,12 +253,6 @@ class Device(_Strict):
     def supports_bf16(self) -> bool:
         """True when bf16 runs on tensor cores (False on Volta/Turing, where it is emulated or unsupported)."""
         return self.peak_tflops.bf16 is not None
-
-    def citation(self, path: str) -> str | None:
-        """The citation of the field at ``path`` (``price_source`` for the price)."""
-        if path == PRICE_FIELD and self.price_source:
-            return self.price_source
-        return self.sources.get(path)
 
 
 # ---- validation pieces (each one rule, each error quotes the numbers) ----
@@ -458,8 +467,10 @@ class HostSpec(_Strict):
         return self
 
 
-class System(_Strict):
+class System(_Profile):
     """One node type: ``gpus_per_node`` devices, intra- and inter-node fabric, host, price, power, citations."""
+
+    _price_field: ClassVar[str] = SYSTEM_PRICE_FIELD
 
     name: str = Field(pattern=r"^[a-z0-9]+(-[a-z0-9]+)*$")
     """Canonical lowercase name; equals the YAML file stem (``dgx-h100``)."""
@@ -492,22 +503,11 @@ class System(_Strict):
     sources: dict[str, str]
     """Citation per numeric field, keyed by field path (``intra_node.busbw_curve``, ``host.host_ram_GB``)."""
 
-    @field_validator("aliases", mode="before")
-    @classmethod
-    def _aliases_as_tuple(cls, value: Any) -> Any:
-        return _as_tuples(value)
-
     @model_validator(mode="after")
     def _consistent(self) -> System:
         _check_price(self, SYSTEM_PRICE_FIELD)
         _check_sources(self)  # type: ignore[arg-type]  # duck-typed: sources + citation()
         return self
-
-    def citation(self, path: str) -> str | None:
-        """The citation of the field at ``path`` (``price_source`` for the price)."""
-        if path == SYSTEM_PRICE_FIELD and self.price_source:
-            return self.price_source
-        return self.sources.get(path)
 
     @property
     def multi_node(self) -> bool:
