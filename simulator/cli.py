@@ -425,11 +425,11 @@ def _doc(model: type[BaseModel], field: str, choices: bool = True) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _ArgumentParser(prog=PROG, description="Will this fine-tuning or serving setup fit on this GPU? "
-                        "Analytical memory and FLOP estimates.")
+                        "Analytical memory, time and cost estimates.")
     p.add_argument("--version", action="version", version=f"{PROG} {_version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    e = sub.add_parser("estimate", help="estimate memory and FLOPs of one setup",
+    e = sub.add_parser("estimate", help="estimate memory, FLOPs, time and cost of one setup",
                        description="Estimate one setup. Flags override the fields of SCENARIO.yaml.")
     e.add_argument("scenario", nargs="?", metavar="SCENARIO.yaml", help="scenario file ('-' = stdin); see `fitsim scenario-template`")
     g = e.add_argument_group("what and where")
