@@ -1,0 +1,112 @@
+"""``python -m validate run``: measure a suite's cases on this machine and write one results file.
+
+Each case is measured in the same process, one after the other; a case that runs out of memory is
+recorded with status 'oom' (a measurement: the engine must have said it does not fit), one that cannot
+run here (a kernel or package this machine lacks) as 'skipped' with the reason, any other failure as
+'error' with its message — and the suite goes on.  The file is written once, at the end, under a new
+name (:func:`validate.schema.write_results`).
+
+Suites:
+
+* ``micro`` — the kernels the engine models (:mod:`validate.micro`);
+* ``e2e`` — real transformers + peft training steps and generations of :class:`~simulator.config.Scenario`
+  cases (:mod:`validate.e2e`);
+* ``all`` — both.
+
+``--scale gpu`` is the full grid for one data-centre GPU (≤ 20 min on an H100); ``--scale cpu`` is a tiny
+grid with the same code path, for CI and machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from .schema import SCHEMA_VERSION, CaseResult, Measurement, ResultsFile, write_results
+
+Scale = Literal["gpu", "cpu"]
+
+
+class Skip(Exception):
+    """Raised by a case that cannot run on this machine (missing package, kernel or device feature)."""
+
+
+def cases_for(suite: str, scale: Scale) -> list[Any]:
+    """The cases of ``suite`` ('micro', 'e2e' or 'all') at ``scale``."""
+    out: list[Any] = []
+    if suite in ("micro", "all"):
+        from .micro import micro_cases
+
+        out += micro_cases(scale)
+    if suite in ("e2e", "all"):
+        from .e2e import e2e_cases
+
+        out += e2e_cases(scale)
+    if not out:
+        raise ValueError(f"suite={suite!r}: allowed 'micro', 'e2e', 'all'")
+    return out
+
+
+def _runner(case: Any) -> Callable[[Any, str], Measurement]:
+    if case.suite == "micro":
+        from .micro import run_micro
+
+        return run_micro
+    from .e2e import run_e2e
+
+    return run_e2e
+
+
+def measure_case(case: Any, device: str) -> CaseResult:
+    """Run one case and return its result; never raises for a case that fails."""
+    from .harness import free_device_memory, is_oom
+
+    base = dict(case_id=case.case_id, suite=case.suite, kind=case.kind, spec=case.spec())
+    try:
+        m = _runner(case)(case, device)
+        return CaseResult(**base, status="ok", measured=m)
+    except Skip as e:
+        return CaseResult(**base, status="skipped", message=str(e))
+    except NotImplementedError as e:
+        return CaseResult(**base, status="skipped", message=str(e))
+    except Exception as e:  # noqa: BLE001 - a failed case is data, the suite goes on
+        if is_oom(e):
+            return CaseResult(**base, status="oom", message=str(e).splitlines()[0][:500])
+        tb = traceback.format_exception_only(type(e), e)[-1].strip()
+        return CaseResult(**base, status="error", message=tb[:1000])
+    finally:
+        free_device_memory(device)
+
+
+def run_suite(suite: str, *, device: str, scale: Scale, out_dir: str | Path | None, only: str | None = None,
+              profile: str | None = None, argv: Iterable[str] | None = None,
+              progress: Callable[[str], None] | None = None) -> tuple[ResultsFile, Path | None]:
+    """Measure every case of ``suite`` (those whose id contains ``only``); write the results file into
+    ``out_dir`` (None: do not write).  Returns the results and the path written."""
+    from .harness import fingerprint
+
+    fp = fingerprint(device, profile=profile)
+    cases = [c for c in cases_for(suite, scale) if only is None or only in c.case_id]
+    if not cases:
+        raise ValueError(f"--only {only!r} matches no case of suite {suite!r} at scale {scale!r}")
+    started = datetime.now(timezone.utc)
+    t0 = time.perf_counter()
+    results: list[CaseResult] = []
+    for i, case in enumerate(cases, 1):
+        r = measure_case(case, device)
+        results.append(r)
+        if progress is not None:
+            t = r.measured.time_s if r.measured and r.measured.time_s is not None else None
+            what = f"{t * 1e3:.3f} ms" if t is not None else (r.message or "")[:80]
+            progress(f"[{i}/{len(cases)}] {r.status:<7} {r.case_id}  {what}")
+    command = "python -m validate " + shlex.join(list(argv) if argv is not None else sys.argv[1:])
+    res = ResultsFile(schema_version=SCHEMA_VERSION, suite=suite, created_utc=started.isoformat(), command=command,
+                      fingerprint=fp, cases=tuple(results), duration_s=time.perf_counter() - t0)
+    path = write_results(res, out_dir) if out_dir is not None else None
+    return res, path
