@@ -16,6 +16,9 @@ from .units import MiB, dtype_bytes
 
 BNB_BLOCKSIZE = 256  # bitsandbytes optimizer.py: blockwise 8-bit states, one fp32 absmax per 256 values
 BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes Optimizer8bit: tensors smaller than this keep fp32 states
+BNB_QMAP_BYTES = 2 * 256 * 4
+"""bitsandbytes 8-bit Adam's two quantization maps (``qmap1`` dynamic, ``qmap2`` unsigned dynamic): 256 fp32
+values each, one copy per device shared by every 8-bit state (``Optimizer8bit.fill_qmap`` / ``name2qmap``)."""
 
 
 def adam_state_bytes(numel: int, dtype: str) -> float:
@@ -69,7 +72,10 @@ def optimizer_state_bytes(groups: list[TensorGroup], name: str, beta1: bool = Tr
     ``step`` counters are excluded: torch keeps them on the CPU unless ``fused``/``capturable``
     (a 0-dim fp32 tensor per parameter: see :func:`step_counter_bytes`).
     """
-    return sum(_state_bytes_one(n, d, s, name, beta1) * c for n, d, s, c in groups)
+    states = sum(_state_bytes_one(n, d, s, name, beta1) * c for n, d, s, c in groups)
+    if name in ("adamw-8bit", "paged-adamw-8bit") and any(n >= BNB_MIN_8BIT_SIZE for n, _, _, _ in groups):
+        states += BNB_QMAP_BYTES
+    return states
 
 
 def step_counter_bytes(n_tensors: int, name: str, impl: str = "foreach", *, on_device_only: bool = True) -> float:

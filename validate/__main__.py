@@ -4,7 +4,10 @@
   score --records FILE --predictions FILE [--json] [--worst N]
                                                  per-group coverage, median/p90 relative error, fits accuracy
 
-(``run`` / ``report`` for real GPU measurements come later as further subcommands.)
+  run --suite micro|e2e|all [--device cuda|cpu] [--scale gpu|cpu] [--out DIR] [--only TEXT] [--shard I/N]
+                                                 measure on this machine; one results file per run
+  report [RESULTS ...] [--published FILE] [--html FILE] [--json] [--device NAME]
+                                                 predicted vs measured, per-suite errors, worst cases
 """
 
 from __future__ import annotations
@@ -45,6 +48,68 @@ def _cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard {text!r}: expected I/N with 1 <= I <= N, e.g. 2/3") from None
+    if not 1 <= i <= n:
+        raise argparse.ArgumentTypeError(f"--shard {text!r}: expected I/N with 1 <= I <= N, e.g. 2/3")
+    return i, n
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .run import run_suite
+    from .schema import ResultsError
+
+    argv = ["run", "--suite", args.suite, "--device", args.device, "--scale", args.scale, "--out", args.out]
+    argv += ["--only", args.only] if args.only else []
+    argv += ["--shard", f"{args.shard[0]}/{args.shard[1]}"] if args.shard else []
+    argv += ["--profile", args.profile] if args.profile else []
+    try:
+        res, path = run_suite(args.suite, device=args.device, scale=args.scale, out_dir=args.out, only=args.only,
+                              shard=args.shard, profile=args.profile, argv=argv,
+                              progress=lambda line: print(line, file=sys.stderr, flush=True))
+    except (ValueError, RuntimeError, ResultsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    n_ok = sum(c.status == "ok" for c in res.cases)
+    print(f"{len(res.cases)} cases ({n_ok} ok) in {res.duration_s:.0f} s -> {path}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .report import compare_results, format_report, published_summary, report_html, summarize
+    from .schema import ResultsError, load_results
+
+    paths: list[Path] = []
+    for p in args.results or ["validate/results"]:
+        q = Path(p)
+        paths += sorted(q.glob("*.json")) if q.is_dir() else [q]
+    try:
+        files = [(p.name, load_results(p)) for p in paths]
+    except ResultsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    comps = compare_results(files, device=args.device)
+    pub = published_summary(args.published) if args.published else None
+    if args.json:
+        out = summarize(comps)
+        if pub is not None:
+            out["published"] = pub[0]
+        print(json.dumps(out, indent=2))
+    else:
+        text = format_report(files, comps, pub, n_worst=args.worst)
+        print(text)
+    if args.html:
+        text = format_report(files, comps, pub, n_worst=args.worst)
+        Path(args.html).write_text(report_html(comps, text))
+        print(f"wrote {args.html}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m validate", description="Compare fitsim with measurements.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -60,11 +125,33 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--json", action="store_true", help="machine-readable output")
     ps.add_argument("--worst", type=int, default=10, help="list the N largest relative errors")
     ps.set_defaults(func=_cmd_score)
+
+    pr = sub.add_parser("run", help="measure a suite on this machine and write one results file")
+    pr.add_argument("--suite", choices=("micro", "e2e", "all"), required=True)
+    pr.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="where the kernels run (default cuda)")
+    pr.add_argument("--scale", choices=("gpu", "cpu"), default=None,
+                    help="grid: 'gpu' (full, one data-centre GPU) or 'cpu' (tiny); default follows --device")
+    pr.add_argument("--out", default="validate/results", help="folder for the results file (default validate/results)")
+    pr.add_argument("--only", default=None, help="run only the cases whose id contains this text")
+    pr.add_argument("--shard", type=_shard, default=None, help="run the I-th of N equal parts of the grid (I/N)")
+    pr.add_argument("--profile", default=None, help="hwprofiles device to record when the GPU's name matches none")
+    pr.set_defaults(func=_cmd_run)
+
+    pt = sub.add_parser("report", help="predicted vs measured for results files, and the error summary")
+    pt.add_argument("results", nargs="*", help="results files or folders (default validate/results)")
+    pt.add_argument("--published", default=None, help="also score a published records JSONL")
+    pt.add_argument("--html", default=None, help="write the plotly scatter plots and the report to this HTML file")
+    pt.add_argument("--json", action="store_true", help="print {suite: {metric: {n, median_abs_err, p90_abs_err}}}")
+    pt.add_argument("--device", default=None, help="device profile for the predictions (default: the fingerprint's)")
+    pt.add_argument("--worst", type=int, default=10, help="list the N largest errors")
+    pt.set_defaults(func=_cmd_report)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "command", None) == "run" and args.scale is None:
+        args.scale = "gpu" if args.device == "cuda" else "cpu"
     return args.func(args)
 
 

@@ -67,6 +67,9 @@ class Truth(BaseModel):
     checkpointed_layers: tuple[str, ...]
     """Block paths whose forward ran inside ``torch.utils.checkpoint`` (non-reentrant)."""
 
+    quant_state_bytes: int = 0
+    """Bytes of the bitsandbytes ``QuantState`` tensors of 4-bit weights (absmax, code tables, nested
+    state and offset), each storage once; they are not parameters."""
     grad_bytes: int
     """Bytes of the ``.grad`` storages of the trainable parameters after one backward."""
     optimizer_state_bytes: int
@@ -389,10 +392,18 @@ def make_optimizer(params: list[nn.Parameter], opt: Optimizer) -> torch.optim.Op
     adafactor: ``transformers.optimization.Adafactor(relative_step=False, beta1=0.9 or None)``.
     """
     name = opt.name
-    if name in ("adamw-8bit", "paged-adamw-8bit", "paged-adamw-32bit"):
-        raise NotImplementedError(
-            f"optimizer {name!r}: bitsandbytes 8-bit / paged optimizers need CUDA (paged = CUDA managed memory)"
-        )
+    if name in ("paged-adamw-8bit", "paged-adamw-32bit"):
+        if not all(p.is_cuda for p in params):
+            raise NotImplementedError(f"optimizer {name!r}: paged optimizers live in CUDA managed memory")
+        import bitsandbytes as bnb
+
+        return (bnb.optim.PagedAdamW8bit if name.endswith("8bit") else bnb.optim.PagedAdamW32bit)(params, lr=1e-3)
+    if name == "adamw-8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise NotImplementedError("optimizer 'adamw-8bit': needs the bitsandbytes package") from None
+        return bnb.optim.AdamW8bit(params, lr=1e-3)
     if name == "lion":
         raise NotImplementedError("optimizer 'lion': not in torch.optim (lion-pytorch / bitsandbytes); no CPU truth")
     if name == "adafactor":
@@ -409,6 +420,17 @@ def make_optimizer(params: list[nn.Parameter], opt: Optimizer) -> torch.optim.Op
     if name == "sgd-momentum":
         return torch.optim.SGD(params, lr=1e-3, momentum=0.9, **impl)
     raise NotImplementedError(f"optimizer {name!r}: no CPU truth")
+
+
+def _quant_state_tensors(params: list[nn.Parameter]) -> list[torch.Tensor]:
+    """The tensors of every bitsandbytes 4-bit weight's ``quant_state`` (and its nested ``state2``)."""
+    out: list[torch.Tensor] = []
+    for p in params:
+        qs = getattr(p, "quant_state", None)
+        while qs is not None:
+            out += [t for t in (qs.absmax, qs.code, getattr(qs, "offset", None)) if isinstance(t, torch.Tensor)]
+            qs = getattr(qs, "state2", None)
+    return out
 
 
 def _optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
@@ -507,6 +529,7 @@ def _measure(scenario: Scenario, *, dropout: float, seed: int) -> Truth:
             loss.backward()
         total_flops = counter.get_total_flops()
 
+    quant_state = _quant_state_tensors(params)
     grads = [p.grad for p in trainable if p.grad is not None]
     optimizer.step()
     state = _optimizer_state_bytes(optimizer)
@@ -524,6 +547,7 @@ def _measure(scenario: Scenario, *, dropout: float, seed: int) -> Truth:
         saved_bytes_by_dtype=dict(saved.by_dtype),
         saved_bytes_total=sum(saved.by_module.values()),
         checkpointed_layers=tuple(saved.checkpointed),
+        quant_state_bytes=_storage_bytes(quant_state),
         grad_bytes=_storage_bytes(grads),
         optimizer_state_bytes=sum(state.values()),
         optimizer_state_bytes_by_key=state,

@@ -189,6 +189,18 @@ class PeakMemory:
         self.baseline_reserved_bytes = torch.cuda.memory_reserved()
         return self
 
+    def restart(self) -> None:
+        """Start the peak over (after building the model): frees cached blocks of the set-up and resets the
+        peak statistics to what is allocated now; the baseline stays that of :meth:`__enter__`."""
+        if self.device == "cpu":
+            return
+        import torch
+
+        gc.collect()
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
     def read(self) -> None:
         """Record the peaks so far (also called on exit, and before an OOM's clean-up)."""
         if self.device == "cpu":

@@ -84,17 +84,26 @@ def measure_case(case: Any, device: str) -> CaseResult:
         free_device_memory(device)
 
 
+def shard_of(cases: list[Any], shard: tuple[int, int] | None) -> list[Any]:
+    """The ``i``-th of ``n`` interleaved parts (cases i-1, i-1+n, ...): parts of similar cost, so a grid that
+    outlasts one command's time limit runs as n commands."""
+    if shard is None:
+        return cases
+    i, n = shard
+    return cases[i - 1::n]
+
+
 def run_suite(suite: str, *, device: str, scale: Scale, out_dir: str | Path | None, only: str | None = None,
-              profile: str | None = None, argv: Iterable[str] | None = None,
+              shard: tuple[int, int] | None = None, profile: str | None = None, argv: Iterable[str] | None = None,
               progress: Callable[[str], None] | None = None) -> tuple[ResultsFile, Path | None]:
     """Measure every case of ``suite`` (those whose id contains ``only``); write the results file into
     ``out_dir`` (None: do not write).  Returns the results and the path written."""
     from .harness import fingerprint
 
     fp = fingerprint(device, profile=profile)
-    cases = [c for c in cases_for(suite, scale) if only is None or only in c.case_id]
+    cases = shard_of([c for c in cases_for(suite, scale) if only is None or only in c.case_id], shard)
     if not cases:
-        raise ValueError(f"--only {only!r} matches no case of suite {suite!r} at scale {scale!r}")
+        raise ValueError(f"--only {only!r} / --shard {shard} leaves no case of suite {suite!r} at scale {scale!r}")
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
     results: list[CaseResult] = []

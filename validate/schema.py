@@ -157,7 +157,7 @@ def parse_results(text: str, source: str = "<text>") -> ResultsFile:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        where = "truncated" if e.pos >= len(text.rstrip()) else "not valid JSON"
+        where = "truncated (it does not end with '}')" if not text.rstrip().endswith("}") else "not valid JSON"
         raise ResultsError(f"{source}: {where} at character {e.pos} of {len(text)} ({e.msg}); "
                            "re-run the suite or restore the file") from None
     if not isinstance(data, dict):

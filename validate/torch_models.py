@@ -91,11 +91,13 @@ def _dtypes(scenario: Scenario) -> tuple[torch.dtype, torch.dtype | None]:
 # --------------------------------------------------------------------------------------------
 
 
-def _attention(scenario: Scenario) -> tuple[str, object | None]:
-    """(HF ``attn_implementation``, SDPA backend to force or None)."""
+def _attention(scenario: Scenario, device: str = "cpu") -> tuple[str, object | None]:
+    """(HF ``attn_implementation``, SDPA backend to force or None) for ``device`` ('cpu' or 'cuda')."""
     from torch.nn.attention import SDPBackend
 
     att = scenario.attention
+    if device != "cpu":
+        return _cuda_attention(scenario, SDPBackend)
     if att == "eager":
         return "eager", None
     if att == "sdpa-math":
@@ -117,14 +119,32 @@ def _attention(scenario: Scenario) -> tuple[str, object | None]:
     raise NotImplementedError(f"attention={att!r}: flash-attn 2/3 are CUDA-only packages; no CPU truth")
 
 
+def _cuda_attention(scenario: Scenario, backends) -> tuple[str, object | None]:
+    """On a GPU every SDPA backend exists; flash2 / flash3 need the flash-attn package."""
+    att = scenario.attention
+    if att == "eager":
+        return "eager", None
+    sdpa = {"sdpa-math": backends.MATH, "sdpa-flash": backends.FLASH_ATTENTION,
+            "sdpa-mem-efficient": backends.EFFICIENT_ATTENTION}
+    if att in sdpa:
+        return "sdpa", sdpa[att]
+    import importlib.util
+
+    if att == "flash2" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2", None
+    if att == "flash3" and importlib.util.find_spec("flash_attn_interface") is not None:
+        return "flash_attention_3", None
+    raise NotImplementedError(f"attention={att!r}: the flash-attn package for it is not installed")
+
+
 @contextlib.contextmanager
-def backward_context(scenario: Scenario):
+def backward_context(scenario: Scenario, device: str = "cpu"):
     """SDPA backend pin for the forward *and* the backward.
 
     The backward must see the same pin: a non-reentrant checkpoint recomputes the block inside
     ``loss.backward()`` and would otherwise pick another SDPA kernel, saving a different set of tensors.
     """
-    _, backend = _attention(scenario)
+    _, backend = _attention(scenario, device)
     if backend is None:
         yield
         return
@@ -135,14 +155,14 @@ def backward_context(scenario: Scenario):
 
 
 @contextlib.contextmanager
-def forward_context(scenario: Scenario):
-    """Context for the training forward: the SDPA backend pin plus CPU autocast for the -amp precisions."""
+def forward_context(scenario: Scenario, device: str = "cpu"):
+    """Context for the training forward: the SDPA backend pin plus autocast for the -amp precisions."""
     _, amp = _dtypes(scenario)
-    with backward_context(scenario):
+    with backward_context(scenario, device):
         if amp is None:
             yield
         else:
-            with torch.autocast("cpu", dtype=amp):
+            with torch.autocast("cpu" if device == "cpu" else "cuda", dtype=amp):
                 yield
 
 
@@ -614,7 +634,51 @@ def _prompt_learning(model: nn.Module, arch: ModelArch, method: PrefixTuning | P
     return get_peft_model(model, cfg)
 
 
-def _apply_method(model: nn.Module, scenario: Scenario, dtype: torch.dtype) -> nn.Module:
+_COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _require_bitsandbytes(what: str):
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise NotImplementedError(f"{what}: needs the bitsandbytes package (pip install bitsandbytes)") from None
+    return bnb
+
+
+def quantize_linears(model: nn.Module, quant: str, *, double_quant: bool, blocksize: int = 64,
+                     compute_dtype: torch.dtype = torch.bfloat16, device: str = "cpu",
+                     skip: tuple[str, ...] = ("lm_head",)) -> int:
+    """Replace every ``nn.Linear`` except ``skip`` (transformers keeps the output head in 16 bits) by the
+    bitsandbytes layer of ``quant`` ('nf4' / 'fp4': ``Linear4bit`` with ``Params4bit``; 'int8':
+    ``Linear8bitLt`` with frozen ``Int8Params``), as ``BitsAndBytesConfig`` loading does.  The weights are
+    quantized when moved to ``device``.  Returns the number of layers replaced."""
+    if quant not in ("nf4", "fp4", "int8"):
+        raise NotImplementedError(f"quant={quant!r}: GPTQ / AWQ bases come from pre-quantized checkpoints")
+    bnb = _require_bitsandbytes(f"quant={quant!r}")
+    n = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is not nn.Linear or name in skip:
+                continue
+            bias = child.bias is not None
+            w = child.weight.data
+            if quant == "int8":
+                new = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=bias, has_fp16_weights=False,
+                                          threshold=6.0)
+                new.weight = bnb.nn.Int8Params(w.to(torch.float16), requires_grad=False, has_fp16_weights=False)
+            else:
+                new = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=bias, compute_dtype=compute_dtype,
+                                        compress_statistics=double_quant, quant_type=quant)
+                new.weight = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=double_quant,
+                                               quant_type=quant, blocksize=blocksize)
+            if bias:
+                new.bias = nn.Parameter(child.bias.data, requires_grad=False)
+            setattr(parent, name, new.to(device))
+            n += 1
+    return n
+
+
+def _apply_method(model: nn.Module, scenario: Scenario, dtype: torch.dtype, device: str = "cpu") -> nn.Module:
     m, arch = scenario.method, scenario.model
     if isinstance(m, Full):
         model.requires_grad_(True)
@@ -630,9 +694,9 @@ def _apply_method(model: nn.Module, scenario: Scenario, dtype: torch.dtype) -> n
         _add_adapters(model, arch, m, torch.float32 if _dtypes(scenario)[1] is not None else dtype)
         return model
     if isinstance(m, QLoRA):
-        raise NotImplementedError(
-            "method.kind='qlora': bitsandbytes 4-bit/8-bit layers need CUDA; there is no CPU truth for QLoRA"
-        )
+        quantize_linears(model, m.quant, double_quant=m.double_quant, blocksize=m.blocksize,
+                         compute_dtype=_COMPUTE_DTYPES[m.compute_dtype], device=device)
+        return _lora(model, arch, m)
     if isinstance(m, (LoRA, DoRA)):
         return _lora(model, arch, m)
     if isinstance(m, IA3):
@@ -689,8 +753,9 @@ def _model_class(arch: ModelArch):
 
 
 
-def build_model(scenario: Scenario, *, dropout: float = 0.0, seed: int = 0) -> nn.Module:
-    """The trainable model of ``scenario`` on CPU, in ``train()`` mode.
+def build_model(scenario: Scenario, *, dropout: float = 0.0, seed: int = 0, device: str = "cpu") -> nn.Module:
+    """The trainable model of ``scenario`` on ``device`` ('cpu' or 'cuda'), in ``train()`` mode; built
+    directly on the device (random init there, no host copy).
 
     Order: config -> ``from_config`` (random init under ``torch.manual_seed(seed)``, param dtype from
     the precision) -> activation checkpointing -> method (which parameters train, PEFT wrapping).
@@ -706,7 +771,7 @@ def build_model(scenario: Scenario, *, dropout: float = 0.0, seed: int = 0) -> n
         # PEFT under AMP: the frozen base is loaded in 16 bits (no fp32 master for weights that never
         # update); PEFT upcasts the adapters to fp32 (autocast_adapter_dtype)
         param_dtype = amp
-    attn_impl, _ = _attention(scenario)
+    attn_impl, _ = _attention(scenario, device)
     if dropout > 0 and scenario.attention == "sdpa-flash":
         raise NotImplementedError(
             f"dropout={dropout} with attention='sdpa-flash': the CPU flash kernel has no dropout (CUDA flash "
@@ -716,11 +781,12 @@ def build_model(scenario: Scenario, *, dropout: float = 0.0, seed: int = 0) -> n
     torch.manual_seed(seed)
     cls = _model_class(arch)
     try:
-        model = cls.from_config(config, attn_implementation=attn_impl, dtype=param_dtype)
+        with torch.device(device):
+            model = cls.from_config(config, attn_implementation=attn_impl, dtype=param_dtype)
     except ValueError as e:  # e.g. Gemma2 (no SDPA: soft-capping) with attention='sdpa-*'
         raise NotImplementedError(f"{type(config).__name__} with attention={scenario.attention!r}: {e}") from e
     _enable_checkpointing(model, scenario)
-    model = _apply_method(model, scenario, param_dtype)
+    model = _apply_method(model, scenario, param_dtype, device)
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError(f"method {scenario.method!r} leaves nothing trainable in model {arch.name!r}")
     model.train()

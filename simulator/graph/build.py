@@ -140,13 +140,22 @@ def target_names(arch: ModelArch, *, embeddings: bool = True) -> frozenset[str]:
 # ---------------------------------------------------------------------------------------------
 
 
+BNB_4BIT_CODE_BYTES = 16 * 4
+"""The nf4 / fp4 code table of one matrix: 16 fp32 values."""
+BNB_NESTED_STATE_BYTES = 256 * 4 + 4
+"""Double quantization's per-matrix extras: the 256-entry fp32 dynamic map copy and the fp32 offset."""
+
+
 def quant_storage_bytes(kind: str, numel: int, out_f: int, in_f: int, group: int, double_quant: bool,
                         blocksize: int = 64) -> tuple[float, float]:
     """(total bytes, of which scales/metadata) of one quantized weight matrix.
 
     - nf4/fp4 (bitsandbytes ``Params4bit``): 4 bits + one fp32 absmax per 64 weights = 4.5 bits;
       double quant: absmax as uint8 per 64 + one fp32 per 256 blocks = 4.127 bits
-      (bitsandbytes ``functional.quantize_4bit``, ``blocksize=64``, nested ``blocksize=256``).
+      (bitsandbytes ``functional.quantize_4bit``, ``blocksize=64``, nested ``blocksize=256``).  Each
+      matrix's ``QuantState`` also holds its own 16-entry fp32 code table (``get_4bit_type`` builds one per
+      call) and, nested, a copy of the 256-entry fp32 dynamic map (``quantize_blockwise`` stores
+      ``code.to(device, copy=True)``) and the fp32 ``offset`` (bitsandbytes 0.50 ``functional.py``).
     - int8 (LLM.int8 ``Int8Params``): 1 B/weight + fp32 ``SCB`` per output row.
     - gptq (AutoGPTQ ``QuantLinear``): qweight 4 bits, fp16 scales and 4-bit qzeros per group of
       ``group`` inputs per output, int32 ``g_idx`` per input: bits = 4 + 20/g + 32/out.
@@ -157,9 +166,10 @@ def quant_storage_bytes(kind: str, numel: int, out_f: int, in_f: int, group: int
         data = numel * 0.5
         nblocks = -(-numel // blocksize)
         if double_quant:
-            scales = nblocks * 1.0 + (-(-nblocks // 256)) * 4.0
+            scales = nblocks * 1.0 + (-(-nblocks // 256)) * 4.0 + BNB_NESTED_STATE_BYTES
         else:
             scales = nblocks * 4.0
+        scales += BNB_4BIT_CODE_BYTES
         return data + scales, scales
     if kind == "int8":
         return numel * 1.0 + out_f * 4.0, out_f * 4.0

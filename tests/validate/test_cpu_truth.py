@@ -337,7 +337,7 @@ def test_adapter_and_other_methods_train_what_they_should():
 
 def test_what_cpu_cannot_measure_says_so():
     cases = [
-        dict(precision="bf16", method=QLoRA()),
+        dict(precision="bf16", method=QLoRA(quant="gptq")),
         dict(attention="flash2"),
         dict(attention="sdpa-mem-efficient"),
         dict(precision="fp8"),

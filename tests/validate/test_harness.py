@@ -1,0 +1,234 @@
+"""The validation harness on CPU: results schema, suite runner, end-to-end grid, report."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from simulator import estimate  # noqa: E402
+from validate.e2e import E2ECase, case_from_spec, cpu_grid, gpu_grid  # noqa: E402
+from validate.report import compare_results, format_report, report_html, summarize  # noqa: E402
+from validate.run import measure_case, run_suite, shard_of  # noqa: E402
+from validate.schema import (  # noqa: E402
+    SCHEMA_VERSION,
+    CaseResult,
+    Fingerprint,
+    Measurement,
+    ResultsError,
+    ResultsFile,
+    load_results,
+    parse_results,
+    write_results,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+HAS_BNB = True
+try:
+    import bitsandbytes  # noqa: F401
+except ImportError:
+    HAS_BNB = False
+
+
+def _fp(platform: str = "cuda", profile: str | None = "h100-sxm-80gb") -> Fingerprint:
+    return Fingerprint(platform=platform, device_name="NVIDIA H100 80GB HBM3", device_count=1, device_profile=profile,
+                       python="3.11", packages={"torch": "2.13.0"})
+
+
+def _results(cases: list[CaseResult], fp: Fingerprint | None = None) -> ResultsFile:
+    return ResultsFile(schema_version=SCHEMA_VERSION, suite="e2e", created_utc="2026-11-23T10:00:00+00:00",
+                       command="python -m validate run --suite e2e", fingerprint=fp or _fp(), cases=tuple(cases),
+                       duration_s=1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# schema
+# ---------------------------------------------------------------------------------------------
+
+
+def test_results_round_trip_and_never_overwrite(tmp_path):
+    res = _results([CaseResult(case_id="a", suite="e2e", kind="train", spec={}, status="skipped", message="x")])
+    path = write_results(res, tmp_path)
+    assert path.name == "e2e-h100-sxm-80gb-20261123T100000.json"
+    assert load_results(path) == res
+    before = path.read_text()
+    with pytest.raises(ResultsError, match="never overwritten"):
+        write_results(res, tmp_path)
+    assert path.read_text() == before
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_truncated_and_other_version_are_refused(tmp_path):
+    res = _results([CaseResult(case_id="a", suite="e2e", kind="train", spec={}, status="ok",
+                               measured=Measurement(time_s=1.0))])
+    text = res.model_dump_json()
+    with pytest.raises(ResultsError, match="truncated"):
+        parse_results(text[: len(text) // 2], "f.json")
+    other = json.loads(text) | {"schema_version": 2}
+    with pytest.raises(ResultsError, match="schema_version 2, this fitsim reads version 1"):
+        parse_results(json.dumps(other), "f.json")
+    bad = json.loads(text)
+    bad["cases"][0]["status"] = "exploded"
+    with pytest.raises(ResultsError, match=r"cases\.0\.status"):
+        parse_results(json.dumps(bad), "f.json")
+    dup = json.loads(text)
+    dup["cases"] = dup["cases"] * 2
+    with pytest.raises(ResultsError, match="case_id repeated: a"):
+        parse_results(json.dumps(dup), "f.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# grids
+# ---------------------------------------------------------------------------------------------
+
+
+def test_gpu_grid_covers_the_issue_and_every_case_estimates():
+    grid = gpu_grid()
+    assert len(grid) >= 60
+    assert len({c.case_id for c in grid}) == len(grid)
+    methods = {c.scenario.method.kind for c in grid}
+    assert {"full", "lora", "qlora", "dora", "prefix"} <= methods
+    train = [c.scenario for c in grid if c.kind == "train"]
+    assert {s.precision for s in train} >= {"bf16", "bf16-amp"}
+    assert {s.optimizer.name for s in train} >= {"adamw", "adamw-8bit"}
+    assert {s.checkpointing.mode for s in train} == {"none", "full"}
+    assert any(s.model.moe is not None for s in train)
+    params = {estimate(s).n_params for s in train}
+    assert min(params) < 0.6e9 and max(params) > 7.5e9
+    infer = [c.scenario for c in grid if c.kind == "infer"]
+    assert sorted({s.workload.batch for s in infer if s.model.name == "llama-3.1-8b"}) == [1, 4, 16, 64]
+    assert {s.inference.weights for s in infer} == {"none", "int8", "nf4"}
+    verdicts = [estimate(s).fits for s in (c.scenario for c in grid)]
+    assert not all(verdicts) and sum(verdicts) >= 55  # a few cases are there to run out of memory
+
+
+def test_spec_rebuilds_the_same_scenario():
+    for c in gpu_grid()[:5] + cpu_grid():
+        again = case_from_spec(c.case_id, json.loads(json.dumps(c.spec())))
+        assert again == c
+
+
+def test_shards_partition_the_grid():
+    grid = gpu_grid()
+    parts = [shard_of(grid, (i, 3)) for i in (1, 2, 3)]
+    assert sorted(c.case_id for p in parts for c in p) == sorted(c.case_id for c in grid)
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+# ---------------------------------------------------------------------------------------------
+# runner on CPU
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cpu_suite_runs_and_writes_a_readable_file(tmp_path):
+    res, path = run_suite("e2e", device="cpu", scale="cpu", out_dir=tmp_path, argv=["run", "--suite", "e2e"])
+    assert load_results(path) == res
+    by = {c.case_id: c for c in res.cases}
+    assert len(by) == len(cpu_grid())
+    for c in res.cases:
+        if "sdpa-mem-efficient" in c.case_id:
+            assert c.status == "skipped" and "only on CUDA" in c.message
+        elif ("qlora" in c.case_id or "nf4" in c.case_id or "8bit" in c.case_id) and not HAS_BNB:
+            assert c.status == "skipped" and "bitsandbytes" in c.message
+        else:
+            assert c.status == "ok", (c.case_id, c.message)
+            m = c.measured
+            assert m.time_s > 0 and len(m.time_samples_s) == c.spec["repeats"]
+            assert m.allocated_peak_bytes is None  # no CPU peak statistics
+            sc = case_from_spec(c.case_id, c.spec).scenario
+            wl = sc.workload
+            if c.kind == "train":
+                assert m.tokens_per_s == pytest.approx(wl.micro_batch * wl.seq_len / m.time_s)
+            else:
+                assert m.tokens_per_s == pytest.approx(wl.batch * wl.gen_len / m.time_s)
+                assert 0 < m.extra["prefill_s"] and m.extra["decode_per_token_s"] >= 0
+    assert res.fingerprint.platform == "cpu" and res.fingerprint.packages["torch"].startswith("2.")
+    assert res.command == "python -m validate run --suite e2e"
+
+
+def test_an_oom_is_recorded_and_the_suite_goes_on(monkeypatch):
+    import validate.e2e as e2e
+
+    def boom(case, device):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(e2e, "run_e2e", boom)
+    r = measure_case(cpu_grid()[0], "cpu")
+    assert r.status == "oom" and "Tried to allocate 2.00 GiB" in r.message and r.measured is None
+
+    def fails(case, device):
+        raise ValueError("bad shape")
+
+    monkeypatch.setattr(e2e, "run_e2e", fails)
+    r = measure_case(cpu_grid()[0], "cpu")
+    assert r.status == "error" and r.message == "ValueError: bad shape"
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------------------------
+
+
+def _synthetic_gpu_file() -> tuple[ResultsFile, dict[str, float]]:
+    """Measurements placed at known ratios of the engine's own predictions (the report's arithmetic is
+    under test here, not the engine)."""
+    grid = {c.case_id: c for c in gpu_grid()}
+    lora = grid["e2e/train/llama-3.2-1b/lora-r16/bf16/s2048-b4"]
+    gen = grid["e2e/infer/llama-3.1-8b/none/bf16/p512-g128-b16"]
+    oom = grid["e2e/train/llama-3.1-8b/full/bf16-amp/s2048-b1-ck"]
+    el, eg = estimate(lora.scenario), estimate(gen.scenario)
+    cases = [
+        CaseResult(case_id=lora.case_id, suite="e2e", kind="train", spec=lora.spec(), status="ok",
+                   measured=Measurement(allocated_peak_bytes=round(el.peak_allocated_bytes / 1.10),
+                                        reserved_peak_bytes=round(el.peak_reserved_bytes / 0.95),
+                                        time_s=el.time.step_s / 1.25)),
+        CaseResult(case_id=gen.case_id, suite="e2e", kind="infer", spec=gen.spec(), status="ok",
+                   measured=Measurement(allocated_peak_bytes=round(eg.peak_allocated_bytes / 0.98),
+                                        reserved_peak_bytes=round(eg.peak_reserved_bytes / 1.02),
+                                        time_s=eg.time.step_s / 0.80,
+                                        extra={"prefill_s": eg.time.prefill_s / 1.5,
+                                               "decode_per_token_s": eg.time.decode_per_token_s / 0.9})),
+        CaseResult(case_id=oom.case_id, suite="e2e", kind="train", spec=oom.spec(), status="oom",
+                   message="CUDA out of memory"),
+    ]
+    return _results(cases), {"allocated": [0.10, -0.02], "reserved": [-0.05, 0.02], "time": [0.25, -0.20]}
+
+
+def test_report_errors_are_the_known_ratios():
+    res, expected = _synthetic_gpu_file()
+    comps = compare_results([("synthetic.json", res)])
+    summary = summarize(comps)["e2e"]
+    for metric, errs in expected.items():
+        s = summary[metric]
+        assert s["n"] == 2
+        assert s["median_abs_err"] == pytest.approx(sum(abs(e) for e in errs) / 2, rel=1e-6)
+        assert s["max_abs_err"] == pytest.approx(max(abs(e) for e in errs), rel=1e-6)
+    assert summary["prefill"]["median_abs_err"] == pytest.approx(0.5, rel=1e-6)
+    assert summary["decode_per_token"]["median_err"] == pytest.approx(-0.1, rel=1e-6)
+    assert summary["fits"] == {"n": 3, "accuracy": 1.0}  # the OOM case: the engine said it does not fit
+    text = format_report([("synthetic.json", res)], comps)
+    assert "reproduce: python -m validate run --suite e2e" in text
+    assert "Worst" in text and "over-predicted" in text and "largest terms" in text
+    page = report_html(comps, text)
+    assert page.count("plotly-graph-div") == 5 and "e2e: allocated" in page
+
+
+def test_report_cli_json_and_bad_file(tmp_path):
+    res, _ = _synthetic_gpu_file()
+    path = write_results(res, tmp_path)
+    out = subprocess.run([sys.executable, "-m", "validate", "report", str(path), "--json", "--html",
+                          str(tmp_path / "r.html")], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert set(summary["e2e"]["allocated"]) >= {"n", "median_abs_err", "p90_abs_err"}
+    assert (tmp_path / "r.html").stat().st_size > 100_000
+    bad = tmp_path / "bad.json"
+    bad.write_text(path.read_text()[:200])
+    out = subprocess.run([sys.executable, "-m", "validate", "report", str(bad)], capture_output=True, text=True,
+                         cwd=REPO, timeout=300)
+    assert out.returncode == 2 and "truncated" in out.stderr and "Traceback" not in out.stderr
