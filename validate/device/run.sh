@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# On the GPU machine, from the repository root: install the carried wheels, then run one part of the
+# validation suites into $OUT (or validate/results).  Each part stays within a 10-minute command:
+#   bash validate/device/run.sh micro          the microbenchmarks (about 6 min on an H100)
+#   bash validate/device/run.sh e2e 1/3        a third of the end-to-end grid (2/3, 3/3 likewise)
+# Results are one JSON file per part; copy them into validate/results/ and commit them.
+set -euo pipefail
+suite=${1:?usage: run.sh micro|e2e [I/N]}
+shard=${2:-}
+out=${OUT:-validate/results}
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
+args=(run --suite "$suite" --device cuda --scale gpu --out "$out")
+[ -n "$shard" ] && args+=(--shard "$shard")
+python3 -m validate "${args[@]}"
