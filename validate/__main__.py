@@ -85,8 +85,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from .schema import ResultsError, load_results
 
     paths: list[Path] = []
-    for p in args.results or ["validate/results"]:
-        q = Path(p)
+    default = Path(__file__).resolve().parent / "results"
+    for q in [Path(p) for p in args.results] or [default]:
+        if q == default and not q.exists():
+            continue  # no measurements committed yet: the report holds the published scores alone
         paths += sorted(q.glob("*.json")) if q.is_dir() else [q]
     try:
         files = [(p.name, load_results(p)) for p in paths]
