@@ -59,7 +59,7 @@ import math
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 from .config.base import Strict
 from .results import Uncertainty
@@ -92,7 +92,13 @@ class BandFileError(ValueError):
     """A band file that cannot be read or does not match the schema; the message names the file."""
 
 
-class Quantiles(Strict):
+class _BandModel(Strict):
+    # reading the attribute docstrings back from the source would triple the import time of this module;
+    # nothing shows them as help
+    model_config = ConfigDict(use_attribute_docstrings=False)
+
+
+class Quantiles(_BandModel):
     """Empirical quantiles of r = ln(measured / predicted)."""
 
     p5: float
@@ -113,7 +119,7 @@ class Quantiles(Strict):
         return self
 
 
-class BandCell(Strict):
+class BandCell(_BandModel):
     """The residuals of one regime."""
 
     metric: MetricClass
@@ -153,7 +159,7 @@ class BandCell(Strict):
         return self
 
 
-class RecordsSource(Strict):
+class RecordsSource(_BandModel):
     """A file of measurements the residuals came from."""
 
     kind: Literal["published", "gpu-run"]
@@ -164,7 +170,7 @@ class RecordsSource(Strict):
     """Residual pairs taken from it."""
 
 
-class Provenance(Strict):
+class Provenance(_BandModel):
     """Where the bands come from and how to rebuild them."""
 
     sources: tuple[RecordsSource, ...]
@@ -183,7 +189,7 @@ class Provenance(Strict):
     """Which measurements were used."""
 
 
-class ErrorBands(Strict):
+class ErrorBands(_BandModel):
     """The band file: per-cell residual quantiles and their provenance."""
 
     schema_version: Literal[1]
@@ -344,6 +350,7 @@ def load_bands(path: str | None = None) -> ErrorBands:
     return parse_bands(text, str(p))
 
 
+@functools.cache
 def default_bands() -> ErrorBands | None:
     """The engine's band file, or None before one has been built (the estimate then carries no bands)."""
     if not BANDS_PATH.exists():
@@ -356,26 +363,38 @@ def _describe_sources(bands: ErrorBands) -> str:
     return " and ".join(dict.fromkeys(label[s.kind] for s in bands.provenance.sources)) or "no"
 
 
+def _lookup(b: ErrorBands, regime_gpus: int, task: str, method_kind: str
+            ) -> tuple[BandCell | None, BandCell | None, str]:
+    return (cell_for(b, "memory", regime_gpus, task, method_kind), cell_for(b, "time", regime_gpus, task, method_kind),
+            f"{_describe_sources(b)} measurements")
+
+
+@functools.lru_cache(maxsize=256)
+def _default_lookup(regime_gpus: int, task: str, method_kind: str) -> tuple[BandCell | None, BandCell | None, str]:
+    b = default_bands()
+    return _lookup(b, regime_gpus, task, method_kind) if b is not None else (None, None, "")
+
+
 def uncertainty(peak_bytes: float, fixed_bytes: float, device_bytes: float, step_s: float | None, n_gpus: int,
                 task: str, method_kind: str, bands: ErrorBands | None = None,
                 interval: Interval = DEFAULT_INTERVAL) -> Uncertainty | None:
-    """The bands and P(OOM) of one estimate (None without a band file or a memory cell for the setup)."""
-    b = bands if bands is not None else default_bands()
-    if b is None:
-        return None
-    mc = cell_for(b, "memory", n_gpus, task, method_kind)
+    """The bands and P(OOM) of one estimate (None without a band file or a memory cell for the setup);
+    ``bands`` defaults to the engine's band file, whose cell lookups are cached."""
+    regime = 1 if n_gpus <= 1 else 2
+    mc, tc, basis = (_lookup(bands, regime, task, method_kind) if bands is not None
+                     else _default_lookup(regime, task, method_kind))
     if mc is None:
         return None
     lo, hi = memory_band_bytes(peak_bytes, mc, interval, fixed_bytes)
-    tc = cell_for(b, "time", n_gpus, task, method_kind) if step_s is not None else None
     t_lo = t_hi = None
-    if tc is not None:
+    if step_s is None:
+        tc = None
+    elif tc is not None:
         t_lo, t_hi = time_band_s(step_s, tc, interval)
     return Uncertainty(
         interval=interval, peak_memory_lo_bytes=lo, peak_memory_hi_bytes=hi,
         p_oom=oom_probability(peak_bytes, device_bytes, mc, fixed_bytes),
         memory_cell=mc.key, memory_n=mc.n, memory_bias_ratio=math.exp(mc.bias),
         step_time_lo_s=t_lo, step_time_hi_s=t_hi, time_cell=tc.key if tc else None, time_n=tc.n if tc else None,
-        time_bias_ratio=math.exp(tc.bias) if tc else None,
-        basis=f"{_describe_sources(b)} measurements",
+        time_bias_ratio=math.exp(tc.bias) if tc else None, basis=basis,
     )
