@@ -17,6 +17,7 @@ from .graph.build import trace_model
 from .graph.ir import basis
 from .graph.transforms import plan_of
 from .results import Cost, Estimate, FlopBreakdown, MemoryBreakdown, Suggestion, TimeBreakdown
+from .uncertainty import uncertainty
 from .units import dtype_bytes
 
 
@@ -482,6 +483,8 @@ def _estimate(sc: Scenario, what_fits: bool, with_time: bool = True) -> Estimate
     time = cost_ = None
     if with_time:
         time, cost_ = _time_and_cost(sc, ct, dev, flops, tokens)
+    unc = uncertainty(p["total"], dev.cuda_context_bytes, dev.memory_total_bytes, time.step_s if time else None,
+                      sc.parallel.n_gpus, sc.workload.task, sc.method.kind)
     return Estimate(
         n_gpus=sc.parallel.n_gpus, system=_system(sc).name, peak_stage=p["stage"],
         stage_peak_bytes=p["stage_totals"], host_memory_bytes=p["host_bytes"], nvme_bytes=p["nvme_bytes"],
@@ -493,7 +496,7 @@ def _estimate(sc: Scenario, what_fits: bool, with_time: bool = True) -> Estimate
         device_memory_bytes=dev.memory_total_bytes, headroom_bytes=dev.memory_total_bytes - p["total"],
         n_params=ct.n_params, n_trainable_params=ct.n_trainable, flops=flops, flops_per_step=flops.per_step,
         tokens_per_step=tokens, activations_by_layer=acts_by_layer, max_batch_that_fits=max_batch,
-        max_seq_len_that_fits=max_len, suggestions=suggestions, warnings=warnings, notes=notes,
+        max_seq_len_that_fits=max_len, suggestions=suggestions, warnings=warnings, notes=notes, uncertainty=unc,
     )
 
 

@@ -44,6 +44,8 @@ def add_plan_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--deadline-h", type=float, default=None, help="longest the run may take, hours")
     p.add_argument("--max-latency-s", type=float, default=None, help="inference: longest time to generate one batch")
     p.add_argument("--headroom", type=float, default=0.05, help="share of GPU memory left free (default 0.05)")
+    p.add_argument("--max-oom-prob", type=float, default=None, dest="max_oom_probability",
+                   help="largest accepted probability of running out of memory, from the error bands (e.g. 0.05)")
     p.add_argument("--global-batch-tokens", type=int, default=None, help="tokens per optimizer step")
     p.add_argument("--objective", choices=["cost", "time", "throughput", "gpus"], default="cost")
     p.add_argument("--gpu", action="append", default=None, help="GPU type to consider (repeatable)")
@@ -62,7 +64,8 @@ def _inputs(args: argparse.Namespace) -> tuple[dict, dict, dict]:
     if args.tokens is not None:
         job["total_tokens"] = args.tokens
     cons: dict[str, Any] = {"min_headroom_fraction": args.headroom}
-    for k in ("max_gpus", "n_gpus", "budget_usd", "max_latency_s", "global_batch_tokens", "method"):
+    for k in ("max_gpus", "n_gpus", "budget_usd", "max_latency_s", "global_batch_tokens", "method",
+              "max_oom_probability"):
         if getattr(args, k) is not None:
             cons[k] = getattr(args, k)
     if args.deadline_h is not None:

@@ -170,6 +170,9 @@ class Constraints(Strict):
     """Training: tokens per optimizer step (micro-batch x seq_len x dp x grad_accum); none = grad_accum 1."""
     max_latency_s: float | None = Field(default=None, gt=0)
     """Inference: longest time to generate one batch (prefill + all decode steps)."""
+    max_oom_probability: float | None = Field(default=None, gt=0.0, lt=1.0)
+    """Largest accepted probability that the measured peak exceeds the GPU's memory, from the engine's error
+    bands (``simulator.uncertainty``); none = only the headroom rule."""
 
     @field_validator("gpu")
     @classmethod
@@ -219,6 +222,8 @@ class PlanRow(_Result):
     run_time_s: float | None = None
     run_usd: float | None = None
     run_kwh: float | None = None
+    p_oom: float | None = None
+    """P(the measured peak exceeds the GPU's memory) from the error bands (None: no band for the setup)."""
 
     @property
     def time_key(self) -> float:
@@ -283,6 +288,7 @@ class _Fam:
     mem_fail: tuple[float, float, str] | None = None  # (bytes over usable, peak, how it was known)
     budget_fail: float | None = None  # cheapest run that fits in memory
     deadline_fail: float | None = None
+    oom_fail: tuple[float, str] | None = None  # (lowest P(OOM) over the limit, the reason)
     invalid: str | None = None
 
 
@@ -342,7 +348,7 @@ def _row(sc: Any, e: Any, usable: float) -> PlanRow:
         headroom_bytes=e.device_memory_bytes - e.peak_memory_bytes, step_time_s=e.time.step_s,
         tokens_per_s=e.time.tokens_per_s, usd_per_million_tokens=e.cost.usd_per_million_tokens,
         kwh_per_million_tokens=e.cost.kwh_per_million_tokens, run_time_s=e.cost.run_time_s,
-        run_usd=e.cost.run_usd, run_kwh=e.cost.run_kwh,
+        run_usd=e.cost.run_usd, run_kwh=e.cost.run_kwh, p_oom=e.uncertainty.p_oom if e.uncertainty else None,
     )
 
 
@@ -647,6 +653,8 @@ def _search_train(ctx: _Ctx, bound: bool, pareto: bool) -> tuple[list[PlanRow], 
             mb_fail[(p, i)] = min(mb_fail.get((p, i), 1 << 60), mbs[k])
             _note_mem(fam, e.peak_memory_bytes - use, e.peak_memory_bytes, use, "peak")
             continue
+        if _oom_too_likely(cons, e, fam):
+            continue
         row = _row(sc, e, use)
         if cons.budget_usd is not None and (row.run_usd is None or row.run_usd > cons.budget_usd):
             fam.budget_fail = min(fam.budget_fail or math.inf, row.run_usd if row.run_usd is not None else math.inf)
@@ -703,6 +711,23 @@ def _note_mem(fam: _Fam, over: float, peak: float, usable: float, what: str) -> 
         fam.mem_fail = (over, peak, f"{what} {peak / GiB:.1f} GiB > {usable / GiB:.1f} GiB usable")
 
 
+def _oom_too_likely(cons: Constraints, e: Any, fam: _Fam) -> bool:
+    """max_oom_probability: reject an estimate whose P(OOM) exceeds it (or that has no band to tell)."""
+    if cons.max_oom_probability is None:
+        return False
+    u = e.uncertainty
+    p = u.p_oom if u is not None else math.inf
+    if p <= cons.max_oom_probability:
+        return False
+    if fam.oom_fail is None or p < fam.oom_fail[0]:
+        why = (f"P(OOM) {p:.1%} > max_oom_probability {cons.max_oom_probability:.1%} (peak {e.peak_memory_bytes / GiB:.1f} "
+               f"GiB, {u.interval.split('-')[1]} {u.peak_memory_hi_bytes / GiB:.1f} GiB of {e.device_memory_bytes / GiB:.1f} GiB; "
+               f"{u.memory_n} measurements in {u.memory_cell})" if u is not None else
+               "no error band for this setup: P(OOM) unknown, max_oom_probability cannot be checked")
+        fam.oom_fail = (p, why)
+    return True
+
+
 def _first_error(err: Exception) -> str:
     if isinstance(err, ValidationError):
         e = err.errors()[0]
@@ -726,6 +751,8 @@ def _reasons(ctx: _Ctx) -> dict[str, str]:
             why = f"fastest batch takes {f.deadline_fail:.2f} s > max_latency_s {ctx.cons.max_latency_s:.2f} s"
         elif f.deadline_fail is not None:
             why = f"fastest run that fits takes {f.deadline_fail / 3600:.2f} h > deadline {ctx.cons.deadline_s / 3600:.2f} h"
+        elif f.oom_fail is not None:
+            why = f.oom_fail[1]
         elif f.mem_fail is not None:
             why = f.mem_fail[2]
         elif f.invalid is not None:
@@ -851,6 +878,8 @@ def _search_infer(ctx: _Ctx, bound: bool, pareto: bool) -> tuple[list[PlanRow], 
                     estimated += 1
                     if e.peak_memory_bytes > use:
                         _note_mem(fam, e.peak_memory_bytes - use, e.peak_memory_bytes, use, "peak")
+                        break
+                    if _oom_too_likely(cons, e, fam):
                         break
                     if cons.max_latency_s is not None and e.time.step_s > cons.max_latency_s:
                         fam.deadline_fail = min(fam.deadline_fail or math.inf, e.time.step_s)

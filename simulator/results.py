@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 Phase = Literal["forward", "backward", "optimizer", "prefill", "decode"]
 
@@ -102,6 +102,32 @@ class Cost(Result):
     run_kwh: float | None = None
 
 
+class Uncertainty(Result):
+    """How far the measurement may land from the prediction: bands from fitsim's measured residuals
+    (``simulator.uncertainty`` says how they are derived) and the probability of running out of memory."""
+
+    interval: Literal["p10-p90", "p5-p95"]
+    """Quantiles of the bands: p10-p90 holds 80% of the measured setups of the cell."""
+    peak_memory_lo_bytes: float
+    peak_memory_hi_bytes: float
+    p_oom: float = Field(ge=0.0, le=1.0)
+    """P(the measured device peak exceeds the device memory)."""
+    memory_cell: str
+    """The residual cell used ('memory/single/train/lora')."""
+    memory_n: int
+    """Measurements in it."""
+    memory_bias_ratio: float
+    """Median measured / predicted peak in the cell (1.10: the engine reads 10% low there)."""
+    step_time_lo_s: float | None = None
+    step_time_hi_s: float | None = None
+    time_cell: str | None = None
+    time_n: int | None = None
+    time_bias_ratio: float | None = None
+    """Median measured / predicted step time in the cell."""
+    basis: str
+    """Which measurements the residuals come from."""
+
+
 class Estimate(Result):
     model: str
     gpu: str
@@ -136,3 +162,4 @@ class Estimate(Result):
     suggestions: list[Suggestion] = []
     warnings: list[str] = []
     notes: list[str] = []
+    uncertainty: Uncertainty | None = None

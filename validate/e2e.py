@@ -53,8 +53,8 @@ class E2ECase(BaseModel):
 
 def case_from_spec(case_id: str, spec: dict[str, Any]) -> E2ECase:
     """Rebuild the case a results file recorded."""
-    return E2ECase(case_id=case_id, scenario=Scenario.model_validate(spec["scenario"]), warmup=spec["warmup"],
-                   repeats=spec["repeats"])
+    return E2ECase(case_id=case_id, scenario=Scenario.model_validate(spec["scenario"]), warmup=spec.get("warmup", 2),
+                   repeats=spec.get("repeats", 3))
 
 
 # --------------------------------------------------------------------------------------------
