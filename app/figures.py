@@ -229,6 +229,35 @@ def predicted_vs_measured(records: Iterable[dict], predictions: Iterable[dict],
                    xaxis_title="measured (GB or GiB, as published)", yaxis_title="predicted (same unit)")
 
 
+def gpu_measured_vs_predicted(comparisons: Iterable[dict], metric: str) -> go.Figure:
+    """Predicted against measured for one metric of our own GPU runs (the report's comparisons as dicts),
+    one trace per suite, log-log with the line predicted = measured and ±10 % guides."""
+    rows = [c for c in comparisons if c["metric"] == metric and c["unit"] != "bool"]
+    unit = "GiB" if rows and rows[0]["unit"] == "bytes" else "s"
+    scale = 2.0**30 if unit == "GiB" else 1.0
+    fig = go.Figure()
+    values: list[float] = []
+    for suite in sorted({c["suite"] for c in rows}):
+        cs = [c for c in rows if c["suite"] == suite]
+        xs, ys = [c["measured"] / scale for c in cs], [c["predicted"] / scale for c in cs]
+        values += xs + ys
+        fig.add_trace(go.Scatter(
+            x=xs, y=ys, mode="markers", name=suite,
+            customdata=[[c["case_id"], 100 * (c["predicted"] - c["measured"]) / c["measured"]] for c in cs],
+            hovertemplate="%{customdata[0]}<br>measured %{x:.4g}<br>predicted %{y:.4g}<br>%{customdata[1]:+.1f}%"
+                          "<extra></extra>"))
+    if values:
+        lo, hi = min(values), max(values)
+        for f, dash, name in ((1.0, "dash", "predicted = measured"), (1.1, "dot", "+10%"), (0.9, "dot", "-10%")):
+            fig.add_trace(go.Scatter(x=[lo, hi], y=[lo * f, hi * f], mode="lines", name=name, hoverinfo="skip",
+                                     line=dict(color="gray", dash=dash, width=1)))
+    fig = _layout(fig, f"GPU measurements: {metric}", xaxis_title=f"measured ({unit})",
+                  yaxis_title=f"predicted ({unit})")
+    fig.update_xaxes(type="log")
+    fig.update_yaxes(type="log")
+    return fig
+
+
 def plan_front_traces(ranked: Sequence[Any], pareto: Sequence[Any], best: Any | None = None) -> list[list[Any]]:
     """The rows behind each trace of :func:`plan_front`, in trace and point order (ranked, Pareto front
     sorted by time, best): a clicked point's (curve, index) names its row."""

@@ -142,9 +142,15 @@ def published(path: str, mtime: float) -> dict[str, Any]:
             "worst": worst(records, predictions, n=10)}
 
 
+RESULTS_ENV = "FITSIM_RESULTS"
+
+
 def results_dir() -> Path:
+    """validate/results/ of this checkout, or the folder ``$FITSIM_RESULTS`` names."""
     import validate
 
+    if os.environ.get(RESULTS_ENV):
+        return Path(os.environ[RESULTS_ENV])
     return Path(validate.__file__).resolve().parent / "results"
 
 
@@ -161,6 +167,25 @@ def read_result(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         return {"error": f"cannot read {path.name}: {err}"}
+
+
+@st.cache_data(show_spinner="Predicting the measured cases ...", max_entries=16)
+def compared_results(paths: tuple[str, ...], mtimes: tuple[float, ...]) -> dict[str, Any]:
+    """Every results file under ``paths`` read with the results schema and compared with the engine
+    (:func:`validate.report.compare_results`): ``{"files", "errors", "comparisons", "summary"}``; a file that
+    does not read (another schema version, truncated) is listed under ``errors`` with the reason."""
+    from validate.report import compare_results, summarize
+    from validate.schema import ResultsError, load_results
+
+    files, errors = [], []
+    for p in paths:
+        try:
+            files.append((Path(p).name, load_results(p)))
+        except ResultsError as err:
+            errors.append(str(err))
+    comps = compare_results(files)
+    return {"files": [(n, r.fingerprint.model_dump(), r.command, len(r.cases)) for n, r in files], "errors": errors,
+            "comparisons": [c.model_dump() for c in comps], "summary": summarize(comps)}
 
 
 # -------------------------------------------------------------------------------------------- plan

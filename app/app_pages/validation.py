@@ -44,16 +44,44 @@ def published() -> None:
             st.dataframe(res["worst"], hide_index=True, key="val.worst")
 
 
+def summary_rows(summary: dict[str, dict[str, dict]]) -> list[dict[str, object]]:
+    rows = []
+    for suite, metrics in summary.items():
+        for metric, r in metrics.items():
+            if "accuracy" in r:
+                rows.append({"suite": suite, "metric": metric, "n": r["n"], "fits accuracy": pct(r["accuracy"])})
+            else:
+                rows.append({"suite": suite, "metric": metric, "n": r["n"], "median |error|": pct(r["median_abs_err"]),
+                             "p90 |error|": pct(r["p90_abs_err"]), "max |error|": pct(r["max_abs_err"]),
+                             "bias": pct(r["median_err"])})
+    return rows
+
+
 def results() -> None:
     st.subheader("GPU measurements")
     files = loaders.result_files()
     if not files:
-        st.info(f"No GPU measurement results under {loaders.results_dir()} yet.")
+        st.info(f"No GPU measurement results under {loaders.results_dir()} yet: `python -m validate run` on a GPU "
+                "writes them (validate/device/run.sh on a machine without a registry).")
         return
-    st.dataframe([{"file": str(p.relative_to(loaders.results_dir())), "bytes": p.stat().st_size} for p in files],
-                 hide_index=True, key="val.results")
-    chosen = st.selectbox("show", files, format_func=lambda p: p.name, key="val.result")
-    st.json(loaders.read_result(chosen), expanded=False)
+    res = loaders.compared_results(tuple(map(str, files)), tuple(p.stat().st_mtime for p in files))
+    for err in res["errors"]:
+        st.warning(err)
+    st.dataframe([{"file": n, "device": fp["device_name"], "profile": fp["device_profile"], "driver": fp["driver"],
+                   "torch": fp["packages"].get("torch"), "cases": k, "reproduce": cmd}
+                  for n, fp, cmd, k in res["files"]], hide_index=True, key="val.results")
+    st.caption("Each case is the same Scenario the engine estimates, predicted on the device profile its file names "
+               "(validate/report.py); |error| = |predicted - measured| / measured, bias = median signed error.")
+    st.dataframe(summary_rows(res["summary"]), hide_index=True, key="val.summary")
+    metrics = sorted({c["metric"] for c in res["comparisons"] if c["unit"] != "bool"})
+    if metrics:
+        metric = st.selectbox("metric", metrics, key="val.metric")
+        views.chart(figures.gpu_measured_vs_predicted(res["comparisons"], metric), "fig.gpu")
+        worst = sorted((c for c in res["comparisons"] if c["metric"] == metric),
+                       key=lambda c: -abs(c["predicted"] - c["measured"]) / c["measured"])[:10]
+        with st.expander(f"The {len(worst)} largest errors ({metric})"):
+            st.dataframe([{"case": c["case_id"], "measured": c["measured"], "predicted": c["predicted"],
+                           "diagnosis": c["diagnosis"]} for c in worst], hide_index=True, key="val.gpu_worst")
 
 
 def main() -> None:

@@ -582,3 +582,34 @@ def test_validation_page_scores_the_published_records():
     assert list(table["group"]) == list(scores)
     assert list(table["predicted"]) == [r["n_ok"] for r in scores.values()]
     assert len(at.get("plotly_chart")) == 1
+
+
+def test_validation_page_compares_gpu_results(tmp_path, monkeypatch):
+    """A results file of our own GPU runs is read with the results schema, compared with the engine and
+    summarised; a truncated one is named in a warning, not a traceback."""
+    from simulator import estimate
+    from validate.e2e import gpu_grid
+    from validate.schema import SCHEMA_VERSION, CaseResult, Fingerprint, Measurement, ResultsFile, write_results
+
+    case = next(c for c in gpu_grid() if c.case_id == "e2e/train/llama-3.2-1b/lora-r16/bf16/s2048-b4")
+    e = estimate(case.scenario)
+    fp = Fingerprint(platform="cuda", device_name="NVIDIA H100 80GB HBM3", device_count=1,
+                     device_profile="h100-sxm-80gb", python="3.12", packages={"torch": "2.11.0"})
+    res = ResultsFile(schema_version=SCHEMA_VERSION, suite="e2e", created_utc="2026-11-23T10:00:00+00:00",
+                      command="python -m validate run --suite e2e --shard 1/3", fingerprint=fp, duration_s=1.0,
+                      cases=(CaseResult(case_id=case.case_id, suite="e2e", kind="train", spec=case.spec(), status="ok",
+                                        measured=Measurement(allocated_peak_bytes=round(e.peak_allocated_bytes / 1.2),
+                                                             reserved_peak_bytes=round(e.peak_reserved_bytes),
+                                                             time_s=e.time.step_s * 2)),))
+    path = write_results(res, tmp_path)
+    (tmp_path / "broken.json").write_text(path.read_text()[:100])
+    monkeypatch.setenv("FITSIM_RESULTS", str(tmp_path))
+    monkeypatch.setenv("FITSIM_PUBLISHED", str(tmp_path / "absent.jsonl"))
+    at = run_app("validation.py")
+    ok(at)
+    assert any("truncated" in w for w in texts(at.warning))
+    files, summary = at.dataframe[0].value, at.dataframe[1].value
+    assert list(files["cases"]) == [1] and list(files["profile"]) == ["h100-sxm-80gb"]
+    by_metric = dict(zip(summary["metric"], summary["median |error|"]))
+    assert by_metric["allocated"] == "20.0%" and by_metric["reserved"] == "0.0%" and by_metric["time"] == "50.0%"
+    assert len(at.get("plotly_chart")) >= 1
