@@ -115,6 +115,13 @@ def matmul_dtype(compute_dtype: str, precision: str) -> str:
     return compute_dtype if compute_dtype in ("bf16", "fp16") else "fp32"
 
 
+def attention_dtype(matmul_dtype_: str) -> str:
+    """The dtype attention's score and value products run in: float8 training (torchao ``Float8Linear``,
+    Transformer Engine's fp8 ``Linear``) converts the linear layers only, so SDPA / flash attention and the
+    eager batched matmuls stay in 16 bits."""
+    return "bf16" if matmul_dtype_ == "fp8" else matmul_dtype_
+
+
 def peak_flops(dev: Device, dtype: str) -> float:
     """Dense peak of the matmul dtype (fp16's where the device has no path for it)."""
     return dev.peak_flops(dtype if getattr(dev.peak_tflops, dtype) is not None else "fp16")
@@ -163,7 +170,8 @@ def part_time(part: OpArrays, B: tuple[float, ...], dev: Device, dtype: str, tp:
         f = _dot(op.fwd_flops, B) / div
         nb = _dot(op.fwd_bytes, B) / div
         fused = op.attention and fused_attention
-        t_f = attention_time_s(f, nb, dev, dtype, op.causal) if fused else gemm_time_s(f, nb, dev, dtype)
+        dt = attention_dtype(dtype) if op.attention else dtype
+        t_f = attention_time_s(f, nb, dev, dt, op.causal) if fused else gemm_time_s(f, nb, dev, dt)
         fwd += t_f
         if op.attention:
             attn += t_f
@@ -174,10 +182,10 @@ def part_time(part: OpArrays, B: tuple[float, ...], dev: Device, dtype: str, tp:
             if bf > 0:
                 # a backward call runs up to two GEMMs the size of the forward one (dX, dW)
                 if fused:
-                    bwd += attention_time_s(bf, 2.0 * nb, dev, dtype, op.causal)
+                    bwd += attention_time_s(bf, 2.0 * nb, dev, dt, op.causal)
                 else:
                     n_mm = max(1.0, round(bf / f)) if f > 0 else 1.0
-                    bwd += n_mm * gemm_time_s(bf / n_mm, 2.0 * nb / n_mm, dev, dtype)
+                    bwd += n_mm * gemm_time_s(bf / n_mm, 2.0 * nb / n_mm, dev, dt)
     t_ew = memory_time_s(2.0 * _dot(part.elementwise_bytes, B) / (tp * cp), dev)
     t_deq = memory_time_s(part.dequant_bytes / tp, dev)
     fwd += t_ew + t_deq

@@ -246,3 +246,16 @@ def test_transfers_are_vectorized_and_monotone() -> None:
         assert times[5] == f(DGX, float(sizes[5]))
     p2p = comm.p2p_time_s(DGX, sizes, cross_node=False)
     assert np.all(np.diff(p2p) >= 0)
+
+
+def test_float8_training_keeps_attention_in_16_bits():
+    """torchao / Transformer Engine float8 converts the linear layers only: the fused attention runs at the
+    bf16 peak, the GEMMs at the fp8 one."""
+    from hwprofiles import get_device
+    from simulator.compute import attention_dtype, attention_time_s
+
+    dev = get_device("h100-sxm-80gb")
+    assert attention_dtype("fp8") == "bf16" and attention_dtype("fp16") == "fp16"
+    f = 1e15
+    t = attention_time_s(f, 0.0, dev, attention_dtype("fp8"), causal=True)
+    assert t == pytest.approx(0.5 * f / (989e12 * dev.efficiency.attention_fraction))
