@@ -509,6 +509,12 @@ def record_to_scenario(rec: dict, notes: list[str] | None = None) -> Scenario:
     if ga is None and gb:
         ga_v = max(1, int(gb) // (mb_v * par["dp"] * par.get("cp", 1)))
         notes.append(f"grad_accum from global_batch {gb} / (micro_batch {mb_v} x dp {par['dp']}) = {ga_v}")
+    if sc.get("framework") == "torchtitan" and par.get("pp", 1) > 1 and ga is None and mb_v > 1:
+        # torchtitan splits each rank's local batch into micro-batches of parallelism.pipeline_parallel_
+        # microbatch_size (default 1) that the schedule pipelines: m = local batch / 1
+        mb_v, ga_v = 1, ga_v * mb_v
+        notes.append(f"torchtitan pipeline: local batch {mb or d['micro_batch']} split into {ga_v} micro-batches of 1 "
+                     "(pipeline_parallel_microbatch_size default 1)")
     # HF/PEFT/TRL/litgpt collators pad each batch to its longest sample and pass the attention mask;
     # packed datasets (torchtune, torchtitan, Megatron) have none
     padded = mb_v > 1 and sc.get("framework") not in UNPADDED_FRAMEWORKS and "packed" not in notes_text
