@@ -302,11 +302,14 @@ def _fleet(ctx: Any, fam: _Family, c: _Cand, lim: _Limits) -> tuple[Any, _Fail |
 def _batch_limit(fam: _Family, i: int, outcomes: list[tuple[Any, _Fail | None]], given: bool) -> str:
     """Why the family's batch ``fam.cands[i]`` is not larger."""
     b = fam.cands[i].batch
-    tpot_here = fam.cands[i].estimate.time.decode_per_token_s
+    step_here = fam.cands[i].estimate.time.decode_per_token_s
+    mean_here = outcomes[i][0].serving.tpot_mean_s
     for c, (row, fail) in zip(fam.cands[i + 1:], outcomes[i + 1:]):
         if fail is not None:
-            if fail.field == "max_tpot_s":
-                return f"batch {c.batch}: {fail.text}; batch {b} gives {tpot_here * 1e3:.1f} ms"
+            if fail.text.startswith("TPOT"):
+                return f"batch {c.batch}: {fail.text}; batch {b} gives {step_here * 1e3:.1f} ms"
+            if fail.text.startswith("mean TPOT"):
+                return f"batch {c.batch}: {fail.text}; batch {b} gives {mean_here * 1e3:.1f} ms"
             return f"batch {c.batch}: {fail.text}"
         return f"batch {c.batch} also meets every target, no better by the objective"
     if fam.overflow_text and b == fam.max_batch:
@@ -396,14 +399,14 @@ _METRIC = {
 def _what_it_has(name: str, row: Any) -> str:
     s = row.serving
     if name == "max_tpot_s":
-        return f"mean TPOT {s.tpot_mean_s * 1e3:.1f} ms"
+        return f"has mean TPOT {s.tpot_mean_s * 1e3:.1f} ms"
     if name == "max_ttft_s":
-        return f"p99 TTFT {s.ttft_p99_s:.3g} s"
+        return f"has p99 TTFT {s.ttft_p99_s:.3g} s"
     if name == "max_latency_s":
-        return f"p99 latency {s.latency_p99_s:.3g} s"
+        return f"has p99 latency {s.latency_p99_s:.3g} s"
     if name in ("max_gpus", "n_gpus"):
-        return f"{row.n_gpus} GPUs"
-    return f"${s.usd_per_million_output_tokens:,.4g} per million output tokens"
+        return f"needs {row.n_gpus} GPUs"
+    return f"costs ${s.usd_per_million_output_tokens:,.4g} per million output tokens"
 
 
 def _explain(ctx: Any, fams: list[_Family], lim: _Limits, fails: dict[str, _Fail]) -> Exception:
@@ -434,13 +437,13 @@ def _explain(ctx: Any, fams: list[_Family], lim: _Limits, fails: dict[str, _Fail
                    f"the cheapest setup meeting every other constraint needs {row.n_gpus} GPUs ({describe(row)}); "
                    "set constraints.max_gpus higher")
         else:
-            msg = (f"{_FIELD_TEXT[name](ctx.cons)} is binding: the cheapest setup meeting every other constraint has "
+            msg = (f"{_FIELD_TEXT[name](ctx.cons)} is binding: the cheapest setup meeting every other constraint "
                    f"{_what_it_has(name, row)} ({describe(row)})")
             metric = _METRIC.get(name)
             if metric is not None:
                 best = min(rows, key=lambda r: (metric(r), _key(r, "cost")))
                 if metric(best) < metric(row):
-                    msg += f"; the lowest any such setup reaches is {_what_it_has(name, best)} ({describe(best)})"
+                    msg += f"; the lowest any such setup reaches: {describe(best)}"
         others = [n for n, _, _ in unlock if n != name]
         if others:
             msg += "; relaxing " + " or ".join(others) + " alone would also admit a setup"
