@@ -29,7 +29,9 @@ def add_plan_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "plan", help="pick the best setup under constraints",
         description="Search GPU types and counts, methods, optimizers, micro-batches, checkpointing and "
-                    "sharding for the setup that best meets an objective under the constraints.")
+                    "sharding for the setup that best meets an objective under the constraints.  With --task infer "
+                    "--rate, size a serving fleet instead: GPU type, GPUs per replica, replicas, weight format and "
+                    "concurrency under --max-ttft / --max-tpot / --max-latency-s.")
     p.add_argument("--model", required=True, help="catalog model name (see `fitsim models`)")
     p.add_argument("--task", choices=["finetune", "train", "infer"], default="finetune",
                    help="finetune (full, LoRA, QLoRA), train (pre-training) or infer (serving)")
@@ -40,7 +42,7 @@ def add_plan_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--gen-len", type=int, default=256, help="inference: generated tokens")
     p.add_argument("--max-gpus", type=int, default=None, help="most GPUs one setup may use")
     p.add_argument("--n-gpus", type=int, default=None, help="fixed GPU count")
-    p.add_argument("--budget-usd", type=float, default=None, help="most dollars the run may cost")
+    p.add_argument("--budget-usd", type=float, default=None, help="most dollars the run may cost (inference: per million generated tokens)")
     p.add_argument("--deadline-h", type=float, default=None, help="longest the run may take, hours")
     p.add_argument("--max-latency-s", type=float, default=None,
                    help="inference: longest time to generate one batch; with --rate, p99 request latency")

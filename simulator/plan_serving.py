@@ -201,6 +201,10 @@ def _families(ctx: Any) -> list[_Family]:
                 if given:
                     batches = [b for b in sp.micro_batches if b <= fam.max_batch]
                     fam.searched = len(sp.micro_batches)
+                    if not batches:
+                        b0 = min(sp.micro_batches)
+                        fam.overflow_text = (f"{_memory_text(peak(b0), b0, usable)}; at {fam.max_batch} "
+                                             f"sequence{'s' if fam.max_batch > 1 else ''} it fits")
                 else:
                     batches = sorted({b for b in LADDER if b <= fam.max_batch} | {fam.max_batch})
                     t = cons.max_tpot_s
@@ -227,9 +231,7 @@ class _Limits:
     max_utilization: float
 
     def without(self, name: str) -> "_Limits":
-        d = dict(self.__dict__)
-        d["n_gpus" if name == "n_gpus" else name] = None
-        return _Limits(**d)
+        return _Limits(**{**self.__dict__, name: None})
 
 
 @dataclass
@@ -338,9 +340,17 @@ def _evaluate(ctx: Any, fams: list[_Family], lim: _Limits) -> tuple[list[Any], d
                 rows.append(row.model_copy(update={"serving": row.serving.model_copy(
                     update={"batch_limit": _batch_limit(fam, i, outcomes, given)})}))
         if not got:
-            worst = max((f for _, f in outcomes if f is not None), key=lambda f: (f.stage, -f.order), default=None)
+            failed = [(c.batch, f) for c, (_, f) in zip(fam.cands, outcomes)]
+            worst = max((f for _, f in failed), key=lambda f: (f.stage, -f.order), default=None)
             if worst is None:  # the space's batches all overflow
                 worst = _Fail(1, "memory", fam.overflow_text or "no batch of the space fits", 0.0)
+            else:
+                # what stops the batches above the reported one (e.g. a TPOT target above a GPU cap)
+                at = next(b for b, f in failed if f is worst)
+                above = next(((b, f) for b, f in failed if b > at and f.stage < worst.stage), None)
+                if above is not None:
+                    worst = _Fail(worst.stage, worst.field, f"{worst.text}; batch {above[0]}: {above[1].text}",
+                                  worst.order)
             fails[fam.label] = worst
     return rows, fails
 

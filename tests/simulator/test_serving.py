@@ -308,3 +308,15 @@ def test_nothing_fits_names_memory():
         plan(model="llama-3.1-70b", task="infer", request_rate_per_s=1.0, constraints={"gpu": "l4-24gb"},
              space=dict(tp=[1], infer_weights=["none"]))
     assert "GiB usable" in str(exc.value)
+
+
+def test_batches_of_the_space_that_overflow_say_how_many_fit():
+    import re
+
+    res = plan(model=MODEL, task="infer", request_rate_per_s=2.0, prompt_len=P, gen_len=G,
+               space=dict(gpus=["l4-24gb", "h100-sxm-80gb"], tp=[1], infer_weights=["none"], micro_batches=[64, 128]))
+    why = res.rejected_reasons["weights none on 1x l4-24gb"]
+    assert why.startswith("KV cache for 64 sequences") and "GiB usable" in why
+    n = int(re.search(r"at (\d+) sequences it fits$", why).group(1))
+    usable = 0.95 * get_device("l4-24gb").memory_total_bytes
+    assert _est("l4-24gb", 1, "none", n).peak_memory_bytes <= usable < _est("l4-24gb", 1, "none", n + 1).peak_memory_bytes
