@@ -320,3 +320,24 @@ def test_batches_of_the_space_that_overflow_say_how_many_fit():
     n = int(re.search(r"at (\d+) sequences it fits$", why).group(1))
     usable = 0.95 * get_device("l4-24gb").memory_total_bytes
     assert _est("l4-24gb", 1, "none", n).peak_memory_bytes <= usable < _est("l4-24gb", 1, "none", n + 1).peak_memory_bytes
+
+
+def test_latency_budget_fixed_count_and_objectives():
+    cheap = _plan()
+    fast = _plan(objective="time")
+    assert fast.best.serving.latency_p99_s <= cheap.best.serving.latency_p99_s
+    assert cheap.best.serving.usd_per_hour <= fast.best.serving.usd_per_hour
+    # with a rate, max_latency_s bounds the p99 arrival-to-last-token time
+    target = cheap.best.serving.latency_p99_s * 0.9
+    res = _plan(constraints={**TARGETS, "max_latency_s": target})
+    assert res.best.serving.latency_p99_s <= target
+    with pytest.raises(PlanError, match=r"constraints\.max_latency_s=0\.5 s is binding.*p99 latency"):
+        _plan(constraints={**TARGETS, "max_latency_s": 0.5})
+    # n_gpus fixes the fleet: every row uses exactly that many GPUs
+    four = _plan(constraints={"max_tpot_s": 0.08, "n_gpus": 4})
+    assert {r.n_gpus for r in four.ranked} == {4}
+    # budget_usd: dollars per million output tokens at the served rate
+    usd_m = cheap.best.serving.usd_per_million_output_tokens
+    with pytest.raises(PlanError, match=r"budget_usd=.* is binding.*costs \$"):
+        _plan(constraints={**TARGETS, "budget_usd": usd_m * 0.5})
+    assert _plan(constraints={**TARGETS, "budget_usd": usd_m * 1.01}).best.serving.usd_per_million_output_tokens <= usd_m
