@@ -51,19 +51,22 @@ def replica_capacity_per_s(batch: int, prefill_batch_s: float, tpot_s: float, ge
     return batch / slot_time_s(prefill_batch_s, tpot_s, gen_len)
 
 
-def utilization(rate_per_s: float, replicas: int, capacity_per_replica_per_s: float) -> float:
+def utilization(rate_per_s: float, replicas: np.ndarray | int, capacity_per_replica_per_s: float) -> np.ndarray | float:
     """Share of the fleet's capacity the request rate uses (the M/D/c server utilization)."""
     return rate_per_s / (replicas * capacity_per_replica_per_s)
 
 
-def prefill_share(rate_per_replica_per_s: float, prefill_batch_s: float, batch: int) -> float:
+def prefill_share(rate_per_replica_per_s: np.ndarray | float, prefill_batch_s: float, batch: int) -> np.ndarray | float:
     """Share of a replica's time spent prefilling new prompts (batched ``batch`` at a time)."""
     return rate_per_replica_per_s * prefill_batch_s / batch
 
 
-def mean_tpot_s(tpot_s: float, prefill_share_: float) -> float:
-    """Mean time between two tokens of a running sequence, decode iterations paused by prefills."""
-    return tpot_s / (1.0 - prefill_share_) if prefill_share_ < 1.0 else math.inf
+def mean_tpot_s(tpot_s: float, prefill_share_: np.ndarray | float) -> np.ndarray | float:
+    """Mean time between two tokens of a running sequence, decode iterations paused by prefills
+    (infinite once prefills take all of the replica's time)."""
+    share = np.asarray(prefill_share_, dtype=float)
+    out = np.where(share < 1.0, tpot_s / np.maximum(1.0 - share, 1e-300), math.inf)
+    return float(out) if out.ndim == 0 else out
 
 
 def erlang_c(servers: np.ndarray | int, offered_erlangs: float) -> np.ndarray:
@@ -239,10 +242,8 @@ def serving_point(rate_per_s: float, replicas: np.ndarray | int, batch: int, pre
     r = np.atleast_1d(np.asarray(replicas, dtype=np.int64))
     service = slot_time_s(prefill_batch_s, tpot_s, gen_len)
     cap = replica_capacity_per_s(batch, prefill_batch_s, tpot_s, gen_len)
-    util = rate_per_s / (r * cap)
-    share = (rate_per_s / r) * prefill_batch_s / batch
-    with np.errstate(divide="ignore"):
-        tpot_mean = np.where(share < 1.0, tpot_s / np.maximum(1.0 - share, 1e-300), math.inf)
+    util = utilization(rate_per_s, r, cap)
+    tpot_mean = mean_tpot_s(tpot_s, prefill_share(rate_per_s / r, prefill_batch_s, batch))
     offered = rate_per_s * service
     servers = r * batch
     wait_mean = mdc_wait_mean_s(servers, offered, service)
