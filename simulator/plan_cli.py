@@ -29,7 +29,9 @@ def add_plan_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "plan", help="pick the best setup under constraints",
         description="Search GPU types and counts, methods, optimizers, micro-batches, checkpointing and "
-                    "sharding for the setup that best meets an objective under the constraints.")
+                    "sharding for the setup that best meets an objective under the constraints.  With --task infer "
+                    "--rate, size a serving fleet instead: GPU type, GPUs per replica, replicas, weight format and "
+                    "concurrency under --max-ttft / --max-tpot / --max-latency-s.")
     p.add_argument("--model", required=True, help="catalog model name (see `fitsim models`)")
     p.add_argument("--task", choices=["finetune", "train", "infer"], default="finetune",
                    help="finetune (full, LoRA, QLoRA), train (pre-training) or infer (serving)")
@@ -40,9 +42,17 @@ def add_plan_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--gen-len", type=int, default=256, help="inference: generated tokens")
     p.add_argument("--max-gpus", type=int, default=None, help="most GPUs one setup may use")
     p.add_argument("--n-gpus", type=int, default=None, help="fixed GPU count")
-    p.add_argument("--budget-usd", type=float, default=None, help="most dollars the run may cost")
+    p.add_argument("--budget-usd", type=float, default=None, help="most dollars the run may cost (inference: per million generated tokens)")
     p.add_argument("--deadline-h", type=float, default=None, help="longest the run may take, hours")
-    p.add_argument("--max-latency-s", type=float, default=None, help="inference: longest time to generate one batch")
+    p.add_argument("--max-latency-s", type=float, default=None,
+                   help="inference: longest time to generate one batch; with --rate, p99 request latency")
+    p.add_argument("--rate", type=float, default=None,
+                   help="inference: requests per second to serve (sizes replicas under continuous batching)")
+    p.add_argument("--max-ttft", type=float, default=None, help="serving: p99 time to first token, seconds")
+    p.add_argument("--max-tpot", type=float, default=None, help="serving: mean time per output token, seconds")
+    p.add_argument("--max-utilization", type=float, default=None,
+                   help="serving: most of the fleet's capacity the rate may use (default 0.9)")
+    p.add_argument("--tp", default=None, help="comma-separated tensor-parallel degrees (serving: GPUs per replica)")
     p.add_argument("--headroom", type=float, default=0.05, help="share of GPU memory left free (default 0.05)")
     p.add_argument("--max-oom-prob", type=float, default=None, dest="max_oom_probability",
                    help="largest accepted probability of running out of memory, from the error bands (e.g. 0.05)")
@@ -61,6 +71,8 @@ def add_plan_parser(subparsers: Any) -> argparse.ArgumentParser:
 def _inputs(args: argparse.Namespace) -> tuple[dict, dict, dict]:
     job = {"model": args.model, "task": args.task, "seq_len": args.seq_len, "prompt_len": args.prompt_len,
            "gen_len": args.gen_len}
+    if args.rate is not None:
+        job["request_rate_per_s"] = args.rate
     if args.tokens is not None:
         job["total_tokens"] = args.tokens
     cons: dict[str, Any] = {"min_headroom_fraction": args.headroom}
@@ -68,6 +80,9 @@ def _inputs(args: argparse.Namespace) -> tuple[dict, dict, dict]:
               "max_oom_probability"):
         if getattr(args, k) is not None:
             cons[k] = getattr(args, k)
+    for flag, k in (("max_ttft", "max_ttft_s"), ("max_tpot", "max_tpot_s"), ("max_utilization", "max_utilization")):
+        if getattr(args, flag) is not None:
+            cons[k] = getattr(args, flag)
     if args.deadline_h is not None:
         cons["deadline_s"] = args.deadline_h * 3600.0
     space: dict[str, Any] = {}
@@ -81,6 +96,11 @@ def _inputs(args: argparse.Namespace) -> tuple[dict, dict, dict]:
             space["gpu_counts"] = [int(x) for x in args.gpu_counts.split(",") if x.strip()]
         except ValueError:
             raise ValueError(f"--gpu-counts {args.gpu_counts!r}: give integers separated by commas") from None
+    if args.tp:
+        try:
+            space["tp"] = [int(x) for x in args.tp.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"--tp {args.tp!r}: give integers separated by commas") from None
     return job, cons, space
 
 
@@ -94,9 +114,51 @@ def _money(x: float | None) -> str:
     return "-" if x is None else f"${x:,.2f}"
 
 
+def _ms(s: float) -> str:
+    return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def render_serving(result: Any) -> str:
+    """A serving plan: the fleet per family, the latency-cost front and the rejected families."""
+    from .plan_serving import describe
+    from .units import fmt_bytes
+
+    head = ["#", "GPU", "replicas x tp", "weights", "batch", "TTFT p99", "TPOT mean", "latency p99", "util", "$/hour",
+            "$/M out tok", "peak/GPU", "headroom"]
+
+    def line(i: str, r: Any) -> list[str]:
+        s = r.serving
+        return [i, r.gpu, f"{s.replicas} x tp{s.gpus_per_replica}", s.weights, str(s.batch), _ms(s.ttft_p99_s),
+                _ms(s.tpot_mean_s), _ms(s.latency_p99_s), f"{s.utilization:.0%}", _money(s.usd_per_hour),
+                "-" if s.usd_per_million_output_tokens is None else f"${s.usd_per_million_output_tokens:,.3f}",
+                fmt_bytes(r.peak_memory_bytes), fmt_bytes(r.usable_memory_bytes - r.peak_memory_bytes)]
+
+    b = result.best
+    s = b.serving
+    out = [f"best ({result.objective}) for {s.request_rate_per_s:g} requests/s: {describe(b)}",
+           f"  batch: {s.batch_limit}",
+           f"  capacity {s.capacity_per_s:.3g} requests/s ({s.capacity_per_replica_per_s:.3g} per replica); "
+           f"TTFT mean {_ms(s.ttft_mean_s)}, p99 {_ms(s.ttft_p99_s)}; decode step {_ms(s.tpot_s)}, "
+           f"KV cache {fmt_bytes(s.kv_cache_bytes_per_sequence)} per sequence per GPU (fits {s.max_batch_fits})",
+           "", "ranked (best batch per GPU, GPUs per replica and weight format):"]
+    align = "rllllrrrrrrrr"
+    out += table([head] + [line(str(i + 1), r) for i, r in enumerate(result.ranked)], align)
+    out += ["", "latency-cost Pareto front:"]
+    out += table([head] + [line("*", r) for r in result.pareto], align)
+    if result.rejected_reasons:
+        out += ["", "ruled out:"]
+        out += table([[k, v] for k, v in result.rejected_reasons.items()], "ll")
+    out += ["", f"{result.candidates_evaluated:,} candidates screened, {result.candidates_estimated:,} estimated "
+                f"in {result.search_time_s:.2f} s"]
+    return "\n".join(out)
+
+
 def render_plan(result: Any) -> str:
     """The ranked table, the Pareto front and the rejected families as plain text."""
     from .units import fmt_bytes
+
+    if result.best.serving is not None:
+        return render_serving(result)
 
     head = ["#", "GPU", "method", "prec", "optimizer", "mb x ga", "ckpt", "parallel", "peak/GPU", "headroom",
             "step", "tok/s", "time", "cost", "kWh"]

@@ -36,6 +36,7 @@ from .config.scenario import model_from_name
 from .config.methods import Method
 from .config.model import ModelArch
 from .config.training import OptimizerName, Precision
+from .serving import ServingMetrics
 
 GiB = float(2**30)
 
@@ -92,11 +93,20 @@ class Job(Strict):
     """Inference: prompt tokens per request."""
     gen_len: int = Field(default=256, ge=0)
     """Inference: generated tokens per request."""
+    request_rate_per_s: float | None = Field(default=None, gt=0)
+    """Inference: requests arriving per second (Poisson); sizes a fleet of replicas under continuous
+    batching.  None = size one batch (max_latency_s is then the time to generate it)."""
 
     @field_validator("model", mode="before")
     @classmethod
     def _resolve_model(cls, v: Any) -> Any:
         return model_from_name(v)
+
+    @model_validator(mode="after")
+    def _rate_is_for_serving(self) -> "Job":
+        if self.request_rate_per_s is not None and self.task != "infer":
+            raise ValueError(f"request_rate_per_s applies to task 'infer', not {self.task!r}")
+        return self
 
 
 class SearchSpace(Strict):
@@ -169,10 +179,17 @@ class Constraints(Strict):
     global_batch_tokens: int | None = Field(default=None, ge=1)
     """Training: tokens per optimizer step (micro-batch x seq_len x dp x grad_accum); none = grad_accum 1."""
     max_latency_s: float | None = Field(default=None, gt=0)
-    """Inference: longest time to generate one batch (prefill + all decode steps)."""
+    """Inference: longest time to generate one batch (prefill + all decode steps); with a request rate,
+    the p99 time from a request's arrival to its last token."""
     max_oom_probability: float | None = Field(default=None, gt=0.0, lt=1.0)
     """Largest accepted probability that the measured peak exceeds the GPU's memory, from the engine's error
     bands (``simulator.uncertainty``); none = only the headroom rule."""
+    max_ttft_s: float | None = Field(default=None, gt=0)
+    """Serving (needs a request rate): p99 time to first token, queueing included, seconds."""
+    max_tpot_s: float | None = Field(default=None, gt=0)
+    """Serving (needs a request rate): mean time per output token, prefill interruptions included, seconds."""
+    max_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
+    """Serving: most of the fleet's capacity the request rate may use (room for bursts)."""
 
     @field_validator("gpu")
     @classmethod
@@ -224,6 +241,8 @@ class PlanRow(_Result):
     run_kwh: float | None = None
     p_oom: float | None = None
     """P(the measured peak exceeds the GPU's memory) from the error bands (None: no band for the setup)."""
+    serving: ServingMetrics | None = None
+    """Serving plans (a request rate): replicas, concurrency, latencies, utilization and $/hour."""
 
     @property
     def time_key(self) -> float:
@@ -397,6 +416,11 @@ def plan(model: Any = None, task: Any = "finetune", constraints: Constraints | d
         which = "budget_usd" if cons.budget_usd else "deadline_s"
         raise ValueError(f"constraints.{which} needs the job's total_tokens (how many tokens the run processes)")
     ctx = _Ctx(job, sp, cons, objective, top_n)
+    from .plan_serving import check_serving_fields, plan_serving
+
+    check_serving_fields(job, cons)
+    if job.request_rate_per_s is not None:
+        return plan_serving(ctx, t0)
     if job.task == "infer":
         rows, stats = _search_infer(ctx, bound, pareto)
     else:
