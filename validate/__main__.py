@@ -45,6 +45,19 @@ def _cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from .calibrate import CalibrationError, calibrate
+    from .schema import ResultsError
+
+    try:
+        report, _ = calibrate(args.results, device=args.device, yaml_path=args.yaml, write=args.write)
+    except (CalibrationError, ResultsError) as e:
+        print(f"calibrate: {e}", file=sys.stderr)
+        return 2
+    print(report)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m validate", description="Compare fitsim with measurements.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -60,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--json", action="store_true", help="machine-readable output")
     ps.add_argument("--worst", type=int, default=10, help="list the N largest relative errors")
     ps.set_defaults(func=_cmd_score)
+
+    pc = sub.add_parser("calibrate", help="fit a device's efficiency curves from a micro results file")
+    pc.add_argument("--results", required=True, help="results JSON of 'python -m validate run --suite micro'")
+    pc.add_argument("--device", help="hwprofiles device to calibrate (default: the one the fingerprint matches)")
+    pc.add_argument("--yaml", help="device YAML to rewrite (default: hwprofiles/devices/<device>.yaml)")
+    pc.add_argument("--write", action="store_true", help="rewrite the efficiency block (default: print old -> new)")
+    pc.set_defaults(func=_cmd_calibrate)
     return p
 
 
