@@ -27,7 +27,9 @@ Kinds and what one call is:
   param and moments written: 28 B/param).
 * ``dequant`` — bitsandbytes ``dequantize_4bit`` (nf4, blocksize 64, optionally double-quantised
   absmax) to bf16, or ``int8_vectorwise_dequant`` (row-wise int8 to fp32): the packed weight with its
-  scales read (``simulator.graph.build.quant_storage_bytes``) and the dequantised copy written.
+  scales read (``simulator.graph.build.quant_storage_bytes``) and the dequantised copy written.  The int8
+  one is a PyTorch composite of two elementwise kernels (x row scale, x 1/127), so it moves more than
+  the one read and one write counted.
 * ``h2d``, ``d2h`` — ``Tensor.copy_`` of ``size_bytes`` between host (pinned or pageable) and the GPU.
 * ``all_reduce``, ``all_gather``, ``reduce_scatter`` — ``torch.distributed`` over ``n_ranks`` processes on
   one node (NCCL on GPUs, gloo on CPU); ``size_bytes`` is the message size in nccl-tests conventions
@@ -803,7 +805,7 @@ def _run_dequant(case: MicroCase, device: str) -> Measurement:
         packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=p.double_quant)
         fn = lambda: bnbf.dequantize_4bit(packed, state)  # noqa: E731
     else:
-        packed, stats, _ = bnbf.int8_vectorwise_quant(w)
+        packed, stats, _ = bnbf.int8_vectorwise_quant(w.to(torch.float16))  # its CUDA kernel takes fp16 only
         fn = lambda: bnbf.int8_vectorwise_dequant(packed, stats)  # noqa: E731
     del w
     with torch.no_grad():

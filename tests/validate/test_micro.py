@@ -339,7 +339,7 @@ def test_predict_memory_bound_transfers_and_collectives():
     MicroCase.of("copy", rows=16384, cols=4096, dtype="bf16"),
     MicroCase.of("adamw", numel=10**7, tensor_numel=2**22, impl="fused"),
     MicroCase.of("h2d", size_bytes=2**26, pinned=True),
-    MicroCase.of("d2h", size_bytes=2**26, pinned=False),
+    MicroCase.of("d2h", size_bytes=2**26, pinned=True),
 ], ids=lambda c: c.case_id)
 def test_gpu_cases_measure_near_the_roofline(case):
     from validate.harness import match_device_profile
