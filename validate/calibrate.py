@@ -38,7 +38,12 @@ import numpy as np
 from hwprofiles import Device
 from hwprofiles.schema import GIGA, Efficiency
 
+from .micro import MicroCase
 from .schema import Measurement, ResultsFile
+
+Rows = list[tuple[MicroCase, Measurement]]
+"""The measured micro cases of a results file."""
+Curve = tuple[tuple[float, float], ...]
 
 MIN_STREAM_BYTES = 64 * 2**20
 """Copies (and transfers) at least this large measure the streaming bandwidth, not the launch latency."""
@@ -100,10 +105,8 @@ def resolve_device_name(results: ResultsFile, device: str | None, source: str = 
     return name, warning
 
 
-def micro_measurements(results: ResultsFile) -> list[tuple[object, Measurement]]:
+def micro_measurements(results: ResultsFile) -> Rows:
     """(MicroCase, Measurement) of every micro case measured ok, in file order."""
-    from .micro import MicroCase
-
     return [(MicroCase.from_spec(c.kind, c.spec), c.measured) for c in results.cases
             if c.suite == "micro" and c.status == "ok" and c.measured is not None and c.measured.time_s]
 
@@ -194,7 +197,7 @@ def _fmt(x: float) -> str:
     return f"{x:.4g}"
 
 
-def _kind_medians(rows, kinds: tuple[str, ...], peak_Bps: float) -> dict[str, tuple[float, int]]:
+def _kind_medians(rows: Rows, kinds: tuple[str, ...], peak_Bps: float) -> dict[str, tuple[float, int]]:
     out: dict[str, tuple[float, int]] = {}
     for kind in kinds:
         fr = [m.bytes_moved / m.time_s / peak_Bps for c, m in rows if c.kind == kind and m.bytes_moved
@@ -204,7 +207,7 @@ def _kind_medians(rows, kinds: tuple[str, ...], peak_Bps: float) -> dict[str, tu
     return out
 
 
-def fit_memory_bandwidth(rows, dev: Device) -> tuple[float, str] | None:
+def fit_memory_bandwidth(rows: Rows, dev: Device) -> tuple[float, str] | None:
     """Median achieved / peak bandwidth of the large copies; the other memory-bound kinds are reported."""
     peak = dev.memory_bandwidth_Bps
     med = _kind_medians(rows, ("copy", "rmsnorm", "layernorm", "softmax", "cross_entropy", "adamw", "dequant"), peak)
@@ -217,7 +220,7 @@ def fit_memory_bandwidth(rows, dev: Device) -> tuple[float, str] | None:
     return min(value, 1.0), text
 
 
-def _gemm_rows(rows, dev: Device, dtypes: tuple[str, ...], mem_fraction: float) -> list[tuple[float, float]]:
+def _gemm_rows(rows: Rows, dev: Device, dtypes: tuple[str, ...], mem_fraction: float) -> list[tuple[float, float]]:
     """(flops, achieved fraction of the dtype's peak) of the compute-bound GEMMs of ``dtypes``."""
     from simulator.compute import peak_flops
 
@@ -232,7 +235,7 @@ def _gemm_rows(rows, dev: Device, dtypes: tuple[str, ...], mem_fraction: float) 
     return out
 
 
-def fit_matmul(rows, dev: Device, mem_fraction: float) -> tuple[float, tuple[tuple[float, float], ...], str, str] | None:
+def fit_matmul(rows: Rows, dev: Device, mem_fraction: float) -> tuple[float, Curve, str, str] | None:
     """(max fraction, curve, citation of the max, citation of the curve) from the 16-bit GEMMs."""
     gemms = _gemm_rows(rows, dev, SIXTEEN_BIT, mem_fraction)
     if len(gemms) < 2:
@@ -252,7 +255,7 @@ def fit_matmul(rows, dev: Device, mem_fraction: float) -> tuple[float, tuple[tup
     return max_fraction, curve, max_text, curve_text
 
 
-def fit_matmul_fp8(rows, dev: Device, mem_fraction: float) -> tuple[float, str] | None:
+def fit_matmul_fp8(rows: Rows, dev: Device, mem_fraction: float) -> tuple[float, str] | None:
     """90th percentile of achieved / fp8 peak over the large fp8 GEMMs."""
     if dev.peak_tflops.fp8 is None:
         return None
@@ -265,7 +268,7 @@ def fit_matmul_fp8(rows, dev: Device, mem_fraction: float) -> tuple[float, str] 
                    f"(torch._scaled_mm, e4m3, per-tensor scales, fast accumulation): {_fmt(value)}")
 
 
-def fit_attention(rows, dev: Device) -> tuple[float, str] | None:
+def fit_attention(rows: Rows, dev: Device) -> tuple[float, str] | None:
     """Median of performed FLOP/s / dense 16-bit peak over flash forward+backward SDPA cases."""
     from simulator.compute import peak_flops
 
@@ -280,7 +283,7 @@ def fit_attention(rows, dev: Device) -> tuple[float, str] | None:
                    f"(range {_fmt(min(fr))}-{_fmt(max(fr))})")
 
 
-def fit_host_transfer(rows, dev: Device) -> tuple[float, str] | None:
+def fit_host_transfer(rows: Rows, dev: Device) -> tuple[float, str] | None:
     """Median achieved bandwidth of large pinned copies / the host link figure of the one-GPU system."""
     from hwprofiles.registry import system_for
 
@@ -336,6 +339,10 @@ def _round(value):
 # ---------------------------------------------------------------------------------------------
 
 
+def _show(value: float | None) -> str:
+    return "null" if value is None else f"{value:.4g}"
+
+
 def format_diff(old: Efficiency, new: Efficiency, sources: dict[str, str]) -> str:
     """old -> new for every field of the efficiency block, curve point by point."""
     lines = [f"{'field':<28} {'old':>12} {'new':>12}  fitted"]
@@ -350,8 +357,7 @@ def format_diff(old: Efficiency, new: Efficiency, sources: dict[str, str]) -> st
                 mark = "" if x in old_at else " (interpolated)"
                 lines.append(f"  {x:<26.3g} {was:>12.4g} {v:>12.4g}{mark}")
             continue
-        show = lambda v: "null" if v is None else f"{v:.4g}"  # noqa: E731
-        lines.append(f"{field:<28} {show(a):>12} {show(b):>12}  {fitted}")
+        lines.append(f"{field:<28} {_show(a):>12} {_show(b):>12}  {fitted}")
     return "\n".join(lines)
 
 
