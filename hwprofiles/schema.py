@@ -92,6 +92,10 @@ class Efficiency(_Strict):
     attention_fraction: float | None = Field(default=None, gt=0, le=1)
     """Fraction of the dense 16-bit peak a fused (flash / SDPA) attention kernel reaches on the FLOPs it
     performs; null = the GEMM curve."""
+    host_transfer_fraction: float | None = Field(default=None, gt=0, le=1)
+    """Measured pinned host<->device copy bandwidth for large copies / the host link figure of the device's
+    one-GPU system (``host.host_to_gpu_bandwidth_GBps``), from the micro suite's h2d/d2h cases
+    (``python -m validate calibrate``); null = the link figure as is."""
 
     @field_validator("matmul_curve", mode="before")
     @classmethod

@@ -324,15 +324,18 @@ def p2p_time_s(system: System, message_bytes, cross_node: bool, senders_per_node
     return _out(net.latency_us * US + size / bandwidth)
 
 
-def host_transfer_time_s(system: System, nbytes):
+def host_transfer_time_s(system: System, nbytes, measured_fraction: float | None = None):
     """Time to copy ``nbytes`` between host memory and one GPU in one direction (CPU offload).
 
     ``nbytes / host_to_gpu_bandwidth``: each GPU has its own link (PCIe x16, or its share of
     NVLink-C2C), so GPUs offloading at once do not slow each other ("aggregate PCI-E bandwidth
     between GPU and CPU across all the GPUs", DeepSpeed ZeRO-3 Offload post, reference §6.2).
     Bandwidth-bound; pinned host memory is assumed (pageable copies are slower).
+    ``measured_fraction``: the device's calibrated ``efficiency.host_transfer_fraction`` (achieved /
+    link figure, from the micro suite); None: the link figure as is.
     """
-    return _out(_bytes(nbytes, "nbytes") / (system.host.host_to_gpu_bandwidth_GBps * GB))
+    fraction = 1.0 if measured_fraction is None else measured_fraction
+    return _out(_bytes(nbytes, "nbytes") / (system.host.host_to_gpu_bandwidth_GBps * GB * fraction))
 
 
 def nvme_transfer_time_s(system: System, nbytes, concurrent_gpus=None):

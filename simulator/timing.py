@@ -217,7 +217,7 @@ def train_step_time(sc, ct: CostTable, dev: Device, system, B: tuple) -> TrainTi
     opt_s = off_s = 0.0
     if par.offload_optimizer != "none":
         # gradients down and updated 16-bit weights up over PCIe; the step on the host CPU
-        pcie = float(comm.host_transfer_time_s(system, n_upd * (grad_elem + cd)))
+        pcie = float(comm.host_transfer_time_s(system, n_upd * (grad_elem + cd), dev.efficiency.host_transfer_fraction))
         rate = system.host.cpu_adam_params_per_s
         cpu = n_upd / rate if rate else 0.0
         # ZeRO-Infinity: the fp32 master and both moments (12 B/param) read and written back per step,
@@ -230,7 +230,7 @@ def train_step_time(sc, ct: CostTable, dev: Device, system, B: tuple) -> TrainTi
                                                              par.deepspeed), dev))
     if par.offload_params != "none":
         shard = all_params_16 / max(1, n_shard)
-        pcie = float(comm.host_transfer_time_s(system, 2.0 * shard)) * m
+        pcie = float(comm.host_transfer_time_s(system, 2.0 * shard, dev.efficiency.host_transfer_fraction)) * m
         off_s += max(0.0, pcie - (slow.forward_s + slow.backward_s) * m)
     step = pipe_s + dp_exposed + opt_s + off_s
     return TrainTime(

@@ -10,6 +10,8 @@
                                                  measure on this machine; one results file per run
   report [RESULTS ...] [--published FILE] [--html FILE] [--json] [--device NAME]
                                                  predicted vs measured, per-suite errors, worst cases
+  calibrate --results FILE [--device NAME] [--yaml PATH] [--write]
+                                                 fit a device's efficiency curves from a micro results file
 """
 
 from __future__ import annotations
@@ -146,6 +148,19 @@ def _cmd_bands(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from .calibrate import CalibrationError, calibrate
+    from .schema import ResultsError
+
+    try:
+        report, _ = calibrate(args.results, device=args.device, yaml_path=args.yaml, write=args.write)
+    except (CalibrationError, ResultsError) as e:
+        print(f"calibrate: {e}", file=sys.stderr)
+        return 2
+    print(report)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m validate", description="Compare fitsim with measurements.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -189,6 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--min-n", type=int, default=None, help="fewest residuals per cell (default 20)")
     pb.add_argument("--min-groups", type=int, default=None, help="fewest source groups per cell (default 2)")
     pb.set_defaults(func=_cmd_bands)
+
+    pc = sub.add_parser("calibrate", help="fit a device's efficiency curves from a micro results file")
+    pc.add_argument("--results", required=True, help="results JSON of 'python -m validate run --suite micro'")
+    pc.add_argument("--device", help="hwprofiles device to calibrate (default: the one the fingerprint matches)")
+    pc.add_argument("--yaml", help="device YAML to rewrite (default: hwprofiles/devices/<device>.yaml)")
+    pc.add_argument("--write", action="store_true", help="rewrite the efficiency block (default: print old -> new)")
+    pc.set_defaults(func=_cmd_calibrate)
     return p
 
 
