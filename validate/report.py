@@ -233,6 +233,8 @@ def _val(x: float, unit: str) -> str:
     if unit == "bytes":
         return f"{x / 2**30:.3f} GiB"
     if unit == "s":
+        if x < 1e-3:
+            return f"{x * 1e6:.2f} us"
         return f"{x * 1e3:.3f} ms" if x < 1 else f"{x:.3f} s"
     return "fits" if x == 1 else ("OOM" if x == 0 else "n/a")
 
