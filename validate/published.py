@@ -111,7 +111,7 @@ FRAMEWORK_DEFAULTS["other"] = _HF
 UNPADDED_FRAMEWORKS = frozenset({"torchtune", "torchtitan", "megatron", "nemo", "deepspeed"})
 
 # Families whose transformers implementation has no SDPA path (attention scores are materialised).
-EAGER_ONLY_FAMILIES = frozenset({"t5", "bloom", "qwen"})
+EAGER_ONLY_FAMILIES = frozenset({"t5", "bloom", "qwen", "gptj"})
 
 # PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING for the families in the catalog.
 PEFT_DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -122,6 +122,7 @@ PEFT_DEFAULT_TARGETS: dict[str, list[str]] = {
     "bloom": ["query_key_value"],
     "falcon": ["query_key_value"],
     "gpt_neox": ["query_key_value"],
+    "gptj": ["q_proj", "v_proj"],
     "phi": ["q_proj", "v_proj"],
     "t5": ["q", "v"],
     "bert": ["query", "value"],
@@ -146,7 +147,7 @@ OPTIMIZERS = {"adamw": "adamw", "adam": "adam", "adamw-8bit": "adamw-8bit", "pag
               "paged-adamw-32bit": "paged-adamw-32bit", "sgd": "sgd", "adafactor": "adafactor", "lion": "lion"}
 QUANTS = {"nf4": "nf4", "fp4": "fp4", "int8": "int8", "int4-gptq": "gptq", "int4-awq": "awq", "fp8": "fp8"}
 FAMILIES = {"llama": "llama", "qwen": "qwen", "gpt": "gpt2", "gpt2": "gpt2", "gpt-neox": "gpt_neox",
-            "gpt_neox": "gpt_neox", "t5": "t5", "phi": "phi", "bloom": "bloom", "falcon": "falcon", "opt": "opt"}
+            "gpt_neox": "gpt_neox", "gptj": "gptj", "gpt-j": "gptj", "t5": "t5", "phi": "phi", "bloom": "bloom", "falcon": "falcon", "opt": "opt"}
 # Architecture details a record never carries, per family (the HF implementation's choices).
 FAMILY_ARCH: dict[str, dict[str, Any]] = {
     "llama": {},
@@ -160,6 +161,8 @@ FAMILY_ARCH: dict[str, dict[str, Any]] = {
     "falcon": dict(norm="layernorm", activation="gelu", gated_mlp=False, norm_bias=True, parallel_block=True),
     "bloom": dict(position="alibi", norm="layernorm", activation="gelu_tanh", gated_mlp=False, qkv_bias=True,
                   attn_out_bias=True, mlp_bias=True, norm_bias=True),
+    "gptj": dict(norm="layernorm", activation="gelu_tanh", gated_mlp=False, mlp_bias=True, norm_bias=True,
+                 parallel_block=True, lm_head_bias=True),
     "phi": dict(norm="layernorm", activation="gelu_tanh", gated_mlp=False, qkv_bias=True, attn_out_bias=True,
                 mlp_bias=True, norm_bias=True, parallel_block=True, lm_head_bias=True),
     "t5": dict(arch="encoder_decoder", position="relative", activation="gelu_tanh"),

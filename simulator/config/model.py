@@ -21,6 +21,7 @@ Family = Literal[
     "bloom",
     "falcon",
     "gpt_neox",
+    "gptj",  # GPT-J: one LayerNorm feeding attention and MLP in parallel, partial rotary, biased MLP and LM head
     "phi",
     "t5",
     "bert",

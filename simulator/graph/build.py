@@ -70,6 +70,9 @@ NAMES: dict[str, Names] = {
     "gpt_neox": Names("gpt_neox.embed_in", None, "gpt_neox.layers", "gpt_neox.final_layer_norm", "embed_out",
                       "input_layernorm", "post_attention_layernorm", "", "", "", "attention.query_key_value",
                       "attention.dense", None, "mlp.dense_h_to_4h", "mlp.dense_4h_to_h", act="mlp.act"),
+    "gptj": Names("transformer.wte", None, "transformer.h", "transformer.ln_f", "lm_head", "ln_1", "ln_1",
+                  "attn.q_proj", "attn.k_proj", "attn.v_proj", None, "attn.out_proj", None, "mlp.fc_in",
+                  "mlp.fc_out", act="mlp.act"),
     "phi": Names("model.embed_tokens", None, "model.layers", "model.final_layernorm", "lm_head", "input_layernorm",
                  "input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", None,
                  "self_attn.dense", None, "mlp.fc1", "mlp.fc2", act="mlp.activation_fn"),
@@ -106,7 +109,7 @@ def names_of(arch: ModelArch) -> Names:
 
 
 # families whose "gelu_tanh" is HF's Python NewGELUActivation ("gelu_new"), not F.gelu(approximate="tanh")
-PYTHON_GELU_FAMILIES = frozenset({"gpt2", "phi", "t5"})
+PYTHON_GELU_FAMILIES = frozenset({"gpt2", "gptj", "phi", "t5"})
 
 
 # HF eager attention: these families run softmax in the input dtype; the others upcast to fp32
