@@ -24,6 +24,7 @@ Family = Literal[
     "gptj",  # GPT-J: one LayerNorm feeding attention and MLP in parallel, partial rotary, biased MLP and LM head
     "phi",
     "t5",
+    "torch",  # plain PyTorch post-LN decoder: nn.MultiheadAttention, norm(x + attn), norm(x + MLP), learned positions
     "bert",
     "roberta",
     "deberta_v2",
