@@ -59,13 +59,14 @@ class OpArrays:
     elementwise_bytes: tuple[float, ...]  # bytes of non-parameter tensors created in forward (coefficients)
     dequant_bytes: float  # QLoRA: packed bytes read + 16-bit bytes written per forward
     n_kernels: int  # operators issued per forward (tensor-producing ops of the trace)
+    encoder: bool = False  # the encoder stack of an encoder-decoder model (runs once per prompt, not per decode step)
 
     @property
     def has_attention(self) -> bool:
         return any(op.attention for op in self.ops)
 
 
-def _part(where, layers, tr, arch, recompute_until: int | None, quant_rows) -> OpArrays:
+def _part(where, layers, tr, arch, recompute_until: int | None, quant_rows, encoder: bool = False) -> OpArrays:
     ops = tuple(
         Op(tuple(op.fwd_flops.c), tuple(op.bwd_flops.c), tuple(op.fwd_bytes.c), op.op == "attention",
            op.op == "attention" and arch.arch == "decoder",
@@ -80,7 +81,7 @@ def _part(where, layers, tr, arch, recompute_until: int | None, quant_rows) -> O
                 ew[i] += c * k
     deq = sum(r.storage_bytes + 2.0 * r.numel for r in quant_rows)
     n_kernels = sum(1 for t in tr.tensors if not t.is_param) + len(quant_rows)
-    return OpArrays(where, tuple(layers), ops, tuple(ew), deq, n_kernels)
+    return OpArrays(where, tuple(layers), ops, tuple(ew), deq, n_kernels, encoder)
 
 
 def op_arrays(ct: CostTable) -> tuple[OpArrays, ...]:
@@ -100,7 +101,9 @@ def op_arrays(ct: CostTable) -> tuple[OpArrays, ...]:
         if v.checkpointed:
             until = max((tid for _, tid in v.trace.saves if tid not in global_ids), default=-1)
         rows = [r for r in quant_by_part["block"] if r.layers == tuple(v.layers)]
-        parts.append(_part("block", v.layers, v.trace, ct.arch, until, rows))
+        # encoder-decoder variants are keyed (..., is_decoder) and the encoder's final norm ("encoder_final_norm",)
+        encoder = ct.arch.arch == "encoder_decoder" and (v.key[-1] is False or v.key == ("encoder_final_norm",))
+        parts.append(_part("block", v.layers, v.trace, ct.arch, until, rows, encoder))
     parts.append(_part("post", (0,), mt.post, ct.arch, None, quant_by_part["post"]))
     out = tuple(parts)
     ct.__dict__["_ops"] = out

@@ -170,18 +170,39 @@ def deepspeed_weight_dtype(compute_dtype: str, param_dtype: str) -> str:
     return compute_dtype if compute_dtype in ("bf16", "fp16") else param_dtype
 
 
+def deepspeed_master_bytes(par: Parallel, weight_dtype: str) -> float:
+    """Bytes per parameter of DeepSpeed's master copy and of the gradient partition the optimizer reads: fp32, or
+    bf16 with ``bf16_master_weights_and_grads`` (DeepSpeed PR #7700; DeepSpeedExamples
+    training/bf16_master_weight README, "Memory Breakdown": master weights and master gradients 4N -> 2N bytes)."""
+    if weight_dtype == "fp32":
+        return 4.0
+    return 2.0 if par.bf16_master_weights_and_grads else 4.0
+
+
+def zero3_step_temp_bytes(partition_numel: float, sub_group_size: int, grad_elem: float, master_grad_elem: float) -> float:
+    """ZeRO-3's optimizer step walks the rank's partition one sub-group (at most ``sub_group_size`` elements) at a
+    time: ``_prepare_fp32_grad_for_sub_group`` flattens the sub-group's 16-bit gradient partitions (a new tensor)
+    and converts it to the master dtype (another, unless the dtypes match), and the step releases it before the
+    next sub-group (deepspeed/runtime/zero/stage3.py)."""
+    sub = min(float(sub_group_size), partition_numel)
+    return sub * (grad_elem + (master_grad_elem if master_grad_elem != grad_elem else 0.0))
+
+
 def model_state_bytes(rp: RankParams, par: Parallel, optimizer_name: str, optimizer_impl: str, beta1: bool,
                       param_dtype: str, compute_dtype: str, n_shard: int) -> ModelStates:
     """Model states on one rank (see the module docstring for the rules and citations)."""
     N = max(1, n_shard)
     paged = mem.optimizer_is_paged(optimizer_name)
+    master_grad_elem = 4.0
     if par.deepspeed:
         wdt = deepspeed_weight_dtype(compute_dtype, param_dtype)
         trainable = rp.trainable_numel * dtype_bytes(wdt)
         grads = trainable
-        master = rp.trainable_numel * 4.0 if wdt != "fp32" else 0.0
-        fp32_groups = [(n, "fp32", s, c) for n, _, s, c in rp.groups]
-        states = mem.optimizer_state_bytes(fp32_groups, optimizer_name, beta1) + master
+        master_grad_elem = deepspeed_master_bytes(par, wdt)
+        master = rp.trainable_numel * master_grad_elem if wdt != "fp32" else 0.0
+        state_dt = "bf16" if par.bf16_optimizer_states else "fp32"
+        state_groups = [(n, state_dt, s, c) for n, _, s, c in rp.groups]
+        states = mem.optimizer_state_bytes(state_groups, optimizer_name, beta1) + master
         grad_elem = dtype_bytes(wdt)
     elif par.fsdp not in ("none", "no_shard") and compute_dtype in ("bf16", "fp16"):
         # FSDP's MixedPrecisionPolicy(param_dtype=16-bit, reduce_dtype=fp32): the sharded parameters, their
@@ -227,7 +248,9 @@ def model_state_bytes(rp: RankParams, par: Parallel, optimizer_name: str, optimi
         # the IPG / reduce bucket in the weight dtype (never larger than the gradients themselves)
         bucket = min(float(par.reduce_bucket_elems), rp.trainable_numel) * grad_elem
         if par.zero < 3 and N > 1:
-            step_temp = rp.trainable_numel * 4.0 / N  # the fp32 gradient partition at the step
+            step_temp = rp.trainable_numel * master_grad_elem / N  # the master-dtype gradient partition at the step
+        elif par.zero >= 3:
+            step_temp = zero3_step_temp_bytes(rp.trainable_numel / N, par.sub_group_size, grad_elem, master_grad_elem)
     elif par.dp > 1 and par.fsdp in ("none", "no_shard") and not par.ddp_bucket_view:
         bucket = grads  # DDP's flat buckets hold a second copy of every gradient
     if par.offload_optimizer != "none":

@@ -75,8 +75,10 @@ class StageCompute:
     n_blocks: int
 
 
-def stage_compute(ct: CostTable, par, B: tuple, dev: Device, dtype: str, stage: int, training: bool) -> StageCompute:
-    """Compute of one micro-batch on one rank of ``stage``."""
+def stage_compute(ct: CostTable, par, B: tuple, dev: Device, dtype: str, stage: int, training: bool,
+                  decode_step: bool = False) -> StageCompute:
+    """Compute of one micro-batch on one rank of ``stage``.  ``decode_step``: one generated token, so an
+    encoder-decoder model runs its decoder only (the encoder output is computed once, at prefill)."""
     fused_attention = ct.plan.attention not in ("eager", "sdpa-math")
     layers = sh.stage_layer_ranges(ct.n_blocks, par.pp)[stage]
     f = b = r = attn = 0.0
@@ -88,7 +90,7 @@ def stage_compute(ct: CostTable, par, B: tuple, dev: Device, dtype: str, stage: 
             n = int(stage == par.pp - 1)
         else:
             n = sum(1 for i in part.layers if i in layers)
-        if not n:
+        if not n or (decode_step and part.encoder):
             continue
         t = cp_.part_time(part, B, dev, dtype, par.tp, par.cp, training, fused_attention)
         f += n * t.forward_s
@@ -265,7 +267,7 @@ def infer_time(sc, ct: CostTable, dev: Device, system) -> InferTime:
     prefill = decode = tp_p = tp_d = 0.0
     for st in range(par.pp):
         sp_ = stage_compute(ct, par, Bp, dev, dtype, st, False)
-        sd = stage_compute(ct, par, Bd, dev, dtype, st, False)
+        sd = stage_compute(ct, par, Bd, dev, dtype, st, False, decode_step=True)
         prefill += sp_.forward_s
         decode += sd.forward_s
         tp_p += sp_.n_blocks * 2 * _coll(system, "all_reduce", w.batch * w.prompt_len * h * cd, par.tp, lay.tp)

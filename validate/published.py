@@ -111,7 +111,7 @@ FRAMEWORK_DEFAULTS["other"] = _HF
 UNPADDED_FRAMEWORKS = frozenset({"torchtune", "torchtitan", "megatron", "nemo", "deepspeed"})
 
 # Families whose transformers implementation has no SDPA path (attention scores are materialised).
-EAGER_ONLY_FAMILIES = frozenset({"t5", "bloom", "qwen"})
+EAGER_ONLY_FAMILIES = frozenset({"t5", "bloom", "qwen", "gptj"})
 
 # PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING for the families in the catalog.
 PEFT_DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -122,6 +122,7 @@ PEFT_DEFAULT_TARGETS: dict[str, list[str]] = {
     "bloom": ["query_key_value"],
     "falcon": ["query_key_value"],
     "gpt_neox": ["query_key_value"],
+    "gptj": ["q_proj", "v_proj"],
     "phi": ["q_proj", "v_proj"],
     "t5": ["q", "v"],
     "bert": ["query", "value"],
@@ -146,7 +147,7 @@ OPTIMIZERS = {"adamw": "adamw", "adam": "adam", "adamw-8bit": "adamw-8bit", "pag
               "paged-adamw-32bit": "paged-adamw-32bit", "sgd": "sgd", "adafactor": "adafactor", "lion": "lion"}
 QUANTS = {"nf4": "nf4", "fp4": "fp4", "int8": "int8", "int4-gptq": "gptq", "int4-awq": "awq", "fp8": "fp8"}
 FAMILIES = {"llama": "llama", "qwen": "qwen", "gpt": "gpt2", "gpt2": "gpt2", "gpt-neox": "gpt_neox",
-            "gpt_neox": "gpt_neox", "t5": "t5", "phi": "phi", "bloom": "bloom", "falcon": "falcon", "opt": "opt"}
+            "gpt_neox": "gpt_neox", "gptj": "gptj", "gpt-j": "gptj", "t5": "t5", "phi": "phi", "bloom": "bloom", "falcon": "falcon", "opt": "opt"}
 # Architecture details a record never carries, per family (the HF implementation's choices).
 FAMILY_ARCH: dict[str, dict[str, Any]] = {
     "llama": {},
@@ -160,15 +161,21 @@ FAMILY_ARCH: dict[str, dict[str, Any]] = {
     "falcon": dict(norm="layernorm", activation="gelu", gated_mlp=False, norm_bias=True, parallel_block=True),
     "bloom": dict(position="alibi", norm="layernorm", activation="gelu_tanh", gated_mlp=False, qkv_bias=True,
                   attn_out_bias=True, mlp_bias=True, norm_bias=True),
+    "gptj": dict(norm="layernorm", activation="gelu_tanh", gated_mlp=False, mlp_bias=True, norm_bias=True,
+                 parallel_block=True, lm_head_bias=True),
     "phi": dict(norm="layernorm", activation="gelu_tanh", gated_mlp=False, qkv_bias=True, attn_out_bias=True,
                 mlp_bias=True, norm_bias=True, parallel_block=True, lm_head_bias=True),
     "t5": dict(arch="encoder_decoder", position="relative", activation="gelu_tanh"),
+    "torch": dict(position="learned", norm="layernorm", activation="gelu", gated_mlp=False, qkv_bias=True,
+                  attn_out_bias=True, mlp_bias=True, norm_bias=True, lm_head_bias=True),
 }
 
 MEMORY_METRICS = ("peak_memory_per_gpu_GB", "peak_memory_total_GB")
 TIME_METRICS = ("step_time_s", "tokens_per_s_per_gpu", "tokens_per_s_total", "samples_per_s_total", "tflops_per_gpu",
                 "mfu", "decode_time_per_token_s")
-SUPPORTED_METRICS = (*MEMORY_METRICS, "fits", "max_seq_len_fit", "model_states_per_gpu_GB", *TIME_METRICS)
+DEVICE_MAP_METRICS = ("other:gpu_memory_inference_gpu0",)
+SUPPORTED_METRICS = (*MEMORY_METRICS, "fits", "max_seq_len_fit", "model_states_per_gpu_GB", *TIME_METRICS,
+                     *DEVICE_MAP_METRICS)
 SPEED_METRICS = ("step_time_s", "tokens_per_s_per_gpu", "tokens_per_s_total", "samples_per_s_total",
                  "tflops_per_gpu", "mfu", "decode_time_per_token_s", "run_time_s")
 
@@ -189,7 +196,48 @@ def _defaults(sc: dict) -> dict[str, Any]:
     return FRAMEWORK_DEFAULTS.get(sc.get("framework") or "other", FRAMEWORK_DEFAULTS["other"])
 
 
-def _model(m: dict, notes: list[str]) -> ModelArch:
+# Megatron-LM / Megatron-DeepSpeed GPT: the GPT-2 BPE vocabulary (50,257 tokens) padded by
+# ``_vocab_size_with_padding`` to a multiple of ``make_vocab_size_divisible_by`` (default 128) x tensor-parallel size.
+GPT2_BPE_VOCAB = 50257
+MEGATRON_VOCAB_DIVISIBLE_BY = 128
+
+
+def megatron_padded_vocab(orig_vocab: int, tp: int, divisible_by: int = MEGATRON_VOCAB_DIVISIBLE_BY) -> int:
+    """Megatron's ``_vocab_size_with_padding``: the next multiple of ``divisible_by * tp``."""
+    multiple = divisible_by * tp
+    return -(-orig_vocab // multiple) * multiple
+
+
+# Block structures a record may name for a model outside the catalog (family "other"): the words in its
+# name / notes that identify a template, in the order they are tried.
+OTHER_FAMILY_HINTS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("gptj", ("gpt-j", "gptj")),
+    ("torch", ("nn.multiheadattention", "post-ln", "post-norm", "nn.transformerencoderlayer")),
+    ("gpt_neox", ("neox",)),
+    ("falcon", ("falcon",)),
+    ("bloom", ("bloom",)),
+    ("opt", ("opt-",)),
+    ("llama", ("llama", "rmsnorm", "swiglu", "mistral")),
+    ("gpt2", ("gpt-2", "gpt2", "learned position")),
+)
+
+
+def _other_family(m: dict, text: str, notes: list[str]) -> str:
+    """Template for a ``family: "other"`` model from what its record says, else a generic decoder."""
+    hay = " ".join(str(m.get(k) or "") for k in ("name", "hf_id")).lower() + " " + text
+    for fam, words in OTHER_FAMILY_HINTS:
+        hit = next((w for w in words if w in hay), None)
+        if hit:
+            notes.append(f"family 'other': the record names {hit!r} -> {fam} block template")
+            return fam
+    h, i = m.get("hidden"), m.get("intermediate")
+    fam = "gpt2" if h and i and i == 4 * h else "llama"
+    notes.append(f"family 'other' with no named block structure: generic decoder template {fam} "
+                 f"({'4h MLP -> LayerNorm, GELU, learned positions, biases' if fam == 'gpt2' else 'gated MLP -> RMSNorm, SwiGLU, RoPE'})")
+    return fam
+
+
+def _model(m: dict, notes: list[str], text: str = "", sc: dict | None = None) -> ModelArch:
     errors = []
     for key in ("hf_id", "name"):
         name = m.get(key)
@@ -199,23 +247,46 @@ def _model(m: dict, notes: list[str]) -> ModelArch:
             return get_model(name)
         except Exception as err:  # UnknownNameError, or a catalog error
             errors.append(str(err).split(";")[0])
-    fam = FAMILIES.get((m.get("family") or "").lower())
-    needed = ("n_layers", "hidden", "n_heads", "intermediate", "vocab")
-    missing = [k for k in needed if not m.get(k)]
+    sc = sc or {}
+    raw_family = (m.get("family") or "").lower()
+    fam = FAMILIES.get(raw_family)
     label = m.get("hf_id") or m.get("name") or "?"
+    if fam is None and raw_family == "other" and all(m.get(k) for k in ("n_layers", "hidden", "n_heads")):
+        fam = _other_family(m, text, notes)
+    vocab = m.get("vocab")
+    if not vocab and fam == "gpt2" and (sc.get("framework") == "megatron" or "megatron" in text):
+        tp = int((sc.get("parallel") or {}).get("tp") or 1)
+        vocab = megatron_padded_vocab(GPT2_BPE_VOCAB, tp)
+        notes.append(f"vocab unstated: Megatron GPT's GPT-2 BPE ({GPT2_BPE_VOCAB}) padded to a multiple of "
+                     f"{MEGATRON_VOCAB_DIVISIBLE_BY} x tp={tp} -> {vocab}")
+    intermediate = m.get("intermediate")
+    needed = {"n_layers": m.get("n_layers"), "hidden": m.get("hidden"), "n_heads": m.get("n_heads"),
+              "intermediate": intermediate, "vocab": vocab}
+    missing = [k for k, v in needed.items() if not v]
     if fam is None:
         raise Unsupported(f"model {label!r} not in the catalog and family {m.get('family')!r} has no operator template")
     if missing:
         raise Unsupported(f"model {label!r} not in the catalog and the record lacks {', '.join(missing)} "
                           f"(only n_params={m.get('n_params')}); add it to simulator/models/")
     moe = m.get("moe")
+    extra: dict[str, Any] = dict(FAMILY_ARCH.get(fam, {}))
+    tied = m.get("tied_embeddings")
+    if tied is None:
+        tied = fam == "gpt2"
+        notes.append(f"tied_embeddings unstated: {'tied' if tied else 'untied'} ({fam} default)")
+    seq = int(sc.get("seq_len") or 0)
+    if extra.get("position") == "learned" and seq > 2048:
+        extra["max_position_embeddings"] = seq
+        notes.append(f"learned position table sized to the run's seq_len {seq}")
+    if fam == "torch" and seq:
+        extra["max_position_embeddings"] = seq
+        notes.append(f"torch template: learned position table of seq_len {seq} rows (max_seq_len = seq_length)")
     arch = ModelArch(
         name=str(label), family=fam, hf_id=m.get("hf_id"), n_layers=int(m["n_layers"]), hidden=int(m["hidden"]),
         n_heads=int(m["n_heads"]), n_kv_heads=m.get("n_kv_heads"), head_dim=m.get("head_dim"),
-        intermediate=int(m["intermediate"]), vocab=int(m["vocab"]),
-        tied_embeddings=bool(m.get("tied_embeddings")) if m.get("tied_embeddings") is not None else fam == "gpt2",
+        intermediate=int(intermediate), vocab=int(vocab), tied_embeddings=bool(tied),
         moe=MoE(n_experts=moe["n_experts"], top_k=moe["top_k"]) if moe else None,
-        source="published record", **FAMILY_ARCH.get(fam, {}),
+        source="published record", **extra,
     )
     notes.append(f"model {label!r} built from the record's arch fields (family {fam})")
     return arch
@@ -246,6 +317,9 @@ def _precision(sc: dict, arch: ModelArch, dev, quantized: bool, notes: list[str]
 
 def _attention(sc: dict, arch: ModelArch, precision: str, notes: list[str], year: int | None = None) -> str:
     raw = sc.get("attention")
+    if arch.family == "torch":
+        notes.append("nn.MultiheadAttention(need_weights=True) materialises the scores: eager attention")
+        return "eager"
     if raw in (None, "other"):
         fw = sc.get("framework") or "other"
         d = _defaults(sc)["attention"]
@@ -399,9 +473,28 @@ def _method(sc: dict, arch: ModelArch, precision: str, notes: list[str], rec_sou
     raise Unsupported(f"method {kind!r} not modelled yet")
 
 
-def _gpu(sc: dict):
+# A record that names a device family but not its memory size ("other:A100 (memory size not stated)") runs on
+# that family's SXM variant with the most memory; one that names no device at all is predictable only for
+# memory, which depends on the device through bf16 support alone: a bf16-capable stand-in.
+UNSIZED_GPU_FAMILIES = (("a100", "A100-SXM-80GB"), ("h100", "H100-SXM-80GB"), ("h200", "H200-SXM-141GB"),
+                        ("v100", "V100-SXM-32GB"), ("b200", "B200-SXM-180GB"))
+STAND_IN_GPU = "H100-SXM-80GB"
+DEVICE_FREE_METRICS = (*MEMORY_METRICS, "model_states_per_gpu_GB")
+
+
+def _gpu(sc: dict, metric: str = "", notes: list[str] | None = None):
     g = sc.get("gpu") or ""
+    notes = [] if notes is None else notes
     if not g or g.startswith("other:"):
+        text = g.lower()
+        family = next((dev for key, dev in UNSIZED_GPU_FAMILIES if key in text), None)
+        if family is not None and metric != "fits":
+            notes.append(f"gpu {g!r}: memory size not stated -> {family}")
+            return get_device(family)
+        if metric in DEVICE_FREE_METRICS:
+            notes.append(f"gpu {g!r}: device not stated; memory does not depend on it beyond bf16 support -> "
+                         f"stand-in {STAND_IN_GPU}")
+            return get_device(STAND_IN_GPU)
         raise Unsupported(f"gpu {g!r}: the record does not name a device")
     try:
         return get_device(g)
@@ -440,13 +533,32 @@ def _parallel(sc: dict, arch: ModelArch, training: bool, notes: list[str]) -> di
     return out
 
 
+def _deepspeed_precision(precision: str, source_text: str, notes: list[str]) -> tuple[str, dict[str, bool]]:
+    """DeepSpeed's fp16/bf16 engine casts the module to 16 bit and keeps the fp32 master copy in the optimizer
+    (no torch.autocast unless its ``torch_autocast`` block is on).  "-pure" (no fp32 master) under ZeRO is the
+    ``bf16_master_weights_and_grads`` + ``bf16_optimizer_states`` mode (DeepSpeed PR #7700)."""
+    half = precision.removesuffix("-amp")
+    flags: dict[str, bool] = {}
+    if precision in ("bf16", "fp16"):
+        if half != "bf16":
+            raise Unsupported("DeepSpeed without an fp32 master copy exists for bf16 only (bf16_master_weights_and_grads)")
+        flags = {"bf16_master_weights_and_grads": True, "bf16_optimizer_states": True}
+        notes.append("DeepSpeed bf16 with no fp32 master: bf16_master_weights_and_grads + bf16_optimizer_states")
+    if "autocast" in source_text:
+        notes.append(f"DeepSpeed torch_autocast on: {half} autocast over the {half} module")
+        return f"{half}-amp", flags
+    notes.append(f"DeepSpeed {half} engine: the module runs in {half} without autocast (fp32 master in the optimizer"
+                 + (" replaced by bf16)" if flags else ")"))
+    return half, flags
+
+
 def record_to_scenario(rec: dict, notes: list[str] | None = None) -> Scenario:
     """The record's ``scenario`` as a fitsim Scenario; raises :class:`Unsupported` (or a validation error)."""
     notes = [] if notes is None else notes
     sc = rec["scenario"]
     notes_text = str(rec.get("notes") or "").lower()
-    arch = _model(sc["model"], notes)
-    dev = _gpu(sc)
+    arch = _model(sc["model"], notes, notes_text, sc)
+    dev = _gpu(sc, (rec.get("target") or {}).get("metric", ""), notes)
     d = _defaults(sc)
     wq = sc.get("weight_quant") or "none"
     quantized = wq != "none"
@@ -486,6 +598,11 @@ def record_to_scenario(rec: dict, notes: list[str] | None = None) -> Scenario:
         # are bf16 (no autocast), the sharded fp32 master and states are kept by the FSDP model states
         precision = "bf16"
         notes.append("FSDP2 mixed precision: bf16 compute over fp32 sharded parameters -> precision bf16 under FSDP")
+    ds_flags = {}
+    zero = int((sc.get("parallel") or {}).get("zero_stage") or 0)
+    if sc.get("framework") == "deepspeed" and zero >= 1 and not (sc.get("parallel") or {}).get("fsdp") \
+            and precision in ("bf16-amp", "fp16-amp", "bf16", "fp16"):
+        precision, ds_flags = _deepspeed_precision(precision, str(rec.get("precision") or "").lower(), notes)
     method = _method(sc, arch, precision, notes, rec.get("source"))
     mb, seq, ga = sc.get("micro_batch"), sc.get("seq_len"), sc.get("grad_accum")
     for k, v in (("micro_batch", mb), ("seq_len", seq), ("grad_accum", ga)):
@@ -504,7 +621,7 @@ def record_to_scenario(rec: dict, notes: list[str] | None = None) -> Scenario:
         optimizer = {**optimizer, "in_backward": True}
         notes.append(f"{sc.get('framework')} full single-device recipe steps the optimizer in backward")
     mb_v = mb or d["micro_batch"]
-    par = _parallel(sc, arch, True, notes)
+    par = {**_parallel(sc, arch, True, notes), **ds_flags}
     gb = sc.get("global_batch")
     if ga is None and gb:
         ga_v = max(1, int(gb) // (mb_v * par["dp"] * par.get("cp", 1)))
@@ -597,6 +714,50 @@ def time_metric(e, scen: Scenario, metric: str, flops_convention: str | None) ->
     return flops / (t.step_s * e.n_gpus) / 1e12
 
 
+def _device_map_balanced(rec: dict, notes: list[str]) -> bool:
+    """accelerate's "auto": sequential fill before v0.12 (2022-08), balanced after; a record that calls its
+    split naive/sequential or balanced says which."""
+    sc = rec.get("scenario") or {}
+    text = " ".join(str(x) for x in (rec.get("parallel"), rec.get("notes"), sc.get("parallel"))).lower()
+    if "balanced" in text:
+        notes.append("device_map: balanced (get_balanced_memory)")
+        return True
+    if "naive" in text or "sequential" in text:
+        notes.append("device_map: the record calls the split naive/sequential -> GPUs filled in order")
+        return False
+    year = _source_year(rec.get("source"))
+    balanced = year is None or year >= 2023
+    notes.append(f"device_map 'auto' of accelerate {'>= 0.12: balanced' if balanced else '< 0.12: GPUs filled in order'}"
+                 f" (source year {year})")
+    return balanced
+
+
+def device_map_gpu_bytes(scen: Scenario, balanced: bool) -> list[float]:
+    """Weight bytes accelerate's ``device_map="auto"`` places on each GPU of an inference scenario
+    (``parallel.pp`` GPUs, each with its free memory after the CUDA context)."""
+    from simulator.device_map import accelerate_device_map, bytes_per_gpu
+    from simulator.estimate import cost_table_for
+
+    if scen.model.arch != "decoder":
+        raise Unsupported("device_map placement of an encoder-decoder model (two stacks sharing one embedding) "
+                          "not modelled")
+    ct = cost_table_for(scen)
+    pre = sum(r.storage_bytes for r in ct.param_rows if r.where == "pre")
+    post = sum(r.storage_bytes for r in ct.param_rows if r.where == "post")
+    per_layer: dict[int, float] = {}
+    for r in ct.param_rows:
+        if r.where == "block":
+            for i in r.layers:
+                per_layer[i] = per_layer.get(i, 0.0) + r.storage_bytes
+    blocks = [per_layer[i] for i in sorted(per_layer)]
+    units = [pre, *blocks, post]
+    dev = get_device(scen.gpu)
+    n = scen.parallel.pp
+    free = [float(dev.memory_total_bytes - dev.cuda_context_bytes)] * n
+    placement = accelerate_device_map(units, free, balanced, max(blocks, default=0.0))
+    return bytes_per_gpu(units, placement, n)
+
+
 def _unsupported_metric(metric: str) -> str | None:
     if metric in SUPPORTED_METRICS:
         return None
@@ -630,6 +791,13 @@ def predict_record(rec: dict) -> dict[str, Any]:
             out.update(predicted=round(value / per, 4), unit=unit, measured_as=field)
             if (t.get("measured_how") or "unknown") in ("unknown", "n/a"):
                 notes.append("measured_how unknown: predicting reserved")
+        elif metric in DEVICE_MAP_METRICS:
+            # the memory a GPU holds after loading = the weights placed on it ("peak GPU memory is exactly the
+            # size of the model put on a given GPU", accelerate's big-model-inference benchmark)
+            per_gpu = device_map_gpu_bytes(scen, _device_map_balanced(rec, notes))
+            unit, per = memory_unit(t)
+            notes.append("GPU 0 memory = the weights device_map places on GPU 0 (allocated after loading)")
+            out.update(predicted=round(per_gpu[0] / per, 4), unit=unit, measured_as="peak_allocated_bytes")
         elif metric == "model_states_per_gpu_GB":
             e = estimate(scen, what_fits=False, timing=False)
             unit, per = memory_unit(t)

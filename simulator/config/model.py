@@ -21,8 +21,10 @@ Family = Literal[
     "bloom",
     "falcon",
     "gpt_neox",
+    "gptj",  # GPT-J: one LayerNorm feeding attention and MLP in parallel, partial rotary, biased MLP and LM head
     "phi",
     "t5",
+    "torch",  # plain PyTorch post-LN decoder: nn.MultiheadAttention, norm(x + attn), norm(x + MLP), learned positions
     "bert",
     "roberta",
     "deberta_v2",

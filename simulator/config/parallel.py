@@ -74,6 +74,13 @@ class Parallel(Strict):
     """ZeRO-3 stage3_max_live_parameters: gathered parameters kept live at most (elements)."""
     stage3_param_persistence_threshold: int = Field(default=100_000, ge=0)
     """ZeRO-3: parameters smaller than this (elements) are not partitioned (DeepSpeed default 1e5)."""
+    sub_group_size: int = Field(default=1_000_000_000, gt=0)
+    """ZeRO-3 sub_group_size in elements: the optimizer steps the partition one sub-group at a time (DeepSpeed default 1e9)."""
+    bf16_master_weights_and_grads: bool = False
+    """DeepSpeed bf16 option: the master copy of the weights and the gradient partition the optimizer reads stay
+    bf16 instead of fp32 (2 + 2 bytes per parameter instead of 4 + 4)."""
+    bf16_optimizer_states: bool = False
+    """DeepSpeed bf16 option: the optimizer moments (Adam's exp_avg, exp_avg_sq) are kept in bf16 instead of fp32."""
 
     @property
     def n_gpus(self) -> int:
@@ -116,6 +123,10 @@ class Parallel(Strict):
         if self.offload_optimizer != "none" and not self.shards_optimizer:
             raise ValueError(
                 f"parallel.offload_optimizer={self.offload_optimizer!r} needs ZeRO (zero >= 1) or FSDP sharding"
+            )
+        if (self.bf16_master_weights_and_grads or self.bf16_optimizer_states) and self.zero < ZeroStage.OPTIMIZER:
+            raise ValueError(
+                "parallel.bf16_master_weights_and_grads / bf16_optimizer_states are DeepSpeed ZeRO options: use zero >= 1"
             )
         if self.fsdp != "none" and self.offload_optimizer == "nvme":
             raise ValueError("parallel.offload_optimizer='nvme' is DeepSpeed ZeRO-Infinity: use zero=3, not FSDP")

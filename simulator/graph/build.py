@@ -70,6 +70,9 @@ NAMES: dict[str, Names] = {
     "gpt_neox": Names("gpt_neox.embed_in", None, "gpt_neox.layers", "gpt_neox.final_layer_norm", "embed_out",
                       "input_layernorm", "post_attention_layernorm", "", "", "", "attention.query_key_value",
                       "attention.dense", None, "mlp.dense_h_to_4h", "mlp.dense_4h_to_h", act="mlp.act"),
+    "gptj": Names("transformer.wte", None, "transformer.h", "transformer.ln_f", "lm_head", "ln_1", "ln_1",
+                  "attn.q_proj", "attn.k_proj", "attn.v_proj", None, "attn.out_proj", None, "mlp.fc_in",
+                  "mlp.fc_out", act="mlp.act"),
     "phi": Names("model.embed_tokens", None, "model.layers", "model.final_layernorm", "lm_head", "input_layernorm",
                  "input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", None,
                  "self_attn.dense", None, "mlp.fc1", "mlp.fc2", act="mlp.activation_fn"),
@@ -83,6 +86,16 @@ NAMES: dict[str, Names] = {
                 "layer.0.SelfAttention.v", None, "layer.0.SelfAttention.o", "layer.1.DenseReluDense.wi_0",
                 "layer.1.DenseReluDense.wi_1", "layer.1.DenseReluDense.wo", act="layer.1.DenseReluDense.act"),
 }
+# A plain PyTorch model (DeepSpeedExamples' SimpleTransformerModel): nn.MultiheadAttention's packed in_proj
+# (q, k, v in one 3h x h weight with bias) and out_proj, an nn.Sequential(Linear, GELU, Linear) MLP, post-LN
+# norm1/norm2, learned positions, no final norm, a biased output projection.
+NAMES["torch"] = Names("embedding", "pos_embedding", "layers", "", "output_proj", "norm1", "norm2", "", "", "",
+                       "attention.in_proj", "attention.out_proj", None, "ff.0", "ff.2", act="ff.1")
+
+# Families whose blocks normalise after the residual add (post-LN): x = norm1(x + attn(x)); x = norm2(x + mlp(x)).
+POST_NORM_FAMILIES = frozenset({"bert", "roberta", "deberta_v2", "torch"})
+
+
 def _renamed(n: Names, old: str, new: str, **extra: str) -> Names:
     """The same layout under another top-level prefix (BERT -> RoBERTa / DeBERTa)."""
     moved = {k: v.replace(old, new, 1) for k, v in n.__dict__.items() if isinstance(v, str) and v.startswith(old)}
@@ -106,12 +119,14 @@ def names_of(arch: ModelArch) -> Names:
 
 
 # families whose "gelu_tanh" is HF's Python NewGELUActivation ("gelu_new"), not F.gelu(approximate="tanh")
-PYTHON_GELU_FAMILIES = frozenset({"gpt2", "phi", "t5"})
+PYTHON_GELU_FAMILIES = frozenset({"gpt2", "gptj", "phi", "t5"})
 
 
 # HF eager attention: these families run softmax in the input dtype; the others upcast to fp32
 # (``softmax(..., dtype=torch.float32).to(query.dtype)``); read from each modeling_*.py.
-EAGER_SOFTMAX_IN_INPUT_DTYPE = frozenset({"gpt2", "bert", "roberta", "t5", "falcon"})
+EAGER_SOFTMAX_IN_INPUT_DTYPE = frozenset({"gpt2", "bert", "roberta", "t5", "falcon", "torch"})
+# F.multi_head_attention_forward calls softmax on the scores as they are, which torch.autocast runs in fp32.
+AUTOCAST_SOFTMAX_FP32 = frozenset({"torch"})
 
 
 def _leaf(path: str) -> str:
@@ -453,7 +468,8 @@ class Builder:
             if akv != a:  # repeat_kv: expand + reshape copies K and V to all heads
                 k = tr.new(path, Poly.kv(a * d), k.dtype, k.requires_grad)
                 v = tr.new(path, Poly.kv(a * d), v.dtype, v.requires_grad)
-            if arch.family in EAGER_SOFTMAX_IN_INPUT_DTYPE:
+            if arch.family in EAGER_SOFTMAX_IN_INPUT_DTYPE and not (
+                    arch.family in AUTOCAST_SOFTMAX_FP32 and tr.autocast is not None):
                 probs32 = probs = tr.new(path, Poly.att(a), q.dtype, rg)  # softmax in the input dtype
             else:
                 probs32 = tr.new(path, Poly.att(a), "fp32", rg)  # softmax(..., dtype=float32)
@@ -686,7 +702,7 @@ class ModelBuilder(Builder):
         H = arch.hidden
         train = pl.layer_base_trainable(i)
         L = f"{n.layers}.{i}" if not decoder_of_encdec else f"decoder.block.{i}"
-        if arch.family in ("bert", "roberta", "deberta_v2"):
+        if arch.family in POST_NORM_FAMILIES:
             a = self.self_attention(L, x, train)
             if pl.adapter is not None and pl.adapter.placement == "houlsby":
                 a = self.bottleneck(f"{L}.{n.o}.adapter", a)
@@ -871,7 +887,10 @@ class ModelBuilder(Builder):
         # HF ForCausalLMLoss: logits.float(); labels padded and shifted (.contiguous(), int64);
         # cross_entropy = log_softmax (saves its output) + nll_loss (saves the target and a 0-dim
         # total_weight).  BERT's MLM head calls CrossEntropyLoss on the logits as they are (no upcast).
-        upcast = arch.family not in ("bert", "roberta", "deberta_v2", "t5")
+        upcast = arch.family not in ("bert", "roberta", "deberta_v2", "t5", "torch")
+        if arch.family == "torch":
+            # nn.CrossEntropyLoss on the logits as they are; autocast runs cross_entropy in fp32
+            upcast = tr.autocast is not None
         lf = tr.cast("", logits, "fp32") if upcast else logits
         lsm = tr.new("", lf.numel, lf.dtype, lf.requires_grad)
         # causal LM: labels padded and shifted (.contiguous(): a new int64 tensor); MLM: the labels themselves

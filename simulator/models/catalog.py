@@ -415,6 +415,32 @@ def _gpt_neox(c: _Cfg) -> dict[str, Any]:
     )
 
 
+def _gptj(c: _Cfg) -> dict[str, Any]:
+    """GPT-J: one LayerNorm (ln_1) feeds attention and MLP in parallel; q/k/v/out_proj have no bias, fc_in/fc_out
+    and the untied lm_head do; rotary on ``rotary_dim`` of each head's dims (no parameters)."""
+    return dict(
+        family="gptj",
+        n_layers=c.req("n_layer"),
+        hidden=c.req("n_embd"),
+        n_heads=c.req("n_head"),
+        intermediate=c.get("n_inner") or 4 * c.req("n_embd"),
+        vocab=c.req("vocab_size"),
+        max_position_embeddings=c.get("n_positions", 2048),
+        position="rope",
+        norm="layernorm",
+        norm_bias=True,
+        activation=_activation(c.get("activation_function", "gelu_new"), c.model_type),
+        gated_mlp=False,
+        qkv_bias=False,
+        attn_out_bias=False,
+        mlp_bias=True,
+        lm_head_bias=True,
+        parallel_block=True,
+        tied_embeddings=bool(c.get("tie_word_embeddings", False)),
+        torch_dtype=_dtype(c),
+    )
+
+
 def _phi(c: _Cfg) -> dict[str, Any]:
     return dict(
         family="phi",
@@ -559,6 +585,7 @@ _BUILDERS: dict[str, Callable[[_Cfg], dict[str, Any]]] = {
     "RefinedWeb": _falcon,
     "RefinedWebModel": _falcon,
     "gpt_neox": _gpt_neox,
+    "gptj": _gptj,
     "phi": _phi,
     "t5": _t5,
     "mt5": _t5,

@@ -137,6 +137,27 @@ def test_gpt2_parameter_count():
     assert gpt2_params(get_model("gpt2")) == 124_439_808
 
 
+def gptj_params(a: ModelArch) -> int:
+    """GPT-J: one LayerNorm per block, q/k/v/out_proj without bias, fc_in/fc_out with bias, untied biased lm_head."""
+    h, i = a.hidden, a.intermediate
+    block = 2 * h + 4 * h * a.q_dim + (h * i + i) + (i * h + h)
+    return a.vocab * h + a.n_layers * block + 2 * h + (a.vocab * h + a.vocab)
+
+
+def test_gpt_j_6b_parameter_count():
+    # EleutherAI/gpt-j-6b = 6,050,882,784 parameters:
+    #   wte 50400*4096 = 206,438,400
+    #   28 blocks x (ln_1 8,192 + q,k,v,out 4*4096*4096 = 67,108,864 + fc_in 4096*16384+16384 = 67,125,248
+    #                + fc_out 16384*4096+4096 = 67,112,960) = 28 x 201,355,264 = 5,637,947,392
+    #   ln_f 8,192; lm_head 50400*4096 + 50400 = 206,488,800
+    a = get_model("EleutherAI/gpt-j-6B")
+    assert (a.name, a.family, a.parallel_block, a.lm_head_bias) == ("gpt-j-6b", "gptj", True, True)
+    assert gptj_params(a) == 6_050_882_784
+    from simulator.estimate import count_params
+
+    assert count_params(a) == 6_050_882_784
+
+
 @pytest.mark.parametrize(
     "name, field, value",
     [
@@ -412,6 +433,16 @@ def test_gpt2_round_trip():
     assert (a.activation, a.position, a.norm) == ("gelu_tanh", "learned", "layernorm")
     model = transformers.AutoModelForCausalLM.from_config(config)
     assert gpt2_params(a) == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.torch
+def test_gptj_round_trip():
+    config = transformers.GPTJConfig(n_embd=64, n_layer=2, n_head=4, vocab_size=97, n_positions=128, rotary_dim=8)
+    a = from_hf_config(config.to_dict())
+    assert (a.family, a.hidden, a.n_layers, a.n_heads, a.intermediate, a.vocab) == ("gptj", 64, 2, 4, 256, 97)
+    assert (a.activation, a.position, a.parallel_block, a.qkv_bias, a.mlp_bias) == ("gelu_tanh", "rope", True, False, True)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    assert gptj_params(a) == sum(p.numel() for p in model.parameters())
 
 
 @pytest.mark.torch

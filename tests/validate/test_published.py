@@ -107,9 +107,18 @@ def test_unknown_model_with_full_arch_is_built():
     assert predict_record(r)["status"] == "ok"
 
 
-def test_other_gpu_is_unsupported():
+def test_unnamed_gpu_predicts_memory_on_a_stand_in_but_not_time():
+    # allocated memory does not depend on the device beyond bf16 support: a stand-in profile, said in the notes
     p = predict_record(_record(gpu="other:not stated"))
+    assert p["status"] == "ok" and any("stand-in" in n for n in p["notes"])
+    r = _record(gpu="other:not stated")
+    r["target"] = {**r["target"], "metric": "step_time_s"}
+    p = predict_record(r)
     assert p["status"] == "unsupported" and "gpu" in p["reason"]
+    # a named family with its memory size unstated runs on that family's largest SXM profile
+    r["scenario"]["gpu"] = "other:A100 (memory size not stated)"
+    notes: list[str] = []
+    assert record_to_scenario(r, notes).gpu == "a100-sxm-80gb"
 
 
 def test_unit_and_measured_field():
@@ -179,3 +188,146 @@ def test_score_arithmetic_on_hand_made_pair():
     assert b["median_all"] == pytest.approx(0.5)
     # "all": comparable numeric errors are still only src-a's two
     assert t["all"]["n_ok"] == 3 and t["all"]["median"] == pytest.approx(0.125)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# kinds of records beyond the catalog: GPT-J on two Titan RTX (accelerate device_map), DeepSpeed's bf16 master
+# weights, Megatron GPT without a stated vocabulary, family "other"
+
+
+def _accelerate_gptj(precision: str, metric: str) -> dict:
+    sc = {
+        "task": "infer",
+        "model": {"name": "EleutherAI/gpt-j-6B", "hf_id": "EleutherAI/gpt-j-6B", "family": "other", "n_layers": 28,
+                  "hidden": 4096, "n_heads": 16, "n_kv_heads": 16, "intermediate": 16384, "vocab": 50400,
+                  "tied_embeddings": False, "head_dim": 256, "moe": None},
+        "method": "inference", "weight_quant": "none", "precision": precision, "n_gpus": 2, "n_nodes": 1,
+        "parallel": {"dp": 1, "tp": 1, "pp": 2, "cp": 1, "ep": 1, "zero_stage": 0},
+        "inference": {"batch": 1, "prompt_len": None, "gen_len": None, "kv_dtype": None, "engine": "accelerate"},
+        "gpu": "TitanRTX-24GB", "framework": "accelerate", "attention": None, "unstated": [],
+    }
+    return {"id": "hand-gptj", "parallel": {"strategy": "accelerate device_map=auto (naive layer split)"},
+            "scenario": sc, "target": {"metric": metric, "value": 1.0, "measured_how": "unknown", "per": "gpu",
+                                       "comparable": True, "unit_note": "GB as printed"}}
+
+
+def test_gptj_record_resolves_to_the_catalog_and_a_titan_rtx():
+    r = _accelerate_gptj("fp16-pure", "decode_time_per_token_s")
+    scen = record_to_scenario(r, [])
+    assert (scen.model.name, scen.model.family, scen.gpu) == ("gpt-j-6b", "gptj", "titan-rtx-24gb")
+    assert (scen.parallel.pp, scen.precision, scen.attention) == (2, "fp16", "eager")
+    p = predict_record(r)
+    assert p["status"] == "ok" and p["unit"] == "s" and p["predicted"] > 0
+
+
+def test_gptj_fp16_gpu0_holds_every_weight_under_a_sequential_device_map():
+    # fp16 GPT-J = 6,050,882,784 x 2 B = 12,101,765,568 B (11.27 GiB) < the 24 GB Titan RTX's free memory less
+    # the largest layer (lm_head 50400 x 4096 + 50400 = 206,488,800 params, 412,977,600 B): all of it on GPU 0.
+    p = predict_record(_accelerate_gptj("fp16-pure", "other:gpu_memory_inference_gpu0"))
+    assert p["status"] == "ok" and p["unit"] == "GiB"
+    assert p["predicted"] == round(6_050_882_784 * 2 / 2**30, 4)
+
+
+def test_gptj_fp32_spills_to_gpu1_when_gpu0_keeps_room_for_the_largest_layer():
+    from hwprofiles import get_device
+
+    # fp32: wte 206,438,400 x 4 B, 28 blocks of 201,355,264 x 4 B, ln_f + lm_head (8,192 + 206,488,800) x 4 B.
+    # GPU 0 budget = free memory (total - CUDA context) - largest unit (the head); fill in order.
+    d = get_device("titan-rtx-24gb")
+    budget = d.memory_total_bytes - d.cuda_context_bytes - (8_192 + 206_488_800) * 4
+    units = [206_438_400 * 4] + [201_355_264 * 4] * 28 + [(8_192 + 206_488_800) * 4]
+    gpu0 = 0
+    for u in units:
+        if gpu0 + u > budget:
+            break
+        gpu0 += u
+    p = predict_record(_accelerate_gptj("fp32", "other:gpu_memory_inference_gpu0"))
+    assert p["status"] == "ok"
+    assert p["predicted"] == round(gpu0 / 2**30, 4)
+
+
+def test_device_map_fill_and_balanced_budgets():
+    from simulator.device_map import accelerate_device_map, balanced_budgets_bytes, fill_in_order
+
+    # 10 + 4 x 20 + 10 over two GPUs of 70 with the largest unit (20) kept free on GPU 0 (budget 50):
+    # 10 + 20 + 20 on GPU 0, the rest (50) on GPU 1
+    assert fill_in_order([10, 20, 20, 20, 20, 10], [70, 70], reserve_on_first=20) == [0, 0, 0, 1, 1, 1]
+    assert fill_in_order([10, 20, 20, 20, 20, 10], [60, 60], reserve_on_first=20) == [0, 0, 1, 1, 1, -1]
+    assert fill_in_order([50, 50], [40, 40]) == [-1, -1]  # fits nowhere: offloaded
+    # balanced: total / n + 1.25 x largest block on all but the last GPU
+    assert balanced_budgets_bytes(100, 20, [1000, 1000]) == [50 + 25, 1000]
+    assert accelerate_device_map([10, 20, 20, 20, 20, 10], [1000, 1000], True, 20) == [0, 0, 0, 1, 1, 1]
+
+
+def _bf16master(precision: str, source_precision: str, n_gpus: int = 4) -> dict:
+    sc = {
+        "task": "train",
+        "model": {"name": "SimpleTransformerModel 6.86B", "hf_id": None, "family": "other", "n_layers": 32,
+                  "hidden": 4096, "n_heads": 32, "n_kv_heads": None, "intermediate": 16384, "vocab": 50000,
+                  "tied_embeddings": False, "head_dim": 128, "moe": None},
+        "method": "full", "weight_quant": "none", "precision": precision, "optimizer": "adam", "micro_batch": 1,
+        "seq_len": 512, "grad_accum": 1, "checkpointing": "full", "attention": "other", "n_gpus": n_gpus,
+        "parallel": {"dp": n_gpus, "zero_stage": 3}, "inference": None, "gpu": "other:not stated",
+        "framework": "deepspeed", "unstated": ["gpu"],
+    }
+    return {"id": "hand-ds", "precision": source_precision,
+            "notes": "SimpleTransformerModel: post-LN blocks with nn.MultiheadAttention (batch_first) + 4x GELU MLP",
+            "scenario": sc, "target": {"metric": "peak_memory_per_gpu_GB", "value": 1.0, "measured_how": "allocated",
+                                       "per": "gpu", "comparable": True, "unit_note": "GiB"}}
+
+
+def test_post_ln_torch_model_and_deepspeed_bf16_master_modes():
+    base = _bf16master("bf16-amp", "bf16 params, fp32 master/grad/Adam states")
+    low = _bf16master("bf16-pure", "bf16 params, bf16 master/grads/Adam states, torch.autocast bf16")
+    nb, nl = [], []
+    sb, sl = record_to_scenario(base, nb), record_to_scenario(low, nl)
+    assert sb.model.family == sl.model.family == "torch" and sb.attention == "eager"
+    assert sb.model.max_position_embeddings == 512 and sb.model.lm_head_bias
+    assert (sb.precision, sb.parallel.bf16_master_weights_and_grads) == ("bf16", False)
+    assert (sl.precision, sl.parallel.bf16_master_weights_and_grads, sl.parallel.bf16_optimizer_states) == (
+        "bf16-amp", True, True)
+    assert any("stand-in" in n for n in nb)
+    from simulator import estimate
+
+    eb, el = estimate(sb, what_fits=False, timing=False), estimate(sl, what_fits=False, timing=False)
+    # per rank of 4 (ZeRO-3): fp32 master 4 B + Adam 8 B -> bf16 master 2 B + moments 4 B: 6 B less per parameter
+    from simulator.estimate import count_params
+
+    n = count_params(sb.model)
+    assert eb.model_state_bytes - el.model_state_bytes == pytest.approx(6 * n / 4, rel=1e-3)
+
+
+def test_zero3_step_temp_is_one_sub_group_flattened_and_converted():
+    from simulator.sharding import zero3_step_temp_bytes
+
+    # 1.7e9 elements on the rank, sub-groups of 1e9: bf16 flatten (2 B) + fp32 copy (4 B) of one sub-group
+    assert zero3_step_temp_bytes(1.7e9, 1_000_000_000, 2.0, 4.0) == 6e9
+    # bf16 master gradients: .to(bf16) of a bf16 tensor is the tensor itself
+    assert zero3_step_temp_bytes(1.7e9, 1_000_000_000, 2.0, 2.0) == 2e9
+    assert zero3_step_temp_bytes(1e8, 1_000_000_000, 2.0, 4.0) == 6e8
+
+
+def test_megatron_gpt_without_vocab_uses_the_padded_gpt2_bpe():
+    from validate.published import megatron_padded_vocab
+
+    assert megatron_padded_vocab(50257, 1) == 50304  # next multiple of 128
+    assert megatron_padded_vocab(50257, 8) == 51200  # next multiple of 1024
+    r = _record(model={"name": "GPT-style 175B", "hf_id": None, "family": "gpt", "n_layers": 96, "hidden": 12288,
+                       "n_heads": 96, "intermediate": 49152, "vocab": None, "tied_embeddings": None, "head_dim": 128},
+                framework="deepspeed", method="full", lora=None, gpu="A100-SXM-80GB", n_gpus=256, seq_len=512,
+                parallel={"zero_stage": 3, "tp": 1, "pp": 1})
+    r["notes"] = "DeepSpeed 0.6.2 + Megatron-DeepSpeed"
+    notes: list[str] = []
+    scen = record_to_scenario(r, notes)
+    assert (scen.model.vocab, scen.model.family, scen.model.tied_embeddings) == (50304, "gpt2", True)
+    assert any("GPT-2 BPE" in n for n in notes)
+
+
+def test_family_other_without_a_named_structure_takes_a_generic_decoder():
+    r = _record(model={"name": "in-house-1b", "hf_id": None, "family": "other", "n_layers": 4, "hidden": 256,
+                       "n_heads": 4, "intermediate": 1024, "vocab": 1000, "tied_embeddings": False})
+    notes: list[str] = []
+    assert record_to_scenario(r, notes).model.family == "gpt2"  # a 4h MLP: GPT-2-style
+    assert any("generic decoder" in n for n in notes)
+    r["scenario"]["model"] = {**r["scenario"]["model"], "intermediate": 688}
+    assert record_to_scenario(r, []).model.family == "llama"
