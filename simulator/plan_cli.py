@@ -145,12 +145,17 @@ def render_serving(result: Any) -> str:
     out += table([head] + [line(str(i + 1), r) for i, r in enumerate(result.ranked)], align)
     out += ["", "latency-cost Pareto front:"]
     out += table([head] + [line("*", r) for r in result.pareto], align)
+    return "\n".join(out + _rejected_and_search(result))
+
+
+def _rejected_and_search(result: Any) -> list[str]:
+    """The ruled-out families with their reasons, and how many candidates the search took in how long."""
+    out: list[str] = []
     if result.rejected_reasons:
         out += ["", "ruled out:"]
         out += table([[k, v] for k, v in result.rejected_reasons.items()], "ll")
-    out += ["", f"{result.candidates_evaluated:,} candidates screened, {result.candidates_estimated:,} estimated "
-                f"in {result.search_time_s:.2f} s"]
-    return "\n".join(out)
+    return out + ["", f"{result.candidates_evaluated:,} candidates screened, {result.candidates_estimated:,} "
+                      f"estimated in {result.search_time_s:.2f} s"]
 
 
 def render_plan(result: Any) -> str:
@@ -178,12 +183,7 @@ def render_plan(result: Any) -> str:
     out += table([head] + [line(str(i + 1), r) for i, r in enumerate(result.ranked)], "rllllrlrrrrrrrr")
     out += ["", "time-cost Pareto front" + ("" if result.pareto_complete else " (over the setups estimated)") + ":"]
     out += table([head] + [line("*", r) for r in result.pareto], "rllllrlrrrrrrrr")
-    if result.rejected_reasons:
-        out += ["", "ruled out:"]
-        out += table([[k, v] for k, v in result.rejected_reasons.items()], "ll")
-    out += ["", f"{result.candidates_evaluated:,} candidates screened, {result.candidates_estimated:,} estimated "
-                f"in {result.search_time_s:.2f} s"]
-    return "\n".join(out)
+    return "\n".join(out + _rejected_and_search(result))
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
