@@ -236,9 +236,14 @@ def model_state_bytes(rp: RankParams, par: Parallel, optimizer_name: str, optimi
             gathered_grads = rp.largest_block_numel * cdt
         else:
             keep = lambda x: x / N  # noqa: E731
-            # FSDP: the root unit (embeddings, norm, head) stays gathered through the step; one block
-            # unit computing and the next one prefetched
-            gathered = (rp.root_numel + 2.0 * rp.largest_block_numel) * cdt
+            if par.reshard_after_forward:
+                # FSDP: the root unit (embeddings, norm, head) stays gathered through the step; one block
+                # unit computing and the next one prefetched
+                gathered = (rp.root_numel + 2.0 * rp.largest_block_numel) * cdt
+            else:
+                # reshard_after_forward=False (torchtitan's choice under pipeline parallelism): every unit
+                # stays gathered from its forward to its backward, as with SHARD_GRAD_OP
+                gathered = (rp.root_numel + rp.blocks_numel) * cdt
             gathered_grads = rp.largest_block_numel * grad_elem
         weights, quant, scales, trainable = keep(weights), keep(quant), keep(scales), keep(trainable)
     elif par.fsdp == "shard_grad_op" and N > 1:

@@ -626,6 +626,11 @@ def record_to_scenario(rec: dict, notes: list[str] | None = None) -> Scenario:
     if ga is None and gb:
         ga_v = max(1, int(gb) // (mb_v * par["dp"] * par.get("cp", 1)))
         notes.append(f"grad_accum from global_batch {gb} / (micro_batch {mb_v} x dp {par['dp']}) = {ga_v}")
+    if sc.get("framework") == "torchtitan" and par.get("pp", 1) > 1 and par.get("fsdp") not in (None, "none"):
+        # torchtitan's fsdp_reshard_after_forward "default": reshard after forward unless pipeline parallel
+        par = {**par, "reshard_after_forward": False}
+        notes.append("torchtitan FSDP under pipeline parallelism keeps the gathered parameters from forward to "
+                     "backward (reshard_after_forward=False)")
     if sc.get("framework") == "torchtitan" and par.get("pp", 1) > 1 and ga is None and mb_v > 1:
         # torchtitan splits each rank's local batch into micro-batches of parallelism.pipeline_parallel_
         # microbatch_size (default 1) that the schedule pipelines: m = local batch / 1

@@ -70,6 +70,19 @@ def test_sharding_more_ranks_never_needs_more_memory_per_rank():
     assert fsdp[0] > fsdp[1]
 
 
+def test_fsdp_without_resharding_keeps_every_unit_gathered():
+    """reshard_after_forward=False: the stage's 16-bit parameters stay gathered from forward to backward
+    (root + every block) instead of the root and two blocks (the one computing, the one prefetched)."""
+    sc = _sc({"dp": 8, "fsdp": "full_shard"})
+    keep = _sc({"dp": 8, "fsdp": "full_shard", "reshard_after_forward": False})
+    rp = sh.rank_params(cost_table_for(sc), sc.parallel)
+    args = ("adamw", "foreach", True, "fp32", "bf16", 8)
+    ms, ms_keep = sh.model_state_bytes(rp, sc.parallel, *args), sh.model_state_bytes(rp, keep.parallel, *args)
+    assert ms.gathered_bytes == (rp.root_numel + 2 * rp.largest_block_numel) * 2
+    assert ms_keep.gathered_bytes == (rp.root_numel + rp.blocks_numel) * 2
+    assert ms_keep.weights == ms.weights and ms_keep.gradients == ms.gradients
+
+
 def test_pipeline_stage_peaks_bubble_and_in_flight_micro_batches():
     sc = _sc({"pp": 4}, workload={"micro_batch": 1, "seq_len": 1024, "grad_accum": 8})
     e = estimate(sc, what_fits=False)
