@@ -18,6 +18,7 @@ Conventions are those of nccl-tests ``doc/PERFORMANCE.md`` (reference §6.4):
 
 from __future__ import annotations
 
+import functools
 from typing import Literal, get_args
 
 import numpy as np
@@ -50,6 +51,10 @@ def _check_op(op: str) -> None:
 
 
 def _ranks(n, what: str = "n_ranks") -> np.ndarray:
+    if isinstance(n, int) and not isinstance(n, bool):  # one group size: checked without numpy
+        if n < 1:
+            raise ValueError(f"{what} must be whole numbers >= 1, got {n!r}")
+        return np.float64(n)
     arr = np.asarray(n, dtype=float)
     if np.any(arr < 1) or np.any(arr != np.floor(arr)):
         raise ValueError(f"{what} must be whole numbers >= 1, got {n!r}")
@@ -57,6 +62,10 @@ def _ranks(n, what: str = "n_ranks") -> np.ndarray:
 
 
 def _bytes(nbytes, what: str = "message_bytes") -> np.ndarray:
+    if isinstance(nbytes, np.ndarray) and nbytes.dtype == float and nbytes.ndim:
+        if not (nbytes.min() >= 0 and np.isfinite(nbytes.max())):
+            raise ValueError(f"{what} must be finite and >= 0, got {nbytes!r}")
+        return nbytes
     arr = np.asarray(nbytes, dtype=float)
     if np.any(arr < 0) or not np.all(np.isfinite(arr)):
         raise ValueError(f"{what} must be finite and >= 0, got {nbytes!r}")
@@ -139,6 +148,14 @@ def collective_time_s(op: Op, message_bytes, n_ranks, busbw_Bps, latency_s, algo
     return _out(steps * latency + size * factor / busbw)
 
 
+@functools.lru_cache(maxsize=64)
+def _log_curve(curve: tuple) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """(log sizes, log busbw, smallest size, largest size) of a busbw curve."""
+    sizes = np.array([s for s, _ in curve], dtype=float)
+    busbw_GBps = np.array([b for _, b in curve], dtype=float)
+    return np.log(sizes), np.log(busbw_GBps), sizes[0], sizes[-1]
+
+
 def achieved_busbw_Bps(curve, message_bytes):
     """Bus bandwidth (B/s) a measured curve gives at ``message_bytes``.
 
@@ -147,10 +164,9 @@ def achieved_busbw_Bps(curve, message_bytes):
     ``S / busbw(S)`` then changes as a power of S, so it stays non-decreasing whenever it is so at
     the points (which the schema checks).  Clamped to the end points outside the measured range.
     """
-    sizes = np.array([s for s, _ in curve], dtype=float)
-    busbw_GBps = np.array([b for _, b in curve], dtype=float)
-    size = np.clip(_bytes(message_bytes), sizes[0], sizes[-1])
-    log_busbw = np.interp(np.log(size), np.log(sizes), np.log(busbw_GBps))
+    log_sizes, log_busbw_GBps, lo, hi = _log_curve(tuple(map(tuple, curve)))
+    size = np.clip(_bytes(message_bytes), lo, hi)
+    log_busbw = np.interp(np.log(size), log_sizes, log_busbw_GBps)
     return _out(np.exp(log_busbw) * GB)
 
 
