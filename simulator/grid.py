@@ -30,11 +30,15 @@ from .graph.ir import basis
 
 
 def _stack(items: list, cls: type, shape: tuple[int, ...]) -> Any:
-    """A dataclass of arrays (one row per item) from a list of instances of ``cls``."""
+    """A dataclass of arrays, one row per item, from a list of instances of ``cls`` (numbers or arrays of
+    ``shape``); a field that is a number in every item becomes a column (items, 1, ...)."""
     out = {}
     for f in fields(cls):
-        vals = [np.broadcast_to(np.asarray(getattr(x, f.name), dtype=float), shape) for x in items]
-        out[f.name] = np.stack(vals)
+        vals = [getattr(x, f.name) for x in items]
+        if any(isinstance(v, np.ndarray) for v in vals):
+            out[f.name] = np.stack([np.broadcast_to(np.asarray(v, dtype=float), shape) for v in vals])
+        else:
+            out[f.name] = np.array(vals, dtype=float).reshape((len(vals),) + (1,) * len(shape))
     return cls(**out)
 
 
@@ -109,17 +113,20 @@ class TrainGrid:
         return self._cached(("rank_bytes", par, stage, n_shard), make)
 
     def _micro_bytes(self, par, stage: int) -> MicroBytes:
+        # what micro_bytes reads of the layout: the activation split, the stages, one GPU or more
         def make() -> MicroBytes:
             per_table = [micro_bytes(ct, par, self._basis(c, self.mbs), stage, self.families[self.table_family[c]].loss)
                          for c, ct in enumerate(self.tables)]
             return _stack([per_table[c] for c in self.table_of], MicroBytes, (len(self.mbs),))
-        return self._cached(("micro_bytes", par, stage), make)
+        return self._cached(("micro_bytes", par.tp, par.sp, par.cp, par.pp, par.n_gpus == 1, stage), make)
 
     def _rank_state(self, par, stage: int) -> timing.RankState:
+        # what rank_state reads of the layout: the placement (rank_params) and DeepSpeed or not
         def make() -> timing.RankState:
             items = [timing.rank_state(ct, par, stage, sc.optimizer.name) for ct, sc in zip(self.cts, self.families)]
             return _stack(items, timing.RankState, (1,))
-        return self._cached(("rank_state", par, stage), make)
+        return self._cached(("rank_state", par.tp, par.ep, par.pp, par.stage3_param_persistence_threshold,
+                             par.deepspeed, stage), make)
 
     def _step_model(self) -> timing.StepModel:
         def make() -> timing.StepModel:

@@ -796,27 +796,40 @@ def _maybe_on_front(t: np.ndarray, c: np.ndarray) -> np.ndarray:
 def _note_families(ctx: _Ctx, sp: _Space, computed: np.ndarray, fits: np.ndarray, budget_ok: np.ndarray,
                    feasible: np.ndarray, peak: np.ndarray, tkey: np.ndarray, ckey: np.ndarray) -> None:
     """Per family (method on n x GPU): accepted, or the closest miss of memory, budget and deadline."""
-    use = sp.usable
-    over = np.where(computed & ~fits, peak - use, np.inf)
-    k_over = over.argmin(axis=2)
-    over_min = over.min(axis=2)
+    labels = sorted({f[0] for f in sp.fams})
+    label_idx = np.array([labels.index(f[0]) for f in sp.fams])
+    kid = np.broadcast_to(sp.cand_gc[:, None, None] * len(labels) + label_idx[None, :, None], peak.shape).ravel()
+    n_keys = len(sp.G) * len(labels)
+
+    def per_key(ufunc, values: np.ndarray, init) -> np.ndarray:
+        out = np.full(n_keys, init)
+        ufunc.at(out, kid, values.ravel())
+        return out
+
+    over = np.where(computed & ~fits, peak - sp.usable, np.inf)
+    ok = per_key(np.logical_or, feasible, False)
+    over_min = per_key(np.minimum, over, np.inf)
     b_fail = fits & ~budget_ok
-    b_min = np.where(b_fail, ckey, np.inf).min(axis=2)
     d_fail = fits & budget_ok & ~feasible
-    d_min = np.where(d_fail, tkey, np.inf).min(axis=2)
-    ok = feasible.any(axis=2)
-    has_b, has_d = b_fail.any(axis=2), d_fail.any(axis=2)
-    for p, i in zip(*np.nonzero(ok | np.isfinite(over_min) | has_b | has_d)):
-        fam = _fam(ctx, sp.family_key(p, i))
-        if ok[p, i]:
+    has_b, has_d = per_key(np.logical_or, b_fail, False), per_key(np.logical_or, d_fail, False)
+    b_min = per_key(np.minimum, np.where(b_fail, ckey, np.inf), np.inf)
+    d_min = per_key(np.minimum, np.where(d_fail, tkey, np.inf), np.inf)
+    misses = np.flatnonzero(np.isfinite(over.ravel()))
+    misses = misses[np.lexsort((over.ravel()[misses], kid[misses]))]
+    keys, at = np.unique(kid[misses], return_index=True)
+    first = dict(zip(keys.tolist(), misses[at].tolist()))  # per family, its smallest overflow
+    for q in np.flatnonzero(ok | np.isfinite(over_min) | has_b | has_d):
+        g = sp.G[q // len(labels)]
+        fam = _fam(ctx, (labels[q % len(labels)], g[0], g[1]))
+        if ok[q]:
             fam.ok = True
-        if np.isfinite(over_min[p, i]):
-            pk = float(peak[p, i, k_over[p, i]])
-            _note_mem(fam, float(over_min[p, i]), pk, float(use[p, 0, 0]), "peak")
-        if has_b[p, i]:
-            fam.budget_fail = min(fam.budget_fail or math.inf, float(b_min[p, i]))
-        if has_d[p, i]:
-            fam.deadline_fail = min(fam.deadline_fail or math.inf, float(d_min[p, i]))
+        if q in first:
+            p = np.unravel_index(first[q], peak.shape)[0]
+            _note_mem(fam, float(over_min[q]), float(peak.ravel()[first[q]]), float(sp.usable[p, 0, 0]), "peak")
+        if has_b[q]:
+            fam.budget_fail = min(fam.budget_fail or math.inf, float(b_min[q]))
+        if has_d[q]:
+            fam.deadline_fail = min(fam.deadline_fail or math.inf, float(d_min[q]))
 
 
 def _fastest_flops(compute: Any, dev: Any, dtype: str) -> float:
