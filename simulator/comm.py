@@ -19,6 +19,7 @@ Conventions are those of nccl-tests ``doc/PERFORMANCE.md`` (reference §6.4):
 from __future__ import annotations
 
 import functools
+import math
 from typing import Literal, get_args
 
 import numpy as np
@@ -51,8 +52,9 @@ def _check_op(op: str) -> None:
 
 
 def _ranks(n, what: str = "n_ranks") -> np.ndarray:
-    if isinstance(n, int) and not isinstance(n, bool):  # one group size: checked without numpy
-        if n < 1:
+    if isinstance(n, int | float | np.integer | np.floating) and not isinstance(n, bool):
+        # one group size: checked without numpy's array machinery
+        if not (n >= 1 and n == math.floor(n)):
             raise ValueError(f"{what} must be whole numbers >= 1, got {n!r}")
         return np.float64(n)
     arr = np.asarray(n, dtype=float)
@@ -62,6 +64,10 @@ def _ranks(n, what: str = "n_ranks") -> np.ndarray:
 
 
 def _bytes(nbytes, what: str = "message_bytes") -> np.ndarray:
+    if isinstance(nbytes, int | float | np.integer | np.floating) and not isinstance(nbytes, bool):
+        if not (nbytes >= 0 and math.isfinite(nbytes)):
+            raise ValueError(f"{what} must be finite and >= 0, got {nbytes!r}")
+        return np.float64(nbytes)
     if isinstance(nbytes, np.ndarray) and nbytes.dtype == float and nbytes.ndim:
         if not (nbytes.min() >= 0 and np.isfinite(nbytes.max())):
             raise ValueError(f"{what} must be finite and >= 0, got {nbytes!r}")

@@ -254,10 +254,12 @@ def peak_of_phases(phases: dict[str, Any], transients: dict[str, Any], expandabl
     names = list(phases)
     vals = [phases[k] for k in names]
     if any(isinstance(v, np.ndarray) for v in vals):
-        stacked = np.stack(np.broadcast_arrays(*vals))
-        idx = np.argmax(stacked, axis=0)
-        allocated = np.take_along_axis(stacked, idx[None], axis=0)[0]
-        tr = np.choose(idx, np.broadcast_arrays(*(transients[k] for k in names)))
+        idx, allocated, tr = 0, vals[0], transients[names[0]]
+        for j, name in enumerate(names[1:], 1):
+            later = vals[j] > allocated  # strictly: the first of equal phases is the peak
+            idx = np.where(later, j, idx)
+            tr = np.where(later, transients[name], tr)
+            allocated = np.where(later, vals[j], allocated)
         return idx, allocated, mem.reserved_overhead_bytes(tr, allocated, expandable_segments)
     phase = max(phases, key=lambda k: phases[k])
     allocated = phases[phase]

@@ -85,23 +85,26 @@ class TrainGrid:
             return [compute.part_time(part, B, dev, dtype, tp, cp, True, fused) for part in compute.op_arrays(ct)]
         return self._cached(("parts", c, dev.name, cp), make)
 
+    def _stage_tables(self, dev: Device, cp: int, pp: int, stage: int) -> tuple[np.ndarray, int]:
+        """A stage's compute per (cost table, field, tensor-parallel degree, micro-batch), and its blocks."""
+        def make() -> tuple[np.ndarray, int]:
+            out = np.empty((len(self.tables), 4, len(self.tps), len(self.mbs)))
+            n_blocks = 0
+            for c, ct in enumerate(self.tables):
+                counts = timing.part_counts(ct, pp, stage)
+                n_blocks = len(sh.stage_layer_ranges(ct.n_blocks, pp)[stage])
+                s = timing.combine_parts(self._part_times(c, dev, cp), counts, n_blocks, True)
+                for j, f in enumerate(("forward_s", "backward_s", "recompute_s", "attention_s")):
+                    out[c, j] = getattr(s, f)
+            return out, n_blocks
+        return self._cached(("stage tables", dev.name, cp, pp, stage), make)
+
     def _stage_compute(self, dev: Device, par, stage: int) -> timing.StageCompute:
         """A stage's compute per (family, micro-batch) for one device and layout."""
         def make() -> timing.StageCompute:
-            ti = self.tps.index(par.tp)
-            per_table = []
-            for c, ct in enumerate(self.tables):
-                times = self._part_times(c, dev, par.cp)
-                counts = timing.part_counts(ct, par.pp, stage)
-                n_blocks = len(sh.stage_layer_ranges(ct.n_blocks, par.pp)[stage])
-                s = timing.combine_parts(times, counts, n_blocks, True)
-                per_table.append(timing.StageCompute(*(np.broadcast_to(getattr(s, f), (len(self.tps), len(self.mbs)))[ti]
-                                                       for f in ("forward_s", "backward_s", "recompute_s", "attention_s")),
-                                                     n_blocks))
-            rows = [per_table[c] for c in self.table_of]
-            return timing.StageCompute(*(np.stack([getattr(r, f) for r in rows])
-                                         for f in ("forward_s", "backward_s", "recompute_s", "attention_s")),
-                                       rows[0].n_blocks)
+            tables, n_blocks = self._stage_tables(dev, par.cp, par.pp, stage)
+            rows = tables[self.table_of, :, self.tps.index(par.tp)]  # (families, field, micro-batch)
+            return timing.StageCompute(rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3], n_blocks)
         return self._cached(("stage", dev.name, par.tp, par.cp, par.pp, stage), make)
 
     # ---- per layout -----------------------------------------------------------------------

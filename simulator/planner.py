@@ -530,8 +530,11 @@ def _search_train(ctx: _Ctx, bound: bool, pareto: bool) -> tuple[list[PlanRow], 
     fpt = np.zeros((F, M))
     ga = np.ones((L, M), dtype=np.int64)
     ga_ok = np.ones((L, M), dtype=bool)
+    saved: dict[tuple, np.ndarray] = {}  # one micro-batch's saved activations, by what they depend on
     for i, (label, m, prec, opt, ck, base, sc, ct) in enumerate(fams):
         pr = ct.plan.precision
+        s = seq + ct.plan.prompt_tokens
+        B = basis(np.asarray(mbs, dtype=float), s, s + ct.plan.prefix_tokens)
         for j, lay in enumerate(lays):
             par = lay_ok[lay]
             rp = sh.rank_params(ct, par, 0)
@@ -539,10 +542,11 @@ def _search_train(ctx: _Ctx, bound: bool, pareto: bool) -> tuple[list[PlanRow], 
                                       pr.compute_dtype, par.dp)
             states[i, j] = (ms.weights + ms.quant_data + ms.quant_scales + ms.trainable_weights
                             + ms.optimizer_states + ms.paged_bytes + ms.bucket_bytes)
-            for k, mb in enumerate(mbs):
-                s = seq + ct.plan.prompt_tokens
-                B = basis(mb, s, s + ct.plan.prefix_tokens)
-                acts[i, j, k] = _stage_activation_bytes(ct, par, B, 0, 1) if par.pp == 1 else 0.0
+            if par.pp == 1:
+                key = (id(ct), par.tp, par.sp, par.cp, par.n_gpus == 1)
+                if key not in saved:
+                    saved[key] = _stage_activation_bytes(ct, par, B, 0, 1)
+                acts[i, j] = saved[key]
         for k, mb in enumerate(mbs):
             sk = sc.model_copy(update={"workload": sc.workload.model_copy(update={"micro_batch": mb})})
             fpt[i, k] = _flops(sk, ct)[0].per_token

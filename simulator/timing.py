@@ -81,12 +81,24 @@ def _where(cond, a, b):
     return a if cond else b
 
 
+_COLL_MEMO: dict[tuple, tuple] = {}
+
+
 def _coll(system, op: str, nbytes, n: int, per_node: int):
-    """One collective over ``n`` ranks (0 for one rank or nothing to send); ``nbytes`` may be an array."""
+    """One collective over ``n`` ranks (0 for one rank or nothing to send); ``nbytes`` may be an array
+    (the times of arrays are remembered: many setups of a plan send the same messages)."""
     if n <= 1:
         return 0.0
     if isinstance(nbytes, np.ndarray):
-        return np.where(nbytes > 0, comm.group_collective_time_s(system, op, nbytes, n, per_node), 0.0)
+        key = (id(system), op, n, per_node, nbytes.shape, nbytes.dtype.str, nbytes.tobytes())
+        hit = _COLL_MEMO.get(key)
+        if hit is not None and hit[0] is system:
+            return hit[1]
+        if len(_COLL_MEMO) > 8192:
+            _COLL_MEMO.clear()
+        out = np.where(nbytes > 0, comm.group_collective_time_s(system, op, nbytes, n, per_node), 0.0)
+        _COLL_MEMO[key] = (system, out)
+        return out
     if nbytes <= 0:
         return 0.0
     return float(comm.group_collective_time_s(system, op, nbytes, n, per_node))
@@ -235,27 +247,26 @@ def train_step_time(sc, ct: CostTable, dev: Device, system, B: tuple) -> TrainTi
     return step_time(stages, ranks, step_model(ct), par, dev, system, w.grad_accum, B[0])
 
 
-def _pick(idx, values: list):
-    """values[idx], element-wise when ``idx`` is an array of indices."""
-    if not isinstance(idx, np.ndarray):
-        return values[idx]
-    return np.choose(idx, np.broadcast_arrays(*values))
+_STAGE_FIELDS = ("forward_s", "backward_s", "recompute_s", "attention_s", "n_blocks")
 
 
 def _slowest(stages: dict[int, StageCompute], ranks: dict[int, RankState]) -> tuple[StageCompute, RankState]:
     """The stage whose compute of one micro-batch takes longest (the first of equals), per setup."""
     order = list(stages)
     keys = [stages[st].forward_s + stages[st].backward_s + stages[st].recompute_s for st in order]
-    if len(order) == 1:
-        idx = 0
-    elif any(isinstance(k, np.ndarray) for k in keys):
-        idx = np.argmax(np.stack(np.broadcast_arrays(*keys)), axis=0)
-    else:
-        idx = max(range(len(order)), key=lambda i: keys[i])
-    slow = StageCompute(*(_pick(idx, [getattr(stages[st], f) for st in order])
-                          for f in ("forward_s", "backward_s", "recompute_s", "attention_s", "n_blocks")))
-    rank = RankState(*(_pick(idx, [getattr(ranks[st], f) for st in order]) for f in RankState.__dataclass_fields__))
-    return slow, rank
+    if len(order) == 1 or not any(isinstance(k, np.ndarray) for k in keys):
+        st = order[max(range(len(order)), key=lambda i: keys[i])]
+        return stages[st], ranks[st]
+    first = order[0]
+    slow = {f: getattr(stages[first], f) for f in _STAGE_FIELDS}
+    rank = {f: getattr(ranks[first], f) for f in RankState.__dataclass_fields__}
+    best = keys[0]
+    for st, key in zip(order[1:], keys[1:]):
+        later = key > best  # strictly: the first of equal stages is the slowest
+        best = np.where(later, key, best)
+        slow = {f: np.where(later, getattr(stages[st], f), v) for f, v in slow.items()}
+        rank = {f: np.where(later, getattr(ranks[st], f), v) for f, v in rank.items()}
+    return StageCompute(**slow), RankState(**rank)
 
 
 def step_time(stages: dict[int, StageCompute], ranks: dict[int, RankState], model: StepModel, par, dev: Device,
