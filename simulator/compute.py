@@ -19,6 +19,7 @@ tensor- and context-parallel degrees may be arrays of setups (``plan`` evaluates
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -146,7 +147,42 @@ def matmul_dtype(compute_dtype: str, precision: str) -> str:
 
 def peak_flops(dev: Device, dtype: str) -> float:
     """Dense peak of the matmul dtype (fp16's where the device has no path for it)."""
+    if isinstance(dev, Devices):
+        return dev.peak_flops(dtype)
     return dev.peak_flops(dtype if getattr(dev.peak_tflops, dtype) is not None else "fp16")
+
+
+class _Efficiencies:
+    """The efficiency figures of several devices, as arrays over their axis."""
+
+    def __init__(self, devices: tuple[Device, ...], shape: tuple[int, ...], axis: int) -> None:
+        self._devices, self._axis = devices, axis
+        self.memory_bandwidth_fraction = np.array(
+            [d.efficiency.memory_bandwidth_fraction for d in devices]).reshape(shape)
+        att = [d.efficiency.attention_fraction for d in devices]
+        self.attention_fraction = np.array([math.nan if a is None else a for a in att]).reshape(shape)
+
+    def matmul_fraction(self, flops_per_gemm: np.ndarray, dtype: str) -> np.ndarray:
+        """Each device's own curve on its slice of ``flops_per_gemm``."""
+        out = np.empty(np.shape(flops_per_gemm))
+        for i, d in enumerate(self._devices):
+            at = (Ellipsis, i) + (slice(None),) * (-1 - self._axis)
+            out[at] = d.efficiency.matmul_fraction(flops_per_gemm[at], dtype)
+        return out
+
+
+class Devices:
+    """Several device profiles as one for :func:`part_time` and the roofline functions: each figure is an
+    array over the devices, on axis ``axis`` (negative, counted from the end) of the arrays of setups."""
+
+    def __init__(self, devices: list[Device], axis: int = -3) -> None:
+        self.devices = tuple(devices)
+        self.shape = (len(devices),) + (1,) * (-1 - axis)
+        self.memory_bandwidth_Bps = np.array([d.memory_bandwidth_Bps for d in devices]).reshape(self.shape)
+        self.efficiency = _Efficiencies(self.devices, self.shape, axis)
+
+    def peak_flops(self, dtype: str) -> np.ndarray:
+        return np.array([peak_flops(d, dtype) for d in self.devices]).reshape(self.shape)
 
 
 def _maximum(a, b):
@@ -173,7 +209,10 @@ def attention_time_s(flops, nbytes, dev: Device, dtype: str, causal):
     if frac is None or (not isinstance(flops, np.ndarray) and flops <= 0):
         return gemm_time_s(flops, nbytes, dev, dtype)
     run = flops * (np.where(causal, 0.5, 1.0) if isinstance(causal, np.ndarray) else (0.5 if causal else 1.0))
-    return _maximum(run / (peak_flops(dev, dtype) * frac), memory_time_s(nbytes, dev))
+    t = _maximum(run / (peak_flops(dev, dtype) * frac), memory_time_s(nbytes, dev))
+    if isinstance(frac, np.ndarray) and np.isnan(frac).any():  # devices without a fused-attention figure
+        t = np.where(np.isnan(frac), gemm_time_s(flops, nbytes, dev, dtype), t)
+    return t
 
 
 def memory_time_s(nbytes, dev: Device):
@@ -216,9 +255,10 @@ def part_time(part: OpArrays, B: tuple, dev: Device, dtype: str, tp, cp, trainin
               fused_attention: bool = True) -> PartTime:
     """One instance of a part (one block, the embeddings or the head) for one micro-batch on one rank.
     ``fused_attention``: the attention runs as one flash / SDPA kernel (not eager matmul + softmax).
-    ``B``, ``tp`` and ``cp`` may be arrays of setups (broadcast together); the times are then arrays,
-    computed over all operators at once with the same arithmetic as one setup's loop over them."""
-    if not any(isinstance(x, np.ndarray) for x in (*B, tp, cp)):
+    ``B``, ``tp`` and ``cp`` may be arrays of setups and ``dev`` several :class:`Devices` (broadcast
+    together); the times are then arrays, computed over all operators at once with the same arithmetic
+    as one setup's loop over them."""
+    if not isinstance(dev, Devices) and not any(isinstance(x, np.ndarray) for x in (*B, tp, cp)):
         return _part_time_one(part, B, dev, dtype, tp, cp, training, fused_attention)
     return _part_time_many(part, B, dev, dtype, tp, cp, training, fused_attention)
 
@@ -259,7 +299,7 @@ def _part_time_one(part: OpArrays, B: tuple, dev: Device, dtype: str, tp: int, c
 def _part_time_many(part: OpArrays, B: tuple, dev: Device, dtype: str, tp, cp, training: bool,
                     fused_attention: bool) -> PartTime:
     m = part.matrix
-    shape = np.broadcast_shapes(*(np.shape(x) for x in (*B, tp, cp)))
+    shape = np.broadcast_shapes(*(np.shape(x) for x in (*B, tp, cp)), getattr(dev, "shape", ()))
     nd = len(shape)
 
     def col(flags: np.ndarray) -> np.ndarray:

@@ -45,9 +45,11 @@ def _stack(items: list, cls: type, shape: tuple[int, ...]) -> Any:
 class TrainGrid:
     """Training setups of ``families`` (scenarios that differ in method, precision, optimizer or
     checkpointing; their micro-batch, layout and GPU are ignored) over ``micro_batches``, for the tensor-
-    parallel degrees ``tp_degrees``.  :meth:`evaluate` gives one (GPU, system, layout)'s grid."""
+    parallel degrees ``tp_degrees`` on ``devices``.  :meth:`peak_bytes` and :meth:`step_s` give one
+    (device, system, layout)'s (families, micro-batches) grid."""
 
-    def __init__(self, families: list[Scenario], micro_batches: list[int], tp_degrees: list[int]) -> None:
+    def __init__(self, families: list[Scenario], micro_batches: list[int], tp_degrees: list[int],
+                 devices: list[Device]) -> None:
         self.families = families
         self.cts = [cost_table_for(sc) for sc in families]
         keys: dict[int, int] = {}
@@ -59,6 +61,8 @@ class TrainGrid:
                 self.tables[c], self.table_family[c] = self.cts[i], i
         self.mbs = np.asarray(micro_batches, dtype=float)
         self.tps = list(tp_degrees)
+        self.devices = compute.Devices(devices)  # axis -3 of (device, tp, micro-batch) arrays
+        self.device_index = {d.name: i for i, d in enumerate(devices)}
         self._cache: dict[tuple, Any] = {}
 
     # ---- per cost table -------------------------------------------------------------------
@@ -74,36 +78,37 @@ class TrainGrid:
             hit = self._cache[key] = make()
         return hit
 
-    def _part_times(self, c: int, dev: Device, cp: int) -> list:
-        """Each part's times over (tensor-parallel degree, micro-batch)."""
+    def _part_times(self, c: int, cp: int) -> list:
+        """Each part's times over (device, tensor-parallel degree, micro-batch)."""
         def make() -> list:
             ct, sc = self.tables[c], self.families[self.table_family[c]]
             dtype = compute.matmul_dtype(ct.plan.precision.compute_dtype, sc.precision)
             fused = ct.plan.attention not in ("eager", "sdpa-math")
-            B = self._basis(c, self.mbs[None, :])
-            tp = np.asarray(self.tps)[:, None]
-            return [compute.part_time(part, B, dev, dtype, tp, cp, True, fused) for part in compute.op_arrays(ct)]
-        return self._cached(("parts", c, dev.name, cp), make)
+            B = self._basis(c, self.mbs[None, None, :])
+            tp = np.asarray(self.tps)[None, :, None]
+            return [compute.part_time(part, B, self.devices, dtype, tp, cp, True, fused)
+                    for part in compute.op_arrays(ct)]
+        return self._cached(("parts", c, cp), make)
 
-    def _stage_tables(self, dev: Device, cp: int, pp: int, stage: int) -> tuple[np.ndarray, int]:
-        """A stage's compute per (cost table, field, tensor-parallel degree, micro-batch), and its blocks."""
+    def _stage_tables(self, cp: int, pp: int, stage: int) -> tuple[np.ndarray, int]:
+        """A stage's compute per (cost table, field, device, tensor-parallel degree, micro-batch), and its blocks."""
         def make() -> tuple[np.ndarray, int]:
-            out = np.empty((len(self.tables), 4, len(self.tps), len(self.mbs)))
+            out = np.empty((len(self.tables), 4, len(self.devices.devices), len(self.tps), len(self.mbs)))
             n_blocks = 0
             for c, ct in enumerate(self.tables):
                 counts = timing.part_counts(ct, pp, stage)
                 n_blocks = len(sh.stage_layer_ranges(ct.n_blocks, pp)[stage])
-                s = timing.combine_parts(self._part_times(c, dev, cp), counts, n_blocks, True)
+                s = timing.combine_parts(self._part_times(c, cp), counts, n_blocks, True)
                 for j, f in enumerate(("forward_s", "backward_s", "recompute_s", "attention_s")):
                     out[c, j] = getattr(s, f)
             return out, n_blocks
-        return self._cached(("stage tables", dev.name, cp, pp, stage), make)
+        return self._cached(("stage tables", cp, pp, stage), make)
 
     def _stage_compute(self, dev: Device, par, stage: int) -> timing.StageCompute:
         """A stage's compute per (family, micro-batch) for one device and layout."""
         def make() -> timing.StageCompute:
-            tables, n_blocks = self._stage_tables(dev, par.cp, par.pp, stage)
-            rows = tables[self.table_of, :, self.tps.index(par.tp)]  # (families, field, micro-batch)
+            tables, n_blocks = self._stage_tables(par.cp, par.pp, stage)
+            rows = tables[self.table_of, :, self.device_index[dev.name], self.tps.index(par.tp)]
             return timing.StageCompute(rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3], n_blocks)
         return self._cached(("stage", dev.name, par.tp, par.cp, par.pp, stage), make)
 

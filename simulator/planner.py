@@ -701,7 +701,7 @@ def _search_grid(ctx: _Ctx, sp: _Space, pareto: bool) -> tuple[list[PlanRow], in
 
     job, cons = ctx.job, ctx.cons
     P, F, M = sp.ok.shape
-    grid = TrainGrid([f[6] for f in sp.fams], sp.mbs, ctx.space.tp)
+    grid = TrainGrid([f[6] for f in sp.fams], sp.mbs, ctx.space.tp, list({g[2].name: g[2] for g in sp.G}.values()))
     peak = np.full((P, F, M), np.inf)
     step = np.full((P, F, M), np.inf)
     done = sp.ok.any(axis=(1, 2))

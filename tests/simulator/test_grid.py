@@ -9,7 +9,7 @@ import pytest
 from hwprofiles import get_device
 from simulator import memory as mem
 from simulator import sharding as sh
-from simulator.compute import matmul_dtype, op_arrays, part_time
+from simulator.compute import Devices, matmul_dtype, op_arrays, part_time
 from simulator.config import Scenario
 from simulator.config.parallel import Parallel
 from simulator.estimate import _system_named, cost_table_for, estimate
@@ -26,6 +26,7 @@ LAYOUTS = [{}, {"dp": 2}, {"dp": 4, "zero": 1}, {"dp": 4, "zero": 2}, {"dp": 4, 
            {"dp": 2, "pp": 2}, {"pp": 4, "pp_schedule": "gpipe"}, {"dp": 16, "fsdp": "full_shard"}]
 MICRO_BATCHES = [1, 2, 8]
 GRAD_ACCUM = np.array([1, 4, 2])
+GPUS = ["h100-sxm-80gb", "l4-24gb", "v100-sxm-32gb"]  # V100: no fused-attention figure, no bf16 path
 
 
 def _family(method: dict, optimizer: str, checkpointing: str) -> Scenario:
@@ -37,10 +38,10 @@ def _family(method: dict, optimizer: str, checkpointing: str) -> Scenario:
 @pytest.fixture(scope="module")
 def grid() -> TrainGrid:
     fams = [_family(m, o, c) for m in METHODS for o in ("adamw", "adamw-8bit") for c in ("none", "full")]
-    return TrainGrid(fams, MICRO_BATCHES, [1, 2, 4])
+    return TrainGrid(fams, MICRO_BATCHES, [1, 2, 4], [get_device(g) for g in GPUS])
 
 
-@pytest.mark.parametrize("gpu", ["h100-sxm-80gb", "l4-24gb"])
+@pytest.mark.parametrize("gpu", GPUS)
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()) or "single")
 def test_grid_equals_estimate(grid, gpu, layout):
     # every (family, micro-batch) of one GPU and layout: peak memory and step time are estimate()'s, exactly
@@ -63,23 +64,27 @@ def test_grid_equals_estimate(grid, gpu, layout):
 @pytest.mark.parametrize("attention", ["sdpa-flash", "eager"])
 @pytest.mark.parametrize("method", METHODS[:2], ids=["full", "lora"])
 def test_part_time_arrays_equal_one_setup(attention, method):
-    # all operators at once over (tp, micro-batch) arrays give the loop over operators' numbers
+    # all operators at once over (tp, micro-batch) arrays, and over (device, tp, micro-batch), give the loop
+    # over operators' numbers
     sc = Scenario.model_validate({"model": MODEL, "method": method, "attention": attention,
                                   "checkpointing": {"mode": "full"},
                                   "workload": {"task": "train", "seq_len": SEQ, "micro_batch": 1}})
     ct = cost_table_for(sc)
     tps, mbs = np.array([1, 2, 4]), np.array([1, 3, 16])
-    for gpu in ("h100-sxm-80gb", "v100-sxm-32gb"):  # V100 has no fused-attention fraction
-        dev = get_device(gpu)
-        dtype = matmul_dtype(ct.plan.precision.compute_dtype, sc.precision)
-        for part in op_arrays(ct):
-            many = part_time(part, basis(mbs[None, :], SEQ, SEQ), dev, dtype, tps[:, None], 1, True,
-                             attention != "eager")
+    devs = [get_device(g) for g in GPUS]
+    dtype = matmul_dtype(ct.plan.precision.compute_dtype, sc.precision)
+    fused = attention != "eager"
+    for part in op_arrays(ct):
+        every = part_time(part, basis(mbs[None, None, :], SEQ, SEQ), Devices(devs), dtype, tps[None, :, None], 1,
+                          True, fused)
+        for d, dev in enumerate(devs):
+            many = part_time(part, basis(mbs[None, :], SEQ, SEQ), dev, dtype, tps[:, None], 1, True, fused)
             for a, tp in enumerate(tps):
                 for b, mb in enumerate(mbs):
-                    one = part_time(part, basis(int(mb), SEQ, SEQ), dev, dtype, int(tp), 1, True, attention != "eager")
+                    one = part_time(part, basis(int(mb), SEQ, SEQ), dev, dtype, int(tp), 1, True, fused)
                     for f in ("forward_s", "backward_s", "recompute_s", "attention_s"):
                         assert getattr(many, f)[a, b] == getattr(one, f), (part.where, f, tp, mb)
+                        assert getattr(every, f)[d, a, b] == getattr(one, f), (dev.name, part.where, f, tp, mb)
 
 
 def test_allocator_pieces_on_arrays():
