@@ -766,8 +766,16 @@ def _search_grid(ctx: _Ctx, sp: _Space, pareto: bool) -> tuple[list[PlanRow], in
         if row is None:
             sc = sp.scenario(p, i, k)
             row = exact[(p, i, k)] = _row(sc, _estimate(sc, False), float(use[p, 0, 0]))
+            got = (peak[p, i, k], tkey[p, i, k], ckey[p, i, k])
+            if not all(_agrees(a, b) for a, b in zip(got, (row.peak_memory_bytes, row.time_key, row.cost_key))):
+                raise RuntimeError(f"plan(): the array evaluation of {row.scenario} gives (peak, time, cost) {got}, "
+                                   f"estimate() {(row.peak_memory_bytes, row.time_key, row.cost_key)}")
         rows.append(row)
     return rows, len(exact)
+
+
+def _agrees(a: float, b: float) -> bool:
+    return a == b or abs(a - b) <= _REL_TOL * abs(b)
 
 
 def _maybe_before(comps: tuple, kth: tuple, exact_kind: tuple[bool, ...]) -> np.ndarray:

@@ -130,3 +130,24 @@ def test_maybe_on_front():
     t = np.array([1.0, 2.0, 3.0, 2.0, 4.0])
     c = np.array([10.0, 5.0, 6.0, 5.0 * (1 + 1e-12), np.inf])
     assert _maybe_on_front(t, c).tolist() == [True, True, False, True, False]
+
+
+@pytest.mark.parametrize("case", [
+    dict(objective="cost", constraints={"global_batch_tokens": 8 * SEQ * 4}, space={"pp": [1, 2]}),
+    dict(objective="gpus", total_tokens=None, space={}),
+    dict(objective="time", constraints={"budget_usd": 0.9}, space={"sharding": ["zero1", "fsdp-grad-op"]}),
+], ids=["pp-and-grad-accumulation", "per-million-tokens", "budget"])
+def test_plan_on_the_grid_equals_estimating_every_candidate(case):
+    # the array search and the reference (estimate() on every screened candidate) rank and front alike
+    from simulator.planner import plan
+
+    args = dict(model=MODEL, task="finetune", seq_len=SEQ, total_tokens=case.get("total_tokens", 2e7), top_n=6,
+                objective=case["objective"], constraints={"max_gpus": 4, **case.get("constraints", {})},
+                space={"gpus": ["l4-24gb", "a100-sxm-80gb"], "gpu_counts": [1, 2, 4], "micro_batches": [1, 2, 8],
+                       "methods": METHODS[:2], "optimizers": ["adamw"], "tp": [1, 2], **case["space"]})
+    fast, ref = plan(**args), plan(**args, bound=False)
+    assert fast.candidates_evaluated == ref.candidates_evaluated
+    assert fast.candidates_estimated < ref.candidates_estimated
+    assert [r.scenario for r in fast.ranked] == [r.scenario for r in ref.ranked]
+    assert [r.scenario for r in fast.pareto] == [r.scenario for r in ref.pareto]
+    assert fast.rejected_reasons.keys() == ref.rejected_reasons.keys()
