@@ -226,8 +226,15 @@ def intra_node_time_s(system: System, op: Op, message_bytes, n_ranks):
     _check_op(op)
     n = _ranks(n_ranks)
     size = _bytes(message_bytes)
-    latency = np.asarray(latency_steps(op, n, "auto")) * system.intra_node.latency_us * US
-    return _out(latency + size * np.asarray(bus_factor(op, n)) * _intra_s_per_bus_byte(system, op, size))
+    return _out(_intra_time_s(system, op, size, n, _intra_s_per_bus_byte(system, "all_reduce", size)))
+
+
+def _intra_time_s(system: System, op: Op, size: np.ndarray, n: np.ndarray, per_bus_byte_all_reduce) -> np.ndarray:
+    """:func:`intra_node_time_s` of checked arguments, given the all-reduce's seconds per bus byte at ``size``."""
+    fabric = system.intra_node
+    per_bus_byte = per_bus_byte_all_reduce if op == "all_reduce" else per_bus_byte_all_reduce / fabric.ring_fraction
+    latency = np.asarray(latency_steps(op, n, "auto")) * fabric.latency_us * US
+    return latency + size * np.asarray(bus_factor(op, n)) * per_bus_byte
 
 
 def _require_network(system: System, why: str) -> None:
@@ -288,13 +295,14 @@ def group_collective_time_s(system: System, op: Op, message_bytes, group_size, r
     if np.any(np.mod(g, r) != 0):
         raise ValueError(f"group_size={group_size!r} is not a multiple of ranks_per_node={ranks_per_node!r}")
     nodes = g / r
-    single = np.asarray(intra_node_time_s(system, op, size, g))
+    per_bus_byte = _intra_s_per_bus_byte(system, "all_reduce", size)  # every intra-node tier moves S
+    single = None if np.all(nodes > 1) else _intra_time_s(system, op, size, g, per_bus_byte)
     if not np.any(nodes > 1):
         return _out(single)
     _require_network(system, f"a group of {group_size!r} at {ranks_per_node!r} per node spans {nodes!r} nodes")
 
     def intra(o: Op, s):
-        return np.asarray(intra_node_time_s(system, o, s, r))
+        return _intra_time_s(system, o, s, r, per_bus_byte)
 
     def inter(o: Op, s):
         return np.asarray(inter_node_time_s(system, o, s, nodes, r))
@@ -311,13 +319,13 @@ def group_collective_time_s(system: System, op: Op, message_bytes, group_size, r
         multi = inter("broadcast", size / r) + intra("all_gather", size)
     elif op == "all_to_all":
         on_node = ((r - 1) * system.intra_node.latency_us * US
-                   + size * (r - 1) / g * _intra_s_per_bus_byte(system, op, size))
+                   + size * (r - 1) / g * (per_bus_byte / system.intra_node.ring_fraction))
         off_node = ((g - r) * system.inter_node.latency_us * US
                     + size * (g - r) / g / np.asarray(nic_share_Bps(system, r)))
         multi = np.maximum(on_node, off_node)
     else:  # p2p
         multi = np.asarray(p2p_time_s(system, size, cross_node=True, senders_per_node=r))
-    return _out(np.where(nodes > 1, multi, single))
+    return _out(multi if single is None else np.where(nodes > 1, multi, single))
 
 
 # ---------------------------------------------------------------------------------------------
