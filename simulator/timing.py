@@ -94,7 +94,7 @@ def _coll(system, op: str, nbytes, n: int, per_node: int):
         hit = _COLL_MEMO.get(key)
         if hit is not None and hit[0] is system:
             return hit[1]
-        if len(_COLL_MEMO) > 8192:
+        if len(_COLL_MEMO) > 4096:
             _COLL_MEMO.clear()
         out = np.where(nbytes > 0, comm.group_collective_time_s(system, op, nbytes, n, per_node), 0.0)
         _COLL_MEMO[key] = (system, out)

@@ -8,7 +8,9 @@ per second.  Two spaces: the default one (max 8 GPUs, about 40,000 candidates) a
 priced GPU x 1-64 GPUs x 6 micro-batches x 5 methods x 2 precisions x 3 optimizers x 2 checkpointing
 modes x 6 shardings x tp 1-8 x pp 1-2, about 1,000,000 candidates).  The issue's target is >= 1,000,000
 candidates in <= 10 s, i.e. >= 100,000 candidates/s.  On a shared machine the wall time also counts
-other processes; the CPU time is this process's own.
+other processes; the CPU time is this process's own.  The first search of a process also loads the
+hardware profiles and traces the model's cost tables (kept for later searches, as are the times of
+collectives already computed).
 """
 
 from __future__ import annotations
