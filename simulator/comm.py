@@ -18,6 +18,8 @@ Conventions are those of nccl-tests ``doc/PERFORMANCE.md`` (reference §6.4):
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Literal, get_args
 
 import numpy as np
@@ -50,6 +52,11 @@ def _check_op(op: str) -> None:
 
 
 def _ranks(n, what: str = "n_ranks") -> np.ndarray:
+    if isinstance(n, int | float | np.integer | np.floating) and not isinstance(n, bool):
+        # one group size: checked without numpy's array machinery
+        if not (n >= 1 and n == math.floor(n)):
+            raise ValueError(f"{what} must be whole numbers >= 1, got {n!r}")
+        return np.float64(n)
     arr = np.asarray(n, dtype=float)
     if np.any(arr < 1) or np.any(arr != np.floor(arr)):
         raise ValueError(f"{what} must be whole numbers >= 1, got {n!r}")
@@ -57,6 +64,14 @@ def _ranks(n, what: str = "n_ranks") -> np.ndarray:
 
 
 def _bytes(nbytes, what: str = "message_bytes") -> np.ndarray:
+    if isinstance(nbytes, int | float | np.integer | np.floating) and not isinstance(nbytes, bool):
+        if not (nbytes >= 0 and math.isfinite(nbytes)):
+            raise ValueError(f"{what} must be finite and >= 0, got {nbytes!r}")
+        return np.float64(nbytes)
+    if isinstance(nbytes, np.ndarray) and nbytes.dtype == float and nbytes.ndim:
+        if not (nbytes.min() >= 0 and np.isfinite(nbytes.max())):
+            raise ValueError(f"{what} must be finite and >= 0, got {nbytes!r}")
+        return nbytes
     arr = np.asarray(nbytes, dtype=float)
     if np.any(arr < 0) or not np.all(np.isfinite(arr)):
         raise ValueError(f"{what} must be finite and >= 0, got {nbytes!r}")
@@ -139,6 +154,14 @@ def collective_time_s(op: Op, message_bytes, n_ranks, busbw_Bps, latency_s, algo
     return _out(steps * latency + size * factor / busbw)
 
 
+@functools.lru_cache(maxsize=64)
+def _log_curve(curve: tuple) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """(log sizes, log busbw, smallest size, largest size) of a busbw curve."""
+    sizes = np.array([s for s, _ in curve], dtype=float)
+    busbw_GBps = np.array([b for _, b in curve], dtype=float)
+    return np.log(sizes), np.log(busbw_GBps), sizes[0], sizes[-1]
+
+
 def achieved_busbw_Bps(curve, message_bytes):
     """Bus bandwidth (B/s) a measured curve gives at ``message_bytes``.
 
@@ -147,10 +170,9 @@ def achieved_busbw_Bps(curve, message_bytes):
     ``S / busbw(S)`` then changes as a power of S, so it stays non-decreasing whenever it is so at
     the points (which the schema checks).  Clamped to the end points outside the measured range.
     """
-    sizes = np.array([s for s, _ in curve], dtype=float)
-    busbw_GBps = np.array([b for _, b in curve], dtype=float)
-    size = np.clip(_bytes(message_bytes), sizes[0], sizes[-1])
-    log_busbw = np.interp(np.log(size), np.log(sizes), np.log(busbw_GBps))
+    log_sizes, log_busbw_GBps, lo, hi = _log_curve(tuple(map(tuple, curve)))
+    size = np.clip(_bytes(message_bytes), lo, hi)
+    log_busbw = np.interp(np.log(size), log_sizes, log_busbw_GBps)
     return _out(np.exp(log_busbw) * GB)
 
 
@@ -204,8 +226,15 @@ def intra_node_time_s(system: System, op: Op, message_bytes, n_ranks):
     _check_op(op)
     n = _ranks(n_ranks)
     size = _bytes(message_bytes)
-    latency = np.asarray(latency_steps(op, n, "auto")) * system.intra_node.latency_us * US
-    return _out(latency + size * np.asarray(bus_factor(op, n)) * _intra_s_per_bus_byte(system, op, size))
+    return _out(_intra_time_s(system, op, size, n, _intra_s_per_bus_byte(system, "all_reduce", size)))
+
+
+def _intra_time_s(system: System, op: Op, size: np.ndarray, n: np.ndarray, per_bus_byte_all_reduce) -> np.ndarray:
+    """:func:`intra_node_time_s` of checked arguments, given the all-reduce's seconds per bus byte at ``size``."""
+    fabric = system.intra_node
+    per_bus_byte = per_bus_byte_all_reduce if op == "all_reduce" else per_bus_byte_all_reduce / fabric.ring_fraction
+    latency = np.asarray(latency_steps(op, n, "auto")) * fabric.latency_us * US
+    return latency + size * np.asarray(bus_factor(op, n)) * per_bus_byte
 
 
 def _require_network(system: System, why: str) -> None:
@@ -266,13 +295,14 @@ def group_collective_time_s(system: System, op: Op, message_bytes, group_size, r
     if np.any(np.mod(g, r) != 0):
         raise ValueError(f"group_size={group_size!r} is not a multiple of ranks_per_node={ranks_per_node!r}")
     nodes = g / r
-    single = np.asarray(intra_node_time_s(system, op, size, g))
+    per_bus_byte = _intra_s_per_bus_byte(system, "all_reduce", size)  # every intra-node tier moves S
+    single = None if np.all(nodes > 1) else _intra_time_s(system, op, size, g, per_bus_byte)
     if not np.any(nodes > 1):
         return _out(single)
     _require_network(system, f"a group of {group_size!r} at {ranks_per_node!r} per node spans {nodes!r} nodes")
 
     def intra(o: Op, s):
-        return np.asarray(intra_node_time_s(system, o, s, r))
+        return _intra_time_s(system, o, s, r, per_bus_byte)
 
     def inter(o: Op, s):
         return np.asarray(inter_node_time_s(system, o, s, nodes, r))
@@ -289,13 +319,13 @@ def group_collective_time_s(system: System, op: Op, message_bytes, group_size, r
         multi = inter("broadcast", size / r) + intra("all_gather", size)
     elif op == "all_to_all":
         on_node = ((r - 1) * system.intra_node.latency_us * US
-                   + size * (r - 1) / g * _intra_s_per_bus_byte(system, op, size))
+                   + size * (r - 1) / g * (per_bus_byte / system.intra_node.ring_fraction))
         off_node = ((g - r) * system.inter_node.latency_us * US
                     + size * (g - r) / g / np.asarray(nic_share_Bps(system, r)))
         multi = np.maximum(on_node, off_node)
     else:  # p2p
         multi = np.asarray(p2p_time_s(system, size, cross_node=True, senders_per_node=r))
-    return _out(np.where(nodes > 1, multi, single))
+    return _out(multi if single is None else np.where(nodes > 1, multi, single))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,13 +11,18 @@ dequantization reads the packed weight and writes a 16-bit copy before every use
 input-gradient GEMM of backward).
 
 The operator tables are built once per cost table as coefficient tuples over the (T, K, A, B, S, Q, 1)
-basis, so one evaluation is a few dot products per operator.
+basis, so one evaluation is a few dot products per operator.  Every function here takes plain numbers
+or numpy arrays: :func:`part_time` evaluates all operators of a part at once, and the basis values, the
+tensor- and context-parallel degrees may be arrays of setups (``plan`` evaluates many at once).
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 
+import numpy as np
 
 from hwprofiles import Device
 
@@ -64,6 +69,31 @@ class OpArrays:
     @property
     def has_attention(self) -> bool:
         return any(op.attention for op in self.ops)
+
+    @functools.cached_property
+    def matrix(self) -> "OpMatrix":
+        """The operators as coefficient matrices and flags (one row per operator)."""
+        def coeffs(name: str) -> np.ndarray:
+            return np.array([getattr(op, name) for op in self.ops], dtype=float).reshape(len(self.ops), 7)
+
+        def flags(name: str) -> np.ndarray:
+            return np.array([getattr(op, name) for op in self.ops], dtype=bool)
+
+        return OpMatrix(coeffs("fwd_flops"), coeffs("bwd_flops"), coeffs("fwd_bytes"), flags("attention"),
+                        flags("causal"), flags("tp_split"), flags("recomputed"))
+
+
+@dataclass(frozen=True)
+class OpMatrix:
+    """A part's operators as arrays: (n_ops, 7) coefficients over the basis and (n_ops,) flags."""
+
+    fwd_flops: np.ndarray
+    bwd_flops: np.ndarray
+    fwd_bytes: np.ndarray
+    attention: np.ndarray
+    causal: np.ndarray
+    tp_split: np.ndarray
+    recomputed: np.ndarray
 
 
 def _part(where, layers, tr, arch, recompute_until: int | None, quant_rows, encoder: bool = False) -> OpArrays:
@@ -127,29 +157,75 @@ def attention_dtype(matmul_dtype_: str) -> str:
 
 def peak_flops(dev: Device, dtype: str) -> float:
     """Dense peak of the matmul dtype (fp16's where the device has no path for it)."""
+    if isinstance(dev, Devices):
+        return dev.peak_flops(dtype)
     return dev.peak_flops(dtype if getattr(dev.peak_tflops, dtype) is not None else "fp16")
 
 
-def gemm_time_s(flops: float, nbytes: float, dev: Device, dtype: str) -> float:
+class _Efficiencies:
+    """The efficiency figures of several devices, as arrays over their axis."""
+
+    def __init__(self, devices: tuple[Device, ...], shape: tuple[int, ...], axis: int) -> None:
+        self._devices, self._axis = devices, axis
+        self.memory_bandwidth_fraction = np.array(
+            [d.efficiency.memory_bandwidth_fraction for d in devices]).reshape(shape)
+        att = [d.efficiency.attention_fraction for d in devices]
+        self.attention_fraction = np.array([math.nan if a is None else a for a in att]).reshape(shape)
+
+    def matmul_fraction(self, flops_per_gemm: np.ndarray, dtype: str) -> np.ndarray:
+        """Each device's own curve on its slice of ``flops_per_gemm``."""
+        out = np.empty(np.shape(flops_per_gemm))
+        for i, d in enumerate(self._devices):
+            at = (Ellipsis, i) + (slice(None),) * (-1 - self._axis)
+            out[at] = d.efficiency.matmul_fraction(flops_per_gemm[at], dtype)
+        return out
+
+
+class Devices:
+    """Several device profiles as one for :func:`part_time` and the roofline functions: each figure is an
+    array over the devices, on axis ``axis`` (negative, counted from the end) of the arrays of setups."""
+
+    def __init__(self, devices: list[Device], axis: int = -3) -> None:
+        self.devices = tuple(devices)
+        self.shape = (len(devices),) + (1,) * (-1 - axis)
+        self.memory_bandwidth_Bps = np.array([d.memory_bandwidth_Bps for d in devices]).reshape(self.shape)
+        self.efficiency = _Efficiencies(self.devices, self.shape, axis)
+
+    def peak_flops(self, dtype: str) -> np.ndarray:
+        return np.array([peak_flops(d, dtype) for d in self.devices]).reshape(self.shape)
+
+
+def _maximum(a, b):
+    """max(a, b) of two numbers, or element-wise of arrays."""
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return np.maximum(a, b)
+    return max(a, b)
+
+
+def gemm_time_s(flops, nbytes, dev: Device, dtype: str):
     """Roofline time of one GEMM-like call: compute at the achievable fraction of peak for calls of that
     size, or memory traffic at the streaming fraction, whichever is longer."""
-    if flops <= 0:
+    if not isinstance(flops, np.ndarray) and flops <= 0:
         return memory_time_s(nbytes, dev)
-    t_compute = flops / (peak_flops(dev, dtype) * dev.efficiency.matmul_fraction(float(flops), dtype))
-    return max(t_compute, memory_time_s(nbytes, dev))
+    t_compute = flops / (peak_flops(dev, dtype) * dev.efficiency.matmul_fraction(flops, dtype))
+    return _maximum(t_compute, memory_time_s(nbytes, dev))
 
 
-def attention_time_s(flops: float, nbytes: float, dev: Device, dtype: str, causal: bool) -> float:
+def attention_time_s(flops, nbytes, dev: Device, dtype: str, causal):
     """A fused attention kernel: the FLOPs it runs (half the counted ones under a causal mask, which
-    FlopCounterMode and the MFU formulas count in full) at the device's attention fraction of peak."""
+    FlopCounterMode and the MFU formulas count in full) at the device's attention fraction of peak.
+    ``causal`` may be an array of flags beside arrays of FLOPs."""
     frac = dev.efficiency.attention_fraction
-    if frac is None or flops <= 0:
+    if frac is None or (not isinstance(flops, np.ndarray) and flops <= 0):
         return gemm_time_s(flops, nbytes, dev, dtype)
-    run = flops * (0.5 if causal else 1.0)
-    return max(run / (peak_flops(dev, dtype) * frac), memory_time_s(nbytes, dev))
+    run = flops * (np.where(causal, 0.5, 1.0) if isinstance(causal, np.ndarray) else (0.5 if causal else 1.0))
+    t = _maximum(run / (peak_flops(dev, dtype) * frac), memory_time_s(nbytes, dev))
+    if isinstance(frac, np.ndarray) and np.isnan(frac).any():  # devices without a fused-attention figure
+        t = np.where(np.isnan(frac), gemm_time_s(flops, nbytes, dev, dtype), t)
+    return t
 
 
-def memory_time_s(nbytes: float, dev: Device) -> float:
+def memory_time_s(nbytes, dev: Device):
     """Time to stream ``nbytes`` through device memory at the achievable bandwidth."""
     return nbytes / (dev.memory_bandwidth_Bps * dev.efficiency.memory_bandwidth_fraction)
 
@@ -163,10 +239,42 @@ class PartTime:
     host_forward_s: float  # host time to issue the forward's kernels (backward issues about twice as many)
 
 
-def part_time(part: OpArrays, B: tuple[float, ...], dev: Device, dtype: str, tp: int, cp: int,
-              training: bool, fused_attention: bool = True) -> PartTime:
+def _rows(coeffs: np.ndarray, B: tuple, shape: tuple[int, ...]) -> np.ndarray:
+    """Each operator's value at the basis values: (n_ops, *shape), summed in the order of :func:`_dot`."""
+    c = coeffs.reshape(coeffs.shape + (1,) * len(shape))
+    out = c[:, 0] * B[0]
+    for i in range(1, 7):
+        out = out + c[:, i] * B[i]
+    return np.broadcast_to(out, (len(coeffs), *shape))
+
+
+def _sum_rows(a: np.ndarray) -> np.ndarray:
+    """Sum over the operators in their order (one setup or many: the same additions either way)."""
+    if a.shape[0] == 0:
+        return np.zeros(a.shape[1:])
+    if a[0].size <= 1:
+        return np.cumsum(a, axis=0)[-1]
+    return a.sum(axis=0)
+
+
+def _out(x):
+    return float(x) if np.ndim(x) == 0 else x
+
+
+def part_time(part: OpArrays, B: tuple, dev: Device, dtype: str, tp, cp, training: bool,
+              fused_attention: bool = True) -> PartTime:
     """One instance of a part (one block, the embeddings or the head) for one micro-batch on one rank.
-    ``fused_attention``: the attention runs as one flash / SDPA kernel (not eager matmul + softmax)."""
+    ``fused_attention``: the attention runs as one flash / SDPA kernel (not eager matmul + softmax).
+    ``B``, ``tp`` and ``cp`` may be arrays of setups and ``dev`` several :class:`Devices` (broadcast
+    together); the times are then arrays, computed over all operators at once with the same arithmetic
+    as one setup's loop over them."""
+    if not isinstance(dev, Devices) and not any(isinstance(x, np.ndarray) for x in (*B, tp, cp)):
+        return _part_time_one(part, B, dev, dtype, tp, cp, training, fused_attention)
+    return _part_time_many(part, B, dev, dtype, tp, cp, training, fused_attention)
+
+
+def _part_time_one(part: OpArrays, B: tuple, dev: Device, dtype: str, tp: int, cp: int, training: bool,
+                   fused_attention: bool) -> PartTime:
     fwd = bwd = rec = attn = 0.0
     for op in part.ops:
         div = (tp if op.tp_split else 1) * cp
@@ -197,3 +305,53 @@ def part_time(part: OpArrays, B: tuple[float, ...], dev: Device, dtype: str, tp:
         if any(op.recomputed for op in part.ops):
             rec += t_ew + t_deq
     return PartTime(fwd, bwd, rec, attn, part.n_kernels * EAGER_OP_OVERHEAD_S)
+
+
+def _part_time_many(part: OpArrays, B: tuple, dev: Device, dtype: str, tp, cp, training: bool,
+                    fused_attention: bool) -> PartTime:
+    m = part.matrix
+    shape = np.broadcast_shapes(*(np.shape(x) for x in (*B, tp, cp)), getattr(dev, "shape", ()))
+    nd = len(shape)
+
+    def col(flags: np.ndarray) -> np.ndarray:
+        return flags.reshape(flags.shape + (1,) * nd)
+
+    div = np.where(col(m.tp_split), tp, 1) * cp
+    f = _rows(m.fwd_flops, B, shape) / div
+    nb = _rows(m.fwd_bytes, B, shape) / div
+    fused = m.attention & fused_attention
+    has_fused = bool(fused.any())
+    adt = attention_dtype(dtype)
+    eager_attn = m.attention & ~fused
+    t_f = np.array(gemm_time_s(f, nb, dev, dtype), dtype=float)
+    if adt != dtype and eager_attn.any():
+        t_f[eager_attn] = gemm_time_s(f[eager_attn], nb[eager_attn], dev, adt)
+    if has_fused:
+        t_f[fused] = attention_time_s(f[fused], nb[fused], dev, adt, col(m.causal[fused]))
+    fwd = _sum_rows(t_f)
+    attn = _sum_rows(t_f[m.attention])
+    rec = _sum_rows(t_f[m.recomputed])
+    bwd = np.zeros(shape)
+    if training:
+        bf = _rows(m.bwd_flops, B, shape) / div
+        # a backward call runs up to two GEMMs the size of the forward one (dX, dW)
+        n_mm = np.ones_like(bf)
+        ratio = np.divide(bf, f, out=np.ones_like(bf), where=f > 0)
+        n_mm = np.where(f > 0, np.maximum(1.0, np.round(ratio)), n_mm)
+        t_b = np.array(n_mm * gemm_time_s(bf / n_mm, 2.0 * nb / n_mm, dev, dtype), dtype=float)
+        if adt != dtype and eager_attn.any():
+            e = eager_attn
+            t_b[e] = n_mm[e] * gemm_time_s(bf[e] / n_mm[e], 2.0 * nb[e] / n_mm[e], dev, adt)
+        if has_fused:
+            t_b[fused] = attention_time_s(bf[fused], 2.0 * nb[fused], dev, adt, col(m.causal[fused]))
+        bwd = _sum_rows(np.where(bf > 0, t_b, 0.0))
+    t_ew = memory_time_s(2.0 * _dot(part.elementwise_bytes, B) / (tp * cp), dev)
+    t_deq = memory_time_s(part.dequant_bytes / tp, dev)
+    fwd = fwd + (t_ew + t_deq)
+    if training:
+        bwd = bwd + (2.0 * t_ew + t_deq)
+        if m.recomputed.any():
+            rec = rec + (t_ew + t_deq)
+    full = np.zeros(shape)
+    return PartTime(_out(fwd + full), _out(bwd + full), _out(rec + full), _out(attn + full),
+                    part.n_kernels * EAGER_OP_OVERHEAD_S)

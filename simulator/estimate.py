@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 
 from hwprofiles import Device, get_device
 
@@ -103,24 +105,166 @@ def kv_dtype(sc: Scenario, ct: CostTable) -> str:
     return ct.plan.precision.compute_dtype if kv == "auto" else kv
 
 
-def _stage_activation_bytes(ct: CostTable, par, B: tuple, stage: int, n_micro: int) -> float:
-    """Saved activations on one rank of ``stage``: the stage's blocks (TP/SP/CP split), the embeddings on
-    the first stage, the head on the last, times the micro-batches in flight."""
+def stage_saved_bytes(ct: CostTable, par, B: tuple, stage: int):
+    """Saved activations of one micro-batch on one rank of ``stage``: the stage's blocks (TP/SP/CP split),
+    the embeddings on the first stage, the head on the last."""
     rep_div, split_div = sh.activation_split(par)
     if par.n_gpus == 1:
-        acts = ct.at(ct.saved, B)
+        return ct.at(ct.saved, B)
+    layers = sh.stage_layer_ranges(ct.n_blocks, par.pp)[stage]
+    acts = 0.0
+    for var_layers, rep, split in ct.block_saved_tp:
+        n = sum(1 for i in var_layers if i in layers)
+        if n:
+            acts += n * (ct.at(rep, B) / rep_div + ct.at(split, B) / split_div)
+    if stage == 0:
+        acts += (ct.at(ct.pre_saved, B) + ct.at(ct.shared_saved, B)) / rep_div
+    if stage == par.pp - 1:
+        acts += ct.at(ct.post_saved, B) / split_div  # vocab-parallel logits
+    return acts
+
+
+def _stage_activation_bytes(ct: CostTable, par, B: tuple, stage: int, n_micro):
+    """Saved activations on one rank of ``stage`` times the micro-batches in flight."""
+    return stage_saved_bytes(ct, par, B, stage) * sh.in_flight_microbatches(par, stage, n_micro)
+
+
+@dataclass(frozen=True)
+class RankBytes:
+    """Bytes one training rank of a stage holds whatever the micro-batch (numbers, or arrays of setups)."""
+
+    weights: Any  # dense + packed quantized weights
+    quant_scales: Any
+    trainable_weights: Any
+    gradients: Any  # held from backward to the step
+    step_gradients: Any  # held at the optimizer step (one parameter's with the step in backward)
+    optimizer_states: Any  # incl. paged states
+    paged: Any
+    bucket: Any
+    gathered: Any
+    gathered_grads: Any
+    largest_trainable: Any
+    optimizer_transient: Any
+    backward_optimizer_transient: Any  # the step's temporaries inside backward (optimizer in backward)
+    dequant: Any
+
+
+def rank_bytes(ct: CostTable, par, optimizer, stage: int, n_shard: int) -> tuple[RankBytes, sh.ModelStates]:
+    opt = optimizer
+    prec = ct.plan.precision
+    rp = sh.rank_params(ct, par, stage)
+    ms = sh.model_state_bytes(rp, par, opt.name, opt.impl, opt.beta1, prec.param_dtype, prec.compute_dtype, n_shard)
+    grads = step_grads = ms.gradients
+    groups = list(rp.groups)
+    bwd_opt = 0.0
+    if opt.in_backward:
+        # each gradient is consumed by its parameter's step (one parameter's temporaries) as soon as it
+        # is produced; the validator keeps grad_accum at 1
+        step_grads = rp.largest_trainable_bytes
+        opt_tr = bwd_opt = mem.optimizer_temp_bytes(groups, opt.name, "for-loop")
+    elif par.offload_optimizer != "none":
+        opt_tr = 0.0  # the step runs on the host
     else:
-        layers = sh.stage_layer_ranges(ct.n_blocks, par.pp)[stage]
-        acts = 0.0
-        for var_layers, rep, split in ct.block_saved_tp:
-            n = sum(1 for i in var_layers if i in layers)
-            if n:
-                acts += n * (ct.at(rep, B) / rep_div + ct.at(split, B) / split_div)
-        if stage == 0:
-            acts += (ct.at(ct.pre_saved, B) + ct.at(ct.shared_saved, B)) / rep_div
-        if stage == par.pp - 1:
-            acts += ct.at(ct.post_saved, B) / split_div  # vocab-parallel logits
-    return acts * sh.in_flight_microbatches(par, stage, n_micro)
+        opt_tr = mem.optimizer_temp_bytes(groups, opt.name, opt.impl)
+        if par.shards_optimizer and n_shard > 1:
+            opt_tr /= n_shard
+        opt_tr += ms.step_temp_bytes
+    rb = RankBytes(weights=ms.weights + ms.quant_data, quant_scales=ms.quant_scales,
+                   trainable_weights=ms.trainable_weights, gradients=grads, step_gradients=step_grads,
+                   optimizer_states=ms.optimizer_states + ms.paged_bytes, paged=ms.paged_bytes,
+                   bucket=ms.bucket_bytes, gathered=ms.gathered_bytes, gathered_grads=ms.gathered_grad_bytes,
+                   largest_trainable=rp.largest_trainable_bytes, optimizer_transient=opt_tr,
+                   backward_optimizer_transient=bwd_opt, dequant=ct.max_dequant_bytes / par.tp)
+    return rb, ms
+
+
+@dataclass(frozen=True)
+class MicroBytes:
+    """Bytes that grow with one micro-batch on one rank of a stage (numbers, or arrays of setups)."""
+
+    saved: Any  # saved activations of one micro-batch
+    loss_forward: Any
+    loss_backward: Any
+    block_backward: Any
+    recompute: Any
+    other: Any
+
+
+def micro_bytes(ct: CostTable, par, B: tuple, stage: int, loss: str) -> MicroBytes:
+    rep_div, split_div = sh.activation_split(par)
+    has_blocks = bool(sh.stage_layer_ranges(ct.n_blocks, par.pp)[stage])
+    logits_n = ct.at(ct.logits_numel, B) / split_div if stage == par.pp - 1 else 0.0
+    loss_fwd, loss_bwd = mem.loss_transient_bytes(loss, logits_n, ct.logits_dtype, ct.loss_dtype, ct.loss_upcast_copy)
+    blk_bwd = block_backward_transient_bytes(ct, B[0]) / split_div if has_blocks else 0.0
+    recompute = ct.at(ct.max_layer_saved, B) / split_div if ct.plan.checkpointed and has_blocks else 0.0
+    if ct.plan.offload_checkpoints and has_blocks:
+        recompute += ct.at(ct.block_io, B) / rep_div  # the block input copied back from host memory
+    other = ct.at(ct.other_transient_bytes, B) / split_div
+    return MicroBytes(stage_saved_bytes(ct, par, B, stage), loss_fwd, loss_bwd, blk_bwd, recompute, other)
+
+
+def _where(cond, a, b):
+    return np.where(cond, a, b) if isinstance(cond, np.ndarray) else (a if cond else b)
+
+
+def _maximum(*xs):
+    if any(isinstance(x, np.ndarray) for x in xs):
+        out = xs[0]
+        for x in xs[1:]:
+            out = np.maximum(out, x)
+        return out
+    return max(xs)
+
+
+def _minimum(a, b):
+    return np.minimum(a, b) if isinstance(a, np.ndarray) or isinstance(b, np.ndarray) else min(a, b)
+
+
+def train_phase_bytes(rb: RankBytes, mb: MicroBytes, in_flight, grad_accum, workspace_bytes
+                      ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Allocated bytes of the forward, backward and optimizer phases, their transients and the gradients
+    and activations held in each (any argument may hold arrays of setups)."""
+    acts = mb.saved * in_flight
+    ws = workspace_bytes
+    # torch.autocast's bf16 weight copies are in the saved activations: cached copies of trainable
+    # leaves (autocast_mode.cpp caches only leaf tensors that require grad) and per-op copies of frozen
+    # weights, each saved by its matmul when the input needs grad.
+    g_acc = _where(grad_accum > 1, rb.gradients, 0.0)
+    base = rb.weights + rb.quant_scales + rb.trainable_weights + (rb.optimizer_states - rb.paged) + rb.bucket
+    fwd_tr = _maximum(mb.loss_forward, rb.dequant, mb.other) + rb.gathered
+    bwd_tr = (_maximum(mb.loss_backward, mb.block_backward + mb.recompute + rb.dequant + mb.other) + rb.gathered
+              + rb.gathered_grads)
+    # backward: early on the grads of the first (top) blocks exist; with accumulation all of them
+    # the top-most trainable tensor's grad (e.g. lm_head) already exists when the loss grads are live
+    bwd_grads = _where(g_acc != 0, g_acc, _minimum(rb.gradients, rb.largest_trainable))
+    bwd_tr = bwd_tr + rb.backward_optimizer_transient
+    opt_tr = rb.optimizer_transient
+    phases = {
+        "forward": base + g_acc + acts + fwd_tr + ws,
+        "backward": base + bwd_grads + acts + bwd_tr + ws,
+        "optimizer": base + rb.step_gradients + opt_tr + ws,
+    }
+    transients = {"forward": fwd_tr, "backward": bwd_tr, "optimizer": opt_tr}
+    held = {"gradients": {"forward": g_acc, "backward": bwd_grads, "optimizer": rb.step_gradients}, "activations": acts}
+    return phases, transients, held
+
+
+def peak_of_phases(phases: dict[str, Any], transients: dict[str, Any], expandable_segments: bool):
+    """(peak phase -- an index into the phases when they hold arrays --, allocated, allocator overhead) at the peak:
+    the phase with the most allocated bytes (the first of equals) and the allocator's overhead on it."""
+    names = list(phases)
+    vals = [phases[k] for k in names]
+    if any(isinstance(v, np.ndarray) for v in vals):
+        idx, allocated, tr = 0, vals[0], transients[names[0]]
+        for j, name in enumerate(names[1:], 1):
+            later = vals[j] > allocated  # strictly: the first of equal phases is the peak
+            idx = np.where(later, j, idx)
+            tr = np.where(later, transients[name], tr)
+            allocated = np.where(later, vals[j], allocated)
+        return idx, allocated, mem.reserved_overhead_bytes(tr, allocated, expandable_segments)
+    phase = max(phases, key=lambda k: phases[k])
+    allocated = phases[phase]
+    return phase, allocated, mem.reserved_overhead_bytes(transients[phase], allocated, expandable_segments)
 
 
 def _train_memory(sc: Scenario, ct: CostTable, dev: Device, stage: int = 0
@@ -129,69 +273,21 @@ def _train_memory(sc: Scenario, ct: CostTable, dev: Device, stage: int = 0
     par = sc.parallel
     b, s, skv = _dims(sc, ct)
     B = basis(b, s, skv)
-    opt = sc.optimizer
-    prec = ct.plan.precision
-    rp = sh.rank_params(ct, par, stage)
-    n_shard = _n_shard(sc)
-    ms = sh.model_state_bytes(rp, par, opt.name, opt.impl, opt.beta1, prec.param_dtype, prec.compute_dtype, n_shard)
-    weights = ms.weights + ms.quant_data
-    scales = ms.quant_scales
-    trainable = ms.trainable_weights
-    grads = ms.gradients
-    states = ms.optimizer_states + ms.paged_bytes
-    paged = ms.paged_bytes
-    last = stage == par.pp - 1
-    rep_div, split_div = sh.activation_split(par)
-    acts = _stage_activation_bytes(ct, par, B, stage, w.grad_accum)
-    tokens = float(B[0])
-    logits_n = ct.at(ct.logits_numel, B) / split_div if last else 0.0
-    loss_fwd, loss_bwd = mem.loss_transient_bytes(sc.loss, logits_n, ct.logits_dtype, ct.loss_dtype,
-                                                  ct.loss_upcast_copy)
-    blk_bwd = block_backward_transient_bytes(ct, tokens) / split_div if rp.n_blocks else 0.0
-    recompute = ct.at(ct.max_layer_saved, B) / split_div if ct.plan.checkpointed and rp.n_blocks else 0.0
-    if ct.plan.offload_checkpoints and rp.n_blocks:
-        recompute += ct.at(ct.block_io, B) / rep_div  # the block input copied back from host memory
-    other = ct.at(ct.other_transient_bytes, B) / split_div
-    deq = ct.max_dequant_bytes / par.tp
+    rb, ms = rank_bytes(ct, par, sc.optimizer, stage, _n_shard(sc))
+    mb = micro_bytes(ct, par, B, stage, sc.loss)
     ws = dev.cublas_workspace_bytes * 2.0 + dev.cublaslt_workspace_bytes  # forward + autograd thread handles
-    # torch.autocast's bf16 weight copies are in the saved activations: cached copies of trainable
-    # leaves (autocast_mode.cpp caches only leaf tensors that require grad) and per-op copies of frozen
-    # weights, each saved by its matmul when the input needs grad.
-    g_acc = grads if w.grad_accum > 1 else 0.0
-    base = weights + scales + trainable + (states - paged) + ms.bucket_bytes
-    fwd_tr = max(loss_fwd, deq, other) + ms.gathered_bytes
-    bwd_tr = max(loss_bwd, blk_bwd + recompute + deq + other) + ms.gathered_bytes + ms.gathered_grad_bytes
-    # backward: early on the grads of the first (top) blocks exist; with accumulation all of them
-    # the top-most trainable tensor's grad (e.g. lm_head) already exists when the loss grads are live
-    bwd_grads = g_acc if g_acc else min(grads, rp.largest_trainable_bytes)
-    groups = list(rp.groups)
-    if opt.in_backward:
-        # each gradient is consumed by its parameter's step (one parameter's temporaries) as soon as it
-        # is produced; the validator keeps grad_accum at 1
-        grads = rp.largest_trainable_bytes
-        opt_tr = mem.optimizer_temp_bytes(groups, opt.name, "for-loop")
-        bwd_tr += opt_tr
-    elif par.offload_optimizer != "none":
-        opt_tr = 0.0  # the step runs on the host
-    else:
-        opt_tr = mem.optimizer_temp_bytes(groups, opt.name, opt.impl)
-        if par.shards_optimizer and n_shard > 1:
-            opt_tr /= n_shard
-        opt_tr += ms.step_temp_bytes
-    phases = {
-        "forward": base + g_acc + acts + fwd_tr + ws,
-        "backward": base + bwd_grads + acts + bwd_tr + ws,
-        "optimizer": base + grads + opt_tr + ws,
-    }
-    common = dict(weights=weights, quant_scales=scales, trainable_weights=trainable, optimizer_states=states,
-                  workspaces=ws + ms.bucket_bytes)
+    phases, transients, held = train_phase_bytes(rb, mb, sh.in_flight_microbatches(par, stage, w.grad_accum),
+                                                 w.grad_accum, ws)
+    common = dict(weights=rb.weights, quant_scales=rb.quant_scales, trainable_weights=rb.trainable_weights,
+                  optimizer_states=rb.optimizer_states, workspaces=ws + rb.bucket)
+    grads, acts = held["gradients"], held["activations"]
     bd = {
-        "forward": MemoryBreakdown(**common, gradients=g_acc, activations=acts, transients=fwd_tr),
-        "backward": MemoryBreakdown(**common, gradients=bwd_grads, activations=acts, transients=bwd_tr),
-        "optimizer": MemoryBreakdown(**common, gradients=grads, transients=opt_tr),
+        "forward": MemoryBreakdown(**common, gradients=grads["forward"], activations=acts, transients=transients["forward"]),
+        "backward": MemoryBreakdown(**common, gradients=grads["backward"], activations=acts,
+                                    transients=transients["backward"]),
+        "optimizer": MemoryBreakdown(**common, gradients=grads["optimizer"], transients=transients["optimizer"]),
     }
-    peak_transient = {"forward": fwd_tr, "backward": bwd_tr, "optimizer": opt_tr}
-    return phases, bd, paged, peak_transient, ms
+    return phases, bd, rb.paged, transients, ms
 
 
 def _infer_memory(sc: Scenario, ct: CostTable, dev: Device, stage: int = 0
@@ -268,9 +364,7 @@ def _flops(sc: Scenario, ct: CostTable) -> tuple[FlopBreakdown, int]:
 
 def _stage_peak(sc: Scenario, ct: CostTable, dev: Device, stage: int) -> dict[str, Any]:
     phases, bd, paged, transient, ms = (_train_memory if sc.is_training else _infer_memory)(sc, ct, dev, stage)
-    phase = max(phases, key=lambda k: phases[k])
-    allocated = phases[phase]
-    over = mem.reserved_overhead_bytes(transient[phase], allocated, sc.expandable_segments)
+    phase, allocated, over = peak_of_phases(phases, transient, sc.expandable_segments)
     reserved = allocated + over
     total = reserved + paged + dev.cuda_context_bytes
     b = bd[phase].model_copy(update={"allocator_overhead": over, "cuda_context": dev.cuda_context_bytes})

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from .units import MiB, dtype_bytes
 
 # ---------------------------------------------------------------------------------------------
@@ -188,8 +190,13 @@ def block_bytes(request: float) -> float:
     return math.ceil(request / 512) * 512
 
 
-def segment_bytes(request: float) -> float:
-    """Bytes of the cudaMalloc segment a fresh request creates (what ``memory_reserved`` grows by)."""
+def segment_bytes(request):
+    """Bytes of the cudaMalloc segment a fresh request creates (what ``memory_reserved`` grows by);
+    element-wise for an array of requests."""
+    if isinstance(request, np.ndarray):
+        return np.where(request <= K_SMALL_SIZE, float(K_SMALL_BUFFER),
+                        np.where(request < K_MIN_LARGE_ALLOC, float(K_LARGE_BUFFER),
+                                 np.ceil(request / K_ROUND_LARGE) * K_ROUND_LARGE))
     if request <= K_SMALL_SIZE:
         return K_SMALL_BUFFER
     if request < K_MIN_LARGE_ALLOC:
@@ -204,14 +211,17 @@ def segment_bytes(request: float) -> float:
 FRAGMENTATION_FRACTION = 0.03
 
 
-def reserved_overhead_bytes(peak_transient: float, allocated_peak: float, expandable_segments: bool) -> float:
+def reserved_overhead_bytes(peak_transient, allocated_peak, expandable_segments: bool):
     """Reserved minus allocated at the peak.
 
     The transient that creates the peak gets a fresh segment (rounded per :func:`segment_bytes`),
     and cached-but-free blocks add a fragmentation share of the allocated peak.  With
     ``expandable_segments`` segments grow in place and only the rounding remains.
     """
-    rounding = segment_bytes(peak_transient) - peak_transient if peak_transient > 0 else 0.0
+    if isinstance(peak_transient, np.ndarray):
+        rounding = np.where(peak_transient > 0, segment_bytes(peak_transient) - peak_transient, 0.0)
+    else:
+        rounding = segment_bytes(peak_transient) - peak_transient if peak_transient > 0 else 0.0
     if expandable_segments:
         return rounding
     return rounding + FRAGMENTATION_FRACTION * allocated_peak

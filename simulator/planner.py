@@ -12,16 +12,17 @@ How a search runs (every step keeps what :func:`simulator.estimate` would say ab
    (FLOPs of the job over n GPUs at the dense peak of the matmul dtype; the real step only adds
    efficiency losses and communication) and from it the cost.  Candidates whose memory bound exceeds
    the usable memory, or whose time/cost bound misses the deadline/budget, are rejected here.
-3. The rest are estimated with ``estimate()`` in the order of their objective bound (branch and
-   bound): a candidate is skipped when ``top_n`` rows already beat its bound *and* a feasible row
-   dominates its (time, cost) bound, so neither the ranking nor the Pareto front can change.  Memory
-   grows with the micro-batch, so once a micro-batch overflows, the larger ones of that setup are
-   rejected without an estimate.
+3. The rest are evaluated as arrays (:class:`simulator.grid.TrainGrid`): one (GPU, count, layout) at a
+   time, the peak memory and the step time of every (family, micro-batch) by the functions
+   ``estimate()`` itself calls, so the numbers are estimate()'s; from them throughput, run time and
+   cost, and the constraints.  A number within a relative 1e-9 of a limit is settled by ``estimate()``.
+4. ``estimate()`` then gives the rows of every candidate that can be in the top ``top_n`` or on the
+   time-cost Pareto front (every one whose key is not behind the ``top_n``-th, or not beaten on both
+   time and cost, by more than that tolerance); the ranking and the front are taken over those rows.
 """
 
 from __future__ import annotations
 
-import heapq
 import json
 import math
 import time
@@ -267,7 +268,7 @@ class PlanResult(_Result):
     rejected_reasons: dict[str, str]
     """Per family (method on n x GPU) with no acceptable setup: the binding reason with numbers."""
     candidates_evaluated: int
-    """Candidate setups screened (lower bounds over all of them)."""
+    """Candidate setups evaluated: peak memory and step time computed, or rejected by a lower bound."""
     candidates_pruned: int
     """Rejected or skipped without a full estimate."""
     candidates_estimated: int
@@ -401,10 +402,10 @@ def plan(model: Any = None, task: Any = "finetune", constraints: Constraints | d
     """The best setups for a job under constraints.
 
     ``task`` is 'finetune' | 'train' | 'infer' (with ``seq_len=``, ``total_tokens=``, ``prompt_len=``,
-    ``gen_len=`` as keywords) or a :class:`Job` / dict.  ``bound=False`` estimates every candidate that
-    passes the lower-bound screen (no branch and bound; same answer, slower).  ``pareto=False`` lets the
-    branch and bound skip every candidate that cannot enter the ranking (much faster); the Pareto front
-    is then the front of the setups estimated (``pareto_complete`` False).  Raises :class:`PlanError`
+    ``gen_len=`` as keywords) or a :class:`Job` / dict.  ``bound=False`` runs ``estimate()`` on every
+    candidate that passes the lower-bound screen instead of the array evaluation (the reference: same
+    answer, much slower).  ``pareto=False`` estimates only the rows that can enter the ranking; the Pareto
+    front is then the front of those rows (``pareto_complete`` False).  Raises :class:`PlanError`
     (a ValueError) naming the binding constraint when nothing qualifies."""
     t0 = time.perf_counter()
     if objective not in ("cost", "time", "throughput", "gpus"):
@@ -484,7 +485,7 @@ def _search_train(ctx: _Ctx, bound: bool, pareto: bool) -> tuple[list[PlanRow], 
     from . import sharding as sh
     from .config import Scenario
     from .config.parallel import Parallel
-    from .estimate import _estimate, _flops, _stage_activation_bytes, _system_named, cost_table_for
+    from .estimate import _flops, _stage_activation_bytes, _system_named, cost_table_for
     from .graph.ir import basis
 
     job, sp, cons = ctx.job, ctx.space, ctx.cons
@@ -559,8 +560,11 @@ def _search_train(ctx: _Ctx, bound: bool, pareto: bool) -> tuple[list[PlanRow], 
     fpt = np.zeros((F, M))
     ga = np.ones((L, M), dtype=np.int64)
     ga_ok = np.ones((L, M), dtype=bool)
+    saved: dict[tuple, np.ndarray] = {}  # one micro-batch's saved activations, by what they depend on
     for i, (label, m, prec, opt, ck, base, sc, ct) in enumerate(fams):
         pr = ct.plan.precision
+        s = seq + ct.plan.prompt_tokens
+        B = basis(np.asarray(mbs, dtype=float), s, s + ct.plan.prefix_tokens)
         for j, lay in enumerate(lays):
             par = lay_ok[lay]
             rp = sh.rank_params(ct, par, 0)
@@ -568,10 +572,11 @@ def _search_train(ctx: _Ctx, bound: bool, pareto: bool) -> tuple[list[PlanRow], 
                                       pr.compute_dtype, par.dp)
             states[i, j] = (ms.weights + ms.quant_data + ms.quant_scales + ms.trainable_weights
                             + ms.optimizer_states + ms.paged_bytes + ms.bucket_bytes)
-            for k, mb in enumerate(mbs):
-                s = seq + ct.plan.prompt_tokens
-                B = basis(mb, s, s + ct.plan.prefix_tokens)
-                acts[i, j, k] = _stage_activation_bytes(ct, par, B, 0, 1) if par.pp == 1 else 0.0
+            if par.pp == 1:
+                key = (id(ct), par.tp, par.sp, par.cp, par.n_gpus == 1)
+                if key not in saved:
+                    saved[key] = _stage_activation_bytes(ct, par, B, 0, 1)
+                acts[i, j] = saved[key]
         for k, mb in enumerate(mbs):
             sk = sc.model_copy(update={"workload": sc.workload.model_copy(update={"micro_batch": mb})})
             fpt[i, k] = _flops(sk, ct)[0].per_token
@@ -601,7 +606,6 @@ def _search_train(ctx: _Ctx, bound: bool, pareto: bool) -> tuple[list[PlanRow], 
             cand_l.append(lay_idx[lay])
     cand_gc = np.asarray(cand_gc)
     cand_l = np.asarray(cand_l)
-    P = len(cand_gc)
     # broadcast to (P, F, M)
     usable = np.array([x[3] for x in G])[cand_gc][:, None, None]
     fixed = np.array([x[4] for x in G])[cand_gc][:, None, None]
@@ -622,59 +626,82 @@ def _search_train(ctx: _Ctx, bound: bool, pareto: bool) -> tuple[list[PlanRow], 
         ok &= t_lb <= cons.deadline_s
 
     # family bookkeeping from the bounds (reasons with numbers)
-    fam_of = {}
-    for p in range(P):
-        g, n = G[cand_gc[p]][0], G[cand_gc[p]][1]
-        for i, f in enumerate(fams):
-            fam_of[(p, i)] = (f[0], g, n)
     over = np.where(valid, mem_lb - usable, np.inf).min(axis=2)  # (P, F)
-    for (p, i), key in fam_of.items():
-        if not mem_ok[p, i].any() and np.isfinite(over[p, i]):
+    lb_over = ~mem_ok.any(axis=2) & np.isfinite(over)
+    no_valid = ~valid.any(axis=2)
+    for p, i in zip(*np.nonzero(lb_over | no_valid)):
+        key = (fams[i][0], G[cand_gc[p]][0], G[cand_gc[p]][1])
+        if lb_over[p, i]:
             k = int(np.argmin(np.where(valid[p, i], mem_lb[p, i], np.inf)))
             _note_mem(_fam(ctx, key), over[p, i], float(mem_lb[p, i, k]), float(usable[p, 0, 0]),
                       f"model states + activations of micro-batch {mbs[k]} alone are")
-        elif not valid[p, i].any():
+        else:
             _fam(ctx, key).invalid = f"global_batch_tokens={gbt} is not a multiple of micro_batch x seq_len x dp"
 
-    # 5. exact estimates in the order of the objective's bound
-    if ctx.objective == "cost":
-        prim = c_lb
-    elif ctx.objective == "gpus":
-        prim = np.broadcast_to(nvec, mem_lb.shape)
+    ctx.closest_state = (fams, G, lays, cand_gc, cand_l, mem_lb, usable, c_lb, t_lb, mem_ok, work, mbs, ga)
+    space = _Space(fams, G, lays, lay_ok, cand_gc, cand_l, usable, nvec, price, c_lb, t_lb, ok, valid, work, mbs, ga)
+    if bound:
+        rows, estimated = _search_grid(ctx, space, pareto)
     else:
-        prim = t_lb
-    idx = np.argwhere(ok)
-    order = np.lexsort((np.broadcast_to(nvec, mem_lb.shape)[ok], t_lb[ok], c_lb[ok], prim[ok]))
-    idx = idx[order]
+        rows, estimated = _estimate_each(ctx, space)
+    return rows, {"evaluated": evaluated, "estimated": estimated}
+
+
+@dataclass
+class _Space:
+    """The training candidates as (gpu/count/layout row P, family F, micro-batch M) arrays, screened."""
+
+    fams: list
+    G: list
+    lays: list
+    lay_ok: dict
+    cand_gc: np.ndarray
+    cand_l: np.ndarray
+    usable: np.ndarray  # (P, 1, 1)
+    nvec: np.ndarray  # (P, 1, 1) GPU counts
+    price: np.ndarray  # (P, 1, 1) USD per GPU-hour, NaN without a price
+    c_lb: np.ndarray
+    t_lb: np.ndarray
+    ok: np.ndarray  # passes the lower-bound screen (memory, budget, deadline)
+    valid: np.ndarray
+    work: dict
+    mbs: list
+    ga: np.ndarray  # (L, M) grad accumulation
+
+    def family_key(self, p: int, i: int) -> tuple[str, str, int]:
+        g = self.G[self.cand_gc[p]]
+        return (self.fams[i][0], g[0], g[1])
+
+    def scenario(self, p: int, i: int, k: int) -> Any:
+        from .config import Scenario
+
+        dp, tp, pp, s = self.lays[self.cand_l[p]]
+        data = {**self.fams[i][5], "gpu": self.G[self.cand_gc[p]][0],
+                "parallel": {"dp": dp, "tp": tp, "pp": pp, **SHARDING_PARALLEL[s]},
+                "workload": {**self.work, "micro_batch": self.mbs[k], "grad_accum": int(self.ga[self.cand_l[p], k])}}
+        return Scenario.model_validate(data)
+
+
+def _estimate_each(ctx: _Ctx, sp: _Space) -> tuple[list[PlanRow], int]:
+    """Reference search: estimate() every candidate that passes the lower-bound screen (memory grows with
+    the micro-batch, so once a micro-batch overflows, the larger ones of that setup are skipped)."""
+    from .estimate import _estimate
+
+    cons = ctx.cons
     rows: list[PlanRow] = []
-    feasible_keys: list[tuple] = []
-    front_t: list[float] = []
-    front_c: list[float] = []
     mb_fail: dict[tuple[int, int], int] = {}
     estimated = 0
-    for p, i, k in idx:
+    for p, i, k in np.argwhere(sp.ok):
         p, i, k = int(p), int(i), int(k)
-        if bound and len(feasible_keys) >= ctx.top_n:
-            lbk = _lb_key(ctx.objective, c_lb[p, i, k], t_lb[p, i, k], nvec[p, 0, 0])
-            # feasible_keys holds the top_n best keys negated (a max-heap): its root is the n-th best
-            if _neg(feasible_keys[0]) < lbk and (not pareto or _dominated(front_t, front_c, t_lb[p, i, k],
-                                                                         c_lb[p, i, k])):
-                continue
-        key = fam_of[(p, i)]
-        if mb_fail.get((p, i), 1 << 60) <= mbs[k]:
+        if mb_fail.get((p, i), 1 << 60) <= sp.mbs[k]:
             continue  # a smaller micro-batch of this setup already overflows
-        g, n = key[1], key[2]
-        dp, tp, pp, s = lays[cand_l[p]]
-        f = fams[i]
-        data = {**f[5], "gpu": g, "parallel": {"dp": dp, "tp": tp, "pp": pp, **SHARDING_PARALLEL[s]},
-                "workload": {**work, "micro_batch": mbs[k], "grad_accum": int(ga[cand_l[p], k])}}
-        sc = Scenario.model_validate(data)
+        sc = sp.scenario(p, i, k)
         e = _estimate(sc, False)
         estimated += 1
-        use = float(usable[p, 0, 0])
-        fam = _fam(ctx, key)
+        use = float(sp.usable[p, 0, 0])
+        fam = _fam(ctx, sp.family_key(p, i))
         if e.peak_memory_bytes > use:
-            mb_fail[(p, i)] = min(mb_fail.get((p, i), 1 << 60), mbs[k])
+            mb_fail[(p, i)] = min(mb_fail.get((p, i), 1 << 60), sp.mbs[k])
             _note_mem(fam, e.peak_memory_bytes - use, e.peak_memory_bytes, use, "peak")
             continue
         if _oom_too_likely(cons, e, fam):
@@ -688,14 +715,206 @@ def _search_train(ctx: _Ctx, bound: bool, pareto: bool) -> tuple[list[PlanRow], 
             continue
         fam.ok = True
         rows.append(row)
-        nk = _neg(_key(row, ctx.objective))
-        if len(feasible_keys) < ctx.top_n:
-            heapq.heappush(feasible_keys, nk)
-        elif nk > feasible_keys[0]:
-            heapq.heapreplace(feasible_keys, nk)
-        _add_front(front_t, front_c, row.time_key, row.cost_key)
-    ctx.closest_state = (fams, G, lays, cand_gc, cand_l, mem_lb, usable, c_lb, t_lb, mem_ok, work, mbs, ga)
-    return rows, {"evaluated": evaluated, "estimated": estimated}
+    return rows, estimated
+
+
+# Relative error allowed between a number of the arrays and estimate()'s before a comparison is trusted;
+# the arrays are computed by estimate()'s own functions, so they agree far closer than this.
+_REL_TOL = 1e-9
+
+
+def _search_grid(ctx: _Ctx, sp: _Space, pareto: bool) -> tuple[list[PlanRow], int]:
+    """Memory and step time of every screened candidate as arrays (:class:`simulator.grid.TrainGrid`), the
+    constraints applied to them, and estimate() for the rows that can be in the ranking (and on the
+    time-cost front): every candidate whose key is not above the top_n-th one by more than the tolerance."""
+    from . import cost
+    from .estimate import _estimate, _system_named
+    from .grid import TrainGrid
+
+    job, cons = ctx.job, ctx.cons
+    P, F, M = sp.ok.shape
+    grid = TrainGrid([f[6] for f in sp.fams], sp.mbs, ctx.space.tp, list({g[2].name: g[2] for g in sp.G}.values()))
+    peak = np.full((P, F, M), np.inf)
+    step = np.full((P, F, M), np.inf)
+    done = sp.ok.any(axis=(1, 2))
+    for p in np.flatnonzero(done):
+        g, n, dev = sp.G[sp.cand_gc[p]][:3]
+        par = sp.lay_ok[sp.lays[sp.cand_l[p]]]
+        system = _system_named(None, g, n)
+        ga_p = sp.ga[sp.cand_l[p]]
+        peak[p] = grid.peak_bytes(dev, system, par, ga_p)
+        step[p] = grid.step_s(dev, system, par, ga_p)
+
+    # throughput, run time and cost as estimate() derives them from the step time
+    dp = np.array([sp.lays[j][0] for j in sp.cand_l], dtype=float)[:, None, None]
+    tokens = np.asarray(sp.mbs, dtype=float)[None, None, :] * job.seq_len * dp * sp.ga[sp.cand_l][:, None, :]
+    has_price = ~np.isnan(sp.price)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if job.total_tokens:
+            tkey = step * job.total_tokens / tokens
+            ckey = np.where(has_price, cost.run_cost_usd(tkey, sp.nvec, np.nan_to_num(sp.price)), np.inf)
+        else:
+            tkey = 1e6 / (tokens / step)
+            usd_step = cost.run_cost_usd(step, sp.nvec, np.nan_to_num(sp.price))
+            ckey = np.where(has_price, usd_step / tokens * 1e6, np.inf)
+    computed = sp.valid & done[:, None, None]
+
+    # numbers within the tolerance of a limit: settled by estimate()
+    exact: dict[tuple[int, int, int], PlanRow] = {}
+    use = sp.usable
+    near = np.abs(peak - use) <= _REL_TOL * use
+    if cons.budget_usd is not None:
+        near |= np.abs(ckey - cons.budget_usd) <= _REL_TOL * cons.budget_usd
+    if cons.deadline_s is not None:
+        near |= np.abs(tkey - cons.deadline_s) <= _REL_TOL * cons.deadline_s
+    for p, i, k in np.argwhere(computed & near):
+        sc = sp.scenario(p, i, k)
+        e = _estimate(sc, False)
+        row = exact[(p, i, k)] = _row(sc, e, float(use[p, 0, 0]))
+        peak[p, i, k], tkey[p, i, k], ckey[p, i, k] = e.peak_memory_bytes, row.time_key, row.cost_key
+    fits = computed & (peak <= use)
+    budget_ok = ckey <= cons.budget_usd if cons.budget_usd is not None else np.ones_like(fits)
+    deadline_ok = tkey <= cons.deadline_s if cons.deadline_s is not None else np.ones_like(fits)
+    oom_ok = _oom_ok_grid(ctx, sp, fits & budget_ok & deadline_ok, peak, exact)
+    feasible = fits & budget_ok & deadline_ok & oom_ok
+    _note_families(ctx, sp, computed, fits, budget_ok, deadline_ok, feasible, peak, tkey, ckey)
+
+    flat = np.flatnonzero(feasible)
+    if not flat.size:
+        return [], len(exact)
+    t = tkey.ravel()[flat]
+    c = ckey.ravel()[flat]
+    n = np.broadcast_to(sp.nvec, feasible.shape).ravel()[flat]
+    comps, exact_kind = {"cost": ((c, t, n), (False, False, True)), "gpus": ((n, c, t), (True, False, False))}.get(
+        ctx.objective, ((t, c, n), (False, False, True)))
+    order = np.lexsort(comps[::-1])
+    kth = order[min(ctx.top_n, len(order)) - 1]
+    take = _maybe_before(comps, tuple(x[kth] for x in comps), exact_kind)
+    if pareto:
+        take |= _maybe_on_front(t, c)
+    rows = []
+    for j in flat[take]:
+        p, i, k = (int(x) for x in np.unravel_index(j, feasible.shape))
+        row = exact.get((p, i, k))
+        if row is None:
+            sc = sp.scenario(p, i, k)
+            row = exact[(p, i, k)] = _row(sc, _estimate(sc, False), float(use[p, 0, 0]))
+            got = (peak[p, i, k], tkey[p, i, k], ckey[p, i, k])
+            if not all(_agrees(a, b) for a, b in zip(got, (row.peak_memory_bytes, row.time_key, row.cost_key))):
+                raise RuntimeError(f"plan(): the array evaluation of {row.scenario} gives (peak, time, cost) {got}, "
+                                   f"estimate() {(row.peak_memory_bytes, row.time_key, row.cost_key)}")
+        rows.append(row)
+    return rows, len(exact)
+
+
+def _agrees(a: float, b: float) -> bool:
+    return a == b or abs(a - b) <= _REL_TOL * abs(b)
+
+
+def _maybe_before(comps: tuple, kth: tuple, exact_kind: tuple[bool, ...]) -> np.ndarray:
+    """Candidates whose key may come no later than ``kth`` (lexicographic) once the numbers carry a relative
+    error up to the tolerance: a float component decides only when it differs by more than that; integer
+    components and infinities are exact."""
+    undecided = np.ones(len(comps[0]), dtype=bool)
+    include = np.zeros_like(undecided)
+    for x, k, is_int in zip(comps, kth, exact_kind):
+        if is_int:
+            eq, after = x == k, x > k
+        else:
+            eq = (x == k) & np.isinf(x)
+            after = x * (1.0 - _REL_TOL) > k * (1.0 + _REL_TOL)
+        include |= undecided & ~after & ~eq
+        undecided &= eq
+    return include | undecided
+
+
+def _maybe_on_front(t: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Candidates no other one beats for certain on both run time (strictly) and cost, with the tolerance."""
+    t_hi, c_hi = t * (1.0 + _REL_TOL), c * (1.0 + _REL_TOL)
+    order = np.argsort(t_hi, kind="stable")
+    best_c = np.minimum.accumulate(c_hi[order])
+    j = np.searchsorted(t_hi[order], t * (1.0 - _REL_TOL), side="left")
+    cheaper = np.where(j > 0, best_c[np.maximum(j - 1, 0)], np.inf)
+    return ~((j > 0) & (cheaper <= c * (1.0 - _REL_TOL)))
+
+
+def _oom_ok_grid(ctx: _Ctx, sp: _Space, candidates: np.ndarray, peak: np.ndarray,
+                 exact: dict[tuple[int, int, int], PlanRow]) -> np.ndarray:
+    """max_oom_probability over the grid: P(OOM) of every candidate that meets the other limits, from the
+    same error band and arithmetic as estimate(); values within the tolerance of the limit are settled by
+    estimate().  A family whose every candidate is too likely to run out gets the reason of its least
+    risky one."""
+    cons = ctx.cons
+    if cons.max_oom_probability is None:
+        return np.ones_like(candidates)
+    from .estimate import _estimate
+    from .uncertainty import _default_lookup, oom_probability_many
+
+    p_oom = np.full(peak.shape, np.inf)
+    for p in range(peak.shape[0]):
+        g = sp.G[sp.cand_gc[p]]
+        dev, n = g[2], int(g[1])
+        for i, fam in enumerate(sp.fams):
+            at = candidates[p, i]
+            if not at.any():
+                continue
+            cell = _default_lookup(1 if n <= 1 else 2, "train", fam[1].kind)[0]
+            if cell is not None:
+                p_oom[p, i, at] = oom_probability_many(peak[p, i, at], dev.memory_total_bytes, cell,
+                                                       dev.cuda_context_bytes)
+    limit = cons.max_oom_probability
+    for p, i, k in np.argwhere(candidates & (np.abs(p_oom - limit) <= _REL_TOL * limit)):
+        row = exact.get((p, i, k))
+        if row is None:
+            sc = sp.scenario(p, i, k)
+            row = exact[(p, i, k)] = _row(sc, _estimate(sc, False), float(sp.usable[p, 0, 0]))
+        p_oom[p, i, k] = row.p_oom if row.p_oom is not None else math.inf
+    ok = p_oom <= limit
+    for p, i in np.argwhere(candidates.any(axis=2) & ~(candidates & ok).any(axis=2)):
+        k = int(np.argmin(np.where(candidates[p, i], p_oom[p, i], np.inf)))
+        sc = sp.scenario(p, i, k)
+        _oom_too_likely(cons, _estimate(sc, False), _fam(ctx, sp.family_key(p, i)))
+    return ok
+
+
+def _note_families(ctx: _Ctx, sp: _Space, computed: np.ndarray, fits: np.ndarray, budget_ok: np.ndarray,
+                   deadline_ok: np.ndarray, feasible: np.ndarray, peak: np.ndarray, tkey: np.ndarray,
+                   ckey: np.ndarray) -> None:
+    """Per family (method on n x GPU): accepted, or the closest miss of memory, budget and deadline."""
+    labels = sorted({f[0] for f in sp.fams})
+    label_idx = np.array([labels.index(f[0]) for f in sp.fams])
+    kid = np.broadcast_to(sp.cand_gc[:, None, None] * len(labels) + label_idx[None, :, None], peak.shape).ravel()
+    n_keys = len(sp.G) * len(labels)
+
+    def per_key(ufunc, values: np.ndarray, init) -> np.ndarray:
+        out = np.full(n_keys, init)
+        ufunc.at(out, kid, values.ravel())
+        return out
+
+    over = np.where(computed & ~fits, peak - sp.usable, np.inf)
+    ok = per_key(np.logical_or, feasible, False)
+    over_min = per_key(np.minimum, over, np.inf)
+    b_fail = fits & ~budget_ok
+    d_fail = fits & budget_ok & ~deadline_ok
+    has_b, has_d = per_key(np.logical_or, b_fail, False), per_key(np.logical_or, d_fail, False)
+    b_min = per_key(np.minimum, np.where(b_fail, ckey, np.inf), np.inf)
+    d_min = per_key(np.minimum, np.where(d_fail, tkey, np.inf), np.inf)
+    misses = np.flatnonzero(np.isfinite(over.ravel()))
+    misses = misses[np.lexsort((over.ravel()[misses], kid[misses]))]
+    keys, at = np.unique(kid[misses], return_index=True)
+    first = dict(zip(keys.tolist(), misses[at].tolist()))  # per family, its smallest overflow
+    for q in np.flatnonzero(ok | np.isfinite(over_min) | has_b | has_d):
+        g = sp.G[q // len(labels)]
+        fam = _fam(ctx, (labels[q % len(labels)], g[0], g[1]))
+        if ok[q]:
+            fam.ok = True
+        if q in first:
+            p = np.unravel_index(first[q], peak.shape)[0]
+            _note_mem(fam, float(over_min[q]), float(peak.ravel()[first[q]]), float(sp.usable[p, 0, 0]), "peak")
+        if has_b[q]:
+            fam.budget_fail = min(fam.budget_fail or math.inf, float(b_min[q]))
+        if has_d[q]:
+            fam.deadline_fail = min(fam.deadline_fail or math.inf, float(d_min[q]))
 
 
 def _fastest_flops(compute: Any, dev: Any, dtype: str) -> float:
@@ -704,30 +923,6 @@ def _fastest_flops(compute: Any, dev: Any, dtype: str) -> float:
     eff = dev.efficiency
     frac = max(eff.max_fraction(dtype), 2.0 * (eff.attention_fraction or 0.0))
     return compute.peak_flops(dev, dtype) * min(1.0, frac) if frac < 1.0 else compute.peak_flops(dev, dtype) * frac
-
-
-def _neg(key: tuple) -> tuple:
-    return tuple(-x for x in key)
-
-
-def _lb_key(objective: str, c: float, t: float, n: float) -> tuple:
-    if objective == "cost":
-        return (c, t, n)
-    if objective in ("time", "throughput"):
-        return (t, c, n)
-    return (n, c, t)
-
-
-def _dominated(front_t: list[float], front_c: list[float], t: float, c: float) -> bool:
-    return any(ft <= t and fc <= c for ft, fc in zip(front_t, front_c))
-
-
-def _add_front(front_t: list[float], front_c: list[float], t: float, c: float) -> None:
-    if _dominated(front_t, front_c, t, c):
-        return
-    keep = [(ft, fc) for ft, fc in zip(front_t, front_c) if not (t <= ft and c <= fc)]
-    front_t[:] = [x for x, _ in keep] + [t]
-    front_c[:] = [y for _, y in keep] + [c]
 
 
 def _note_mem(fam: _Fam, over: float, peak: float, usable: float, what: str) -> None:

@@ -22,6 +22,8 @@ from __future__ import annotations
 from bisect import bisect_left
 from dataclasses import dataclass
 
+import numpy as np
+
 from . import memory as mem
 from .config.parallel import Parallel
 from .graph.compile import CostTable, ParamRow
@@ -287,7 +289,7 @@ def model_state_bytes(rp: RankParams, par: Parallel, optimizer_name: str, optimi
 # ---------------------------------------------------------------------------------------------
 
 
-def in_flight_microbatches(par: Parallel, stage: int, n_micro: int) -> float:
+def in_flight_microbatches(par: Parallel, stage: int, n_micro):
     """Micro-batches whose activations a stage holds at once.
 
     1F1B: stage i keeps min(p - i, m) (Narayanan et al. 2021); interleaved with v chunks multiplies
@@ -296,8 +298,11 @@ def in_flight_microbatches(par: Parallel, stage: int, n_micro: int) -> float:
     if p == 1:
         return 1.0
     if par.pp_schedule == "gpipe":
-        return float(n_micro)
-    base = float(min(p - stage, n_micro))
+        return n_micro.astype(float) if isinstance(n_micro, np.ndarray) else float(n_micro)
+    if isinstance(n_micro, np.ndarray):
+        base = np.minimum(p - stage, n_micro).astype(float)
+    else:
+        base = float(min(p - stage, n_micro))
     if par.pp_schedule == "interleaved":
         return base * (1.0 + (p - 1) / (p * par.pp_virtual))
     return base

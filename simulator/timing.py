@@ -21,6 +21,9 @@ Overlap rules (each as the frameworks implement it):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
 
 from hwprofiles import Device
 
@@ -60,48 +63,101 @@ class _Comm:
 comm = _Comm()
 
 
-def _coll(system, op: str, nbytes: float, n: int, per_node: int) -> float:
-    if n <= 1 or nbytes <= 0:
+def _maximum(a, b):
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return np.maximum(a, b)
+    return max(a, b)
+
+
+def _minimum(a, b):
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return np.minimum(a, b)
+    return min(a, b)
+
+
+def _where(cond, a, b):
+    if isinstance(cond, np.ndarray):
+        return np.where(cond, a, b)
+    return a if cond else b
+
+
+_COLL_MEMO: dict[tuple, tuple] = {}
+
+
+def _coll(system, op: str, nbytes, n: int, per_node: int):
+    """One collective over ``n`` ranks (0 for one rank or nothing to send); ``nbytes`` may be an array
+    (the times of arrays are remembered: many setups of a plan send the same messages)."""
+    if n <= 1:
+        return 0.0
+    if isinstance(nbytes, np.ndarray):
+        key = (id(system), op, n, per_node, nbytes.shape, nbytes.dtype.str, nbytes.tobytes())
+        hit = _COLL_MEMO.get(key)
+        if hit is not None and hit[0] is system:
+            return hit[1]
+        if len(_COLL_MEMO) > 4096:
+            _COLL_MEMO.clear()
+        out = np.where(nbytes > 0, comm.group_collective_time_s(system, op, nbytes, n, per_node), 0.0)
+        _COLL_MEMO[key] = (system, out)
+        return out
+    if nbytes <= 0:
         return 0.0
     return float(comm.group_collective_time_s(system, op, nbytes, n, per_node))
 
 
 @dataclass(frozen=True)
 class StageCompute:
-    forward_s: float
-    backward_s: float
-    recompute_s: float
-    attention_s: float
+    forward_s: Any
+    backward_s: Any
+    recompute_s: Any
+    attention_s: Any
     n_blocks: int
+
+
+def part_counts(ct: CostTable, pp: int, stage: int, decode_step: bool = False) -> tuple[int, ...]:
+    """Instances of each part of ``op_arrays(ct)`` one rank of ``stage`` runs.  ``decode_step``: one
+    generated token, so an encoder-decoder model runs its decoder only (the encoder output is computed
+    once, at prefill)."""
+    layers = sh.stage_layer_ranges(ct.n_blocks, pp)[stage]
+    out = []
+    for part in cp_.op_arrays(ct):
+        if decode_step and part.encoder:
+            out.append(0)
+        elif part.where == "pre":
+            out.append(int(stage == 0))
+        elif part.where == "post":
+            out.append(int(stage == pp - 1))
+        else:
+            out.append(sum(1 for i in part.layers if i in layers))
+    return tuple(out)
+
+
+def combine_parts(times: list, counts: tuple[int, ...], n_blocks: int, training: bool) -> StageCompute:
+    """A stage's compute from its parts' times (``None`` where the stage runs none of a part)."""
+    f = b = r = attn = 0.0
+    hf = hb = hr = 0.0
+    for t, n in zip(times, counts):
+        if not n:
+            continue
+        f = f + n * t.forward_s
+        b = b + n * t.backward_s
+        r = r + n * t.recompute_s
+        attn = attn + n * t.attention_s
+        hf += n * t.host_forward_s
+        hb += n * 2.0 * t.host_forward_s
+        hr = hr + _where(t.recompute_s != 0, n * t.host_forward_s, 0.0)
+    # the GPU waits for the host when issuing the kernels takes longer than running them
+    return StageCompute(_maximum(f, hf), _maximum(b, hb) if training else 0.0,
+                        _maximum(r, hr) if training else 0.0, attn, n_blocks)
 
 
 def stage_compute(ct: CostTable, par, B: tuple, dev: Device, dtype: str, stage: int, training: bool,
                   decode_step: bool = False) -> StageCompute:
-    """Compute of one micro-batch on one rank of ``stage``.  ``decode_step``: one generated token, so an
-    encoder-decoder model runs its decoder only (the encoder output is computed once, at prefill)."""
+    """Compute of one micro-batch on one rank of ``stage`` (``decode_step``: see :func:`part_counts`)."""
     fused_attention = ct.plan.attention not in ("eager", "sdpa-math")
-    layers = sh.stage_layer_ranges(ct.n_blocks, par.pp)[stage]
-    f = b = r = attn = 0.0
-    hf = hb = hr = 0.0
-    for part in cp_.op_arrays(ct):
-        if part.where == "pre":
-            n = int(stage == 0)
-        elif part.where == "post":
-            n = int(stage == par.pp - 1)
-        else:
-            n = sum(1 for i in part.layers if i in layers)
-        if not n or (decode_step and part.encoder):
-            continue
-        t = cp_.part_time(part, B, dev, dtype, par.tp, par.cp, training, fused_attention)
-        f += n * t.forward_s
-        b += n * t.backward_s
-        r += n * t.recompute_s
-        attn += n * t.attention_s
-        hf += n * t.host_forward_s
-        hb += n * 2.0 * t.host_forward_s
-        hr += n * t.host_forward_s if t.recompute_s else 0.0
-    # the GPU waits for the host when issuing the kernels takes longer than running them
-    return StageCompute(max(f, hf), max(b, hb) if training else 0.0, max(r, hr) if training else 0.0, attn, len(layers))
+    counts = part_counts(ct, par.pp, stage, decode_step)
+    times = [cp_.part_time(part, B, dev, dtype, par.tp, par.cp, training, fused_attention) if n else None
+             for part, n in zip(cp_.op_arrays(ct), counts)]
+    return combine_parts(times, counts, len(sh.stage_layer_ranges(ct.n_blocks, par.pp)[stage]), training)
 
 
 @dataclass(frozen=True)
@@ -121,7 +177,7 @@ class TrainTime:
     step_s: float
 
 
-def optimizer_step_bytes(numel: float, name: str, param_dtype: str, deepspeed: bool) -> float:
+def optimizer_step_bytes(numel, name: str, param_dtype: str, deepspeed: bool):
     """Device-memory traffic of one optimizer step over ``numel`` parameters (reads + writes).
 
     AdamW: read param, grad, exp_avg, exp_avg_sq, write param and both moments (7 accesses); under
@@ -149,49 +205,115 @@ def _setup(sc, ct: CostTable, system):
             dtype_bytes(prec.compute_dtype), layout(sc.parallel, system.gpus_per_node))
 
 
+@dataclass(frozen=True)
+class RankState:
+    """What the step time needs of one pipeline stage's rank besides its compute (numbers, or arrays of setups)."""
+
+    trainable_numel: Any
+    grad_elem_bytes: Any  # bytes per gradient element sent over the data-parallel group
+    all_params_16_bytes: Any  # every parameter of the rank as the compute sees it (FSDP / ZeRO-3 gathers)
+    opt_step_bytes_per_param: Any  # device traffic of the optimizer step per updated parameter
+
+
+def rank_state(ct: CostTable, par, stage: int, optimizer_name: str) -> RankState:
+    prec = ct.plan.precision
+    rp = sh.rank_params(ct, par, stage)
+    cd = dtype_bytes(prec.compute_dtype)
+    wdt = sh.deepspeed_weight_dtype(prec.compute_dtype, prec.param_dtype) if par.deepspeed else None
+    grad_elem = dtype_bytes(wdt) if wdt else (rp.trainable_bytes / rp.trainable_numel if rp.trainable_numel else 4.0)
+    all_params_16 = (rp.frozen_bytes + rp.quant_bytes + rp.scale_bytes) + rp.trainable_numel * cd
+    return RankState(rp.trainable_numel, grad_elem, all_params_16,
+                     optimizer_step_bytes(1.0, optimizer_name, prec.param_dtype, par.deepspeed))
+
+
+@dataclass(frozen=True)
+class StepModel:
+    """What the step time needs of the model and its numerics (numbers, or arrays of setups)."""
+
+    compute_bytes: Any  # bytes per element of the compute dtype
+    tp_collectives: Any  # tensor-parallel collectives per block and micro-batch
+    hidden: int
+    kv_heads: int
+    d_head: int
+    moe_top_k: int | None
+
+
+def step_model(ct: CostTable) -> StepModel:
+    arch = ct.arch
+    # tensor parallel: 2 all-reduces forward, 2 backward per block, 2 more when the block is recomputed
+    return StepModel(dtype_bytes(ct.plan.precision.compute_dtype), 4 + (2 if ct.plan.checkpointed else 0),
+                     arch.hidden, arch.kv_heads, arch.d_head, arch.moe.top_k if arch.moe is not None else None)
+
+
 def train_step_time(sc, ct: CostTable, dev: Device, system, B: tuple) -> TrainTime:
     par, w, prec, dtype, cd, lay = _setup(sc, ct, system)
-    m = w.grad_accum
     stages = {st: stage_compute(ct, par, B, dev, dtype, st, True) for st in sh.stages_to_check(par.pp)}
-    slow_stage = max(stages, key=lambda st: stages[st].forward_s + stages[st].backward_s + stages[st].recompute_s)
-    slow = stages[slow_stage]
-    tokens = float(B[0]) / par.cp  # tokens of one micro-batch on one rank
-    h = ct.arch.hidden
+    ranks = {st: rank_state(ct, par, st, sc.optimizer.name) for st in stages}
+    return step_time(stages, ranks, step_model(ct), par, dev, system, w.grad_accum, B[0])
+
+
+_STAGE_FIELDS = ("forward_s", "backward_s", "recompute_s", "attention_s", "n_blocks")
+
+
+def _slowest(stages: dict[int, StageCompute], ranks: dict[int, RankState]) -> tuple[StageCompute, RankState]:
+    """The stage whose compute of one micro-batch takes longest (the first of equals), per setup."""
+    order = list(stages)
+    keys = [stages[st].forward_s + stages[st].backward_s + stages[st].recompute_s for st in order]
+    if len(order) == 1 or not any(isinstance(k, np.ndarray) for k in keys):
+        st = order[max(range(len(order)), key=lambda i: keys[i])]
+        return stages[st], ranks[st]
+    first = order[0]
+    slow = {f: getattr(stages[first], f) for f in _STAGE_FIELDS}
+    rank = {f: getattr(ranks[first], f) for f in RankState.__dataclass_fields__}
+    best = keys[0]
+    for st, key in zip(order[1:], keys[1:]):
+        later = key > best  # strictly: the first of equal stages is the slowest
+        best = np.where(later, key, best)
+        slow = {f: np.where(later, getattr(stages[st], f), v) for f, v in slow.items()}
+        rank = {f: np.where(later, getattr(ranks[st], f), v) for f, v in rank.items()}
+    return StageCompute(**slow), RankState(**rank)
+
+
+def step_time(stages: dict[int, StageCompute], ranks: dict[int, RankState], model: StepModel, par, dev: Device,
+              system, m, micro_tokens) -> TrainTime:
+    """One optimizer step of ``m`` micro-batches of ``micro_tokens`` tokens each, from the stages' compute.
+    ``par``, ``dev`` and ``system`` are one setup's; every other number may be an array of setups."""
+    lay = layout(par, system.gpus_per_node)
+    slow, rank = _slowest(stages, ranks)
+    cd = model.compute_bytes
+    tokens = micro_tokens / par.cp  # tokens of one micro-batch on one rank
+    h = model.hidden
     act_bytes = tokens * h * cd
-    # tensor parallel: 2 all-reduces forward, 2 backward per block, 2 more when the block is recomputed
-    n_tp = 4 + (2 if ct.plan.checkpointed else 0)
-    tp_s = slow.n_blocks * n_tp * _coll(system, "all_reduce", act_bytes, par.tp, lay.tp)
+    tp_s = slow.n_blocks * model.tp_collectives * _coll(system, "all_reduce", act_bytes, par.tp, lay.tp)
     # context parallel: (cp - 1) K/V hops per block forward, twice that backward, hidden under attention
     cp_s = 0.0
     if par.cp > 1:
-        kv = 2.0 * tokens * ct.arch.kv_heads / par.tp * ct.arch.d_head * cd
-        hop = float(comm.p2p_time_s(system, kv, lay.cp < par.cp))
+        kv = 2.0 * tokens * model.kv_heads / par.tp * model.d_head * cd
+        hop = comm.p2p_time_s(system, kv, lay.cp < par.cp)
         comm_s = 3.0 * (par.cp - 1) * hop * slow.n_blocks
-        cp_s = max(0.0, comm_s - 3.0 * slow.attention_s)
+        cp_s = _maximum(0.0, comm_s - 3.0 * slow.attention_s)
     # expert parallel: dispatch + combine all-to-all, forward and backward, per MoE block
     ep_s = 0.0
-    if par.ep > 1 and ct.arch.moe is not None:
-        a2a = tokens * ct.arch.moe.top_k * h * cd / (par.tp if par.sp else 1)
+    if par.ep > 1 and model.moe_top_k is not None:
+        a2a = tokens * model.moe_top_k * h * cd / (par.tp if par.sp else 1)
         ep_s = slow.n_blocks * 4 * _coll(system, "all_to_all", a2a, par.ep, min(par.ep, lay.dp * lay.cp))
     # pipeline: activations to the next stage forward, their gradients back
     p2p_s = 0.0
     if par.pp > 1:
-        p2p_s = 2.0 * float(comm.p2p_time_s(system, act_bytes / (par.tp if par.sp else 1), lay.pp_cross_node))
+        p2p_s = 2.0 * comm.p2p_time_s(system, act_bytes / (par.tp if par.sp else 1), lay.pp_cross_node)
     micro_s = slow.forward_s + slow.backward_s + slow.recompute_s + tp_s + cp_s + ep_s + p2p_s
     slots = m + (par.pp - 1) / par.pp_virtual if par.pp > 1 else m
     pipe_s = slots * micro_s
     bubble_s = (slots - m) * micro_s
     # data parallel
-    rp = sh.rank_params(ct, par, slow_stage)
     n_shard = sh.shard_group_size(par, system.gpus_per_node)
-    wdt = sh.deepspeed_weight_dtype(prec.compute_dtype, prec.param_dtype) if par.deepspeed else None
-    grad_elem = dtype_bytes(wdt) if wdt else (rp.trainable_bytes / rp.trainable_numel if rp.trainable_numel else 4.0)
-    grad_bytes = rp.trainable_numel * grad_elem
-    all_params_16 = (rp.frozen_bytes + rp.quant_bytes + rp.scale_bytes) + rp.trainable_numel * cd
+    grad_elem = rank.grad_elem_bytes
+    grad_bytes = rank.trainable_numel * grad_elem
+    all_params_16 = rank.all_params_16_bytes
     dp_s = dp_exposed = 0.0
     dp_ranks = par.dp * par.cp  # gradients are averaged over data- and context-parallel ranks
     dp_per_node = lay.dp * lay.cp
-    if dp_ranks > 1 and grad_bytes > 0:
+    if dp_ranks > 1 and (isinstance(grad_bytes, np.ndarray) or grad_bytes > 0):
         if par.shards_params:
             ag = _coll(system, "all_gather", all_params_16, n_shard, min(n_shard, dp_per_node))
             rs = _coll(system, "reduce_scatter", grad_bytes, n_shard, min(n_shard, dp_per_node))
@@ -200,40 +322,41 @@ def train_step_time(sc, ct: CostTable, dev: Device, system, B: tuple) -> TrainTi
             if par.fsdp == "hybrid_shard" and dp_ranks > n_shard:
                 hybrid = _coll(system, "all_reduce", grad_bytes / n_shard, dp_ranks // n_shard, 1)
             dp_s = m * (n_ag * ag + rs) + hybrid
-            fwd_exp = max(0.0, ag - slow.forward_s)
-            bwd_exp = max(0.0, (n_ag - 1) * ag + rs - (slow.backward_s + slow.recompute_s))
-            dp_exposed = m * (fwd_exp + bwd_exp) + hybrid + ag / max(1, slow.n_blocks)  # the first unit's gather
+            fwd_exp = _maximum(0.0, ag - slow.forward_s)
+            bwd_exp = _maximum(0.0, (n_ag - 1) * ag + rs - (slow.backward_s + slow.recompute_s))
+            dp_exposed = m * (fwd_exp + bwd_exp) + hybrid + ag / _maximum(1, slow.n_blocks)  # the first unit's gather
         elif par.shards_grads:  # ZeRO-2 / shard_grad_op: reduce-scatter every micro-batch, all-gather after the step
             rs = _coll(system, "reduce_scatter", grad_bytes, dp_ranks, dp_per_node)
-            ag = _coll(system, "all_gather", rp.trainable_numel * cd, dp_ranks, dp_per_node)
+            ag = _coll(system, "all_gather", rank.trainable_numel * cd, dp_ranks, dp_per_node)
             dp_s = m * rs + ag
-            dp_exposed = m * max(0.0, rs - slow.backward_s) + ag
+            dp_exposed = m * _maximum(0.0, rs - slow.backward_s) + ag
         else:  # DDP / ZeRO-1: one gradient all-reduce (or reduce-scatter + all-gather) per optimizer step
             ar = _coll(system, "all_reduce", grad_bytes, dp_ranks, dp_per_node)
-            bucket = min(grad_bytes, par.ddp_bucket_MiB * 2**20)
+            bucket = _minimum(grad_bytes, par.ddp_bucket_MiB * 2**20)
             last = _coll(system, "all_reduce", bucket, dp_ranks, dp_per_node)
             dp_s = ar
-            dp_exposed = max(0.0, ar - slow.backward_s) + last
+            dp_exposed = _maximum(0.0, ar - slow.backward_s) + last
+        dp_s = _where(grad_bytes > 0, dp_s, 0.0)
+        dp_exposed = _where(grad_bytes > 0, dp_exposed, 0.0)
     # optimizer step
-    n_upd = rp.trainable_numel / (n_shard if par.shards_optimizer else 1)
+    n_upd = rank.trainable_numel / (n_shard if par.shards_optimizer else 1)
     opt_s = off_s = 0.0
     if par.offload_optimizer != "none":
         # gradients down and updated 16-bit weights up over PCIe; the step on the host CPU
-        pcie = float(comm.host_transfer_time_s(system, n_upd * (grad_elem + cd), dev.efficiency.host_transfer_fraction))
+        pcie = comm.host_transfer_time_s(system, n_upd * (grad_elem + cd), dev.efficiency.host_transfer_fraction)
         rate = system.host.cpu_adam_params_per_s
         cpu = n_upd / rate if rate else 0.0
         # ZeRO-Infinity: the fp32 master and both moments (12 B/param) read and written back per step,
         # the node's ranks sharing its NVMe bandwidth
-        nvme = float(comm.nvme_transfer_time_s(system, 2.0 * 12.0 * n_upd * lay.dp * lay.tp * lay.cp)) \
+        nvme = comm.nvme_transfer_time_s(system, 2.0 * 12.0 * n_upd * lay.dp * lay.tp * lay.cp) \
             if par.offload_optimizer == "nvme" else 0.0
-        off_s = max(pcie, cpu) + nvme
+        off_s = _maximum(pcie, cpu) + nvme
     else:
-        opt_s = float(cp_.memory_time_s(optimizer_step_bytes(n_upd, sc.optimizer.name, prec.param_dtype,
-                                                             par.deepspeed), dev))
+        opt_s = cp_.memory_time_s(n_upd * rank.opt_step_bytes_per_param, dev)
     if par.offload_params != "none":
         shard = all_params_16 / max(1, n_shard)
-        pcie = float(comm.host_transfer_time_s(system, 2.0 * shard, dev.efficiency.host_transfer_fraction)) * m
-        off_s += max(0.0, pcie - (slow.forward_s + slow.backward_s) * m)
+        pcie = comm.host_transfer_time_s(system, 2.0 * shard, dev.efficiency.host_transfer_fraction) * m
+        off_s = off_s + _maximum(0.0, pcie - (slow.forward_s + slow.backward_s) * m)
     step = pipe_s + dp_exposed + opt_s + off_s
     return TrainTime(
         forward_s=slow.forward_s * m, backward_s=slow.backward_s * m, recompute_s=slow.recompute_s * m,

@@ -316,6 +316,14 @@ def oom_probability(predicted_peak_bytes: float, usable_bytes: float, cell: Band
     return min(1.0, max(0.0, 1.0 - residual_cdf(math.log(room / scaled), cell)))
 
 
+def oom_probability_many(predicted_peak_bytes, usable_bytes, cell: BandCell, fixed_bytes=0.0):
+    """:func:`oom_probability` element by element over arrays (the same arithmetic per element)."""
+    import numpy as np
+
+    f = np.vectorize(lambda p, u, x: oom_probability(float(p), float(u), cell, float(x)), otypes=[float])
+    return f(predicted_peak_bytes, usable_bytes, fixed_bytes)
+
+
 # ----------------------------------------------------------------------------------- the band file
 
 

@@ -254,3 +254,16 @@ def test_planner_reason_names_the_probability():
 def test_max_oom_probability_is_a_probability(bad):
     with pytest.raises(ValidationError):
         Constraints(max_oom_probability=bad)
+
+
+def test_array_search_and_reference_agree_under_the_oom_limit():
+    """The vectorized search filters P(OOM) with the same bands and arithmetic as estimate(): same ranking
+    and the same ruled-out families as the reference path that estimates every candidate."""
+    space = {**SPACE, "gpus": ["rtx4090-24gb", "l4-24gb"], "gpu_counts": [1, 2], "sharding": ["none", "zero3"]}
+    kw = dict(model="llama-3.1-8b", task="finetune", seq_len=2048, space=space, top_n=20,
+              constraints={"max_oom_probability": 0.02})
+    fast, ref = plan(**kw), plan(**kw, bound=False)
+    assert [r.scenario for r in fast.ranked] == [r.scenario for r in ref.ranked]
+    assert fast.ranked and all(r.p_oom <= 0.02 for r in fast.ranked)
+    oom = {k: v for k, v in ref.rejected_reasons.items() if v.startswith("P(OOM)")}
+    assert oom and {k: fast.rejected_reasons.get(k) for k in oom} == oom
