@@ -137,6 +137,7 @@ class RankBytes:
     quant_scales: Any
     trainable_weights: Any
     gradients: Any  # held from backward to the step
+    accumulated_gradients: Any  # held between micro-batches while accumulating
     step_gradients: Any  # held at the optimizer step (one parameter's with the step in backward)
     optimizer_states: Any  # incl. paged states
     paged: Any
@@ -147,6 +148,20 @@ class RankBytes:
     optimizer_transient: Any
     backward_optimizer_transient: Any  # the step's temporaries inside backward (optimizer in backward)
     dequant: Any
+
+
+def accumulated_gradient_bytes(rp: sh.RankParams, par, prec, n_shard: int, gradients: float) -> float:
+    """Gradients a rank holds between micro-batches of one step.
+
+    Normally its (sharded) gradients.  FSDP under pipeline parallelism: ``torch.distributed.pipelining``
+    runs every micro-batch's backward but the last without gradient sync (``set_requires_gradient_sync``,
+    ``set_reshard_after_backward`` false, ``_PipelineStageBase.backward_maybe_with_nosync``), so the stage's
+    gradients accumulate unsharded, in the reduce dtype (fp32 under ``MixedPrecisionPolicy(reduce_dtype=
+    float32)``, as FSDP2 upcasts accumulated gradients)."""
+    if par.pp > 1 and par.fsdp not in ("none", "no_shard") and not par.deepspeed and n_shard > 1:
+        elem = 4.0 if prec.compute_dtype in ("bf16", "fp16") else dtype_bytes(prec.param_dtype)
+        return rp.trainable_numel * elem
+    return gradients
 
 
 def rank_bytes(ct: CostTable, par, optimizer, stage: int, n_shard: int) -> tuple[RankBytes, sh.ModelStates]:
@@ -170,7 +185,9 @@ def rank_bytes(ct: CostTable, par, optimizer, stage: int, n_shard: int) -> tuple
             opt_tr /= n_shard
         opt_tr += ms.step_temp_bytes
     rb = RankBytes(weights=ms.weights + ms.quant_data, quant_scales=ms.quant_scales,
-                   trainable_weights=ms.trainable_weights, gradients=grads, step_gradients=step_grads,
+                   trainable_weights=ms.trainable_weights, gradients=grads,
+                   accumulated_gradients=accumulated_gradient_bytes(rp, par, prec, n_shard, grads),
+                   step_gradients=step_grads,
                    optimizer_states=ms.optimizer_states + ms.paged_bytes, paged=ms.paged_bytes,
                    bucket=ms.bucket_bytes, gathered=ms.gathered_bytes, gathered_grads=ms.gathered_grad_bytes,
                    largest_trainable=rp.largest_trainable_bytes, optimizer_transient=opt_tr,
@@ -229,7 +246,7 @@ def train_phase_bytes(rb: RankBytes, mb: MicroBytes, in_flight, grad_accum, work
     # torch.autocast's bf16 weight copies are in the saved activations: cached copies of trainable
     # leaves (autocast_mode.cpp caches only leaf tensors that require grad) and per-op copies of frozen
     # weights, each saved by its matmul when the input needs grad.
-    g_acc = _where(grad_accum > 1, rb.gradients, 0.0)
+    g_acc = _where(grad_accum > 1, rb.accumulated_gradients, 0.0)
     base = rb.weights + rb.quant_scales + rb.trainable_weights + (rb.optimizer_states - rb.paged) + rb.bucket
     fwd_tr = _maximum(mb.loss_forward, rb.dequant, mb.other) + rb.gathered
     bwd_tr = (_maximum(mb.loss_backward, mb.block_backward + mb.recompute + rb.dequant + mb.other) + rb.gathered

@@ -83,6 +83,25 @@ def test_fsdp_without_resharding_keeps_every_unit_gathered():
     assert ms_keep.weights == ms.weights and ms_keep.gradients == ms.gradients
 
 
+def test_fsdp_under_pipelining_accumulates_unsharded_fp32_gradients():
+    """torch.distributed.pipelining skips FSDP's gradient sync for all but the last micro-batch: between
+    micro-batches a stage holds its gradients unsharded in the reduce dtype (fp32), not the 1/dp shard."""
+    from simulator.estimate import rank_bytes
+
+    par = {"dp": 4, "pp": 2, "fsdp": "full_shard"}
+    sc = _sc(par, workload={"micro_batch": 1, "seq_len": 1024, "grad_accum": 8})
+    ct = cost_table_for(sc)
+    rp = sh.rank_params(ct, sc.parallel, 0)
+    rb, ms = rank_bytes(ct, sc.parallel, sc.optimizer, 0, 4)
+    assert rb.accumulated_gradients == rp.trainable_numel * 4.0
+    assert rb.gradients == ms.gradients == rp.trainable_numel * 4.0 / 4  # the sharded fp32 gradients at the step
+    e = estimate(sc, what_fits=False, timing=False)
+    assert e.phase_allocated_bytes["forward"] > rp.trainable_numel * 4.0
+    one = _sc({"dp": 8, "fsdp": "full_shard"}, workload={"micro_batch": 1, "seq_len": 1024, "grad_accum": 8})
+    no_pp = rank_bytes(cost_table_for(one), one.parallel, one.optimizer, 0, 8)[0]
+    assert no_pp.accumulated_gradients == no_pp.gradients  # without pipelining FSDP reduce-scatters each backward
+
+
 def test_pipeline_stage_peaks_bubble_and_in_flight_micro_batches():
     sc = _sc({"pp": 4}, workload={"micro_batch": 1, "seq_len": 1024, "grad_accum": 8})
     e = estimate(sc, what_fits=False)
