@@ -567,6 +567,15 @@ def _estimate(sc: Scenario, what_fits: bool, with_time: bool = True) -> Estimate
         warnings.append(f"method {sc.method.kind!r} trains no parameter of {sc.model.name!r} (e.g. BitFit on a model without biases)")
     if sc.is_training and sc.workload.seq_len > sc.model.max_position_embeddings:
         warnings.append(f"seq_len {sc.workload.seq_len} exceeds the model's trained context {sc.model.max_position_embeddings}")
+    system = _system(sc)
+    host_need, host_ram = sh.node_host_bytes(p["host_bytes"], sc.parallel.n_gpus, system.gpus_per_node), \
+        sh.host_ram_bytes(system)
+    if host_ram is not None and host_need > host_ram:
+        warnings.append(f"host RAM: the node's ranks offload {host_need / 2**30:.1f} GiB > "
+                        f"{host_ram / 2**30:.1f} GiB of host RAM on {system.name}")
+    if sc.is_training and sc.parallel.offload_optimizer != "none" and system.host.cpu_adam_params_per_s is None:
+        notes.append(f"optimizer step on the host: {system.name} states no CPU-Adam throughput, so the step time "
+                     "counts the PCIe traffic but not the CPU update")
     if mem.optimizer_is_paged(sc.optimizer.name) and sc.is_training:
         notes.append("paged optimizer states live in CUDA managed memory: counted in the device total, not in max_memory_allocated")
     max_batch = max_len = None
@@ -597,7 +606,7 @@ def _estimate(sc: Scenario, what_fits: bool, with_time: bool = True) -> Estimate
     unc = uncertainty(p["total"], dev.cuda_context_bytes, dev.memory_total_bytes, time.step_s if time else None,
                       sc.parallel.n_gpus, sc.workload.task, sc.method.kind)
     return Estimate(
-        n_gpus=sc.parallel.n_gpus, system=_system(sc).name, peak_stage=p["stage"],
+        n_gpus=sc.parallel.n_gpus, system=system.name, peak_stage=p["stage"],
         stage_peak_bytes=p["stage_totals"], host_memory_bytes=p["host_bytes"], nvme_bytes=p["nvme_bytes"],
         model_state_bytes=p["model_states"],
         time=time, cost=cost_,

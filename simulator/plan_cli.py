@@ -53,6 +53,9 @@ def add_plan_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-utilization", type=float, default=None,
                    help="serving: most of the fleet's capacity the rate may use (default 0.9)")
     p.add_argument("--tp", default=None, help="comma-separated tensor-parallel degrees (serving: GPUs per replica)")
+    p.add_argument("--sharding", default=None,
+                   help="comma-separated data-parallel sharding to search: none, zero1, zero2, zero3, fsdp, fsdp-grad-op, "
+                        "zero2-offload, zero3-offload (default none,zero2,zero3,fsdp; the offload ones also on 1 GPU)")
     p.add_argument("--headroom", type=float, default=0.05, help="share of GPU memory left free (default 0.05)")
     p.add_argument("--max-oom-prob", type=float, default=None, dest="max_oom_probability",
                    help="largest accepted probability of running out of memory, from the error bands (e.g. 0.05)")
@@ -101,6 +104,8 @@ def _inputs(args: argparse.Namespace) -> tuple[dict, dict, dict]:
             space["tp"] = [int(x) for x in args.tp.split(",") if x.strip()]
         except ValueError:
             raise ValueError(f"--tp {args.tp!r}: give integers separated by commas") from None
+    if args.sharding:
+        space["sharding"] = [x.strip() for x in args.sharding.split(",") if x.strip()]
     return job, cons, space
 
 

@@ -43,7 +43,7 @@ GiB = float(2**30)
 
 Objective = Literal["cost", "time", "throughput", "gpus"]
 Task = Literal["finetune", "train", "infer"]
-Sharding = Literal["none", "zero1", "zero2", "zero3", "fsdp", "fsdp-grad-op"]
+Sharding = Literal["none", "zero1", "zero2", "zero3", "fsdp", "fsdp-grad-op", "zero2-offload", "zero3-offload"]
 
 SHARDING_PARALLEL: dict[str, dict[str, Any]] = {
     "none": {},
@@ -52,9 +52,15 @@ SHARDING_PARALLEL: dict[str, dict[str, Any]] = {
     "zero3": {"zero": 3},
     "fsdp": {"fsdp": "full_shard"},
     "fsdp-grad-op": {"fsdp": "shard_grad_op"},
+    "zero2-offload": {"zero": 2, "offload_optimizer": "cpu"},
+    "zero3-offload": {"zero": 3, "offload_optimizer": "cpu", "offload_params": "cpu"},
 }
+OFFLOAD_SHARDINGS = ("zero2-offload", "zero3-offload")
+"""ZeRO-Offload / ZeRO-Infinity (host RAM): also searched on one data-parallel rank, where they still move the
+optimizer step (and the parameters) to the host."""
 SHARDING_LABEL = {"none": "DDP", "zero1": "ZeRO-1", "zero2": "ZeRO-2", "zero3": "ZeRO-3", "fsdp": "FSDP full_shard",
-                  "fsdp-grad-op": "FSDP shard_grad_op"}
+                  "fsdp-grad-op": "FSDP shard_grad_op",
+                  "zero2-offload": "ZeRO-2 + CPU optimizer", "zero3-offload": "ZeRO-3 + CPU optimizer and params"}
 
 _METHOD_LIST = TypeAdapter(list[Method])
 
@@ -128,7 +134,8 @@ class SearchSpace(Strict):
     checkpointing: list[Literal["none", "full"]] = Field(default_factory=lambda: ["none", "full"])
     """Activation checkpointing modes (training)."""
     sharding: list[Sharding] = Field(default_factory=lambda: ["none", "zero2", "zero3", "fsdp"])
-    """Data-parallel sharding with more than one data-parallel rank (DDP, ZeRO stages, FSDP)."""
+    """Data-parallel sharding with more than one data-parallel rank (DDP, ZeRO stages, FSDP); the offload
+    variants (optimizer, or optimizer and parameters, in host RAM; asked for explicitly) also on a single rank."""
     tp: list[int] = Field(default_factory=lambda: [1, 2, 4, 8])
     """Tensor-parallel degrees (within one node)."""
     pp: list[int] = Field(default_factory=lambda: [1])
@@ -309,6 +316,7 @@ class _Fam:
     budget_fail: float | None = None  # cheapest run that fits in memory
     deadline_fail: float | None = None
     oom_fail: tuple[float, str] | None = None  # (lowest P(OOM) over the limit, the reason)
+    host_fail: tuple[float, str] | None = None  # (smallest host RAM need over the node's, the reason)
     invalid: str | None = None
 
 
@@ -350,10 +358,13 @@ def _row(sc: Any, e: Any, usable: float) -> PlanRow:
     train = sc.is_training
     par = sc.parallel
     pieces = []
+    matches = [k for k, v in SHARDING_PARALLEL.items() if v and all(
+        (int(getattr(par, a)) if a == "zero" else getattr(par, a)) == b for a, b in v.items())]
+    shard = max(matches, key=lambda k: len(SHARDING_PARALLEL[k]), default="none")  # the most specific
     if par.dp > 1:
-        shard = next((k for k, v in SHARDING_PARALLEL.items() if v and all(
-            (int(getattr(par, a)) if a == "zero" else getattr(par, a)) == b for a, b in v.items())), "none")
         pieces.append(f"dp{par.dp} {SHARDING_LABEL[shard]}")
+    elif shard in OFFLOAD_SHARDINGS:
+        pieces.append(SHARDING_LABEL[shard])
     if par.tp > 1:
         pieces.append(f"tp{par.tp}")
     if par.pp > 1:
@@ -473,7 +484,8 @@ def _layouts(ctx: _Ctx, gpu: str, n: int) -> list[tuple[int, int, int, str]]:
             if n % (tp * pp) or tp > per_node:
                 continue
             dp = n // (tp * pp)
-            for s in (ctx.space.sharding if dp > 1 else ["none"]):
+            single = ["none"] + [x for x in ctx.space.sharding if x in OFFLOAD_SHARDINGS]
+            for s in (ctx.space.sharding if dp > 1 else single):
                 out.append((dp, tp, pp, s))
     return out
 
@@ -556,6 +568,7 @@ def _search_train(ctx: _Ctx, bound: bool, pareto: bool) -> tuple[list[PlanRow], 
     lay_idx = {lay: i for i, lay in enumerate(lays)}
     F, L, M = len(fams), len(lays), len(mbs)
     states = np.zeros((F, L))
+    host = np.zeros((F, L))  # host RAM per rank (offloaded states / parameters)
     acts = np.zeros((F, L, M))
     fpt = np.zeros((F, M))
     ga = np.ones((L, M), dtype=np.int64)
@@ -570,6 +583,7 @@ def _search_train(ctx: _Ctx, bound: bool, pareto: bool) -> tuple[list[PlanRow], 
             rp = sh.rank_params(ct, par, 0)
             ms = sh.model_state_bytes(rp, par, opt, sc.optimizer.impl, sc.optimizer.beta1, pr.param_dtype,
                                       pr.compute_dtype, par.dp)
+            host[i, j] = ms.host_bytes
             states[i, j] = (ms.weights + ms.quant_data + ms.quant_scales + ms.trainable_weights
                             + ms.optimizer_states + ms.paged_bytes + ms.bucket_bytes)
             if par.pp == 1:
@@ -590,10 +604,12 @@ def _search_train(ctx: _Ctx, bound: bool, pareto: bool) -> tuple[list[PlanRow], 
 
     # 4. the candidate arrays: (gpu/count row, layout, family, micro-batch)
     G = []  # per (gpu, count): dev constants
+    host_cap = []  # per (gpu, count): (ranks per node, host RAM bytes or inf)
     cand_gc, cand_l = [], []
     for gi, (g, n, ls) in enumerate(per_gpu):
         dev = get_device(g)
         system = _system_named(None, g, n)
+        host_cap.append((min(n, system.gpus_per_node), sh.host_ram_bytes(system) or math.inf))
         price = system.price_usd_per_gpu_hour if (system.price_usd_per_gpu_hour and system.device == dev.name) \
             else dev.price_usd_per_hour
         fixed = dev.cublas_workspace_bytes * 2.0 + dev.cublaslt_workspace_bytes + dev.cuda_context_bytes
@@ -616,9 +632,23 @@ def _search_train(ctx: _Ctx, bound: bool, pareto: bool) -> tuple[list[PlanRow], 
     tokens = job.total_tokens or 1e6
     t_lb = tokens * fpt[None, :, :] / (nvec * peak) * (1.0 - 1e-9)
     c_lb = np.where(np.isnan(price), np.inf, t_lb * nvec * np.nan_to_num(price) / 3600.0)
-    valid = np.broadcast_to(ga_ok[cand_l][:, None, :], mem_lb.shape)
+    # DeepSpeed's optimizer offload runs its CPU Adam: families with another optimizer skip those layouts
+    host_opt = np.array([f[3] in ("adamw", "adam") for f in fams])
+    lay_off = np.array([SHARDING_PARALLEL[lay[3]].get("offload_optimizer", "none") != "none" for lay in lays])
+    fam_lay_ok = ~lay_off[None, :] | host_opt[:, None]  # (F, L)
+    valid = ga_ok[cand_l][:, None, :] & fam_lay_ok[:, cand_l].T[:, :, None]
     evaluated = int(valid.sum())
-    mem_ok = (mem_lb <= usable) & valid
+    hc = np.array(host_cap)[cand_gc]  # (P, 2)
+    host_need = host[:, cand_l].T * hc[:, :1]  # (P, F): the node's ranks' offloaded bytes
+    host_ok = (host_need <= hc[:, 1:])[:, :, None]
+    for p, i in np.argwhere(~host_ok[:, :, 0] & valid.any(axis=2)):
+        g = G[cand_gc[p]]
+        fam = _fam(ctx, (fams[i][0], g[0], g[1]))
+        if fam.host_fail is None or host_need[p, i] < fam.host_fail[0]:
+            fam.host_fail = (float(host_need[p, i]), f"offloaded states {host_need[p, i] / GiB:.1f} GiB > "
+                             f"{hc[p, 1] / GiB:.1f} GiB host RAM of the node ({lays[cand_l[p]][3]})")
+    dev_ok = (mem_lb <= usable) & valid
+    mem_ok = dev_ok & host_ok
     ok = mem_ok.copy()
     if cons.budget_usd is not None:
         ok &= c_lb <= cons.budget_usd
@@ -627,7 +657,7 @@ def _search_train(ctx: _Ctx, bound: bool, pareto: bool) -> tuple[list[PlanRow], 
 
     # family bookkeeping from the bounds (reasons with numbers)
     over = np.where(valid, mem_lb - usable, np.inf).min(axis=2)  # (P, F)
-    lb_over = ~mem_ok.any(axis=2) & np.isfinite(over)
+    lb_over = ~dev_ok.any(axis=2) & np.isfinite(over)
     no_valid = ~valid.any(axis=2)
     for p, i in zip(*np.nonzero(lb_over | no_valid)):
         key = (fams[i][0], G[cand_gc[p]][0], G[cand_gc[p]][1])
@@ -635,6 +665,9 @@ def _search_train(ctx: _Ctx, bound: bool, pareto: bool) -> tuple[list[PlanRow], 
             k = int(np.argmin(np.where(valid[p, i], mem_lb[p, i], np.inf)))
             _note_mem(_fam(ctx, key), over[p, i], float(mem_lb[p, i, k]), float(usable[p, 0, 0]),
                       f"model states + activations of micro-batch {mbs[k]} alone are")
+        elif not fam_lay_ok[i, cand_l[p]]:
+            _fam(ctx, key).invalid = (f"{SHARDING_LABEL[lays[cand_l[p]][3]]} runs DeepSpeed's CPU Adam: optimizer "
+                                      f"{fams[i][3]!r} has no host implementation")
         else:
             _fam(ctx, key).invalid = f"global_batch_tokens={gbt} is not a multiple of micro_batch x seq_len x dp"
 
@@ -973,7 +1006,9 @@ def _reasons(ctx: _Ctx) -> dict[str, str]:
         elif f.oom_fail is not None:
             why = f.oom_fail[1]
         elif f.mem_fail is not None:
-            why = f.mem_fail[2]
+            why = f.mem_fail[2] + (f"; with offload: {f.host_fail[1]}" if f.host_fail is not None else "")
+        elif f.host_fail is not None:
+            why = f.host_fail[1]
         elif f.invalid is not None:
             why = f.invalid
         else:
@@ -1013,10 +1048,17 @@ def _explain(ctx: _Ctx, stats: dict[str, int], reasons: dict[str, str]) -> PlanE
     if mems:
         (over, peak, text), (label, g, n) = min(mems, key=lambda x: x[0][0])
         cap = cons.max_gpus or max(ctx.space.gpu_counts)
+        host = ctx.fams[(label, g, n)].host_fail
+        offload = f"; offloaded instead: {host[1]}" if host is not None else ""
         return PlanError(
             f"no setup fits in GPU memory with {cons.min_headroom_fraction:.0%} headroom within max_gpus={cap} "
-            f"(memory is binding); closest: {label} on {n}x {g}: {text}; allow more GPUs, larger GPUs or "
+            f"(memory is binding); closest: {label} on {n}x {g}: {text}{offload}; allow more GPUs, larger GPUs or "
             "other methods", reasons)
+    hosts = [(f.host_fail, k) for k, f in ctx.fams.items() if f.host_fail is not None and not f.ok]
+    if hosts:
+        (need, text), (label, g, n) = min(hosts, key=lambda x: x[0][0])
+        return PlanError(f"no setup fits: host RAM is binding for the offloaded setups; closest: {label} on {n}x {g}: "
+                         f"{text}; allow more GPUs or a node with more host RAM", reasons)
     return PlanError("no setup qualifies: " + "; ".join(f"{k}: {v}" for k, v in list(reasons.items())[:5]), reasons)
 
 

@@ -313,3 +313,16 @@ def activation_split(par: Parallel) -> tuple[float, float]:
     context parallelism divides both by cp (each rank holds s/cp tokens)."""
     rep = (par.tp if par.sp else 1) * par.cp
     return float(rep), float(par.tp * par.cp)
+
+
+def node_host_bytes(host_bytes_per_rank, n_gpus: int, gpus_per_node: int):
+    """Host RAM one node needs for its ranks' offloaded states and parameters (each rank offloads its own
+    shard; a node holds min(n_gpus, gpus_per_node) ranks)."""
+    return host_bytes_per_rank * min(n_gpus, gpus_per_node)
+
+
+def host_ram_bytes(system) -> float | None:
+    """The node's host RAM in bytes (profiles state decimal GB); None where the profile does not say."""
+    gb = system.host.host_ram_GB
+    return gb * 1e9 if gb else None
+

@@ -86,6 +86,10 @@ class Scenario(Strict):
     @model_validator(mode="after")
     def _parallel_fits_model(self) -> "Scenario":
         check_parallel(self.parallel, self.model, self.workload, self.attention)
+        off = self.parallel.offload_optimizer
+        if off != "none" and self.optimizer.name not in ("adamw", "adam"):
+            raise ValueError(f"parallel.offload_optimizer={off!r} runs DeepSpeed's CPU Adam on the host; "
+                             f"optimizer.name={self.optimizer.name!r} has no host implementation (use adamw or adam)")
         return self
 
     @model_validator(mode="after")

@@ -10,6 +10,7 @@ import random
 import pytest
 from pydantic import ValidationError
 
+from simulator import Scenario
 from simulator.estimate import estimate
 from simulator.planner import SHARDING_PARALLEL, Constraints, PlanError, SearchSpace, plan
 
@@ -169,3 +170,22 @@ def test_two_hundred_sampled_rows_equal_estimate():
     assert len(rows) >= 200
     for k in random.Random(1).sample(sorted(rows), 200):
         _assert_row_equals_estimate(rows[k])
+
+
+def test_offload_is_searched_on_one_gpu_and_host_ram_binds():
+    """ZeRO-3 with the optimizer and parameters in host RAM is a candidate on a single GPU: full fine-tuning
+    of an 8B model fits one 24 GB card that way; on a workstation with 256 GB of host RAM a 70B model's
+    offloaded states do not, and the reason says so with the numbers."""
+    from simulator.sharding import host_ram_bytes
+    from hwprofiles import get_system
+
+    space = {"gpus": ["rtx4090-24gb"], "gpu_counts": [1], "methods": [{"kind": "full"}], "optimizers": ["adamw"],
+             "micro_batches": [1], "checkpointing": ["full"], "sharding": ["none", "zero3-offload"]}
+    res = plan(model="llama-3.1-8b", task="finetune", seq_len=2048, total_tokens=1e7, space=space)
+    assert res.best.parallel == "ZeRO-3 + CPU optimizer and params"
+    assert Scenario.model_validate(res.best.scenario).parallel.offload_params == "cpu"
+    with pytest.raises(PlanError) as exc:
+        plan(model="llama-3.1-70b", task="finetune", seq_len=2048, total_tokens=1e7, space=space)
+    reason = str(exc.value)
+    ram = host_ram_bytes(get_system("rtx-4090-workstation"))
+    assert "host RAM of the node" in reason and f"{ram / 2**30:.1f} GiB" in reason
