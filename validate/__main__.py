@@ -117,6 +117,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_bands(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from simulator.uncertainty import BANDS_PATH
 
     from .bands import build_bands, format_bands, pairs_from_published, pairs_from_results, records_source, write_bands
@@ -136,6 +138,10 @@ def _cmd_bands(args: argparse.Namespace) -> int:
         pairs += gpu
         sources += [records_source(f, "gpu-run", gpu) for f in files]
     out = args.out or str(BANDS_PATH)
+    try:  # the command is recorded in the file: name paths inside the checkout relative to it
+        out = str(Path(out).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        pass
     command = " ".join(["python -m validate bands", f"--records {args.records}",
                         *([f"--results {args.results}"] if args.results else []), f"--out {out}",
                         *([f"--min-n {args.min_n}"] if args.min_n is not None else []),
