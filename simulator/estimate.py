@@ -20,7 +20,7 @@ from .graph.ir import basis
 from .graph.transforms import plan_of
 from .results import Cost, Estimate, FlopBreakdown, MemoryBreakdown, Suggestion, TimeBreakdown
 from .uncertainty import uncertainty
-from .units import dtype_bytes
+from .units import dtype_bytes, last_true
 
 
 # ---------------------------------------------------------------------------------------------
@@ -469,13 +469,7 @@ def _largest(sc: Scenario, ct: CostTable, dev: Device, field: str, lo: int, hi: 
         return None
     if fits(hi):
         return hi
-    while hi - lo > 1:  # fits(lo) and not fits(hi)
-        mid = (lo + hi) // 2
-        if fits(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo
+    return last_true(fits, lo, hi)
 
 
 def _suggestions(sc: Scenario, dev: Device) -> list[Suggestion]:

@@ -28,6 +28,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from . import serving as sv
+from .units import last_true
 
 GiB = float(2**30)
 LADDER = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -124,13 +125,7 @@ def _largest(ok: Any, guess: int, cap: int) -> int:
                 lo = t
                 break
             hi, step = t, step * 2
-    while lo + 1 < hi:
-        mid = (lo + hi) // 2
-        if ok(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo
+    return last_true(ok, lo, hi)
 
 
 def _families(ctx: Any) -> list[_Family]:

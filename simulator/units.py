@@ -69,3 +69,16 @@ def fmt_flops(n: float) -> str:
         if abs(n) >= size:
             return f"{n / size:.2f} {unit}"
     return f"{n:.0f} FLOP"
+
+
+def last_true(ok, lo: int, hi: int) -> int:
+    """Largest x in [lo, hi) with ``ok(x)``, by bisection, given ``ok(lo)`` and not ``ok(hi)`` for a property
+    that, once lost, stays lost as x grows (memory and time only grow with a batch or a length)."""
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
