@@ -19,6 +19,8 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ._docstrings import attach
+
 TERA = 10**12
 """TFLOPS -> FLOP/s."""
 GIGA = 10**9
@@ -40,7 +42,12 @@ PRICE_FIELD = "price_usd_per_hour"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, strict=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        attach(cls)  # attribute docstrings as descriptions (one source parse per module)
 
 
 def _as_tuples(value: Any) -> Any:
