@@ -98,6 +98,21 @@ def inputs() -> dict[str, Any] | str:
                                     help=_help(Constraints, "max_latency_s"))
         if latency is not None:
             cons["max_latency_s"] = latency
+        c = st.columns(4)
+        rate = c[0].number_input("request rate (req/s)", min_value=0.001, value=None, key=P + "rate",
+                                 help=_help(Job, "request_rate_per_s") + " Empty: size one batch (no fleet).")
+        ttft = c[1].number_input("max TTFT p99 (s)", min_value=0.001, value=None, key=P + "ttft",
+                                 help=_help(Constraints, "max_ttft_s"))
+        tpot = c[2].number_input("max TPOT (ms)", min_value=0.01, value=None, key=P + "tpot",
+                                 help=_help(Constraints, "max_tpot_s"))
+        if rate is not None:
+            job["request_rate_per_s"] = rate
+            if ttft is not None:
+                cons["max_ttft_s"] = ttft
+            if tpot is not None:
+                cons["max_tpot_s"] = tpot / 1e3
+        elif ttft is not None or tpot is not None:
+            return "TTFT and TPOT targets apply to a fleet: give a request rate as well"
     if budget is not None:
         cons["budget_usd"] = budget
     c = st.columns([2, 2, 1])
@@ -133,6 +148,33 @@ def row_table(rows: list[Any]) -> list[dict[str, Any]]:
             "run cost ($)": r.run_usd, "$ / M tokens": r.usd_per_million_tokens,
         })
     return out
+
+
+def serving_table(rows: list[Any]) -> list[dict[str, Any]]:
+    """Serving fleets: one row per (GPU, GPUs per replica, weights) with its best batch."""
+    out = []
+    for i, r in enumerate(rows, 1):
+        s = r.serving
+        out.append({
+            "#": i, "GPU": r.gpu, "weights": s.weights, "replicas x GPUs": f"{s.replicas} x {s.gpus_per_replica}",
+            "batch": s.batch, "TTFT p99 (ms)": 1e3 * s.ttft_p99_s, "TPOT mean (ms)": 1e3 * s.tpot_mean_s,
+            "latency p99 (s)": s.latency_p99_s, "utilization": f"{100 * s.utilization:.0f}%",
+            "$ / hour": s.usd_per_hour, "$ / M output tokens": s.usd_per_million_output_tokens,
+            "peak / GPU (GiB)": to_gib(s.peak_memory_bytes_per_gpu), "batch limit": s.batch_limit,
+        })
+    return out
+
+
+def best_fleet(r: Any) -> None:
+    s = r.serving
+    st.subheader("Best fleet")
+    st.success(f"**{s.replicas} x {s.gpus_per_replica} {r.gpu}** ({s.weights} weights), {s.batch} sequences per "
+               f"replica, for {s.request_rate_per_s:g} requests/s")
+    row = st.columns(4)
+    row[0].metric("TTFT p99", fmt_seconds(s.ttft_p99_s), border=True, help="Queueing included.")
+    row[1].metric("TPOT mean", fmt_seconds(s.tpot_mean_s), border=True, help="Prefill interruptions included.")
+    row[2].metric("Utilization", f"{100 * s.utilization:.0f}%", border=True)
+    row[3].metric("$ / hour", views.usd(s.usd_per_hour), border=True)
 
 
 def reasons_table(reasons: dict[str, str]) -> list[dict[str, str]]:
@@ -189,6 +231,16 @@ def show(request: dict[str, Any]) -> None:
         return
     except Exception as err:  # contradictory or incomplete constraints: one line, never a traceback
         st.error(f"The plan failed: {widgets.one_line(err)}")
+        return
+    if res.best.serving is not None:
+        best_fleet(res.best)
+        st.caption(f"{res.candidates_evaluated:,} candidates screened, {res.candidates_estimated:,} estimated in "
+                   f"{res.search_time_s:.2f} s.")
+        st.subheader("Ranked fleets")
+        st.dataframe(serving_table(res.ranked), hide_index=True, key="plan.fleets")
+        if res.rejected_reasons:
+            st.subheader("Ruled out")
+            st.dataframe(reasons_table(res.rejected_reasons), hide_index=True, key="plan.rejected")
         return
     best_setup(res.best)
     st.caption(f"{res.candidates_evaluated:,} candidates screened, {res.candidates_estimated:,} estimated in "

@@ -613,3 +613,32 @@ def test_validation_page_compares_gpu_results(tmp_path, monkeypatch):
     by_metric = dict(zip(summary["metric"], summary["median |error|"]))
     assert by_metric["allocated"] == "20.0%" and by_metric["reserved"] == "0.0%" and by_metric["time"] == "50.0%"
     assert len(at.get("plotly_chart")) >= 1
+
+
+def test_plan_page_sizes_a_serving_fleet_like_the_library():
+    """Task infer with a request rate: the page shows the planner's best fleet and its ranked fleets."""
+    from simulator.planner import plan
+
+    at = run_app("plan.py")
+    at.selectbox(key="p.model").set_value("llama-3.2-1b")
+    at.radio(key="p.task").set_value("infer").run()
+    at.multiselect(key="p.gpus").set_value(["l4-24gb", "a100-sxm-80gb"])
+    at.selectbox(key="p.max_gpus").set_value(8)
+    at.number_input(key="p.rate").set_value(5.0)
+    at.number_input(key="p.tpot").set_value(50.0)
+    at.button(key="p.run").click().run()
+    ok(at)
+    assert not at.error, texts(at.error)
+    res = plan("llama-3.2-1b", "infer", {"max_gpus": 8, "max_tpot_s": 0.05}, "cost",
+               {"gpus": ["l4-24gb", "a100-sxm-80gb"], "gpu_counts": [1, 2, 4, 8]}, pareto=False,
+               request_rate_per_s=5.0, prompt_len=512, gen_len=256)
+    s = res.best.serving
+    assert metric(at, "TTFT p99") == fmt_seconds(s.ttft_p99_s)
+    assert metric(at, "Utilization") == f"{100 * s.utilization:.0f}%"
+    fleets = at.dataframe[0].value
+    assert len(fleets) == len(res.ranked)
+    assert fleets.iloc[0]["replicas x GPUs"] == f"{s.replicas} x {s.gpus_per_replica}"
+    at.number_input(key="p.rate").set_value(None)
+    at.button(key="p.run").click().run()
+    ok(at)
+    assert any("give a request rate" in x for x in texts(at.error))
