@@ -53,6 +53,9 @@ def add_plan_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-utilization", type=float, default=None,
                    help="serving: most of the fleet's capacity the rate may use (default 0.9)")
     p.add_argument("--tp", default=None, help="comma-separated tensor-parallel degrees (serving: GPUs per replica)")
+    p.add_argument("--pp", default=None, help="comma-separated pipeline-parallel degrees (default 1)")
+    p.add_argument("--cp", default=None, help="comma-separated context-parallel degrees (default 1; long contexts)")
+    p.add_argument("--ep", default=None, help="comma-separated expert-parallel degrees (default 1; MoE models)")
     p.add_argument("--sharding", default=None,
                    help="comma-separated data-parallel sharding to search: none, zero1, zero2, zero3, fsdp, fsdp-grad-op, "
                         "zero2-offload, zero3-offload (default none,zero2,zero3,fsdp; the offload ones also on 1 GPU)")
@@ -99,11 +102,13 @@ def _inputs(args: argparse.Namespace) -> tuple[dict, dict, dict]:
             space["gpu_counts"] = [int(x) for x in args.gpu_counts.split(",") if x.strip()]
         except ValueError:
             raise ValueError(f"--gpu-counts {args.gpu_counts!r}: give integers separated by commas") from None
-    if args.tp:
-        try:
-            space["tp"] = [int(x) for x in args.tp.split(",") if x.strip()]
-        except ValueError:
-            raise ValueError(f"--tp {args.tp!r}: give integers separated by commas") from None
+    for flag in ("tp", "pp", "cp", "ep"):
+        text = getattr(args, flag)
+        if text:
+            try:
+                space[flag] = [int(x) for x in text.split(",") if x.strip()]
+            except ValueError:
+                raise ValueError(f"--{flag} {text!r}: give integers separated by commas") from None
     if args.sharding:
         space["sharding"] = [x.strip() for x in args.sharding.split(",") if x.strip()]
     return job, cons, space

@@ -140,11 +140,15 @@ class SearchSpace(Strict):
     """Tensor-parallel degrees (within one node)."""
     pp: list[int] = Field(default_factory=lambda: [1])
     """Pipeline-parallel degrees."""
+    cp: list[int] = Field(default_factory=lambda: [1])
+    """Context-parallel degrees (ring attention over the sequence; long contexts)."""
+    ep: list[int] = Field(default_factory=lambda: [1])
+    """Expert-parallel degrees (MoE models; EP divides dp x cp)."""
     infer_weights: list[Literal["none", "int8", "nf4", "awq", "gptq", "fp8"]] = Field(
         default_factory=lambda: ["none", "int8", "awq"])
     """Inference: weight storage formats."""
 
-    @field_validator("gpu_counts", "micro_batches", "tp", "pp")
+    @field_validator("gpu_counts", "micro_batches", "tp", "pp", "cp", "ep")
     @classmethod
     def _positive(cls, v: list[int]) -> list[int]:
         if not v:
@@ -363,12 +367,16 @@ def _row(sc: Any, e: Any, usable: float) -> PlanRow:
     shard = max(matches, key=lambda k: len(SHARDING_PARALLEL[k]), default="none")  # the most specific
     if par.dp > 1:
         pieces.append(f"dp{par.dp} {SHARDING_LABEL[shard]}")
-    elif shard in OFFLOAD_SHARDINGS:
-        pieces.append(SHARDING_LABEL[shard])
+    elif shard != "none":
+        pieces.append(SHARDING_LABEL[shard])  # offload on one rank, or sharding over context-parallel ranks
     if par.tp > 1:
         pieces.append(f"tp{par.tp}")
     if par.pp > 1:
         pieces.append(f"pp{par.pp}")
+    if par.cp > 1:
+        pieces.append(f"cp{par.cp}")
+    if par.ep > 1:
+        pieces.append(f"ep{par.ep}")
     return PlanRow(
         scenario=sc.model_dump(mode="json"), gpu=sc.gpu, n_gpus=par.n_gpus,
         method=method_label(sc.method) if train else f"serve weights={sc.inference.weights}",
@@ -470,8 +478,19 @@ def _counts(ctx: _Ctx) -> list[int]:
     return counts
 
 
-def _layouts(ctx: _Ctx, gpu: str, n: int) -> list[tuple[int, int, int, str]]:
-    """(dp, tp, pp, sharding) for n GPUs of one type: tp within a node, sharding only with dp > 1."""
+Layout = tuple[int, int, int, str, int, int]
+"""(dp, tp, pp, sharding, cp, ep) of one candidate's GPUs."""
+
+
+def layout_parallel(lay: Layout) -> dict[str, Any]:
+    """The ``Scenario.parallel`` fields of a layout."""
+    dp, tp, pp, s, cp, ep = lay
+    return {"dp": dp, "tp": tp, "pp": pp, "cp": cp, "ep": ep, **SHARDING_PARALLEL[s]}
+
+
+def _layouts(ctx: _Ctx, gpu: str, n: int) -> list[Layout]:
+    """(dp, tp, pp, sharding, cp, ep) for n GPUs of one type: tp within a node, sharding only with dp x cp > 1
+    (offload also on one rank), ep dividing dp x cp."""
     from .estimate import _system_named
 
     system = _system_named(None, gpu, n)
@@ -479,14 +498,18 @@ def _layouts(ctx: _Ctx, gpu: str, n: int) -> list[tuple[int, int, int, str]]:
     if n > per_node and not system.multi_node:
         return []
     out = []
+    single = ["none"] + [x for x in ctx.space.sharding if x in OFFLOAD_SHARDINGS]
     for pp in ctx.space.pp:
         for tp in ctx.space.tp:
-            if n % (tp * pp) or tp > per_node:
-                continue
-            dp = n // (tp * pp)
-            single = ["none"] + [x for x in ctx.space.sharding if x in OFFLOAD_SHARDINGS]
-            for s in (ctx.space.sharding if dp > 1 else single):
-                out.append((dp, tp, pp, s))
+            for cp in ctx.space.cp:
+                if n % (tp * pp * cp) or tp > per_node:
+                    continue
+                dp = n // (tp * pp * cp)
+                for ep in ctx.space.ep:
+                    if (dp * cp) % ep:
+                        continue
+                    for s in (ctx.space.sharding if dp * cp > 1 else single):
+                        out.append((dp, tp, pp, s, cp, ep))
     return out
 
 
@@ -530,17 +553,16 @@ def _search_train(ctx: _Ctx, bound: bool, pareto: bool) -> tuple[list[PlanRow], 
                         continue
                     fams.append((label, m, prec, opt, ck, base, sc, cost_table_for(sc)))
     # 2. layouts per (gpu, count) valid against the model
-    lay_ok: dict[tuple[int, int, int, str], Parallel] = {}
-    lay_bad: dict[tuple[int, int, int, str], str] = {}
-    per_gpu: list[tuple[str, int, list[tuple[int, int, int, str]]]] = []
+    lay_ok: dict[Layout, Parallel] = {}
+    lay_bad: dict[Layout, str] = {}
+    per_gpu: list[tuple[str, int, list[Layout]]] = []
     for g in gpus:
         for n in counts:
             ls = []
             for lay in _layouts(ctx, g, n):
                 if lay not in lay_ok and lay not in lay_bad:
-                    dp, tp, pp, s = lay
                     try:
-                        par = Parallel.model_validate({"dp": dp, "tp": tp, "pp": pp, **SHARDING_PARALLEL[s]})
+                        par = Parallel.model_validate(layout_parallel(lay))
                         from .config.scenario import check_parallel
                         from .config.training import TrainWorkload
 
@@ -582,7 +604,7 @@ def _search_train(ctx: _Ctx, bound: bool, pareto: bool) -> tuple[list[PlanRow], 
             par = lay_ok[lay]
             rp = sh.rank_params(ct, par, 0)
             ms = sh.model_state_bytes(rp, par, opt, sc.optimizer.impl, sc.optimizer.beta1, pr.param_dtype,
-                                      pr.compute_dtype, par.dp)
+                                      pr.compute_dtype, sh.shard_group_size(par, par.n_gpus))
             host[i, j] = ms.host_bytes
             states[i, j] = (ms.weights + ms.quant_data + ms.quant_scales + ms.trainable_weights
                             + ms.optimizer_states + ms.paged_bytes + ms.bucket_bytes)
@@ -595,7 +617,7 @@ def _search_train(ctx: _Ctx, bound: bool, pareto: bool) -> tuple[list[PlanRow], 
             sk = sc.model_copy(update={"workload": sc.workload.model_copy(update={"micro_batch": mb})})
             fpt[i, k] = _flops(sk, ct)[0].per_token
     gbt = cons.global_batch_tokens
-    for j, (dp, tp, pp, s) in enumerate(lays):
+    for j, (dp, tp, pp, s, cp, ep) in enumerate(lays):
         for k, mb in enumerate(mbs):
             if gbt is not None:
                 per = mb * seq * dp
@@ -708,9 +730,8 @@ class _Space:
     def scenario(self, p: int, i: int, k: int) -> Any:
         from .config import Scenario
 
-        dp, tp, pp, s = self.lays[self.cand_l[p]]
         data = {**self.fams[i][5], "gpu": self.G[self.cand_gc[p]][0],
-                "parallel": {"dp": dp, "tp": tp, "pp": pp, **SHARDING_PARALLEL[s]},
+                "parallel": layout_parallel(self.lays[self.cand_l[p]]),
                 "workload": {**self.work, "micro_batch": self.mbs[k], "grad_accum": int(self.ga[self.cand_l[p], k])}}
         return Scenario.model_validate(data)
 
@@ -1078,10 +1099,9 @@ def _closest_ignoring_limits(ctx: _Ctx, cap: int = 200) -> PlanRow | None:
     for p, i, k in idx[:cap]:
         if best is not None and key[p, i, k] >= (best.run_usd if ctx.cons.budget_usd else best.run_time_s):
             break
-        dp, tp, pp, s = lays[cand_l[p]]
         g = G[cand_gc[p]][0]
         f = fams[i]
-        data = {**f[5], "gpu": g, "parallel": {"dp": dp, "tp": tp, "pp": pp, **SHARDING_PARALLEL[s]},
+        data = {**f[5], "gpu": g, "parallel": layout_parallel(lays[cand_l[p]]),
                 "workload": {**work, "micro_batch": mbs[k], "grad_accum": int(ga[cand_l[p], k])}}
         sc = Scenario.model_validate(data)
         e = _estimate(sc, False)

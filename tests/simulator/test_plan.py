@@ -189,3 +189,21 @@ def test_offload_is_searched_on_one_gpu_and_host_ram_binds():
     reason = str(exc.value)
     ram = host_ram_bytes(get_system("rtx-4090-workstation"))
     assert "host RAM of the node" in reason and f"{ram / 2**30:.1f} GiB" in reason
+
+
+def test_context_and_expert_parallel_degrees_are_searched():
+    """cp and ep join the layouts: a MoE model's best full fine-tune on 8 H100s splits its experts, every row
+    is estimate()'s, and on a dense model expert parallelism is ruled out with the reason."""
+    space = {"gpus": ["h100-sxm-80gb"], "gpu_counts": [8], "methods": [{"kind": "full"}], "optimizers": ["adamw"],
+             "micro_batches": [1, 2], "checkpointing": ["full"], "sharding": ["fsdp"], "ep": [1, 8], "cp": [1, 2]}
+    res = plan(model="mixtral-8x7b", task="finetune", seq_len=4096, total_tokens=1e8, space=space, top_n=20)
+    pars = {r.parallel for r in res.ranked}
+    assert any("ep8" in p for p in pars) and any("cp2" in p for p in pars)
+    for r in res.ranked:
+        sc = Scenario.model_validate(r.scenario)
+        e = estimate(sc, what_fits=False)
+        assert e.peak_memory_bytes == r.peak_memory_bytes and e.time.step_s == r.step_time_s
+        assert sc.parallel.n_gpus == 8 and f"ep{sc.parallel.ep}" in r.parallel or sc.parallel.ep == 1
+    with pytest.raises(PlanError, match="ep") as exc:
+        plan(model="llama-3.2-1b", task="finetune", seq_len=2048, total_tokens=1e7, space={**space, "ep": [8]})
+    assert any("ep" in v for v in exc.value.rejected_reasons.values())
