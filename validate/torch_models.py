@@ -138,18 +138,25 @@ def _cuda_attention(scenario: Scenario, backends) -> tuple[str, object | None]:
 
 
 @contextlib.contextmanager
-def backward_context(scenario: Scenario, device: str = "cpu"):
+def backward_context(scenario: Scenario, device: str = "cpu", fallback: bool = False):
     """SDPA backend pin for the forward *and* the backward.
 
     The backward must see the same pin: a non-reentrant checkpoint recomputes the block inside
     ``loss.backward()`` and would otherwise pick another SDPA kernel, saving a different set of tensors.
+    ``fallback``: prefer the scenario's backend but let a call it cannot serve (a CUDA flash kernel given an
+    explicit mask during generation) take the memory-efficient or math one rather than fail.
     """
     _, backend = _attention(scenario, device)
     if backend is None:
         yield
         return
-    from torch.nn.attention import sdpa_kernel
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    if fallback:
+        order = [backend] + [b for b in (SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH) if b != backend]
+        with sdpa_kernel(order, set_priority=True):
+            yield
+        return
     with sdpa_kernel(backend):
         yield
 

@@ -232,3 +232,18 @@ def test_report_cli_json_and_bad_file(tmp_path):
     out = subprocess.run([sys.executable, "-m", "validate", "report", str(bad)], capture_output=True, text=True,
                          cwd=REPO, timeout=300)
     assert out.returncode == 2 and "truncated" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("only", ["e2e/infer/qwen2.5-0.5b/none/bf16/p512-g128-b1",
+                                  "e2e/train/qwen2.5-0.5b/full/bf16-amp/s1024-b8-adamw-fused"])
+def test_gpu_case_records_memory_and_is_compared(only):
+    """On a GPU: one small case of the grid measures allocated <= reserved peaks and a time, and the report
+    compares memory, time and the fits verdict."""
+    res, _ = run_suite("e2e", device="cuda", scale="gpu", out_dir=None, only=only)
+    (case,) = res.cases
+    assert case.status == "ok", case.message
+    m = case.measured
+    assert 0 < m.allocated_peak_bytes <= m.reserved_peak_bytes and m.time_s > 0
+    metrics = {c.metric for c in compare_results([("run", res)])}
+    assert {"allocated", "reserved", "time", "fits"} <= metrics
