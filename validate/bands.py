@@ -47,7 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 MEMORY_METRICS = ("peak_memory_per_gpu_GB", "peak_memory_total_GB")
 """Published memory metrics: the prediction is in the measured convention (allocated / reserved / total)."""
 TIME_SIGN: dict[str, int] = {
-    "step_time_s": 1, "decode_time_per_token_s": 1,
+    "step_time_s": 1, "decode_time_per_token_s": 1, "other:time_per_1000_microbatch_iterations": 1,
     "tokens_per_s_per_gpu": -1, "tokens_per_s_total": -1, "samples_per_s_total": -1, "tflops_per_gpu": -1,
     "mfu": -1,
 }

@@ -172,12 +172,10 @@ FAMILY_ARCH: dict[str, dict[str, Any]] = {
 
 MEMORY_METRICS = ("peak_memory_per_gpu_GB", "peak_memory_total_GB")
 TIME_METRICS = ("step_time_s", "tokens_per_s_per_gpu", "tokens_per_s_total", "samples_per_s_total", "tflops_per_gpu",
-                "mfu", "decode_time_per_token_s")
+                "mfu", "decode_time_per_token_s", "other:time_per_1000_microbatch_iterations")
 DEVICE_MAP_METRICS = ("other:gpu_memory_inference_gpu0",)
 SUPPORTED_METRICS = (*MEMORY_METRICS, "fits", "max_seq_len_fit", "model_states_per_gpu_GB", *TIME_METRICS,
                      *DEVICE_MAP_METRICS)
-SPEED_METRICS = ("step_time_s", "tokens_per_s_per_gpu", "tokens_per_s_total", "samples_per_s_total",
-                 "tflops_per_gpu", "mfu", "decode_time_per_token_s", "run_time_s")
 
 GB = 1e9
 GiB = float(2**30)
@@ -683,7 +681,7 @@ def memory_unit(target: dict) -> tuple[str, float]:
 
 TIME_UNITS = {"step_time_s": "s", "tokens_per_s_per_gpu": "tokens/s", "tokens_per_s_total": "tokens/s",
               "samples_per_s_total": "samples/s", "tflops_per_gpu": "TFLOP/s", "mfu": "fraction",
-              "decode_time_per_token_s": "s"}
+              "decode_time_per_token_s": "s", "other:time_per_1000_microbatch_iterations": "min"}
 
 
 def total_memory_bytes(e, scen: Scenario, field: str) -> float:
@@ -713,6 +711,9 @@ def time_metric(e, scen: Scenario, metric: str, flops_convention: str | None) ->
         return t.decode_per_token_s
     if metric == "mfu":
         return t.mfu
+    if metric == "other:time_per_1000_microbatch_iterations":
+        # litgpt's log: minutes per 1000 micro-batch iterations (the optimizer step amortised over grad_accum)
+        return 1000.0 * t.step_s / scen.workload.grad_accum / 60.0
     # TFLOP/s per GPU: Megatron's formula counts the recomputed forward ("hardware"), torchtitan's does not
     f = e.flops
     flops = f.per_step if flops_convention == "hardware" else f.forward + f.backward

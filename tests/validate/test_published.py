@@ -331,3 +331,20 @@ def test_family_other_without_a_named_structure_takes_a_generic_decoder():
     assert any("generic decoder" in n for n in notes)
     r["scenario"]["model"] = {**r["scenario"]["model"], "intermediate": 688}
     assert record_to_scenario(r, []).model.family == "llama"
+
+
+def test_litgpt_minutes_per_1000_micro_batches_is_the_step_over_grad_accum():
+    """litgpt logs minutes per 1000 micro-batch iterations: 1000 x step / grad_accum / 60 of the same scenario."""
+    import json
+
+    from simulator import estimate
+    from validate.published import predict_record, record_to_scenario
+
+    if not PUBLIC.exists():
+        pytest.skip("published records not present")
+    rec = next(r for r in map(json.loads, PUBLIC.read_text().splitlines())
+               if r["target"]["metric"] == "other:time_per_1000_microbatch_iterations")
+    p = predict_record(rec)
+    sc = record_to_scenario(rec)
+    assert p["status"] == "ok" and p["unit"] == "min"
+    assert p["predicted"] == pytest.approx(1000 * estimate(sc).time.step_s / sc.workload.grad_accum / 60)
