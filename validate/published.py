@@ -174,8 +174,9 @@ MEMORY_METRICS = ("peak_memory_per_gpu_GB", "peak_memory_total_GB")
 TIME_METRICS = ("step_time_s", "tokens_per_s_per_gpu", "tokens_per_s_total", "samples_per_s_total", "tflops_per_gpu",
                 "mfu", "decode_time_per_token_s", "other:time_per_1000_microbatch_iterations")
 DEVICE_MAP_METRICS = ("other:gpu_memory_inference_gpu0",)
+HOST_METRICS = ("other:peak_cpu_memory",)
 SUPPORTED_METRICS = (*MEMORY_METRICS, "fits", "max_seq_len_fit", "model_states_per_gpu_GB", *TIME_METRICS,
-                     *DEVICE_MAP_METRICS)
+                     *DEVICE_MAP_METRICS, *HOST_METRICS)
 
 GB = 1e9
 GiB = float(2**30)
@@ -804,6 +805,13 @@ def predict_record(rec: dict) -> dict[str, Any]:
             unit, per = memory_unit(t)
             notes.append("GPU 0 memory = the weights device_map places on GPU 0 (allocated after loading)")
             out.update(predicted=round(per_gpu[0] / per, 4), unit=unit, measured_as="peak_allocated_bytes")
+        elif metric in HOST_METRICS:
+            # host RAM of the offloaded model states on the node (every rank's share)
+            e = estimate(scen, what_fits=False, timing=False)
+            unit, per = memory_unit(t)
+            notes.append("host RAM = the offloaded states and parameters of the node's ranks; the process's own "
+                         "memory (libraries, the checkpoint while loading) is not modelled")
+            out.update(predicted=round(e.host_memory_bytes * scen.parallel.n_gpus / per, 4), unit=unit)
         elif metric == "model_states_per_gpu_GB":
             e = estimate(scen, what_fits=False, timing=False)
             unit, per = memory_unit(t)

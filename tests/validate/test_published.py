@@ -348,3 +348,24 @@ def test_litgpt_minutes_per_1000_micro_batches_is_the_step_over_grad_accum():
     sc = record_to_scenario(rec)
     assert p["status"] == "ok" and p["unit"] == "min"
     assert p["predicted"] == pytest.approx(1000 * estimate(sc).time.step_s / sc.workload.grad_accum / 60)
+
+
+def test_peak_cpu_memory_is_the_offloaded_host_bytes():
+    """ZeRO-3 CPU offload: host RAM predicted as the offloaded states and parameters (the process itself is
+    not modelled, and the prediction says so)."""
+    import json
+
+    from simulator import estimate
+    from validate.published import memory_unit, predict_record, record_to_scenario
+
+    if not PUBLIC.exists():
+        pytest.skip("published records not present")
+    rec = next(r for r in map(json.loads, PUBLIC.read_text().splitlines())
+               if r["target"]["metric"] == "other:peak_cpu_memory")
+    p = predict_record(rec)
+    sc = record_to_scenario(rec)
+    unit, per = memory_unit(rec["target"])
+    e = estimate(sc, what_fits=False, timing=False)
+    assert p["status"] == "ok" and e.host_memory_bytes > 0
+    assert p["predicted"] == round(e.host_memory_bytes * sc.parallel.n_gpus / per, 4)
+    assert any("not modelled" in n for n in p["notes"])
