@@ -327,6 +327,10 @@ def _attention(sc: dict, arch: ModelArch, precision: str, notes: list[str], year
         if d == "sdpa" and _defaults(sc) is _HF and year is not None and year <= 2023:
             # transformers made SDPA the default attention in v4.36 (December 2023); before, eager
             d = "eager"
+        if d == "flash2" and fw == "megatron" and year is not None and year <= 2022:
+            # Megatron-LM ran QK^T and PV as batched GEMMs around its fused scale-mask-softmax kernel (the scores
+            # materialised) until FlashAttention support (--use-flash-attn) arrived in 2023
+            d = "eager"
         notes.append(f"attention {raw or 'unstated'}: {fw} default for {arch.family} -> {d}")
         raw = d
     if raw == "sdpa":
