@@ -333,17 +333,21 @@ def test_family_other_without_a_named_structure_takes_a_generic_decoder():
     assert record_to_scenario(r, []).model.family == "llama"
 
 
-def test_litgpt_minutes_per_1000_micro_batches_is_the_step_over_grad_accum():
-    """litgpt logs minutes per 1000 micro-batch iterations: 1000 x step / grad_accum / 60 of the same scenario."""
+def _first_public_record(metric: str) -> dict:
+    """The first published record of ``metric`` (the test skips without the records)."""
     import json
-
-    from simulator import estimate
-    from validate.published import predict_record, record_to_scenario
 
     if not PUBLIC.exists():
         pytest.skip("published records not present")
-    rec = next(r for r in map(json.loads, PUBLIC.read_text().splitlines())
-               if r["target"]["metric"] == "other:time_per_1000_microbatch_iterations")
+    return next(r for r in map(json.loads, PUBLIC.read_text().splitlines()) if r["target"]["metric"] == metric)
+
+
+def test_litgpt_minutes_per_1000_micro_batches_is_the_step_over_grad_accum():
+    """litgpt logs minutes per 1000 micro-batch iterations: 1000 x step / grad_accum / 60 of the same scenario."""
+    from simulator import estimate
+    from validate.published import predict_record, record_to_scenario
+
+    rec = _first_public_record("other:time_per_1000_microbatch_iterations")
     p = predict_record(rec)
     sc = record_to_scenario(rec)
     assert p["status"] == "ok" and p["unit"] == "min"
@@ -353,15 +357,10 @@ def test_litgpt_minutes_per_1000_micro_batches_is_the_step_over_grad_accum():
 def test_peak_cpu_memory_is_the_offloaded_host_bytes():
     """ZeRO-3 CPU offload: host RAM predicted as the offloaded states and parameters (the process itself is
     not modelled, and the prediction says so)."""
-    import json
-
     from simulator import estimate
     from validate.published import memory_unit, predict_record, record_to_scenario
 
-    if not PUBLIC.exists():
-        pytest.skip("published records not present")
-    rec = next(r for r in map(json.loads, PUBLIC.read_text().splitlines())
-               if r["target"]["metric"] == "other:peak_cpu_memory")
+    rec = _first_public_record("other:peak_cpu_memory")
     p = predict_record(rec)
     sc = record_to_scenario(rec)
     unit, per = memory_unit(rec["target"])
