@@ -7,7 +7,8 @@
                                                  error bands from the residuals (simulator/data/error_bands.json)
 
   run --suite micro|e2e|all [--device cuda|cpu] [--scale gpu|cpu] [--out DIR] [--only TEXT] [--shard I/N]
-                                                 measure on this machine; one results file per run
+      [--dry-run [--profile NAME]]               measure on this machine; one results file per run (dry run:
+                                                 the engine's verdict and time per case, no GPU needed)
   report [RESULTS ...] [--published FILE] [--html FILE] [--json] [--device NAME]
                                                  predicted vs measured, per-suite errors, worst cases
   calibrate --results FILE [--device NAME] [--yaml PATH] [--write]
@@ -70,6 +71,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
     argv += ["--only", args.only] if args.only else []
     argv += ["--shard", f"{args.shard[0]}/{args.shard[1]}"] if args.shard else []
     argv += ["--profile", args.profile] if args.profile else []
+    if args.dry_run:
+        from .run import dry_run
+
+        profile = args.profile or "h100-sxm-80gb"
+        try:
+            rows, total = dry_run(args.suite, scale=args.scale, device_profile=profile, only=args.only, shard=args.shard)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        for cid, fits, t in rows:
+            print(f"{'fits' if fits else 'OOM ':<5} {t:8.2f} s  {cid}")
+        n_oom = sum(not fits for _, fits, _ in rows)
+        print(f"{len(rows)} cases on {profile}: {total:.0f} s of predicted GPU time ({n_oom} predicted to run out of "
+              "memory); model builds and host work come on top")
+        return 0
     try:
         res, path = run_suite(args.suite, device=args.device, scale=args.scale, out_dir=args.out, only=args.only,
                               shard=args.shard, profile=args.profile, argv=argv,
@@ -191,7 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", default="validate/results", help="folder for the results file (default validate/results)")
     pr.add_argument("--only", default=None, help="run only the cases whose id contains this text")
     pr.add_argument("--shard", type=_shard, default=None, help="run the I-th of N equal parts of the grid (I/N)")
-    pr.add_argument("--profile", default=None, help="hwprofiles device to record when the GPU's name matches none")
+    pr.add_argument("--profile", default=None, help="hwprofiles device to record when the GPU's name matches none "
+                                                    "(with --dry-run: the device to predict for, default h100-sxm-80gb)")
+    pr.add_argument("--dry-run", action="store_true",
+                    help="measure nothing: print each case's predicted fit and GPU time and the total (plan a GPU run)")
     pr.set_defaults(func=_cmd_run)
 
     pt = sub.add_parser("report", help="predicted vs measured for results files, and the error summary")

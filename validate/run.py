@@ -119,3 +119,34 @@ def run_suite(suite: str, *, device: str, scale: Scale, out_dir: str | Path | No
                       fingerprint=fp, cases=tuple(results), duration_s=time.perf_counter() - t0)
     path = write_results(res, out_dir) if out_dir is not None else None
     return res, path
+
+
+def predicted_seconds(case: Any, device_profile: str) -> tuple[bool, float]:
+    """(the engine's fits verdict, the engine's time for the case's warm-up and timed repeats) on
+    ``device_profile``: what a run of the case should cost, before a GPU is rented.  Microbenchmarks: the
+    predicted kernel time over the repeats a 50 ms budget takes."""
+    if case.suite == "micro":
+        from .micro import predict_micro
+
+        try:
+            t = predict_micro(case.spec(), case.kind, device_profile)
+        except NotImplementedError:
+            return True, 0.0
+        return True, max(0.05, 10 * t)
+    from simulator import estimate
+
+    sc = case.scenario.model_copy(update={"gpu": device_profile})
+    e = estimate(sc, what_fits=False)
+    runs = case.warmup + case.repeats
+    extra = case.repeats * e.time.prefill_s if case.kind == "infer" else 0.0  # the prefill timed on its own
+    return e.fits, runs * e.time.step_s + extra
+
+
+def dry_run(suite: str, *, scale: Scale, device_profile: str, only: str | None = None,
+            shard: tuple[int, int] | None = None) -> tuple[list[tuple[str, bool, float]], float]:
+    """Every case the run would measure with the engine's verdict and time, and their total seconds (kernel
+    time only: building the models and the host's own work come on top)."""
+    cases = shard_of([c for c in cases_for(suite, scale) if only is None or only in c.case_id], shard)
+    rows = [(c.case_id, *predicted_seconds(c, device_profile)) for c in cases]
+    return rows, sum(t for _, fits, t in rows if fits)
+

@@ -247,3 +247,21 @@ def test_gpu_case_records_memory_and_is_compared(only):
     assert 0 < m.allocated_peak_bytes <= m.reserved_peak_bytes and m.time_s > 0
     metrics = {c.metric for c in compare_results([("run", res)])}
     assert {"allocated", "reserved", "time", "fits"} <= metrics
+
+
+def test_dry_run_prices_a_gpu_run_with_the_engine(capsys):
+    """--dry-run measures nothing: each case gets the engine's verdict and time on the profile, and the total
+    says whether a shard fits a command's time limit before a GPU is rented."""
+    from validate.__main__ import main
+    from validate.run import dry_run, predicted_seconds
+
+    rows, total = dry_run("e2e", scale="gpu", device_profile="h100-sxm-80gb", shard=(1, 3))
+    assert len(rows) == len(shard_of(gpu_grid(), (1, 3)))
+    assert total == pytest.approx(sum(t for _, fits, t in rows if fits))
+    case = next(c for c in gpu_grid() if c.case_id == "e2e/train/llama-3.1-8b/full/bf16-amp/s2048-b1-ck")
+    fits, seconds = predicted_seconds(case, "h100-sxm-80gb")
+    e = estimate(case.scenario)
+    assert not fits and seconds == pytest.approx((case.warmup + case.repeats) * e.time.step_s)
+    assert main(["run", "--suite", "e2e", "--dry-run", "--only", "llama-3.1-8b/full/bf16-amp"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("OOM ") and "1 cases on h100-sxm-80gb" in out and "1 predicted to run out of memory" in out
