@@ -102,14 +102,14 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .report import compare_results, format_report, published_summary, report_html, summarize
-    from .schema import ResultsError, load_results
+    from .schema import ResultsError, load_results, results_paths
 
     paths: list[Path] = []
     default = Path(__file__).resolve().parent / "results"
     for q in [Path(p) for p in args.results] or [default]:
         if q == default and not q.exists():
             continue  # no measurements committed yet: the report holds the published scores alone
-        paths += sorted(q.glob("*.json")) if q.is_dir() else [q]
+        paths += results_paths(q)
     try:
         files = [(p.name, load_results(p)) for p in paths]
     except ResultsError as e:
@@ -144,12 +144,9 @@ def _cmd_bands(args: argparse.Namespace) -> int:
     pairs = pairs_from_published(records, predict_records(records), str(args.records))
     sources = [records_source(args.records, "published", pairs)]
     if args.results:
-        from pathlib import Path
+        from .schema import load_results, results_paths
 
-        from .schema import load_results
-
-        p = Path(args.results)
-        files = sorted(p.glob("*.json")) if p.is_dir() else [p]
+        files = results_paths(args.results)
         gpu = pairs_from_results([load_results(f) for f in files], [str(f) for f in files])
         pairs += gpu
         sources += [records_source(f, "gpu-run", gpu) for f in files]

@@ -16,7 +16,6 @@ from __future__ import annotations
 import datetime
 import hashlib
 import math
-import subprocess
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Literal
@@ -35,17 +34,13 @@ from simulator.uncertainty import (
     cell_chain,
 )
 
+from .published import MEMORY_METRICS
 from .score import group_of, quantile
 
 MIN_N = 20
 """Fewest residuals a cell needs; p5 / p95 of 20 points are already the second-smallest / -largest."""
 MIN_GROUPS = 2
 """Fewest source groups a cell needs: one source's shared missing details are not a regime."""
-
-REPO = Path(__file__).resolve().parents[1]
-
-MEMORY_METRICS = ("peak_memory_per_gpu_GB", "peak_memory_total_GB")
-"""Published memory metrics: the prediction is in the measured convention (allocated / reserved / total)."""
 TIME_SIGN: dict[str, int] = {
     "step_time_s": 1, "decode_time_per_token_s": 1, "other:time_per_1000_microbatch_iterations": 1,
     "tokens_per_s_per_gpu": -1, "tokens_per_s_total": -1, "samples_per_s_total": -1, "tflops_per_gpu": -1,
@@ -115,6 +110,8 @@ def build_bands(pairs: Iterable[Pair], *, sources: Sequence[RecordsSource] = (),
                 min_n: int = MIN_N, min_groups: int = MIN_GROUPS) -> ErrorBands:
     """The band file's content from residual pairs of any source (published, GPU runs, or both)."""
     pairs = list(pairs)
+    from .harness import git_state
+
     commit, dirty = git_state()
     prov = Provenance(
         sources=tuple(sources), fitsim_commit=commit, fitsim_dirty=dirty,
@@ -194,18 +191,6 @@ def records_source(path: str | Path, kind: Literal["published", "gpu-run"], pair
     """Provenance of one measurements file: its path, sha256 and how many pairs it gave."""
     return RecordsSource(kind=kind, path=str(path), sha256=sha256_of(path),
                          n_pairs=sum(p.source == str(path) for p in pairs))
-
-
-def git_state() -> tuple[str | None, bool]:
-    """(HEAD commit of this checkout, whether tracked files differ from it); (None, False) outside git."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, check=True).stdout.strip() != ""
-    except (OSError, subprocess.CalledProcessError):
-        return None, False
-    return commit or None, dirty
 
 
 def write_bands(bands: ErrorBands, path: str | Path) -> Path:

@@ -43,15 +43,23 @@ def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str | None]
     return out
 
 
+def git_state() -> tuple[str | None, bool]:
+    """(HEAD commit of this checkout, whether tracked files differ from it); (None, False) outside a git
+    checkout or without git."""
+    root = str(Path(__file__).resolve().parents[1])
+    try:
+        commit = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True, timeout=5).stdout.strip() != ""
+    except (OSError, subprocess.SubprocessError):
+        return None, False
+    return commit or None, dirty
+
+
 def fitsim_commit() -> str | None:
     """The git commit of this checkout (None outside a git checkout or without git)."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    return git_state()[0]
 
 
 def match_device_profile(device_name: str) -> str | None:

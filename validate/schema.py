@@ -187,11 +187,15 @@ def load_results(path: str | Path) -> ResultsFile:
     return parse_results(text, str(p))
 
 
-def load_results_dir(path: str | Path) -> list[ResultsFile]:
-    """Every ``*.json`` results file under a folder (or the one file named), sorted by name."""
+def results_paths(path: str | Path) -> list[Path]:
+    """The ``*.json`` results files of a folder, sorted by name, or the one file named."""
     p = Path(path)
-    files = sorted(p.glob("*.json")) if p.is_dir() else [p]
-    return [load_results(f) for f in files]
+    return sorted(p.glob("*.json")) if p.is_dir() else [p]
+
+
+def load_results_dir(path: str | Path) -> list[ResultsFile]:
+    """Every results file under a folder (or the one file named), sorted by name."""
+    return [load_results(f) for f in results_paths(path)]
 
 
 def _slug(text: str) -> str:
