@@ -144,10 +144,15 @@ def _cmd_bands(args: argparse.Namespace) -> int:
     pairs = pairs_from_published(records, predict_records(records), str(args.records))
     sources = [records_source(args.records, "published", pairs)]
     if args.results:
-        from .schema import load_results, results_paths
+        from .schema import ResultsError, load_results, results_paths
 
         files = results_paths(args.results)
-        gpu = pairs_from_results([load_results(f) for f in files], [str(f) for f in files])
+        try:
+            loaded = [load_results(f) for f in files]
+        except ResultsError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        gpu = pairs_from_results(loaded, [str(f) for f in files])
         pairs += gpu
         sources += [records_source(f, "gpu-run", gpu) for f in files]
     out = args.out or str(BANDS_PATH)

@@ -195,3 +195,13 @@ def test_band_file_must_name_its_cells_consistently():
     bad["cells"]["memory"]["groups"] = {"a": 1}
     with pytest.raises(ValueError, match="add up"):
         parse_bands(json.dumps(bad), "bad")
+
+
+def test_bands_command_refuses_a_bad_results_file_in_one_line(tmp_path, capsys):
+    bad = tmp_path / "e2e-x.json"
+    bad.write_text('{"schema_version": 1, "cases": [')
+    if not PUBLIC.exists():
+        pytest.skip(f"{PUBLIC} not present")
+    assert main(["bands", "--records", str(PUBLIC), "--results", str(bad), "--out", str(tmp_path / "b.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "truncated" in err and not (tmp_path / "b.json").exists()
