@@ -626,12 +626,12 @@ def _search_train(ctx: _Ctx, bound: bool, pareto: bool) -> tuple[list[PlanRow], 
 
     # 4. the candidate arrays: (gpu/count row, layout, family, micro-batch)
     G = []  # per (gpu, count): dev constants
-    host_cap = []  # per (gpu, count): (ranks per node, host RAM bytes or inf)
+    host_cap = []  # per (gpu, count): (GPUs, GPUs per node, host RAM bytes or inf)
     cand_gc, cand_l = [], []
     for gi, (g, n, ls) in enumerate(per_gpu):
         dev = get_device(g)
         system = _system_named(None, g, n)
-        host_cap.append((min(n, system.gpus_per_node), sh.host_ram_bytes(system) or math.inf))
+        host_cap.append((n, system.gpus_per_node, sh.host_ram_bytes(system) or math.inf))
         price = system.price_usd_per_gpu_hour if (system.price_usd_per_gpu_hour and system.device == dev.name) \
             else dev.price_usd_per_hour
         fixed = dev.cublas_workspace_bytes * 2.0 + dev.cublaslt_workspace_bytes + dev.cuda_context_bytes
@@ -660,15 +660,15 @@ def _search_train(ctx: _Ctx, bound: bool, pareto: bool) -> tuple[list[PlanRow], 
     fam_lay_ok = ~lay_off[None, :] | host_opt[:, None]  # (F, L)
     valid = ga_ok[cand_l][:, None, :] & fam_lay_ok[:, cand_l].T[:, :, None]
     evaluated = int(valid.sum())
-    hc = np.array(host_cap)[cand_gc]  # (P, 2)
-    host_need = host[:, cand_l].T * hc[:, :1]  # (P, F): the node's ranks' offloaded bytes
-    host_ok = (host_need <= hc[:, 1:])[:, :, None]
+    hc = np.array(host_cap)[cand_gc]  # (P, 3)
+    host_need = sh.node_host_bytes(host[:, cand_l].T, hc[:, :1], hc[:, 1:2])  # (P, F)
+    host_ok = (host_need <= hc[:, 2:])[:, :, None]
     for p, i in np.argwhere(~host_ok[:, :, 0] & valid.any(axis=2)):
         g = G[cand_gc[p]]
         fam = _fam(ctx, (fams[i][0], g[0], g[1]))
         if fam.host_fail is None or host_need[p, i] < fam.host_fail[0]:
             fam.host_fail = (float(host_need[p, i]), f"offloaded states {host_need[p, i] / GiB:.1f} GiB > "
-                             f"{hc[p, 1] / GiB:.1f} GiB host RAM of the node ({lays[cand_l[p]][3]})")
+                             f"{hc[p, 2] / GiB:.1f} GiB host RAM of the node ({lays[cand_l[p]][3]})")
     dev_ok = (mem_lb <= usable) & valid
     mem_ok = dev_ok & host_ok
     ok = mem_ok.copy()

@@ -315,10 +315,10 @@ def activation_split(par: Parallel) -> tuple[float, float]:
     return float(rep), float(par.tp * par.cp)
 
 
-def node_host_bytes(host_bytes_per_rank, n_gpus: int, gpus_per_node: int):
+def node_host_bytes(host_bytes_per_rank, n_gpus, gpus_per_node):
     """Host RAM one node needs for its ranks' offloaded states and parameters (each rank offloads its own
-    shard; a node holds min(n_gpus, gpus_per_node) ranks)."""
-    return host_bytes_per_rank * min(n_gpus, gpus_per_node)
+    shard; a node holds min(n_gpus, gpus_per_node) ranks); numbers or arrays of setups."""
+    return host_bytes_per_rank * np.minimum(n_gpus, gpus_per_node)
 
 
 def host_ram_bytes(system) -> float | None:
