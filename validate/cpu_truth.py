@@ -34,7 +34,7 @@ from simulator.config import Optimizer, Scenario, TrainWorkload
 
 from .torch_models import backward_context, block_paths, build_model, forward_context, module_paths, unwrap
 
-__all__ = ["Truth", "measure", "make_optimizer", "layer_of", "EXTRA_FLOP_FORMULAS"]
+__all__ = ["Truth", "measure", "make_optimizer", "train_batch", "layer_of", "EXTRA_FLOP_FORMULAS"]
 
 
 class Truth(BaseModel):
@@ -455,8 +455,9 @@ def _optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
 # --------------------------------------------------------------------------------------------
 
 
-def _batch(scenario: Scenario, seed: int) -> dict[str, torch.Tensor]:
-    """Random token ids (micro_batch x seq_len) as inputs and labels (T5: decoder labels of the same length)."""
+def train_batch(scenario: Scenario, seed: int) -> dict[str, torch.Tensor]:
+    """Random token ids (micro_batch x seq_len) as inputs and labels (T5: decoder labels of the same length),
+    on the CPU (move them to the device that runs the step)."""
     wl = scenario.workload
     gen = torch.Generator().manual_seed(seed + 1)
     vocab = scenario.model.vocab
@@ -514,7 +515,7 @@ def _measure(scenario: Scenario, *, dropout: float, seed: int) -> Truth:
     param_keys = {_storage_key(p) for p in params}
     buffers = [b for b in model.buffers() if _storage_key(b) not in param_keys]
     optimizer = make_optimizer(trainable, scenario.optimizer)
-    batch = _batch(scenario, seed)
+    batch = train_batch(scenario, seed)
 
     modules = _ModuleStack(model)
     saved = _SavedTensorRecorder(modules)

@@ -78,16 +78,9 @@ def _unique_trainable(model) -> list:
     return out
 
 
-def _tokens(batch: int, seq: int, vocab: int, device: str, seed: int):
-    import torch
-
-    gen = torch.Generator().manual_seed(seed + 1)
-    return torch.randint(0, vocab, (batch, seq), generator=gen).to(device)
-
-
 def run_train(case: E2ECase, device: str) -> Measurement:
     """Time optimizer steps and record the memory peaks of a training scenario."""
-    from .cpu_truth import make_optimizer
+    from .cpu_truth import make_optimizer, train_batch
     from .harness import PeakMemory, median_s, time_repeats_s
     from .torch_models import backward_context, build_model, forward_context
 
@@ -98,10 +91,7 @@ def run_train(case: E2ECase, device: str) -> Measurement:
     with PeakMemory(device) as pm:
         model = build_model(sc, device=device)
         optimizer = make_optimizer(_unique_trainable(model), sc.optimizer)
-        ids = _tokens(wl.micro_batch, wl.seq_len, sc.model.vocab, device, seed=0)
-        batch = {"input_ids": ids, "labels": ids}
-        if sc.model.arch == "encoder_decoder":
-            batch["labels"] = _tokens(wl.micro_batch, wl.seq_len, sc.model.vocab, device, seed=1)
+        batch = {k: v.to(device) for k, v in train_batch(sc, seed=0).items()}
 
         def step() -> None:
             for _ in range(wl.grad_accum):
@@ -122,6 +112,13 @@ def run_train(case: E2ECase, device: str) -> Measurement:
                        tokens_per_s=tokens / t)
 
 
+def _prompt_scenario(sc: Scenario) -> Scenario:
+    """An inference scenario as the training-shaped one the model builder and the batch take: a micro-batch
+    of ``batch`` prompts of ``prompt_len`` tokens."""
+    return sc.model_copy(update={"workload": TrainWorkload(micro_batch=sc.workload.batch,
+                                                           seq_len=sc.workload.prompt_len)})
+
+
 def _infer_model(sc: Scenario, device: str):
     """The model of an inference scenario: 16-bit (or fp32) weights, linears quantized per
     ``sc.inference.weights`` (bitsandbytes int8 / nf4 / fp4), eval mode, no gradients."""
@@ -132,9 +129,7 @@ def _infer_model(sc: Scenario, device: str):
     q = sc.inference.weights
     if q not in ("none", "int8", "nf4", "fp4"):
         raise NotImplementedError(f"inference.weights={q!r}: GPTQ / AWQ / fp8 need pre-quantized checkpoints")
-    train_like = sc.model_copy(update={"workload": TrainWorkload(micro_batch=sc.workload.batch,
-                                                                 seq_len=sc.workload.prompt_len)})
-    model = build_model(train_like, device=device)
+    model = build_model(_prompt_scenario(sc), device=device)
     model.requires_grad_(False)
     if q != "none":
         dtype = torch.float16 if sc.precision.startswith("fp16") else torch.bfloat16
@@ -147,6 +142,7 @@ def run_infer(case: E2ECase, device: str) -> Measurement:
     """Time a whole generation (and the prefill alone) and record the memory peaks."""
     import torch
 
+    from .cpu_truth import train_batch
     from .harness import PeakMemory, median_s, time_repeats_s
     from .torch_models import backward_context
 
@@ -158,7 +154,7 @@ def run_infer(case: E2ECase, device: str) -> Measurement:
         raise NotImplementedError(f"model.arch={sc.model.arch!r}: the generation cases run decoders")
     with PeakMemory(device) as pm:
         model = _infer_model(sc, device)
-        ids = _tokens(wl.batch, wl.prompt_len, sc.model.vocab, device, seed=0)
+        ids = train_batch(_prompt_scenario(sc), seed=0)["input_ids"].to(device)
         mask = torch.ones_like(ids)
 
         def generate() -> None:
