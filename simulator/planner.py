@@ -902,7 +902,7 @@ def _oom_ok_grid(ctx: _Ctx, sp: _Space, candidates: np.ndarray, peak: np.ndarray
     if cons.max_oom_probability is None:
         return np.ones_like(candidates)
     from .estimate import _estimate
-    from .uncertainty import _default_lookup, oom_probability_many
+    from .uncertainty import band_cells, oom_probability_many
 
     p_oom = np.full(peak.shape, np.inf)
     for p in range(peak.shape[0]):
@@ -912,7 +912,7 @@ def _oom_ok_grid(ctx: _Ctx, sp: _Space, candidates: np.ndarray, peak: np.ndarray
             at = candidates[p, i]
             if not at.any():
                 continue
-            cell = _default_lookup(1 if n <= 1 else 2, "train", fam[1].kind)[0]
+            cell = band_cells(n, "train", fam[1].kind)[0]
             if cell is not None:
                 p_oom[p, i, at] = oom_probability_many(peak[p, i, at], dev.memory_total_bytes, cell,
                                                        dev.cuda_context_bytes)

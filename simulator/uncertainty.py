@@ -383,14 +383,21 @@ def _default_lookup(regime_gpus: int, task: str, method_kind: str) -> tuple[Band
     return _lookup(b, regime_gpus, task, method_kind) if b is not None else (None, None, "")
 
 
+def band_cells(n_gpus: int, task: str, method_kind: str, bands: ErrorBands | None = None
+               ) -> tuple[BandCell | None, BandCell | None, str]:
+    """(memory cell, time cell, what the residuals come from) for a setup: its GPU regime (one or several),
+    task and method; ``bands`` defaults to the engine's band file, whose lookups are cached."""
+    regime = 1 if n_gpus <= 1 else 2
+    return (_lookup(bands, regime, task, method_kind) if bands is not None
+            else _default_lookup(regime, task, method_kind))
+
+
 def uncertainty(peak_bytes: float, fixed_bytes: float, device_bytes: float, step_s: float | None, n_gpus: int,
                 task: str, method_kind: str, bands: ErrorBands | None = None,
                 interval: Interval = DEFAULT_INTERVAL) -> Uncertainty | None:
     """The bands and P(OOM) of one estimate (None without a band file or a memory cell for the setup);
     ``bands`` defaults to the engine's band file, whose cell lookups are cached."""
-    regime = 1 if n_gpus <= 1 else 2
-    mc, tc, basis = (_lookup(bands, regime, task, method_kind) if bands is not None
-                     else _default_lookup(regime, task, method_kind))
+    mc, tc, basis = band_cells(n_gpus, task, method_kind, bands)
     if mc is None:
         return None
     lo, hi = memory_band_bytes(peak_bytes, mc, interval, fixed_bytes)
