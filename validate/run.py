@@ -71,9 +71,7 @@ def measure_case(case: Any, device: str) -> CaseResult:
     try:
         m = _runner(case)(case, device)
         return CaseResult(**base, status="ok", measured=m)
-    except Skip as e:
-        return CaseResult(**base, status="skipped", message=str(e))
-    except NotImplementedError as e:
+    except (Skip, NotImplementedError) as e:
         return CaseResult(**base, status="skipped", message=str(e))
     except Exception as e:  # noqa: BLE001 - a failed case is data, the suite goes on
         if is_oom(e):
