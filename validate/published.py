@@ -634,7 +634,7 @@ def record_to_scenario(rec: dict, notes: list[str] | None = None) -> Scenario:
         par = {**par, "reshard_after_forward": False}
         notes.append("torchtitan FSDP under pipeline parallelism keeps the gathered parameters from forward to "
                      "backward (reshard_after_forward=False)")
-    if sc.get("framework") == "torchtitan" and par.get("pp", 1) > 1 and ga is None and mb_v > 1:
+    if sc.get("framework") == "torchtitan" and par.get("pp", 1) > 1 and mb_v > 1:
         # torchtitan splits each rank's local batch into micro-batches of parallelism.pipeline_parallel_
         # microbatch_size (default 1) that the schedule pipelines: m = local batch / 1
         mb_v, ga_v = 1, ga_v * mb_v

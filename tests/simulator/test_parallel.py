@@ -181,3 +181,18 @@ def test_small_decode_steps_are_bound_by_issuing_kernels():
     e = estimate(sc, what_fits=False)
     kernels = sum(p.n_kernels * (len(p.layers) if p.where == "block" else 1) for p in op_arrays(cost_table_for(sc)))
     assert e.time.decode_per_token_s == pytest.approx(kernels * EAGER_OP_OVERHEAD_S)
+
+
+def test_offloaded_states_beyond_the_nodes_host_ram_are_a_warning():
+    """70B full fine-tuning with ZeRO-3 states and parameters in host RAM: about 1.2 TB for one rank, more than
+    a 256 GB workstation holds (and less than a DGX's 2 TB)."""
+    from hwprofiles import get_system
+
+    base = dict(model="llama-3.1-70b", method={"kind": "full"}, precision="bf16-amp", checkpointing={"mode": "full"},
+                workload={"micro_batch": 1, "seq_len": 2048},
+                parallel={"zero": 3, "offload_optimizer": "cpu", "offload_params": "cpu"})
+    ws = estimate({**base, "gpu": "rtx4090-24gb", "system": "rtx-4090-workstation"}, what_fits=False, timing=False)
+    assert ws.host_memory_bytes > sh.host_ram_bytes(get_system("rtx-4090-workstation"))
+    assert any(w.startswith("host RAM:") and "rtx-4090-workstation" in w for w in ws.warnings)
+    dgx = estimate({**base, "gpu": "a100-sxm-80gb"}, what_fits=False, timing=False)
+    assert dgx.host_memory_bytes == ws.host_memory_bytes and not any("host RAM" in w for w in dgx.warnings)

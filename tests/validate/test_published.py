@@ -368,3 +368,24 @@ def test_peak_cpu_memory_is_the_offloaded_host_bytes():
     assert p["status"] == "ok" and e.host_memory_bytes > 0
     assert p["predicted"] == round(e.host_memory_bytes * sc.parallel.n_gpus / per, 4)
     assert any("not modelled" in n for n in p["notes"])
+
+
+def test_torchtitan_pipeline_records_split_the_local_batch_and_keep_fsdp_gathered():
+    """torchtitan under pipeline parallelism: micro-batches of pipeline_parallel_microbatch_size (default 1),
+    so the local batch becomes the number of micro-batches, and FSDP keeps parameters gathered
+    (fsdp_reshard_after_forward 'default' = not pp_enabled)."""
+    import json
+
+    from validate.published import record_to_scenario
+
+    if not PUBLIC.exists():
+        pytest.skip("published records not present")
+    recs = [r for r in map(json.loads, PUBLIC.read_text().splitlines())
+            if r["id"].startswith("torchtitan") and (r["scenario"]["parallel"].get("pp") or 1) > 1]
+    assert recs
+    for r in recs:
+        notes: list[str] = []
+        sc = record_to_scenario(r, notes)
+        assert sc.workload.micro_batch == 1 and sc.workload.grad_accum == r["scenario"]["micro_batch"]
+        assert sc.parallel.reshard_after_forward is False
+        assert any("pipeline_parallel_microbatch_size" in n for n in notes)
