@@ -153,14 +153,17 @@ class RankBytes:
 def accumulated_gradient_bytes(rp: sh.RankParams, par, prec, n_shard: int, gradients: float) -> float:
     """Gradients a rank holds between micro-batches of one step.
 
-    Normally its (sharded) gradients.  FSDP under pipeline parallelism: ``torch.distributed.pipelining``
-    runs every micro-batch's backward but the last without gradient sync (``set_requires_gradient_sync``,
-    ``set_reshard_after_backward`` false, ``_PipelineStageBase.backward_maybe_with_nosync``), so the stage's
-    gradients accumulate unsharded, in the reduce dtype (fp32 under ``MixedPrecisionPolicy(reduce_dtype=
-    float32)``, as FSDP2 upcasts accumulated gradients)."""
-    if par.pp > 1 and par.fsdp not in ("none", "no_shard") and not par.deepspeed and n_shard > 1:
+    Normally its (sharded) gradients.  FSDP that accumulates without syncing keeps them unsharded:
+    ``Parallel.fsdp_no_sync`` (FSDP1 ``no_sync()``, FSDP2 ``set_requires_gradient_sync(False)``), and FSDP
+    under pipeline parallelism, where ``torch.distributed.pipelining`` runs every micro-batch's backward but
+    the last without gradient sync (``set_requires_gradient_sync``, ``set_reshard_after_backward`` false,
+    ``_PipelineStageBase.backward_maybe_with_nosync``).  The trainable parameters' gradients are in the
+    reduce dtype (fp32 under ``MixedPrecisionPolicy(reduce_dtype=float32)``, as FSDP2 upcasts accumulated
+    gradients); an FSDP1 unit mixing frozen and trainable parameters adds its frozen weights' gradients."""
+    no_sync = par.fsdp_no_sync or par.pp > 1
+    if no_sync and par.fsdp not in ("none", "no_shard") and not par.deepspeed and n_shard > 1:
         elem = 4.0 if prec.compute_dtype in ("bf16", "fp16") else dtype_bytes(prec.param_dtype)
-        return rp.trainable_numel * elem
+        return rp.trainable_numel * elem + sh.mixed_unit_grad_bytes(rp, par)
     return gradients
 
 

@@ -134,7 +134,7 @@ class TrainGrid:
             items = [timing.rank_state(ct, par, stage, sc.optimizer.name) for ct, sc in zip(self.cts, self.families)]
             return _stack(items, timing.RankState, (1,))
         return self._cached(("rank_state", par.tp, par.ep, par.pp, par.stage3_param_persistence_threshold,
-                             par.deepspeed, stage), make)
+                             par.deepspeed, par.fsdp1_mixed_units, stage), make)
 
     def _step_model(self) -> timing.StepModel:
         def make() -> timing.StepModel:

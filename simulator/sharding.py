@@ -81,6 +81,7 @@ class RankParams:
     root_numel: float = 0.0  # embeddings + final norm + head on this stage (FSDP's root unit)
     blocks_numel: float = 0.0  # all block parameters on this stage
     n_blocks: int = 0
+    mixed_unit_frozen_bytes: float = 0.0  # frozen dense weights in units (blocks, root) that also hold trainable ones
 
 
 def rank_params(ct: CostTable, par: Parallel, stage: int = 0) -> RankParams:
@@ -100,6 +101,8 @@ def _rank_params(ct: CostTable, par: Parallel, stage: int) -> RankParams:
     groups: dict[tuple[float, str, tuple[int, ...]], int] = {}
     largest = 0.0
     per_variant: dict[tuple[int, ...], float] = {}  # one block's parameters, per block variant on the stage
+    unit_frozen: dict[object, float] = {}  # frozen dense bytes per FSDP unit kind (a block variant, or the root)
+    unit_trains: set[object] = set()  # unit kinds holding a trainable parameter
     thr = par.stage3_param_persistence_threshold
     for row in ct.param_rows:
         count = row_count_on_stage(row, stage, layers, par.pp, tied)
@@ -117,6 +120,11 @@ def _rank_params(ct: CostTable, par: Parallel, stage: int) -> RankParams:
             largest = max(largest, nbytes)
         else:
             frozen += nbytes * count
+        unit = row.layers if row.where == "block" else "root"
+        if row.trainable:
+            unit_trains.add(unit)
+        elif not row.quantized:
+            unit_frozen[unit] = unit_frozen.get(unit, 0.0) + nbytes * count
         if numel < thr:
             small_b += nbytes * count
         if row.where == "block":
@@ -130,6 +138,7 @@ def _rank_params(ct: CostTable, par: Parallel, stage: int) -> RankParams:
         largest_trainable_bytes=largest, small_bytes=small_b,
         largest_block_numel=max(per_variant.values(), default=0.0), root_numel=root, blocks_numel=blocks,
         n_blocks=len(layers),
+        mixed_unit_frozen_bytes=sum(b for u, b in unit_frozen.items() if u in unit_trains),
     )
 
 
@@ -190,6 +199,12 @@ def zero3_step_temp_bytes(partition_numel: float, sub_group_size: int, grad_elem
     return sub * (grad_elem + (master_grad_elem if master_grad_elem != grad_elem else 0.0))
 
 
+def mixed_unit_grad_bytes(rp: RankParams, par: Parallel) -> float:
+    """Unsharded gradient bytes of frozen weights that share an FSDP1 unit with trainable ones
+    (``Parallel.fsdp1_mixed_units``: the FlatParameter's gradient covers every element); 0 otherwise."""
+    return rp.mixed_unit_frozen_bytes if par.fsdp1_mixed_units else 0.0
+
+
 def model_state_bytes(rp: RankParams, par: Parallel, optimizer_name: str, optimizer_impl: str, beta1: bool,
                       param_dtype: str, compute_dtype: str, n_shard: int) -> ModelStates:
     """Model states on one rank (see the module docstring for the rules and citations)."""
@@ -219,6 +234,7 @@ def model_state_bytes(rp: RankParams, par: Parallel, optimizer_name: str, optimi
         states = mem.optimizer_state_bytes(list(rp.groups), optimizer_name, beta1)
         grad_elem = trainable / rp.trainable_numel if rp.trainable_numel else dtype_bytes(param_dtype)
     states += mem.step_counter_bytes(rp.n_trainable_tensors, optimizer_name, optimizer_impl)
+    grads += mixed_unit_grad_bytes(rp, par)
     weights, quant, scales = rp.frozen_bytes, rp.quant_bytes, rp.scale_bytes
     gathered = gathered_grads = bucket = step_temp = host = nvme = 0.0
     cdt = dtype_bytes(compute_dtype)

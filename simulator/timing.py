@@ -212,6 +212,7 @@ class RankState:
     trainable_numel: Any
     grad_elem_bytes: Any  # bytes per gradient element sent over the data-parallel group
     all_params_16_bytes: Any  # every parameter of the rank as the compute sees it (FSDP / ZeRO-3 gathers)
+    frozen_grad_bytes: Any  # gradients of frozen weights FSDP1 reduces anyway (units mixing frozen and trainable)
     opt_step_bytes_per_param: Any  # device traffic of the optimizer step per updated parameter
 
 
@@ -222,7 +223,7 @@ def rank_state(ct: CostTable, par, stage: int, optimizer_name: str) -> RankState
     wdt = sh.deepspeed_weight_dtype(prec.compute_dtype, prec.param_dtype) if par.deepspeed else None
     grad_elem = dtype_bytes(wdt) if wdt else (rp.trainable_bytes / rp.trainable_numel if rp.trainable_numel else 4.0)
     all_params_16 = (rp.frozen_bytes + rp.quant_bytes + rp.scale_bytes) + rp.trainable_numel * cd
-    return RankState(rp.trainable_numel, grad_elem, all_params_16,
+    return RankState(rp.trainable_numel, grad_elem, all_params_16, sh.mixed_unit_grad_bytes(rp, par),
                      optimizer_step_bytes(1.0, optimizer_name, prec.param_dtype, par.deepspeed))
 
 
@@ -308,7 +309,8 @@ def step_time(stages: dict[int, StageCompute], ranks: dict[int, RankState], mode
     # data parallel
     n_shard = sh.shard_group_size(par, system.gpus_per_node)
     grad_elem = rank.grad_elem_bytes
-    grad_bytes = rank.trainable_numel * grad_elem
+    grad_bytes = rank.trainable_numel * grad_elem + rank.frozen_grad_bytes
+    n_rs = 1 if par.fsdp_no_sync else m  # under no_sync only the last micro-batch reduce-scatters
     all_params_16 = rank.all_params_16_bytes
     dp_s = dp_exposed = 0.0
     dp_ranks = par.dp * par.cp  # gradients are averaged over data- and context-parallel ranks
@@ -321,15 +323,18 @@ def step_time(stages: dict[int, StageCompute], ranks: dict[int, RankState], mode
             hybrid = 0.0
             if par.fsdp == "hybrid_shard" and dp_ranks > n_shard:
                 hybrid = _coll(system, "all_reduce", grad_bytes / n_shard, dp_ranks // n_shard, 1)
-            dp_s = m * (n_ag * ag + rs) + hybrid
+            dp_s = m * n_ag * ag + n_rs * rs + hybrid
             fwd_exp = _maximum(0.0, ag - slow.forward_s)
-            bwd_exp = _maximum(0.0, (n_ag - 1) * ag + rs - (slow.backward_s + slow.recompute_s))
-            dp_exposed = m * (fwd_exp + bwd_exp) + hybrid + ag / _maximum(1, slow.n_blocks)  # the first unit's gather
+            bwd_busy = slow.backward_s + slow.recompute_s
+            bwd_exp = _maximum(0.0, (n_ag - 1) * ag + rs - bwd_busy)
+            bwd_exp_no_rs = _maximum(0.0, (n_ag - 1) * ag - bwd_busy)
+            dp_exposed = (m * fwd_exp + n_rs * bwd_exp + (m - n_rs) * bwd_exp_no_rs + hybrid
+                          + ag / _maximum(1, slow.n_blocks))  # the first unit's gather
         elif par.shards_grads:  # ZeRO-2 / shard_grad_op: reduce-scatter every micro-batch, all-gather after the step
             rs = _coll(system, "reduce_scatter", grad_bytes, dp_ranks, dp_per_node)
             ag = _coll(system, "all_gather", rank.trainable_numel * cd, dp_ranks, dp_per_node)
-            dp_s = m * rs + ag
-            dp_exposed = m * _maximum(0.0, rs - slow.backward_s) + ag
+            dp_s = n_rs * rs + ag
+            dp_exposed = n_rs * _maximum(0.0, rs - slow.backward_s) + ag
         else:  # DDP / ZeRO-1: one gradient all-reduce (or reduce-scatter + all-gather) per optimizer step
             ar = _coll(system, "all_reduce", grad_bytes, dp_ranks, dp_per_node)
             bucket = _minimum(grad_bytes, par.ddp_bucket_MiB * 2**20)

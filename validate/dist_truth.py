@@ -17,6 +17,11 @@ Strategies (every one really runs; the model code is transformers' own)
 ``fsdp2``   ``torch.distributed.fsdp.fully_shard`` on every transformer block, then on the root (knobs
             ``reshard_after_forward`` = True, ``param_dtype`` / ``reduce_dtype`` = None -> no
             ``MixedPrecisionPolicy``; e.g. ``param_dtype="bfloat16", reduce_dtype="float32"``).
+``fsdp1``   ``FullyShardedDataParallel`` (FlatParameter) with ``ModuleWrapPolicy`` on the transformer block class:
+            each block is one unit, whole, as Lightning Fabric's ``FSDPStrategy(auto_wrap_policy={Block})`` wraps
+            it (knobs ``use_orig_params`` = True -- needed when a unit mixes frozen and trainable parameters,
+            e.g. LoRA --, ``no_sync_micro_batches`` = 0: micro-batches run under ``no_sync()`` before the synced
+            one in every step, as HF Accelerate and Lightning accumulate gradients).
 ``zero1``   ``ZeroRedundancyOptimizer(optimizer_class=AdamW)`` over a DDP model (knobs ``bucket_cap_mb``,
             ``parameters_as_bucket_view`` = False).
 ``tp``      DTensor tensor parallel on a 1-D ``"cpu"`` mesh: ``ColwiseParallel`` on q/k/v/gate/up and
@@ -121,6 +126,7 @@ import json
 import os
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterator, Literal, Sequence
 
@@ -138,7 +144,7 @@ __all__ = [
     "measure_distributed_many",
 ]
 
-STRATEGIES: tuple[str, ...] = ("ddp", "fsdp2", "zero1", "tp", "tp+sp")
+STRATEGIES: tuple[str, ...] = ("ddp", "fsdp1", "fsdp2", "zero1", "tp", "tp+sp")
 
 _TINY_BASE = dict(family="llama", n_layers=2, hidden=64, n_heads=4, n_kv_heads=2, intermediate=128, vocab=128,
                   max_position_embeddings=64)
@@ -213,6 +219,12 @@ class DistTruth(_Strict):
     """Local ``.grad`` numel x element size after the backward of the last measured step."""
     grad_storage_bytes: tuple[int, ...]
     """Distinct storages behind those gradients (DDP bucket views: the buckets)."""
+    flat_grad_bytes: tuple[int, ...] | None
+    """``fsdp1``: bytes of the FlatParameters' ``.grad`` after the last measured backward (the sharded flat
+    gradients, frozen elements of a mixed unit included); None for the other strategies."""
+    accumulated_grad_bytes: tuple[int, ...] | None
+    """``fsdp1`` with ``no_sync_micro_batches`` > 0: bytes of the FlatParameters' ``.grad`` after the last
+    ``no_sync()`` backward of the last measured step (unsharded); None otherwise."""
 
     optimizer_state_bytes: tuple[int, ...]
     """Local bytes of the optimizer's state tensors after the last measured step, ``step`` excluded."""
@@ -265,6 +277,7 @@ class DistCase:
 
 _KNOBS: dict[str, dict[str, Any]] = {
     "ddp": {"bucket_cap_mb": None, "gradient_as_bucket_view": False, "broadcast_buffers": True},
+    "fsdp1": {"use_orig_params": True, "no_sync_micro_batches": 0},
     "fsdp2": {"reshard_after_forward": True, "param_dtype": None, "reduce_dtype": None},
     "zero1": {"bucket_cap_mb": None, "parameters_as_bucket_view": False},
     "tp": {},
@@ -410,6 +423,8 @@ def _assemble(case: DistCase, knobs: dict[str, Any], world_size: int, ranks: lis
         param_storage_bytes=col("param_storage_bytes"), trainable_numel=col("trainable_numel"),
         trainable_bytes=col("trainable_bytes"), param_numel_by_name=col("param_numel_by_name"),
         grad_bytes=col("grad_bytes"), grad_storage_bytes=col("grad_storage_bytes"),
+        flat_grad_bytes=None if ranks[0]["flat_grad_bytes"] is None else col("flat_grad_bytes"),
+        accumulated_grad_bytes=None if ranks[0]["accumulated_grad_bytes"] is None else col("accumulated_grad_bytes"),
         optimizer_state_bytes=col("optimizer_state_bytes"), optimizer_step_bytes=col("optimizer_step_bytes"),
         optimizer_state_bytes_by_key=col("optimizer_state_bytes_by_key"),
         collectives_by_rank=tuple(tuple(Collective(**c) for c in r["collectives"]) for r in ranks),
@@ -594,17 +609,27 @@ def _run_case(rank: int, world_size: int, case: dict) -> dict:
 
     rec = _CollectiveRecorder()
     grads: dict[str, int] = {}
+    accumulated = None
     loss = float("nan")
     for i in range(case["warmup"] + case["steps"]):
         measured = i >= case["warmup"]
         rec.step = i - case["warmup"]
         with rec.active() if measured else contextlib.nullcontext():
+            for _ in range(knobs.get("no_sync_micro_batches", 0)):
+                with wrapped.no_sync():
+                    rec.phase = "forward"
+                    out = wrapped(input_ids=ids, labels=ids)
+                    rec.phase = "backward"
+                    out.loss.backward()
+                if measured:
+                    accumulated = _flat_grad_bytes(wrapped)
             rec.phase = "forward"
             out = wrapped(input_ids=ids, labels=ids)
             rec.phase = "backward"
             out.loss.backward()
             if measured:
                 grads = _grad_bytes(wrapped)
+                grads["flat_grad_bytes"] = _flat_grad_bytes(wrapped) if strategy == "fsdp1" else None
             rec.phase = "optimizer"
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -613,7 +638,7 @@ def _run_case(rank: int, world_size: int, case: dict) -> dict:
     params = _param_bytes(wrapped, names)
     return dict(
         **params, **grads, **_optimizer_bytes(optimizer),
-        collectives=rec.records, ddp_bucket_bytes=_ddp_buckets(wrapped), loss=loss,
+        collectives=rec.records, ddp_bucket_bytes=_ddp_buckets(wrapped), loss=loss, accumulated_grad_bytes=accumulated,
         wall_s=time.perf_counter() - t0,
     )
 
@@ -651,6 +676,17 @@ def _apply_strategy(model, strategy: str, knobs: dict, world_size: int, seq_len:
             trainable, optimizer_class=torch.optim.AdamW, lr=1e-3, foreach=False,
             parameters_as_bucket_view=knobs["parameters_as_bucket_view"],
         )
+
+    if strategy == "fsdp1":
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+        _, blocks = _blocks(model)
+        with warnings.catch_warnings():  # FSDP1 warns about units mixing frozen and trainable parameters
+            warnings.simplefilter("ignore")
+            wrapped = FSDP(model, auto_wrap_policy=ModuleWrapPolicy({type(blocks[0])}),
+                           use_orig_params=knobs["use_orig_params"], device_id=torch.device("cpu"))
+        return wrapped, adamw([p for p in wrapped.parameters() if p.requires_grad])
 
     if strategy == "fsdp2":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -755,6 +791,19 @@ def _grad_bytes(model) -> dict:
         nbytes += g.numel() * g.element_size()
         storages.setdefault(g.untyped_storage().data_ptr(), g.untyped_storage().nbytes())
     return dict(grad_bytes=nbytes, grad_storage_bytes=sum(storages.values()))
+
+
+def _flat_grad_bytes(model) -> int:
+    """Bytes of every FSDP1 FlatParameter's ``.grad`` (unsharded under ``no_sync()``, else the shard)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    total = 0
+    for unit in FSDP.fsdp_modules(model):
+        handle = unit._handle
+        if handle is not None and handle.flat_param.grad is not None:
+            g = handle.flat_param.grad
+            total += g.numel() * g.element_size()
+    return total
 
 
 def _optimizer_bytes(optimizer) -> dict:

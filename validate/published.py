@@ -108,6 +108,33 @@ FRAMEWORK_DEFAULTS: dict[str, dict[str, Any]] = {
                  grad_accum=1, checkpointing="none", attention="flash2", double_quant=False, loss="upcast"),
 }
 FRAMEWORK_DEFAULTS["other"] = _HF
+# FSDP as each framework drives it.  FSDP1 (FlatParameter) for HF Accelerate / Trainer and Lightning Fabric
+# (litgpt); both accumulate gradients inside ``no_sync()`` (accelerate ``Accelerator.accumulate`` -> ``no_sync``
+# unless GradientAccumulationPlugin(sync_each_batch=True); Lightning ``fabric.no_backward_sync``).  Lightning's
+# FSDPStrategy wraps each transformer Block whole (auto_wrap_policy={Block}) with use_orig_params=True, so a
+# LoRA block's unit mixes frozen and trainable parameters; the HF Trainer wraps PEFT adapters apart
+# (peft.utils.other.fsdp_auto_wrap_policy).  torchtitan / torchtune use FSDP2 and sync every micro-batch.
+FSDP1_FRAMEWORKS = frozenset({"transformers", "peft", "trl", "accelerate", "axolotl", "litgpt"})
+FSDP_NO_SYNC_FRAMEWORKS = frozenset({"transformers", "peft", "trl", "accelerate", "axolotl", "litgpt"})
+FSDP_BLOCK_UNIT_FRAMEWORKS = frozenset({"litgpt"})
+
+
+def _fsdp_framework(sc: dict, par: dict[str, Any], method: str, ga: int, notes: list[str]) -> dict[str, Any]:
+    """The FSDP version, no-sync accumulation and unit wrapping of the record's framework (see above)."""
+    fw = sc.get("framework")
+    if par.get("fsdp") in (None, "none", "no_shard") or fw not in FSDP1_FRAMEWORKS:
+        return par
+    out = {**par, "fsdp_version": 1}
+    if fw in FSDP_NO_SYNC_FRAMEWORKS and ga > 1:
+        out["fsdp_no_sync"] = True
+        notes.append(f"{fw} accumulates gradients under FSDP no_sync(): unsharded gradients between micro-batches")
+    if fw in FSDP_BLOCK_UNIT_FRAMEWORKS and method not in ("full", "freeze"):
+        out["fsdp1_mixed_units"] = True
+        notes.append(f"{fw} wraps whole blocks (frozen + adapter weights) as FSDP1 units with use_orig_params: "
+                     "the flat gradient covers the frozen weights too")
+    return out
+
+
 UNPADDED_FRAMEWORKS = frozenset({"torchtune", "torchtitan", "megatron", "nemo", "deepspeed"})
 
 # Families whose transformers implementation has no SDPA path (attention scores are materialised).
@@ -634,6 +661,7 @@ def record_to_scenario(rec: dict, notes: list[str] | None = None) -> Scenario:
         par = {**par, "reshard_after_forward": False}
         notes.append("torchtitan FSDP under pipeline parallelism keeps the gathered parameters from forward to "
                      "backward (reshard_after_forward=False)")
+    par = _fsdp_framework(sc, par, str(sc.get("method")), ga_v, notes)
     if sc.get("framework") == "torchtitan" and par.get("pp", 1) > 1 and mb_v > 1:
         # torchtitan splits each rank's local batch into micro-batches of parallelism.pipeline_parallel_
         # microbatch_size (default 1) that the schedule pipelines: m = local batch / 1

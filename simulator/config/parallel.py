@@ -52,6 +52,18 @@ class Parallel(Strict):
     """FSDP1 (FlatParameter, record_stream) or FSDP2 (fully_shard, per-parameter dim-0 sharding)."""
     reshard_after_forward: bool = True
     """FSDP: free the gathered parameters of a unit after its forward (re-gathered in backward)."""
+    fsdp_no_sync: bool = False
+    """FSDP: gradient accumulation skips the reduce-scatter on every micro-batch but the last (FSDP1 ``no_sync()``,
+    FSDP2 ``set_requires_gradient_sync(False)``; HF Accelerate / Trainer and Lightning Fabric's
+    ``no_backward_sync`` do this by default), so each rank holds its unsharded gradients between micro-batches
+    (PyTorch ``FullyShardedDataParallel.no_sync`` docs: "FSDP will accumulate the full model gradients
+    (instead of gradient shards) until the eventual sync")."""
+    fsdp1_mixed_units: bool = False
+    """FSDP1 ``use_orig_params=True`` with units that mix frozen and trainable parameters (a LoRA model wrapped
+    per transformer block, as Lightning Fabric / litgpt do): the unit's FlatParameter takes a gradient for every
+    element, so gradient memory and the reduce-scatter are as if nothing were frozen (PyTorch FSDP docs warning,
+    pytorch/pytorch PR #104967).  PEFT's ``fsdp_auto_wrap_policy`` (HF Trainer) wraps the adapters in units of
+    their own and avoids it."""
     offload_optimizer: Offload = "none"
     """Optimizer states (and the fp32 master copy) on the host (ZeRO-Offload) or NVMe (ZeRO-Infinity); the step runs on the CPU."""
     offload_params: Offload = "none"
@@ -127,6 +139,14 @@ class Parallel(Strict):
         if (self.bf16_master_weights_and_grads or self.bf16_optimizer_states) and self.zero < ZeroStage.OPTIMIZER:
             raise ValueError(
                 "parallel.bf16_master_weights_and_grads / bf16_optimizer_states are DeepSpeed ZeRO options: use zero >= 1"
+            )
+        sharded = ("full_shard", "shard_grad_op", "hybrid_shard")
+        if self.fsdp_no_sync and self.fsdp not in sharded:
+            raise ValueError(f"parallel.fsdp_no_sync=True needs parallel.fsdp in {sharded} (got {self.fsdp!r})")
+        if self.fsdp1_mixed_units and (self.fsdp not in sharded or self.fsdp_version != 1):
+            raise ValueError(
+                f"parallel.fsdp1_mixed_units=True needs parallel.fsdp_version=1 and parallel.fsdp in {sharded} "
+                f"(got fsdp_version={self.fsdp_version}, fsdp={self.fsdp!r})"
             )
         if self.fsdp != "none" and self.offload_optimizer == "nvme":
             raise ValueError("parallel.offload_optimizer='nvme' is DeepSpeed ZeRO-Infinity: use zero=3, not FSDP")

@@ -17,7 +17,8 @@ import torch.distributed as dist  # noqa: E402
 
 from simulator import Scenario  # noqa: E402
 from simulator import sharding as sh  # noqa: E402
-from simulator.estimate import cost_table_for  # noqa: E402
+from simulator import timing  # noqa: E402
+from simulator.estimate import accumulated_gradient_bytes, cost_table_for  # noqa: E402
 from validate.dist_truth import TINY_ARCHS, DistCase, measure_distributed_many  # noqa: E402
 
 pytestmark = [pytest.mark.torch, pytest.mark.skipif(not dist.is_gloo_available(), reason="gloo backend unavailable")]
@@ -25,16 +26,23 @@ pytestmark = [pytest.mark.torch, pytest.mark.skipif(not dist.is_gloo_available()
 MB, SEQ = 2, 16
 
 
+# FSDP1 as Lightning Fabric / HF Accelerate drive it: whole blocks as units, LoRA mixing frozen and trainable
+# parameters in each, and one micro-batch accumulated under no_sync() before the synced one
+FSDP1_LORA = DistCase(strategy="fsdp1", method="lora", knobs={"no_sync_micro_batches": 1})
+
+
 @functools.cache
 def _runs(world: int) -> dict[str, object]:
-    names = ["ddp", "fsdp2", "zero1"] + (["tp"] if world == 2 else [])
-    truths = measure_distributed_many([DistCase(strategy=n) for n in names], world)
+    names = ["ddp", "fsdp2", "zero1"] + (["tp", "fsdp1-lora"] if world == 2 else [])
+    cases = [FSDP1_LORA if n == "fsdp1-lora" else DistCase(strategy=n) for n in names]
+    truths = measure_distributed_many(cases, world)
     return dict(zip(names, truths))
 
 
-def _scenario(par: dict) -> Scenario:
+def _scenario(par: dict, method: dict | None = None) -> Scenario:
     return Scenario.model_validate(dict(model=TINY_ARCHS["llama"], precision="fp32",
-                                        workload={"micro_batch": MB, "seq_len": SEQ}, parallel=par))
+                                        workload={"micro_batch": MB, "seq_len": SEQ}, parallel=par,
+                                        **({"method": method} if method else {})))
 
 
 def _states(par: dict):
@@ -100,3 +108,35 @@ def test_tensor_parallel_splits_the_block_matrices_and_replicates_the_norms():
     fwd = t.collectives_of("all_reduce", phase="forward")
     assert len(fwd) == 2 * arch["n_layers"]
     assert {c.bytes for c in fwd} == {MB * SEQ * arch["hidden"] * 4}
+
+
+def test_fsdp1_units_mixing_frozen_and_lora_weights_carry_whole_flat_gradients():
+    t = _runs(2)["fsdp1-lora"]
+    par = {"dp": 2, "fsdp": "full_shard", "fsdp_version": 1, "fsdp1_mixed_units": True, "fsdp_no_sync": True}
+    sc = _scenario(par, {"kind": "lora", "r": 4})
+    ct = cost_table_for(sc)
+    rp = sh.rank_params(ct, sc.parallel)
+    ms = sh.model_state_bytes(rp, sc.parallel, "adamw", "foreach", True, "fp32", "fp32", 2)
+    # the sharded flat gradients cover every element of each block unit, frozen ones included (the engine's
+    # even split of them; the root unit holds nothing trainable and gets no gradient)
+    assert ms.gradients > rp.trainable_bytes  # more than the LoRA weights' own gradients
+    assert t.flat_grad_bytes == (ms.gradients, ms.gradients)
+    # under no_sync() each rank holds the unsharded flat gradients of every block
+    acc = accumulated_gradient_bytes(rp, sc.parallel, ct.plan.precision, 2, ms.gradients)
+    assert t.accumulated_grad_bytes == (acc, acc) == (2 * ms.gradients, 2 * ms.gradients)
+    # one reduce-scatter per block unit and step (none in the no_sync micro-batch), of the whole flat unit
+    rank = timing.rank_state(ct, sc.parallel, 0, "adamw")
+    scatters = t.collectives_of("reduce_scatter")
+    assert len(scatters) == TINY_ARCHS["llama"]["n_layers"]
+    assert sum(c.bytes for c in scatters) == rank.trainable_numel * rank.grad_elem_bytes + rank.frozen_grad_bytes
+
+
+def test_fsdp1_lora_without_mixed_units_keeps_only_adapter_gradients():
+    # the same layout with the adapters in units of their own (PEFT's fsdp_auto_wrap_policy): the engine's
+    # gradients shrink back to the LoRA weights', and no_sync holds them unsharded
+    sc = _scenario({"dp": 2, "fsdp": "full_shard", "fsdp_version": 1, "fsdp_no_sync": True}, {"kind": "lora", "r": 4})
+    ct = cost_table_for(sc)
+    rp = sh.rank_params(ct, sc.parallel)
+    ms = sh.model_state_bytes(rp, sc.parallel, "adamw", "foreach", True, "fp32", "fp32", 2)
+    assert ms.gradients == rp.trainable_bytes / 2
+    assert accumulated_gradient_bytes(rp, sc.parallel, ct.plan.precision, 2, ms.gradients) == rp.trainable_bytes

@@ -8,7 +8,8 @@ from pydantic import ValidationError
 from simulator import Scenario, estimate
 from simulator import sharding as sh
 from simulator.config.parallel import Parallel
-from simulator.estimate import cost_table_for
+from simulator import timing
+from simulator.estimate import _system, cost_table_for
 
 GB = 1e9
 
@@ -142,6 +143,8 @@ def test_time_cost_and_energy_are_consistent():
     ({"zero": 3, "fsdp": "full_shard"}, "choose DeepSpeed ZeRO or FSDP"),
     ({"offload_params": "cpu"}, "needs sharded parameters"),
     ({"sp": True}, "needs parallel.tp > 1"),
+    ({"dp": 2, "zero": 3, "fsdp_no_sync": True}, "fsdp_no_sync=True needs parallel.fsdp"),
+    ({"dp": 2, "fsdp": "full_shard", "fsdp1_mixed_units": True}, "needs parallel.fsdp_version=1"),
 ])
 def test_bad_parallel_input_names_the_fields(par, field):
     with pytest.raises(ValidationError, match=field):
@@ -196,3 +199,39 @@ def test_offloaded_states_beyond_the_nodes_host_ram_are_a_warning():
     assert any(w.startswith("host RAM:") and "rtx-4090-workstation" in w for w in ws.warnings)
     dgx = estimate({**base, "gpu": "a100-sxm-80gb"}, what_fits=False, timing=False)
     assert dgx.host_memory_bytes == ws.host_memory_bytes and not any("host RAM" in w for w in dgx.warnings)
+
+
+def test_fsdp_no_sync_accumulation_holds_unsharded_gradients_and_reduce_scatters_once():
+    base = {"dp": 8, "fsdp": "full_shard", "fsdp_version": 1}
+    w = {"micro_batch": 1, "seq_len": 2048, "grad_accum": 8}
+    sync = estimate(_sc(base, workload=w), what_fits=False)
+    nosync = estimate(_sc({**base, "fsdp_no_sync": True}, workload=w), what_fits=False)
+    # full fine-tuning of a 1B model under AMP: 8 GPUs hold 1/8 of the fp32 gradients when every micro-batch
+    # syncs, all of them (unsharded, fp32) between micro-batches under no_sync
+    n = sync.n_params
+    assert sync.memory_bytes.gradients == pytest.approx(4 * n / 8, rel=1e-3)
+    assert nosync.memory_bytes.gradients == pytest.approx(4 * n, rel=1e-3)
+    assert nosync.peak_allocated_bytes - sync.peak_allocated_bytes == pytest.approx(4 * n * 7 / 8, rel=0.02)
+    # the gradients cross the network once per step instead of once per micro-batch
+    assert nosync.time.dp_comm_s < sync.time.dp_comm_s
+
+
+def test_fsdp1_mixed_lora_units_cost_the_frozen_weights_gradients():
+    base = {"dp": 4, "fsdp": "full_shard", "fsdp_version": 1}
+    lora = {"kind": "lora", "r": 8}
+    w = {"micro_batch": 2, "seq_len": 1024, "grad_accum": 4}  # gradients held from one micro-batch to the next
+    apart = estimate(_sc(base, method=lora, workload=w), what_fits=False)
+    mixed = estimate(_sc({**base, "fsdp1_mixed_units": True}, method=lora, workload=w), what_fits=False)
+    # every block's frozen bf16 weights get a (sharded) gradient: nearly the sharded weights again (the
+    # embeddings and head are a unit of their own with nothing trainable)
+    assert mixed.memory_bytes.weights == apart.memory_bytes.weights
+    extra = mixed.memory_bytes.gradients - apart.memory_bytes.gradients
+    assert 0.6 * apart.memory_bytes.weights < extra < apart.memory_bytes.weights
+    # each micro-batch's reduce-scatter carries the blocks' whole flat gradients (bf16) instead of the adapters'
+    sc = _sc({**base, "fsdp1_mixed_units": True}, method=lora, workload=w)
+    rank = timing.rank_state(cost_table_for(sc), sc.parallel, 0, "adamw")
+    system = _system(sc)
+    rs = [timing._coll(system, "reduce_scatter", b, 4, 4)
+          for b in (rank.trainable_numel * rank.grad_elem_bytes + rank.frozen_grad_bytes,
+                    rank.trainable_numel * rank.grad_elem_bytes)]
+    assert mixed.time.dp_comm_s - apart.time.dp_comm_s == pytest.approx(4 * (rs[0] - rs[1]), rel=1e-9)
