@@ -131,20 +131,24 @@ def part_counts(ct: CostTable, pp: int, stage: int, decode_step: bool = False) -
     return tuple(out)
 
 
-def combine_parts(times: list, counts: tuple[int, ...], n_blocks: int, training: bool) -> StageCompute:
-    """A stage's compute from its parts' times (``None`` where the stage runs none of a part)."""
+def combine_parts(times: list, counts: tuple[int, ...], n_blocks: int, training: bool,
+                  fetch_host_s: tuple[float, ...] | None = None) -> StageCompute:
+    """A stage's compute from its parts' times (``None`` where the stage runs none of a part).
+    ``fetch_host_s``: per part, the host time of its ZeRO-3 parameter fetches in each pass; a module's
+    kernels wait for its fetch, so that time adds to the pass on the GPU's clock too."""
     f = b = r = attn = 0.0
     hf = hb = hr = 0.0
-    for t, n in zip(times, counts):
+    for i, (t, n) in enumerate(zip(times, counts)):
         if not n:
             continue
-        f = f + n * t.forward_s
-        b = b + n * t.backward_s
-        r = r + n * t.recompute_s
+        fetch = fetch_host_s[i] if fetch_host_s else 0.0
+        f = f + n * (t.forward_s + fetch)
+        b = b + n * (t.backward_s + fetch)
+        r = r + n * (t.recompute_s + _where(t.recompute_s != 0, fetch, 0.0))
         attn = attn + n * t.attention_s
-        hf += n * t.host_forward_s
-        hb += n * 2.0 * t.host_forward_s
-        hr = hr + _where(t.recompute_s != 0, n * t.host_forward_s, 0.0)
+        hf += n * (t.host_forward_s + fetch)
+        hb += n * (2.0 * t.host_forward_s + fetch)
+        hr = hr + _where(t.recompute_s != 0, n * (t.host_forward_s + fetch), 0.0)
     # the GPU waits for the host when issuing the kernels takes longer than running them
     return StageCompute(_maximum(f, hf), _maximum(b, hb) if training else 0.0,
                         _maximum(r, hr) if training else 0.0, attn, n_blocks)
@@ -157,7 +161,20 @@ def stage_compute(ct: CostTable, par, B: tuple, dev: Device, dtype: str, stage: 
     counts = part_counts(ct, par.pp, stage, decode_step)
     times = [cp_.part_time(part, B, dev, dtype, par.tp, par.cp, training, fused_attention) if n else None
              for part, n in zip(cp_.op_arrays(ct), counts)]
-    return combine_parts(times, counts, len(sh.stage_layer_ranges(ct.n_blocks, par.pp)[stage]), training)
+    return combine_parts(times, counts, len(sh.stage_layer_ranges(ct.n_blocks, par.pp)[stage]), training,
+                         fetch_host_times(ct, zero3_fetch_threshold(par)))
+
+
+def zero3_fetch_threshold(par) -> int | None:
+    """DeepSpeed ZeRO-3's persistence threshold when parameters are fetched per module, else None."""
+    return par.stage3_param_persistence_threshold if par.deepspeed and par.shards_params else None
+
+
+def fetch_host_times(ct: CostTable, threshold: int | None) -> tuple[float, ...] | None:
+    """Per part of ``op_arrays(ct)``, the host time of its ZeRO-3 fetches per pass (None without ZeRO-3)."""
+    if threshold is None:
+        return None
+    return tuple(cp_.zero3_fetch_host_s(part, threshold) for part in cp_.op_arrays(ct))
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from pydantic import ValidationError
 from simulator import Scenario, estimate
 from simulator import sharding as sh
 from simulator.config.parallel import Parallel
-from simulator import timing
+from simulator import compute, timing
 from simulator.estimate import _system, cost_table_for
 
 GB = 1e9
@@ -235,3 +235,23 @@ def test_fsdp1_mixed_lora_units_cost_the_frozen_weights_gradients():
           for b in (rank.trainable_numel * rank.grad_elem_bytes + rank.frozen_grad_bytes,
                     rank.trainable_numel * rank.grad_elem_bytes)]
     assert mixed.time.dp_comm_s - apart.time.dp_comm_s == pytest.approx(4 * (rs[0] - rs[1]), rel=1e-9)
+
+
+def test_zero3_fetch_hooks_cost_host_time_per_module_and_pass():
+    w = {"micro_batch": 1, "seq_len": 256, "grad_accum": 4}
+    e2 = estimate(_sc({"dp": 8, "zero": 2}, workload=w), what_fits=False)
+    e3 = estimate(_sc({"dp": 8, "zero": 3}, workload=w), what_fits=False)
+    # llama-3.2-1b: 16 blocks of 7 linears each fetched (the norms are under stage3_param_persistence_threshold
+    # and stay whole) and the embedding (tied to the head: one module each) -> 16 x 7 + 2 modules per pass
+    n_fetch = 16 * 7 + 2
+    assert sum(compute.zero3_fetch_host_s(p, 100_000) * (16 if p.where == "block" else 1)
+               for p in compute.op_arrays(cost_table_for(_sc({"dp": 8, "zero": 3})))) == pytest.approx(
+        n_fetch * compute.ZERO3_FETCH_HOST_S)
+    per_pass = 4 * n_fetch * compute.ZERO3_FETCH_HOST_S  # 4 micro-batches
+    assert e3.time.forward_s - e2.time.forward_s == pytest.approx(per_pass, rel=1e-9)
+    # the checkpointed recompute reruns the blocks only
+    assert e3.time.recompute_s - e2.time.recompute_s == pytest.approx(4 * 16 * 7 * compute.ZERO3_FETCH_HOST_S, rel=1e-9)
+    assert e3.time.backward_s - e2.time.backward_s == pytest.approx(per_pass, rel=1e-9)
+    # FSDP gathers a whole block at once: no per-module cost
+    ef = estimate(_sc({"dp": 8, "fsdp": "full_shard"}, workload=w), what_fits=False)
+    assert ef.time.forward_s == pytest.approx(e2.time.forward_s)
