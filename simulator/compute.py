@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -30,13 +31,15 @@ from .graph.compile import CostTable
 from .units import dtype_bytes
 
 
-# Host-side cost of one eager PyTorch operator: Python call, autograd recording, ATen dispatch, backend
-# selection and cudaLaunchKernel, "~5-25 us of CPU-side work per op" (jiahuanglin.xyz, "From PyTorch op to
-# kernel launch", dispatch-chain table).  The GPU runs asynchronously, so a pass takes the longer of its
-# GPU time and the host time to issue its kernels; small decode steps and small micro-batches are
-# host-bound.  The trace counts the tensor-producing operators only (no views, reshapes or cache
-# updates), hence a figure in the upper half of the range.
-EAGER_OP_OVERHEAD_S = 20e-6
+# Host-side cost of one eager PyTorch operator in a forward: Python call, autograd recording, ATen dispatch,
+# backend selection and cudaLaunchKernel ("~5-25 us of CPU-side work per op", jiahuanglin.xyz, "From PyTorch op
+# to kernel launch", dispatch-chain table), plus the nn.Module calls and views around it that the trace does not
+# count (it counts tensor-producing operators only).  The GPU runs asynchronously, so a pass takes the longer of
+# its GPU time and the host time to issue its kernels; small decode steps and small micro-batches are host-bound.
+# The figure per traced operator is fitted to published batch-1 generation, which is host-bound: the Qwen README
+# (transformers, A100: 0.77 ms per block of 29 traced operators, 26.5 us) and litgpt's resource tables
+# (generate/base.py, A100: 1.0 ms per block of 31, 32 us).
+EAGER_OP_OVERHEAD_S = 28e-6
 
 # Host-side cost of one DeepSpeed ZeRO-3 parameter fetch: the module's pre-forward / pre-backward hooks walk
 # its parameters, launch the all-gather, record and wait on its events and release the partitions after
@@ -48,6 +51,35 @@ EAGER_OP_OVERHEAD_S = 20e-6
 # DeepSpeed ZeRO-3 fine-tuning at micro-batch 1 (Qwen README: 7B full on 2 A100s and 72B LoRA on 4, 256 to
 # 8192 tokens): 0.3 ms leaves the short 7B runs 12-42 % too fast, 0.5 ms makes the 72B runs 14-18 % too slow.
 ZERO3_FETCH_HOST_S = 0.4e-3
+
+# The backward runs in autograd's C++ engine without Python: about two kernels per forward operator at the
+# dispatcher + launch cost (~6 us each, the low end of the range above).  An assumption: the published step
+# times do not move when it goes from 8 to 16 us.
+BACKWARD_HOST_PER_OP_S = 12e-6
+
+# bitsandbytes' quantized linears add their Python wrappers per call (``Linear4bit.forward`` ->
+# ``matmul_4bit`` with its quant-state handling, or ``MatMul4Bit`` / ``MatMul8bitLt`` autograd functions): fitted
+# to litgpt's batch-1 generation with ``--quantize bnb.nf4`` against bf16 on the same models (+0.5-0.6 ms
+# per Llama block of 7 quantized linears, 7B to 70B).
+BNB_FORMATS = frozenset({"nf4", "fp4", "int8"})
+BNB_CALL_HOST_S = 90e-6
+
+# Weight-only quantized GEMMs with few input rows run fused kernels that read the packed weights and
+# dequantize in registers, never writing a 16-bit copy: bitsandbytes ``matmul_4bit`` calls ``gemv_4bit``
+# when the input is a single row and needs no gradient (``A.numel() == A.shape[-1]``, bitsandbytes >= 0.40,
+# bitsandbytes/autograd/_functions.py); GPTQ (ExLlama v1/v2, Marlin) and AWQ (GEMV / fused GEMM) kernels up to
+# a few dozen rows -- ExLlamaV2 switches to dequantize + cuBLAS from ``MAX_Q_GEMM_ROWS`` = 50 rows
+# (exllamav2/exllamav2_ext/config.h), AutoAWQ from 1024 (``FP16_MATMUL_HEURISTIC_CONDITION``).
+FUSED_DEQUANT_MAX_ROWS: dict[str, int] = {"nf4": 1, "fp4": 1, "gptq": 50, "awq": 1024}
+
+
+def fused_dequant(quant: str, rows) -> Any:
+    """Whether a GEMM on ``quant`` weights with ``rows`` input rows (tokens x batch of one forward) reads the
+    packed weights in a fused kernel (numbers or arrays)."""
+    limit = FUSED_DEQUANT_MAX_ROWS.get(quant)
+    if limit is None:
+        return np.zeros_like(rows, dtype=bool) if isinstance(rows, np.ndarray) else False
+    return rows <= limit
 
 
 def _dot(c: tuple[float, ...], B: tuple[float, ...]) -> float:
@@ -63,6 +95,7 @@ class Op:
     causal: bool  # a causal attention kernel skips the masked half of the score blocks
     tp_split: bool  # split over tensor-parallel ranks (all but the MoE router)
     recomputed: bool  # rerun in backward under checkpointing
+    fused_saving_bytes: float = 0.0  # quantized weight: 16-bit weight bytes a fused kernel reads as packed instead
 
 
 @dataclass(frozen=True)
@@ -77,6 +110,19 @@ class OpArrays:
     n_kernels: int  # operators issued per forward (tensor-producing ops of the trace)
     encoder: bool = False  # the encoder stack of an encoder-decoder model (runs once per prompt, not per decode step)
     param_module_numels: tuple[int, ...] = ()  # per module owning parameters: its largest one (ZeRO-3 fetches)
+    n_bnb_calls: int = 0  # bitsandbytes quantized linears called per forward (their Python wrappers)
+    n_dequant_kernels: int = 0  # dequantization kernels per forward (in n_kernels; none when fused)
+
+    @property
+    def host_forward_s(self) -> float:
+        """Host time to issue one forward of the part (eager operators and bitsandbytes wrappers)."""
+        return self.n_kernels * EAGER_OP_OVERHEAD_S + self.n_bnb_calls * BNB_CALL_HOST_S
+
+    @property
+    def host_backward_s(self) -> float:
+        """Host time to issue the part's backward: autograd's C++ engine, no Python (bitsandbytes' autograd
+        functions are Python and run again)."""
+        return self.n_kernels * BACKWARD_HOST_PER_OP_S + self.n_bnb_calls * BNB_CALL_HOST_S
 
     @property
     def has_attention(self) -> bool:
@@ -92,7 +138,8 @@ class OpArrays:
             return np.array([getattr(op, name) for op in self.ops], dtype=bool)
 
         return OpMatrix(coeffs("fwd_flops"), coeffs("bwd_flops"), coeffs("fwd_bytes"), flags("attention"),
-                        flags("causal"), flags("tp_split"), flags("recomputed"))
+                        flags("causal"), flags("tp_split"), flags("recomputed"),
+                        np.array([op.fused_saving_bytes for op in self.ops], dtype=float))
 
 
 @dataclass(frozen=True)
@@ -106,14 +153,19 @@ class OpMatrix:
     causal: np.ndarray
     tp_split: np.ndarray
     recomputed: np.ndarray
+    fused_saving: np.ndarray
 
 
-def _part(where, layers, tr, arch, recompute_until: int | None, quant_rows, encoder: bool = False) -> OpArrays:
+def _part(where, layers, tr, arch, recompute_until: int | None, quant_rows, encoder: bool = False,
+          bnb: bool = False) -> OpArrays:
+    # a quantized GEMM's operator reads its weight as the 16-bit copy; fused, it reads the packed storage
+    saving = {r.path.rsplit(".", 1)[0]: r.numel * dtype_bytes(r.dtype) - r.storage_bytes for r in quant_rows}
     ops = tuple(
         Op(tuple(op.fwd_flops.c), tuple(op.bwd_flops.c), tuple(op.fwd_bytes.c), op.op == "attention",
            op.op == "attention" and arch.arch == "decoder",
            not (arch.moe is not None and op.module.endswith("mlp.gate")),
-           recompute_until is not None and op.watermark <= recompute_until)
+           recompute_until is not None and op.watermark <= recompute_until,
+           saving.get(op.module, 0.0) if op.op == "linear" else 0.0)
         for op in tr.ops)
     ew = [0.0] * 7
     for t in tr.tensors:
@@ -127,7 +179,8 @@ def _part(where, layers, tr, arch, recompute_until: int | None, quant_rows, enco
     for p in tr.params:
         module = p.path.rsplit(".", 1)[0]
         largest[module] = max(largest.get(module, 0), p.numel)
-    return OpArrays(where, tuple(layers), ops, tuple(ew), deq, n_kernels, encoder, tuple(largest.values()))
+    return OpArrays(where, tuple(layers), ops, tuple(ew), deq, n_kernels, encoder, tuple(largest.values()),
+                    len(quant_rows) if bnb else 0, len(quant_rows))
 
 
 def zero3_fetch_host_s(part: OpArrays, persistence_threshold: int) -> float:
@@ -147,7 +200,8 @@ def op_arrays(ct: CostTable) -> tuple[OpArrays, ...]:
     for r in ct.param_rows:
         if r.quantized:
             quant_by_part[r.where].append(r)
-    parts = [_part("pre", (0,), mt.pre, ct.arch, None, quant_by_part["pre"])]
+    bnb = ct.plan.base_quant in BNB_FORMATS
+    parts = [_part("pre", (0,), mt.pre, ct.arch, None, quant_by_part["pre"], bnb=bnb)]
     for v in mt.variants:
         until = None
         if v.checkpointed:
@@ -155,8 +209,8 @@ def op_arrays(ct: CostTable) -> tuple[OpArrays, ...]:
         rows = [r for r in quant_by_part["block"] if r.layers == tuple(v.layers)]
         # encoder-decoder variants are keyed (..., is_decoder) and the encoder's final norm ("encoder_final_norm",)
         encoder = ct.arch.arch == "encoder_decoder" and (v.key[-1] is False or v.key == ("encoder_final_norm",))
-        parts.append(_part("block", v.layers, v.trace, ct.arch, until, rows, encoder))
-    parts.append(_part("post", (0,), mt.post, ct.arch, None, quant_by_part["post"]))
+        parts.append(_part("block", v.layers, v.trace, ct.arch, until, rows, encoder, bnb))
+    parts.append(_part("post", (0,), mt.post, ct.arch, None, quant_by_part["post"], bnb=bnb))
     out = tuple(parts)
     ct.__dict__["_ops"] = out
     return out
@@ -258,7 +312,8 @@ class PartTime:
     backward_s: float
     recompute_s: float
     attention_s: float
-    host_forward_s: float  # host time to issue the forward's kernels (backward issues about twice as many)
+    host_forward_s: float  # host time to issue the forward's kernels
+    host_backward_s: float = 0.0  # host time to issue the backward's kernels
 
 
 def _rows(coeffs: np.ndarray, B: tuple, shape: tuple[int, ...]) -> np.ndarray:
@@ -284,24 +339,27 @@ def _out(x):
 
 
 def part_time(part: OpArrays, B: tuple, dev: Device, dtype: str, tp, cp, training: bool,
-              fused_attention: bool = True) -> PartTime:
+              fused_attention: bool = True, fused_quant=False) -> PartTime:
     """One instance of a part (one block, the embeddings or the head) for one micro-batch on one rank.
     ``fused_attention``: the attention runs as one flash / SDPA kernel (not eager matmul + softmax).
     ``B``, ``tp`` and ``cp`` may be arrays of setups and ``dev`` several :class:`Devices` (broadcast
     together); the times are then arrays, computed over all operators at once with the same arithmetic
-    as one setup's loop over them."""
-    if not isinstance(dev, Devices) and not any(isinstance(x, np.ndarray) for x in (*B, tp, cp)):
-        return _part_time_one(part, B, dev, dtype, tp, cp, training, fused_attention)
-    return _part_time_many(part, B, dev, dtype, tp, cp, training, fused_attention)
+    as one setup's loop over them.  ``fused_quant`` (:func:`fused_dequant`): the quantized GEMMs read their
+    packed weights in fused kernels, with no dequantized copy (a forward without gradients)."""
+    if not isinstance(dev, Devices) and not any(isinstance(x, np.ndarray) for x in (*B, tp, cp, fused_quant)):
+        return _part_time_one(part, B, dev, dtype, tp, cp, training, fused_attention, bool(fused_quant))
+    return _part_time_many(part, B, dev, dtype, tp, cp, training, fused_attention, fused_quant)
 
 
 def _part_time_one(part: OpArrays, B: tuple, dev: Device, dtype: str, tp: int, cp: int, training: bool,
-                   fused_attention: bool) -> PartTime:
+                   fused_attention: bool, fused_quant: bool = False) -> PartTime:
     fwd = bwd = rec = attn = 0.0
     for op in part.ops:
         div = (tp if op.tp_split else 1) * cp
         f = _dot(op.fwd_flops, B) / div
         nb = _dot(op.fwd_bytes, B) / div
+        if fused_quant:
+            nb -= op.fused_saving_bytes / div
         fused = op.attention and fused_attention
         dt = attention_dtype(dtype) if op.attention else dtype
         t_f = attention_time_s(f, nb, dev, dt, op.causal) if fused else gemm_time_s(f, nb, dev, dt)
@@ -320,19 +378,20 @@ def _part_time_one(part: OpArrays, B: tuple, dev: Device, dtype: str, tp: int, c
                     n_mm = max(1.0, round(bf / f)) if f > 0 else 1.0
                     bwd += n_mm * gemm_time_s(bf / n_mm, 2.0 * nb / n_mm, dev, dt)
     t_ew = memory_time_s(2.0 * _dot(part.elementwise_bytes, B) / (tp * cp), dev)
-    t_deq = memory_time_s(part.dequant_bytes / tp, dev)
+    t_deq = 0.0 if fused_quant else memory_time_s(part.dequant_bytes / tp, dev)
     fwd += t_ew + t_deq
     if training:
         bwd += 2.0 * t_ew + t_deq
         if any(op.recomputed for op in part.ops):
             rec += t_ew + t_deq
-    return PartTime(fwd, bwd, rec, attn, part.n_kernels * EAGER_OP_OVERHEAD_S)
+    host_f = part.host_forward_s - (part.n_dequant_kernels * EAGER_OP_OVERHEAD_S if fused_quant else 0.0)
+    return PartTime(fwd, bwd, rec, attn, host_f, part.host_backward_s)
 
 
 def _part_time_many(part: OpArrays, B: tuple, dev: Device, dtype: str, tp, cp, training: bool,
-                    fused_attention: bool) -> PartTime:
+                    fused_attention: bool, fused_quant=False) -> PartTime:
     m = part.matrix
-    shape = np.broadcast_shapes(*(np.shape(x) for x in (*B, tp, cp)), getattr(dev, "shape", ()))
+    shape = np.broadcast_shapes(*(np.shape(x) for x in (*B, tp, cp, fused_quant)), getattr(dev, "shape", ()))
     nd = len(shape)
 
     def col(flags: np.ndarray) -> np.ndarray:
@@ -341,6 +400,8 @@ def _part_time_many(part: OpArrays, B: tuple, dev: Device, dtype: str, tp, cp, t
     div = np.where(col(m.tp_split), tp, 1) * cp
     f = _rows(m.fwd_flops, B, shape) / div
     nb = _rows(m.fwd_bytes, B, shape) / div
+    fq = np.broadcast_to(np.asarray(fused_quant, dtype=bool), shape)
+    nb = nb - np.where(fq, col(m.fused_saving), 0.0) / div
     fused = m.attention & fused_attention
     has_fused = bool(fused.any())
     adt = attention_dtype(dtype)
@@ -368,7 +429,7 @@ def _part_time_many(part: OpArrays, B: tuple, dev: Device, dtype: str, tp, cp, t
             t_b[fused] = attention_time_s(bf[fused], 2.0 * nb[fused], dev, adt, col(m.causal[fused]))
         bwd = _sum_rows(np.where(bf > 0, t_b, 0.0))
     t_ew = memory_time_s(2.0 * _dot(part.elementwise_bytes, B) / (tp * cp), dev)
-    t_deq = memory_time_s(part.dequant_bytes / tp, dev)
+    t_deq = np.where(fq, 0.0, memory_time_s(part.dequant_bytes / tp, dev))
     fwd = fwd + (t_ew + t_deq)
     if training:
         bwd = bwd + (2.0 * t_ew + t_deq)
@@ -376,4 +437,5 @@ def _part_time_many(part: OpArrays, B: tuple, dev: Device, dtype: str, tp, cp, t
             rec = rec + (t_ew + t_deq)
     full = np.zeros(shape)
     return PartTime(_out(fwd + full), _out(bwd + full), _out(rec + full), _out(attn + full),
-                    part.n_kernels * EAGER_OP_OVERHEAD_S)
+                    _out(part.host_forward_s - np.where(fq, part.n_dequant_kernels * EAGER_OP_OVERHEAD_S, 0.0)),
+                    part.host_backward_s)

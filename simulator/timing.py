@@ -147,7 +147,7 @@ def combine_parts(times: list, counts: tuple[int, ...], n_blocks: int, training:
         r = r + n * (t.recompute_s + _where(t.recompute_s != 0, fetch, 0.0))
         attn = attn + n * t.attention_s
         hf += n * (t.host_forward_s + fetch)
-        hb += n * (2.0 * t.host_forward_s + fetch)
+        hb += n * (t.host_backward_s + fetch)
         hr = hr + _where(t.recompute_s != 0, n * (t.host_forward_s + fetch), 0.0)
     # the GPU waits for the host when issuing the kernels takes longer than running them
     return StageCompute(_maximum(f, hf), _maximum(b, hb) if training else 0.0,
@@ -155,11 +155,13 @@ def combine_parts(times: list, counts: tuple[int, ...], n_blocks: int, training:
 
 
 def stage_compute(ct: CostTable, par, B: tuple, dev: Device, dtype: str, stage: int, training: bool,
-                  decode_step: bool = False) -> StageCompute:
-    """Compute of one micro-batch on one rank of ``stage`` (``decode_step``: see :func:`part_counts`)."""
+                  decode_step: bool = False, rows=None) -> StageCompute:
+    """Compute of one micro-batch on one rank of ``stage`` (``decode_step``: see :func:`part_counts`;
+    ``rows``: input rows of each GEMM in an inference forward, which picks fused dequantizing kernels)."""
     fused_attention = ct.plan.attention not in ("eager", "sdpa-math")
     counts = part_counts(ct, par.pp, stage, decode_step)
-    times = [cp_.part_time(part, B, dev, dtype, par.tp, par.cp, training, fused_attention) if n else None
+    fq = cp_.fused_dequant(ct.plan.base_quant, rows) if (rows is not None and not training) else False
+    times = [cp_.part_time(part, B, dev, dtype, par.tp, par.cp, training, fused_attention, fq) if n else None
              for part, n in zip(cp_.op_arrays(ct), counts)]
     return combine_parts(times, counts, len(sh.stage_layer_ranges(ct.n_blocks, par.pp)[stage]), training,
                          fetch_host_times(ct, zero3_fetch_threshold(par)))
@@ -411,8 +413,8 @@ def infer_time(sc, ct: CostTable, dev: Device, system) -> InferTime:
     h = ct.arch.hidden
     prefill = decode = tp_p = tp_d = 0.0
     for st in range(par.pp):
-        sp_ = stage_compute(ct, par, Bp, dev, dtype, st, False)
-        sd = stage_compute(ct, par, Bd, dev, dtype, st, False, decode_step=True)
+        sp_ = stage_compute(ct, par, Bp, dev, dtype, st, False, rows=w.batch * w.prompt_len)
+        sd = stage_compute(ct, par, Bd, dev, dtype, st, False, decode_step=True, rows=w.batch)
         prefill += sp_.forward_s
         decode += sd.forward_s
         tp_p += sp_.n_blocks * 2 * _coll(system, "all_reduce", w.batch * w.prompt_len * h * cd, par.tp, lay.tp)

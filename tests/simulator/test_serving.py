@@ -191,22 +191,23 @@ def test_more_rate_needs_no_fewer_replicas_nor_less_money():
 
 
 def test_tighter_tpot_means_a_smaller_batch_or_a_faster_gpu():
-    # Llama 3.2 1B on one L4: the decode step grows from 10 ms (batch 1) to 36 ms (batch 256)
+    # Llama 3.2 3B on one L4: the decode step is memory-bound, from 34 ms at batch 16 to 66 ms at batch 64
     def best(tpot, space):
-        return plan(model="llama-3.2-1b", task="infer", request_rate_per_s=20.0, prompt_len=P, gen_len=G,
+        return plan(model="llama-3.2-3b", task="infer", request_rate_per_s=20.0, prompt_len=P, gen_len=G,
                     constraints={"max_tpot_s": tpot, "max_gpus": 8}, space=space).best
 
     fam = dict(gpus=["l4-24gb"], tp=[1], infer_weights=["none"])
-    rows = [best(t, fam) for t in (0.04, 0.015, 0.011)]
+    rows = [best(t, fam) for t in (0.08, 0.05, 0.04)]
     batches = [r.serving.batch for r in rows]
     assert batches == sorted(batches, reverse=True) and batches[-1] < batches[0]
-    for t, r in zip((0.04, 0.015, 0.011), rows):
+    for t, r in zip((0.08, 0.05, 0.04), rows):
         assert r.serving.tpot_mean_s <= t
     # a smaller batch serves fewer requests per replica: the tighter target costs more GPUs
     assert [r.n_gpus for r in rows] == sorted(r.n_gpus for r in rows) and rows[-1].n_gpus > rows[0].n_gpus
-    loose, tight = best(0.04, SPACE), best(0.011, SPACE)
-    assert tight.serving.tpot_mean_s <= 0.011 < loose.serving.tpot_mean_s
-    assert tight.serving.batch < loose.serving.batch or tight.gpu != loose.gpu
+    loose, tight = best(0.08, SPACE), best(0.04, SPACE)
+    assert tight.serving.tpot_mean_s <= 0.04 < loose.serving.tpot_mean_s
+    # the tighter target is bought with a smaller batch, a faster GPU or more replicas (fewer requests in flight each)
+    assert tight.serving.batch < loose.serving.batch or tight.gpu != loose.gpu or tight.n_gpus > loose.n_gpus
 
 
 def test_rows_equal_estimate_and_memory_has_headroom():
@@ -239,24 +240,26 @@ def test_largest_batch_is_what_the_kv_cache_leaves_room_for():
 
 
 def test_batch_limited_by_tpot_says_what_the_next_batch_gives():
-    res = plan(model="llama-3.2-1b", task="infer", request_rate_per_s=20.0, prompt_len=P, gen_len=G,
-               constraints={"max_tpot_s": 0.013, "gpu": "l4-24gb", "max_gpus": 8},
+    res = plan(model="llama-3.2-3b", task="infer", request_rate_per_s=20.0, prompt_len=P, gen_len=G,
+               constraints={"max_tpot_s": 0.04, "gpu": "l4-24gb", "max_gpus": 8},
                space=dict(tp=[1], infer_weights=["none"]))
     s = res.best.serving
-    assert "TPOT" in s.batch_limit and "> 13.0 ms target at batch" in s.batch_limit
+    assert "TPOT" in s.batch_limit and "> 40.0 ms target at batch" in s.batch_limit
     assert s.batch_limit.endswith(f"batch {s.batch} gives {s.tpot_mean_s * 1e3:.1f} ms")
 
 
 def test_rejected_families_carry_numbers():
     res = plan(model=MODEL, task="infer", request_rate_per_s=2.0, prompt_len=P, gen_len=G,
-               constraints={"max_tpot_s": 0.1}, space=dict(gpus=["v100-sxm-16gb", "l4-24gb", "h100-sxm-80gb"],
-                                                          tp=[1], infer_weights=["none", "awq"]))
+               constraints={"max_tpot_s": 0.05}, space=dict(gpus=["v100-sxm-16gb", "l4-24gb", "h100-sxm-80gb"],
+                                                           tp=[1], infer_weights=["none", "awq"]))
     why = res.rejected_reasons
     assert why["weights none on 1x v100-sxm-16gb"].startswith("KV cache for 1 sequence")
     assert "GiB usable" in why["weights none on 1x v100-sxm-16gb"]
-    e = _est("l4-24gb", 1, "awq", 1)
-    assert why["weights awq on 1x l4-24gb"] == (f"TPOT {e.time.decode_per_token_s * 1e3:.1f} ms > 100.0 ms target "
-                                                "at batch 1")
+    # bf16 weights on an L4 are too slow to read at batch 1; AWQ's fused kernel reads a quarter of the bytes
+    e = _est("l4-24gb", 1, "none", 1)
+    assert why["weights none on 1x l4-24gb"] == (f"TPOT {e.time.decode_per_token_s * 1e3:.1f} ms > 50.0 ms target "
+                                                 "at batch 1")
+    assert "weights awq on 1x l4-24gb" not in why
 
 
 def test_without_a_rate_the_one_batch_search_is_unchanged():
