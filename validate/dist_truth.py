@@ -610,23 +610,24 @@ def _run_case(rank: int, world_size: int, case: dict) -> dict:
     rec = _CollectiveRecorder()
     grads: dict[str, int] = {}
     accumulated = None
-    loss = float("nan")
+
+    def forward_backward():
+        rec.phase = "forward"
+        result = wrapped(input_ids=ids, labels=ids)
+        rec.phase = "backward"
+        result.loss.backward()
+        return result
+
     for i in range(case["warmup"] + case["steps"]):
         measured = i >= case["warmup"]
         rec.step = i - case["warmup"]
         with rec.active() if measured else contextlib.nullcontext():
             for _ in range(knobs.get("no_sync_micro_batches", 0)):
                 with wrapped.no_sync():
-                    rec.phase = "forward"
-                    out = wrapped(input_ids=ids, labels=ids)
-                    rec.phase = "backward"
-                    out.loss.backward()
+                    forward_backward()
                 if measured:
                     accumulated = _flat_grad_bytes(wrapped)
-            rec.phase = "forward"
-            out = wrapped(input_ids=ids, labels=ids)
-            rec.phase = "backward"
-            out.loss.backward()
+            out = forward_backward()
             if measured:
                 grads = _grad_bytes(wrapped)
                 grads["flat_grad_bytes"] = _flat_grad_bytes(wrapped) if strategy == "fsdp1" else None
