@@ -115,7 +115,6 @@ FRAMEWORK_DEFAULTS["other"] = _HF
 # LoRA block's unit mixes frozen and trainable parameters; the HF Trainer wraps PEFT adapters apart
 # (peft.utils.other.fsdp_auto_wrap_policy).  torchtitan / torchtune use FSDP2 and sync every micro-batch.
 FSDP1_FRAMEWORKS = frozenset({"transformers", "peft", "trl", "accelerate", "axolotl", "litgpt"})
-FSDP_NO_SYNC_FRAMEWORKS = frozenset({"transformers", "peft", "trl", "accelerate", "axolotl", "litgpt"})
 FSDP_BLOCK_UNIT_FRAMEWORKS = frozenset({"litgpt"})
 
 
@@ -125,7 +124,7 @@ def _fsdp_framework(sc: dict, par: dict[str, Any], method: str, ga: int, notes: 
     if par.get("fsdp") in (None, "none", "no_shard") or fw not in FSDP1_FRAMEWORKS:
         return par
     out = {**par, "fsdp_version": 1}
-    if fw in FSDP_NO_SYNC_FRAMEWORKS and ga > 1:
+    if ga > 1:
         out["fsdp_no_sync"] = True
         notes.append(f"{fw} accumulates gradients under FSDP no_sync(): unsharded gradients between micro-batches")
     if fw in FSDP_BLOCK_UNIT_FRAMEWORKS and method not in ("full", "freeze"):
