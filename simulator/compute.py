@@ -118,6 +118,14 @@ class OpArrays:
         """Host time to issue one forward of the part (eager operators and bitsandbytes wrappers)."""
         return self.n_kernels * EAGER_OP_OVERHEAD_S + self.n_bnb_calls * BNB_CALL_HOST_S
 
+    def host_forward_fused_s(self, fused_quant):
+        """:attr:`host_forward_s` where fused dequantizing kernels issue no separate dequantize kernels
+        (``fused_quant``: a flag or an array of flags)."""
+        saved = self.n_dequant_kernels * EAGER_OP_OVERHEAD_S
+        if isinstance(fused_quant, np.ndarray):
+            return self.host_forward_s - np.where(fused_quant, saved, 0.0)
+        return self.host_forward_s - (saved if fused_quant else 0.0)
+
     @property
     def host_backward_s(self) -> float:
         """Host time to issue the part's backward: autograd's C++ engine, no Python (bitsandbytes' autograd
@@ -384,8 +392,7 @@ def _part_time_one(part: OpArrays, B: tuple, dev: Device, dtype: str, tp: int, c
         bwd += 2.0 * t_ew + t_deq
         if any(op.recomputed for op in part.ops):
             rec += t_ew + t_deq
-    host_f = part.host_forward_s - (part.n_dequant_kernels * EAGER_OP_OVERHEAD_S if fused_quant else 0.0)
-    return PartTime(fwd, bwd, rec, attn, host_f, part.host_backward_s)
+    return PartTime(fwd, bwd, rec, attn, part.host_forward_fused_s(fused_quant), part.host_backward_s)
 
 
 def _part_time_many(part: OpArrays, B: tuple, dev: Device, dtype: str, tp, cp, training: bool,
@@ -437,5 +444,4 @@ def _part_time_many(part: OpArrays, B: tuple, dev: Device, dtype: str, tp, cp, t
             rec = rec + (t_ew + t_deq)
     full = np.zeros(shape)
     return PartTime(_out(fwd + full), _out(bwd + full), _out(rec + full), _out(attn + full),
-                    _out(part.host_forward_s - np.where(fq, part.n_dequant_kernels * EAGER_OP_OVERHEAD_S, 0.0)),
-                    part.host_backward_s)
+                    _out(part.host_forward_fused_s(fq)), part.host_backward_s)
