@@ -138,20 +138,23 @@ def combine_parts(times: list, counts: tuple[int, ...], n_blocks: int, training:
     kernels wait for its fetch, so that time adds to the pass on the GPU's clock too."""
     f = b = r = attn = 0.0
     hf = hb = hr = 0.0
+    fx = rx = 0.0  # fetch time per pass: the whole stage, and the recomputed part of it
     for i, (t, n) in enumerate(zip(times, counts)):
         if not n:
             continue
-        fetch = fetch_host_s[i] if fetch_host_s else 0.0
-        f = f + n * (t.forward_s + fetch)
-        b = b + n * (t.backward_s + fetch)
-        r = r + n * (t.recompute_s + _where(t.recompute_s != 0, fetch, 0.0))
+        f = f + n * t.forward_s
+        b = b + n * t.backward_s
+        r = r + n * t.recompute_s
         attn = attn + n * t.attention_s
-        hf += n * (t.host_forward_s + fetch)
-        hb += n * (t.host_backward_s + fetch)
-        hr = hr + _where(t.recompute_s != 0, n * (t.host_forward_s + fetch), 0.0)
-    # the GPU waits for the host when issuing the kernels takes longer than running them
-    return StageCompute(_maximum(f, hf), _maximum(b, hb) if training else 0.0,
-                        _maximum(r, hr) if training else 0.0, attn, n_blocks)
+        hf += n * t.host_forward_s
+        hb += n * t.host_backward_s
+        hr = hr + _where(t.recompute_s != 0, n * t.host_forward_s, 0.0)
+        if fetch_host_s:
+            fx += n * fetch_host_s[i]
+            rx = rx + _where(t.recompute_s != 0, n * fetch_host_s[i], 0.0)
+    # the GPU waits for the host when issuing the kernels takes longer than running them; the fetches delay both
+    return StageCompute(_maximum(f, hf) + fx, _maximum(b, hb) + fx if training else 0.0,
+                        _maximum(r, hr) + rx if training else 0.0, attn, n_blocks)
 
 
 def stage_compute(ct: CostTable, par, B: tuple, dev: Device, dtype: str, stage: int, training: bool,
