@@ -98,26 +98,35 @@ class Efficiency(_Strict):
     """Achieved / peak memory bandwidth for streaming (memory-bound) kernels."""
     attention_fraction: float | None = Field(default=None, gt=0, le=1)
     """Fraction of the dense 16-bit peak a fused (flash / SDPA) attention kernel reaches on the FLOPs it
-    performs; null = the GEMM curve."""
+    performs (FlashAttention's count: causal halved, backward 2.5x the forward) at long sequences;
+    null = the GEMM curve."""
+    attention_curve: tuple[tuple[float, float], ...] | None = Field(default=None, min_length=2)
+    """[tokens per sequence, fraction of ``attention_fraction``] points of the fused kernel (forward +
+    backward, causal), tokens strictly increasing, fraction non-decreasing in (0, 1]; interpolated in
+    log2(tokens), clamped outside; null = ``attention_fraction`` at every length."""
     host_transfer_fraction: float | None = Field(default=None, gt=0, le=1)
     """Measured pinned host<->device copy bandwidth for large copies / the host link figure of the device's
     one-GPU system (``host.host_to_gpu_bandwidth_GBps``), from the micro suite's h2d/d2h cases
     (``python -m validate calibrate``); null = the link figure as is."""
 
-    @field_validator("matmul_curve", mode="before")
+    @field_validator("matmul_curve", "attention_curve", mode="before")
     @classmethod
     def _curve_as_tuples(cls, value: Any) -> Any:
         return _as_tuples(value)
 
-    @field_validator("matmul_curve")
+    @field_validator("matmul_curve", "attention_curve")
     @classmethod
-    def _curve_is_monotone(cls, curve: tuple[tuple[float, float], ...]) -> tuple[tuple[float, float], ...]:
-        flops = [f for f, _ in curve]
+    def _curve_is_monotone(cls, curve: tuple[tuple[float, float], ...] | None, info: Any
+                           ) -> tuple[tuple[float, float], ...] | None:
+        if curve is None:
+            return None
+        xs = [x for x, _ in curve]
         fractions = [r for _, r in curve]
-        if flops[0] <= 0 or any(b <= a for a, b in zip(flops, flops[1:])):
-            raise ValueError(f"matmul_curve flops must be positive and strictly increasing, got {flops}")
+        what = "flops" if info.field_name == "matmul_curve" else "tokens"
+        if xs[0] <= 0 or any(b <= a for a, b in zip(xs, xs[1:])):
+            raise ValueError(f"{info.field_name} {what} must be positive and strictly increasing, got {xs}")
         if any(not 0 < r <= 1 for r in fractions) or any(b < a for a, b in zip(fractions, fractions[1:])):
-            raise ValueError(f"matmul_curve fractions must be in (0, 1] and non-decreasing, got {fractions}")
+            raise ValueError(f"{info.field_name} fractions must be in (0, 1] and non-decreasing, got {fractions}")
         return curve
 
     def max_fraction(self, dtype: str = "bf16") -> float:
@@ -144,6 +153,29 @@ class Efficiency(_Strict):
         scale = np.interp(np.log10(np.maximum(flops_per_gemm, 1.0)), xs, ys)
         out = scale * self.max_fraction(dtype)
         return float(out) if np.ndim(out) == 0 else out
+
+
+    @functools.cached_property
+    def _log_attention_curve(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+        """The attention curve as (log2 tokens, fraction) tuples, computed once per profile."""
+        if self.attention_curve is None:
+            return None
+        return tuple(math.log2(t) for t, _ in self.attention_curve), tuple(r for _, r in self.attention_curve)
+
+    def attention_fraction_at(self, tokens):
+        """Fraction of the dense 16-bit peak the fused attention kernel reaches on sequences of ``tokens``
+        (scalar or array): :attr:`attention_fraction` times the curve interpolated in log2(tokens); None
+        without an attention figure."""
+        frac = self.attention_fraction
+        curve = self._log_attention_curve
+        if frac is None or curve is None or tokens is None:
+            return frac
+        xs, ys = curve
+        if isinstance(tokens, int | float):
+            return frac * _interp(math.log2(max(tokens, 1.0)), xs, ys)
+        import numpy as np  # lazy: profiles load without numpy
+
+        return frac * np.interp(np.log2(np.maximum(tokens, 1.0)), xs, ys)
 
 
 class _Profile(_Strict):

@@ -257,6 +257,18 @@ class _Efficiencies:
         att = [d.efficiency.attention_fraction for d in devices]
         self.attention_fraction = np.array([math.nan if a is None else a for a in att]).reshape(shape)
 
+    def attention_fraction_at(self, tokens) -> np.ndarray:
+        """Each device's attention fraction at ``tokens`` per sequence (NaN where it has none)."""
+        if tokens is None:
+            return self.attention_fraction
+        tokens = np.asarray(tokens, dtype=float)
+        out = np.empty(np.broadcast_shapes(np.shape(tokens), self.attention_fraction.shape))
+        for i, d in enumerate(self._devices):
+            at = (Ellipsis, i) + (slice(None),) * (-1 - self._axis)
+            frac = d.efficiency.attention_fraction_at(np.broadcast_to(tokens, out.shape)[at])
+            out[at] = math.nan if frac is None else frac
+        return out
+
     def matmul_fraction(self, flops_per_gemm: np.ndarray, dtype: str) -> np.ndarray:
         """Each device's own curve on its slice of ``flops_per_gemm``."""
         out = np.empty(np.shape(flops_per_gemm))
@@ -296,13 +308,14 @@ def gemm_time_s(flops, nbytes, dev: Device, dtype: str):
     return _maximum(t_compute, memory_time_s(nbytes, dev))
 
 
-def attention_time_s(flops, nbytes, dev: Device, dtype: str, causal):
+def attention_time_s(flops, nbytes, dev: Device, dtype: str, causal, tokens=None):
     """A fused attention kernel: the FLOPs it runs (half the counted ones under a causal mask, which
-    FlopCounterMode and the MFU formulas count in full) at the device's attention fraction of peak.
-    ``causal`` may be an array of flags beside arrays of FLOPs."""
-    frac = dev.efficiency.attention_fraction
-    if frac is None or (not isinstance(flops, np.ndarray) and flops <= 0):
+    FlopCounterMode and the MFU formulas count in full) at the device's attention fraction of peak for
+    sequences of ``tokens`` keys per call (the long-sequence figure when None).  ``causal`` may be an
+    array of flags beside arrays of FLOPs, ``tokens`` an array of setups."""
+    if (not isinstance(flops, np.ndarray) and flops <= 0) or dev.efficiency.attention_fraction is None:
         return gemm_time_s(flops, nbytes, dev, dtype)
+    frac = dev.efficiency.attention_fraction_at(tokens)
     run = flops * (np.where(causal, 0.5, 1.0) if isinstance(causal, np.ndarray) else (0.5 if causal else 1.0))
     t = _maximum(run / (peak_flops(dev, dtype) * frac), memory_time_s(nbytes, dev))
     if isinstance(frac, np.ndarray) and np.isnan(frac).any():  # devices without a fused-attention figure
@@ -360,9 +373,19 @@ def part_time(part: OpArrays, B: tuple, dev: Device, dtype: str, tp, cp, trainin
     return _part_time_many(part, B, dev, dtype, tp, cp, training, fused_attention, fused_quant)
 
 
+def attention_tokens(B: tuple, cp=1):
+    """Keys per sequence one attention call sees: ``K / B`` of the basis, split over the context-parallel
+    ranks (ring attention runs the kernel on one rank's chunk at a time); None without sequences."""
+    b = B[3]
+    if isinstance(b, np.ndarray) or isinstance(cp, np.ndarray):
+        return np.divide(B[1], np.maximum(b, 1e-30)) / cp
+    return B[1] / b / cp if b > 0 else None
+
+
 def _part_time_one(part: OpArrays, B: tuple, dev: Device, dtype: str, tp: int, cp: int, training: bool,
                    fused_attention: bool, fused_quant: bool = False) -> PartTime:
     fwd = bwd = rec = attn = 0.0
+    seq = attention_tokens(B, cp)
     for op in part.ops:
         div = (tp if op.tp_split else 1) * cp
         f = _dot(op.fwd_flops, B) / div
@@ -371,7 +394,7 @@ def _part_time_one(part: OpArrays, B: tuple, dev: Device, dtype: str, tp: int, c
             nb -= op.fused_saving_bytes / div
         fused = op.attention and fused_attention
         dt = attention_dtype(dtype) if op.attention else dtype
-        t_f = attention_time_s(f, nb, dev, dt, op.causal) if fused else gemm_time_s(f, nb, dev, dt)
+        t_f = attention_time_s(f, nb, dev, dt, op.causal, seq) if fused else gemm_time_s(f, nb, dev, dt)
         fwd += t_f
         if op.attention:
             attn += t_f
@@ -382,7 +405,7 @@ def _part_time_one(part: OpArrays, B: tuple, dev: Device, dtype: str, tp: int, c
             if bf > 0:
                 # a backward call runs up to two GEMMs the size of the forward one (dX, dW)
                 if fused:
-                    bwd += attention_time_s(bf, 2.0 * nb, dev, dt, op.causal)
+                    bwd += attention_time_s(bf, 2.0 * nb, dev, dt, op.causal, seq)
                 else:
                     n_mm = max(1.0, round(bf / f)) if f > 0 else 1.0
                     bwd += n_mm * gemm_time_s(bf / n_mm, 2.0 * nb / n_mm, dev, dt)
@@ -417,8 +440,9 @@ def _part_time_many(part: OpArrays, B: tuple, dev: Device, dtype: str, tp, cp, t
     t_f = np.array(gemm_time_s(f, nb, dev, dtype), dtype=float)
     if adt != dtype and eager_attn.any():
         t_f[eager_attn] = gemm_time_s(f[eager_attn], nb[eager_attn], dev, adt)
+    seq = attention_tokens(B, cp)
     if has_fused:
-        t_f[fused] = attention_time_s(f[fused], nb[fused], dev, adt, col(m.causal[fused]))
+        t_f[fused] = attention_time_s(f[fused], nb[fused], dev, adt, col(m.causal[fused]), seq)
     fwd = _sum_rows(t_f)
     attn = _sum_rows(t_f[m.attention])
     rec = _sum_rows(t_f[m.recomputed])
@@ -434,7 +458,7 @@ def _part_time_many(part: OpArrays, B: tuple, dev: Device, dtype: str, tp, cp, t
             e = eager_attn
             t_b[e] = n_mm[e] * gemm_time_s(bf[e] / n_mm[e], 2.0 * nb[e] / n_mm[e], dev, adt)
         if has_fused:
-            t_b[fused] = attention_time_s(bf[fused], 2.0 * nb[fused], dev, adt, col(m.causal[fused]))
+            t_b[fused] = attention_time_s(bf[fused], 2.0 * nb[fused], dev, adt, col(m.causal[fused]), seq)
         bwd = _sum_rows(np.where(bf > 0, t_b, 0.0))
     t_ew = memory_time_s(2.0 * _dot(part.elementwise_bytes, B) / (tp * cp), dev)
     t_deq = np.where(fq, 0.0, memory_time_s(part.dequant_bytes / tp, dev))

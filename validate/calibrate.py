@@ -12,9 +12,10 @@
   violators) and divided by ``matmul_max_fraction``.  A GEMM is compute-bound when streaming its bytes at
   the fitted bandwidth takes less than half its measured time (decode GEMVs are not);
 * ``matmul_max_fraction_fp8`` — as ``matmul_max_fraction`` over the fp8 GEMMs, against the fp8 peak;
-* ``attention_fraction`` — median over the flash forward+backward 16-bit SDPA cases of the FLOPs the kernel
-  performs (halved under a causal mask, as ``simulator.compute.attention_time_s`` runs them) per second /
-  dense 16-bit peak;
+* ``attention_fraction`` and ``attention_curve`` — per sequence length, the median over the flash
+  forward+backward 16-bit SDPA cases of the FLOPs the kernel performs (halved under a causal mask, as
+  ``simulator.compute.attention_time_s`` runs them) per second / dense 16-bit peak, made non-decreasing in
+  length: the longest length's value is the fraction, each length's over it the curve;
 * ``host_transfer_fraction`` — median over the pinned h2d and d2h copies of >= 64 MiB of achieved bytes/s /
   the host link figure of the device's one-GPU system (at most 1).
 
@@ -59,6 +60,7 @@ MIN_KNOT_WEIGHT = 0.5
 """A curve point needs this much interpolation weight from the measured GEMMs around it."""
 SIXTEEN_BIT = ("bf16", "fp16")
 CURVE_COMMENT = "# [flops_per_gemm, fraction of matmul_max_fraction]"
+ATTENTION_CURVE_COMMENT = "# [tokens per sequence, fraction of attention_fraction]"
 
 
 class CalibrationError(ValueError):
@@ -268,19 +270,35 @@ def fit_matmul_fp8(rows: Rows, dev: Device, mem_fraction: float) -> tuple[float,
                    f"(torch._scaled_mm, e4m3, per-tensor scales, fast accumulation): {_fmt(value)}")
 
 
-def fit_attention(rows: Rows, dev: Device) -> tuple[float, str] | None:
-    """Median of performed FLOP/s / dense 16-bit peak over flash forward+backward SDPA cases."""
+def fit_attention(rows: Rows, dev: Device) -> tuple[float, Curve | None, str, str] | None:
+    """The fused kernel's long-sequence fraction and its curve over sequence length: per length, the median
+    over the flash forward+backward 16-bit SDPA cases of performed FLOP/s / dense 16-bit peak, made
+    non-decreasing (pool adjacent violators); the plateau is the last point, the curve each point over it
+    (None from cases of one length)."""
     from simulator.compute import peak_flops
 
-    fr = [m.flops / m.time_s / peak_flops(dev, c.params.dtype) for c, m in rows
-          if c.kind == "sdpa" and c.params.backend == "flash" and c.params.backward and c.params.dtype in SIXTEEN_BIT
-          and m.flops]
-    if not fr:
+    by_seq: dict[int, list[float]] = {}
+    for c, m in rows:
+        if (c.kind == "sdpa" and c.params.backend == "flash" and c.params.backward and c.params.dtype in SIXTEEN_BIT
+                and m.flops):
+            by_seq.setdefault(c.params.seq, []).append(m.flops / m.time_s / peak_flops(dev, c.params.dtype))
+    if not by_seq:
         return None
-    value = min(1.0, float(np.median(fr)))
-    return value, (f"median over {len(fr)} flash SDPA forward+backward cases (16-bit, FLOPs as FlashAttention "
-                   f"counts them, halved when causal) of achieved/dense 16-bit peak: {_fmt(value)} "
-                   f"(range {_fmt(min(fr))}-{_fmt(max(fr))})")
+    seqs = sorted(by_seq)
+    medians = isotonic([float(np.median(by_seq[s])) for s in seqs], [len(by_seq[s]) for s in seqs])
+    plateau = min(1.0, medians[-1])
+    n = sum(len(v) for v in by_seq.values())
+    everything = [f for v in by_seq.values() for f in v]
+    text = (f"flash SDPA forward+backward cases (16-bit, FLOPs as FlashAttention counts them, halved when causal): "
+            f"median achieved/dense 16-bit peak at the longest length ({seqs[-1]} tokens, after making the medians "
+            f"non-decreasing in length) {_fmt(plateau)} over {n} cases (range {_fmt(min(everything))}-"
+            f"{_fmt(max(everything))})")
+    if len(seqs) < 2:
+        return plateau, None, text, ""
+    curve = tuple((float(s), min(1.0, m / medians[-1])) for s, m in zip(seqs, medians))
+    curve_text = (f"median per length over the same cases / the longest length's: "
+                  + ", ".join(f"{s}: {_fmt(r)}" for s, r in curve))
+    return plateau, curve, text, curve_text
 
 
 def fit_host_transfer(rows: Rows, dev: Device) -> tuple[float, str] | None:
@@ -317,8 +335,12 @@ def fit_efficiency(results: ResultsFile, device: Device, source_name: str | None
     mm = fit_matmul(rows, device, mem_fraction)
     if mm is not None:
         new["matmul_max_fraction"], new["matmul_curve"], text["matmul_max_fraction"], text["matmul_curve"] = mm
+    att = fit_attention(rows, device)
+    if att is not None:
+        new["attention_fraction"], curve, text["attention_fraction"], curve_text = att
+        if curve is not None:
+            new["attention_curve"], text["attention_curve"] = curve, curve_text
     for field, fit in (("matmul_max_fraction_fp8", fit_matmul_fp8(rows, device, mem_fraction)),
-                       ("attention_fraction", fit_attention(rows, device)),
                        ("host_transfer_fraction", fit_host_transfer(rows, device))):
         if fit is not None:
             new[field], text[field] = fit
@@ -357,6 +379,12 @@ def format_diff(old: Efficiency, new: Efficiency, sources: dict[str, str]) -> st
                 mark = "" if x in old_at else " (interpolated)"
                 lines.append(f"  {x:<26.3g} {was:>12.4g} {v:>12.4g}{mark}")
             continue
+        if field == "attention_curve":
+            lines.append(f"{field:<28} {'':>12} {'':>12}  {fitted}")
+            for x, v in b or ():
+                was = (old.attention_fraction_at(x) / old.attention_fraction) if old.attention_fraction else math.nan
+                lines.append(f"  {int(x):<26} {was:>12.4g} {v:>12.4g}")
+            continue
         lines.append(f"{field:<28} {_show(a):>12} {_show(b):>12}  {fitted}")
     return "\n".join(lines)
 
@@ -379,6 +407,9 @@ def render_efficiency_block(eff: Efficiency) -> list[str]:
         if field == "matmul_curve":
             out.append(f"  matmul_curve:  {CURVE_COMMENT}")
             out += [f"    - [{yaml_float(x)}, {yaml_float(v)}]" for x, v in value]
+        elif field == "attention_curve" and value is not None:
+            out.append(f"  attention_curve:  {ATTENTION_CURVE_COMMENT}")
+            out += [f"    - [{int(x)}, {yaml_float(v)}]" for x, v in value]
         elif value is None:
             if field == "matmul_max_fraction_fp8":
                 out.append(f"  {field}: null")

@@ -498,17 +498,23 @@ def micro_cases(scale: str) -> list[MicroCase]:
 
 def _sdpa_predict_s(p: SdpaParams, dev) -> float:
     """The engine's time of one attention op (``simulator.compute.part_time`` of a part holding it alone):
-    fused backends at ``attention_fraction`` on the causally halved FLOPs, math on the GEMM curve."""
+    fused backends at the attention fraction for the case's length on the causally halved FLOPs, math on the
+    GEMM curve."""
     from simulator.compute import Op, OpArrays, part_time
+    from simulator.graph.ir import BASIS, basis
 
-    zero6 = (0.0,) * 6
+    def on(monomial: str, value: float) -> tuple[float, ...]:  # coefficients: value per unit of one monomial
+        return tuple(value if m == monomial else 0.0 for m in BASIS)
+
+    pairs = p.batch * p.seq * p.seq  # the basis's A = b * s * s_kv
     fwd = sdpa_counted_flops(SdpaParams(**{**p.model_dump(), "backward": False}))
     bwd = sdpa_counted_flops(p) - fwd
-    op = Op(fwd_flops=zero6 + (fwd,), bwd_flops=zero6 + (bwd,), fwd_bytes=zero6 + (sdpa_forward_bytes(p),),
+    op = Op(fwd_flops=on("A", fwd / pairs), bwd_flops=on("A", bwd / pairs),
+            fwd_bytes=on("T", sdpa_forward_bytes(p) / (p.batch * p.seq)),
             attention=True, causal=p.causal, tp_split=True, recomputed=False)
     part = OpArrays(where="block", layers=(0,), ops=(op,), elementwise_bytes=(0.0,) * 7, dequant_bytes=0.0,
                     n_kernels=0)
-    t = part_time(part, zero6 + (1.0,), dev, p.dtype, 1, 1, p.backward, fused_attention=p.backend != "math")
+    t = part_time(part, basis(p.batch, p.seq), dev, p.dtype, 1, 1, p.backward, fused_attention=p.backend != "math")
     return t.forward_s + t.backward_s
 
 

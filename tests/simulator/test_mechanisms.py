@@ -192,3 +192,39 @@ def test_qwen_remote_code_shifts_the_16_bit_logits_and_upcasts_only_under_autoca
     # RMSNorm reads the fp32 residual stream (2 B more per hidden element); nll_loss's 0-dim total_weight: 4 B vs 2
     assert amp.post_saved.at(basis(1, 2048)) - pure.post_saved.at(basis(1, 2048)) == \
         2 * n + 151936 * 2048 * 2 + 2048 * 2048 * 2 + 2
+
+
+def test_flash_attention_runs_at_its_benchmarked_rate_for_the_sequence_length():
+    """The fused kernel's throughput grows with the length of each sequence (FlashAttention-2 benchmark,
+    H100 SXM5, causal, head dim 128: 221 TFLOPs/s at 1k tokens, 328 at 16k).  A block's attention time
+    follows it; every other operator does not care; and context-parallel ranks run the kernel on their
+    chunk of the sequence, so 32k tokens over 4 ranks take the 8k rate."""
+    import numpy as np
+
+    from hwprofiles import get_device
+    from simulator import compute
+
+    dev = get_device("h100-sxm-80gb")
+    peak = dev.peak_flops("bf16")
+    assert dev.efficiency.attention_fraction_at(1024) * peak == pytest.approx(221e12, rel=0.005)
+    assert dev.efficiency.attention_fraction_at(16384) * peak == pytest.approx(328e12, rel=0.005)
+    assert dev.efficiency.attention_fraction_at(1 << 20) == dev.efficiency.attention_fraction  # clamped
+    assert dev.efficiency.attention_fraction_at(np.array([1024.0, 16384.0])) == pytest.approx(
+        [221e12 / peak, 328e12 / peak], rel=0.005)
+
+    block = next(p for p in compute.op_arrays(_table()) if p.where == "block")
+    attn = [op for op in block.ops if op.attention]
+    assert len(attn) == 1
+
+    def attention_s(b, s, cp=1):
+        t = compute.part_time(block, basis(b, s), dev, "bf16", 1, cp, True, True)
+        return t.attention_s, t.forward_s - t.attention_s
+
+    # same tokens, 16x longer sequences: 16x the attention FLOPs at 328/221 the rate; the rest unchanged
+    (a_short, rest_short), (a_long, rest_long) = attention_s(16, 1024), attention_s(1, 16384)
+    assert a_long / a_short == pytest.approx(16 * 221 / 328, rel=0.01)
+    assert rest_long == pytest.approx(rest_short, rel=1e-9)
+    # context parallel: each of 4 ranks a quarter of the FLOPs, at the rate of 8k-token calls
+    a_cp, _ = attention_s(1, 32768, cp=4)
+    f = sum(sum(c * v for c, v in zip(op.fwd_flops, basis(1, 32768))) for op in attn) / 4
+    assert a_cp == pytest.approx(0.5 * f / (peak * dev.efficiency.attention_fraction_at(8192)), rel=1e-9)

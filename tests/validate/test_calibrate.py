@@ -28,6 +28,7 @@ def known_efficiency() -> Efficiency:
     base = get_device(H100).efficiency
     return base.model_copy(update={"matmul_max_fraction": 0.74, "matmul_max_fraction_fp8": 0.62,
                                    "memory_bandwidth_fraction": 0.9, "attention_fraction": 0.41,
+                                   "attention_curve": ((512, 0.45), (2048, 0.8), (8192, 0.97), (16384, 1.0)),
                                    "matmul_curve": ((1e7, 0.004), (1e8, 0.04), (1e9, 0.3), (1e10, 0.8),
                                                     (1e11, 0.95), (1e12, 0.99), (1e13, 1.0))})
 
@@ -40,7 +41,7 @@ def synthetic_time_s(case, dev, eff: Efficiency) -> float:
         dtype = case.params.dtype
         return f / (peak_flops(dev, dtype) * eff.matmul_fraction(f, dtype))
     if case.kind == "sdpa":
-        return f / (peak_flops(dev, case.params.dtype) * eff.attention_fraction)
+        return f / (peak_flops(dev, case.params.dtype) * eff.attention_fraction_at(case.params.seq))
     if case.kind in ("h2d", "d2h"):
         return b / (HOST_GBPS * 1e9)
     return b / (dev.memory_bandwidth_Bps * eff.memory_bandwidth_fraction)
@@ -86,6 +87,8 @@ def test_fit_recovers_the_known_curve_within_one_percent():
     assert eff.matmul_max_fraction_fp8 == pytest.approx(0.62, rel=0.01)
     assert eff.memory_bandwidth_fraction == pytest.approx(0.9, rel=0.01)
     assert eff.attention_fraction == pytest.approx(0.41, rel=0.01)
+    for tokens in (512, 1024, 2048, 4096, 8192, 16384):  # the micro suite's lengths: recovered point by point
+        assert eff.attention_fraction_at(tokens) == pytest.approx(truth.attention_fraction_at(tokens), rel=0.01)
     link = system_for(H100, 1).host.host_to_gpu_bandwidth_GBps
     assert eff.host_transfer_fraction == pytest.approx(HOST_GBPS / link, rel=0.01)
     assert 5 <= len(eff.matmul_curve) <= 9 and eff.matmul_curve[-1][1] == 1.0
