@@ -703,12 +703,32 @@ def record_to_scenario(rec: dict, notes: list[str] | None = None) -> Scenario:
     padded = mb_v > 1 and sc.get("framework") not in UNPADDED_FRAMEWORKS and "packed" not in notes_text
     if padded:
         notes.append("micro-batch > 1 padded to its longest sample: SDPA gets an explicit mask")
-    return Scenario(
+    scen = Scenario(
         model=arch, gpu=dev.name, method=method, precision=precision, attention=attention, loss=loss,
         workload=TrainWorkload(micro_batch=mb_v, seq_len=seq or d["seq_len"], grad_accum=ga_v),
         optimizer=optimizer, checkpointing=_checkpointing(sc, notes), padded_batches=padded, parallel=par,
         implementation=sc.get("framework") if sc.get("framework") in ("litgpt", "torchtune") else "transformers",
     )
+    return _checkpointing_that_ran(scen, sc, (rec.get("target") or {}).get("metric", ""), notes)
+
+
+def _checkpointing_that_ran(scen: Scenario, sc: dict, metric: str, notes: list[str]) -> Scenario:
+    """A run that was timed or whose memory was read fitted its GPUs: with checkpointing unstated and the
+    framework's default (none) short of memory, the run must have recomputed -- full checkpointing when that
+    fits (Megatron-DeepSpeed's GPT scripts pass ``--checkpoint-activations`` for the large models).  Records
+    of whether a setup fits are left as stated: an out-of-memory report is their measurement."""
+    if (sc.get("checkpointing") is not None or scen.checkpointing.mode != "none"
+            or metric not in (*TIME_METRICS, *MEMORY_METRICS)):
+        return scen
+    from simulator import estimate
+
+    if estimate(scen, what_fits=False, timing=False).fits:
+        return scen
+    recomputed = scen.model_copy(update={"checkpointing": scen.checkpointing.model_copy(update={"mode": "full"})})
+    if not estimate(recomputed, what_fits=False, timing=False).fits:
+        return scen
+    notes.append("checkpointing unstated and the default (none) does not fit: the run recomputed (full)")
+    return recomputed
 
 
 # ------------------------------------------------------------------------------------------------------------

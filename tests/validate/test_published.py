@@ -442,3 +442,24 @@ def test_trainer_with_a_deepspeed_config_runs_deepspeeds_engine_and_the_docs_buc
     sc = record_to_scenario(_record(framework="deepspeed", precision="bf16-amp", n_gpus=2,
                                     parallel={"zero_stage": 2}), [])
     assert (sc.precision, sc.parallel.reduce_bucket_elems, sc.parallel.ipg_buffers) == ("bf16", 500_000_000, 1)
+
+
+def test_a_run_that_was_measured_recomputed_when_it_could_not_fit_without():
+    """Checkpointing unstated: the framework default (none) unless the run could not have fitted without
+    recomputing.  LoRA on Llama-2-7B at 8 x 4096 tokens on one 80 GB A100 saves far more than 80 GB of
+    activations; a measured step time says it ran, so it recomputed.  The same setup's 'fits' record keeps
+    the default: whether it fits is what it reports."""
+    upd = dict(micro_batch=8, seq_len=4096, checkpointing=None, framework="deepspeed", gpu="A100-SXM-80GB",
+               precision="bf16-amp")
+    timed = _record(**upd)
+    timed["target"] = {"metric": "step_time_s", "value": 10.0, "comparable": True}
+    notes: list[str] = []
+    assert record_to_scenario(timed, notes).checkpointing.mode == "full"
+    assert any("does not fit" in n for n in notes)
+    oom = _record(**upd)
+    oom["target"] = {"metric": "fits", "value": False, "comparable": True}
+    assert record_to_scenario(oom).checkpointing.mode == "none"
+    # a setup that fits without recomputing keeps the default
+    short = _record(**{**upd, "micro_batch": 1, "seq_len": 256})
+    short["target"] = {"metric": "step_time_s", "value": 1.0, "comparable": True}
+    assert record_to_scenario(short).checkpointing.mode == "none"
