@@ -27,6 +27,7 @@ import numpy as np
 
 from hwprofiles import Device
 
+from .graph.build import GPTQ_TORCH_DEQUANT_BYTES_PER_WEIGHT, GPTQ_TORCH_DEQUANT_KERNELS
 from .graph.compile import CostTable
 from .units import dtype_bytes
 
@@ -113,6 +114,7 @@ class OpArrays:
     param_module_numels: tuple[int, ...] = ()  # per module owning parameters: its largest one (ZeRO-3 fetches)
     n_bnb_calls: int = 0  # bitsandbytes quantized linears called per forward (their Python wrappers)
     n_dequant_kernels: int = 0  # dequantization kernels per forward (in n_kernels; none when fused)
+    dequant_in_backward: bool = True  # the backward dequantizes again (bitsandbytes) or reuses a saved copy
 
     @property
     def host_forward_s(self) -> float:
@@ -166,7 +168,9 @@ class OpMatrix:
 
 
 def _part(where, layers, tr, arch, recompute_until: int | None, quant_rows, encoder: bool = False,
-          bnb: bool = False) -> OpArrays:
+          bnb: bool = False, torch_dequant: bool = False) -> OpArrays:
+    """``torch_dequant``: the quantized linears dequantize with PyTorch ops once per forward and keep the
+    16-bit weight for backward (AutoGPTQ in training)."""
     # a quantized GEMM's operator reads its weight as the 16-bit copy; fused, it reads the packed storage
     saving = {r.path.rsplit(".", 1)[0]: r.numel * dtype_bytes(r.dtype) - r.storage_bytes for r in quant_rows}
     ops = tuple(
@@ -178,18 +182,23 @@ def _part(where, layers, tr, arch, recompute_until: int | None, quant_rows, enco
         for op in tr.ops)
     ew = [0.0] * 7
     for t in tr.tensors:
-        if not t.is_param:
+        if not t.is_param and not t.weight_copy:
             k = dtype_bytes(t.dtype)
             for i, c in enumerate(t.numel.c):
                 ew[i] += c * k
-    deq = sum(r.storage_bytes + 2.0 * r.numel for r in quant_rows)
-    n_kernels = sum(1 for t in tr.tensors if not t.is_param) + len(quant_rows)
+    if torch_dequant:
+        deq = sum(r.storage_bytes + GPTQ_TORCH_DEQUANT_BYTES_PER_WEIGHT * r.numel for r in quant_rows)
+        n_deq = GPTQ_TORCH_DEQUANT_KERNELS * len(quant_rows)
+    else:
+        deq = sum(r.storage_bytes + 2.0 * r.numel for r in quant_rows)
+        n_deq = len(quant_rows)
+    n_kernels = sum(1 for t in tr.tensors if not t.is_param and not t.weight_copy) + n_deq
     largest: dict[str, int] = {}
     for p in tr.params:
         module = p.path.rsplit(".", 1)[0]
         largest[module] = max(largest.get(module, 0), p.numel)
     return OpArrays(where, tuple(layers), ops, tuple(ew), deq, n_kernels, encoder, tuple(largest.values()),
-                    len(quant_rows) if bnb else 0, len(quant_rows))
+                    len(quant_rows) if bnb else 0, n_deq, not torch_dequant)
 
 
 def zero3_fetch_host_s(part: OpArrays, persistence_threshold: int) -> float:
@@ -210,7 +219,8 @@ def op_arrays(ct: CostTable) -> tuple[OpArrays, ...]:
         if r.quantized:
             quant_by_part[r.where].append(r)
     bnb = ct.plan.base_quant in BNB_FORMATS
-    parts = [_part("pre", (0,), mt.pre, ct.arch, None, quant_by_part["pre"], bnb=bnb)]
+    tdq = ct.plan.base_quant == "gptq" and ct.plan.training
+    parts = [_part("pre", (0,), mt.pre, ct.arch, None, quant_by_part["pre"], bnb=bnb, torch_dequant=tdq)]
     for v in mt.variants:
         until = None
         if v.checkpointed:
@@ -218,8 +228,8 @@ def op_arrays(ct: CostTable) -> tuple[OpArrays, ...]:
         rows = [r for r in quant_by_part["block"] if r.layers == tuple(v.layers)]
         # encoder-decoder variants are keyed (..., is_decoder) and the encoder's final norm ("encoder_final_norm",)
         encoder = ct.arch.arch == "encoder_decoder" and (v.key[-1] is False or v.key == ("encoder_final_norm",))
-        parts.append(_part("block", v.layers, v.trace, ct.arch, until, rows, encoder, bnb))
-    parts.append(_part("post", (0,), mt.post, ct.arch, None, quant_by_part["post"], bnb=bnb))
+        parts.append(_part("block", v.layers, v.trace, ct.arch, until, rows, encoder, bnb, tdq))
+    parts.append(_part("post", (0,), mt.post, ct.arch, None, quant_by_part["post"], bnb=bnb, torch_dequant=tdq))
     out = tuple(parts)
     ct.__dict__["_ops"] = out
     return out
@@ -413,7 +423,7 @@ def _part_time_one(part: OpArrays, B: tuple, dev: Device, dtype: str, tp: int, c
     t_deq = 0.0 if fused_quant else memory_time_s(part.dequant_bytes / tp, dev)
     fwd += t_ew + t_deq
     if training:
-        bwd += 2.0 * t_ew + t_deq
+        bwd += 2.0 * t_ew + (t_deq if part.dequant_in_backward else 0.0)
         if any(op.recomputed for op in part.ops):
             rec += t_ew + t_deq
     return PartTime(fwd, bwd, rec, attn, part.host_forward_fused_s(fused_quant), part.host_backward_s)
@@ -464,7 +474,7 @@ def _part_time_many(part: OpArrays, B: tuple, dev: Device, dtype: str, tp, cp, t
     t_deq = np.where(fq, 0.0, memory_time_s(part.dequant_bytes / tp, dev))
     fwd = fwd + (t_ew + t_deq)
     if training:
-        bwd = bwd + (2.0 * t_ew + t_deq)
+        bwd = bwd + (2.0 * t_ew + (t_deq if part.dequant_in_backward else 0.0))
         if m.recomputed.any():
             rec = rec + (t_ew + t_deq)
     full = np.zeros(shape)

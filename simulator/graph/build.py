@@ -163,6 +163,18 @@ def target_names(arch: ModelArch, *, embeddings: bool = True) -> frozenset[str]:
 BNB_4BIT_CODE_BYTES = 16 * 4
 """The nf4 / fp4 code table of one matrix: 16 fp32 values."""
 BNB_NESTED_STATE_BYTES = 256 * 4 + 4
+
+# AutoGPTQ's QuantLinear without its ExLlama kernels -- the path training takes (transformers'
+# ``GPTQConfig(use_exllama=False)`` / ``disable_exllama=True``: ExLlama has no backward) -- dequantizes a call of
+# at least ``kernel_switch_threshold`` (128) rows with PyTorch ops (auto_gptq/nn_modules/qlinear/
+# qlinear_cuda_old.py ``forward``): ``bitwise_right_shift`` of the expanded int32 ``qweight`` (4 B written and
+# read back per weight), ``.to(torch.int8)`` (1 B written), ``bitwise_and`` (1 read, 1 written), ``weight -
+# zeros`` (1 + 1), ``scales * (...)`` (1 read, 2 written in fp16): 16 B per weight besides the packed read,
+# five kernels; the int32 expansion and its int8 cast are live together (5 B per weight).  Then
+# ``torch.matmul(x, weight)``, whose backward uses the fp16 weight it saved instead of dequantizing again.
+GPTQ_TORCH_DEQUANT_BYTES_PER_WEIGHT = 16.0
+GPTQ_TORCH_DEQUANT_KERNELS = 5
+GPTQ_TORCH_DEQUANT_PEAK_BYTES_PER_WEIGHT = 5.0
 """Double quantization's per-matrix extras: the 256-entry fp32 dynamic map copy and the fp32 offset."""
 
 
@@ -306,10 +318,20 @@ class Builder:
                       quant: str) -> Tensor:
         """Frozen quantized weight: dequantized to the compute dtype for each use (bitsandbytes
         ``MatMul4Bit``: ``linear(A, dequantize_4bit(B))`` in forward and ``grad @ dequantize_4bit(B)``
-        in backward; the input is not saved)."""
+        in backward; the input is not saved).  GPTQ in training: AutoGPTQ's PyTorch-op dequantization
+        (see ``GPTQ_TORCH_DEQUANT_BYTES_PER_WEIGHT``), the fp16 weight saved for backward."""
         tr = self.tr
-        deq = Tensor(-1, Poly.const(in_f * out_f), self.cdt, False, path)
-        tr.transient(path, deq.nbytes)
+        if quant == "gptq" and self.plan.training:
+            # AutoGPTQ's PyTorch-op dequantization (no ExLlama in training): int32 + int8 intermediates, then
+            # torch.matmul saves the fp16 weight for the input's gradient
+            deq = tr.new(path, Poly.const(in_f * out_f), self.cdt, False)
+            deq.weight_copy = True
+            tr.transient(path, Poly.const(GPTQ_TORCH_DEQUANT_PEAK_BYTES_PER_WEIGHT * in_f * out_f))
+            if x.requires_grad:
+                tr.save(path, deq)
+        else:
+            deq = Tensor(-1, Poly.const(in_f * out_f), self.cdt, False, path)
+            tr.transient(path, deq.nbytes)
         if quant in ("nf4", "fp4") and x.requires_grad and getattr(self.plan.lora, "bnb_keeps_input", False):
             tr.save(path, x)  # legacy MatMul4Bit: ctx.tensors = (A, B)
         rows = x.numel * (1.0 / in_f)

@@ -105,6 +105,7 @@ class Tensor:
     requires_grad: bool
     module: str  # module path that created it
     is_param: bool = False
+    weight_copy: bool = False  # a dequantized copy of a frozen weight: its traffic is the quantization's
 
     @property
     def nbytes(self) -> Poly:

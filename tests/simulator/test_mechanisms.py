@@ -228,3 +228,41 @@ def test_flash_attention_runs_at_its_benchmarked_rate_for_the_sequence_length():
     a_cp, _ = attention_s(1, 32768, cp=4)
     f = sum(sum(c * v for c, v in zip(op.fwd_flops, basis(1, 32768))) for op in attn) / 4
     assert a_cp == pytest.approx(0.5 * f / (peak * dev.efficiency.attention_fraction_at(8192)), rel=1e-9)
+
+
+def test_gptq_training_dequantizes_with_pytorch_ops_and_keeps_the_fp16_weight():
+    """AutoGPTQ's QuantLinear in training (no ExLlama: it has no backward) dequantizes each call of >= 128 rows
+    with PyTorch ops -- int32 shift, int8 cast, and, minus zeros, times scales: 16 B of traffic and five
+    kernels per weight matrix instead of bitsandbytes' one 2.5 B kernel -- with the int32 expansion and its int8
+    cast live together (5 B per weight), and torch.matmul saves the fp16 weight for the input's gradient, so
+    the backward does not dequantize again.  Inference keeps the one-kernel dequantization."""
+    from simulator import compute
+
+    def scen(task_kw, **kw):
+        return Scenario.model_validate({"model": "llama-3.1-8b", **task_kw, **kw})
+
+    train = {"method": {"kind": "qlora", "quant": "gptq", "r": 8, "targets": ["q_proj"]}, "precision": "fp16-amp",
+             "workload": {"task": "train", "micro_batch": B, "seq_len": S}}
+    nf4 = {**train, "method": {"kind": "qlora", "quant": "nf4", "r": 8, "targets": ["q_proj"]},
+           "precision": "bf16-amp"}
+    gptq_ct, nf4_ct = cost_table_for(scen(train)), cost_table_for(scen(nf4))
+    mlp_n = 4096 * 14336  # the largest quantized matrix of a Llama-3.1-8B block
+    assert gptq_ct.max_dequant_bytes == 5.0 * mlp_n and nf4_ct.max_dequant_bytes == 2.0 * mlp_n
+    # the saved set of a block grows by every quantized matrix's fp16 copy whose input needs a gradient: all
+    # 7 matrices (218.1M weights) from the second block on; in the first, q/k/v read the frozen embeddings'
+    # output, so torch.matmul keeps nothing for them
+    qkv_n = 4096 * 4096 + 2 * 4096 * 1024
+    block_n = qkv_n + 4096 * 4096 + 3 * mlp_n
+    assert _saved(gptq_ct, "model.layers.1") - _saved(nf4_ct, "model.layers.1") == pytest.approx(2.0 * block_n)
+    assert _saved(gptq_ct, "model.layers.0") - _saved(nf4_ct, "model.layers.0") == pytest.approx(
+        2.0 * (block_n - qkv_n))
+    g = next(p for p in compute.op_arrays(gptq_ct) if p.where == "block")
+    n = next(p for p in compute.op_arrays(nf4_ct) if p.where == "block")
+    storage = sum(r.storage_bytes for r in gptq_ct.param_rows if r.quantized and r.layers == g.layers)
+    assert g.dequant_bytes == pytest.approx(storage + 16.0 * block_n)
+    assert (g.n_dequant_kernels, n.n_dequant_kernels) == (35, 7) and not g.dequant_in_backward
+    assert g.elementwise_bytes == n.elementwise_bytes  # the fp16 copies are the dequantization's, not eager ops'
+    infer = scen({"inference": {"weights": "gptq"}},
+                 workload={"task": "infer", "batch": 8, "prompt_len": 512, "gen_len": 16})
+    assert cost_table_for(infer).max_dequant_bytes == 2.0 * mlp_n
+    assert next(p for p in compute.op_arrays(cost_table_for(infer)) if p.where == "block").dequant_in_backward
