@@ -735,15 +735,17 @@ def _checkpointing_that_ran(scen: Scenario, sc: dict, metric: str, notes: list[s
 # target -> prediction
 # ------------------------------------------------------------------------------------------------------------
 
-# Which Estimate field each `measured_how` corresponds to.  "unknown": reserved -- what most published tables
-# report when they do not say (torch.cuda.max_memory_reserved in trainer logs/W&B "gpu memory", and the value
-# closest to nvidia-smi without the context); "active" is allocated minus freed-but-cached, i.e. allocated.
+# Which Estimate field each `measured_how` corresponds to.  "unknown": the device reading (reserved + CUDA
+# context) -- a table that reports "GPU memory" without naming its tool reads the card: nvidia-smi, or the
+# NVML system metrics of W&B and gpustat, all of which include the context.  (Both unlabelled sources of the
+# public records, the Qwen fine-tuning and inference tables, read above reserved at every size.)  "active" is
+# allocated minus freed-but-cached, i.e. allocated.
 MEASURED_FIELD = {
     "allocated": "peak_allocated_bytes",
     "active": "peak_allocated_bytes",
     "reserved": "peak_reserved_bytes",
     "nvidia-smi": "peak_memory_bytes",
-    "unknown": "peak_reserved_bytes",
+    "unknown": "peak_memory_bytes",
     "n/a": "peak_reserved_bytes",
 }
 
@@ -879,7 +881,7 @@ def predict_record(rec: dict) -> dict[str, Any]:
                 notes.append(f"total over {scen.parallel.n_gpus} GPUs: the sum of every rank's peak")
             out.update(predicted=round(value / per, 4), unit=unit, measured_as=field)
             if (t.get("measured_how") or "unknown") in ("unknown", "n/a"):
-                notes.append("measured_how unknown: predicting reserved")
+                notes.append("measured_how unknown: predicting the device reading (reserved + CUDA context)")
         elif metric in DEVICE_MAP_METRICS:
             # the memory a GPU holds after loading = the weights placed on it ("peak GPU memory is exactly the
             # size of the model put on a given GPU", accelerate's big-model-inference benchmark)

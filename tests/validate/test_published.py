@@ -135,6 +135,18 @@ def test_unit_and_measured_field():
     assert p_alloc["unit"] == "GB" and p_alloc["status"] == "ok"
     # nvidia-smi adds the allocator cache and the CUDA context to what torch allocated.
     assert p_smi["predicted"] > p_alloc["predicted"]
+    # a table that does not say how it measured reads the card: the same device total, the context included
+    r3 = copy.deepcopy(r)
+    r3["target"]["measured_how"] = "unknown"
+    notes: list[str] = []
+    p_unknown = predict_record(r3)
+    assert p_unknown["predicted"] == p_smi["predicted"]
+    scen = record_to_scenario(r3, notes)
+    from hwprofiles import get_device
+    from simulator import estimate
+
+    e = estimate(scen, what_fits=False, timing=False)
+    assert e.peak_memory_bytes - e.peak_reserved_bytes == get_device(scen.gpu).cuda_context_bytes
 
 
 def test_unstated_fields_take_framework_defaults():
