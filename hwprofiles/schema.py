@@ -85,6 +85,17 @@ def _interp(x: float, xs: tuple[float, ...], ys: tuple[float, ...]) -> float:
     return ys[-1]
 
 
+def _on_log_curve(x, curve: tuple[tuple[float, ...], tuple[float, ...]], base: int):
+    """A curve stored as (log_base x, y) points, at ``x`` (scalar or array; below 1 read as 1): piecewise
+    linear in log_base(x), clamped outside; a scalar without numpy (one call in an estimate's hot path)."""
+    xs, ys = curve
+    if isinstance(x, int | float):
+        return _interp((math.log10 if base == 10 else math.log2)(max(x, 1.0)), xs, ys)
+    import numpy as np  # lazy: profiles load without numpy
+
+    return np.interp((np.log10 if base == 10 else np.log2)(np.maximum(x, 1.0)), xs, ys)
+
+
 class Efficiency(_Strict):
     """Achievable fractions of the peaks, used by the roofline (Calculon's ``gflops_efficiency`` / ``MB_efficiency``)."""
 
@@ -143,17 +154,12 @@ class Efficiency(_Strict):
     def matmul_fraction(self, flops_per_gemm, dtype: str = "bf16"):
         """Achievable fraction of peak for a GEMM of ``flops_per_gemm`` FLOPs (scalar or array): the curve
         interpolated in log10(flops), clamped outside, times :meth:`max_fraction`."""
-        if isinstance(flops_per_gemm, int | float):  # one call in an estimate's hot path: no numpy
-            xs, ys = self._log_curve
-            x = math.log10(max(flops_per_gemm, 1.0))
-            return _interp(x, xs, ys) * self.max_fraction(dtype)
+        out = _on_log_curve(flops_per_gemm, self._log_curve, 10) * self.max_fraction(dtype)
+        if isinstance(flops_per_gemm, int | float):
+            return out
         import numpy as np  # lazy: profiles load without numpy
 
-        xs, ys = self._log_curve
-        scale = np.interp(np.log10(np.maximum(flops_per_gemm, 1.0)), xs, ys)
-        out = scale * self.max_fraction(dtype)
         return float(out) if np.ndim(out) == 0 else out
-
 
     @functools.cached_property
     def _log_attention_curve(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
@@ -170,12 +176,7 @@ class Efficiency(_Strict):
         curve = self._log_attention_curve
         if frac is None or curve is None or tokens is None:
             return frac
-        xs, ys = curve
-        if isinstance(tokens, int | float):
-            return frac * _interp(math.log2(max(tokens, 1.0)), xs, ys)
-        import numpy as np  # lazy: profiles load without numpy
-
-        return frac * np.interp(np.log2(np.maximum(tokens, 1.0)), xs, ys)
+        return frac * _on_log_curve(tokens, curve, 2)
 
 
 class _Profile(_Strict):

@@ -180,19 +180,18 @@ def _part(where, layers, tr, arch, recompute_until: int | None, quant_rows, enco
            recompute_until is not None and op.watermark <= recompute_until,
            saving.get(op.module, 0.0) if op.op == "linear" else 0.0)
         for op in tr.ops)
+    made = [t for t in tr.tensors if not t.is_param and not t.weight_copy]  # the eager ops' own tensors
     ew = [0.0] * 7
-    for t in tr.tensors:
-        if not t.is_param and not t.weight_copy:
-            k = dtype_bytes(t.dtype)
-            for i, c in enumerate(t.numel.c):
-                ew[i] += c * k
-    if torch_dequant:
-        deq = sum(r.storage_bytes + GPTQ_TORCH_DEQUANT_BYTES_PER_WEIGHT * r.numel for r in quant_rows)
-        n_deq = GPTQ_TORCH_DEQUANT_KERNELS * len(quant_rows)
-    else:
-        deq = sum(r.storage_bytes + 2.0 * r.numel for r in quant_rows)
-        n_deq = len(quant_rows)
-    n_kernels = sum(1 for t in tr.tensors if not t.is_param and not t.weight_copy) + n_deq
+    for t in made:
+        k = dtype_bytes(t.dtype)
+        for i, c in enumerate(t.numel.c):
+            ew[i] += c * k
+    # bytes moved per weight besides the packed read, and kernels, of one dequantization
+    per_weight, kernels = ((GPTQ_TORCH_DEQUANT_BYTES_PER_WEIGHT, GPTQ_TORCH_DEQUANT_KERNELS) if torch_dequant
+                           else (2.0, 1))
+    deq = sum(r.storage_bytes + per_weight * r.numel for r in quant_rows)
+    n_deq = kernels * len(quant_rows)
+    n_kernels = len(made) + n_deq
     largest: dict[str, int] = {}
     for p in tr.params:
         module = p.path.rsplit(".", 1)[0]
@@ -261,31 +260,32 @@ class _Efficiencies:
     """The efficiency figures of several devices, as arrays over their axis."""
 
     def __init__(self, devices: tuple[Device, ...], shape: tuple[int, ...], axis: int) -> None:
-        self._devices, self._axis = devices, axis
+        self._devices, self._shape, self._axis = devices, shape, axis
         self.memory_bandwidth_fraction = np.array(
             [d.efficiency.memory_bandwidth_fraction for d in devices]).reshape(shape)
         att = [d.efficiency.attention_fraction for d in devices]
         self.attention_fraction = np.array([math.nan if a is None else a for a in att]).reshape(shape)
 
+    def _each(self, values, fraction) -> np.ndarray:
+        """``fraction(efficiency, slice)`` of each device on its slice of ``values`` (broadcast to the
+        devices' axis)."""
+        out = np.empty(np.broadcast_shapes(np.shape(values), self._shape))
+        values = np.broadcast_to(np.asarray(values, dtype=float), out.shape)
+        for i, d in enumerate(self._devices):
+            at = (Ellipsis, i) + (slice(None),) * (-1 - self._axis)
+            out[at] = fraction(d.efficiency, values[at])
+        return out
+
     def attention_fraction_at(self, tokens) -> np.ndarray:
         """Each device's attention fraction at ``tokens`` per sequence (NaN where it has none)."""
         if tokens is None:
             return self.attention_fraction
-        tokens = np.asarray(tokens, dtype=float)
-        out = np.empty(np.broadcast_shapes(np.shape(tokens), self.attention_fraction.shape))
-        for i, d in enumerate(self._devices):
-            at = (Ellipsis, i) + (slice(None),) * (-1 - self._axis)
-            frac = d.efficiency.attention_fraction_at(np.broadcast_to(tokens, out.shape)[at])
-            out[at] = math.nan if frac is None else frac
-        return out
+        return self._each(tokens, lambda e, t: math.nan if e.attention_fraction is None
+                          else e.attention_fraction_at(t))
 
     def matmul_fraction(self, flops_per_gemm: np.ndarray, dtype: str) -> np.ndarray:
         """Each device's own curve on its slice of ``flops_per_gemm``."""
-        out = np.empty(np.shape(flops_per_gemm))
-        for i, d in enumerate(self._devices):
-            at = (Ellipsis, i) + (slice(None),) * (-1 - self._axis)
-            out[at] = d.efficiency.matmul_fraction(flops_per_gemm[at], dtype)
-        return out
+        return self._each(flops_per_gemm, lambda e, f: e.matmul_fraction(f, dtype))
 
 
 class Devices:

@@ -296,7 +296,7 @@ def fit_attention(rows: Rows, dev: Device) -> tuple[float, Curve | None, str, st
     if len(seqs) < 2:
         return plateau, None, text, ""
     curve = tuple((float(s), min(1.0, m / medians[-1])) for s, m in zip(seqs, medians))
-    curve_text = (f"median per length over the same cases / the longest length's: "
+    curve_text = ("median per length over the same cases / the longest length's: "
                   + ", ".join(f"{s}: {_fmt(r)}" for s, r in curve))
     return plateau, curve, text, curve_text
 

@@ -501,16 +501,13 @@ def _sdpa_predict_s(p: SdpaParams, dev) -> float:
     fused backends at the attention fraction for the case's length on the causally halved FLOPs, math on the
     GEMM curve."""
     from simulator.compute import Op, OpArrays, part_time
-    from simulator.graph.ir import BASIS, basis
-
-    def on(monomial: str, value: float) -> tuple[float, ...]:  # coefficients: value per unit of one monomial
-        return tuple(value if m == monomial else 0.0 for m in BASIS)
+    from simulator.graph.ir import Poly, basis
 
     pairs = p.batch * p.seq * p.seq  # the basis's A = b * s * s_kv
     fwd = sdpa_counted_flops(SdpaParams(**{**p.model_dump(), "backward": False}))
     bwd = sdpa_counted_flops(p) - fwd
-    op = Op(fwd_flops=on("A", fwd / pairs), bwd_flops=on("A", bwd / pairs),
-            fwd_bytes=on("T", sdpa_forward_bytes(p) / (p.batch * p.seq)),
+    op = Op(fwd_flops=Poly.att(fwd / pairs).c, bwd_flops=Poly.att(bwd / pairs).c,
+            fwd_bytes=Poly.tok(sdpa_forward_bytes(p) / (p.batch * p.seq)).c,
             attention=True, causal=p.causal, tp_split=True, recomputed=False)
     part = OpArrays(where="block", layers=(0,), ops=(op,), elementwise_bytes=(0.0,) * 7, dequant_bytes=0.0,
                     n_kernels=0)

@@ -163,6 +163,7 @@ def target_names(arch: ModelArch, *, embeddings: bool = True) -> frozenset[str]:
 BNB_4BIT_CODE_BYTES = 16 * 4
 """The nf4 / fp4 code table of one matrix: 16 fp32 values."""
 BNB_NESTED_STATE_BYTES = 256 * 4 + 4
+"""Double quantization's per-matrix extras: the 256-entry fp32 dynamic map copy and the fp32 offset."""
 
 # AutoGPTQ's QuantLinear without its ExLlama kernels -- the path training takes (transformers'
 # ``GPTQConfig(use_exllama=False)`` / ``disable_exllama=True``: ExLlama has no backward) -- dequantizes a call of
@@ -175,7 +176,6 @@ BNB_NESTED_STATE_BYTES = 256 * 4 + 4
 GPTQ_TORCH_DEQUANT_BYTES_PER_WEIGHT = 16.0
 GPTQ_TORCH_DEQUANT_KERNELS = 5
 GPTQ_TORCH_DEQUANT_PEAK_BYTES_PER_WEIGHT = 5.0
-"""Double quantization's per-matrix extras: the 256-entry fp32 dynamic map copy and the fp32 offset."""
 
 
 def quant_storage_bytes(kind: str, numel: int, out_f: int, in_f: int, group: int, double_quant: bool,
