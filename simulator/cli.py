@@ -379,7 +379,7 @@ method:
 precision: bf16              # fp32 | bf16-amp | fp16-amp | bf16 | fp16 | fp8
 optimizer:
   name: adamw                # adamw | adam | sgd | sgd-momentum | adafactor | lion | adamw-8bit | paged-adamw-8bit | paged-adamw-32bit
-  impl: foreach              # foreach | fused | for-loop
+  impl: foreach              # foreach | foreach-torch2.0 | fused | for-loop
 checkpointing:
   mode: full                 # none | full | every_k
   every_k: 1                 # with mode every_k: checkpoint one block in k

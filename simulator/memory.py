@@ -90,6 +90,13 @@ def step_counter_bytes(n_tensors: int, name: str, impl: str = "foreach", *, on_d
     return 0.0
 
 
+# torch <= 2.0 ``_multi_tensor_adam(w)``: ``exp_avg_sq_sqrt = _foreach_sqrt(exp_avg_sqs)`` then
+# ``denom = _foreach_add(exp_avg_sq_sqrt, eps)`` (out of place) -- both param-sized lists are alive at
+# ``_foreach_addcdiv_(params, exp_avgs, denom, step_size)`` (torch/optim/adamw.py of the 2.0 release);
+# torch 2.1 adds eps in place (``_foreach_add_(exp_avg_sq_sqrt, eps)``), leaving one.
+FOREACH_ADAM_TORCH20_COPIES = 2.0
+
+
 def optimizer_temp_bytes(groups: list[TensorGroup], name: str, impl: str) -> float:
     """Transient memory of ``optimizer.step()``.
 
@@ -106,7 +113,10 @@ def optimizer_temp_bytes(groups: list[TensorGroup], name: str, impl: str) -> flo
         return 0.0
     if impl == "for-loop":
         return max(n * dtype_bytes(d) for n, d, _, _ in groups)
-    return sum(n * dtype_bytes(d) * c for n, d, _, c in groups)
+    one_copy = sum(n * dtype_bytes(d) * c for n, d, _, c in groups)
+    if impl == "foreach-torch2.0" and name in ("adamw", "adam"):
+        return FOREACH_ADAM_TORCH20_COPIES * one_copy
+    return one_copy
 
 
 def optimizer_is_paged(name: str) -> bool:

@@ -456,6 +456,17 @@ def _source_year(source: dict | None) -> int | None:
     return max(years) if years else None
 
 
+def _torch_version(rec: dict) -> tuple[int, int] | None:
+    """(major, minor) of the PyTorch release the record's text names ("PyTorch 2.0", "torch 2.0.1",
+    "PyTorch 2.1.0+cu121"), when it names exactly one."""
+    import re
+
+    text = " ".join(str(rec.get(k) or "") for k in ("notes", "measured_how", "precision"))
+    text += " " + " ".join(str(v) for v in (rec.get("source") or {}).values())
+    found = {(int(a), int(b)) for a, b in re.findall(r"\b(?:pytorch|torch)[ =v]*(\d)\.(\d+)", text, re.I)}
+    return found.pop() if len(found) == 1 else None
+
+
 def _method(sc: dict, arch: ModelArch, precision: str, notes: list[str], rec_source: dict | None = None,
             ds_engine: bool = False):
     kind = sc.get("method")
@@ -676,6 +687,12 @@ def record_to_scenario(rec: dict, notes: list[str] | None = None) -> Scenario:
     elif loss != "upcast":
         notes.append(f"loss: {sc.get('framework')} computes a chunked cross-entropy -> loss={loss!r}")
     optimizer = _optimizer(sc, notes)
+    torch_v = _torch_version(rec)
+    if optimizer["impl"] == "foreach" and optimizer["name"] in ("adamw", "adam") and torch_v is not None \
+            and torch_v < (2, 1):
+        optimizer = {**optimizer, "impl": "foreach-torch2.0"}
+        notes.append(f"PyTorch {torch_v[0]}.{torch_v[1]}: foreach Adam(W) holds two param-sized temporaries "
+                     "(impl='foreach-torch2.0')")
     ga_v = ga or d["grad_accum"]
     if d.get("full_optimizer_in_bwd") and sc.get("method") == "full" and sc.get("n_gpus", 1) == 1 and ga_v == 1:
         optimizer = {**optimizer, "in_backward": True}

@@ -45,8 +45,9 @@ Workload = Annotated[Union[TrainWorkload, InferWorkload], Field(discriminator="t
 class Optimizer(Strict):
     name: OptimizerName = "adamw"
     """Optimizer; the -8bit ones are bitsandbytes blockwise 8-bit, paged ones live in CUDA managed memory."""
-    impl: Literal["foreach", "fused", "for-loop"] = "foreach"
-    """torch.optim implementation: foreach (default on CUDA) holds ~one extra copy of the params being updated."""
+    impl: Literal["foreach", "foreach-torch2.0", "fused", "for-loop"] = "foreach"
+    """torch.optim implementation: foreach (default on CUDA) holds ~one extra copy of the params being updated;
+    foreach-torch2.0 is torch <= 2.0's Adam(W), which holds two (its ``denom`` was built out of place)."""
     beta1: bool = True
     """Adafactor only: keep a first moment (exp_avg)."""
     in_backward: bool = False

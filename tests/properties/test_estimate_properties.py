@@ -258,7 +258,7 @@ def scenario_dicts(draw, junk: bool = True, task: str | None = None, kind: str |
     if draw(st.booleans()):
         o = {"name": _choice(draw, OPTIMIZERS, junk, bad=("adamw-4bit", "SGD"))}
         if draw(st.booleans()):
-            o["impl"] = _choice(draw, ["foreach", "fused", "for-loop"], junk)
+            o["impl"] = _choice(draw, ["foreach", "foreach-torch2.0", "fused", "for-loop"], junk)
         if draw(st.booleans()):
             o["beta1"] = draw(st.booleans())
         d["optimizer"] = o

@@ -475,3 +475,27 @@ def test_a_run_that_was_measured_recomputed_when_it_could_not_fit_without():
     short = _record(**{**upd, "micro_batch": 1, "seq_len": 256})
     short["target"] = {"metric": "step_time_s", "value": 1.0, "comparable": True}
     assert record_to_scenario(short).checkpointing.mode == "none"
+
+
+def test_a_record_on_pytorch_2_0_steps_adamw_with_two_foreach_temporaries():
+    """The PyTorch release a record names picks the foreach AdamW form: up to 2.0 its denominator is a
+    second param-sized list; 2.1 on adds eps in place. Fused and unnamed releases keep their defaults."""
+    from validate.published import _torch_version
+
+    old = _record(framework="transformers")
+    old["notes"] = "Single A100, CUDA 11.8, PyTorch 2.0; batch size 1"
+    notes: list[str] = []
+    assert _torch_version(old) == (2, 0)
+    assert record_to_scenario(old, notes).optimizer.impl == "foreach-torch2.0"
+    assert any("foreach-torch2.0" in n for n in notes)
+    new = _record(framework="transformers")
+    new["source"] = {"name": "resource table", "where": "PyTorch 2.1.0+cu121"}
+    assert _torch_version(new) == (2, 1)
+    assert record_to_scenario(new).optimizer.impl == "foreach"
+    assert record_to_scenario(_record(framework="transformers")).optimizer.impl == "foreach"
+    both = _record(framework="transformers")
+    both["notes"] = "PyTorch 2.0.1 for the table, torch 2.1.0 for vLLM"
+    assert _torch_version(both) is None  # two releases named: no guess
+    fused = _record(framework="deepspeed")
+    fused["notes"] = "PyTorch 1.13"
+    assert record_to_scenario(fused).optimizer.impl == "fused"
