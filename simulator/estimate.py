@@ -209,6 +209,7 @@ class MicroBytes:
     block_backward: Any
     recompute: Any
     other: Any
+    cast_cache: Any = 0.0  # autocast's cached weight copies of checkpointed blocks, alive through the forward
 
 
 def micro_bytes(ct: CostTable, par, B: tuple, stage: int, loss: str) -> MicroBytes:
@@ -222,7 +223,12 @@ def micro_bytes(ct: CostTable, par, B: tuple, stage: int, loss: str) -> MicroByt
     if ct.plan.offload_checkpoints and has_blocks:
         recompute += ct.at(ct.block_io, B) / rep_div  # the block input copied back from host memory
     other = ct.at(ct.other_transient_bytes, B) / split_div
-    return MicroBytes(stage_saved_bytes(ct, par, B, stage), loss_fwd, loss_bwd, blk_bwd, recompute, other)
+    cache = 0.0
+    if par.zero < 3 and par.fsdp == "none" and not par.bf16_master_weights_and_grads:
+        # the cache holds copies of resident fp32 leaves; gathered shards and 16-bit DeepSpeed modules have none
+        layers = sh.stage_layer_ranges(ct.n_blocks, par.pp)[stage]
+        cache = sum(nb * sum(1 for i in ls if i in layers) for ls, nb in ct.checkpoint_cast_cache) / split_div
+    return MicroBytes(stage_saved_bytes(ct, par, B, stage), loss_fwd, loss_bwd, blk_bwd, recompute, other, cache)
 
 
 def _where(cond, a, b):
@@ -253,7 +259,7 @@ def train_phase_bytes(rb: RankBytes, mb: MicroBytes, in_flight, grad_accum, work
     # weights, each saved by its matmul when the input needs grad.
     g_acc = _where(grad_accum > 1, rb.accumulated_gradients, 0.0)
     base = rb.weights + rb.quant_scales + rb.trainable_weights + (rb.optimizer_states - rb.paged) + rb.bucket
-    fwd_tr = _maximum(mb.loss_forward, rb.dequant, mb.other) + rb.gathered
+    fwd_tr = _maximum(mb.loss_forward, rb.dequant, mb.other) + rb.gathered + mb.cast_cache
     bwd_tr = (_maximum(mb.loss_backward, mb.block_backward + mb.recompute + rb.dequant + mb.other) + rb.gathered
               + rb.gathered_grads)
     # backward: early on the grads of the first (top) blocks exist; with accumulation all of them

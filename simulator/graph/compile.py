@@ -79,6 +79,7 @@ class CostTable:
     pre_saved: Poly = ZERO  # embeddings' saved bytes
     post_saved: Poly = ZERO  # final norm / head / loss saved bytes
     shared_saved: Poly = ZERO  # tensors every block uses, saved once (RoPE cos/sin, prefix states)
+    checkpoint_cast_cache: tuple[tuple[tuple[int, ...], float], ...] = ()  # per checkpointed variant: (layers, bytes per layer) of autocast's cached weight copies
     n_blocks: int = 0
     trace: ModelTrace | None = field(repr=False, default=None)
     _graph: object = field(repr=False, default=None)
@@ -164,6 +165,21 @@ def _saved_bytes(mt: ModelTrace) -> tuple[Poly, dict[str, Poly], dict[str, Poly]
     by_layer["head"] = loc + glob
     total = total + loc + glob
     return total, dict(by_layer), dict(by_module), max_layer
+
+
+def _checkpoint_cast_cache(mt: ModelTrace) -> tuple[tuple[tuple[int, ...], float], ...]:
+    """Per checkpointed block variant: bytes of autocast's cached copies of its trainable fp32 weights.
+
+    A checkpointed block keeps none of its tensors, but torch.autocast caches the lower-precision copy of
+    every leaf weight that requires grad (``cached_cast`` in autocast_mode.cpp, grad mode not consulted)
+    until the outermost autocast region exits -- the end of the forward and loss."""
+    out = []
+    for v in mt.variants:
+        if v.checkpointed:
+            nb = sum(t.nbytes.c[-1] for t in v.trace.tensors if t.autocast_cached)
+            if nb:
+                out.append((tuple(v.layers), nb))
+    return tuple(out)
 
 
 def _graph(mt: ModelTrace):
@@ -340,7 +356,7 @@ def compile_trace(mt: ModelTrace) -> CostTable:
         param_rows=_param_rows(mt), block_saved_tp=block_tp,
         pre_saved=by_layer.get("embeddings", ZERO), post_saved=by_layer.get("head", ZERO),
         n_blocks=sum(len(v.layers) for v in mt.variants), shared_saved=_shared_saved(saved, by_layer, block_tp),
-        trace=mt,
+        checkpoint_cast_cache=_checkpoint_cast_cache(mt), trace=mt,
     )
 
 

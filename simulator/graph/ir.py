@@ -106,6 +106,7 @@ class Tensor:
     module: str  # module path that created it
     is_param: bool = False
     weight_copy: bool = False  # a dequantized copy of a frozen weight: its traffic is the quantization's
+    autocast_cached: bool = False  # autocast's cached lower-precision copy of a trainable fp32 leaf weight
 
     @property
     def nbytes(self) -> Poly:
@@ -221,6 +222,8 @@ class Tracer:
                 c = self.cast(module, x, self.autocast)
                 if c is not x:
                     c.requires_grad = x.requires_grad
+                    # autocast_mode.cpp caches casts of leaves that require grad, whatever the grad mode
+                    c.autocast_cached = x.requires_grad
                 self._weight_cast_cache[key] = c
             return self._weight_cast_cache[key]
         return self.cast(module, x, self.autocast)
