@@ -688,7 +688,12 @@ def record_to_scenario(rec: dict, notes: list[str] | None = None) -> Scenario:
         notes.append(f"loss: {sc.get('framework')} computes a chunked cross-entropy -> loss={loss!r}")
     optimizer = _optimizer(sc, notes)
     torch_v = _torch_version(rec)
-    if optimizer["impl"] == "foreach" and optimizer["name"] in ("adamw", "adam") and torch_v is not None \
+    if ds_engine and optimizer["name"] in ("adamw", "adam") and optimizer["impl"] != "fused":
+        # the DeepSpeed configs these runs pass (transformers docs, repo scripts) carry an "optimizer" block:
+        # DeepSpeed builds its FusedAdam (multi_tensor_apply, in place) or, with optimizer offload, its CPU Adam
+        optimizer = {**optimizer, "impl": "fused"}
+        notes.append("DeepSpeed config's optimizer block: DeepSpeed's FusedAdam steps in place (impl='fused')")
+    elif optimizer["impl"] == "foreach" and optimizer["name"] in ("adamw", "adam") and torch_v is not None \
             and torch_v < (2, 1):
         optimizer = {**optimizer, "impl": "foreach-torch2.0"}
         notes.append(f"PyTorch {torch_v[0]}.{torch_v[1]}: foreach Adam(W) holds two param-sized temporaries "

@@ -450,6 +450,10 @@ def test_trainer_with_a_deepspeed_config_runs_deepspeeds_engine_and_the_docs_buc
         assert sc.parallel.ipg_buffers == (2 if zero == 2 else 1)
         assert any("DeepSpeed bf16 engine" in n for n in notes)
         assert sc.method.adapter_dtype == "model"  # the engine casts the LoRA weights to bf16 too
+        assert sc.optimizer.impl == "fused"  # the config's optimizer block: DeepSpeed's FusedAdam
+    old_torch = _record(framework="transformers", precision="bf16-amp", n_gpus=2, parallel={"zero_stage": 3})
+    old_torch["notes"] = "PyTorch 2.0"
+    assert record_to_scenario(old_torch).optimizer.impl == "fused"  # DeepSpeed's optimizer, not torch's
     # a plain DeepSpeed script keeps DeepSpeed's own defaults
     sc = record_to_scenario(_record(framework="deepspeed", precision="bf16-amp", n_gpus=2,
                                     parallel={"zero_stage": 2}), [])
