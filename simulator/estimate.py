@@ -214,7 +214,8 @@ class MicroBytes:
 
 def micro_bytes(ct: CostTable, par, B: tuple, stage: int, loss: str) -> MicroBytes:
     rep_div, split_div = sh.activation_split(par)
-    has_blocks = bool(sh.stage_layer_ranges(ct.n_blocks, par.pp)[stage])
+    layers = sh.stage_layer_ranges(ct.n_blocks, par.pp)[stage]
+    has_blocks = bool(layers)
     logits_n = ct.at(ct.logits_numel, B) / split_div if stage == par.pp - 1 else 0.0
     loss_fwd, loss_bwd = mem.loss_transient_bytes(loss, logits_n, ct.logits_dtype, ct.loss_dtype, ct.loss_upcast_copy,
                                                 ct.loss_shift_dtype)
@@ -224,9 +225,9 @@ def micro_bytes(ct: CostTable, par, B: tuple, stage: int, loss: str) -> MicroByt
         recompute += ct.at(ct.block_io, B) / rep_div  # the block input copied back from host memory
     other = ct.at(ct.other_transient_bytes, B) / split_div
     cache = 0.0
-    if par.zero < 3 and par.fsdp == "none" and not par.bf16_master_weights_and_grads:
-        # the cache holds copies of resident fp32 leaves; gathered shards and 16-bit DeepSpeed modules have none
-        layers = sh.stage_layer_ranges(ct.n_blocks, par.pp)[stage]
+    if par.fsdp == "none" and not par.deepspeed:
+        # the cache holds copies of resident fp32 leaves: FSDP's gathered parameters and DeepSpeed's 16-bit
+        # module have none
         cache = sum(nb * sum(1 for i in ls if i in layers) for ls, nb in ct.checkpoint_cast_cache) / split_div
     return MicroBytes(stage_saved_bytes(ct, par, B, stage), loss_fwd, loss_bwd, blk_bwd, recompute, other, cache)
 

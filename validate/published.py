@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -397,7 +398,9 @@ def _checkpointing(sc: dict, notes: list[str]) -> dict:
     return {"mode": raw}
 
 
-def _optimizer(sc: dict, notes: list[str]) -> dict:
+def _optimizer(sc: dict, notes: list[str], ds_engine: bool = False, torch_v: tuple[int, int] | None = None) -> dict:
+    """The record's optimizer and the implementation that steps it: DeepSpeed's engine builds its own from the
+    config's optimizer block; otherwise the framework's torch.optim form, in the PyTorch release the record names."""
     raw = sc.get("optimizer")
     d = _defaults(sc)
     if raw is None:
@@ -408,7 +411,17 @@ def _optimizer(sc: dict, notes: list[str]) -> dict:
         raw = "adamw"
     if raw not in OPTIMIZERS:
         raise Unsupported(f"optimizer {raw!r} not modelled")
-    return {"name": OPTIMIZERS[raw], "impl": d.get("optimizer_impl", "foreach")}
+    name, impl = OPTIMIZERS[raw], d.get("optimizer_impl", "foreach")
+    if ds_engine and name in ("adamw", "adam") and impl != "fused":
+        # the DeepSpeed configs these runs pass (transformers docs, repo scripts) carry an "optimizer" block:
+        # DeepSpeed builds its FusedAdam (multi_tensor_apply, in place) or, with optimizer offload, its CPU Adam
+        impl = "fused"
+        notes.append("DeepSpeed config's optimizer block: DeepSpeed's FusedAdam steps in place (impl='fused')")
+    elif impl == "foreach" and name in ("adamw", "adam") and torch_v is not None and torch_v < (2, 1):
+        impl = "foreach-torch2.0"
+        notes.append(f"PyTorch {torch_v[0]}.{torch_v[1]}: foreach Adam(W) holds two param-sized temporaries "
+                     "(impl='foreach-torch2.0')")
+    return {"name": name, "impl": impl}
 
 
 def _targets(raw: list[str] | None, arch: ModelArch, notes: list[str]) -> list[str] | str:
@@ -449,8 +462,6 @@ def _targets(raw: list[str] | None, arch: ModelArch, notes: list[str]) -> list[s
 
 def _source_year(source: dict | None) -> int | None:
     """The latest 20xx year named in the record's source text (its name / where), if any."""
-    import re
-
     text = " ".join(str(v) for v in (source or {}).values())
     years = [int(y) for y in re.findall(r"\b(20[12]\d)\b", text)]
     return max(years) if years else None
@@ -459,8 +470,6 @@ def _source_year(source: dict | None) -> int | None:
 def _torch_version(rec: dict) -> tuple[int, int] | None:
     """(major, minor) of the PyTorch release the record's text names ("PyTorch 2.0", "torch 2.0.1",
     "PyTorch 2.1.0+cu121"), when it names exactly one."""
-    import re
-
     text = " ".join(str(rec.get(k) or "") for k in ("notes", "measured_how", "precision"))
     text += " " + " ".join(str(v) for v in (rec.get("source") or {}).values())
     found = {(int(a), int(b)) for a, b in re.findall(r"\b(?:pytorch|torch)[ =v]*(\d)\.(\d+)", text, re.I)}
@@ -686,18 +695,7 @@ def record_to_scenario(rec: dict, notes: list[str] | None = None) -> Scenario:
                      "(loss='upcast-shift')")
     elif loss != "upcast":
         notes.append(f"loss: {sc.get('framework')} computes a chunked cross-entropy -> loss={loss!r}")
-    optimizer = _optimizer(sc, notes)
-    torch_v = _torch_version(rec)
-    if ds_engine and optimizer["name"] in ("adamw", "adam") and optimizer["impl"] != "fused":
-        # the DeepSpeed configs these runs pass (transformers docs, repo scripts) carry an "optimizer" block:
-        # DeepSpeed builds its FusedAdam (multi_tensor_apply, in place) or, with optimizer offload, its CPU Adam
-        optimizer = {**optimizer, "impl": "fused"}
-        notes.append("DeepSpeed config's optimizer block: DeepSpeed's FusedAdam steps in place (impl='fused')")
-    elif optimizer["impl"] == "foreach" and optimizer["name"] in ("adamw", "adam") and torch_v is not None \
-            and torch_v < (2, 1):
-        optimizer = {**optimizer, "impl": "foreach-torch2.0"}
-        notes.append(f"PyTorch {torch_v[0]}.{torch_v[1]}: foreach Adam(W) holds two param-sized temporaries "
-                     "(impl='foreach-torch2.0')")
+    optimizer = _optimizer(sc, notes, ds_engine, _torch_version(rec))
     ga_v = ga or d["grad_accum"]
     if d.get("full_optimizer_in_bwd") and sc.get("method") == "full" and sc.get("n_gpus", 1) == 1 and ga_v == 1:
         optimizer = {**optimizer, "in_backward": True}

@@ -315,6 +315,8 @@ def test_autocast_cache_adds_to_the_forward_phase_only():
     assert mb.cast_cache == 2 * ct.n_trainable
     zero3 = sc.parallel.model_copy(update={"dp": 2, "zero": 3})
     assert micro_bytes(ct, zero3, basis(B, S), 0, sc.loss).cast_cache == 0.0  # gathered shards: not resident leaves
+    zero2 = sc.parallel.model_copy(update={"dp": 2, "zero": 2})
+    assert micro_bytes(ct, zero2, basis(B, S), 0, sc.loss).cast_cache == 0.0  # DeepSpeed's module is 16-bit
     from dataclasses import replace
 
     from simulator.estimate import rank_bytes, train_phase_bytes
