@@ -379,7 +379,10 @@ method:
 precision: bf16              # fp32 | bf16-amp | fp16-amp | bf16 | fp16 | fp8
 optimizer:
   name: adamw                # adamw | adam | sgd | sgd-momentum | adafactor | lion | adamw-8bit | paged-adamw-8bit | paged-adamw-32bit
+                             # | galore-adamw | galore-adamw-8bit | galore-adafactor (method full or freeze, data parallel only)
   impl: foreach              # foreach | foreach-torch2.0 | fused | for-loop
+  in_backward: false         # step each parameter during backward (layer-wise GaLore, torchtune optimizer_in_bwd)
+  # galore: {rank: 128, update_proj_gap: 200, scale: 0.25, proj_type: std, targets: [attn, mlp]}   # galore-* only
 checkpointing:
   mode: full                 # none | full | every_k
   every_k: 1                 # with mode every_k: checkpoint one block in k

@@ -11,6 +11,7 @@ import numpy as np
 from hwprofiles import Device, get_device
 
 from . import compute, cost, timing
+from . import galore as gl
 from . import memory as mem
 from . import sharding as sh
 from .config import Scenario
@@ -172,11 +173,19 @@ def rank_bytes(ct: CostTable, par, optimizer, stage: int, n_shard: int) -> tuple
     opt = optimizer
     prec = ct.plan.precision
     rp = sh.rank_params(ct, par, stage)
-    ms = sh.model_state_bytes(rp, par, opt.name, opt.impl, opt.beta1, prec.param_dtype, prec.compute_dtype, n_shard)
-    grads = step_grads = ms.gradients
     groups = list(rp.groups)
+    galore = (opt.galore, gl.projected_groups(ct, opt.galore)) if opt.galore is not None else None
+    ms = sh.model_state_bytes(rp, par, opt.name, opt.impl, opt.beta1, prec.param_dtype, prec.compute_dtype, n_shard,
+                              galore)
+    grads = step_grads = ms.gradients
     bwd_opt = 0.0
-    if opt.in_backward:
+    if galore is not None:
+        # galore-torch's optimizers are for-loops: one parameter's temporaries at a time, in backward when layer-wise
+        opt_tr = gl.galore_step_transient_bytes(groups, galore[1], opt.name, opt.galore)
+        if opt.in_backward:
+            step_grads = rp.largest_trainable_bytes
+            bwd_opt = opt_tr
+    elif opt.in_backward:
         # each gradient is consumed by its parameter's step (one parameter's temporaries) as soon as it
         # is produced; the validator keeps grad_accum at 1
         step_grads = rp.largest_trainable_bytes
@@ -493,8 +502,12 @@ def _suggestions(sc: Scenario, dev: Device) -> list[Suggestion]:
             half = max(1, w.micro_batch // 2)
             cands.append((f"micro-batch {half} with grad accumulation x{w.grad_accum * (w.micro_batch // half)}",
                           {"workload": {**w.model_dump(), "micro_batch": half, "grad_accum": w.grad_accum * (w.micro_batch // half)}}))
+        opt = sc.optimizer.model_dump(exclude={"galore"})
         if sc.optimizer.name in ("adamw", "adam"):
-            cands.append(("8-bit AdamW (bitsandbytes)", {"optimizer": {**sc.optimizer.model_dump(), "name": "adamw-8bit"}}))
+            cands.append(("8-bit AdamW (bitsandbytes)", {"optimizer": {**opt, "name": "adamw-8bit"}}))
+        if sc.optimizer.galore is not None and not sc.optimizer.in_backward and w.grad_accum == 1 and sc.parallel.n_gpus == 1:
+            cands.append(("layer-wise GaLore (each weight stepped in backward)",
+                          {"optimizer": {**sc.optimizer.model_dump(), "in_backward": True}}))
         if sc.loss == "upcast":
             cands.append(("fused/chunked cross-entropy (no b*s*V fp32 logits)", {"loss": "fused"}))
         if sc.method.kind == "full":
@@ -506,7 +519,7 @@ def _suggestions(sc: Scenario, dev: Device) -> list[Suggestion]:
         cands.append(("QLoRA r=16 all-linear + checkpointing + paged 8-bit AdamW + chunked loss, micro-batch 1",
                       {"method": {"kind": "qlora", "r": 16, "targets": "all-linear"}, "precision": "bf16",
                        "checkpointing": {"mode": "full"}, "loss": "chunked",
-                       "optimizer": {**sc.optimizer.model_dump(), "name": "paged-adamw-8bit", "in_backward": False},
+                       "optimizer": {**opt, "name": "paged-adamw-8bit", "in_backward": False},
                        "workload": {**w.model_dump(), "micro_batch": 1, "grad_accum": w.grad_accum * w.micro_batch}}))
     else:
         w = sc.workload

@@ -85,9 +85,9 @@ def step_counter_bytes(n_tensors: int, name: str, impl: str = "foreach", *, on_d
     ``fused``/``capturable``), HF Adafactor ``state['RMS']`` (on the parameter's device)."""
     if name in ("adamw", "adam"):
         return 4.0 * n_tensors if (impl == "fused" or not on_device_only) else 0.0
-    if name == "adafactor":
+    if name in ("adafactor", "galore-adafactor"):
         return 4.0 * n_tensors
-    return 0.0
+    return 0.0  # galore-torch's AdamW and bitsandbytes keep ``step`` as a Python int
 
 
 # torch <= 2.0 ``_multi_tensor_adam(w)``: ``exp_avg_sq_sqrt = _foreach_sqrt(exp_avg_sqs)`` then
@@ -117,6 +117,100 @@ def optimizer_temp_bytes(groups: list[TensorGroup], name: str, impl: str) -> flo
     if impl == "foreach-torch2.0" and name in ("adamw", "adam"):
         return FOREACH_ADAM_TORCH20_COPIES * one_copy
     return one_copy
+
+
+# ---------------------------------------------------------------------------------------------
+# GaLore (Zhao et al. 2024, arXiv 2403.03507): galore-torch 1.0 galore_projector.py, adamw.py, adamw8bit.py,
+# adafactor.py -- each projected weight keeps its optimizer states on the low-rank gradient and a projector
+# ---------------------------------------------------------------------------------------------
+
+
+def galore_side(shape: tuple[int, ...], proj_type: str) -> str:
+    """Which factor ``GaLoreProjector.project`` keeps for an (m, n) weight: "right" (Vh rows, r x n; gradient
+    G Pᵀ is m x r), "left" (U columns, m x r; Pᵀ G is r x n) or "full" (both; r x r)."""
+    m, n = shape
+    if proj_type == "std":
+        return "right" if m >= n else "left"
+    if proj_type == "reverse_std":
+        return "left" if m >= n else "right"
+    if proj_type in ("left", "right", "full"):
+        return proj_type
+    raise ValueError(f"optimizer.galore.proj_type={proj_type!r} unknown; allowed: std, reverse_std, left, right, full")
+
+
+def galore_low_rank_shape(shape: tuple[int, ...], rank: int, proj_type: str) -> tuple[int, int]:
+    """Shape of the projected gradient (and of the optimizer states): the SVD keeps at most min(m, n) directions."""
+    m, n = shape
+    r = min(rank, m, n)
+    return {"right": (m, r), "left": (r, n), "full": (r, r)}[galore_side(shape, proj_type)]
+
+
+def galore_projector_bytes(shape: tuple[int, ...], rank: int, proj_type: str, svd_dtype: str, param_dtype: str) -> float:
+    """The projector ``GaLoreProjector.ortho_matrix``.  ``get_orthogonal_matrix`` runs ``torch.linalg.svd`` in fp32;
+    for an fp32 input the kept factor is a slice of U (``U[:, :rank]``) or Vh (``Vh[:rank, :]``) -- a view that keeps
+    the whole (m x k) or (k x n) factor alive -- otherwise a contiguous r-wide copy in the parameter's dtype."""
+    m, n = shape
+    k = min(m, n)
+    r = min(rank, k)
+    side = galore_side(shape, proj_type)
+    if svd_dtype == "fp32":
+        return 4.0 * {"right": k * n, "left": m * k, "full": m * k + k * n}[side]
+    return dtype_bytes(param_dtype) * {"right": r * n, "left": m * r, "full": (m + n) * r}[side]
+
+
+def galore_svd_transient_bytes(shape: tuple[int, ...], rank: int, proj_type: str, svd_dtype: str) -> float:
+    """Bytes of a projector refresh (the first step and every ``update_proj_gap`` steps) beyond what stays:
+    the fp32 copy of a 16-bit gradient, U (m x k), S (k) and Vh (k x n) of the reduced SVD, less the factor an
+    fp32 projector keeps (see :func:`galore_projector_bytes`).  cuSOLVER's own workspace is not counted."""
+    m, n = shape
+    k = min(m, n)
+    svd = 4.0 * (m * k + k + k * n) + (0.0 if svd_dtype == "fp32" else 4.0 * m * n)
+    kept = galore_projector_bytes(shape, rank, proj_type, svd_dtype, svd_dtype) if svd_dtype == "fp32" else 0.0
+    return svd - kept
+
+
+def galore_matrix_state_bytes(shape: tuple[int, ...], dtype: str, base: str, rank: int, proj_type: str,
+                              beta1: bool = True) -> float:
+    """Optimizer states plus projector of one projected (m, n) weight under ``base`` (adamw: both moments in the
+    gradient's dtype; adamw-8bit: bitsandbytes blockwise states of the low-rank shape; adafactor: HF Adafactor's
+    fp32 factored states of the upcast, projected gradient)."""
+    low = galore_low_rank_shape(shape, rank, proj_type)
+    svd_dtype = "fp32" if base == "adafactor" else dtype
+    states = _state_bytes_one(low[0] * low[1], dtype, low, base, beta1)
+    return states + galore_projector_bytes(shape, rank, proj_type, svd_dtype, dtype)
+
+
+def galore_matrix_step_bytes(shape: tuple[int, ...], dtype: str, base: str, rank: int, proj_type: str) -> float:
+    """Peak transient of one projected weight's step (the optimizers walk parameters one at a time):
+    the larger of a projector refresh and the update --
+    adamw: the projected gradient, ``denom`` and ``exp_avg / denom`` (low-rank), then ``project_back``'s full-size
+    matmul and its ``* scale`` copy; adamw-8bit: the projected gradient, its clone as ``p.data`` and the two full-size
+    project-back tensors (the parameter's own ``saved_data`` clone replaces it); adafactor: fp32 copies of a 16-bit
+    gradient and parameter, three low-rank fp32 tensors and the two fp32 project-back tensors."""
+    m, n = shape
+    lo = galore_low_rank_shape(shape, rank, proj_type)
+    low = lo[0] * lo[1]
+    b = dtype_bytes(dtype)
+    svd_dtype = "fp32" if base == "adafactor" else dtype
+    refresh = galore_svd_transient_bytes(shape, rank, proj_type, svd_dtype)
+    if base == "adamw":
+        update = b * (3.0 * low + 2.0 * m * n)
+    elif base == "adamw-8bit":
+        update = b * (2.0 * low + 2.0 * m * n)
+    else:
+        upcast = 0.0 if dtype == "fp32" else 2.0 * 4.0 * m * n
+        update = upcast + 4.0 * (3.0 * low + 2.0 * m * n)
+    return max(refresh, update)
+
+
+def galore_other_step_bytes(numel: int, dtype: str, base: str) -> float:
+    """Transient of an unprojected parameter's step in a GaLore optimizer: galore-torch's AdamW builds ``denom`` and
+    ``exp_avg / denom`` (two copies); bitsandbytes updates in place; Adafactor as :func:`optimizer_temp_bytes`."""
+    if base == "adamw":
+        return 2.0 * numel * dtype_bytes(dtype)
+    if base == "adafactor":
+        return 2.0 * numel * 4.0
+    return 0.0
 
 
 def optimizer_is_paged(name: str) -> bool:

@@ -36,7 +36,10 @@ from .config.base import Strict
 from .config.scenario import model_from_name
 from .config.methods import Method
 from .config.model import ModelArch
-from .config.training import OptimizerName, Precision
+from .config.training import Precision
+
+PlannedOptimizer = Literal["adamw", "adam", "sgd", "sgd-momentum", "adafactor", "lion",
+                           "adamw-8bit", "paged-adamw-8bit", "paged-adamw-32bit"]
 from .serving import ServingMetrics
 
 GiB = float(2**30)
@@ -127,8 +130,9 @@ class SearchSpace(Strict):
     """Fine-tuning methods (dicts with 'kind'); default: full, LoRA r 8/16/64 all-linear, QLoRA r 16 (train: full)."""
     precisions: list[Precision] = Field(default_factory=lambda: ["bf16"])
     """Numerics to consider."""
-    optimizers: list[OptimizerName] = Field(default_factory=lambda: ["adamw", "adamw-8bit"])
-    """Optimizers to consider (training)."""
+    optimizers: list[PlannedOptimizer] = Field(default_factory=lambda: ["adamw", "adamw-8bit"])
+    """Optimizers to consider (training); GaLore's run unsharded on whole weights and are estimated one setup at a
+    time (``fitsim estimate``), not searched."""
     micro_batches: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16])
     """Training: micro-batch sizes; inference: concurrent batch sizes."""
     checkpointing: list[Literal["none", "full"]] = Field(default_factory=lambda: ["none", "full"])

@@ -81,14 +81,23 @@ def workload_line(scenario: Scenario) -> str:
     return f"infer: batch {w.batch} x (prompt {w.prompt_len} + generate {w.gen_len} tokens)"
 
 
+def optimizer_text(opt) -> str:
+    """The optimizer with what changes its memory: the torch implementation, GaLore's projection, a step in backward."""
+    if opt.galore is not None:
+        g = opt.galore
+        text = f"{opt.name} (rank {g.rank}, {g.proj_type}, on {'/'.join(g.targets)})"
+    else:
+        text = f"{opt.name} ({opt.impl})"
+    return text + (", stepped in backward" if opt.in_backward else "")
+
+
 def runtime_line(scenario: Scenario) -> str:
     """One line with the numerics and runtime knobs."""
     parts = [f"precision {scenario.precision}", f"attention {scenario.attention}"]
     if scenario.is_training:
         c = scenario.checkpointing
         ckpt = f"every {c.every_k} blocks" if c.mode == "every_k" else c.mode
-        parts += [f"optimizer {scenario.optimizer.name} ({scenario.optimizer.impl})", f"checkpointing {ckpt}",
-                  f"loss {scenario.loss}"]
+        parts += [f"optimizer {optimizer_text(scenario.optimizer)}", f"checkpointing {ckpt}", f"loss {scenario.loss}"]
     else:
         inf = scenario.inference
         parts += [f"weights {'unquantized' if inf.weights == 'none' else inf.weights}", f"KV cache {inf.kv_dtype}"]

@@ -26,6 +26,7 @@ import numpy as np
 
 from . import memory as mem
 from .config.parallel import Parallel
+from .galore import galore_state_bytes
 from .graph.compile import CostTable, ParamRow
 from .units import dtype_bytes
 
@@ -206,8 +207,9 @@ def mixed_unit_grad_bytes(rp: RankParams, par: Parallel) -> float:
 
 
 def model_state_bytes(rp: RankParams, par: Parallel, optimizer_name: str, optimizer_impl: str, beta1: bool,
-                      param_dtype: str, compute_dtype: str, n_shard: int) -> ModelStates:
-    """Model states on one rank (see the module docstring for the rules and citations)."""
+                      param_dtype: str, compute_dtype: str, n_shard: int, galore=None) -> ModelStates:
+    """Model states on one rank (see the module docstring for the rules and citations).  ``galore``: the
+    (settings, projected tensor groups) of a GaLore optimizer, which runs unsharded (the validator's rule)."""
     N = max(1, n_shard)
     paged = mem.optimizer_is_paged(optimizer_name)
     master_grad_elem = 4.0
@@ -231,7 +233,10 @@ def model_state_bytes(rp: RankParams, par: Parallel, optimizer_name: str, optimi
     else:
         trainable = rp.trainable_bytes
         grads = trainable
-        states = mem.optimizer_state_bytes(list(rp.groups), optimizer_name, beta1)
+        if galore is not None:
+            states = galore_state_bytes(list(rp.groups), galore[1], optimizer_name, galore[0], beta1)
+        else:
+            states = mem.optimizer_state_bytes(list(rp.groups), optimizer_name, beta1)
         grad_elem = trainable / rp.trainable_numel if rp.trainable_numel else dtype_bytes(param_dtype)
     states += mem.step_counter_bytes(rp.n_trainable_tensors, optimizer_name, optimizer_impl)
     grads += mixed_unit_grad_bytes(rp, par)

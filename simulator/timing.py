@@ -206,6 +206,11 @@ def optimizer_step_bytes(numel, name: str, param_dtype: str, deepspeed: bool):
     DeepSpeed the fp32 master is updated and a 16-bit copy written back; 8-bit states move 1 B each;
     SGD reads param and grad and writes the param (+ a momentum read and write)."""
     p = 4.0 if deepspeed else dtype_bytes(param_dtype)
+    if name.startswith("galore-"):
+        # a projected weight: read its gradient, write the projected-back update, scale it (read + write), add it to
+        # the weight (read both, write); the low-rank states are r/max(m, n) of that.  The SVD refreshing each
+        # projector every update_proj_gap steps is not timed.
+        return numel * 7.0 * p
     if name in ("adamw", "adam", "paged-adamw-32bit", "adafactor"):
         s = 4.0 if (deepspeed or name == "paged-adamw-32bit") else p
         out = 3.0 * p + 4.0 * s

@@ -20,6 +20,7 @@ forward outside every submodule (the loss, PEFT's prompt concatenation).
 from __future__ import annotations
 
 import contextlib
+import re
 from collections import defaultdict
 from typing import Iterable, Iterator
 
@@ -385,13 +386,49 @@ class _FlopAttributor(TorchDispatchMode):
 _IMPL = {"foreach": {"foreach": True}, "fused": {"fused": True}, "for-loop": {"foreach": False}}
 
 
-def make_optimizer(params: list[nn.Parameter], opt: Optimizer) -> torch.optim.Optimizer:
+def _galore_optimizer(params: list[nn.Parameter], opt: Optimizer, model: nn.Module | None) -> torch.optim.Optimizer:
+    """galore-torch 1.0 as transformers' Trainer builds it for ``optim="galore_*"``: the weights of the ``nn.Linear``
+    modules that ``optim_target_modules`` selects (the exact name, a substring of it, or a regex matching it whole) in
+    one group with the projection settings, every other trainable parameter in a plain group."""
+    try:
+        import galore_torch
+    except ImportError:
+        raise NotImplementedError(f"optimizer {opt.name!r}: needs the galore-torch package") from None
+    if model is None:
+        raise ValueError(f"optimizer {opt.name!r} selects weights by module name: pass the model")
+    if opt.name == "galore-adamw-8bit" and not all(p.is_cuda for p in params):
+        raise NotImplementedError("optimizer 'galore-adamw-8bit': galore-torch's 8-bit step synchronizes CUDA")
+    g = opt.galore
+    targets = list(g.targets)
+
+    def selected(name: str) -> bool:
+        return name in targets or any(t in name for t in targets) or any(re.fullmatch(t, name) for t in targets)
+
+    wanted = {id(p) for p in params}
+    low = [m.weight for n, m in model.named_modules()
+           if isinstance(m, nn.Linear) and selected(n) and id(m.weight) in wanted]
+    low_ids = {id(p) for p in low}
+    groups = [{"params": [p for p in params if id(p) not in low_ids]},
+              {"params": low, "rank": g.rank, "update_proj_gap": g.update_proj_gap, "scale": g.scale,
+               "proj_type": g.proj_type}]
+    if opt.name == "galore-adafactor":
+        return galore_torch.GaLoreAdafactor(groups, lr=1e-3, relative_step=False, scale_parameter=False,
+                                            warmup_init=False, beta1=0.9 if opt.beta1 else None)
+    if opt.name == "galore-adamw-8bit":
+        return galore_torch.GaLoreAdamW8bit(groups, lr=1e-3)
+    return galore_torch.GaLoreAdamW(groups, lr=1e-3, no_deprecation_warning=True)
+
+
+def make_optimizer(params: list[nn.Parameter], opt: Optimizer, model: nn.Module | None = None) -> torch.optim.Optimizer:
     """The torch / transformers optimizer of ``opt`` (lr 1e-3) over ``params``.
 
     adamw/adam/sgd/sgd-momentum: ``torch.optim`` with ``opt.impl`` (foreach / fused / for-loop);
-    adafactor: ``transformers.optimization.Adafactor(relative_step=False, beta1=0.9 or None)``.
+    adafactor: ``transformers.optimization.Adafactor(relative_step=False, beta1=0.9 or None)``;
+    galore-*: galore-torch over ``model``'s parameters (:func:`_galore_optimizer`).
     """
     name = opt.name
+    if name.startswith("galore-"):
+        return _galore_optimizer(params, opt, model)
     if name in ("paged-adamw-8bit", "paged-adamw-32bit"):
         if not all(p.is_cuda for p in params):
             raise NotImplementedError(f"optimizer {name!r}: paged optimizers live in CUDA managed memory")
@@ -440,13 +477,17 @@ def _optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
     out: dict[str, int] = defaultdict(int)
     for state in optimizer.state.values():
         for key, value in state.items():
-            if not isinstance(value, torch.Tensor):
-                continue
-            k = _storage_key(value)
-            if k in seen:
-                continue
-            seen.add(k)
-            out[key] += value.untyped_storage().nbytes()
+            # galore-torch's GaLoreProjector keeps its factor(s) as ``ortho_matrix`` (a list for proj_type 'full')
+            ortho = getattr(value, "ortho_matrix", None)
+            tensors = ortho if isinstance(ortho, list) else [ortho] if ortho is not None else [value]
+            for t in tensors:
+                if not isinstance(t, torch.Tensor):
+                    continue
+                k = _storage_key(t)
+                if k in seen:
+                    continue
+                seen.add(k)
+                out[key] += t.untyped_storage().nbytes()
     return dict(out)
 
 
@@ -514,7 +555,7 @@ def _measure(scenario: Scenario, *, dropout: float, seed: int) -> Truth:
     trainable = [p for p in params if p.requires_grad]
     param_keys = {_storage_key(p) for p in params}
     buffers = [b for b in model.buffers() if _storage_key(b) not in param_keys]
-    optimizer = make_optimizer(trainable, scenario.optimizer)
+    optimizer = make_optimizer(trainable, scenario.optimizer, model)
     batch = train_batch(scenario, seed)
 
     modules = _ModuleStack(model)

@@ -90,7 +90,7 @@ def run_train(case: E2ECase, device: str) -> Measurement:
         raise NotImplementedError(f"parallel.n_gpus={sc.parallel.n_gpus}: the single-process suite runs one GPU")
     with PeakMemory(device) as pm:
         model = build_model(sc, device=device)
-        optimizer = make_optimizer(_unique_trainable(model), sc.optimizer)
+        optimizer = make_optimizer(_unique_trainable(model), sc.optimizer, model)
         batch = {k: v.to(device) for k, v in train_batch(sc, seed=0).items()}
 
         def step() -> None:

@@ -409,6 +409,8 @@ def _optimizer(sc: dict, notes: list[str], ds_engine: bool = False, torch_v: tup
     if raw == "other":
         notes.append("optimizer 'other' modelled as AdamW (two fp32 moments)")
         raw = "adamw"
+    if raw == "galore-adamw":
+        raw = "adamw"  # the base; _galore_optimizer projects it
     if raw not in OPTIMIZERS:
         raise Unsupported(f"optimizer {raw!r} not modelled")
     name, impl = OPTIMIZERS[raw], d.get("optimizer_impl", "foreach")
@@ -422,6 +424,32 @@ def _optimizer(sc: dict, notes: list[str], ds_engine: bool = False, torch_v: tup
         notes.append(f"PyTorch {torch_v[0]}.{torch_v[1]}: foreach Adam(W) holds two param-sized temporaries "
                      "(impl='foreach-torch2.0')")
     return {"name": name, "impl": impl}
+
+
+GALORE_OF = {"adamw": "galore-adamw", "adam": "galore-adamw", "galore-adamw": "galore-adamw",
+             "adamw-8bit": "galore-adamw-8bit", "paged-adamw-8bit": "galore-adamw-8bit", "adafactor": "galore-adafactor"}
+"""The GaLore optimizer a record means by method 'galore' with its optimizer (or by optimizer 'galore-adamw')."""
+GALORE_LAYERWISE_WORDS = ("layer-wise", "layerwise", "per-layer", "per layer")
+
+
+def _galore_optimizer(sc: dict, optimizer: dict, text: str, notes: list[str]) -> dict:
+    """Method 'galore' or optimizer 'galore-adamw': galore-torch's optimizer over the stated one, with the projection
+    rank from the record's rank field when it has one (else the GaLore repo's and transformers' 128), stepped in
+    backward when the record says the weights were updated layer by layer."""
+    raw = sc.get("optimizer")
+    if sc.get("method") != "galore" and raw != "galore-adamw":
+        return optimizer
+    base = "adamw" if raw in (None, "galore-adamw", "other") else raw
+    if base not in GALORE_OF:
+        raise Unsupported(f"GaLore over optimizer {raw!r} not modelled (galore-torch has AdamW, 8-bit AdamW, Adafactor)")
+    rank = (sc.get("lora") or {}).get("r") or 128
+    notes.append(f"GaLore: {GALORE_OF[base]} rank {rank} on the attention and MLP linears"
+                 + ("" if (sc.get("lora") or {}).get("r") else " (rank unstated: the GaLore repo's 128)"))
+    out = {"name": GALORE_OF[base], "galore": {"rank": int(rank)}}
+    if any(w in text for w in GALORE_LAYERWISE_WORDS):
+        out["in_backward"] = True
+        notes.append("GaLore per-layer weight updates: each weight is stepped in backward")
+    return out
 
 
 def _targets(raw: list[str] | None, arch: ModelArch, notes: list[str]) -> list[str] | str:
@@ -526,8 +554,8 @@ def _method(sc: dict, arch: ModelArch, precision: str, notes: list[str], rec_sou
         return LoRA(**kw)
     if wq != "none":
         raise Unsupported(f"method {kind!r} on a {wq!r}-quantized base not modelled")
-    if kind == "full":
-        return Full()
+    if kind in ("full", "galore"):
+        return Full()  # GaLore trains every weight; its projection is the optimizer's (see _galore_optimizer)
     if kind == "freeze":
         notes.append("freeze: trainable layers not in the record; default last 1 block")
         return Freeze()
@@ -695,7 +723,8 @@ def record_to_scenario(rec: dict, notes: list[str] | None = None) -> Scenario:
                      "(loss='upcast-shift')")
     elif loss != "upcast":
         notes.append(f"loss: {sc.get('framework')} computes a chunked cross-entropy -> loss={loss!r}")
-    optimizer = _optimizer(sc, notes, ds_engine, _torch_version(rec))
+    optimizer = _galore_optimizer(sc, _optimizer(sc, notes, ds_engine, _torch_version(rec)),
+                                  notes_text + " " + str(rec.get("optimizer") or "").lower(), notes)
     ga_v = ga or d["grad_accum"]
     if d.get("full_optimizer_in_bwd") and sc.get("method") == "full" and sc.get("n_gpus", 1) == 1 and ga_v == 1:
         optimizer = {**optimizer, "in_backward": True}

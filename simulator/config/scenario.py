@@ -162,9 +162,35 @@ class Scenario(Strict):
                 f"optimizer.in_backward steps each parameter during backward, so workload.grad_accum must be 1 "
                 f"(got {self.workload.grad_accum})"
             )
+        if self.optimizer.galore is not None:
+            self._check_galore(m)
         if self.precision == "fp8" and not isinstance(m, Full):
             raise ValueError(f"precision='fp8' (float8 training) applies to method 'full'; got method.kind={m.kind!r}")
         return self
+
+    def _check_galore(self, m: Any) -> None:
+        """GaLore projects the gradients of full-rank trainable weights, one parameter at a time, unsharded
+        (galore-torch; transformers' ``galore_*`` optimizers; the layer-wise variant on a single GPU)."""
+        name = self.optimizer.name
+        if not isinstance(m, (Full, Freeze)):
+            raise ValueError(
+                f"optimizer.name={name!r} projects full-rank weight gradients: method.kind must be full or freeze "
+                f"(got {m.kind!r})"
+            )
+        par = self.parallel
+        sharded = [f"{k}={v!r}" for k, v, none in (("zero", int(par.zero), 0), ("fsdp", par.fsdp, "none"),
+                   ("tp", par.tp, 1), ("pp", par.pp, 1), ("cp", par.cp, 1), ("ep", par.ep, 1),
+                   ("offload_optimizer", par.offload_optimizer, "none"), ("offload_params", par.offload_params, "none"))
+                   if v != none]
+        if sharded:
+            raise ValueError(
+                f"optimizer.name={name!r} runs on whole, unsharded parameters (data parallel only); "
+                f"got parallel.{', parallel.'.join(sharded)}"
+            )
+        if self.optimizer.in_backward and par.dp > 1:
+            raise ValueError(
+                f"optimizer.in_backward with {name!r} (layer-wise GaLore) runs on a single GPU; got parallel.dp={par.dp}"
+            )
 
     @property
     def is_training(self) -> bool:

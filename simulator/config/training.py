@@ -14,7 +14,30 @@ Precision = Literal["fp32", "bf16-amp", "fp16-amp", "bf16", "fp16", "fp8"]
 OptimizerName = Literal[
     "adamw", "adam", "sgd", "sgd-momentum", "adafactor", "lion",
     "adamw-8bit", "paged-adamw-8bit", "paged-adamw-32bit",
+    "galore-adamw", "galore-adamw-8bit", "galore-adafactor",
 ]
+
+GALORE_BASE: dict[str, str] = {"galore-adamw": "adamw", "galore-adamw-8bit": "adamw-8bit", "galore-adafactor": "adafactor"}
+"""GaLore optimizer -> the optimizer its unprojected parameters (and its projected states) follow (galore-torch 1.0:
+``GaLoreAdamW``, ``GaLoreAdamW8bit`` on bitsandbytes' ``Optimizer2State``, ``GaLoreAdafactor``)."""
+
+
+class GaLore(Strict):
+    """Gradient low-rank projection (Zhao et al. 2024, arXiv 2403.03507; galore-torch 1.0; transformers ``optim="galore_*"``).
+    Defaults are transformers' (``optim_args``: rank 128, update_proj_gap 200, scale 0.25, proj_type std) with the
+    GaLore repo's target modules."""
+
+    rank: int = Field(default=128, ge=1)
+    """Projection rank r: the optimizer states of an m x n weight are r x max(m, n) (proj_type std)."""
+    update_proj_gap: int = Field(default=200, ge=1)
+    """Steps between the SVDs that refresh each projector."""
+    scale: float = Field(default=0.25, gt=0)
+    """Scale of the projected-back update (no effect on memory)."""
+    proj_type: Literal["std", "reverse_std", "left", "right", "full"] = "std"
+    """Which side is projected: std keeps the states on the longer side (r x max(m, n))."""
+    targets: tuple[str, ...] = Field(default=("attn", "mlp"), min_length=1)
+    """nn.Linear modules whose weights are projected: a module matches when one of these is a substring of its path
+    (transformers' ``optim_target_modules`` list, the GaLore repo's ["attn", "mlp"]); other parameters keep full states."""
 
 
 class TrainWorkload(Strict):
@@ -51,8 +74,21 @@ class Optimizer(Strict):
     beta1: bool = True
     """Adafactor only: keep a first moment (exp_avg)."""
     in_backward: bool = False
-    """Step each parameter from its gradient hook during backward (torchtune optimizer_in_bwd, LOMO):
-    gradients never exist all at once."""
+    """Step each parameter from its gradient hook during backward (torchtune optimizer_in_bwd, LOMO, layer-wise
+    GaLore): gradients never exist all at once."""
+    galore: GaLore | None = None
+    """GaLore projection settings; only with a galore-* name, which gets the defaults when this is left out."""
+
+    @model_validator(mode="after")
+    def _galore(self) -> "Optimizer":
+        if self.name in GALORE_BASE:
+            if self.galore is None:
+                object.__setattr__(self, "galore", GaLore())
+        elif self.galore is not None:
+            raise ValueError(
+                f"optimizer.galore applies to the GaLore optimizers ({', '.join(GALORE_BASE)}); optimizer.name is {self.name!r}"
+            )
+        return self
 
 
 class Checkpointing(Strict):

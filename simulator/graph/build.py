@@ -271,7 +271,8 @@ class Builder:
 
     # -- parameters -----------------------------------------------------------------------
     def weight(self, path: str, numel: int, trainable: bool, *, dtype: str | None = None, quant: str = "dense",
-               shape: tuple[int, ...] = (), tied_to: str | None = None, saved: bool = False) -> Tensor:
+               shape: tuple[int, ...] = (), tied_to: str | None = None, saved: bool = False,
+               linear: bool = False) -> Tensor:
         """A parameter: trainable ones in the parameter dtype (fp32 masters under AMP), frozen base
         weights in the base dtype.  ``saved``: a PEFT ``modules_to_save`` module -- a trainable copy
         in the base dtype beside the frozen ``original_module``."""
@@ -288,7 +289,7 @@ class Builder:
             nbytes, scales = quant_storage_bytes(quant, numel, shape[0], shape[1], self.plan.quant_group_size,
                                                  self.plan.double_quant, blocksize)
         return self.tr.param(Param(path, numel, dtype, trainable and quant == "dense", quant, nbytes, scales, tied_to,
-                                   shape or (numel,)))
+                                   shape or (numel,), linear))
 
     # -- linear with its adapters ---------------------------------------------------------
     def linear(self, path: str, x: Tensor, in_f: int, out_f: int, *, bias: bool, trainable: bool,
@@ -297,7 +298,8 @@ class Builder:
         leaf = _leaf(path)
         saved = pl.saved_module(leaf)
         quant = pl.base_quant if (quantizable and pl.base_quant != "dense" and not saved) else "dense"
-        w = self.weight(f"{path}.weight", in_f * out_f, trainable, quant=quant, shape=(out_f, in_f), saved=saved)
+        w = self.weight(f"{path}.weight", in_f * out_f, trainable, quant=quant, shape=(out_f, in_f), saved=saved,
+                        linear=True)
         b = None
         if bias:
             b = self.weight(f"{path}.bias", out_f, trainable or pl.biases_trainable, saved=saved)

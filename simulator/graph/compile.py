@@ -81,6 +81,7 @@ class CostTable:
     shared_saved: Poly = ZERO  # tensors every block uses, saved once (RoPE cos/sin, prefix states)
     checkpoint_cast_cache: tuple[tuple[tuple[int, ...], float], ...] = ()  # per checkpointed variant: (layers, bytes per layer) of autocast's cached weight copies
     n_blocks: int = 0
+    trainable_linears: tuple[LinearWeight, ...] = ()  # trainable dense nn.Linear weights (GaLore's candidates)
     trace: ModelTrace | None = field(repr=False, default=None)
     _graph: object = field(repr=False, default=None)
 
@@ -299,6 +300,17 @@ def _shared_saved(total: Poly, by_layer: dict[str, Poly], block_tp) -> Poly:
     return total + (blocks + by_layer.get("embeddings", ZERO) + by_layer.get("head", ZERO)) * -1.0
 
 
+LinearWeight = tuple[str, tuple[int, ...], str, tuple[int, ...]]
+"""(module path as traced, (out, in) shape, dtype, block layers it repeats over: () outside the blocks)."""
+
+
+def _trainable_linears(mt: ModelTrace) -> tuple[LinearWeight, ...]:
+    parts = [(mt.pre, ()), (mt.post, ())] + [(v.trace, tuple(v.layers)) for v in mt.variants]
+    return tuple((p.path.removesuffix(".weight"), p.shape, p.dtype, layers)
+                 for tr, layers in parts for p in tr.params
+                 if p.linear and p.trainable and p.tied_to is None and len(p.shape) == 2)
+
+
 def compile_trace(mt: ModelTrace) -> CostTable:
     traces = [(mt.pre, 1), (mt.post, 1)] + [(v.trace, len(v.layers)) for v in mt.variants]
     n_params = n_tr = 0
@@ -356,7 +368,7 @@ def compile_trace(mt: ModelTrace) -> CostTable:
         param_rows=_param_rows(mt), block_saved_tp=block_tp,
         pre_saved=by_layer.get("embeddings", ZERO), post_saved=by_layer.get("head", ZERO),
         n_blocks=sum(len(v.layers) for v in mt.variants), shared_saved=_shared_saved(saved, by_layer, block_tp),
-        checkpoint_cast_cache=_checkpoint_cast_cache(mt), trace=mt,
+        checkpoint_cast_cache=_checkpoint_cast_cache(mt), trainable_linears=_trainable_linears(mt), trace=mt,
     )
 
 

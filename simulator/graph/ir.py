@@ -124,6 +124,7 @@ class Param:
     scale_bytes: float = 0.0  # of which quantization metadata
     tied_to: str | None = None  # shares storage with another parameter
     shape: tuple[int, ...] = ()  # 2-D shape of matrices (factored optimizers need it)
+    linear: bool = False  # the weight of an nn.Linear (what GaLore projects)
 
 
 @dataclass

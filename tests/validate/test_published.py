@@ -503,3 +503,19 @@ def test_a_record_on_pytorch_2_0_steps_adamw_with_two_foreach_temporaries():
     fused = _record(framework="deepspeed")
     fused["notes"] = "PyTorch 1.13"
     assert record_to_scenario(fused).optimizer.impl == "fused"
+
+
+def test_galore_records_run_galore_torch_over_their_optimizer():
+    """Method 'galore' (or optimizer 'galore-adamw') is full training with galore-torch's optimizer over the stated
+    one, rank from the record's rank field (else 128), layer-wise when the record says so."""
+    plain = _record(method="galore", optimizer=None, grad_accum=1, lora=None)
+    sc = record_to_scenario(plain)
+    assert sc.method.kind == "full" and sc.optimizer.name == "galore-adamw" and sc.optimizer.galore.rank == 128
+    layer = _record(method="galore", optimizer="adamw-8bit", grad_accum=1, lora={"r": 512})
+    layer["notes"] = "8-bit GaLore with per-layer weight updates"
+    sc = record_to_scenario(layer)
+    assert (sc.optimizer.name, sc.optimizer.galore.rank, sc.optimizer.in_backward) == ("galore-adamw-8bit", 512, True)
+    named = record_to_scenario(_record(method="full", optimizer="galore-adamw"))
+    assert named.optimizer.name == "galore-adamw"
+    sgd = predict_record(_record(method="galore", optimizer="sgd"))
+    assert sgd["status"] == "unsupported" and "GaLore over optimizer 'sgd'" in sgd["reason"]
