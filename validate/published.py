@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from hwprofiles import get_device
+from hwprofiles import all_devices, get_device
 from simulator import Scenario, estimate, get_model
 from simulator.config import (
     IA3,
@@ -579,9 +579,46 @@ STAND_IN_GPU = "H100-SXM-80GB"
 DEVICE_FREE_METRICS = (*MEMORY_METRICS, "model_states_per_gpu_GB")
 
 
+_FORMS = ("sxm", "pcie", "nvl")
+
+
+def _named_device(text: str):
+    """The catalog device a free-text GPU name ("other:NVIDIA A100 40GB PCIe", "2x RTX 3090") names, or None: the
+    profile registry's own names and aliases first, then the one device whose family appears as a word and whose
+    memory size and form factor, where the text states them, agree."""
+    t = re.sub(r"\(.*?\)", " ", text.lower())
+    t = re.sub(r"^\s*\d+\s*x\s*", "", t).replace("nvidia", " ").replace("tesla", " ").replace("geforce", " ").strip()
+    try:
+        return get_device(t)
+    except Exception:
+        pass
+    words = set(re.findall(r"[a-z0-9]+", t))
+    sizes = {int(m) for m in re.findall(r"(\d+)\s*gb", t)}
+    forms = {f for f in _FORMS if f in words or (f == "sxm" and any(w.startswith("sxm") for w in words))}
+    hits = []
+    for dev in all_devices():
+        parts = dev.name.split("-")
+        family = "".join(parts[:2]) if parts[0] == "rtx" else parts[0]
+        if family not in words and not (parts[0] == "rtx" and family in t.replace(" ", "")):
+            continue
+        size = next((int(p[:-2]) for p in parts if p.endswith("gb") and p[:-2].isdigit()), None)
+        form = next((p for p in parts if p in _FORMS), None)
+        if sizes and size not in sizes:
+            continue
+        if forms and form is not None and form not in forms:
+            continue
+        hits.append(dev)
+    return hits[0] if len(hits) == 1 else None
+
+
 def _gpu(sc: dict, metric: str = "", notes: list[str] | None = None):
     g = sc.get("gpu") or ""
     notes = [] if notes is None else notes
+    if g.startswith("other:"):
+        dev = _named_device(g[len("other:"):])
+        if dev is not None:
+            notes.append(f"gpu {g!r} -> {dev.name}")
+            return dev
     if not g or g.startswith("other:"):
         text = g.lower()
         family = next((dev for key, dev in UNSIZED_GPU_FAMILIES if key in text), None)

@@ -519,3 +519,23 @@ def test_galore_records_run_galore_torch_over_their_optimizer():
     assert named.optimizer.name == "galore-adamw"
     sgd = predict_record(_record(method="galore", optimizer="sgd"))
     assert sgd["status"] == "unsupported" and "GaLore over optimizer 'sgd'" in sgd["reason"]
+
+
+@pytest.mark.parametrize("text,device", [
+    ("other:NVIDIA A100 40GB PCIe", "a100-pcie-40gb"), ("other:2x RTX 3090", "rtx-3090-24gb"),
+    ("other:Tesla V100 32GB", "v100-sxm-32gb"), ("other:RTX 4090 24GB", "rtx-4090-24gb"),
+    ("other:NVIDIA A10G 24GB", "a10g-24gb"), ("other:8x A100 80GB PCIe", "a100-pcie-80gb"),
+    ("other:H100 80GB", "h100-sxm-80gb"),  # SXM or PCIe not stated: the family's default
+    ("B200-192GB", "b200-sxm-180gb"),  # the marketed capacity of the 180 GB part
+])
+def test_free_text_gpu_names_resolve_to_the_catalog_device_they_name(text, device):
+    from validate.published import _gpu
+
+    assert _gpu({"gpu": text}, "step_time_s", []).name == device
+
+
+def test_free_text_gpu_without_a_profile_stays_unsupported_for_speed():
+    from validate.published import Unsupported, _gpu
+
+    with pytest.raises(Unsupported, match="does not name a device"):
+        _gpu({"gpu": "other:RTX 2080 Ti"}, "step_time_s", [])
