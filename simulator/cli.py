@@ -44,7 +44,7 @@ METHOD_CLASSES: dict[str, type[BaseModel]] = {
 WORKLOAD_CLASSES: dict[str, type[BaseModel]] = {"train": TrainWorkload, "infer": InferWorkload}
 
 # flag dest -> field of the method config
-METHOD_FLAGS = ("r", "alpha", "targets", "quant", "n_virtual_tokens")
+METHOD_FLAGS = ("r", "alpha", "targets", "quant", "use_dora", "n_virtual_tokens")
 TRAIN_FLAGS = ("seq_len", "micro_batch", "grad_accum")
 INFER_FLAGS = ("batch", "prompt_len", "gen_len")
 
@@ -229,6 +229,12 @@ def build_scenario_dict(args: argparse.Namespace) -> dict[str, Any]:
         data["padded_batches"] = True
     if args.optimizer is not None:
         data["optimizer"] = {**_sub(data, "optimizer"), "name": args.optimizer}
+    if args.galore_rank is not None:
+        opt = _sub(data, "optimizer")
+        if not str(opt.get("name", "")).startswith("galore-"):
+            raise CliError("optimizer.galore_rank", "--galore-rank needs a GaLore optimizer: --optimizer "
+                           "galore-adamw | galore-adamw-8bit | galore-adafactor")
+        data["optimizer"] = {**opt, "galore_rank": args.galore_rank}
     if args.checkpointing is not None or args.every_k is not None:
         ck = _sub(data, "checkpointing")
         if args.checkpointing is not None:
@@ -382,7 +388,9 @@ optimizer:
                              # | galore-adamw | galore-adamw-8bit | galore-adafactor (method full or freeze, data parallel only)
   impl: foreach              # foreach | foreach-torch2.0 | fused | for-loop
   in_backward: false         # step each parameter during backward (layer-wise GaLore, torchtune optimizer_in_bwd)
-  # galore: {rank: 128, update_proj_gap: 200, scale: 0.25, proj_type: std, targets: [attn, mlp]}   # galore-* only
+  galore_rank: 128           # galore-* only: projection rank; also galore_update_proj_gap, galore_scale,
+  galore_proj_type: std      #   galore_proj_type (std | reverse_std | left | right | full),
+  galore_targets: [attn, mlp]  # galore_targets (substrings or regexes of nn.Linear module paths)
 checkpointing:
   mode: full                 # none | full | every_k
   every_k: 1                 # with mode every_k: checkpoint one block in k
@@ -454,11 +462,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--alpha", type=float, metavar="A", help=_doc(LoRA, "alpha"))
     g.add_argument("--targets", metavar="q_proj,v_proj|all-linear", help="comma-separated module names, or all-linear")
     g.add_argument("--quant", metavar="Q", help=_doc(QLoRA, "quant"))
+    g.add_argument("--use-dora", action="store_true", default=None, help=_doc(QLoRA, "use_dora"))
     g.add_argument("--n-virtual-tokens", type=int, metavar="N", help=_doc(PrefixTuning, "n_virtual_tokens") + " (prefix, prompt)")
     g = e.add_argument_group("numerics and runtime")
     g.add_argument("--precision", metavar="P", help=_doc(Scenario, "precision", choices=False)
                    + " [" + " | ".join(_choices(Scenario, "precision")) + "]")
     g.add_argument("--optimizer", metavar="O", help=_doc(Optimizer, "name"))
+    g.add_argument("--galore-rank", type=int, metavar="R", help="GaLore projection rank (with a galore-* optimizer)")
     g.add_argument("--checkpointing", metavar="none|full|every_k|offload", help=_doc(Checkpointing, "mode", choices=False))
     g.add_argument("--every-k", type=int, metavar="K", help=_doc(Checkpointing, "every_k") + " (implies --checkpointing every_k)")
     g.add_argument("--attention", metavar="A", help=_doc(Scenario, "attention", choices=False)

@@ -502,7 +502,7 @@ def _suggestions(sc: Scenario, dev: Device) -> list[Suggestion]:
             half = max(1, w.micro_batch // 2)
             cands.append((f"micro-batch {half} with grad accumulation x{w.grad_accum * (w.micro_batch // half)}",
                           {"workload": {**w.model_dump(), "micro_batch": half, "grad_accum": w.grad_accum * (w.micro_batch // half)}}))
-        opt = sc.optimizer.model_dump(exclude={"galore"})
+        opt = sc.optimizer.model_dump()
         if sc.optimizer.name in ("adamw", "adam"):
             cands.append(("8-bit AdamW (bitsandbytes)", {"optimizer": {**opt, "name": "adamw-8bit"}}))
         if sc.optimizer.galore is not None and not sc.optimizer.in_backward and w.grad_accum == 1 and sc.parallel.n_gpus == 1:

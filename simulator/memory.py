@@ -135,7 +135,7 @@ def galore_side(shape: tuple[int, ...], proj_type: str) -> str:
         return "left" if m >= n else "right"
     if proj_type in ("left", "right", "full"):
         return proj_type
-    raise ValueError(f"optimizer.galore.proj_type={proj_type!r} unknown; allowed: std, reverse_std, left, right, full")
+    raise ValueError(f"optimizer.galore_proj_type={proj_type!r} unknown; allowed: std, reverse_std, left, right, full")
 
 
 def galore_low_rank_shape(shape: tuple[int, ...], rank: int, proj_type: str) -> tuple[int, int]:

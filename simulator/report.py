@@ -124,7 +124,8 @@ def method_text(e: Estimate, scenario: Scenario | None = None) -> str:
     keys = ("quant", "r", "alpha", "targets", "n_virtual_tokens", "bottleneck", "n_trainable_layers")
     fields = [f"{k}={_fmt_value(getattr(m, k)) if getattr(m, k) is not None else 'PEFT default'}"
               for k in keys if k in type(m).model_fields]
-    return m.kind + (f" ({', '.join(fields)})" if fields else "")
+    kind = "qdora" if getattr(m, "use_dora", False) else m.kind
+    return kind + (f" ({', '.join(fields)})" if fields else "")
 
 
 def header(e: Estimate, scenario: Scenario | None = None) -> list[str]:

@@ -445,7 +445,7 @@ def _galore_optimizer(sc: dict, optimizer: dict, text: str, notes: list[str]) ->
     rank = (sc.get("lora") or {}).get("r") or 128
     notes.append(f"GaLore: {GALORE_OF[base]} rank {rank} on the attention and MLP linears"
                  + ("" if (sc.get("lora") or {}).get("r") else " (rank unstated: the GaLore repo's 128)"))
-    out = {"name": GALORE_OF[base], "galore": {"rank": int(rank)}}
+    out = {"name": GALORE_OF[base], "galore_rank": int(rank)}
     if any(w in text for w in GALORE_LAYERWISE_WORDS):
         out["in_backward"] = True
         notes.append("GaLore per-layer weight updates: each weight is stepped in backward")
@@ -530,9 +530,12 @@ def _method(sc: dict, arch: ModelArch, precision: str, notes: list[str], rec_sou
             kw["adapter_dtype"] = "model"
             notes.append("DeepSpeed casts the adapters to its 16-bit dtype -> adapter_dtype 'model'")
         if kind == "dora":
-            if wq != "none":
-                raise Unsupported(f"DoRA on a {wq} base (QDoRA) not modelled")
-            return DoRA(**kw)
+            if wq == "none":
+                return DoRA(**kw)
+            if QUANTS.get(wq) not in ("nf4", "fp4", "int8"):
+                raise Unsupported(f"DoRA on a {wq!r} base not modelled (PEFT's DoRA dequantizes bitsandbytes bases only)")
+            kw["use_dora"] = True
+            notes.append("DoRA on a quantized base: QDoRA (PEFT use_dora=True over bitsandbytes)")
         if kind == "qlora" or wq != "none":
             if wq == "none":
                 wq = "nf4"

@@ -594,7 +594,7 @@ def _lora(model: nn.Module, arch: ModelArch, method: LoRA | DoRA) -> nn.Module:
         lora_dropout=method.dropout,
         target_modules=target_modules or None,
         target_parameters=target_parameters or None,
-        use_dora=isinstance(method, DoRA),
+        use_dora=isinstance(method, DoRA) or getattr(method, "use_dora", False),
         modules_to_save=list(method.modules_to_save) or None,
         task_type=_task_type(arch),
         fan_in_fan_out=arch.family == "gpt2",  # GPT-2's Conv1D stores weights as (in, out)

@@ -84,6 +84,17 @@ class QLoRA(_LoRABase):
     bnb_keeps_input: bool = False
     """bitsandbytes before 0.43.2 (PR #1270, July 2024) kept each 4-bit matmul's input until backward
     (``ctx.tensors = (A, B)``) although the frozen weight needs no gradient; set it for older stacks."""
+    use_dora: bool = False
+    """QDoRA: PEFT ``LoraConfig(use_dora=True)`` on a bitsandbytes base (nf4, fp4, int8) -- DoRA's magnitude vector
+    and weight norm, the base weight dequantized for the norm in every forward."""
+
+    @model_validator(mode="after")
+    def _dora_base(self):
+        if self.use_dora and self.quant not in ("nf4", "fp4", "int8"):
+            raise ValueError(
+                f"method.use_dora on quant={self.quant!r}: PEFT's DoRA dequantizes bitsandbytes bases only; allowed: nf4, fp4, int8"
+            )
+        return self
 
 
 class IA3(Strict):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Literal, Union
 
 from pydantic import Field, model_validator
@@ -22,22 +23,16 @@ GALORE_BASE: dict[str, str] = {"galore-adamw": "adamw", "galore-adamw-8bit": "ad
 ``GaLoreAdamW``, ``GaLoreAdamW8bit`` on bitsandbytes' ``Optimizer2State``, ``GaLoreAdafactor``)."""
 
 
-class GaLore(Strict):
-    """Gradient low-rank projection (Zhao et al. 2024, arXiv 2403.03507; galore-torch 1.0; transformers ``optim="galore_*"``).
-    Defaults are transformers' (``optim_args``: rank 128, update_proj_gap 200, scale 0.25, proj_type std) with the
-    GaLore repo's target modules."""
+@dataclass(frozen=True)
+class GaLore:
+    """Gradient low-rank projection settings (Zhao et al. 2024, arXiv 2403.03507; galore-torch 1.0; transformers
+    ``optim="galore_*"``), read from the ``galore_*`` fields of :class:`Optimizer`."""
 
-    rank: int = Field(default=128, ge=1)
-    """Projection rank r: the optimizer states of an m x n weight are r x max(m, n) (proj_type std)."""
-    update_proj_gap: int = Field(default=200, ge=1)
-    """Steps between the SVDs that refresh each projector."""
-    scale: float = Field(default=0.25, gt=0)
-    """Scale of the projected-back update (no effect on memory)."""
-    proj_type: Literal["std", "reverse_std", "left", "right", "full"] = "std"
-    """Which side is projected: std keeps the states on the longer side (r x max(m, n))."""
-    targets: tuple[str, ...] = Field(default=("attn", "mlp"), min_length=1)
-    """nn.Linear modules whose weights are projected: a module matches when one of these is a substring of its path
-    (transformers' ``optim_target_modules`` list, the GaLore repo's ["attn", "mlp"]); other parameters keep full states."""
+    rank: int = 128
+    update_proj_gap: int = 200
+    scale: float = 0.25
+    proj_type: str = "std"
+    targets: tuple[str, ...] = ("attn", "mlp")
 
 
 class TrainWorkload(Strict):
@@ -72,23 +67,31 @@ class Optimizer(Strict):
     """torch.optim implementation: foreach (default on CUDA) holds ~one extra copy of the params being updated;
     foreach-torch2.0 is torch <= 2.0's Adam(W), which holds two (its ``denom`` was built out of place)."""
     beta1: bool = True
-    """Adafactor only: keep a first moment (exp_avg)."""
+    """Adafactor and galore-adafactor only: keep a first moment (exp_avg)."""
     in_backward: bool = False
     """Step each parameter from its gradient hook during backward (torchtune optimizer_in_bwd, LOMO, layer-wise
     GaLore): gradients never exist all at once."""
-    galore: GaLore | None = None
-    """GaLore projection settings; only with a galore-* name, which gets the defaults when this is left out."""
+    galore_rank: int = Field(default=128, ge=1)
+    """GaLore only: projection rank r -- the optimizer states of an m x n weight are r x max(m, n) (proj_type std).
+    Defaults are transformers' ``optim_args`` (rank 128, update_proj_gap 200, scale 0.25, proj_type std)."""
+    galore_update_proj_gap: int = Field(default=200, ge=1)
+    """GaLore only: steps between the SVDs that refresh each projector."""
+    galore_scale: float = Field(default=0.25, gt=0)
+    """GaLore only: scale of the projected-back update (no effect on memory)."""
+    galore_proj_type: Literal["std", "reverse_std", "left", "right", "full"] = "std"
+    """GaLore only: which side is projected; std keeps the states on the longer side (r x max(m, n))."""
+    galore_targets: list[str] = Field(default_factory=lambda: ["attn", "mlp"], min_length=1)
+    """GaLore only: nn.Linear modules whose weights are projected -- a module matches when one of these is a
+    substring of its path or a regex matching it whole (transformers' ``optim_target_modules``; the GaLore repo's
+    attn, mlp); every other parameter keeps the base optimizer's full states."""
 
-    @model_validator(mode="after")
-    def _galore(self) -> "Optimizer":
-        if self.name in GALORE_BASE:
-            if self.galore is None:
-                object.__setattr__(self, "galore", GaLore())
-        elif self.galore is not None:
-            raise ValueError(
-                f"optimizer.galore applies to the GaLore optimizers ({', '.join(GALORE_BASE)}); optimizer.name is {self.name!r}"
-            )
-        return self
+    @property
+    def galore(self) -> GaLore | None:
+        """The projection settings of a galore-* optimizer; None for the others."""
+        if self.name not in GALORE_BASE:
+            return None
+        return GaLore(self.galore_rank, self.galore_update_proj_gap, self.galore_scale, self.galore_proj_type,
+                      tuple(self.galore_targets))
 
 
 class Checkpointing(Strict):

@@ -313,7 +313,7 @@ class Builder:
         if ia3 == "out":
             out = self._ia3_scale(path, out, out_f, False)
         if pl.lora_on(path) and pl.training:
-            out = self._lora(path, x, out, in_f, out_f, w)
+            out = self._lora(path, x, out, in_f, out_f, w, quant)
         return out
 
     def _quant_matmul(self, path: str, x: Tensor, w: Tensor, in_f: int, out_f: int, b: Tensor | None,
@@ -343,7 +343,8 @@ class Builder:
         return tr.new(path, rows * out_f, self.cdt if x.dtype == "fp32" and self.cdt != "fp32" else x.dtype,
                       x.requires_grad or (b is not None and b.requires_grad))
 
-    def _lora(self, path: str, x: Tensor, result: Tensor, in_f: int, out_f: int, base_w: Tensor) -> Tensor:
+    def _lora(self, path: str, x: Tensor, result: Tensor, in_f: int, out_f: int, base_w: Tensor,
+              base_quant: str = "dense") -> Tensor:
         """PEFT ``lora.Linear.forward``: ``result + lora_B(lora_A(dropout(x.to(A.dtype)))) * scaling``,
         then ``result.to(result_dtype)``.  Adapter weights are fp32 (``autocast_adapter_dtype=True``)."""
         tr, lo = self.tr, self.plan.lora
@@ -355,15 +356,15 @@ class Builder:
         xa = tr.cast(path, x, adt)
         xa = tr.dropout(f"{path}.lora_dropout", xa, lo.dropout)
         h = tr.matmul(f"{path}.lora_A", xa, a_w, in_f, r)
-        if lo.kind == "dora":
-            return self._dora_tail(path, xa, result, h, b_w, in_f, out_f, r, base_w, a_w)
+        if lo.kind == "dora" or getattr(lo, "use_dora", False):
+            return self._dora_tail(path, xa, result, h, b_w, in_f, out_f, r, base_w, a_w, base_quant)
         h = tr.matmul(f"{path}.lora_B", h, b_w, r, out_f)
         h = tr.mul(path, h, None)  # * scaling
         out = tr.add(path, result, h)
         return tr.cast(path, out, result_dtype)
 
     def _dora_tail(self, path: str, x: Tensor, result: Tensor, a_out: Tensor, b_w: Tensor, in_f: int,
-                   out_f: int, r: int, base_w: Tensor, a_w: Tensor) -> Tensor:
+                   out_f: int, r: int, base_w: Tensor, a_w: Tensor, base_quant: str = "dense") -> Tensor:
         """PEFT ``DoraLinearLayer.forward``: ``lora_weight = lora_B(lora_A(eye(in)))`` (its graph is
         recorded: lora_A saves the identity, lora_B saves ``A(eye)``), the row norm of
         ``W + s*lora_weight`` is detached, ``mag_norm_scale = magnitude / norm``, and
@@ -376,8 +377,13 @@ class Builder:
         eye = tr.new(path, Poly.const(in_f * in_f), adt, False)
         a_eye = tr.matmul(f"{path}.lora_A", eye, a_w, in_f, r, tokens=Poly.const(in_f), detached=True)
         tr.matmul(f"{path}.lora_B", a_eye, b_w, r, out_f, tokens=Poly.const(in_f), detached=True)
-        # W + s*lora_weight and its norm: one out x in temporary in the compute dtype
-        tr.transient(path, Poly.const(in_f * out_f * dtype_bytes(x.dtype)))
+        # W + s*lora_weight and its norm: one out x in temporary in the compute dtype; on a quantized base
+        # PEFT's dequantize_module_weight first rebuilds W (dequantize_4bit: the quant state's 16-bit dtype;
+        # int8: CB * SCB in fp32) and casts it to the input's dtype
+        sum_bytes = in_f * out_f * dtype_bytes(x.dtype)
+        deq_bytes = 0.0 if base_quant == "dense" else in_f * out_f * max(
+            dtype_bytes(x.dtype), 4 if base_quant == "int8" else dtype_bytes(self.cdt))
+        tr.transient(path, Poly.const(sum_bytes + deq_bytes))
         lora_res = tr.matmul(f"{path}.lora_B", a_out, b_w, r, out_f)
         # magnitude / weight_norm: the detached norm is saved for the magnitude's grad
         tr.save(mod_mag, tr.new(mod_mag, Poly.const(out_f), adt, False))

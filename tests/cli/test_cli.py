@@ -253,3 +253,17 @@ def test_python_dash_m_simulator_runs_without_traceback():
     bad = subprocess.run([sys.executable, "-m", "simulator", "estimate", "--model", "llama-3.1-7b"],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "llama-3.1-8b" in bad.stderr
+
+
+def test_use_dora_and_galore_rank_flags(capsys):
+    from simulator.cli import main
+
+    assert main(["estimate", "--model", "llama-3.1-8b", "--gpu", "a100-sxm-80gb", "--quant", "nf4", "--use-dora",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["n_trainable_params"] > 0
+    assert main(["estimate", "--model", "llama-7b", "--gpu", "rtx-4090-24gb", "--precision", "bf16",
+                 "--optimizer", "galore-adamw-8bit", "--galore-rank", "1024"]) == 0
+    assert "galore-adamw-8bit (rank 1024, std, on attn/mlp)" in capsys.readouterr().out
+    assert main(["estimate", "--model", "llama-7b", "--gpu", "rtx-4090-24gb", "--use-dora"]) == 2
+    assert "method 'full' has no field 'use_dora'" in capsys.readouterr().err

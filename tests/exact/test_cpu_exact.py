@@ -202,6 +202,25 @@ def test_qlora_equals_bitsandbytes(double_quant, checkpointing):
     assert ct.at(ct.bwd_flops, B) == truth.backward_flops - truth.recompute_flops  # recompute: forward again
 
 
+@pytest.mark.parametrize("targets", [None, "all-linear"])
+def test_qdora_equals_peft_on_bitsandbytes(targets):
+    """QDoRA (PEFT ``use_dora=True`` on bitsandbytes 4-bit layers): the magnitude vectors join the trainable set and
+    DoRA's saved tensors (the identity through lora_A, lora_B's input, the detached norms) join QLoRA's; backward
+    FLOPs as for QLoRA, plus DoRA's.  Storage as in the QLoRA test."""
+    pytest.importorskip("bitsandbytes")
+    from simulator import estimate
+
+    sc = _scenario("llama", "bf16", "sdpa-math", {"kind": "qlora", "r": 4, "targets": targets, "use_dora": True}, "none")
+    truth = measure(sc)
+    ct, B = _engine(sc)
+    mb = estimate(sc).memory_bytes
+    assert mb.weights + mb.quant_scales == truth.param_bytes + truth.quant_state_bytes - truth.trainable_param_bytes
+    assert ct.n_trainable == truth.trainable_params
+    assert ct.trainable_bytes == truth.grad_bytes
+    assert ct.at(ct.saved, B) == truth.saved_bytes_total
+    assert ct.at(ct.bwd_flops, B) == truth.backward_flops
+
+
 def test_lora_trainable_count_formula():
     """r * (in + out) per adapted module: q (64 -> 64) and v (64 -> 32) in 2 layers, r = 4."""
     ct, _ = _engine(_scenario("llama", "bf16", "sdpa-flash", LORA, "none"))

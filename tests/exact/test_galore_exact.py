@@ -27,14 +27,14 @@ GPT2 = dict(LLAMA, family="gpt2", n_kv_heads=4, position="learned", norm="layern
             activation="gelu_tanh", gated_mlp=False, qkv_bias=True, attn_out_bias=True, mlp_bias=True,
             tied_embeddings=False)
 OPTIMIZERS = [
-    {"name": "galore-adamw", "galore": {"rank": 8}},
-    {"name": "galore-adamw", "galore": {"rank": 100}},  # above min(m, n): the SVD keeps min(m, n) directions
-    {"name": "galore-adamw", "galore": {"rank": 8, "proj_type": "full"}},
-    {"name": "galore-adamw", "galore": {"rank": 8, "proj_type": "reverse_std"}},
-    {"name": "galore-adamw", "galore": {"rank": 8, "proj_type": "left", "targets": ["q_proj", "mlp.down"]}},
-    {"name": "galore-adamw", "galore": {"rank": 8, "targets": [r"model\.layers\.1\..*"]}},  # a regex: one block
-    {"name": "galore-adafactor", "galore": {"rank": 8}},
-    {"name": "galore-adafactor", "beta1": False, "galore": {"rank": 8, "proj_type": "right"}},
+    {"name": "galore-adamw", "galore_rank": 8},
+    {"name": "galore-adamw", "galore_rank": 100},  # above min(m, n): the SVD keeps min(m, n) directions
+    {"name": "galore-adamw", "galore_rank": 8, "galore_proj_type": "full"},
+    {"name": "galore-adamw", "galore_rank": 8, "galore_proj_type": "reverse_std"},
+    {"name": "galore-adamw", "galore_rank": 8, "galore_proj_type": "left", "galore_targets": ["q_proj", "mlp.down"]},
+    {"name": "galore-adamw", "galore_rank": 8, "galore_targets": [r"model\.layers\.1\..*"]},  # a regex: one block
+    {"name": "galore-adafactor", "galore_rank": 8},
+    {"name": "galore-adafactor", "beta1": False, "galore_rank": 8, "galore_proj_type": "right"},
 ]
 
 
@@ -50,7 +50,7 @@ def _predicted(sc: Scenario) -> float:
     return states + step_counter_bytes(ct.n_trainable_tensors, sc.optimizer.name, on_device_only=False)
 
 
-@pytest.mark.parametrize("opt", OPTIMIZERS, ids=lambda o: f"{o['name']}-{o['galore']}-{o.get('beta1', True)}")
+@pytest.mark.parametrize("opt", OPTIMIZERS, ids=lambda o: '-'.join(f'{k}={v}' for k, v in o.items()))
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "bf16-amp"])
 def test_galore_state_bytes_equal_galore_torch(opt, precision):
     sc = _scenario(LLAMA, precision, opt)

@@ -539,3 +539,10 @@ def test_free_text_gpu_without_a_profile_stays_unsupported_for_speed():
 
     with pytest.raises(Unsupported, match="does not name a device"):
         _gpu({"gpu": "other:RTX 2080 Ti"}, "step_time_s", [])
+
+
+def test_dora_on_a_bitsandbytes_base_is_qdora():
+    sc = record_to_scenario(_record(method="dora", weight_quant="nf4", double_quant=True))
+    assert sc.method.kind == "qlora" and sc.method.use_dora and sc.method.quant == "nf4"
+    gptq = predict_record(_record(method="dora", weight_quant="int4-gptq"))
+    assert gptq["status"] == "unsupported" and "bitsandbytes bases only" in gptq["reason"]
