@@ -179,17 +179,18 @@ def test_optimizer_state_bytes_equal_torch(opt, precision, method):
     assert predicted == truth.optimizer_state_bytes
 
 
-@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("double_quant,use_dora", [(True, False), (False, False), (True, True)])
 @pytest.mark.parametrize("checkpointing", ["none", "full"])
-def test_qlora_equals_bitsandbytes(double_quant, checkpointing):
+def test_qlora_equals_bitsandbytes(double_quant, use_dora, checkpointing):
     """QLoRA on bitsandbytes 4-bit layers (its CPU backend runs the same quantization): the frozen storage
     (4-bit weights, absmax, nested state, code tables and the 16-bit rest), trainable adapters, gradients,
     saved activations and backward FLOPs are exact.  Forward (and recomputed forward) FLOPs are not compared:
-    the 4-bit matmul runs inside a bitsandbytes custom op the FLOP counter cannot see into."""
+    the 4-bit matmul runs inside a bitsandbytes custom op the FLOP counter cannot see into.  QDoRA (PEFT's
+    ``use_dora=True`` on the same layers) adds the magnitude vectors and DoRA's saved tensors."""
     pytest.importorskip("bitsandbytes")
     from simulator import estimate
 
-    method = {"kind": "qlora", "r": 4, "targets": "all-linear", "double_quant": double_quant}
+    method = {"kind": "qlora", "r": 4, "targets": "all-linear", "double_quant": double_quant, "use_dora": use_dora}
     sc = _scenario("llama", "bf16", "sdpa-math", method, checkpointing)
     truth = measure(sc)
     ct, B = _engine(sc)
@@ -200,25 +201,6 @@ def test_qlora_equals_bitsandbytes(double_quant, checkpointing):
     assert ct.trainable_bytes == truth.grad_bytes
     assert ct.at(ct.saved, B) == truth.saved_bytes_total
     assert ct.at(ct.bwd_flops, B) == truth.backward_flops - truth.recompute_flops  # recompute: forward again
-
-
-@pytest.mark.parametrize("targets", [None, "all-linear"])
-def test_qdora_equals_peft_on_bitsandbytes(targets):
-    """QDoRA (PEFT ``use_dora=True`` on bitsandbytes 4-bit layers): the magnitude vectors join the trainable set and
-    DoRA's saved tensors (the identity through lora_A, lora_B's input, the detached norms) join QLoRA's; backward
-    FLOPs as for QLoRA, plus DoRA's.  Storage as in the QLoRA test."""
-    pytest.importorskip("bitsandbytes")
-    from simulator import estimate
-
-    sc = _scenario("llama", "bf16", "sdpa-math", {"kind": "qlora", "r": 4, "targets": targets, "use_dora": True}, "none")
-    truth = measure(sc)
-    ct, B = _engine(sc)
-    mb = estimate(sc).memory_bytes
-    assert mb.weights + mb.quant_scales == truth.param_bytes + truth.quant_state_bytes - truth.trainable_param_bytes
-    assert ct.n_trainable == truth.trainable_params
-    assert ct.trainable_bytes == truth.grad_bytes
-    assert ct.at(ct.saved, B) == truth.saved_bytes_total
-    assert ct.at(ct.bwd_flops, B) == truth.backward_flops
 
 
 def test_lora_trainable_count_formula():
