@@ -38,6 +38,7 @@ from hwprofiles import get_device
 from simulator import Scenario
 from simulator.config import ModelArch
 from simulator.config.parallel import ZeroStage
+from simulator.config.training import GALORE_BASE
 from simulator.models import list_models, resolve_model_name
 
 DEFAULT_MODEL = "llama-3.1-8b"
@@ -67,11 +68,8 @@ TASK_FIELDS: dict[str, frozenset[str]] = {
 SHOWN_WHEN: dict[str, tuple[str, tuple[Any, ...]]] = {
     "checkpointing.every_k": ("checkpointing.mode", ("every_k",)),
     "optimizer.beta1": ("optimizer.name", ("adafactor", "galore-adafactor")),
-    "optimizer.galore_rank": ("optimizer.name", ("galore-adamw", "galore-adamw-8bit", "galore-adafactor")),
-    "optimizer.galore_update_proj_gap": ("optimizer.name", ("galore-adamw", "galore-adamw-8bit", "galore-adafactor")),
-    "optimizer.galore_scale": ("optimizer.name", ("galore-adamw", "galore-adamw-8bit", "galore-adafactor")),
-    "optimizer.galore_proj_type": ("optimizer.name", ("galore-adamw", "galore-adamw-8bit", "galore-adafactor")),
-    "optimizer.galore_targets": ("optimizer.name", ("galore-adamw", "galore-adamw-8bit", "galore-adafactor")),
+    **{f"optimizer.{f}": ("optimizer.name", tuple(GALORE_BASE))
+       for f in ("galore_rank", "galore_update_proj_gap", "galore_scale", "galore_proj_type", "galore_targets")},
     "inference.group_size": ("inference.weights", ("gptq", "awq")),
     "inference.double_quant": ("inference.weights", ("nf4", "fp4")),
     "method.group_size": ("method.quant", ("gptq", "awq")),

@@ -29,6 +29,7 @@ from .config import (
     Optimizer, PrefixTuning, PromptTuning, QLoRA, Scenario, TrainWorkload,
 )
 from .config.parallel import Parallel
+from .config.training import GALORE_BASE
 from .plan_cli import add_plan_parser
 from .estimate import count_params, estimate
 from .models import get_model, list_models
@@ -231,9 +232,9 @@ def build_scenario_dict(args: argparse.Namespace) -> dict[str, Any]:
         data["optimizer"] = {**_sub(data, "optimizer"), "name": args.optimizer}
     if args.galore_rank is not None:
         opt = _sub(data, "optimizer")
-        if not str(opt.get("name", "")).startswith("galore-"):
+        if opt.get("name") not in GALORE_BASE:
             raise CliError("optimizer.galore_rank", "--galore-rank needs a GaLore optimizer: --optimizer "
-                           "galore-adamw | galore-adamw-8bit | galore-adafactor")
+                           + " | ".join(GALORE_BASE))
         data["optimizer"] = {**opt, "galore_rank": args.galore_rank}
     if args.checkpointing is not None or args.every_k is not None:
         ck = _sub(data, "checkpointing")

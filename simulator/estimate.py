@@ -179,17 +179,17 @@ def rank_bytes(ct: CostTable, par, optimizer, stage: int, n_shard: int) -> tuple
                               galore)
     grads = step_grads = ms.gradients
     bwd_opt = 0.0
-    if galore is not None:
-        # galore-torch's optimizers are for-loops: one parameter's temporaries at a time, in backward when layer-wise
-        opt_tr = gl.galore_step_transient_bytes(groups, galore[1], opt.name, opt.galore)
-        if opt.in_backward:
-            step_grads = rp.largest_trainable_bytes
-            bwd_opt = opt_tr
-    elif opt.in_backward:
+    # galore-torch's optimizers are for-loops: one parameter's temporaries at a time
+    one_at_a_time = (gl.galore_step_transient_bytes(groups, galore[1], opt.name, opt.galore) if galore is not None
+                     else None)
+    if opt.in_backward:
         # each gradient is consumed by its parameter's step (one parameter's temporaries) as soon as it
         # is produced; the validator keeps grad_accum at 1
         step_grads = rp.largest_trainable_bytes
-        opt_tr = bwd_opt = mem.optimizer_temp_bytes(groups, opt.name, "for-loop")
+        opt_tr = bwd_opt = (one_at_a_time if one_at_a_time is not None
+                            else mem.optimizer_temp_bytes(groups, opt.name, "for-loop"))
+    elif one_at_a_time is not None:
+        opt_tr = one_at_a_time
     elif par.offload_optimizer != "none":
         opt_tr = 0.0  # the step runs on the host
     else:

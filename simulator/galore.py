@@ -68,16 +68,16 @@ def unprojected_groups(groups: list[mem.TensorGroup], projected: list[mem.Tensor
 def galore_state_bytes(groups: list[mem.TensorGroup], projected: list[mem.TensorGroup], name: str, cfg: GaLore,
                        beta1: bool = True) -> float:
     """Optimizer states of a GaLore optimizer over ``groups`` (all trainable tensors of the rank), ``projected``
-    among them: low-rank states and projectors for those, the base optimizer's full states for the rest."""
+    among them: the base optimizer's states of the projected gradients' low-rank shapes plus the projectors for
+    those, its full states for the rest (:func:`simulator.memory.galore_matrix_state_bytes` per weight)."""
     base = GALORE_BASE[name]
-    rest = unprojected_groups(groups, projected)
-    low = sum(mem.galore_matrix_state_bytes(s, d, base, cfg.rank, cfg.proj_type, beta1) * c for _, d, s, c in projected)
-    out = low + sum(mem._state_bytes_one(n, d, s, base, beta1) * c for n, d, s, c in rest)
-    if base == "adamw-8bit":
-        lows = [mem.galore_low_rank_shape(s, cfg.rank, cfg.proj_type) for _, _, s, _ in projected]
-        if any(a * b >= mem.BNB_MIN_8BIT_SIZE for a, b in lows) or any(n >= mem.BNB_MIN_8BIT_SIZE for n, _, _, _ in rest):
-            out += mem.BNB_QMAP_BYTES
-    return out
+    low = []
+    for _, d, s, c in projected:
+        a, b = mem.galore_low_rank_shape(s, cfg.rank, cfg.proj_type)
+        low.append((a * b, d, (a, b), c))
+    projectors = sum(mem.galore_projector_bytes(s, cfg.rank, cfg.proj_type, mem.galore_svd_dtype(base, d), d) * c
+                     for _, d, s, c in projected)
+    return mem.optimizer_state_bytes(unprojected_groups(groups, projected) + low, base, beta1) + projectors
 
 
 def galore_step_transient_bytes(groups: list[mem.TensorGroup], projected: list[mem.TensorGroup], name: str,

@@ -169,15 +169,20 @@ def galore_svd_transient_bytes(shape: tuple[int, ...], rank: int, proj_type: str
     return svd - kept
 
 
+def galore_svd_dtype(base: str, dtype: str) -> str:
+    """Dtype of the gradient GaLore decomposes: galore-torch's Adafactor upcasts 16-bit gradients to fp32 before
+    projecting (as HF Adafactor does), its AdamW variants project the gradient as it is."""
+    return "fp32" if base == "adafactor" else dtype
+
+
 def galore_matrix_state_bytes(shape: tuple[int, ...], dtype: str, base: str, rank: int, proj_type: str,
                               beta1: bool = True) -> float:
     """Optimizer states plus projector of one projected (m, n) weight under ``base`` (adamw: both moments in the
     gradient's dtype; adamw-8bit: bitsandbytes blockwise states of the low-rank shape; adafactor: HF Adafactor's
     fp32 factored states of the upcast, projected gradient)."""
     low = galore_low_rank_shape(shape, rank, proj_type)
-    svd_dtype = "fp32" if base == "adafactor" else dtype
     states = _state_bytes_one(low[0] * low[1], dtype, low, base, beta1)
-    return states + galore_projector_bytes(shape, rank, proj_type, svd_dtype, dtype)
+    return states + galore_projector_bytes(shape, rank, proj_type, galore_svd_dtype(base, dtype), dtype)
 
 
 def galore_matrix_step_bytes(shape: tuple[int, ...], dtype: str, base: str, rank: int, proj_type: str) -> float:
@@ -191,8 +196,7 @@ def galore_matrix_step_bytes(shape: tuple[int, ...], dtype: str, base: str, rank
     lo = galore_low_rank_shape(shape, rank, proj_type)
     low = lo[0] * lo[1]
     b = dtype_bytes(dtype)
-    svd_dtype = "fp32" if base == "adafactor" else dtype
-    refresh = galore_svd_transient_bytes(shape, rank, proj_type, svd_dtype)
+    refresh = galore_svd_transient_bytes(shape, rank, proj_type, galore_svd_dtype(base, dtype))
     if base == "adamw":
         update = b * (3.0 * low + 2.0 * m * n)
     elif base == "adamw-8bit":

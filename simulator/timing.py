@@ -29,6 +29,7 @@ from hwprofiles import Device
 
 from . import compute as cp_
 from . import sharding as sh
+from .config.training import GALORE_BASE
 from .graph.compile import CostTable
 from .units import dtype_bytes
 
@@ -206,7 +207,7 @@ def optimizer_step_bytes(numel, name: str, param_dtype: str, deepspeed: bool):
     DeepSpeed the fp32 master is updated and a 16-bit copy written back; 8-bit states move 1 B each;
     SGD reads param and grad and writes the param (+ a momentum read and write)."""
     p = 4.0 if deepspeed else dtype_bytes(param_dtype)
-    if name.startswith("galore-"):
+    if name in GALORE_BASE:
         # a projected weight: read its gradient, write the projected-back update, scale it (read + write), add it to
         # the weight (read both, write); the low-rank states are r/max(m, n) of that.  The SVD refreshing each
         # projector every update_proj_gap steps is not timed.

@@ -32,6 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from simulator.config import Optimizer, Scenario, TrainWorkload
+from simulator.config.training import GALORE_BASE
 
 from .torch_models import backward_context, block_paths, build_model, forward_context, module_paths, unwrap
 
@@ -427,7 +428,7 @@ def make_optimizer(params: list[nn.Parameter], opt: Optimizer, model: nn.Module 
     galore-*: galore-torch over ``model``'s parameters (:func:`_galore_optimizer`).
     """
     name = opt.name
-    if name.startswith("galore-"):
+    if name in GALORE_BASE:
         return _galore_optimizer(params, opt, model)
     if name in ("paged-adamw-8bit", "paged-adamw-32bit"):
         if not all(p.is_cuda for p in params):

@@ -34,6 +34,7 @@ from simulator.config import (
     LoRA,
     ModelArch,
     MoE,
+    Optimizer,
     PrefixTuning,
     PromptTuning,
     QLoRA,
@@ -426,8 +427,8 @@ def _optimizer(sc: dict, notes: list[str], ds_engine: bool = False, torch_v: tup
     return {"name": name, "impl": impl}
 
 
-GALORE_OF = {"adamw": "galore-adamw", "adam": "galore-adamw", "galore-adamw": "galore-adamw",
-             "adamw-8bit": "galore-adamw-8bit", "paged-adamw-8bit": "galore-adamw-8bit", "adafactor": "galore-adafactor"}
+GALORE_OF = {"adamw": "galore-adamw", "adam": "galore-adamw", "adamw-8bit": "galore-adamw-8bit",
+             "paged-adamw-8bit": "galore-adamw-8bit", "adafactor": "galore-adafactor"}
 """The GaLore optimizer a record means by method 'galore' with its optimizer (or by optimizer 'galore-adamw')."""
 GALORE_LAYERWISE_WORDS = ("layer-wise", "layerwise", "per-layer", "per layer")
 
@@ -442,10 +443,11 @@ def _galore_optimizer(sc: dict, optimizer: dict, text: str, notes: list[str]) ->
     base = "adamw" if raw in (None, "galore-adamw", "other") else raw
     if base not in GALORE_OF:
         raise Unsupported(f"GaLore over optimizer {raw!r} not modelled (galore-torch has AdamW, 8-bit AdamW, Adafactor)")
-    rank = (sc.get("lora") or {}).get("r") or 128
+    stated = (sc.get("lora") or {}).get("r")
+    rank = int(stated or Optimizer.model_fields["galore_rank"].default)
     notes.append(f"GaLore: {GALORE_OF[base]} rank {rank} on the attention and MLP linears"
-                 + ("" if (sc.get("lora") or {}).get("r") else " (rank unstated: the GaLore repo's 128)"))
-    out = {"name": GALORE_OF[base], "galore_rank": int(rank)}
+                 + ("" if stated else f" (rank unstated: the GaLore repo's and transformers' {rank})"))
+    out = {"name": GALORE_OF[base], "galore_rank": rank}
     if any(w in text for w in GALORE_LAYERWISE_WORDS):
         out["in_backward"] = True
         notes.append("GaLore per-layer weight updates: each weight is stepped in backward")

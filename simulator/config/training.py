@@ -28,11 +28,11 @@ class GaLore:
     """Gradient low-rank projection settings (Zhao et al. 2024, arXiv 2403.03507; galore-torch 1.0; transformers
     ``optim="galore_*"``), read from the ``galore_*`` fields of :class:`Optimizer`."""
 
-    rank: int = 128
-    update_proj_gap: int = 200
-    scale: float = 0.25
-    proj_type: str = "std"
-    targets: tuple[str, ...] = ("attn", "mlp")
+    rank: int
+    update_proj_gap: int
+    scale: float
+    proj_type: str
+    targets: tuple[str, ...]
 
 
 class TrainWorkload(Strict):

@@ -81,3 +81,27 @@ def test_galore_bad_setups_name_the_field(update, needle):
     data = {**LLAMA7, "optimizer": G8, **update}
     with pytest.raises(ValueError, match=needle.replace(".", r"\.").replace("(", r"\(")):
         Scenario.model_validate(data)
+
+
+def test_galore_step_moves_seven_weight_sized_accesses():
+    """Read the gradient, write the projected-back update, scale it (read + write), add it to the weight (read
+    both, write): 7 x 2 B per bf16 parameter, the low-rank states being r / max(m, n) of that."""
+    from simulator import compute as cp_
+    from hwprofiles import get_device
+
+    sc = Scenario.model_validate({**LLAMA7, "optimizer": {"name": "galore-adamw"}})
+    e = estimate(sc)
+    assert e.time.optimizer_s == pytest.approx(cp_.memory_time_s(6_738_415_616 * 7 * 2, get_device("rtx-4090-24gb")))
+
+
+def test_qdora_norm_rebuilds_the_dequantized_base_weight():
+    """DoRA's weight norm of W + s*BA: one out x in temporary in the adapter input's dtype (fp32 adapters); on a 4-bit
+    base PEFT first dequantizes W (bf16) and casts it to that dtype (fp32), so the largest one -- gate/up,
+    14336 x 4096 on Llama-3.1-8B -- doubles."""
+    base = dict(model="llama-3.1-8b", gpu="a100-sxm-80gb", precision="bf16",
+                workload={"task": "train", "micro_batch": 1, "seq_len": 256})
+    dora = cost_table_for(Scenario.model_validate({**base, "method": {"kind": "dora", "targets": "all-linear"}}))
+    qdora = cost_table_for(Scenario.model_validate(
+        {**base, "method": {"kind": "qlora", "targets": "all-linear", "use_dora": True}}))
+    assert dora.max_dequant_bytes == 14336 * 4096 * 4
+    assert qdora.max_dequant_bytes == 2 * 14336 * 4096 * 4
