@@ -113,6 +113,7 @@ LABELS: dict[str, str] = {
     "grad_accum": "gradient accumulation",
     "prompt_len": "prompt length",
     "gen_len": "generated tokens",
+    "prefill_logits": "prefill logits kept",
     "r": "rank r",
     "kv_dtype": "KV-cache dtype",
     "n_virtual_tokens": "virtual tokens",

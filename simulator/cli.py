@@ -47,7 +47,7 @@ WORKLOAD_CLASSES: dict[str, type[BaseModel]] = {"train": TrainWorkload, "infer":
 # flag dest -> field of the method config
 METHOD_FLAGS = ("r", "alpha", "targets", "quant", "use_dora", "n_virtual_tokens")
 TRAIN_FLAGS = ("seq_len", "micro_batch", "grad_accum")
-INFER_FLAGS = ("batch", "prompt_len", "gen_len")
+INFER_FLAGS = ("batch", "prompt_len", "gen_len", "prefill_logits")
 
 EXIT_OK, EXIT_NO_FIT, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 
@@ -456,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch", type=int, metavar="N", help=_doc(InferWorkload, "batch"))
     g.add_argument("--prompt-len", type=int, metavar="N", help=_doc(InferWorkload, "prompt_len"))
     g.add_argument("--gen-len", type=int, metavar="N", help=_doc(InferWorkload, "gen_len"))
+    g.add_argument("--prefill-logits", metavar="last|all", help=_doc(InferWorkload, "prefill_logits"))
     g = e.add_argument_group("method")
     g.add_argument("--method", metavar="KIND", help="fine-tuning method [" + " | ".join(METHOD_CLASSES) + "]; "
                    "--quant implies qlora (also over a file's lora), --r/--alpha/--targets imply lora")

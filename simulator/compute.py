@@ -234,6 +234,11 @@ def op_arrays(ct: CostTable) -> tuple[OpArrays, ...]:
     return out
 
 
+def head_fwd_flops(ct: CostTable, B: tuple) -> float:
+    """Forward FLOPs of the head part (final norm, LM head) at basis ``B``."""
+    return sum(_dot(op.fwd_flops, B) for part in op_arrays(ct) if part.where == "post" for op in part.ops)
+
+
 def matmul_dtype(compute_dtype: str, precision: str) -> str:
     """The tensor-core path the GEMMs take: fp8 under float8 training, fp32 (no TF32 by default in
     torch.matmul) for fp32, else the 16-bit compute dtype."""

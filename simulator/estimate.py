@@ -355,10 +355,15 @@ def _infer_memory(sc: Scenario, ct: CostTable, dev: Device, stage: int = 0
     prefill_tr = T * (3.0 * inter / par.tp + 4.0 * arch.hidden) * cd
     if sc.attention in ("eager", "sdpa-math"):
         prefill_tr = max(prefill_tr, w.batch * arch.n_heads / par.tp * w.prompt_len**2 * (4.0 + cd))
-    # generate() computes logits for the last position only, upcast to fp32 (on the last stage)
-    logits = w.batch * arch.vocab * (cd + 4.0) / par.tp if stage == par.pp - 1 else 0.0
+    last = stage == par.pp - 1
+    # generate() computes logits for the last position only and copies them to fp32 (on the last stage)
+    logits = mem.generation_logits_bytes(w.batch, arch.vocab, cd, par.tp) if last else 0.0
     deq = ct.max_dequant_bytes / par.tp
-    prefill_tr = prefill_tr + max(logits, deq)
+    if w.prefill_logits == "all" and last:
+        # a plain forward returns every position's logits; at the head the normed hidden states are live too
+        prefill_tr = max(prefill_tr, mem.prefill_head_bytes(T, arch.hidden, arch.vocab, cd, par.tp)) + deq
+    else:
+        prefill_tr = prefill_tr + max(logits, deq)
     decode_tr = w.batch * (3.0 * inter / par.tp + 4.0 * arch.hidden) * cd + logits + deq
     ws = dev.cublas_workspace_bytes + dev.cublaslt_workspace_bytes
     phases = {
@@ -389,6 +394,9 @@ def _flops(sc: Scenario, ct: CostTable) -> tuple[FlopBreakdown, int]:
         return FlopBreakdown(forward=f, backward=bw, recompute=rc, per_step=per_step, per_token=per_step / tokens), tokens
     # inference: prefill over the prompt + one forward per generated token over a growing context
     f_prefill = ct.at(ct.fwd_flops, B)
+    head_B = timing.prefill_head_basis(w)
+    if head_B is not None:  # the head runs on the last position only
+        f_prefill += compute.head_fwd_flops(ct, head_B) - compute.head_fwd_flops(ct, B)
     c = ct.fwd_flops.c  # over (T, K, A, B, S, Q, 1): per new token, T and K terms are per token, A per context position
     lin_per_tok = c[0] + c[1]
     att_coef = c[2]

@@ -233,6 +233,20 @@ def loss_forward_transient_bytes(logits_numel: float, logits_dtype: str, upcast_
     return logits_numel * dtype_bytes(logits_dtype) + (logits_numel * 4.0 if upcast_copy else 0.0)
 
 
+def generation_logits_bytes(batch: int, vocab: int, compute_bytes: float, tp: int = 1) -> float:
+    """Logits of one generation step: the last position's ``batch x vocab`` in the compute dtype and the
+    fp32 copy ``generate`` samples from (``outputs.logits[:, -1, :].to(copy=True, dtype=torch.float32)``),
+    vocab-parallel over ``tp`` ranks."""
+    return batch * vocab * (compute_bytes + 4.0) / tp
+
+
+def prefill_head_bytes(tokens: int, hidden: int, vocab: int, compute_bytes: float, tp: int = 1) -> float:
+    """Live at the LM head of a forward that keeps every position's logits: the final norm's output
+    (``tokens x hidden``, replicated) and the logits (``tokens x vocab``, vocab-parallel), both in the compute
+    dtype (transformers >= 4.45 no longer upcasts the logits of a forward without labels)."""
+    return tokens * (hidden + vocab / tp) * compute_bytes
+
+
 def loss_backward_transient_bytes(logits_numel: float, loss_dtype: str = "fp32") -> float:
     """At ``log_softmax`` backward: the grad from nll_loss and the grad it produces, both in the loss
     dtype (2 x 4 B x b*s*V after HF's fp32 upcast); the saved log-softmax output is counted with

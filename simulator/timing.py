@@ -159,13 +159,16 @@ def combine_parts(times: list, counts: tuple[int, ...], n_blocks: int, training:
 
 
 def stage_compute(ct: CostTable, par, B: tuple, dev: Device, dtype: str, stage: int, training: bool,
-                  decode_step: bool = False, rows=None) -> StageCompute:
+                  decode_step: bool = False, rows=None, head_B: tuple | None = None) -> StageCompute:
     """Compute of one micro-batch on one rank of ``stage`` (``decode_step``: see :func:`part_counts`;
-    ``rows``: input rows of each GEMM in an inference forward, which picks fused dequantizing kernels)."""
+    ``rows``: input rows of each GEMM in an inference forward, which picks fused dequantizing kernels;
+    ``head_B``: the basis the head part (final norm, LM head) runs at when it sees fewer positions than the
+    blocks -- a prefill that keeps the last position's logits)."""
     fused_attention = ct.plan.attention not in ("eager", "sdpa-math")
     counts = part_counts(ct, par.pp, stage, decode_step)
     fq = cp_.fused_dequant(ct.plan.base_quant, rows) if (rows is not None and not training) else False
-    times = [cp_.part_time(part, B, dev, dtype, par.tp, par.cp, training, fused_attention, fq) if n else None
+    times = [cp_.part_time(part, head_B if (head_B is not None and part.where == "post") else B, dev, dtype,
+                           par.tp, par.cp, training, fused_attention, fq) if n else None
              for part, n in zip(cp_.op_arrays(ct), counts)]
     return combine_parts(times, counts, len(sh.stage_layer_ranges(ct.n_blocks, par.pp)[stage]), training,
                          fetch_host_times(ct, zero3_fetch_threshold(par)))
@@ -407,6 +410,16 @@ class InferTime:
     total_s: float
 
 
+def prefill_head_basis(w) -> tuple | None:
+    """Where the prefill's head part (final norm, LM head) runs: at one position per sequence when only the
+    last position's logits are kept (generation), else (``prefill_logits='all'``) with the blocks (None).
+    The final norm runs over every position before the slice, a ``prompt_len x hidden`` elementwise pass
+    this leaves out."""
+    from .graph.ir import basis
+
+    return basis(w.batch, 1, w.prompt_len) if w.prefill_logits == "last" else None
+
+
 def infer_time(sc, ct: CostTable, dev: Device, system) -> InferTime:
     """Prefill of the prompts and the decode of ``gen_len`` tokens (one token per sequence per step).
 
@@ -417,12 +430,13 @@ def infer_time(sc, ct: CostTable, dev: Device, system) -> InferTime:
 
     par, w, prec, dtype, cd, lay = _setup(sc, ct, system)
     Bp = basis(w.batch, w.prompt_len, w.prompt_len)
+    head_B = prefill_head_basis(w)
     mid = w.prompt_len + w.gen_len / 2.0
     Bd = basis(w.batch, 1, mid)
     h = ct.arch.hidden
     prefill = decode = tp_p = tp_d = 0.0
     for st in range(par.pp):
-        sp_ = stage_compute(ct, par, Bp, dev, dtype, st, False, rows=w.batch * w.prompt_len)
+        sp_ = stage_compute(ct, par, Bp, dev, dtype, st, False, rows=w.batch * w.prompt_len, head_B=head_B)
         sd = stage_compute(ct, par, Bd, dev, dtype, st, False, decode_step=True, rows=w.batch)
         prefill += sp_.forward_s
         decode += sd.forward_s

@@ -10,7 +10,8 @@ Training (:func:`run_train`): one optimizer step = ``grad_accum`` forward + back
 ``micro_batch x seq_len`` batch of random tokens (labels = inputs), ``optimizer.step()``,
 ``zero_grad(set_to_none=True)``.  Inference (:func:`run_infer`): ``generate`` of ``gen_len`` tokens
 (greedy, no early stop) for ``batch`` prompts of ``prompt_len`` tokens with the KV cache; the prefill
-(one forward over the prompts) is timed on its own as well.
+(one forward over the prompts, keeping the logits ``prefill_logits`` names: the last position's, as
+``generate`` does) is timed on its own as well.
 
 Memory: the allocated / reserved peaks over the warm-up and the timed steps, minus what was allocated
 before the model was built; the peak statistics restart after the build so the set-up's own transients
@@ -27,7 +28,8 @@ from simulator.config import InferWorkload, Scenario, TrainWorkload
 
 from .schema import Measurement
 
-__all__ = ["E2ECase", "e2e_cases", "run_e2e", "run_train", "run_infer", "case_from_spec", "TINY_ARCH"]
+__all__ = ["E2ECase", "e2e_cases", "run_e2e", "run_train", "run_infer", "case_from_spec", "TINY_ARCH",
+           "PREFILL_POSITIONS", "prefill_logits_kwargs", "measured_scenario"]
 
 
 class E2ECase(BaseModel):
@@ -138,6 +140,33 @@ def _infer_model(sc: Scenario, device: str):
     return model
 
 
+PREFILL_POSITIONS = "prefill_logits_positions"
+"""``Measurement.extra`` key: prompt positions the separately timed prefill computed logits for.  Results
+written before it existed timed a plain forward, which computes every position's logits."""
+
+
+def prefill_logits_kwargs(model: Any, wl: InferWorkload) -> dict[str, int]:
+    """What makes a forward compute the logits ``wl.prefill_logits`` asks for: ``logits_to_keep=1`` for the
+    last position, as ``generate`` passes it (transformers ``GenerationMixin._supports_logits_to_keep``);
+    nothing for every position, or for a model whose forward takes no such argument."""
+    import inspect
+
+    if wl.prefill_logits == "last" and "logits_to_keep" in inspect.signature(model.forward).parameters:
+        return {"logits_to_keep": 1}
+    return {}
+
+
+def measured_scenario(case: E2ECase, m: Measurement | None) -> Scenario:
+    """The setup a measurement's memory peak and prefill time belong to: the case's, except that a generation
+    measured before :data:`PREFILL_POSITIONS` was recorded timed its prefill as a plain forward, whose every
+    position's logits are then part of the peak (``prefill_logits='all'``)."""
+    sc = case.scenario
+    wl = sc.workload
+    if not isinstance(wl, InferWorkload) or m is None or PREFILL_POSITIONS in m.extra:
+        return sc
+    return sc.model_copy(update={"workload": wl.model_copy(update={"prefill_logits": "all"})})
+
+
 def run_infer(case: E2ECase, device: str) -> Measurement:
     """Time a whole generation (and the prefill alone) and record the memory peaks."""
     import torch
@@ -162,9 +191,11 @@ def run_infer(case: E2ECase, device: str) -> Measurement:
                 model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=wl.gen_len,
                                min_new_tokens=wl.gen_len, do_sample=False, use_cache=True, pad_token_id=0)
 
+        keep = prefill_logits_kwargs(model, wl)
+
         def prefill() -> None:
             with torch.no_grad(), backward_context(sc, device, fallback=True):
-                model(input_ids=ids, attention_mask=mask, use_cache=True)
+                model(input_ids=ids, attention_mask=mask, use_cache=True, **keep)
 
         pm.restart()
         prefill_samples = time_repeats_s(prefill, warmup=1, repeats=case.repeats, device=device)
@@ -172,7 +203,7 @@ def run_infer(case: E2ECase, device: str) -> Measurement:
         pm.read()
     t = median_s(samples)
     t_prefill = median_s(prefill_samples)
-    extra = {"prefill_s": t_prefill}
+    extra = {"prefill_s": t_prefill, PREFILL_POSITIONS: float(keep.get("logits_to_keep") or wl.prompt_len)}
     if wl.gen_len > 1:
         extra["decode_per_token_s"] = max(t - t_prefill, 0.0) / (wl.gen_len - 1)
     return Measurement(allocated_peak_bytes=pm.allocated_peak_bytes, reserved_peak_bytes=pm.reserved_peak_bytes,

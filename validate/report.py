@@ -6,7 +6,10 @@ For each results file (:mod:`validate.schema`) and each case in it:
   names (``--device`` overrides), and compared metric by metric: ``allocated`` (max_memory_allocated
   vs the engine's ``peak_allocated_bytes``), ``reserved`` (max_memory_reserved vs
   ``peak_reserved_bytes``), ``time`` (a training step or a whole generation vs ``time.step_s``), and for
-  generations ``prefill`` and ``decode_per_token``.  A case that ran out of memory scores the engine's
+  generations ``prefill`` and ``decode_per_token`` (the peaks and the prefill of a generation measured
+  before the harness recorded its prefill's logit positions are predicted for a prefill that keeps every
+  position's logits, as that harness's separately timed forward did: :func:`validate.e2e.measured_scenario`).
+  A case that ran out of memory scores the engine's
   ``fits`` verdict (it must say the setup does not fit), as does every case that ran.
 * **micro** — the kernel's predicted time from the engine's roofline (:func:`validate.micro.predict_micro`).
 
@@ -86,7 +89,8 @@ def diagnose(metric: str, measured: float, predicted: float, e: Any) -> str:
         return f"{side}-predicted by {abs(gap):.2f} GiB at the {e.peak_phase} peak; largest terms: {terms}"
     if metric in ("time", "prefill", "decode_per_token") and e.time is not None:
         t = e.time.model_dump()
-        parts = {k: v for k, v in t.items() if k.endswith("_s") and k not in ("step_s", "decode_per_token_s") and v}
+        parts = {k: v for k, v in t.items()
+                 if k.endswith("_s") and not k.startswith("tokens_per") and k not in ("step_s", "decode_per_token_s") and v}
         top = sorted(parts.items(), key=lambda kv: -kv[1])[:3]
         terms = ", ".join(f"{k[:-2]} {v * 1e3:.1f} ms" for k, v in top)
         return f"{side}-predicted ({predicted / measured:.2f}x); largest terms: {terms}; MFU {t['mfu'] * 100:.0f}%"
@@ -94,11 +98,14 @@ def diagnose(metric: str, measured: float, predicted: float, e: Any) -> str:
 
 
 def _e2e_comparisons(res: ResultsFile, case: CaseResult, source: str, device: str | None) -> list[Comparison]:
-    from .e2e import case_from_spec
+    from .e2e import case_from_spec, measured_scenario
 
     c = case_from_spec(case.case_id, case.spec)
     try:
         e = _estimate(c.scenario, device)
+        measured_sc = measured_scenario(c, case.measured)
+        # the peak and the separately timed prefill of an older generation include a plain forward's logits
+        e_peak = e if measured_sc is c.scenario else _estimate(measured_sc, device)
     except Exception as err:  # noqa: BLE001 - a scenario the engine refuses is reported, not fatal
         return [Comparison(suite="e2e", case_id=case.case_id, metric="fits", measured=float(case.status == "ok"),
                            predicted=-1.0, unit="bool", source=source, device=device,
@@ -107,26 +114,27 @@ def _e2e_comparisons(res: ResultsFile, case: CaseResult, source: str, device: st
     out = []
     on_gpu = res.fingerprint.platform != "cpu"
     if on_gpu and case.status in ("ok", "oom"):
-        out.append(Comparison(**base, metric="fits", measured=float(case.status == "ok"), predicted=float(e.fits),
-                              unit="bool", diagnosis=f"engine: peak {e.peak_memory_bytes / 2**30:.2f} GiB of "
-                                                     f"{e.device_memory_bytes / 2**30:.2f} GiB"))
+        out.append(Comparison(**base, metric="fits", measured=float(case.status == "ok"),
+                              predicted=float(e_peak.fits),
+                              unit="bool", diagnosis=f"engine: peak {e_peak.peak_memory_bytes / 2**30:.2f} GiB of "
+                                                     f"{e_peak.device_memory_bytes / 2**30:.2f} GiB"))
     m = case.measured
     if case.status != "ok" or m is None:
         return out
-    pairs: list[tuple[str, float | None, float | None, str]] = []
+    pairs: list[tuple[str, float | None, float | None, str, Any]] = []
     if on_gpu:
-        pairs += [("allocated", m.allocated_peak_bytes, e.peak_allocated_bytes, "bytes"),
-                  ("reserved", m.reserved_peak_bytes, e.peak_reserved_bytes, "bytes")]
+        pairs += [("allocated", m.allocated_peak_bytes, e_peak.peak_allocated_bytes, "bytes", e_peak),
+                  ("reserved", m.reserved_peak_bytes, e_peak.peak_reserved_bytes, "bytes", e_peak)]
     if device is not None and e.time is not None:
-        pairs.append(("time", m.time_s, e.time.step_s, "s"))
+        pairs.append(("time", m.time_s, e.time.step_s, "s", e))
         if c.kind == "infer":
-            pairs += [("prefill", m.extra.get("prefill_s"), e.time.prefill_s, "s"),
-                      ("decode_per_token", m.extra.get("decode_per_token_s"), e.time.decode_per_token_s, "s")]
-    for metric, meas, pred, unit in pairs:
+            pairs += [("prefill", m.extra.get("prefill_s"), e_peak.time.prefill_s, "s", e_peak),
+                      ("decode_per_token", m.extra.get("decode_per_token_s"), e.time.decode_per_token_s, "s", e)]
+    for metric, meas, pred, unit, est in pairs:
         if meas is None or pred is None or meas <= 0:
             continue
         out.append(Comparison(**base, metric=metric, measured=float(meas), predicted=float(pred), unit=unit,
-                              diagnosis=diagnose(metric, float(meas), float(pred), e)))
+                              diagnosis=diagnose(metric, float(meas), float(pred), est)))
     return out
 
 

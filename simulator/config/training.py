@@ -55,6 +55,11 @@ class InferWorkload(Strict):
     """Prompt tokens per sequence (prefill)."""
     gen_len: int = Field(default=256, ge=0)
     """Generated tokens per sequence (decode)."""
+    prefill_logits: Literal["last", "all"] = "last"
+    """Positions the prefill computes logits for: 'last' is generation (transformers' ``generate`` passes
+    ``logits_to_keep=1``; vLLM and TGI sample from the last position), 'all' a plain forward over the prompts
+    that returns ``batch x prompt_len x vocab`` logits in the compute dtype (prompt scoring, perplexity and
+    log-likelihood evaluation)."""
 
 
 Workload = Annotated[Union[TrainWorkload, InferWorkload], Field(discriminator="task")]

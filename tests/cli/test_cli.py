@@ -104,7 +104,7 @@ def test_switching_method_or_task_drops_the_files_other_knobs(capsys, tmp_path):
     sc = run_json(capsys, "estimate", str(path), "--method", "full")["scenario"]
     assert sc["method"] == {"kind": "full"}
     sc = run_json(capsys, "estimate", str(path), "--method", "full", "--task", "infer", "--batch", "3")["scenario"]
-    assert sc["workload"] == {"task": "infer", "batch": 3, "prompt_len": 512, "gen_len": 256}
+    assert sc["workload"] == {"task": "infer", "batch": 3, "prompt_len": 512, "gen_len": 256, "prefill_logits": "last"}
     # --quant turns the file's LoRA into QLoRA and keeps its adapter settings
     sc = run_json(capsys, "estimate", str(path), "--quant", "nf4")["scenario"]
     assert (sc["method"]["kind"], sc["method"]["r"], sc["method"]["targets"]) == ("qlora", 4, ["c_attn"])

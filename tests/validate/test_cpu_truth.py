@@ -403,3 +403,35 @@ def test_lora_without_targets_uses_peft_defaults():
     assert truth(scenario("gpt2", method=LoRA(r=4, targets=None))).trainable_params == sum(
         4 * (i + o) for i, o in _lora_modules("gpt2")
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Inference prefill: the logits it keeps
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prefill_logits", ["last", "all"])
+def test_prefill_flops_follow_the_logits_kept(prefill_logits):
+    """The engine's prefill FLOPs equal FlopCounterMode's over a real forward that keeps the logits the
+    workload names (``logits_to_keep=1`` as generate passes it, or every position); the difference between
+    the two is the LM head over the other ``s - 1`` positions of each sequence."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from simulator import estimate
+    from simulator.config import InferWorkload
+    from validate.cpu_truth import EXTRA_FLOP_FORMULAS
+    from validate.e2e import prefill_logits_kwargs
+
+    wl = InferWorkload(batch=B, prompt_len=S, gen_len=0, prefill_logits=prefill_logits)
+    sc = Scenario(model=ModelArch(name="tiny", family="llama", **_DECODER), workload=wl, precision="fp32",
+                  attention="sdpa-math")
+    model = build_model(sc.model_copy(update={"workload": WORKLOAD})).eval()
+    ids = torch.randint(0, V, (B, S))
+    keep = prefill_logits_kwargs(model, wl)
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS) as fc:
+        out = model(input_ids=ids, use_cache=True, **keep)
+    assert out.logits.shape == (B, 1 if prefill_logits == "last" else S, V)
+    assert estimate(sc).flops.forward == fc.get_total_flops()
+    if prefill_logits == "last":
+        all_ = estimate(sc.model_copy(update={"workload": wl.model_copy(update={"prefill_logits": "all"})}))
+        assert all_.flops.forward - estimate(sc).flops.forward == 2 * B * (S - 1) * H * V

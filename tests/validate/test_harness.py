@@ -12,7 +12,14 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from simulator import estimate  # noqa: E402
-from validate.e2e import E2ECase, case_from_spec, cpu_grid, gpu_grid  # noqa: E402
+from validate.e2e import (  # noqa: E402
+    PREFILL_POSITIONS,
+    E2ECase,
+    case_from_spec,
+    cpu_grid,
+    gpu_grid,
+    measured_scenario,
+)
 from validate.report import compare_results, format_report, report_html, summarize  # noqa: E402
 from validate.run import measure_case, run_suite, shard_of  # noqa: E402
 from validate.schema import (  # noqa: E402
@@ -147,6 +154,7 @@ def test_cpu_suite_runs_and_writes_a_readable_file(tmp_path):
             else:
                 assert m.tokens_per_s == pytest.approx(wl.batch * wl.gen_len / m.time_s)
                 assert 0 < m.extra["prefill_s"] and m.extra["decode_per_token_s"] >= 0
+                assert m.extra[PREFILL_POSITIONS] == 1.0  # the prefill keeps the last position's logits, as generate
     assert res.fingerprint.platform == "cpu" and res.fingerprint.packages["torch"].startswith("2.")
     assert res.command == "python -m validate run --suite e2e"
 
@@ -191,7 +199,7 @@ def _synthetic_gpu_file() -> tuple[ResultsFile, dict[str, float]]:
                    measured=Measurement(allocated_peak_bytes=round(eg.peak_allocated_bytes / 0.98),
                                         reserved_peak_bytes=round(eg.peak_reserved_bytes / 1.02),
                                         time_s=eg.time.step_s / 0.80,
-                                        extra={"prefill_s": eg.time.prefill_s / 1.5,
+                                        extra={"prefill_s": eg.time.prefill_s / 1.5, PREFILL_POSITIONS: 1.0,
                                                "decode_per_token_s": eg.time.decode_per_token_s / 0.9})),
         CaseResult(case_id=oom.case_id, suite="e2e", kind="train", spec=oom.spec(), status="oom",
                    message="CUDA out of memory"),
@@ -214,8 +222,33 @@ def test_report_errors_are_the_known_ratios():
     text = format_report([("synthetic.json", res)], comps)
     assert "reproduce: python -m validate run --suite e2e" in text
     assert "Worst" in text and "over-predicted" in text and "largest terms" in text
+    assert "tokens_per" not in text  # throughputs are not time terms
     page = report_html(comps, text)
     assert page.count("plotly-graph-div") == 5 and "e2e: allocated" in page
+
+
+def test_older_generation_results_are_predicted_with_every_prefill_logit():
+    """A generation measured before the harness recorded its prefill's logit positions timed a plain forward
+    (every position's logits): its peak and prefill are predicted for prefill_logits='all', its whole
+    generation and decode for the case itself."""
+    gen = {c.case_id: c for c in gpu_grid()}["e2e/infer/llama-3.1-8b/none/bf16/p512-g128-b64"]
+    wl = gen.scenario.workload
+    every_sc = gen.scenario.model_copy(update={"workload": wl.model_copy(update={"prefill_logits": "all"})})
+    last, every = estimate(gen.scenario), estimate(every_sc)
+    # the 64 x 512 prompt positions' bf16 logits and normed hidden states are live at the head (weights: 15 GiB)
+    head = 64 * 512 * (4096 + 128256) * 2
+    assert every.peak_allocated_bytes - 15.0 * 2**30 > head > last.peak_allocated_bytes - 15.0 * 2**30
+    old = Measurement(allocated_peak_bytes=round(every.peak_allocated_bytes),
+                      reserved_peak_bytes=round(every.peak_reserved_bytes), time_s=last.time.step_s,
+                      extra={"prefill_s": every.time.prefill_s, "decode_per_token_s": last.time.decode_per_token_s})
+    new = old.model_copy(update={"extra": {**old.extra, PREFILL_POSITIONS: 1.0}})
+    assert measured_scenario(gen, old).workload.prefill_logits == "all"
+    assert measured_scenario(gen, new) is gen.scenario and wl.prefill_logits == "last"
+    res = _results([CaseResult(case_id=gen.case_id, suite="e2e", kind="infer", spec=gen.spec(), status="ok",
+                               measured=old)])
+    errs = {c.metric: c.error for c in compare_results([("old.json", res)])}
+    assert errs == {"fits": 0.0, "allocated": pytest.approx(0.0, abs=1e-9), "reserved": pytest.approx(0.0, abs=1e-9),
+                    "time": 0.0, "prefill": 0.0, "decode_per_token": 0.0}
 
 
 def test_report_cli_json_and_bad_file(tmp_path):
