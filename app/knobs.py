@@ -68,6 +68,7 @@ TASK_FIELDS: dict[str, frozenset[str]] = {
 SHOWN_WHEN: dict[str, tuple[str, tuple[Any, ...]]] = {
     "checkpointing.every_k": ("checkpointing.mode", ("every_k",)),
     "optimizer.beta1": ("optimizer.name", ("adafactor", "galore-adafactor")),
+    "optimizer.scale_parameter": ("optimizer.name", ("adafactor",)),
     **{f"optimizer.{f}": ("optimizer.name", tuple(GALORE_BASE))
        for f in ("galore_rank", "galore_update_proj_gap", "galore_scale", "galore_proj_type", "galore_targets")},
     "inference.group_size": ("inference.weights", ("gptq", "awq")),
@@ -102,6 +103,7 @@ LABELS: dict[str, str] = {
     "optimizer.name": "optimizer",
     "optimizer.impl": "optimizer implementation",
     "optimizer.beta1": "Adafactor first moment",
+    "optimizer.scale_parameter": "Adafactor scale_parameter",
     "optimizer.in_backward": "optimizer step in backward",
     "checkpointing.mode": "activation checkpointing",
     "checkpointing.every_k": "checkpoint one block in k",

@@ -133,7 +133,7 @@ class TrainGrid:
     def _rank_state(self, par, stage: int) -> timing.RankState:
         # what rank_state reads of the layout: the placement (rank_params) and DeepSpeed or not
         def make() -> timing.RankState:
-            items = [timing.rank_state(ct, par, stage, sc.optimizer.name) for ct, sc in zip(self.cts, self.families)]
+            items = [timing.rank_state(ct, par, stage, sc.optimizer) for ct, sc in zip(self.cts, self.families)]
             return _stack(items, timing.RankState, (1,))
         return self._cached(("rank_state", par.tp, par.ep, par.pp, par.stage3_param_persistence_threshold,
                              par.deepspeed, par.fsdp1_mixed_units, stage), make)

@@ -203,30 +203,82 @@ class TrainTime:
     step_s: float
 
 
-def optimizer_step_bytes(numel, name: str, param_dtype: str, deepspeed: bool):
-    """Device-memory traffic of one optimizer step over ``numel`` parameters (reads + writes).
+def optimizer_step_bytes(numel, name: str, param_dtype: str, deepspeed: bool, impl: str = "foreach",
+                         beta1: bool = True):
+    """Device-memory traffic of one optimizer step over ``numel`` parameters (bytes read + written), as the
+    kernels of each implementation move them (``validate.cpu_truth.optimizer_step_traffic`` counts them on
+    the real optimizers).
 
-    AdamW: read param, grad, exp_avg, exp_avg_sq, write param and both moments (7 accesses); under
-    DeepSpeed the fp32 master is updated and a 16-bit copy written back; 8-bit states move 1 B each;
-    SGD reads param and grad and writes the param (+ a momentum read and write)."""
+    torch Adam(W), foreach or for-loop (torch/optim/adam.py): the weight decay ``mul_`` of the parameter (AdamW
+    only), ``lerp_`` of exp_avg, ``mul_`` + ``addcmul_`` of exp_avg_sq, ``sqrt``, ``div_`` and ``add_`` of a
+    denominator temporary, ``addcdiv_`` into the parameter: 21 accesses of a parameter-sized tensor in the
+    parameter's dtype (19 for Adam), where the fused kernel makes 7 (read param, grad, both moments, write
+    param and moments).  Under DeepSpeed (fused Adam on the fp32 master) the 16-bit copy is written back.
+    transformers' Adafactor works in fp32: the squared gradient and its row / column means, the factored
+    update, its RMS clip, the first moment, the parameter update (26 fp32 accesses; 21 without beta1), plus
+    the fp32 copies of a 16-bit gradient and parameter and the copy back.  bitsandbytes' 8-bit and 32-bit
+    kernels are fused (states at 1 or 4 B).  SGD: foreach momentum ``mul_`` + ``add_`` into the buffer and
+    ``add_`` into the parameter (8 accesses; 5 fused; 3 without momentum)."""
     p = 4.0 if deepspeed else dtype_bytes(param_dtype)
     if name in GALORE_BASE:
         # a projected weight: read its gradient, write the projected-back update, scale it (read + write), add it to
         # the weight (read both, write); the low-rank states are r/max(m, n) of that.  The SVD refreshing each
         # projector every update_proj_gap steps is not timed.
         return numel * 7.0 * p
-    if name in ("adamw", "adam", "paged-adamw-32bit", "adafactor"):
+    fused = deepspeed or impl == "fused"
+    if name in ("adamw", "adam") and not fused:
+        out = (21.0 if name == "adamw" else 19.0) * p
+    elif name in ("adamw", "adam", "paged-adamw-32bit"):
         s = 4.0 if (deepspeed or name == "paged-adamw-32bit") else p
         out = 3.0 * p + 4.0 * s
+    elif name == "adafactor":
+        out = (26.0 if beta1 else 21.0) * 4.0 + (3.0 * p + 12.0 if p < 4.0 else 0.0)
     elif name in ("adamw-8bit", "paged-adamw-8bit"):
         out = 3.0 * p + 4.0 * 1.0
-    elif name in ("sgd-momentum", "lion"):
+    elif name == "sgd-momentum":
+        out = (5.0 if fused else 8.0) * p
+    elif name == "lion":
         out = 3.0 * p + 2.0 * p
     else:
         out = 3.0 * p
     if deepspeed:
         out += 2.0  # the 16-bit weight copy written back
     return numel * out
+
+
+# One operator an optimizer's Python loop issues: under no_grad there is no autograd recording and no module call,
+# so it pays the dispatcher + launch cost the backward's kernels pay.
+OPTIMIZER_OP_HOST_S = cp_.BACKWARD_HOST_PER_OP_S
+
+
+def optimizer_ops_per_tensor(opt, param_dtype: str, matrix: bool) -> int:
+    """Operators a for-loop optimizer dispatches per parameter tensor and step (0 where the step runs as
+    multi-tensor or fused kernels, whose launches are per group).  Counted on the real optimizers
+    (``validate.cpu_truth.optimizer_step_traffic``): torch's single-tensor AdamW: step ``add_`` and ``item``,
+    weight decay, lerp, mul, addcmul, sqrt, div, add, addcdiv (Adam: no weight decay); SGD: the parameter
+    ``add_`` (+ the buffer's ``mul_`` and ``add_`` with momentum); transformers' Adafactor: 26 for a factored
+    matrix, 16 for a vector, +2 for the first moment, +3 for ``scale_parameter`` (the RMS compared on the
+    host), +3 for a 16-bit parameter (its fp32 copies and the copy back)."""
+    if opt.name == "adafactor":
+        return ((26 if matrix else 16) + (2 if opt.beta1 else 0) + (3 if opt.scale_parameter else 0)
+                + (3 if dtype_bytes(param_dtype) < 4 else 0))
+    if opt.impl != "for-loop":
+        return 0
+    return {"adamw": 10, "adam": 9, "sgd": 1, "sgd-momentum": 3}.get(opt.name, 0)
+
+
+def optimizer_host_s(groups, opt, deepspeed: bool) -> float:
+    """Host time of a for-loop optimizer's Python loop over the rank's parameter tensors ``groups`` ((numel,
+    dtype, shape, count) rows)."""
+    if deepspeed:
+        return 0.0
+    return sum(c * optimizer_ops_per_tensor(opt, d, len(shape) >= 2) for _, d, shape, c in groups) * OPTIMIZER_OP_HOST_S
+
+
+def optimizer_syncs_per_tensor(opt) -> bool:
+    """Whether the loop waits for the device once per parameter (Adafactor's ``scale_parameter``: the RMS is a
+    device tensor compared on the host), so that its host time and kernels run one after the other."""
+    return opt.name == "adafactor" and opt.scale_parameter
 
 
 def _setup(sc, ct: CostTable, system):
@@ -245,9 +297,11 @@ class RankState:
     all_params_16_bytes: Any  # every parameter of the rank as the compute sees it (FSDP / ZeRO-3 gathers)
     frozen_grad_bytes: Any  # gradients of frozen weights FSDP1 reduces anyway (units mixing frozen and trainable)
     opt_step_bytes_per_param: Any  # device traffic of the optimizer step per updated parameter
+    opt_host_s: Any = 0.0  # host time of a for-loop optimizer's Python loop
+    opt_host_serial: Any = 0.0  # 1 where that loop waits for the device per parameter (no overlap with its kernels)
 
 
-def rank_state(ct: CostTable, par, stage: int, optimizer_name: str) -> RankState:
+def rank_state(ct: CostTable, par, stage: int, optimizer) -> RankState:
     prec = ct.plan.precision
     rp = sh.rank_params(ct, par, stage)
     cd = dtype_bytes(prec.compute_dtype)
@@ -255,7 +309,10 @@ def rank_state(ct: CostTable, par, stage: int, optimizer_name: str) -> RankState
     grad_elem = dtype_bytes(wdt) if wdt else (rp.trainable_bytes / rp.trainable_numel if rp.trainable_numel else 4.0)
     all_params_16 = (rp.frozen_bytes + rp.quant_bytes + rp.scale_bytes) + rp.trainable_numel * cd
     return RankState(rp.trainable_numel, grad_elem, all_params_16, sh.mixed_unit_grad_bytes(rp, par),
-                     optimizer_step_bytes(1.0, optimizer_name, prec.param_dtype, par.deepspeed))
+                     optimizer_step_bytes(1.0, optimizer.name, prec.param_dtype, par.deepspeed, optimizer.impl,
+                                          optimizer.beta1),
+                     optimizer_host_s(rp.groups, optimizer, par.deepspeed),
+                     float(optimizer_syncs_per_tensor(optimizer)))
 
 
 @dataclass(frozen=True)
@@ -280,7 +337,7 @@ def step_model(ct: CostTable) -> StepModel:
 def train_step_time(sc, ct: CostTable, dev: Device, system, B: tuple) -> TrainTime:
     par, w, prec, dtype, cd, lay = _setup(sc, ct, system)
     stages = {st: stage_compute(ct, par, B, dev, dtype, st, True) for st in sh.stages_to_check(par.pp)}
-    ranks = {st: rank_state(ct, par, st, sc.optimizer.name) for st in stages}
+    ranks = {st: rank_state(ct, par, st, sc.optimizer) for st in stages}
     return step_time(stages, ranks, step_model(ct), par, dev, system, w.grad_accum, B[0])
 
 
@@ -388,7 +445,10 @@ def step_time(stages: dict[int, StageCompute], ranks: dict[int, RankState], mode
             if par.offload_optimizer == "nvme" else 0.0
         off_s = _maximum(pcie, cpu) + nvme
     else:
-        opt_s = cp_.memory_time_s(n_upd * rank.opt_step_bytes_per_param, dev)
+        opt_gpu = cp_.memory_time_s(n_upd * rank.opt_step_bytes_per_param, dev)
+        # a for-loop optimizer issues its kernels from Python: the step takes the longer of the two, or their sum
+        # where the loop waits for the device per parameter
+        opt_s = _where(rank.opt_host_serial > 0, opt_gpu + rank.opt_host_s, _maximum(opt_gpu, rank.opt_host_s))
     if par.offload_params != "none":
         shard = all_params_16 / max(1, n_shard)
         pcie = comm.host_transfer_time_s(system, 2.0 * shard, dev.efficiency.host_transfer_fraction) * m

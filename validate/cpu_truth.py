@@ -36,7 +36,8 @@ from simulator.config.training import GALORE_BASE
 
 from .torch_models import backward_context, block_paths, build_model, forward_context, module_paths, unwrap
 
-__all__ = ["Truth", "measure", "make_optimizer", "train_batch", "layer_of", "EXTRA_FLOP_FORMULAS"]
+__all__ = ["Truth", "measure", "make_optimizer", "train_batch", "layer_of", "EXTRA_FLOP_FORMULAS", "StepTraffic",
+           "optimizer_step_traffic"]
 
 
 class Truth(BaseModel):
@@ -424,7 +425,7 @@ def make_optimizer(params: list[nn.Parameter], opt: Optimizer, model: nn.Module 
     """The torch / transformers optimizer of ``opt`` (lr 1e-3) over ``params``.
 
     adamw/adam/sgd/sgd-momentum: ``torch.optim`` with ``opt.impl`` (foreach / fused / for-loop);
-    adafactor: ``transformers.optimization.Adafactor(relative_step=False, beta1=0.9 or None)``;
+    adafactor: ``transformers.optimization.Adafactor(relative_step=False, beta1=0.9 or None, scale_parameter)``;
     galore-*: galore-torch over ``model``'s parameters (:func:`_galore_optimizer`).
     """
     name = opt.name
@@ -447,7 +448,8 @@ def make_optimizer(params: list[nn.Parameter], opt: Optimizer, model: nn.Module 
     if name == "adafactor":
         from transformers.optimization import Adafactor
 
-        return Adafactor(params, lr=1e-3, relative_step=False, warmup_init=False, beta1=0.9 if opt.beta1 else None)
+        return Adafactor(params, lr=1e-3, relative_step=False, warmup_init=False, beta1=0.9 if opt.beta1 else None,
+                         scale_parameter=opt.scale_parameter)
     impl = _IMPL[opt.impl]
     if name == "adamw":
         return torch.optim.AdamW(params, lr=1e-3, **impl)
@@ -458,6 +460,65 @@ def make_optimizer(params: list[nn.Parameter], opt: Optimizer, model: nn.Module 
     if name == "sgd-momentum":
         return torch.optim.SGD(params, lr=1e-3, momentum=0.9, **impl)
     raise NotImplementedError(f"optimizer {name!r}: no CPU truth")
+
+
+class StepTraffic(BaseModel):
+    """What one optimizer step dispatches (after the first step has built the states)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    bytes: int
+    """Bytes read + written in tensors of a parameter's size (states, gradients, temporaries; the small row /
+    column statistics and scalars left out), each operator's tensor arguments read and its outputs and
+    mutated arguments written."""
+    ops: int
+    """Operators dispatched (the profiler's record-function markers left out)."""
+
+
+class _TrafficCounter(TorchDispatchMode):
+    def __init__(self, numel: int) -> None:
+        super().__init__()
+        self.numel, self.bytes, self.ops = numel, 0, 0
+
+    def _size(self, ts: Iterable[torch.Tensor]) -> int:
+        return sum(t.numel() * t.element_size() for t in ts if t.numel() == self.numel)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if str(func).startswith("profiler."):
+            return out
+        self.ops += 1
+        # copy_ overwrites its destination without reading it
+        inputs = (args[1:], kwargs) if func is torch.ops.aten.copy_.default else (args, kwargs)
+        reads = [t for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)]
+        written: list[torch.Tensor] = []
+        for i, a in enumerate(func._schema.arguments):
+            if a.alias_info is None or not a.alias_info.is_write:
+                continue
+            # the fused optimizers mark the gradients mutable for the unscale they do only with a grad_scale
+            if a.name == "grads" and kwargs.get("grad_scale") is None:
+                continue
+            v = args[i] if i < len(args) else kwargs.get(a.name)
+            written += [t for t in tree_flatten(v)[0] if isinstance(t, torch.Tensor)]
+        ptrs = {t.data_ptr() for t in written}
+        written += [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.data_ptr() not in ptrs]
+        self.bytes += self._size(reads) + self._size(written)
+        return out
+
+
+def optimizer_step_traffic(opt: Optimizer, shape: tuple[int, ...], count: int, dtype: torch.dtype) -> StepTraffic:
+    """The traffic and operators of one step of ``opt`` (:func:`make_optimizer`) over ``count`` parameters of
+    ``shape`` in ``dtype``; choose a shape whose element count no row / column statistic shares."""
+    params = [nn.Parameter(torch.randn(*shape, dtype=dtype)) for _ in range(count)]
+    optimizer = make_optimizer(params, opt)
+    for _ in range(2):  # the first step builds the states
+        for p in params:
+            p.grad = torch.randn_like(p)
+        counter = _TrafficCounter(params[0].numel())
+        with counter:
+            optimizer.step()
+    return StepTraffic(bytes=counter.bytes, ops=counter.ops)
 
 
 def _quant_state_tensors(params: list[nn.Parameter]) -> list[torch.Tensor]:

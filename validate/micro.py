@@ -294,11 +294,12 @@ def rows_bytes(kind: str, p: RowsParams) -> float:
 
 
 def adamw_bytes(p: AdamwParams) -> float:
-    """``simulator.timing.optimizer_step_bytes`` for fp32 AdamW: 3 x 4 B param/grad/param-out + 4 x 4 B
-    moments in and out = 28 B per parameter."""
+    """``simulator.timing.optimizer_step_bytes`` for fp32 AdamW in the case's implementation: fused, 3 x 4 B
+    param/grad/param-out + 4 x 4 B moments in and out = 28 B per parameter; foreach / for-loop, the 21
+    parameter-sized accesses of its separate kernels = 84 B."""
     from simulator.timing import optimizer_step_bytes
 
-    return float(optimizer_step_bytes(p.numel, "adamw", "fp32", False))
+    return float(optimizer_step_bytes(p.numel, "adamw", "fp32", False, p.impl))
 
 
 def dequant_out_dtype(p: DequantParams) -> str:

@@ -73,6 +73,10 @@ class Optimizer(Strict):
     foreach-torch2.0 is torch <= 2.0's Adam(W), which holds two (its ``denom`` was built out of place)."""
     beta1: bool = True
     """Adafactor and galore-adafactor only: keep a first moment (exp_avg)."""
+    scale_parameter: bool = True
+    """Adafactor only: transformers' ``scale_parameter``, the step scaled by the parameter's RMS, which the
+    Python loop compares on the host -- one device synchronisation per parameter per step.  True is the
+    class's default; the Trainer's ``optim="adafactor"`` passes False."""
     in_backward: bool = False
     """Step each parameter from its gradient hook during backward (torchtune optimizer_in_bwd, LOMO, layer-wise
     GaLore): gradients never exist all at once."""

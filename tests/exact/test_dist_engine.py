@@ -125,7 +125,7 @@ def test_fsdp1_units_mixing_frozen_and_lora_weights_carry_whole_flat_gradients()
     acc = accumulated_gradient_bytes(rp, sc.parallel, ct.plan.precision, 2, ms.gradients)
     assert t.accumulated_grad_bytes == (acc, acc) == (2 * ms.gradients, 2 * ms.gradients)
     # one reduce-scatter per block unit and step (none in the no_sync micro-batch), of the whole flat unit
-    rank = timing.rank_state(ct, sc.parallel, 0, "adamw")
+    rank = timing.rank_state(ct, sc.parallel, 0, sc.optimizer)
     scatters = t.collectives_of("reduce_scatter")
     assert len(scatters) == TINY_ARCHS["llama"]["n_layers"]
     assert sum(c.bytes for c in scatters) == rank.trainable_numel * rank.grad_elem_bytes + rank.frozen_grad_bytes

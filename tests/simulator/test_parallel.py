@@ -229,7 +229,7 @@ def test_fsdp1_mixed_lora_units_cost_the_frozen_weights_gradients():
     assert 0.6 * apart.memory_bytes.weights < extra < apart.memory_bytes.weights
     # each micro-batch's reduce-scatter carries the blocks' whole flat gradients (bf16) instead of the adapters'
     sc = _sc({**base, "fsdp1_mixed_units": True}, method=lora, workload=w)
-    rank = timing.rank_state(cost_table_for(sc), sc.parallel, 0, "adamw")
+    rank = timing.rank_state(cost_table_for(sc), sc.parallel, 0, sc.optimizer)
     system = _system(sc)
     rs = [timing._coll(system, "reduce_scatter", b, 4, 4)
           for b in (rank.trainable_numel * rank.grad_elem_bytes + rank.frozen_grad_bytes,

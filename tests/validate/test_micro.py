@@ -127,6 +127,8 @@ def test_memory_bound_bytes_by_hand():
     assert case_bytes(MicroCase.of("cross_entropy", rows=32, cols=1000, dtype="fp32")) == 256_000 + 384
     # AdamW fp32: param, grad, exp_avg, exp_avg_sq read (16 B), param and moments written (12 B)
     assert case_bytes(MicroCase.of("adamw", numel=100_000, tensor_numel=30_000, impl="fused")) == 2_800_000
+    # foreach: 13 reads + 8 writes of parameter-sized fp32 tensors (tests/exact/test_optimizer_step_exact.py)
+    assert case_bytes(MicroCase.of("adamw", numel=100_000, tensor_numel=30_000, impl="foreach")) == 8_400_000
 
 
 def test_dequant_bytes_by_hand():

@@ -1,0 +1,79 @@
+"""The optimizer step's device traffic and host operators against the real optimizers on CPU: torch's
+AdamW / Adam / SGD in their foreach, for-loop and fused forms and transformers' Adafactor, in fp32 and bf16.
+Every operator the step dispatches is counted (``validate.cpu_truth.optimizer_step_traffic``): the bytes of
+parameter-sized tensors it reads and writes, and how many operators a for-loop optimizer issues per tensor."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from hwprofiles import get_device  # noqa: E402
+from simulator import estimate, timing  # noqa: E402
+from simulator import compute as cp  # noqa: E402
+from simulator.config import Optimizer, Scenario  # noqa: E402
+from validate.cpu_truth import optimizer_step_traffic  # noqa: E402
+
+pytestmark = [pytest.mark.torch, pytest.mark.filterwarnings("ignore::FutureWarning")]
+
+SHAPE, COUNT = (64, 48), 3  # 3072 elements: no row (64) or column (48) statistic has that size
+NUMEL = COUNT * SHAPE[0] * SHAPE[1]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+CASES = [Optimizer(name=n, impl=i) for n, i in [
+    ("adamw", "foreach"), ("adamw", "for-loop"), ("adamw", "fused"), ("adam", "foreach"), ("adam", "for-loop"),
+    ("adam", "fused"), ("sgd", "foreach"), ("sgd", "for-loop"), ("sgd-momentum", "foreach"),
+    ("sgd-momentum", "for-loop"), ("sgd-momentum", "fused")]] + [
+    Optimizer(name="adafactor", beta1=b1, scale_parameter=sp) for b1 in (True, False) for sp in (True, False)]
+
+
+def _id(o: Optimizer) -> str:
+    return f"{o.name}-{o.impl}" if o.name != "adafactor" else f"adafactor-beta1={o.beta1}-scale={o.scale_parameter}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("opt", CASES, ids=_id)
+def test_step_traffic_and_host_operators_match_the_real_optimizer(opt, dtype):
+    t = optimizer_step_traffic(opt, SHAPE, COUNT, DTYPES[dtype])
+    assert timing.optimizer_step_bytes(NUMEL, opt.name, dtype, False, opt.impl, opt.beta1) == t.bytes
+    per_tensor = timing.optimizer_ops_per_tensor(opt, dtype, matrix=True)
+    if per_tensor:  # for-loop optimizers: every operator is issued per tensor
+        assert COUNT * per_tensor == t.ops
+    else:  # multi-tensor and fused steps issue a handful of operators for the whole group
+        assert t.ops <= 16
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_adafactor_vector_operators(dtype):
+    """A 1-D parameter (norm, bias) is not factored: a plain second moment, 10 operators fewer."""
+    for b1 in (True, False):
+        opt = Optimizer(name="adafactor", beta1=b1)
+        t = optimizer_step_traffic(opt, (3072,), COUNT, DTYPES[dtype])
+        assert COUNT * timing.optimizer_ops_per_tensor(opt, dtype, matrix=False) == t.ops
+
+
+def test_foreach_adamw_moves_three_times_the_fused_traffic():
+    fused, foreach = (timing.optimizer_step_bytes(1.0, "adamw", "fp32", False, impl) for impl in ("fused", "foreach"))
+    assert (fused, foreach) == (7 * 4, 21 * 4)
+
+
+def _adafactor_step_s(scale_parameter: bool) -> tuple[float, float, float]:
+    sc = Scenario.model_validate(dict(model="qwen2.5-0.5b", gpu="h100-sxm-80gb", precision="bf16-amp",
+                                      optimizer={"name": "adafactor", "scale_parameter": scale_parameter},
+                                      workload={"micro_batch": 8, "seq_len": 1024}))
+    e = estimate(sc)
+    step_bytes = e.n_trainable_params * timing.optimizer_step_bytes(1.0, "adafactor", "fp32", False)
+    gpu = float(cp.memory_time_s(step_bytes, get_device("h100-sxm-80gb")))
+    # Qwen2.5-0.5B: 169 matrices (7 linears x 24 blocks + tied embedding), 121 vectors (3 biases + 2 norms x 24 + 1)
+    ops = 169 * timing.optimizer_ops_per_tensor(sc.optimizer, "fp32", True) + \
+        121 * timing.optimizer_ops_per_tensor(sc.optimizer, "fp32", False)
+    return e.time.optimizer_s, gpu, ops * timing.OPTIMIZER_OP_HOST_S
+
+
+def test_adafactor_step_is_host_bound_and_serial_with_scale_parameter():
+    serial, gpu, host = _adafactor_step_s(True)
+    assert host > gpu and serial == pytest.approx(gpu + host, rel=1e-12)  # waits for the device per parameter
+    overlapped, gpu2, host2 = _adafactor_step_s(False)
+    assert gpu2 == gpu and overlapped == pytest.approx(max(gpu2, host2), rel=1e-12) and host2 < host
