@@ -328,6 +328,45 @@ def _train_memory(sc: Scenario, ct: CostTable, dev: Device, stage: int = 0
     return phases, bd, rb.paged, transients, ms
 
 
+def forward_block_transient_bytes(sc: Scenario, ct: CostTable, batch: int, seq: int) -> float:
+    """One block's temporaries in a forward that saves nothing (inference mode): the MLP's gate, up and
+    act*up and the residual / normed hidden states; eager attention also materialises fp32 scores and their
+    16-bit copy."""
+    arch, par = ct.arch, sc.parallel
+    cd = dtype_bytes(ct.plan.precision.compute_dtype)
+    inter = arch.expert_intermediate * (arch.moe.top_k if arch.moe else 1)
+    out = batch * seq * (3.0 * inter / par.tp + 4.0 * arch.hidden) * cd
+    if sc.attention in ("eager", "sdpa-math"):
+        out = max(out, batch * arch.n_heads / par.tp * seq**2 * (4.0 + cd))
+    return out
+
+
+def _mezo_memory(sc: Scenario, ct: CostTable, dev: Device, stage: int = 0
+                 ) -> tuple[dict[str, float], dict[str, MemoryBreakdown], float, dict[str, float], sh.ModelStates]:
+    """MeZO: the weights, the transients of a forward under inference mode with its loss (no saved activations,
+    gradients or optimizer states), then the in-place parameter perturbations and update, a tensor at a time."""
+    b, s, skv = _dims(sc, ct)
+    B = basis(b, s, skv)
+    rp = sh.rank_params(ct, sc.parallel, stage)
+    logits_n = ct.at(ct.logits_numel, B)
+    loss_fwd, _ = mem.loss_transient_bytes(sc.loss, logits_n, ct.logits_dtype, ct.loss_dtype, ct.loss_upcast_copy,
+                                           ct.loss_shift_dtype)
+    fwd_tr = max(forward_block_transient_bytes(sc, ct, b, s), loss_fwd, ct.max_dequant_bytes)
+    step_tr = mem.mezo_step_transient_bytes(rp.largest_trainable_bytes)
+    ws = dev.cublas_workspace_bytes + dev.cublaslt_workspace_bytes
+    common = dict(weights=rp.frozen_bytes + rp.quant_bytes, quant_scales=rp.scale_bytes,
+                  trainable_weights=rp.trainable_bytes, workspaces=ws)
+    base = rp.frozen_bytes + rp.quant_bytes + rp.scale_bytes + rp.trainable_bytes + ws
+    phases = {"forward": base + fwd_tr, "optimizer": base + step_tr}
+    bd = {"forward": MemoryBreakdown(**common, transients=fwd_tr),
+          "optimizer": MemoryBreakdown(**common, transients=step_tr)}
+    ms = sh.ModelStates(weights=rp.frozen_bytes, quant_scales=rp.scale_bytes, quant_data=rp.quant_bytes,
+                        trainable_weights=rp.trainable_bytes, gradients=0.0, optimizer_states=0.0, gathered_bytes=0.0,
+                        gathered_grad_bytes=0.0, bucket_bytes=0.0, step_temp_bytes=0.0, host_bytes=0.0,
+                        nvme_bytes=0.0, paged_bytes=0.0)
+    return phases, bd, 0.0, {"forward": fwd_tr, "optimizer": step_tr}, ms
+
+
 def _infer_memory(sc: Scenario, ct: CostTable, dev: Device, stage: int = 0
                   ) -> tuple[dict[str, float], dict[str, MemoryBreakdown], float, dict[str, float], sh.ModelStates]:
     w: InferWorkload = sc.workload  # type: ignore[assignment]
@@ -349,12 +388,7 @@ def _infer_memory(sc: Scenario, ct: CostTable, dev: Device, stage: int = 0
     if arch.arch == "encoder":  # one bidirectional forward: nothing is cached
         kv = kv_prefill = 0.0
     T = w.batch * w.prompt_len
-    inter = arch.expert_intermediate * (arch.moe.top_k if arch.moe else 1)
-    # prefill: one block's temporaries (gate, up, act*up) + residual/normed hidden states;
-    # eager attention also materialises fp32 scores and their 16-bit copy per layer.
-    prefill_tr = T * (3.0 * inter / par.tp + 4.0 * arch.hidden) * cd
-    if sc.attention in ("eager", "sdpa-math"):
-        prefill_tr = max(prefill_tr, w.batch * arch.n_heads / par.tp * w.prompt_len**2 * (4.0 + cd))
+    prefill_tr = forward_block_transient_bytes(sc, ct, w.batch, w.prompt_len)
     last = stage == par.pp - 1
     # generate() computes logits for the last position only and copies them to fp32 (on the last stage)
     logits = mem.generation_logits_bytes(w.batch, arch.vocab, cd, par.tp) if last else 0.0
@@ -364,7 +398,7 @@ def _infer_memory(sc: Scenario, ct: CostTable, dev: Device, stage: int = 0
         prefill_tr = max(prefill_tr, mem.prefill_head_bytes(T, arch.hidden, arch.vocab, cd, par.tp)) + deq
     else:
         prefill_tr = prefill_tr + max(logits, deq)
-    decode_tr = w.batch * (3.0 * inter / par.tp + 4.0 * arch.hidden) * cd + logits + deq
+    decode_tr = forward_block_transient_bytes(sc, ct, w.batch, 1) + logits + deq
     ws = dev.cublas_workspace_bytes + dev.cublaslt_workspace_bytes
     phases = {
         "prefill": weights + scales + kv_prefill + prefill_tr + ws,
@@ -389,6 +423,8 @@ def _flops(sc: Scenario, ct: CostTable) -> tuple[FlopBreakdown, int]:
     if isinstance(w, TrainWorkload):
         reps = sc.parallel.dp * w.grad_accum
         f, bw, rc = ct.at(ct.fwd_flops, B) * reps, ct.at(ct.bwd_flops, B) * reps, ct.at(ct.recompute_flops, B) * reps
+        if sc.optimizer.name == "mezo":  # two forwards (+eps z and -eps z), no backward
+            f, bw, rc = 2.0 * f, 0.0, 0.0
         tokens = w.micro_batch * w.seq_len * reps
         per_step = f + bw + rc
         return FlopBreakdown(forward=f, backward=bw, recompute=rc, per_step=per_step, per_token=per_step / tokens), tokens
@@ -409,7 +445,8 @@ def _flops(sc: Scenario, ct: CostTable) -> tuple[FlopBreakdown, int]:
 
 
 def _stage_peak(sc: Scenario, ct: CostTable, dev: Device, stage: int) -> dict[str, Any]:
-    phases, bd, paged, transient, ms = (_train_memory if sc.is_training else _infer_memory)(sc, ct, dev, stage)
+    memory = (_infer_memory if not sc.is_training else _mezo_memory if sc.optimizer.name == "mezo" else _train_memory)
+    phases, bd, paged, transient, ms = memory(sc, ct, dev, stage)
     phase, allocated, over = peak_of_phases(phases, transient, sc.expandable_segments)
     reserved = allocated + over
     total = reserved + paged + dev.cuda_context_bytes
@@ -581,7 +618,8 @@ def _estimate(sc: Scenario, what_fits: bool, with_time: bool = True) -> Estimate
     fits = p["total"] <= dev.memory_total_bytes
     b, s, skv = _dims(sc, ct)
     B = basis(b, s, skv)
-    acts_by_layer = {k: ct.at(v, B) for k, v in ct.saved_by_layer.items()}
+    saves = sc.is_training and sc.optimizer.name != "mezo"  # MeZO's forwards run in inference mode
+    acts_by_layer = {k: ct.at(v, B) for k, v in ct.saved_by_layer.items()} if saves else {}
     warnings: list[str] = []
     notes: list[str] = []
     if sc.precision in ("bf16", "bf16-amp") and not dev.supports_bf16:

@@ -247,6 +247,23 @@ def prefill_head_bytes(tokens: int, hidden: int, vocab: int, compute_bytes: floa
     return tokens * (hidden + vocab / tp) * compute_bytes
 
 
+# MeZO (Malladi et al. 2023, arXiv 2305.17333; princeton-nlp/MeZO large_models/trainer.py): per step the trainable
+# parameters are perturbed three times (+eps z, -2 eps z, +eps z) and updated once, z regenerated from the step's seed
+# for each tensor.  A perturbation ``param.data = param.data + scaling_factor * z * eps`` writes z and two products and
+# builds the new parameter beside the old one: 8 parameter-sized accesses and 3 parameter-sized temporaries live; the
+# update ``param.data - lr * (projected_grad * z + weight_decay * param.data)``: 13 accesses, 4 temporaries at most.
+MEZO_STEP_ACCESSES = 3 * 8 + 13
+MEZO_STEP_TEMPORARIES = 4
+# operators dispatched per tensor: each ``param.data`` read is a detach -- 4 of them + normal, mul, mul, add per
+# perturbation; 5 + normal, mul, mul, add, mul, sub for the update
+MEZO_OPS_PER_TENSOR = 3 * (4 + 4) + (5 + 6)
+
+
+def mezo_step_transient_bytes(largest_trainable_bytes: float) -> float:
+    """MeZO's parameter update, one tensor at a time: its temporaries (z and the products) beside the parameter."""
+    return MEZO_STEP_TEMPORARIES * largest_trainable_bytes
+
+
 def loss_backward_transient_bytes(logits_numel: float, loss_dtype: str = "fp32") -> float:
     """At ``log_softmax`` backward: the grad from nll_loss and the grad it produces, both in the loss
     dtype (2 x 4 B x b*s*V after HF's fp32 upcast); the saved log-softmax output is counted with

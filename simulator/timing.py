@@ -334,7 +334,25 @@ def step_model(ct: CostTable) -> StepModel:
                      arch.hidden, arch.kv_heads, arch.d_head, arch.moe.top_k if arch.moe is not None else None)
 
 
+def mezo_step_time(sc, ct: CostTable, dev: Device, system, B: tuple) -> TrainTime:
+    """MeZO on one GPU: two forwards of the batch, and the three perturbations and the update streaming every
+    trainable parameter (``memory.MEZO_STEP_ACCESSES`` accesses each), issued tensor by tensor from Python."""
+    from .memory import MEZO_OPS_PER_TENSOR, MEZO_STEP_ACCESSES
+
+    par, w, prec, dtype, cd, lay = _setup(sc, ct, system)
+    fwd = stage_compute(ct, par, B, dev, dtype, 0, False).forward_s
+    rp = sh.rank_params(ct, par, 0)
+    gpu = cp_.memory_time_s(MEZO_STEP_ACCESSES * rp.trainable_bytes, dev)
+    host = rp.n_trainable_tensors * MEZO_OPS_PER_TENSOR * OPTIMIZER_OP_HOST_S
+    opt = _maximum(gpu, host)
+    return TrainTime(forward_s=2.0 * fwd, backward_s=0.0, recompute_s=0.0, tp_comm_s=0.0, cp_comm_exposed_s=0.0,
+                     ep_comm_s=0.0, pp_p2p_s=0.0, pp_bubble_s=0.0, dp_comm_s=0.0, dp_comm_exposed_s=0.0,
+                     optimizer_s=opt, offload_s=0.0, step_s=2.0 * fwd + opt)
+
+
 def train_step_time(sc, ct: CostTable, dev: Device, system, B: tuple) -> TrainTime:
+    if sc.optimizer.name == "mezo":
+        return mezo_step_time(sc, ct, dev, system, B)
     par, w, prec, dtype, cd, lay = _setup(sc, ct, system)
     stages = {st: stage_compute(ct, par, B, dev, dtype, st, True) for st in sh.stages_to_check(par.pp)}
     ranks = {st: rank_state(ct, par, st, sc.optimizer) for st in stages}

@@ -37,7 +37,7 @@ from simulator.config.training import GALORE_BASE
 from .torch_models import backward_context, block_paths, build_model, forward_context, module_paths, unwrap
 
 __all__ = ["Truth", "measure", "make_optimizer", "train_batch", "layer_of", "EXTRA_FLOP_FORMULAS", "StepTraffic",
-           "optimizer_step_traffic"]
+           "optimizer_step_traffic", "mezo_step", "mezo_perturb", "mezo_update", "mezo_update_traffic"]
 
 
 class Truth(BaseModel):
@@ -470,9 +470,9 @@ class StepTraffic(BaseModel):
     bytes: int
     """Bytes read + written in tensors of a parameter's size (states, gradients, temporaries; the small row /
     column statistics and scalars left out), each operator's tensor arguments read and its outputs and
-    mutated arguments written."""
+    mutated arguments written; views move nothing."""
     ops: int
-    """Operators dispatched (the profiler's record-function markers left out)."""
+    """Operators dispatched, views included (the profiler's record-function markers left out)."""
 
 
 class _TrafficCounter(TorchDispatchMode):
@@ -489,6 +489,8 @@ class _TrafficCounter(TorchDispatchMode):
         if str(func).startswith("profiler."):
             return out
         self.ops += 1
+        if any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns):
+            return out  # a view (detach, unsqueeze ...): dispatched, but no kernel moves its bytes
         # copy_ overwrites its destination without reading it
         inputs = (args[1:], kwargs) if func is torch.ops.aten.copy_.default else (args, kwargs)
         reads = [t for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)]
@@ -518,6 +520,64 @@ def optimizer_step_traffic(opt: Optimizer, shape: tuple[int, ...], count: int, d
         counter = _TrafficCounter(params[0].numel())
         with counter:
             optimizer.step()
+    return StepTraffic(bytes=counter.bytes, ops=counter.ops)
+
+
+# MeZO, as its reference trainer steps (princeton-nlp/MeZO, large_models/trainer.py: zo_perturb_parameters,
+# zo_forward, zo_step, zo_update)
+
+def _mezo_no_decay(name: str) -> bool:
+    return "bias" in name or "layer_norm" in name or "layernorm" in name
+
+
+def mezo_perturb(named: list[tuple[str, nn.Parameter]], seed: int, scaling: float, eps: float) -> None:
+    """``zo_perturb_parameters``: every trainable parameter moved by ``scaling * eps * z``, z drawn from ``seed``."""
+    torch.manual_seed(seed)
+    for _, p in named:
+        z = torch.normal(mean=0, std=1, size=p.data.size(), device=p.data.device, dtype=p.data.dtype)
+        p.data = p.data + scaling * z * eps
+
+
+def mezo_update(named: list[tuple[str, nn.Parameter]], seed: int, projected_grad: float, lr: float,
+                weight_decay: float) -> None:
+    """``zo_update``: the SGD step along the regenerated z (weight decay off for biases and layer norms)."""
+    torch.manual_seed(seed)
+    for name, p in named:
+        z = torch.normal(mean=0, std=1, size=p.data.size(), device=p.data.device, dtype=p.data.dtype)
+        if _mezo_no_decay(name):
+            p.data = p.data - lr * (projected_grad * z)
+        else:
+            p.data = p.data - lr * (projected_grad * z + weight_decay * p.data)
+
+
+def mezo_step(model: nn.Module, batch: dict[str, torch.Tensor], *, eps: float = 1e-3, lr: float = 1e-6,
+              weight_decay: float = 0.0, seed: int = 0) -> float:
+    """One MeZO step: perturb +eps, forward, perturb -2 eps, forward, restore, update; returns the first loss."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def forward() -> float:
+        model.eval()
+        with torch.inference_mode():
+            return float(model(**batch).loss)
+
+    mezo_perturb(named, seed, 1.0, eps)
+    loss1 = forward()
+    mezo_perturb(named, seed, -2.0, eps)
+    loss2 = forward()
+    projected_grad = (loss1 - loss2) / (2 * eps)
+    mezo_perturb(named, seed, 1.0, eps)
+    mezo_update(named, seed, projected_grad, lr, weight_decay)
+    return loss1
+
+
+def mezo_update_traffic(shape: tuple[int, ...], count: int, dtype: torch.dtype) -> StepTraffic:
+    """What MeZO's three perturbations and its update dispatch over ``count`` weight matrices of ``shape``."""
+    named = [(f"w{i}.weight", nn.Parameter(torch.randn(*shape, dtype=dtype))) for i in range(count)]
+    counter = _TrafficCounter(named[0][1].numel())
+    with counter:
+        for scaling in (1.0, -2.0, 1.0):
+            mezo_perturb(named, 0, scaling, 1e-3)
+        mezo_update(named, 0, 0.5, 1e-6, 0.0)
     return StepTraffic(bytes=counter.bytes, ops=counter.ops)
 
 

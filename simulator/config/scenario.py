@@ -164,9 +164,30 @@ class Scenario(Strict):
             )
         if self.optimizer.galore is not None:
             self._check_galore(m)
+        if self.is_training and self.optimizer.name == "mezo":
+            self._check_mezo()
         if self.precision == "fp8" and not isinstance(m, Full):
             raise ValueError(f"precision='fp8' (float8 training) applies to method 'full'; got method.kind={m.kind!r}")
         return self
+
+    def _check_mezo(self) -> None:
+        """MeZO's reference trainer (princeton-nlp/MeZO, large_models/trainer.py) steps one device's whole
+        parameters from two forwards of one batch: nothing to shard, accumulate, recompute or step in backward."""
+        par, w = self.parallel, self.workload
+        bad = [f"parallel.n_gpus={par.n_gpus}"] if par.n_gpus > 1 else []
+        bad += [f"parallel.{k}={v!r}" for k, v, none in (("offload_optimizer", par.offload_optimizer, "none"),
+                                                         ("offload_params", par.offload_params, "none")) if v != none]
+        if w.grad_accum != 1:
+            bad.append(f"workload.grad_accum={w.grad_accum}")
+        if self.checkpointing.mode != "none":
+            bad.append(f"checkpointing.mode={self.checkpointing.mode!r}")
+        if self.optimizer.in_backward:
+            bad.append("optimizer.in_backward=True")
+        if bad:
+            raise ValueError(
+                "optimizer.name='mezo' runs two forwards of one batch on one GPU with no backward (no sharding, "
+                "accumulation, checkpointing or in-backward step); got " + ", ".join(bad)
+            )
 
     def _check_galore(self, m: Any) -> None:
         """GaLore projects the gradients of full-rank trainable weights, one parameter at a time, unsharded

@@ -15,7 +15,7 @@ Precision = Literal["fp32", "bf16-amp", "fp16-amp", "bf16", "fp16", "fp8"]
 OptimizerName = Literal[
     "adamw", "adam", "sgd", "sgd-momentum", "adafactor", "lion",
     "adamw-8bit", "paged-adamw-8bit", "paged-adamw-32bit",
-    "galore-adamw", "galore-adamw-8bit", "galore-adafactor",
+    "galore-adamw", "galore-adamw-8bit", "galore-adafactor", "mezo",
 ]
 
 GALORE_BASE: dict[str, str] = {"galore-adamw": "adamw", "galore-adamw-8bit": "adamw-8bit", "galore-adafactor": "adafactor"}
@@ -67,7 +67,8 @@ Workload = Annotated[Union[TrainWorkload, InferWorkload], Field(discriminator="t
 
 class Optimizer(Strict):
     name: OptimizerName = "adamw"
-    """Optimizer; the -8bit ones are bitsandbytes blockwise 8-bit, paged ones live in CUDA managed memory."""
+    """Optimizer; the -8bit ones are bitsandbytes blockwise 8-bit, paged ones live in CUDA managed memory; mezo is
+    MeZO's zeroth-order SGD (two forwards under inference mode per step, no backward, no gradients or states)."""
     impl: Literal["foreach", "foreach-torch2.0", "fused", "for-loop"] = "foreach"
     """torch.optim implementation: foreach (default on CUDA) holds ~one extra copy of the params being updated;
     foreach-torch2.0 is torch <= 2.0's Adam(W), which holds two (its ``denom`` was built out of place)."""
