@@ -360,11 +360,7 @@ def _mezo_memory(sc: Scenario, ct: CostTable, dev: Device, stage: int = 0
     phases = {"forward": base + fwd_tr, "optimizer": base + step_tr}
     bd = {"forward": MemoryBreakdown(**common, transients=fwd_tr),
           "optimizer": MemoryBreakdown(**common, transients=step_tr)}
-    ms = sh.ModelStates(weights=rp.frozen_bytes, quant_scales=rp.scale_bytes, quant_data=rp.quant_bytes,
-                        trainable_weights=rp.trainable_bytes, gradients=0.0, optimizer_states=0.0, gathered_bytes=0.0,
-                        gathered_grad_bytes=0.0, bucket_bytes=0.0, step_temp_bytes=0.0, host_bytes=0.0,
-                        nvme_bytes=0.0, paged_bytes=0.0)
-    return phases, bd, 0.0, {"forward": fwd_tr, "optimizer": step_tr}, ms
+    return phases, bd, 0.0, {"forward": fwd_tr, "optimizer": step_tr}, sh.weights_only_states(rp, rp.trainable_bytes)
 
 
 def _infer_memory(sc: Scenario, ct: CostTable, dev: Device, stage: int = 0
@@ -408,10 +404,7 @@ def _infer_memory(sc: Scenario, ct: CostTable, dev: Device, stage: int = 0
         "prefill": MemoryBreakdown(weights=weights, quant_scales=scales, kv_cache=kv_prefill, transients=prefill_tr, workspaces=ws),
         "decode": MemoryBreakdown(weights=weights, quant_scales=scales, kv_cache=kv, transients=decode_tr, workspaces=ws),
     }
-    ms = sh.ModelStates(weights=rp.frozen_bytes + rp.trainable_bytes, quant_scales=scales, quant_data=rp.quant_bytes,
-                        trainable_weights=0.0, gradients=0.0, optimizer_states=0.0, gathered_bytes=0.0,
-                        gathered_grad_bytes=0.0, bucket_bytes=0.0, step_temp_bytes=0.0, host_bytes=0.0,
-                        nvme_bytes=0.0, paged_bytes=0.0)
+    ms = sh.weights_only_states(rp, 0.0)
     return phases, bd, 0.0, {"prefill": prefill_tr, "decode": decode_tr}, ms
 
 
@@ -423,7 +416,7 @@ def _flops(sc: Scenario, ct: CostTable) -> tuple[FlopBreakdown, int]:
     if isinstance(w, TrainWorkload):
         reps = sc.parallel.dp * w.grad_accum
         f, bw, rc = ct.at(ct.fwd_flops, B) * reps, ct.at(ct.bwd_flops, B) * reps, ct.at(ct.recompute_flops, B) * reps
-        if sc.optimizer.name == "mezo":  # two forwards (+eps z and -eps z), no backward
+        if sc.optimizer.forward_only:  # MeZO: two forwards (+eps z and -eps z), no backward
             f, bw, rc = 2.0 * f, 0.0, 0.0
         tokens = w.micro_batch * w.seq_len * reps
         per_step = f + bw + rc
@@ -445,7 +438,7 @@ def _flops(sc: Scenario, ct: CostTable) -> tuple[FlopBreakdown, int]:
 
 
 def _stage_peak(sc: Scenario, ct: CostTable, dev: Device, stage: int) -> dict[str, Any]:
-    memory = (_infer_memory if not sc.is_training else _mezo_memory if sc.optimizer.name == "mezo" else _train_memory)
+    memory = (_infer_memory if not sc.is_training else _mezo_memory if sc.optimizer.forward_only else _train_memory)
     phases, bd, paged, transient, ms = memory(sc, ct, dev, stage)
     phase, allocated, over = peak_of_phases(phases, transient, sc.expandable_segments)
     reserved = allocated + over
@@ -552,7 +545,7 @@ def _suggestions(sc: Scenario, dev: Device) -> list[Suggestion]:
             cands.append(("8-bit AdamW (bitsandbytes)", {"optimizer": {**opt, "name": "adamw-8bit"}}))
         if sc.optimizer.galore is not None and not sc.optimizer.in_backward and w.grad_accum == 1 and sc.parallel.n_gpus == 1:
             cands.append(("layer-wise GaLore (each weight stepped in backward)",
-                          {"optimizer": {**sc.optimizer.model_dump(), "in_backward": True}}))
+                          {"optimizer": {**opt, "in_backward": True}}))
         if sc.loss == "upcast":
             cands.append(("fused/chunked cross-entropy (no b*s*V fp32 logits)", {"loss": "fused"}))
         if sc.method.kind == "full":
@@ -618,8 +611,8 @@ def _estimate(sc: Scenario, what_fits: bool, with_time: bool = True) -> Estimate
     fits = p["total"] <= dev.memory_total_bytes
     b, s, skv = _dims(sc, ct)
     B = basis(b, s, skv)
-    saves = sc.is_training and sc.optimizer.name != "mezo"  # MeZO's forwards run in inference mode
-    acts_by_layer = {k: ct.at(v, B) for k, v in ct.saved_by_layer.items()} if saves else {}
+    mezo = sc.is_training and sc.optimizer.forward_only  # its forwards run in inference mode: nothing saved
+    acts_by_layer = {} if mezo else {k: ct.at(v, B) for k, v in ct.saved_by_layer.items()}
     warnings: list[str] = []
     notes: list[str] = []
     if sc.precision in ("bf16", "bf16-amp") and not dev.supports_bf16:

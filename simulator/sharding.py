@@ -177,6 +177,17 @@ class ModelStates:
     paged_bytes: float  # bitsandbytes paged states (CUDA managed memory)
 
 
+def weights_only_states(rp: RankParams, trainable_weights: float) -> ModelStates:
+    """The model states of a rank that holds its weights and nothing else (inference, MeZO): the dense weights
+    (``trainable_weights`` of them counted apart), quantized data and scales; no gradients, optimizer states,
+    buckets or offload."""
+    dense = rp.frozen_bytes + rp.trainable_bytes - trainable_weights
+    return ModelStates(weights=dense, quant_scales=rp.scale_bytes, quant_data=rp.quant_bytes,
+                       trainable_weights=trainable_weights, gradients=0.0, optimizer_states=0.0, gathered_bytes=0.0,
+                       gathered_grad_bytes=0.0, bucket_bytes=0.0, step_temp_bytes=0.0, host_bytes=0.0, nvme_bytes=0.0,
+                       paged_bytes=0.0)
+
+
 def deepspeed_weight_dtype(compute_dtype: str, param_dtype: str) -> str:
     """DeepSpeed runs the module in 16-bit when fp16/bf16 is enabled; the fp32 master copy moves to the optimizer."""
     return compute_dtype if compute_dtype in ("bf16", "fp16") else param_dtype

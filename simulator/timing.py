@@ -29,6 +29,7 @@ from hwprofiles import Device
 
 from . import compute as cp_
 from . import sharding as sh
+from .memory import MEZO_OPS_PER_TENSOR, MEZO_STEP_ACCESSES
 from .config.training import GALORE_BASE
 from .graph.compile import CostTable
 from .units import dtype_bytes
@@ -218,7 +219,8 @@ def optimizer_step_bytes(numel, name: str, param_dtype: str, deepspeed: bool, im
     update, its RMS clip, the first moment, the parameter update (26 fp32 accesses; 21 without beta1), plus
     the fp32 copies of a 16-bit gradient and parameter and the copy back.  bitsandbytes' 8-bit and 32-bit
     kernels are fused (states at 1 or 4 B).  SGD: foreach momentum ``mul_`` + ``add_`` into the buffer and
-    ``add_`` into the parameter (8 accesses; 5 fused; 3 without momentum)."""
+    ``add_`` into the parameter (8 accesses; 5 fused; 3 without momentum).  MeZO: its three perturbations and
+    the update (``memory.MEZO_STEP_ACCESSES``)."""
     p = 4.0 if deepspeed else dtype_bytes(param_dtype)
     if name in GALORE_BASE:
         # a projected weight: read its gradient, write the projected-back update, scale it (read + write), add it to
@@ -233,6 +235,8 @@ def optimizer_step_bytes(numel, name: str, param_dtype: str, deepspeed: bool, im
         out = 3.0 * p + 4.0 * s
     elif name == "adafactor":
         out = (26.0 if beta1 else 21.0) * 4.0 + (3.0 * p + 12.0 if p < 4.0 else 0.0)
+    elif name == "mezo":
+        out = MEZO_STEP_ACCESSES * p
     elif name in ("adamw-8bit", "paged-adamw-8bit"):
         out = 3.0 * p + 4.0 * 1.0
     elif name == "sgd-momentum":
@@ -258,7 +262,9 @@ def optimizer_ops_per_tensor(opt, param_dtype: str, matrix: bool) -> int:
     weight decay, lerp, mul, addcmul, sqrt, div, add, addcdiv (Adam: no weight decay); SGD: the parameter
     ``add_`` (+ the buffer's ``mul_`` and ``add_`` with momentum); transformers' Adafactor: 26 for a factored
     matrix, 16 for a vector, +2 for the first moment, +3 for ``scale_parameter`` (the RMS compared on the
-    host), +3 for a 16-bit parameter (its fp32 copies and the copy back)."""
+    host), +3 for a 16-bit parameter (its fp32 copies and the copy back); MeZO: ``memory.MEZO_OPS_PER_TENSOR``."""
+    if opt.name == "mezo":
+        return MEZO_OPS_PER_TENSOR
     if opt.name == "adafactor":
         return ((26 if matrix else 16) + (2 if opt.beta1 else 0) + (3 if opt.scale_parameter else 0)
                 + (3 if dtype_bytes(param_dtype) < 4 else 0))
@@ -279,6 +285,13 @@ def optimizer_syncs_per_tensor(opt) -> bool:
     """Whether the loop waits for the device once per parameter (Adafactor's ``scale_parameter``: the RMS is a
     device tensor compared on the host), so that its host time and kernels run one after the other."""
     return opt.name == "adafactor" and opt.scale_parameter
+
+
+def optimizer_step_s(rank: RankState, n_updated, dev: Device):
+    """One on-device optimizer step over ``n_updated`` parameters: its kernels' traffic, or a for-loop's host time
+    where that is longer -- their sum where the loop waits for the device per parameter."""
+    gpu = cp_.memory_time_s(n_updated * rank.opt_step_bytes_per_param, dev)
+    return _where(rank.opt_host_serial > 0, gpu + rank.opt_host_s, _maximum(gpu, rank.opt_host_s))
 
 
 def _setup(sc, ct: CostTable, system):
@@ -337,21 +350,17 @@ def step_model(ct: CostTable) -> StepModel:
 def mezo_step_time(sc, ct: CostTable, dev: Device, system, B: tuple) -> TrainTime:
     """MeZO on one GPU: two forwards of the batch, and the three perturbations and the update streaming every
     trainable parameter (``memory.MEZO_STEP_ACCESSES`` accesses each), issued tensor by tensor from Python."""
-    from .memory import MEZO_OPS_PER_TENSOR, MEZO_STEP_ACCESSES
-
     par, w, prec, dtype, cd, lay = _setup(sc, ct, system)
     fwd = stage_compute(ct, par, B, dev, dtype, 0, False).forward_s
-    rp = sh.rank_params(ct, par, 0)
-    gpu = cp_.memory_time_s(MEZO_STEP_ACCESSES * rp.trainable_bytes, dev)
-    host = rp.n_trainable_tensors * MEZO_OPS_PER_TENSOR * OPTIMIZER_OP_HOST_S
-    opt = _maximum(gpu, host)
+    rank = rank_state(ct, par, 0, sc.optimizer)
+    opt = optimizer_step_s(rank, rank.trainable_numel, dev)
     return TrainTime(forward_s=2.0 * fwd, backward_s=0.0, recompute_s=0.0, tp_comm_s=0.0, cp_comm_exposed_s=0.0,
                      ep_comm_s=0.0, pp_p2p_s=0.0, pp_bubble_s=0.0, dp_comm_s=0.0, dp_comm_exposed_s=0.0,
                      optimizer_s=opt, offload_s=0.0, step_s=2.0 * fwd + opt)
 
 
 def train_step_time(sc, ct: CostTable, dev: Device, system, B: tuple) -> TrainTime:
-    if sc.optimizer.name == "mezo":
+    if sc.optimizer.forward_only:
         return mezo_step_time(sc, ct, dev, system, B)
     par, w, prec, dtype, cd, lay = _setup(sc, ct, system)
     stages = {st: stage_compute(ct, par, B, dev, dtype, st, True) for st in sh.stages_to_check(par.pp)}
@@ -463,10 +472,7 @@ def step_time(stages: dict[int, StageCompute], ranks: dict[int, RankState], mode
             if par.offload_optimizer == "nvme" else 0.0
         off_s = _maximum(pcie, cpu) + nvme
     else:
-        opt_gpu = cp_.memory_time_s(n_upd * rank.opt_step_bytes_per_param, dev)
-        # a for-loop optimizer issues its kernels from Python: the step takes the longer of the two, or their sum
-        # where the loop waits for the device per parameter
-        opt_s = _where(rank.opt_host_serial > 0, opt_gpu + rank.opt_host_s, _maximum(opt_gpu, rank.opt_host_s))
+        opt_s = optimizer_step_s(rank, n_upd, dev)
     if par.offload_params != "none":
         shard = all_params_16 / max(1, n_shard)
         pcie = comm.host_transfer_time_s(system, 2.0 * shard, dev.efficiency.host_transfer_fraction) * m

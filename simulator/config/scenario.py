@@ -164,7 +164,7 @@ class Scenario(Strict):
             )
         if self.optimizer.galore is not None:
             self._check_galore(m)
-        if self.is_training and self.optimizer.name == "mezo":
+        if self.is_training and self.optimizer.forward_only:
             self._check_mezo()
         if self.precision == "fp8" and not isinstance(m, Full):
             raise ValueError(f"precision='fp8' (float8 training) applies to method 'full'; got method.kind={m.kind!r}")

@@ -96,6 +96,11 @@ class Optimizer(Strict):
     attn, mlp); every other parameter keeps the base optimizer's full states."""
 
     @property
+    def forward_only(self) -> bool:
+        """MeZO: the step is two forwards under inference mode -- no backward, gradients or saved activations."""
+        return self.name == "mezo"
+
+    @property
     def galore(self) -> GaLore | None:
         """The projection settings of a galore-* optimizer; None for the others."""
         if self.name not in GALORE_BASE:
