@@ -219,6 +219,7 @@ class MicroBytes:
     recompute: Any
     other: Any
     cast_cache: Any = 0.0  # autocast's cached weight copies of checkpointed blocks, alive through the forward
+    loss_stranded: Any = 0.0  # reserved, free and too small for the loss backward (memory.loss_stranded_bytes)
 
 
 def micro_bytes(ct: CostTable, par, B: tuple, stage: int, loss: str) -> MicroBytes:
@@ -238,7 +239,9 @@ def micro_bytes(ct: CostTable, par, B: tuple, stage: int, loss: str) -> MicroByt
         # the cache holds copies of resident fp32 leaves: FSDP's gathered parameters and DeepSpeed's 16-bit
         # module have none
         cache = sum(nb * sum(1 for i in ls if i in layers) for ls, nb in ct.checkpoint_cast_cache) / split_div
-    return MicroBytes(stage_saved_bytes(ct, par, B, stage), loss_fwd, loss_bwd, blk_bwd, recompute, other, cache)
+    stranded = mem.loss_stranded_bytes(loss, logits_n, ct.logits_dtype, ct.loss_upcast_copy)
+    return MicroBytes(stage_saved_bytes(ct, par, B, stage), loss_fwd, loss_bwd, blk_bwd, recompute, other, cache,
+                      stranded)
 
 
 def _where(cond, a, b):
@@ -270,8 +273,8 @@ def train_phase_bytes(rb: RankBytes, mb: MicroBytes, in_flight, grad_accum, work
     g_acc = _where(grad_accum > 1, rb.accumulated_gradients, 0.0)
     base = rb.weights + rb.quant_scales + rb.trainable_weights + (rb.optimizer_states - rb.paged) + rb.bucket
     fwd_tr = _maximum(mb.loss_forward, rb.dequant, mb.other) + rb.gathered + mb.cast_cache
-    bwd_tr = (_maximum(mb.loss_backward, mb.block_backward + mb.recompute + rb.dequant + mb.other) + rb.gathered
-              + rb.gathered_grads)
+    blocks_bwd = mb.block_backward + mb.recompute + rb.dequant + mb.other
+    bwd_tr = _maximum(mb.loss_backward, blocks_bwd) + rb.gathered + rb.gathered_grads
     # backward: early on the grads of the first (top) blocks exist; with accumulation all of them
     # the top-most trainable tensor's grad (e.g. lm_head) already exists when the loss grads are live
     bwd_grads = _where(g_acc != 0, g_acc, _minimum(rb.gradients, rb.largest_trainable))
@@ -283,26 +286,35 @@ def train_phase_bytes(rb: RankBytes, mb: MicroBytes, in_flight, grad_accum, work
         "optimizer": base + rb.step_gradients + opt_tr + ws,
     }
     transients = {"forward": fwd_tr, "backward": bwd_tr, "optimizer": opt_tr}
-    held = {"gradients": {"forward": g_acc, "backward": bwd_grads, "optimizer": rb.step_gradients}, "activations": acts}
+    # the loss backward is the backward's peak: the forward's 16-bit logits block sits cached beside it
+    stranded = {"backward": _where(mb.loss_backward >= blocks_bwd, mb.loss_stranded, 0.0)}
+    held = {"gradients": {"forward": g_acc, "backward": bwd_grads, "optimizer": rb.step_gradients}, "activations": acts,
+            "stranded": stranded}
     return phases, transients, held
 
 
-def peak_of_phases(phases: dict[str, Any], transients: dict[str, Any], expandable_segments: bool):
+def peak_of_phases(phases: dict[str, Any], transients: dict[str, Any], expandable_segments: bool,
+                   stranded: dict[str, Any] | None = None):
     """(peak phase -- an index into the phases when they hold arrays --, allocated, allocator overhead) at the peak:
-    the phase with the most allocated bytes (the first of equals) and the allocator's overhead on it."""
+    the phase with the most allocated bytes (the first of equals) and the allocator's overhead on it, with the
+    blocks ``stranded`` (by phase; none where absent) cached beside it."""
+    stranded = stranded or {}
     names = list(phases)
     vals = [phases[k] for k in names]
     if any(isinstance(v, np.ndarray) for v in vals):
         idx, allocated, tr = 0, vals[0], transients[names[0]]
+        st = stranded.get(names[0], 0.0)
         for j, name in enumerate(names[1:], 1):
             later = vals[j] > allocated  # strictly: the first of equal phases is the peak
             idx = np.where(later, j, idx)
             tr = np.where(later, transients[name], tr)
+            st = np.where(later, stranded.get(name, 0.0), st)
             allocated = np.where(later, vals[j], allocated)
-        return idx, allocated, mem.reserved_overhead_bytes(tr, allocated, expandable_segments)
+        return idx, allocated, mem.reserved_overhead_bytes(tr, allocated, expandable_segments, st)
     phase = max(phases, key=lambda k: phases[k])
     allocated = phases[phase]
-    return phase, allocated, mem.reserved_overhead_bytes(transients[phase], allocated, expandable_segments)
+    return phase, allocated, mem.reserved_overhead_bytes(transients[phase], allocated, expandable_segments,
+                                                         stranded.get(phase, 0.0))
 
 
 def _train_memory(sc: Scenario, ct: CostTable, dev: Device, stage: int = 0
@@ -325,7 +337,7 @@ def _train_memory(sc: Scenario, ct: CostTable, dev: Device, stage: int = 0
                                     transients=transients["backward"]),
         "optimizer": MemoryBreakdown(**common, gradients=grads["optimizer"], transients=transients["optimizer"]),
     }
-    return phases, bd, rb.paged, transients, ms
+    return phases, bd, rb.paged, transients, held["stranded"], ms
 
 
 def forward_block_transient_bytes(sc: Scenario, ct: CostTable, batch: int, seq: int) -> float:
@@ -360,7 +372,7 @@ def _mezo_memory(sc: Scenario, ct: CostTable, dev: Device, stage: int = 0
     phases = {"forward": base + fwd_tr, "optimizer": base + step_tr}
     bd = {"forward": MemoryBreakdown(**common, transients=fwd_tr),
           "optimizer": MemoryBreakdown(**common, transients=step_tr)}
-    return phases, bd, 0.0, {"forward": fwd_tr, "optimizer": step_tr}, sh.weights_only_states(rp, rp.trainable_bytes)
+    return phases, bd, 0.0, {"forward": fwd_tr, "optimizer": step_tr}, {}, sh.weights_only_states(rp, rp.trainable_bytes)
 
 
 def _infer_memory(sc: Scenario, ct: CostTable, dev: Device, stage: int = 0
@@ -405,7 +417,7 @@ def _infer_memory(sc: Scenario, ct: CostTable, dev: Device, stage: int = 0
         "decode": MemoryBreakdown(weights=weights, quant_scales=scales, kv_cache=kv, transients=decode_tr, workspaces=ws),
     }
     ms = sh.weights_only_states(rp, 0.0)
-    return phases, bd, 0.0, {"prefill": prefill_tr, "decode": decode_tr}, ms
+    return phases, bd, 0.0, {"prefill": prefill_tr, "decode": decode_tr}, {}, ms
 
 
 def _flops(sc: Scenario, ct: CostTable) -> tuple[FlopBreakdown, int]:
@@ -439,8 +451,8 @@ def _flops(sc: Scenario, ct: CostTable) -> tuple[FlopBreakdown, int]:
 
 def _stage_peak(sc: Scenario, ct: CostTable, dev: Device, stage: int) -> dict[str, Any]:
     memory = (_infer_memory if not sc.is_training else _mezo_memory if sc.optimizer.forward_only else _train_memory)
-    phases, bd, paged, transient, ms = memory(sc, ct, dev, stage)
-    phase, allocated, over = peak_of_phases(phases, transient, sc.expandable_segments)
+    phases, bd, paged, transient, stranded, ms = memory(sc, ct, dev, stage)
+    phase, allocated, over = peak_of_phases(phases, transient, sc.expandable_segments, stranded)
     reserved = allocated + over
     total = reserved + paged + dev.cuda_context_bytes
     b = bd[phase].model_copy(update={"allocator_overhead": over, "cuda_context": dev.cuda_context_bytes})

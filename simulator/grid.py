@@ -160,9 +160,10 @@ class TrainGrid:
         peak = None
         for stage in sh.stages_to_check(par.pp):
             rb = self._rank_bytes(par, stage, n_shard)
-            phases, transients, _ = train_phase_bytes(rb, self._micro_bytes(par, stage),
-                                                      sh.in_flight_microbatches(par, stage, ga), ga, ws)
-            _, allocated, over = peak_of_phases(phases, transients, self.families[0].expandable_segments)
+            phases, transients, held = train_phase_bytes(rb, self._micro_bytes(par, stage),
+                                                         sh.in_flight_microbatches(par, stage, ga), ga, ws)
+            _, allocated, over = peak_of_phases(phases, transients, self.families[0].expandable_segments,
+                                                held["stranded"])
             total = allocated + over + rb.paged + dev.cuda_context_bytes
             peak = total if peak is None else np.maximum(peak, total)
         return peak

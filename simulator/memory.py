@@ -264,6 +264,21 @@ def mezo_step_transient_bytes(largest_trainable_bytes: float) -> float:
     return MEZO_STEP_TEMPORARIES * largest_trainable_bytes
 
 
+def loss_stranded_bytes(mode: str, logits_numel: float, logits_dtype: str, upcast_copy: bool) -> float:
+    """Reserved but free at the loss backward: the 16-bit logits' block.
+
+    ``ForCausalLMLoss`` makes its fp32 copy (``logits.float()``), ``cross_entropy`` its fp32 log-softmax; the forward
+    frees the copy and, once the output is dropped, the 16-bit logits.  The backward then asks for two fp32
+    logit-sized blocks (nll_loss's ``zeros_like`` grad and log_softmax's grad): the first takes the freed copy's
+    block, the second a new segment, because the caching allocator serves a request only from a free block at least
+    its size (c10/cuda/CUDACachingAllocator.cpp ``get_free_block``), and the 16-bit block is half that.  It stays
+    cached through the peak, every step.  Only HF's upcast loss of 16-bit logits does this; a chunked or fused loss
+    has no logit-sized blocks, fp32 logits no copy."""
+    if mode != "upcast" or not upcast_copy or dtype_bytes(logits_dtype) >= 4.0:
+        return 0.0
+    return logits_numel * dtype_bytes(logits_dtype)
+
+
 def loss_backward_transient_bytes(logits_numel: float, loss_dtype: str = "fp32") -> float:
     """At ``log_softmax`` backward: the grad from nll_loss and the grad it produces, both in the loss
     dtype (2 x 4 B x b*s*V after HF's fp32 upcast); the saved log-softmax output is counted with
@@ -351,17 +366,19 @@ def segment_bytes(request):
 FRAGMENTATION_FRACTION = 0.03
 
 
-def reserved_overhead_bytes(peak_transient, allocated_peak, expandable_segments: bool):
+def reserved_overhead_bytes(peak_transient, allocated_peak, expandable_segments: bool, stranded=0.0):
     """Reserved minus allocated at the peak.
 
     The transient that creates the peak gets a fresh segment (rounded per :func:`segment_bytes`),
-    and cached-but-free blocks add a fragmentation share of the allocated peak.  With
-    ``expandable_segments`` segments grow in place and only the rounding remains.
+    blocks the step frees before the peak and no request up to the peak fits in stay cached (``stranded``,
+    e.g. :func:`loss_stranded_bytes`), and other cached-but-free blocks add a fragmentation share of the
+    allocated peak.  With ``expandable_segments`` segments grow in place and only the rounding and the
+    stranded blocks remain.
     """
     if isinstance(peak_transient, np.ndarray):
         rounding = np.where(peak_transient > 0, segment_bytes(peak_transient) - peak_transient, 0.0)
     else:
         rounding = segment_bytes(peak_transient) - peak_transient if peak_transient > 0 else 0.0
     if expandable_segments:
-        return rounding
-    return rounding + FRAGMENTATION_FRACTION * allocated_peak
+        return rounding + stranded
+    return rounding + stranded + FRAGMENTATION_FRACTION * allocated_peak

@@ -1,0 +1,175 @@
+"""The caching allocator's reserved-but-free bytes at the training peak, derived from its rules.
+
+``CachingAllocator`` below follows the large pool of c10/cuda/CUDACachingAllocator.cpp for one stream: requests
+rounded to 512 B; a request is served from the smallest free cached block at least its size (``get_free_block``),
+split when more than ``kSmallSize`` (1 MiB) would remain (``should_split``); else a new segment of
+``get_allocation_size`` bytes is created; a freed block merges with free neighbours of its segment
+(``try_merge_blocks``); segments are never returned (no ``empty_cache``, no OOM retry).  Running the requests
+transformers' upcast loss makes, step after step, shows which block stays cached at the loss backward's peak.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from simulator import Scenario, estimate
+from simulator import memory as mem
+from simulator.estimate import cost_table_for, micro_bytes, peak_of_phases, rank_bytes, train_phase_bytes
+from simulator.graph.ir import basis
+
+MiB = 2**20
+
+
+class CachingAllocator:
+    """Large pool of PyTorch's CUDA caching allocator, one stream, no limits (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.segments: list[list[list]] = []  # segment -> ordered blocks [size, owner or None]
+        self.allocated = 0
+        self.peak_allocated = 0
+        self.free_at_peak = 0
+
+    @property
+    def reserved(self) -> int:
+        return sum(size for seg in self.segments for size, _ in seg)
+
+    def malloc(self, owner: str, request: int) -> None:
+        size = math.ceil(request / 512) * 512
+        best = None
+        for s, seg in enumerate(self.segments):
+            for i, (bsize, who) in enumerate(seg):
+                if who is None and bsize >= size and (best is None or bsize < best[0]):
+                    best = (bsize, s, i)
+        if best is None:
+            self.segments.append([[mem.segment_bytes(size), None]])
+            best = (self.segments[-1][0][0], len(self.segments) - 1, 0)
+        bsize, s, i = best
+        seg = self.segments[s]
+        if bsize - size > mem.K_SMALL_SIZE:
+            seg[i:i + 1] = [[size, owner], [bsize - size, None]]
+        else:
+            seg[i][1] = owner
+            size = bsize
+        self.allocated += size
+        if self.allocated > self.peak_allocated:
+            self.peak_allocated = self.allocated
+            self.free_at_peak = self.reserved - self.allocated
+
+    def free(self, owner: str) -> None:
+        for seg in self.segments:
+            for i, block in enumerate(seg):
+                if block[1] == owner:
+                    self.allocated -= block[0]
+                    block[1] = None
+                    merged = []
+                    for b in seg:  # coalesce free neighbours
+                        if merged and merged[-1][1] is None and b[1] is None:
+                            merged[-1][0] += b[0]
+                        else:
+                            merged.append(b)
+                    seg[:] = merged
+                    return
+        raise KeyError(owner)
+
+
+def upcast_loss_step(a: CachingAllocator, logits_numel: int, logits_bytes: int) -> None:
+    """The logit-sized requests of one HF training step (transformers ``ForCausalLMLoss``, autograd's order)."""
+    n = logits_numel
+    a.malloc("logits", n * logits_bytes)  # lm_head output
+    a.malloc("upcast", n * 4)  # logits.float()
+    a.malloc("log_softmax", n * 4)  # cross_entropy's log_softmax output, saved for backward
+    a.free("upcast")  # ForCausalLMLoss returns
+    a.free("logits")  # the model output is dropped after .loss
+    a.malloc("nll_grad", n * 4)  # NllLossBackward: zeros_like(log_softmax)
+    a.malloc("lsm_grad", n * 4)  # LogSoftmaxBackward's grad_input: the peak
+    a.free("nll_grad")
+    a.free("log_softmax")  # saved variable released after its node
+    a.malloc("logits_grad", n * logits_bytes)  # ToCopyBackward: back to the 16-bit dtype
+    a.free("lsm_grad")
+    a.free("logits_grad")  # after lm_head's backward
+
+
+@pytest.mark.parametrize("tokens, vocab", [(4096, 128256), (2048, 151936), (8192, 32000)])
+def test_upcast_loss_leaves_the_16_bit_logits_block_cached_at_its_backward_peak(tokens, vocab):
+    """Every step, at the log-softmax backward (three fp32 logit-sized blocks live), the 16-bit logits' block
+    is cached and free: too small for the fp32 requests after it.  That block is loss_stranded_bytes."""
+    n = tokens * vocab
+    a = CachingAllocator()
+    a.malloc("weights", 3 * 2**30)  # something resident before the step
+    for _ in range(3):
+        a.peak_allocated = 0
+        upcast_loss_step(a, n, 2)
+        stranded = mem.loss_stranded_bytes("upcast", n, "bf16", True)
+        assert a.free_at_peak == mem.segment_bytes(stranded)
+    # the steps after the first create no segments: the reserved bytes are stable
+    before = a.reserved
+    upcast_loss_step(a, n, 2)
+    assert a.reserved == before == 3 * 2**30 + mem.segment_bytes(n * 2) + 3 * mem.segment_bytes(n * 4)
+
+
+def test_no_block_is_stranded_without_a_16_bit_copy():
+    """fp32 logits: ``.float()`` returns the same tensor, so the forward frees one fp32 block, which the first
+    backward request reuses; a chunked or fused loss makes no logit-sized blocks."""
+    assert mem.loss_stranded_bytes("upcast", 1e9, "fp32", False) == 0.0
+    assert mem.loss_stranded_bytes("upcast", 1e9, "bf16", False) == 0.0
+    assert mem.loss_stranded_bytes("chunked", 1e9, "bf16", True) == 0.0
+    assert mem.loss_stranded_bytes("fused", 1e9, "bf16", True) == 0.0
+    assert mem.loss_stranded_bytes("upcast", 1e9, "fp16", True) == 2e9
+
+
+def _lora(**kw) -> Scenario:
+    base = {"model": "llama-3.2-1b", "gpu": "h100-sxm-80gb", "precision": "bf16", "attention": "sdpa-flash",
+            "method": {"kind": "lora", "r": 16}, "workload": {"task": "train", "micro_batch": 4, "seq_len": 2048}}
+    return Scenario.model_validate({**base, **kw})
+
+
+def test_estimate_adds_the_stranded_block_when_the_loss_backward_is_the_peak():
+    """Llama-3.2-1B LoRA, 4 x 2048 tokens: the loss backward (2 x 4 B x 8192 x 128256) is the backward's largest
+    transient and the backward the peak phase; reserved - allocated = the peak transient's segment rounding +
+    the 16-bit logits (8192 x 128256 x 2 B) + the fragmentation share of the allocated peak."""
+    sc = _lora()
+    e = estimate(sc)
+    n = 4 * 2048 * 128256
+    ct = cost_table_for(sc)
+    mb = micro_bytes(ct, sc.parallel, basis(4, 2048), 0, sc.loss)
+    assert mb.loss_stranded == n * 2
+    assert e.peak_phase == "backward"
+    rb = rank_bytes(ct, sc.parallel, sc.optimizer, 0, 1)[0]
+    phases, transients, held = train_phase_bytes(rb, mb, 1, 1, 0.0)
+    rounding = mem.segment_bytes(transients["backward"]) - transients["backward"]
+    want = rounding + n * 2 + mem.FRAGMENTATION_FRACTION * e.peak_allocated_bytes
+    assert e.peak_reserved_bytes - e.peak_allocated_bytes == pytest.approx(want, rel=1e-12)
+    # the same setup with torchtune's chunked loss strands nothing
+    chunked = estimate(_lora(loss="chunked"))
+    trans = chunked.peak_reserved_bytes - chunked.peak_allocated_bytes
+    assert trans < mem.FRAGMENTATION_FRACTION * chunked.peak_allocated_bytes + 2 * MiB
+
+
+def test_no_stranded_block_when_a_block_backward_is_the_larger_transient():
+    """QLoRA on Llama-2-7B with 128 tokens: the backward's largest transient is a block's (the dequantized 16-bit
+    copy of an 11008 x 4096 weight beside the block's grads), not the loss backward's two fp32 logit-sized grads
+    (2 x 4 B x 128 x 32000 = 33 MB); nothing logit-sized is live around that peak, so nothing is stranded."""
+    sc = _lora(model="llama-2-7b", method={"kind": "qlora", "r": 8},
+               workload={"task": "train", "micro_batch": 1, "seq_len": 128})
+    ct = cost_table_for(sc)
+    mb = micro_bytes(ct, sc.parallel, basis(1, 128), 0, sc.loss)
+    rb = rank_bytes(ct, sc.parallel, sc.optimizer, 0, 1)[0]
+    assert mb.loss_backward == 2 * 4 * 128 * 32000
+    assert mb.loss_stranded == 128 * 32000 * 2
+    assert rb.dequant >= 11008 * 4096 * 2 > mb.loss_backward
+    _, transients, held = train_phase_bytes(rb, mb, 1, 1, 0.0)
+    assert held["stranded"]["backward"] == 0.0
+    e = estimate(sc)
+    assert e.peak_phase == "backward"
+    tr = transients["backward"]
+    want = mem.segment_bytes(tr) - tr + mem.FRAGMENTATION_FRACTION * e.peak_allocated_bytes
+    assert e.peak_reserved_bytes - e.peak_allocated_bytes == pytest.approx(want, rel=1e-12)
+
+
+def test_the_overhead_follows_the_phase_that_peaks():
+    """Stranded bytes belong to their phase: they count only where that phase holds the most allocated bytes."""
+    none = {"forward": 0.0, "backward": 0.0}
+    assert peak_of_phases({"forward": 10.0, "backward": 5.0}, none, True, {"backward": 7.0})[2] == 0.0
+    assert peak_of_phases({"forward": 5.0, "backward": 10.0}, none, True, {"backward": 7.0})[2] == 7.0
