@@ -258,7 +258,9 @@ def model_state_bytes(rp: RankParams, par: Parallel, optimizer_name: str, optimi
         states /= N
     if par.shards_grads and N > 1:
         grads /= N
-    if par.shards_params and N > 1:
+    # parameters offloaded to the host are copied in per module even on one rank (DeepSpeed's NoGatherHandle:
+    # ``ds_tensor.to(device)``, a no-op only while the partition is already on the GPU; FSDP's CPUOffload)
+    if par.shards_params and (N > 1 or par.offload_params != "none"):
         if par.deepspeed:
             # parameters under stage3_param_persistence_threshold stay whole on every rank
             small_frac = rp.small_bytes / max(1.0, rp.frozen_bytes + rp.quant_bytes + rp.scale_bytes + rp.trainable_bytes)

@@ -279,3 +279,20 @@ def test_deepspeed_reduce_buckets_are_allocated_whole_whatever_trains():
             assert ms.bucket_bytes == n_buf * bucket * 2
     assert Parallel(dp=2).ipg_buffers == 0  # DDP has buckets of its own, sized by the gradients
 
+
+
+def test_zero3_on_one_rank_copies_in_offloaded_parameters_only():
+    """One rank, ZeRO-3: DeepSpeed's all_gather_coalesced takes ``_no_gather_coalesced`` (NoGatherHandle:
+    ``param.data = ds_tensor.to(device)``), a view of the partition while it is on the GPU -- nothing gathered --
+    but a per-module copy in when ZeRO-Infinity keeps the partitions on the host: the live parameters (the
+    prefetch bucket beside the largest block, or the root module) in the compute dtype, as on many ranks."""
+    args = ("adamw", "foreach", True, "fp32", "bf16", 1)
+    on_gpu = _sc({"zero": 3})
+    offloaded = _sc({"zero": 3, "offload_params": "cpu", "offload_optimizer": "cpu"})
+    rp = sh.rank_params(cost_table_for(on_gpu), on_gpu.parallel)
+    assert sh.model_state_bytes(rp, on_gpu.parallel, *args).gathered_bytes == 0.0
+    ms = sh.model_state_bytes(rp, offloaded.parallel, *args)
+    par = offloaded.parallel
+    live = min(par.stage3_max_live_parameters, rp.largest_block_numel + par.stage3_prefetch_bucket_elems)
+    assert ms.gathered_bytes == max(live, rp.root_numel) * 2 > 0
+    assert ms.weights == ms.trainable_weights == 0.0  # every partition is on the host
