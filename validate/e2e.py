@@ -111,7 +111,7 @@ def run_train(case: E2ECase, device: str) -> Measurement:
     tokens = wl.micro_batch * wl.seq_len * wl.grad_accum
     return Measurement(allocated_peak_bytes=pm.allocated_peak_bytes, reserved_peak_bytes=pm.reserved_peak_bytes,
                        baseline_allocated_bytes=pm.baseline_allocated_bytes, time_s=t, time_samples_s=tuple(samples),
-                       tokens_per_s=tokens / t)
+                       tokens_per_s=tokens / t, segment_bytes=pm.segment_bytes, extra=dict(pm.allocator))
 
 
 def _prompt_scenario(sc: Scenario) -> Scenario:
@@ -203,12 +203,14 @@ def run_infer(case: E2ECase, device: str) -> Measurement:
         pm.read()
     t = median_s(samples)
     t_prefill = median_s(prefill_samples)
-    extra = {"prefill_s": t_prefill, PREFILL_POSITIONS: float(keep.get("logits_to_keep") or wl.prompt_len)}
+    extra = {**pm.allocator, "prefill_s": t_prefill,
+             PREFILL_POSITIONS: float(keep.get("logits_to_keep") or wl.prompt_len)}
     if wl.gen_len > 1:
         extra["decode_per_token_s"] = max(t - t_prefill, 0.0) / (wl.gen_len - 1)
     return Measurement(allocated_peak_bytes=pm.allocated_peak_bytes, reserved_peak_bytes=pm.reserved_peak_bytes,
                        baseline_allocated_bytes=pm.baseline_allocated_bytes, time_s=t, time_samples_s=tuple(samples),
-                       tokens_per_s=wl.batch * wl.gen_len / t if wl.gen_len else None, extra=extra)
+                       tokens_per_s=wl.batch * wl.gen_len / t if wl.gen_len else None, extra=extra,
+                       segment_bytes=pm.segment_bytes)
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@
   synchronisation on CPU.
 * :class:`PeakMemory` — empties the allocator cache, resets the peak statistics and records the baseline
   (what is allocated before the case), then reads ``max_memory_allocated`` / ``max_memory_reserved`` and
-  subtracts the baseline.  On CPU it records nothing (torch keeps no CPU peak statistics).
+  subtracts the baseline; with it, what the caching allocator did (:func:`allocator_summary`: cudaMalloc
+  calls, retries, segments and their sizes).  On CPU it records nothing (torch keeps no CPU peak statistics).
 * :func:`is_oom` — an out-of-memory error of any allocator, recorded as data rather than a failure.
 
 torch is imported inside the functions: ``validate.harness`` imports without it.
@@ -183,6 +184,8 @@ class PeakMemory:
         self.baseline_reserved_bytes: int | None = None
         self.allocated_peak_bytes: int | None = None
         self.reserved_peak_bytes: int | None = None
+        self.allocator: dict[str, float] = {}
+        self.segment_bytes: tuple[int, ...] = ()
 
     def __enter__(self) -> "PeakMemory":
         if self.device == "cpu":
@@ -218,12 +221,37 @@ class PeakMemory:
         torch.cuda.synchronize()
         self.allocated_peak_bytes = torch.cuda.max_memory_allocated() - self.baseline_allocated_bytes
         self.reserved_peak_bytes = torch.cuda.max_memory_reserved() - self.baseline_reserved_bytes
+        self.allocator, self.segment_bytes = allocator_summary(torch.cuda.memory_stats(),
+                                                               torch.cuda.memory_snapshot())
 
     def __exit__(self, *exc: object) -> None:
         try:
             self.read()
         except Exception:  # the device may be unusable after an error; the exception in flight is what matters
             pass
+
+
+# the largest segments a measurement keeps (all of them on the grid's cases, a few dozen)
+MAX_SEGMENTS = 64
+
+
+def allocator_summary(stats: dict[str, Any], snapshot: list[dict[str, Any]]) -> tuple[dict[str, float], tuple[int, ...]]:
+    """What the caching allocator did since the last reset, from ``torch.cuda.memory_stats()`` and
+    ``torch.cuda.memory_snapshot()``: (counters for ``Measurement.extra``, the large-pool segment sizes
+    largest first).  Nothing is freed to the driver during a case, so the segments left at its end are every
+    segment it created: their sizes say which requests could not reuse a cached block."""
+    counters = {
+        "allocator_device_mallocs": float(stats.get("num_device_alloc", 0)),
+        "allocator_alloc_retries": float(stats.get("num_alloc_retries", 0)),
+        "allocator_segments_peak": float(stats.get("segment.all.peak", 0)),
+        "allocator_inactive_split_peak_bytes": float(stats.get("inactive_split_bytes.all.peak", 0)),
+    }
+    large = sorted((int(seg["total_size"]) for seg in snapshot if seg.get("segment_type") == "large"), reverse=True)
+    small = [int(seg["total_size"]) for seg in snapshot if seg.get("segment_type") != "large"]
+    counters["allocator_large_segments"] = float(len(large))
+    counters["allocator_small_segment_bytes"] = float(sum(small))
+    counters["allocator_unlisted_segment_bytes"] = float(sum(large[MAX_SEGMENTS:]))
+    return counters, tuple(large[:MAX_SEGMENTS])
 
 
 def is_oom(err: BaseException) -> bool:

@@ -94,6 +94,9 @@ class Measurement(_Strict):
     """Microbenchmarks: FLOPs of one call (2mnk for a GEMM)."""
     bytes_moved: float | None = Field(default=None, ge=0)
     """Microbenchmarks: bytes read + written by one call."""
+    segment_bytes: tuple[int, ...] = ()
+    """End-to-end on a GPU: sizes of the caching allocator's large-pool segments at the end of the case, largest
+    first (``validate.harness.allocator_summary``); what made the reserved peak exceed the allocated one."""
     extra: dict[str, float] = {}
     """Further numbers a case records (prefill_s, decode_per_token_s, achieved GB/s ...)."""
 

@@ -298,3 +298,26 @@ def test_dry_run_prices_a_gpu_run_with_the_engine(capsys):
     assert main(["run", "--suite", "e2e", "--dry-run", "--only", "llama-3.1-8b/full/bf16-amp"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("OOM ") and "1 cases on h100-sxm-80gb" in out and "1 predicted to run out of memory" in out
+
+
+def test_allocator_summary_reads_the_counters_and_lists_the_large_segments():
+    """``torch.cuda.memory_stats()`` keys and ``torch.cuda.memory_snapshot()`` segments (the layout torch
+    documents: one dict per segment with ``total_size`` and ``segment_type``) become the measurement's
+    counters and its large-pool segment sizes, largest first, the ones past the cap summed."""
+    from validate.harness import MAX_SEGMENTS, allocator_summary
+
+    stats = {"num_device_alloc": 7, "num_alloc_retries": 1, "segment.all.peak": 9,
+             "inactive_split_bytes.all.peak": 3 << 20}
+    mib = 1 << 20
+    snapshot = ([{"total_size": 2 * mib, "segment_type": "small"}] * 3
+                + [{"total_size": (k + 1) * 20 * mib, "segment_type": "large"} for k in range(MAX_SEGMENTS + 2)])
+    counters, sizes = allocator_summary(stats, snapshot)
+    assert counters == {
+        "allocator_device_mallocs": 7.0, "allocator_alloc_retries": 1.0, "allocator_segments_peak": 9.0,
+        "allocator_inactive_split_peak_bytes": float(3 << 20), "allocator_large_segments": float(MAX_SEGMENTS + 2),
+        "allocator_small_segment_bytes": float(6 * mib), "allocator_unlisted_segment_bytes": float(3 * 20 * mib),
+    }
+    assert sizes[0] == (MAX_SEGMENTS + 2) * 20 * mib and len(sizes) == MAX_SEGMENTS
+    assert list(sizes) == sorted(sizes, reverse=True) and sizes[-1] == 3 * 20 * mib
+    # an empty allocator (nothing ran) gives zeros, not an error
+    assert allocator_summary({}, []) == ({k: 0.0 for k in counters}, ())
