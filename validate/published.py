@@ -815,11 +815,13 @@ def _checkpointing_that_ran(scen: Scenario, sc: dict, metric: str, notes: list[s
 
     if estimate(scen, what_fits=False, timing=False).fits:
         return scen
-    recomputed = scen.model_copy(update={"checkpointing": scen.checkpointing.model_copy(update={"mode": "full"})})
-    if not estimate(recomputed, what_fits=False, timing=False).fits:
-        return scen
-    notes.append("checkpointing unstated and the default (none) does not fit: the run recomputed (full)")
-    return recomputed
+    for mode, how in (("full", "recomputed (full)"),
+                      ("offload", "recomputed with its checkpoints in host memory (DeepSpeed cpu_checkpointing)")):
+        recomputed = scen.model_copy(update={"checkpointing": scen.checkpointing.model_copy(update={"mode": mode})})
+        if estimate(recomputed, what_fits=False, timing=False).fits:
+            notes.append(f"checkpointing unstated and the default (none) does not fit: the run {how}")
+            return recomputed
+    return scen
 
 
 # ------------------------------------------------------------------------------------------------------------

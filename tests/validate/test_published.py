@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from simulator import estimate
 from simulator.config.parallel import Parallel
 from validate.published import memory_unit, predict_record, predict_records, record_to_scenario
 from validate.score import group_of, quantile, score
@@ -475,6 +476,16 @@ def test_a_run_that_was_measured_recomputed_when_it_could_not_fit_without():
     oom = _record(**upd)
     oom["target"] = {"metric": "fits", "value": False, "comparable": True}
     assert record_to_scenario(oom).checkpointing.mode == "none"
+    # 24 x 4096 tokens: the block inputs alone (24 x 4096 x 4096 x 2 B x 32 blocks = 26 GB) tip full
+    # checkpointing over 80 GB; with them in host memory (DeepSpeed's cpu_checkpointing) it fits
+    big = _record(**{**upd, "micro_batch": 24})
+    big["target"] = {"metric": "step_time_s", "value": 30.0, "comparable": True}
+    sc = record_to_scenario(big)
+    full = sc.model_copy(update={"checkpointing": sc.checkpointing.model_copy(update={"mode": "full"})})
+    assert not estimate(full, what_fits=False, timing=False).fits
+    notes = []
+    assert record_to_scenario(big, notes).checkpointing.mode == "offload"
+    assert any("host memory" in n for n in notes)
     # a setup that fits without recomputing keeps the default
     short = _record(**{**upd, "micro_batch": 1, "seq_len": 256})
     short["target"] = {"metric": "step_time_s", "value": 1.0, "comparable": True}
