@@ -10,8 +10,6 @@ transformers' upcast loss makes, step after step, shows which block stays cached
 
 from __future__ import annotations
 
-import math
-
 import pytest
 
 from simulator import Scenario, estimate
@@ -36,7 +34,7 @@ class CachingAllocator:
         return sum(size for seg in self.segments for size, _ in seg)
 
     def malloc(self, owner: str, request: int) -> None:
-        size = math.ceil(request / 512) * 512
+        size = int(mem.block_bytes(request))
         best = None
         for s, seg in enumerate(self.segments):
             for i, (bsize, who) in enumerate(seg):
