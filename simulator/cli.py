@@ -396,7 +396,7 @@ checkpointing:
   mode: full                 # none | full | every_k
   every_k: 1                 # with mode every_k: checkpoint one block in k
 attention: sdpa-flash        # eager | sdpa-math | sdpa-mem-efficient | sdpa-flash | flash2 | flash3
-loss: upcast                 # upcast (HF: fp32 logits) | fused (chunked linear + cross-entropy)
+loss: upcast                 # upcast (HF fp32 logits) | upcast-shift | chunked | chunked-compiled (torchtune) | fused (Liger)
 inference:                   # task infer only
   weights: none              # none | int8 | nf4 | fp4 | gptq | awq | fp8
   kv_dtype: auto             # auto | bf16 | fp16 | fp32 | fp8 | int8
@@ -475,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--every-k", type=int, metavar="K", help=_doc(Checkpointing, "every_k") + " (implies --checkpointing every_k)")
     g.add_argument("--attention", metavar="A", help=_doc(Scenario, "attention", choices=False)
                    + " [" + " | ".join(_choices(Scenario, "attention")) + "]")
-    g.add_argument("--loss", metavar="upcast|upcast-shift|chunked|fused", help=_doc(Scenario, "loss", choices=False))
+    g.add_argument("--loss", metavar="upcast|upcast-shift|chunked|chunked-compiled|fused", help=_doc(Scenario, "loss", choices=False))
     g.add_argument("--implementation", metavar="transformers|litgpt|torchtune", help=_doc(Scenario, "implementation", choices=False))
     g.add_argument("--padded-batches", action="store_true", help=_doc(Scenario, "padded_batches"))
     g.add_argument("--weights", metavar="W", help=_doc(InferenceQuant, "weights") + " (implies --task infer)")

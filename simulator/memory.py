@@ -299,6 +299,9 @@ def loss_transient_bytes(mode: str, logits_numel: float, logits_dtype: str, loss
       ``shift_logits = logits[..., :-1, :].contiguous()``: one more logit-sized copy in forward, fp32 after the
       upcast, in the logits' dtype where the model code shifts the 16-bit logits (Qwen v1).
     - chunked (torchtune/litgpt): 16-bit logits kept; the fp32 copy and grads exist one chunk at a time.
+    - chunked-compiled (torchtune with torch.compile): the 16-bit logits are saved for backward (counted with
+      the activations); the compiled forward is one fused reduction (nothing logit-sized), the compiled backward
+      writes one chunk's 16-bit logit grad at a time.
     - fused (Liger linear+CE): per chunk logits and their grad; nothing b*s*V-sized survives.
     """
     if mode in ("upcast", "upcast-shift"):
@@ -308,6 +311,8 @@ def loss_transient_bytes(mode: str, logits_numel: float, logits_dtype: str, loss
     chunk = logits_numel / LOSS_CHUNKS
     if mode == "chunked":
         return (logits_numel * dtype_bytes(logits_dtype) + chunk * 4.0, 2.0 * 4.0 * chunk)
+    if mode == "chunked-compiled":
+        return (0.0, chunk * dtype_bytes(logits_dtype))
     return (2.0 * 4.0 * chunk, 2.0 * 4.0 * chunk)
 
 

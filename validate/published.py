@@ -95,9 +95,11 @@ FRAMEWORK_DEFAULTS: dict[str, dict[str, Any]] = {
                    adapter_dtype="model"),
     # torchtune recipes: CEWithChunkedOutputLoss (output projection in 8 chunks, fp32 upcast per chunk) -> "chunked";
     # LoRA modules in the model dtype; the full single-device recipe steps the optimizer in backward
-    # (optimizer_in_bwd: True in llama3_1/8B_full_single_device.yaml).
+    # (optimizer_in_bwd: True in llama3_1/8B_full_single_device.yaml).  QLoRA bases are torchao NF4Tensors
+    # (``to_nf4``: block_size 64, scaler_block_size 256): the per-block scalers are themselves quantized to int8
+    # with one factor per 256 -- bitsandbytes' double quantization in all but name -> double_quant True.
     "torchtune": dict(precision="bf16", optimizer="adamw", optimizer_impl="fused", micro_batch=2, seq_len=2048,
-                      grad_accum=1, checkpointing="full", attention="sdpa", double_quant=False, loss="chunked",
+                      grad_accum=1, checkpointing="full", attention="sdpa", double_quant=True, loss="chunked",
                       adapter_dtype="model", full_optimizer_in_bwd=True),
     "torchtitan": dict(precision="bf16-amp", optimizer="adamw", optimizer_impl="foreach", micro_batch=8,
                        seq_len=8192, grad_accum=1, checkpointing="selective", attention="sdpa", double_quant=False,
@@ -490,6 +492,11 @@ def _targets(raw: list[str] | None, arch: ModelArch, notes: list[str]) -> list[s
     return out
 
 
+def _compiled(text: str) -> bool:
+    """The record says the run used torch.compile ("torch.compile on", "torch compile enabled")."""
+    return bool(re.search(r"torch[ .]compile (?:on|enabled)|compile[d]?[:=] ?true", text))
+
+
 def _source_year(source: dict | None) -> int | None:
     """The latest 20xx year named in the record's source text (its name / where), if any."""
     text = " ".join(str(v) for v in (source or {}).values())
@@ -756,6 +763,9 @@ def record_to_scenario(rec: dict, notes: list[str] | None = None) -> Scenario:
         if v is None:
             notes.append(f"{k} unstated: {sc.get('framework')} default {d[k]}")
     loss = d.get("loss", "upcast")
+    if loss == "chunked" and sc.get("framework") == "torchtune" and _compiled(notes_text):
+        # the recipe's ``compile: True`` compiles the loss's per-chunk cross-entropy (training.compile_loss)
+        loss = "chunked-compiled"
     year = _source_year(rec.get("source"))
     if loss == "upcast" and year is not None and year <= 2023:
         # transformers before 4.46 (Oct 2024) and 2023 remote-code models shift a contiguous copy of the logits

@@ -42,10 +42,12 @@ class Scenario(Strict):
     """Attention kernel: eager (materialised scores), sdpa-math, sdpa-mem-efficient, sdpa-flash / flash2 / flash3."""
     inference: InferenceQuant = Field(default_factory=InferenceQuant)
     """Weight and KV-cache quantization at inference."""
-    loss: Literal["upcast", "upcast-shift", "chunked", "fused"] = "upcast"
+    loss: Literal["upcast", "upcast-shift", "chunked", "chunked-compiled", "fused"] = "upcast"
     """'upcast': HF loss casts all b*s*V logits to fp32 at once; 'upcast-shift': older transformers
     (< 4.46) and remote-code models also make a shifted contiguous copy of the fp32 logits; 'chunked':
-    16-bit logits, upcast and cross-entropy one chunk at a time (torchtune/litgpt); 'fused': linear +
+    16-bit logits, upcast and cross-entropy one chunk at a time (torchtune/litgpt); 'chunked-compiled': the
+    same with the per-chunk cross-entropy under torch.compile (torchtune ``compile: True``), which keeps the
+    16-bit logits for backward instead of an fp32 log-softmax; 'fused': linear +
     cross-entropy fused per chunk (Liger), the logits never exist whole."""
     implementation: Literal["transformers", "litgpt", "torchtune"] = "transformers"
     """Whose model code runs: Hugging Face transformers + PEFT (the traced reference), or litgpt / torchtune,

@@ -921,6 +921,20 @@ class ModelBuilder(Builder):
             # nothing b*s*V-sized is saved, the hidden states' grad (fp32) is
             tr.save("", tr.new("", Poly.tok(arch.hidden), "fp32", False))
             return
+        if loss == "chunked-compiled" and logits.dtype != "fp32":
+            # torchtune's CEWithChunkedOutputLoss with ``compute_cross_entropy`` under torch.compile: per chunk,
+            # inductor's partitioner saves the 16-bit logits chunk (the model's output, already live), the
+            # labels and two per-row fp32 reductions (max and logsumexp) and recomputes the softmax in
+            # backward -- no fp32 log-softmax is kept (checked on CPU: tests/simulator/test_compiled_loss.py)
+            labels = tr.new("", Poly.tok(1), "int64", False)
+            row_max = tr.new("", Poly.tok(1), "fp32", False)
+            row_lse = tr.new("", Poly.tok(1), "fp32", False)
+            if logits.requires_grad:
+                tr.save("", logits, labels, row_max, row_lse)
+            self.loss_fp32_copy = False
+            self.loss_dtype = logits.dtype
+            self.loss_shift_dtype = logits.dtype
+            return
         # HF ForCausalLMLoss: logits.float(); labels padded and shifted (.contiguous(), int64);
         # cross_entropy = log_softmax (saves its output) + nll_loss (saves the target and a 0-dim
         # total_weight).  BERT's MLM head calls CrossEntropyLoss on the logits as they are (no upcast).

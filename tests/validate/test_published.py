@@ -557,3 +557,25 @@ def test_dora_on_a_bitsandbytes_base_is_qdora():
     assert sc.method.kind == "qlora" and sc.method.use_dora and sc.method.quant == "nf4"
     gptq = predict_record(_record(method="dora", weight_quant="int4-gptq"))
     assert gptq["status"] == "unsupported" and "bitsandbytes bases only" in gptq["reason"]
+
+
+def test_torchtune_compiled_runs_keep_16_bit_logits_and_nf4_bases_double_quantize_their_scalers():
+    """torchtune with ``compile: True`` compiles its chunked loss (loss 'chunked-compiled'); without it the eager
+    chunked loss; a torchtune QLoRA base is a torchao NF4Tensor whose per-block scalers are int8 (double quant)."""
+    qlora = dict(framework="torchtune", method="qlora", weight_quant="nf4", double_quant=None,
+                 unstated=["double_quant"], precision="bf16-pure")
+    compiled = _record(**qlora)
+    compiled["notes"] = "dataset packed to sequence length 2048, torch.compile enabled."
+    eager = _record(**qlora)
+    sc_c, sc_e = record_to_scenario(compiled, []), record_to_scenario(eager, [])
+    assert sc_c.loss == "chunked-compiled" and sc_e.loss == "chunked"
+    assert sc_c.method.double_quant and sc_e.method.double_quant
+    e_c = estimate(sc_c, what_fits=False, timing=False)
+    e_e = estimate(sc_e, what_fits=False, timing=False)
+    # 1 x 1024 tokens x 32000 vocab: the fp32 log-softmax (4 B) and the eager 16-bit logits transient (2 B) give
+    # way to the 16-bit logits kept for backward
+    assert e_c.peak_allocated_bytes < e_e.peak_allocated_bytes
+    # a litgpt record is never read as compiled
+    lit = _record()
+    lit["notes"] = "torch.compile enabled"
+    assert record_to_scenario(lit, []).loss == "chunked"
