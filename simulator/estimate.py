@@ -220,6 +220,7 @@ class MicroBytes:
     other: Any
     cast_cache: Any = 0.0  # autocast's cached weight copies of checkpointed blocks, alive through the forward
     loss_stranded: Any = 0.0  # reserved, free and too small for the loss backward (memory.loss_stranded_bytes)
+    post_saved: Any = 0.0  # the head's and loss's share of ``saved``: freed once their backward has run
 
 
 def micro_bytes(ct: CostTable, par, B: tuple, stage: int, loss: str) -> MicroBytes:
@@ -240,8 +241,9 @@ def micro_bytes(ct: CostTable, par, B: tuple, stage: int, loss: str) -> MicroByt
         # module have none
         cache = sum(nb * sum(1 for i in ls if i in layers) for ls, nb in ct.checkpoint_cast_cache) / split_div
     stranded = mem.loss_stranded_bytes(loss, logits_n, ct.logits_dtype, ct.loss_upcast_copy)
+    post = ct.at(ct.post_saved, B) / split_div if stage == par.pp - 1 else 0.0
     return MicroBytes(stage_saved_bytes(ct, par, B, stage), loss_fwd, loss_bwd, blk_bwd, recompute, other, cache,
-                      stranded)
+                      stranded, post)
 
 
 def _where(cond, a, b):
@@ -274,7 +276,11 @@ def train_phase_bytes(rb: RankBytes, mb: MicroBytes, in_flight, grad_accum, work
     base = rb.weights + rb.quant_scales + rb.trainable_weights + (rb.optimizer_states - rb.paged) + rb.bucket
     fwd_tr = _maximum(mb.loss_forward, rb.dequant, mb.other) + rb.gathered + mb.cast_cache
     blocks_bwd = mb.block_backward + mb.recompute + rb.dequant + mb.other
-    bwd_tr = _maximum(mb.loss_backward, blocks_bwd) + rb.gathered + rb.gathered_grads
+    # autograd frees a node's saved tensors once its backward has run: the blocks' backward (and the
+    # recompute) runs after the loss and head have released theirs (the fp32 log-softmax, the logits)
+    loss_first = mb.loss_backward >= blocks_bwd - mb.post_saved
+    bwd_tr = _where(loss_first, mb.loss_backward, blocks_bwd) + rb.gathered + rb.gathered_grads
+    acts_bwd = acts - _where(loss_first, 0.0, mb.post_saved)
     # backward: early on the grads of the first (top) blocks exist; with accumulation all of them
     # the top-most trainable tensor's grad (e.g. lm_head) already exists when the loss grads are live
     bwd_grads = _where(g_acc != 0, g_acc, _minimum(rb.gradients, rb.largest_trainable))
@@ -282,14 +288,14 @@ def train_phase_bytes(rb: RankBytes, mb: MicroBytes, in_flight, grad_accum, work
     opt_tr = rb.optimizer_transient
     phases = {
         "forward": base + g_acc + acts + fwd_tr + ws,
-        "backward": base + bwd_grads + acts + bwd_tr + ws,
+        "backward": base + bwd_grads + acts_bwd + bwd_tr + ws,
         "optimizer": base + rb.step_gradients + opt_tr + ws,
     }
     transients = {"forward": fwd_tr, "backward": bwd_tr, "optimizer": opt_tr}
     # the loss backward is the backward's peak: the forward's 16-bit logits block sits cached beside it
-    stranded = {"backward": _where(mb.loss_backward >= blocks_bwd, mb.loss_stranded, 0.0)}
+    stranded = {"backward": _where(loss_first, mb.loss_stranded, 0.0)}
     held = {"gradients": {"forward": g_acc, "backward": bwd_grads, "optimizer": rb.step_gradients}, "activations": acts,
-            "stranded": stranded}
+            "activations_by_phase": {"forward": acts, "backward": acts_bwd}, "stranded": stranded}
     return phases, transients, held
 
 
@@ -333,7 +339,7 @@ def _train_memory(sc: Scenario, ct: CostTable, dev: Device, stage: int = 0
     grads, acts = held["gradients"], held["activations"]
     bd = {
         "forward": MemoryBreakdown(**common, gradients=grads["forward"], activations=acts, transients=transients["forward"]),
-        "backward": MemoryBreakdown(**common, gradients=grads["backward"], activations=acts,
+        "backward": MemoryBreakdown(**common, gradients=grads["backward"], activations=held["activations_by_phase"]["backward"],
                                     transients=transients["backward"]),
         "optimizer": MemoryBreakdown(**common, gradients=grads["optimizer"], transients=transients["optimizer"]),
     }
