@@ -81,6 +81,14 @@ class RankParams:
     largest_block_numel: float = 0.0  # one block's parameters (an FSDP unit / ZeRO-3 fetch)
     root_numel: float = 0.0  # embeddings + final norm + head on this stage (FSDP's root unit)
     blocks_numel: float = 0.0  # all block parameters on this stage
+    # the same split into dense elements (gathered in the compute dtype) and packed quantized bytes with their
+    # scales (gathered as stored: bitsandbytes' quant_storage, torchao's NF4Tensor all-gather), per block
+    # variant as (dense numel, quantized bytes, trainable numel)
+    block_units: tuple[tuple[float, float, float], ...] = ()
+    root_dense_numel: float = 0.0
+    root_quant_bytes: float = 0.0
+    blocks_dense_numel: float = 0.0
+    blocks_quant_bytes: float = 0.0
     n_blocks: int = 0
     mixed_unit_frozen_bytes: float = 0.0  # frozen dense weights in units (blocks, root) that also hold trainable ones
 
@@ -102,6 +110,8 @@ def _rank_params(ct: CostTable, par: Parallel, stage: int) -> RankParams:
     groups: dict[tuple[float, str, tuple[int, ...]], int] = {}
     largest = 0.0
     per_variant: dict[tuple[int, ...], float] = {}  # one block's parameters, per block variant on the stage
+    unit_split: dict[tuple[int, ...], list[float]] = {}  # per block variant: dense numel, quantized bytes, trainable
+    root_dense = root_quant = blocks_dense = blocks_quant = 0.0
     unit_frozen: dict[object, float] = {}  # frozen dense bytes per FSDP unit kind (a block variant, or the root)
     unit_trains: set[object] = set()  # unit kinds holding a trainable parameter
     thr = par.stage3_param_persistence_threshold
@@ -128,17 +138,28 @@ def _rank_params(ct: CostTable, par: Parallel, stage: int) -> RankParams:
             unit_frozen[unit] = unit_frozen.get(unit, 0.0) + nbytes * count
         if numel < thr:
             small_b += nbytes * count
+        dense_n, quant_b = (0.0, nbytes) if row.quantized else (numel, 0.0)
         if row.where == "block":
             per_variant[row.layers] = per_variant.get(row.layers, 0.0) + numel
             blocks += numel * count
+            u = unit_split.setdefault(row.layers, [0.0, 0.0, 0.0])
+            u[0] += dense_n
+            u[1] += quant_b
+            u[2] += numel if row.trainable else 0.0
+            blocks_dense += dense_n * count
+            blocks_quant += quant_b * count
         else:
             root += numel * count
+            root_dense += dense_n * count
+            root_quant += quant_b * count
     return RankParams(
         frozen_bytes=frozen, quant_bytes=quant, scale_bytes=scales, trainable_numel=tn, trainable_bytes=tb,
         groups=tuple((n, d, s, c) for (n, d, s), c in groups.items()), n_trainable_tensors=sum(groups.values()),
         largest_trainable_bytes=largest, small_bytes=small_b,
         largest_block_numel=max(per_variant.values(), default=0.0), root_numel=root, blocks_numel=blocks,
-        n_blocks=len(layers),
+        n_blocks=len(layers), block_units=tuple(tuple(u) for u in unit_split.values()),
+        root_dense_numel=root_dense, root_quant_bytes=root_quant, blocks_dense_numel=blocks_dense,
+        blocks_quant_bytes=blocks_quant,
         mixed_unit_frozen_bytes=sum(b for u, b in unit_frozen.items() if u in unit_trains),
     )
 
@@ -260,6 +281,13 @@ def model_state_bytes(rp: RankParams, par: Parallel, optimizer_name: str, optimi
         grads /= N
     # parameters offloaded to the host are copied in per module even on one rank (DeepSpeed's NoGatherHandle:
     # ``ds_tensor.to(device)``, a no-op only while the partition is already on the GPU; FSDP's CPUOffload)
+    # the unsharded copies: dense elements in the compute dtype, quantized weights as stored; gradients only
+    # for what trains
+    block_gather = max((d * cdt + q for d, q, _ in rp.block_units), default=0.0)
+    block_elem = block_gather / rp.largest_block_numel if rp.largest_block_numel else cdt
+    root_gather = rp.root_dense_numel * cdt + rp.root_quant_bytes
+    all_blocks_gather = rp.blocks_dense_numel * cdt + rp.blocks_quant_bytes
+    block_grad_numel = max((t for _, _, t in rp.block_units), default=0.0)
     if par.shards_params and (N > 1 or par.offload_params != "none"):
         if par.deepspeed:
             # parameters under stage3_param_persistence_threshold stay whole on every rank
@@ -268,23 +296,23 @@ def model_state_bytes(rp: RankParams, par: Parallel, optimizer_name: str, optimi
             # ZeRO-3 fetches a module's parameters before use and prefetches up to the bucket size;
             # DeepSpeed's own estimator charges 4 x the largest layer (16-bit params + grads)
             live = min(par.stage3_max_live_parameters, rp.largest_block_numel + par.stage3_prefetch_bucket_elems)
-            gathered = max(live, rp.root_numel) * cdt
-            gathered_grads = rp.largest_block_numel * cdt
+            gathered = max(live * block_elem, root_gather)
+            gathered_grads = block_grad_numel * cdt
         else:
             keep = lambda x: x / N  # noqa: E731
             if par.reshard_after_forward:
                 # FSDP: the root unit (embeddings, norm, head) stays gathered through the step; one block
                 # unit computing and the next one prefetched
-                gathered = (rp.root_numel + 2.0 * rp.largest_block_numel) * cdt
+                gathered = root_gather + 2.0 * block_gather
             else:
                 # reshard_after_forward=False (torchtitan's choice under pipeline parallelism): every unit
                 # stays gathered from its forward to its backward, as with SHARD_GRAD_OP
-                gathered = (rp.root_numel + rp.blocks_numel) * cdt
-            gathered_grads = rp.largest_block_numel * grad_elem
+                gathered = root_gather + all_blocks_gather
+            gathered_grads = block_grad_numel * grad_elem
         weights, quant, scales, trainable = keep(weights), keep(quant), keep(scales), keep(trainable)
     elif par.fsdp == "shard_grad_op" and N > 1:
-        gathered = (rp.root_numel + rp.blocks_numel) * cdt  # every unit stays gathered from its forward to its backward
-        gathered_grads = rp.largest_block_numel * grad_elem
+        gathered = root_gather + all_blocks_gather  # every unit stays gathered from its forward to its backward
+        gathered_grads = block_grad_numel * grad_elem
     if par.deepspeed:
         # the IPG / reduce buckets in the weight dtype, allocated at reduce_bucket_size whatever trains
         # (deepspeed/runtime/zero/stage_1_and_2.py setup_buckets, stage3.py __init__); without

@@ -10,6 +10,7 @@ from simulator import sharding as sh
 from simulator.config.parallel import Parallel
 from simulator import compute, timing
 from simulator.estimate import _system, cost_table_for
+from simulator.graph.build import quant_storage_bytes
 
 GB = 1e9
 
@@ -296,3 +297,28 @@ def test_zero3_on_one_rank_copies_in_offloaded_parameters_only():
     live = min(par.stage3_max_live_parameters, rp.largest_block_numel + par.stage3_prefetch_bucket_elems)
     assert ms.gathered_bytes == max(live, rp.root_numel) * 2 > 0
     assert ms.weights == ms.trainable_weights == 0.0  # every partition is on the host
+
+
+def test_sharded_qlora_gathers_the_packed_weights_and_reduces_only_adapter_gradients():
+    """FSDP over a QLoRA model gathers each unit's weights as they are stored -- 4-bit data and scales
+    (bitsandbytes' quant_storage, torchao's NF4Tensor all-gather), not a 16-bit copy -- and a unit's
+    unsharded gradients before its reduce-scatter are the adapters' only: the frozen base makes none."""
+    sc = _sc({"dp": 8, "fsdp": "full_shard"}, precision="bf16",
+             method={"kind": "qlora", "r": 16, "targets": "all-linear"})
+    arch = sc.model
+    rp = sh.rank_params(cost_table_for(sc), sc.parallel)
+    H, I, r = arch.hidden, arch.intermediate, 16
+    kv = arch.n_kv_heads * arch.head_dim
+    shapes = [(H, H), (kv, H), (kv, H), (H, H), (I, H), (I, H), (H, I)]  # q k v o gate up down (out, in)
+    packed = sum(quant_storage_bytes("nf4", o * i, o, i, 64, sc.method.double_quant)[0] for o, i in shapes)
+    lora = sum(r * (o + i) for o, i in shapes)
+    block = packed + (2 * H + lora) * 2  # two RMSNorm weights and the adapters in bf16
+    root = (arch.vocab * H + H) * 2  # tied embeddings / head and the final norm
+    ms = sh.model_state_bytes(rp, sc.parallel, "adamw", "foreach", True, "bf16", "bf16", 8)
+    assert ms.gathered_bytes == pytest.approx(root + 2 * block, rel=1e-12)
+    assert ms.gathered_grad_bytes == lora * 4  # FSDP keeps the trainable parameters' gradients fp32
+    # a dense full fine-tune gathers every element in the compute dtype, as before
+    full = _sc({"dp": 8, "fsdp": "full_shard"})
+    rpf = sh.rank_params(cost_table_for(full), full.parallel)
+    msf = sh.model_state_bytes(rpf, full.parallel, "adamw", "foreach", True, "fp32", "bf16", 8)
+    assert msf.gathered_grad_bytes == rpf.largest_block_numel * 4
