@@ -293,7 +293,7 @@ class Builder:
 
     # -- linear with its adapters ---------------------------------------------------------
     def linear(self, path: str, x: Tensor, in_f: int, out_f: int, *, bias: bool, trainable: bool,
-               quantizable: bool = True) -> Tensor:
+               quantizable: bool = True, lora: bool = True) -> Tensor:
         pl = self.plan
         leaf = _leaf(path)
         saved = pl.saved_module(leaf)
@@ -312,7 +312,7 @@ class Builder:
             out = self.tr.matmul(path, x, w, in_f, out_f, bias=b)
         if ia3 == "out":
             out = self._ia3_scale(path, out, out_f, False)
-        if pl.lora_on(path) and pl.training:
+        if lora and pl.lora_on(path) and pl.training:
             out = self._lora(path, x, out, in_f, out_f, w, quant)
         return out
 
@@ -422,6 +422,11 @@ class Builder:
         if x32.requires_grad:
             tr.save(path, rs)  # rsqrt saves its result
         y = tr.mul(path, x32, rs, out_numel=x.numel)
+        if self.plan.implementation == "litgpt":
+            # litgpt ``RMSNorm``: ``(x_normed * weight.float()).to(dtype)`` -- a fresh fp32 copy of the weight,
+            # and the fp32 normalised input when the weight trains
+            wf = tr.new(path, w.numel, "fp32", w.requires_grad)
+            return tr.cast(path, tr.mul(path, y, wf, out_numel=x.numel), x.dtype)
         y = tr.cast(path, y, x.dtype)
         return tr.mul(path, w, y, out_numel=x.numel)
 
@@ -612,7 +617,9 @@ class ModelBuilder(Builder):
         arch, n, tr, pl = self.arch, self.n, self.tr, self.plan
         H, qd, kvd, d = arch.hidden, arch.q_dim, arch.kv_dim, arch.d_head
         qn, kn, vn, on = names or (n.q, n.k, n.v, n.o)
-        if n.qkv and names is None:
+        if pl.implementation == "litgpt" and names is None and cross_kv is None and not n.qkv:
+            q, k, v = self._litgpt_qkv(L, h, train)
+        elif n.qkv and names is None:
             qkv = self.linear(f"{L}.{n.qkv}", h, H, qd + 2 * kvd, bias=arch.qkv_bias, trainable=train)
             # views into one storage: the kernel saves the storage once
             q = k = v = qkv
@@ -637,7 +644,58 @@ class ModelBuilder(Builder):
             v = tr.new(f"{L}.self_attn", Poly.kv(kvd), v.dtype, v.requires_grad or pk.requires_grad)
         core = qn.rsplit(".", 1)[0] if names is not None else n.attn_core
         o = self.attention_core(f"{L}.{core}", q, k, v)
+        if pl.implementation == "litgpt" and names is None:
+            # litgpt's roped q is a contiguous (B, heads, T, d) tensor and SDPA's output follows its layout, so
+            # ``y.transpose(1, 2).reshape(B, T, -1)`` copies before ``proj`` (transformers' q keeps the
+            # projection's (B, T, heads, d) layout and the reshape is a view)
+            o = tr.new(f"{L}.{core}", o.numel, o.dtype, o.requires_grad)
         return self.linear(f"{L}.{on}", o, qd, H, bias=arch.attn_out_bias, trainable=train)
+
+    def _litgpt_qkv(self, L: str, h: Tensor, train: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """litgpt's ``CausalSelfAttention``: one fused ``attn`` linear for q, k and v (its parameters are
+        counted under the HF names), split by views.  With as many key/value heads as query heads the value
+        stays a view of that output, so SDPA keeps the whole fused storage for backward; grouped heads are
+        expanded into copies (see :meth:`attention_core`).  The adapters of the targeted projections are one
+        ``LoRAQKVLinear`` (:meth:`_litgpt_qkv_lora`)."""
+        arch, n, tr, pl = self.arch, self.n, self.tr, self.plan
+        H, qd, kvd = arch.hidden, arch.q_dim, arch.kv_dim
+        parts = ((n.q, qd), (n.k, kvd), (n.v, kvd))
+        base = [self.linear(f"{L}.{name}", h, H, out_f, bias=arch.qkv_bias, trainable=train, lora=False)
+                for name, out_f in parts]
+        rg = any(t.requires_grad for t in base)
+        qkv = tr.new(f"{L}.{n.q}", Poly.tok(qd + 2 * kvd), base[0].dtype, rg)
+        enabled = [(name, out_f) for name, out_f in parts if pl.training and pl.lora_on(f"{L}.{name}")]
+        if enabled:
+            qkv = self._litgpt_qkv_lora(L, h, qkv, enabled, qd + 2 * kvd)
+        views = tuple(Tensor(qkv.id, Poly.tok(w), qkv.dtype, qkv.requires_grad, qkv.module) for w in (qd, kvd, kvd))
+        return views
+
+    def _litgpt_qkv_lora(self, L: str, x: Tensor, pretrained: Tensor, enabled: list[tuple[str, int]],
+                         total_out: int) -> Tensor:
+        """litgpt ``LoRAQKVLinear.forward``: one dropout of the input, ``lora_A`` for every enabled projection at
+        once (r per projection), a grouped ``conv1d`` with the stacked ``lora_B`` (saves its r-wide input), then
+        ``zero_pad`` -- zeros of the fused width and ``index_copy_``, which saves its source and the int64 index --
+        unless all three projections are adapted, ``* scaling`` and ``pretrained + lora``."""
+        tr, lo, arch = self.tr, self.plan.lora, self.arch
+        H, r = arch.hidden, lo.r
+        adt = self.plan.adapter_dtype if self.pdt != "fp32" else "fp32"
+        a_w = b_w = None
+        for name, out_f in enabled:
+            path = f"{L}.{name}"
+            a = self.weight(f"{path}.lora_A.weight", H * r, not lo.lora_fa, dtype=adt, shape=(r, H))
+            b = self.weight(f"{path}.lora_B.weight", r * out_f, True, dtype=adt, shape=(out_f, r))
+            a_w, b_w = a_w or a, b_w or b
+        P = f"{L}.{enabled[0][0]}"
+        out_en = sum(out_f for _, out_f in enabled)
+        xa = tr.dropout(f"{P}.lora_dropout", tr.cast(P, x, adt), lo.dropout)
+        h = tr.matmul(f"{P}.lora_A", xa, a_w, H, r * len(enabled))
+        after_b = tr.matmul(f"{P}.lora_B", h, b_w, r, out_en, tokens=h.numel * (1.0 / (r * len(enabled))))
+        if len(enabled) < 3:
+            idx = tr.new(P, Poly.const(out_en), "int64", False)
+            if after_b.requires_grad:
+                tr.save(P, after_b, idx)
+            after_b = tr.new(P, Poly.tok(total_out), after_b.dtype, after_b.requires_grad)
+        return tr.add(P, pretrained, tr.mul(P, after_b, None))
 
     def mlp(self, L: str, x: Tensor, train: bool) -> Tensor:
         arch, n, tr = self.arch, self.n, self.tr
@@ -938,8 +996,9 @@ class ModelBuilder(Builder):
         # HF ForCausalLMLoss: logits.float(); labels padded and shifted (.contiguous(), int64);
         # cross_entropy = log_softmax (saves its output) + nll_loss (saves the target and a 0-dim
         # total_weight).  BERT's MLM head calls CrossEntropyLoss on the logits as they are (no upcast).
-        if arch.family in LOSS_ON_LOGITS_AS_THEY_ARE:
-            # nn.CrossEntropyLoss on the logits as they are; autocast runs cross_entropy in fp32
+        if arch.family in LOSS_ON_LOGITS_AS_THEY_ARE or pl.implementation == "litgpt":
+            # nn.CrossEntropyLoss on the logits as they are (litgpt's ``chunked_cross_entropy`` too); autocast
+            # runs cross_entropy in fp32
             upcast = tr.autocast is not None
         else:
             upcast = arch.family not in ("bert", "roberta", "deberta_v2", "t5")

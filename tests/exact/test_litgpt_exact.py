@@ -1,0 +1,143 @@
+"""litgpt's own model code saves different tensors than transformers' for the same architecture.
+
+The engine's ``implementation: litgpt`` must match litgpt's ``GPT`` (``litgpt.lora``) block by block: its fused
+``attn`` projection whose value view keeps the whole q/k/v output alive under SDPA (as many key/value heads as
+query heads), its ``LoRAQKVLinear`` (one dropout, one ``lora_A`` for every adapted projection, a grouped
+``conv1d`` and ``zero_pad``'s ``index_copy_``), its copy of the attention output before ``proj`` and its
+``RMSNorm``'s fp32 weight copy.
+
+``MEASURED`` holds the bytes a real litgpt 0.5.3 block saves for backward on CPU (torch 2.13, bf16, 2 x 256
+tokens, the second block of two, distinct storages, parameters and tensors an earlier block saved left out);
+``test_litgpt_saves_what_was_measured`` re-measures them wherever litgpt's sources are installed
+(``pip install --no-deps litgpt==0.5.3``: its model code needs only torch, so lightning is never imported).
+The one CPU/CUDA difference: CPU's LayerNorm keeps its mean and rstd in the input dtype (bf16), CUDA's in fp32,
+and the engine models CUDA.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+
+import pytest
+
+from simulator import Scenario, estimate
+
+BATCH, SEQ = 2, 256
+TOKENS = BATCH * SEQ
+LLAMA = dict(family="llama", n_heads=4, intermediate=128, tied_embeddings=False)
+PHI = dict(family="phi", n_heads=4, intermediate=256, norm="layernorm", activation="gelu_tanh", gated_mlp=False,
+           qkv_bias=True, attn_out_bias=True, mlp_bias=True, norm_bias=True, lm_head_bias=True, parallel_block=True)
+QV = ("q_proj", "v_proj")
+ALL = ("q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# (architecture, kv heads, LoRA targets or None for full fine-tuning): bytes measured on litgpt 0.5.3
+MEASURED = {
+    ("llama", 4, QV): 1_275_392,
+    ("llama", 2, QV): 1_111_296,
+    ("llama", 4, None): 1_651_200,
+    ("llama", 2, None): 1_520_128,
+    ("llama", 2, ALL): 1_406_208,
+    ("llama", 4, ("q_proj", "k_proj", "v_proj")): 1_151_488,
+    ("phi", 4, QV): 945_152,
+    ("phi", 4, None): 1_124_352,
+}
+
+
+def _cpu_layernorm_bytes(arch: str) -> int:
+    """What the engine (CUDA: fp32 mean and rstd) counts above CPU (bf16) per block: phi's one shared norm."""
+    return 2 * TOKENS * (4 - 2) if arch == "phi" else 0
+
+
+def _engine_block_bytes(arch: str, kv: int, targets) -> float:
+    model = {"name": "tiny", "n_layers": 2, "hidden": 64, "n_kv_heads": kv, "vocab": 1024,
+             **(LLAMA if arch == "llama" else PHI)}
+    method = {"kind": "full"} if targets is None else {
+        "kind": "lora", "r": 8, "alpha": 16, "dropout": 0.0, "targets": list(targets), "adapter_dtype": "model"}
+    sc = Scenario.model_validate({
+        "model": model, "gpu": "a100-sxm-40gb", "precision": "bf16", "attention": "sdpa-flash", "method": method,
+        "workload": {"micro_batch": BATCH, "seq_len": SEQ}, "loss": "chunked", "implementation": "litgpt"})
+    return estimate(sc, what_fits=False, timing=False).activations_by_layer["model.layers.1"]
+
+
+@pytest.mark.parametrize("case", list(MEASURED), ids=lambda c: f"{c[0]}-kv{c[1]}-{'full' if c[2] is None else '+'.join(c[2])}")
+def test_engine_equals_the_litgpt_block(case):
+    arch, kv, targets = case
+    assert _engine_block_bytes(arch, kv, targets) == MEASURED[case] + _cpu_layernorm_bytes(arch)
+
+
+# --- live re-measurement --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def litgpt_lora():
+    """litgpt's ``lora`` module loaded from its installed sources without the package ``__init__`` (which pulls in
+    lightning); ``litgpt.utils`` is replaced by the two helpers the model code calls."""
+    spec = importlib.util.find_spec("litgpt")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("litgpt is not installed (pip install --no-deps litgpt==0.5.3)")
+    torch = pytest.importorskip("torch")
+    saved = {k: v for k, v in sys.modules.items() if k == "litgpt" or k.startswith("litgpt.")}
+    pkg = types.ModuleType("litgpt")
+    pkg.__path__ = list(spec.submodule_search_locations)
+    utils = types.ModuleType("litgpt.utils")
+    utils.find_multiple = lambda n, k: n if n % k == 0 else n + k - (n % k)
+
+    def _unused(*args, **kwargs):
+        raise NotImplementedError("checkpoint conversion is not used here")
+
+    utils.map_old_state_dict_weights = _unused
+    sys.modules.update({"litgpt": pkg, "litgpt.utils": utils})
+    pkg.utils = utils
+    try:
+        import litgpt.lora as lora  # noqa: PLC0415
+        yield torch, lora
+    finally:
+        for k in [k for k in sys.modules if k == "litgpt" or k.startswith("litgpt.")]:
+            del sys.modules[k]
+        sys.modules.update(saved)
+
+
+def _litgpt_block_bytes(torch, lora, arch: str, kv: int, targets) -> int:
+    if arch == "llama":
+        kw = dict(bias=False, norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP", intermediate_size=128,
+                  rotary_percentage=1.0, parallel_residual=False)
+    else:
+        kw = dict(bias=True, norm_class_name="LayerNorm", mlp_class_name="GptNeoxMLP", intermediate_size=256,
+                  rotary_percentage=0.5, parallel_residual=True, shared_attention_norm=True, gelu_approximate="tanh",
+                  lm_head_bias=True)
+    on = set(targets or ())
+    cfg = lora.Config(n_layer=2, n_embd=64, n_head=4, n_query_groups=kv, padded_vocab_size=1024, vocab_size=1024,
+                      block_size=SEQ, lora_r=8 if targets else 0, lora_alpha=16, lora_dropout=0.0,
+                      lora_query="q_proj" in on, lora_key="k_proj" in on, lora_value="v_proj" in on,
+                      lora_projection="o_proj" in on, lora_mlp="down_proj" in on, **kw)
+    torch.manual_seed(0)
+    model = lora.GPT(cfg).to(torch.bfloat16)
+    if targets:
+        lora.mark_only_lora_as_trainable(model)
+    model.train()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    inside, before, seen = [False], set(), {}
+    block = model.transformer.h[1]
+    block.register_forward_pre_hook(lambda *a: inside.__setitem__(0, True))
+    block.register_forward_hook(lambda *a: inside.__setitem__(0, False))
+
+    def pack(t):
+        st = t.untyped_storage()
+        ptr = st.data_ptr()
+        if not inside[0]:
+            before.add(ptr)
+        elif ptr not in params and ptr not in before:
+            seen[ptr] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(torch.randint(0, 1024, (BATCH, SEQ)), lm_head_chunk_size=128)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("case", list(MEASURED), ids=lambda c: f"{c[0]}-kv{c[1]}-{'full' if c[2] is None else '+'.join(c[2])}")
+def test_litgpt_saves_what_was_measured(litgpt_lora, case):
+    torch, lora = litgpt_lora
+    assert _litgpt_block_bytes(torch, lora, *case) == MEASURED[case]
