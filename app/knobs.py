@@ -78,6 +78,7 @@ SHOWN_WHEN: dict[str, tuple[str, tuple[Any, ...]]] = {
     "method.double_quant": ("method.quant", ("nf4", "fp4")),
     "method.bnb_keeps_input": ("method.quant", ("nf4", "fp4")),
     "method.use_dora": ("method.quant", ("nf4", "fp4", "int8")),
+    "method.qkv_parts": ("implementation", ("litgpt",)),
     "method.encoder_hidden_size": ("method.prefix_projection", (True,)),
     "parallel.pp_virtual": ("parallel.pp_schedule", ("interleaved",)),
     "parallel.fsdp_version": ("parallel.fsdp", ("full_shard", "shard_grad_op", "hybrid_shard", "no_shard")),
@@ -169,6 +170,7 @@ class Widget(str, enum.Enum):
     FLOAT = "float"
     OPTIONAL_INT = "optional_int"
     OPTIONAL_FLOAT = "optional_float"
+    MULTI_CHOICE = "multi_choice"  # list[Literal]: several of a fixed set
     TARGETS = "targets"  # list[str] | 'all-linear' | None (LoRA's target modules)
     MODULES = "modules"  # list[str] | None, or list[str]: module names of the model
     TEXT = "text"
@@ -217,6 +219,8 @@ def widget_of(ann: Any) -> Widget:
             return Widget.OPTIONAL_TEXT if optional else Widget.TEXT
         if _is_list_of_str(a):
             return Widget.MODULES
+        if typing.get_origin(a) is list and len(_args(a)) == 1 and _is_literal(_args(a)[0]):
+            return Widget.MULTI_CHOICE
     if any(_is_list_of_str(a) for a in parts) and any(_is_literal(a) for a in parts):
         return Widget.TARGETS
     return Widget.NONE
@@ -226,6 +230,8 @@ def choices_of(ann: Any) -> tuple[Any, ...]:
     """Allowed values of a Literal or Enum annotation (Optional allowed); empty otherwise."""
     out: list[Any] = []
     for a in _non_none(ann):
+        if typing.get_origin(a) is list and len(_args(a)) == 1:
+            a = _args(a)[0]  # the choices of a multi-choice list
         if _is_literal(a):
             out += list(_args(a))
         elif isinstance(a, type) and issubclass(a, enum.Enum):

@@ -194,6 +194,10 @@ def knob_widget(prefix: str, s: dict[str, Any], knob: Knob) -> None:
     elif w is Widget.BOOL:
         _seed(key, bool(value))
         v = st.checkbox(knob.label, key=key, help=knob.help)
+    elif w is Widget.MULTI_CHOICE:
+        options = list(knob.choices)
+        _seed(key, [x for x in (value or []) if x in options])
+        v = st.multiselect(knob.label, options, key=key, help=knob.help)
     elif w in (Widget.INT, Widget.OPTIONAL_INT):
         _seed(key, None if value is None else int(value))
         v = st.number_input(knob.label, min_value=None if lo is None else int(lo), max_value=None if hi is None else int(hi),

@@ -497,6 +497,20 @@ def _compiled(text: str) -> bool:
     return bool(re.search(r"torch[ .]compile (?:on|enabled)|compile[d]?[:=] ?true", text))
 
 
+QKV_ROLES = {"q": ("q_proj", "q", "query", "query_proj"), "k": ("k_proj", "k", "key", "key_proj"),
+             "v": ("v_proj", "v", "value", "value_proj")}
+
+
+def _fused_qkv_parts(raw: list[str] | None, arch: ModelArch) -> list[str] | None:
+    """The q/k/v parts a record's per-projection targets name on a model whose q/k/v is one fused projection
+    (litgpt's ``lora_query`` / ``lora_key`` / ``lora_value``); None where the model has separate projections or
+    no part is named by role."""
+    if not raw or not names_of(arch).qkv:
+        return None
+    parts = [p for p, aliases in QKV_ROLES.items() if any(t in aliases for t in raw)]
+    return parts or None
+
+
 def _source_year(source: dict | None) -> int | None:
     """The latest 20xx year named in the record's source text (its name / where), if any."""
     text = " ".join(str(v) for v in (source or {}).values())
@@ -527,6 +541,10 @@ def _method(sc: dict, arch: ModelArch, precision: str, notes: list[str], rec_sou
         kw["alpha"] = float(lo.get("alpha") or PEFT_LORA_DEFAULTS["alpha"])
         kw["dropout"] = float(lo.get("dropout") or PEFT_LORA_DEFAULTS["dropout"])
         kw["targets"] = _targets(lo.get("targets"), arch, notes)
+        parts = _fused_qkv_parts(lo.get("targets"), arch) if sc.get("framework") == "litgpt" else None
+        if parts is not None:
+            kw["qkv_parts"] = parts
+            notes.append(f"litgpt's LoRAQKVLinear on the fused q/k/v projection adapts {'+'.join(parts)}")
         if lo.get("modules_to_save"):
             kw["modules_to_save"] = list(lo["modules_to_save"])
         adt = _defaults(sc).get("adapter_dtype", "fp32")

@@ -51,11 +51,17 @@ class _LoRABase(Strict):
     """Adapter weight dtype: 'fp32' (PEFT's autocast_adapter_dtype default: each adapted input is upcast
     and stored in fp32) or 'model' (litgpt/torchtune keep adapters in the model dtype; DeepSpeed's fp16/bf16
     engine casts every parameter, adapters included, to its 16-bit dtype)."""
+    qkv_parts: list[Literal["q", "k", "v"]] = Field(default_factory=lambda: ["q", "k", "v"])
+    """Which of q, k, v an adapter on a fused q/k/v projection ('query_key_value', 'c_attn', 'Wqkv') covers.
+    PEFT adapts the whole fused output (all three); litgpt's ``LoRAQKVLinear`` takes ``lora_query`` /
+    ``lora_key`` / ``lora_value`` and zero-pads the parts it leaves out (implementation 'litgpt' only)."""
 
     @model_validator(mode="after")
     def _targets_nonempty(self):
         if isinstance(self.targets, list) and not self.targets:
             raise ValueError("targets: empty list; name at least one module or use 'all-linear'")
+        if not self.qkv_parts or len(set(self.qkv_parts)) != len(self.qkv_parts):
+            raise ValueError(f"qkv_parts={self.qkv_parts!r}: name each of 'q', 'k', 'v' at most once, at least one")
         return self
 
 

@@ -118,6 +118,12 @@ class Scenario(Strict):
             raise ValueError(
                 f"inference.weights={self.inference.weights!r} applies to task 'infer'; to train on a quantized base use method.kind='qlora'"
             )
+        parts = getattr(m, "qkv_parts", None)
+        if parts is not None and set(parts) != {"q", "k", "v"} and self.implementation != "litgpt":
+            raise ValueError(
+                f"method.qkv_parts={parts!r} needs implementation 'litgpt' (its LoRAQKVLinear adapts parts of a fused "
+                f"q/k/v projection); implementation={self.implementation!r} adapts whole modules: use separate targets"
+            )
         seq = self.workload.seq_len
         if "seq_len" not in self.workload.model_fields_set and seq > arch.max_position_embeddings:
             # the default length, not the user's: shorten it to what the model can take

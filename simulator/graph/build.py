@@ -620,7 +620,13 @@ class ModelBuilder(Builder):
         if pl.implementation == "litgpt" and names is None and cross_kv is None and not n.qkv:
             q, k, v = self._litgpt_qkv(L, h, train)
         elif n.qkv and names is None:
-            qkv = self.linear(f"{L}.{n.qkv}", h, H, qd + 2 * kvd, bias=arch.qkv_bias, trainable=train)
+            fused = f"{L}.{n.qkv}"
+            litgpt = pl.implementation == "litgpt" and pl.training and pl.lora_on(fused)
+            qkv = self.linear(fused, h, H, qd + 2 * kvd, bias=arch.qkv_bias, trainable=train, lora=not litgpt)
+            if litgpt:  # litgpt's LoRAQKVLinear on the fused projection, over the parts it names
+                widths = {"q": qd, "k": kvd, "v": kvd}
+                enabled = [(f"{n.qkv}.{p}", widths[p]) for p in ("q", "k", "v") if p in pl.lora.qkv_parts]
+                qkv = self._litgpt_qkv_lora(L, h, qkv, enabled, qd + 2 * kvd)
             # views into one storage: the kernel saves the storage once
             q = k = v = qkv
             q = Tensor(qkv.id, Poly.tok(qd), qkv.dtype, qkv.requires_grad, qkv.module)

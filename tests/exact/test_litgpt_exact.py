@@ -29,6 +29,10 @@ TOKENS = BATCH * SEQ
 LLAMA = dict(family="llama", n_heads=4, intermediate=128, tied_embeddings=False)
 PHI = dict(family="phi", n_heads=4, intermediate=256, norm="layernorm", activation="gelu_tanh", gated_mlp=False,
            qkv_bias=True, attn_out_bias=True, mlp_bias=True, norm_bias=True, lm_head_bias=True, parallel_block=True)
+# GPT-NeoX (StableLM-alpha, Pythia): one fused query_key_value module, adapted part by part (method.qkv_parts)
+NEOX = dict(family="gpt_neox", n_heads=4, intermediate=256, norm="layernorm", activation="gelu", gated_mlp=False,
+            qkv_bias=True, attn_out_bias=True, mlp_bias=True, norm_bias=True, parallel_block=True, tied_embeddings=False)
+ARCHS = {"llama": LLAMA, "phi": PHI, "neox": NEOX}
 QV = ("q_proj", "v_proj")
 ALL = ("q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -42,23 +46,29 @@ MEASURED = {
     ("llama", 4, ("q_proj", "k_proj", "v_proj")): 1_151_488,
     ("phi", 4, QV): 945_152,
     ("phi", 4, None): 1_124_352,
+    ("neox", 4, QV): 947_200,
+    ("neox", 4, ("q_proj", "k_proj", "v_proj")): 823_296,
+    ("neox", 4, None): 1_191_936,
 }
 
 
 def _cpu_layernorm_bytes(arch: str) -> int:
-    """What the engine (CUDA: fp32 mean and rstd) counts above CPU (bf16) per block: phi's one shared norm."""
-    return 2 * TOKENS * (4 - 2) if arch == "phi" else 0
+    """What the engine (CUDA: fp32 mean and rstd) counts above CPU (bf16) per block: phi's one shared norm,
+    GPT-NeoX's two."""
+    return {"llama": 0, "phi": 1, "neox": 2}[arch] * 2 * TOKENS * (4 - 2)
 
 
 def _engine_block_bytes(arch: str, kv: int, targets) -> float:
-    model = {"name": "tiny", "n_layers": 2, "hidden": 64, "n_kv_heads": kv, "vocab": 1024,
-             **(LLAMA if arch == "llama" else PHI)}
+    model = {"name": "tiny", "n_layers": 2, "hidden": 64, "n_kv_heads": kv, "vocab": 1024, **ARCHS[arch]}
     method = {"kind": "full"} if targets is None else {
         "kind": "lora", "r": 8, "alpha": 16, "dropout": 0.0, "targets": list(targets), "adapter_dtype": "model"}
+    if arch == "neox" and targets is not None:
+        method.update(targets=["query_key_value"], qkv_parts=[t[0] for t in targets])
     sc = Scenario.model_validate({
         "model": model, "gpu": "a100-sxm-40gb", "precision": "bf16", "attention": "sdpa-flash", "method": method,
         "workload": {"micro_batch": BATCH, "seq_len": SEQ}, "loss": "chunked", "implementation": "litgpt"})
-    return estimate(sc, what_fits=False, timing=False).activations_by_layer["model.layers.1"]
+    layer = "gpt_neox.layers.1" if arch == "neox" else "model.layers.1"
+    return estimate(sc, what_fits=False, timing=False).activations_by_layer[layer]
 
 
 @pytest.mark.parametrize("case", list(MEASURED), ids=lambda c: f"{c[0]}-kv{c[1]}-{'full' if c[2] is None else '+'.join(c[2])}")
@@ -103,10 +113,13 @@ def _litgpt_block_bytes(torch, lora, arch: str, kv: int, targets) -> int:
     if arch == "llama":
         kw = dict(bias=False, norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP", intermediate_size=128,
                   rotary_percentage=1.0, parallel_residual=False)
-    else:
+    elif arch == "phi":
         kw = dict(bias=True, norm_class_name="LayerNorm", mlp_class_name="GptNeoxMLP", intermediate_size=256,
                   rotary_percentage=0.5, parallel_residual=True, shared_attention_norm=True, gelu_approximate="tanh",
                   lm_head_bias=True)
+    else:
+        kw = dict(bias=True, norm_class_name="LayerNorm", mlp_class_name="GptNeoxMLP", intermediate_size=256,
+                  rotary_percentage=0.25, parallel_residual=True, shared_attention_norm=False)
     on = set(targets or ())
     cfg = lora.Config(n_layer=2, n_embd=64, n_head=4, n_query_groups=kv, padded_vocab_size=1024, vocab_size=1024,
                       block_size=SEQ, lora_r=8 if targets else 0, lora_alpha=16, lora_dropout=0.0,

@@ -37,6 +37,12 @@ BAD = [
      ["inference.weights='nf4'", "task 'infer'", "qlora"]),
     ("freeze-too-many-layers", {"model": "llama-3.2-1b", "method": {"kind": "freeze", "n_trainable_layers": 17}},
      ["method.n_trainable_layers=17", "n_layers=16"]),
+    ("qkv-parts-without-litgpt", {"model": "gpt-neox-20b", "method": {"kind": "lora", "targets": ["query_key_value"],
+                                                                   "qkv_parts": ["q", "v"]}},
+     ["method.qkv_parts=['q', 'v']", "implementation 'litgpt'", "implementation='transformers'"]),
+    ("qkv-parts-repeated", {"model": "gpt-neox-20b", "implementation": "litgpt",
+                            "method": {"kind": "lora", "targets": ["query_key_value"], "qkv_parts": ["q", "q"]}},
+     ["qkv_parts=['q', 'q']", "at most once"]),
 ]
 
 

@@ -579,3 +579,18 @@ def test_torchtune_compiled_runs_keep_16_bit_logits_and_nf4_bases_double_quantiz
     lit = _record()
     lit["notes"] = "torch.compile enabled"
     assert record_to_scenario(lit, []).loss == "chunked"
+
+
+def test_litgpt_adapts_parts_of_a_fused_qkv_projection():
+    """litgpt's lora_query / lora_value on a GPT-NeoX model adapt two parts of its one query_key_value projection
+    (LoRAQKVLinear zero-pads the key part): the record's q/v targets become that module with qkv_parts q, v."""
+    r = _record(model={"name": "gpt-neox-20b", "hf_id": "EleutherAI/gpt-neox-20b", "family": "gpt_neox"},
+                lora={"r": 8, "alpha": 16, "dropout": 0.0, "targets": ["q_proj", "v_proj"]})
+    notes: list[str] = []
+    sc = record_to_scenario(r, notes)
+    assert sc.implementation == "litgpt"
+    assert sc.method.targets == ["query_key_value"] and sc.method.qkv_parts == ["q", "v"]
+    assert any("LoRAQKVLinear" in n for n in notes)
+    # the same targets under transformers stay PEFT's whole-module adapter
+    hf = record_to_scenario(_record(model=r["scenario"]["model"], lora=r["scenario"]["lora"], framework="other"), [])
+    assert hf.method.qkv_parts == ["q", "k", "v"]
