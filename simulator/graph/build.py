@@ -617,11 +617,13 @@ class ModelBuilder(Builder):
         arch, n, tr, pl = self.arch, self.n, self.tr, self.plan
         H, qd, kvd, d = arch.hidden, arch.q_dim, arch.kv_dim, arch.d_head
         qn, kn, vn, on = names or (n.q, n.k, n.v, n.o)
-        if pl.implementation == "litgpt" and names is None and cross_kv is None and not n.qkv:
+        dora = pl.lora is not None and (pl.lora.kind == "dora" or getattr(pl.lora, "use_dora", False))
+        litgpt_qkv = pl.implementation == "litgpt" and not dora  # litgpt has no DoRA: PEFT's per-module layers then
+        if litgpt_qkv and names is None and cross_kv is None and not n.qkv:
             q, k, v = self._litgpt_qkv(L, h, train)
         elif n.qkv and names is None:
             fused = f"{L}.{n.qkv}"
-            litgpt = pl.implementation == "litgpt" and pl.training and pl.lora_on(fused)
+            litgpt = litgpt_qkv and pl.training and pl.lora_on(fused)
             qkv = self.linear(fused, h, H, qd + 2 * kvd, bias=arch.qkv_bias, trainable=train, lora=not litgpt)
             if litgpt:  # litgpt's LoRAQKVLinear on the fused projection, over the parts it names
                 widths = {"q": qd, "k": kvd, "v": kvd}

@@ -186,6 +186,8 @@ def method_dict(draw, targets: tuple[str, ...], kind: str | None, junk: bool) ->
         opt("dropout", lambda: draw(st.floats(-0.1, 1.0) if junk else st.floats(0.0, 0.9)))
         opt("targets", target_list)
         opt("lora_fa", lambda: draw(st.booleans()))
+        opt("qkv_parts", lambda: draw(st.lists(st.sampled_from(["q", "k", "v"] + (["x"] if junk else [])),
+                                               min_size=0 if junk else 1, max_size=3, unique=not junk)))
         opt("modules_to_save", lambda: draw(st.lists(st.sampled_from(["lm_head", "embed_tokens", "junk"]), max_size=2)))
         if kind == "qlora":
             opt("quant", lambda: _choice(draw, QLORA_QUANTS, junk, bad=("int4", "fp8", "nf3")))
@@ -270,7 +272,9 @@ def scenario_dicts(draw, junk: bool = True, task: str | None = None, kind: str |
     if draw(st.booleans()):
         d["attention"] = _choice(draw, ATTENTIONS, junk, bad=("flash4", "sdpa"))
     if draw(st.booleans()):
-        d["loss"] = _choice(draw, ["upcast", "fused"], junk)
+        d["loss"] = _choice(draw, ["upcast", "upcast-shift", "chunked", "chunked-compiled", "fused"], junk)
+    if draw(st.booleans()):
+        d["implementation"] = _choice(draw, ["transformers", "litgpt", "torchtune"], junk, bad=("peft", "hf"))
     if task == "infer" or (junk and _junk(draw, 8)):
         inf: dict = {}
         if draw(st.booleans()):
