@@ -121,7 +121,8 @@ def method_text(e: Estimate, scenario: Scenario | None = None) -> str:
     if scenario is None:
         return e.method
     m = scenario.method
-    keys = ("quant", "r", "alpha", "targets", "n_virtual_tokens", "bottleneck", "n_trainable_layers")
+    keys = ("quant", "r", "alpha", "targets", "n_virtual_tokens", "bottleneck", "n_trainable_layers",
+            "prompt_length", "start_layer", "v2")
     fields = [f"{k}={_fmt_value(getattr(m, k)) if getattr(m, k) is not None else 'PEFT default'}"
               for k in keys if k in type(m).model_fields]
     kind = "qdora" if getattr(m, "use_dora", False) else m.kind

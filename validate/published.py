@@ -31,6 +31,7 @@ from simulator.config import (
     Freeze,
     Full,
     InferWorkload,
+    LlamaAdapter,
     LoRA,
     ModelArch,
     MoE,
@@ -497,6 +498,8 @@ def _compiled(text: str) -> bool:
     return bool(re.search(r"torch[ .]compile (?:on|enabled)|compile[d]?[:=] ?true", text))
 
 
+LITGPT_ADAPTER_KINDS = frozenset({"adapter", "adapter_v2", "adapter-v2", "adapter v2", "llama-adapter",
+                                  "llama-adapter-v2"})
 QKV_ROLES = {"q": ("q_proj", "q", "query", "query_proj"), "k": ("k_proj", "k", "key", "key_proj"),
              "v": ("v_proj", "v", "value", "value_proj")}
 
@@ -582,6 +585,21 @@ def _method(sc: dict, arch: ModelArch, precision: str, notes: list[str], rec_sou
             compute = "fp16" if precision.startswith("fp16") else "bf16"
             return QLoRA(quant=QUANTS[wq], double_quant=bool(dq), compute_dtype=compute, **kw)
         return LoRA(**kw)
+    text = f"{kind} {sc.get('notes') or ''} {(rec_source or {}).get('where') or ''}".lower()
+    if sc.get("framework") == "litgpt" and kind in LITGPT_ADAPTER_KINDS:
+        # litgpt's finetune/adapter.py and adapter_v2.py: LLaMA-Adapter (V2), prompt length 10 from block 2
+        v2 = kind in ("adapter_v2", "adapter-v2", "adapter v2", "llama-adapter-v2") or "adapter_v2" in text
+        if wq != "none" and QUANTS.get(wq) not in ("nf4", "fp4", "int8"):
+            raise Unsupported(f"LLaMA-Adapter on a {wq!r} base not modelled (litgpt quantizes with bitsandbytes)")
+        dq = bool(sc.get("double_quant"))
+        notes.append(f"litgpt {'adapter_v2' if v2 else 'adapter'}: LLaMA-Adapter{' V2' if v2 else ''}, "
+                     "prompt length 10 from block 2 (litgpt defaults)")
+        quant = QUANTS.get(wq, "none") if wq != "none" else "none"
+        year = _source_year(rec_source)
+        legacy = quant in ("nf4", "fp4") and year is not None and year <= 2023
+        if legacy:
+            notes.append(f"source from {year}: bitsandbytes of that time kept each 4-bit matmul's input")
+        return LlamaAdapter(v2=v2, quant=quant, double_quant=dq, bnb_keeps_input=legacy)
     if wq != "none":
         raise Unsupported(f"method {kind!r} on a {wq!r}-quantized base not modelled")
     if kind in ("full", "galore"):

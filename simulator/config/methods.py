@@ -143,8 +143,31 @@ class Adapter(Strict):
     """Two adapters per block (houlsby) or one (pfeiffer)."""
 
 
+class LlamaAdapter(Strict):
+    """LLaMA-Adapter (Zhang et al., arXiv 2303.16199) as litgpt implements it (``litgpt/adapter.py``): from block
+    ``start_layer`` on, a learned prompt of ``prompt_length`` vectors is projected through the frozen q/k/v
+    projection and attended to by every query (a second, unmasked attention), its output scaled by a per-head
+    gate that starts at zero.  ``v2`` (``litgpt/adapter_v2.py``, arXiv 2304.15010) also gives every linear layer a
+    trainable bias and scale per output feature and trains the norms.  Implementation 'litgpt' only."""
+
+    kind: Literal["llama-adapter"] = "llama-adapter"
+    prompt_length: int = Field(default=10, gt=0)
+    """Adaption prompt vectors per adapted block (litgpt ``adapter_prompt_length``)."""
+    start_layer: int = Field(default=2, ge=0)
+    """First adapted block (litgpt ``adapter_start_layer``); the blocks below run unchanged."""
+    v2: bool = False
+    """LLaMA-Adapter V2: a bias and a scale on every linear layer's output, norms trainable."""
+    quant: Literal["none", "nf4", "fp4", "int8"] = "none"
+    """Frozen base weights quantized by bitsandbytes (litgpt ``--quantize bnb.nf4`` ...)."""
+    double_quant: bool = False
+    """bitsandbytes nested quantization of the 4-bit scales (litgpt ``bnb.nf4-dq``)."""
+    bnb_keeps_input: bool = False
+    """bitsandbytes before 0.43.2 kept each 4-bit matmul's input until backward (see QLoRA)."""
+
+
 Method = Annotated[
-    Union[Full, Freeze, LoRA, DoRA, QLoRA, IA3, PrefixTuning, PromptTuning, BitFit, Adapter],
+    Union[Full, Freeze, LoRA, DoRA, QLoRA, IA3, PrefixTuning, PromptTuning, BitFit, Adapter, LlamaAdapter],
     Field(discriminator="kind"),
 ]
-METHOD_KINDS = ("full", "freeze", "lora", "dora", "qlora", "ia3", "prefix", "prompt", "bitfit", "adapter")
+METHOD_KINDS = ("full", "freeze", "lora", "dora", "qlora", "ia3", "prefix", "prompt", "bitfit", "adapter",
+                "llama-adapter")

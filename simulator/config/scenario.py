@@ -118,6 +118,17 @@ class Scenario(Strict):
             raise ValueError(
                 f"inference.weights={self.inference.weights!r} applies to task 'infer'; to train on a quantized base use method.kind='qlora'"
             )
+        if m.kind == "llama-adapter":
+            if self.implementation != "litgpt":
+                raise ValueError(
+                    f"method.kind='llama-adapter' is litgpt's (adapter.py / adapter_v2.py); "
+                    f"implementation={self.implementation!r}: set implementation 'litgpt'")
+            if m.start_layer >= arch.n_layers:
+                raise ValueError(f"method.start_layer={m.start_layer} leaves no block adapted: model {arch.name!r} "
+                                 f"has n_layers={arch.n_layers}; allowed: 0 to {arch.n_layers - 1}")
+            if m.quant != "none" and self.precision not in ("bf16", "fp16", "bf16-amp", "fp16-amp"):
+                raise ValueError(f"method.quant={m.quant!r} with precision={self.precision!r}: bitsandbytes bases "
+                                 "compute in 16 bits; allowed precisions: bf16, fp16, bf16-amp, fp16-amp")
         parts = getattr(m, "qkv_parts", None)
         if parts is not None and set(parts) != {"q", "k", "v"} and self.implementation != "litgpt":
             raise ValueError(

@@ -314,7 +314,17 @@ class Builder:
             out = self._ia3_scale(path, out, out_f, False)
         if lora and pl.lora_on(path) and pl.training:
             out = self._lora(path, x, out, in_f, out_f, w, quant)
+        if pl.adapter_v2:
+            out = self._adapter_v2(path, out, out_f)
         return out
+
+    def _adapter_v2(self, path: str, out: Tensor, out_f: int) -> Tensor:
+        """litgpt ``AdapterV2Linear``: ``adapter_scale * (linear(x) + adapter_bias)``; the product keeps the sum for
+        the scale's gradient."""
+        tr = self.tr
+        bias = self.weight(f"{path}.adapter_bias", out_f, True)
+        scale = self.weight(f"{path}.adapter_scale", out_f, True)
+        return tr.mul(path, tr.add(path, out, bias), scale, out_numel=out.numel)
 
     def _quant_matmul(self, path: str, x: Tensor, w: Tensor, in_f: int, out_f: int, b: Tensor | None,
                       quant: str) -> Tensor:
@@ -334,7 +344,9 @@ class Builder:
         else:
             deq = Tensor(-1, Poly.const(in_f * out_f), self.cdt, False, path)
             tr.transient(path, deq.nbytes)
-        if quant in ("nf4", "fp4") and x.requires_grad and getattr(self.plan.lora, "bnb_keeps_input", False):
+        legacy_bnb = getattr(self.plan.lora, "bnb_keeps_input", False) or getattr(self.plan.llama_adapter,
+                                                                                   "bnb_keeps_input", False)
+        if quant in ("nf4", "fp4") and x.requires_grad and legacy_bnb:
             tr.save(path, x)  # legacy MatMul4Bit: ctx.tensors = (A, B)
         rows = x.numel * (1.0 / in_f)
         mm = rows * (2.0 * in_f * out_f)
@@ -460,6 +472,7 @@ class Builder:
         return tr.mul(path, w, y, out_numel=x.numel)
 
     def norm(self, path: str, x: Tensor, width: int, trainable: bool) -> Tensor:
+        trainable = trainable or self.plan.adapter_v2  # LLaMA-Adapter V2 trains the norms
         if self.arch.norm == "rmsnorm":
             return self.rmsnorm(path, x, width, trainable)
         return self.layernorm(path, x, width, trainable, self.arch.norm_bias)
@@ -652,12 +665,47 @@ class ModelBuilder(Builder):
             v = tr.new(f"{L}.self_attn", Poly.kv(kvd), v.dtype, v.requires_grad or pk.requires_grad)
         core = qn.rsplit(".", 1)[0] if names is not None else n.attn_core
         o = self.attention_core(f"{L}.{core}", q, k, v)
-        if pl.implementation == "litgpt" and names is None:
+        if names is None and cross_kv is None and pl.llama_adapter_on(getattr(self, "layer_index", -1)):
+            # y + gating * ay is a fresh contiguous (B, T, heads, d) tensor: the reshape before proj is a view
+            o = self._adaption_prompt(f"{L}.{core}", q, o)
+        elif pl.implementation == "litgpt" and names is None:
             # litgpt's roped q is a contiguous (B, heads, T, d) tensor and SDPA's output follows its layout, so
             # ``y.transpose(1, 2).reshape(B, T, -1)`` copies before ``proj`` (transformers' q keeps the
             # projection's (B, T, heads, d) layout and the reshape is a view)
             o = tr.new(f"{L}.{core}", o.numel, o.dtype, o.requires_grad)
         return self.linear(f"{L}.{on}", o, qd, H, bias=arch.attn_out_bias, trainable=train)
+
+    def _adaption_prompt(self, P: str, q: Tensor, y: Tensor) -> Tensor:
+        """litgpt adapter ``CausalSelfAttention.scaled_dot_product_attention`` from ``adapter_start_layer`` on: the
+        prompt (``adapter_wte``, prompt_length x hidden) through the frozen q/k/v projection (V2: with its bias and
+        scale) gives one sequence of prompt keys and values, which SDPA cannot hand a fused kernel (their batch is 1,
+        the queries' is b), so ATen's math path runs: q, k and v upcast to fp32 and scaled, ``q @ k^T`` (keeps the
+        fp32 q for the prompt's grad, the batch-expanded fp32 keys when q needs grad), softmax (keeps its fp32
+        output), ``@ v`` (keeps the batch-expanded fp32 values), back to 16 bits; then ``y + gating_factor * ay``,
+        whose product keeps ``ay`` for the gate."""
+        arch, tr, la, pl = self.arch, self.tr, self.plan.llama_adapter, self.plan
+        H, qd, kvd, a = arch.hidden, arch.q_dim, arch.kv_dim, arch.n_heads
+        aT = la.prompt_length
+        self.weight(f"{P}.adapter_wte.weight", aT * H, True, shape=(aT, H))
+        gate = self.weight(f"{P}.gating_factor", a, True)
+        width = qd + 2 * kvd
+        prefix_mm = Poly.const(2.0 * aT * H * width)
+        tr.flops(P, "linear", prefix_mm, prefix_mm)  # the prompt's grad through the frozen projection
+        if pl.adapter_v2:
+            tr.save(P, tr.new(P, Poly.const(aT * width), self.cdt, True))  # the V2 scale's product keeps linear + bias
+        qs = tr.new(P, Poly.tok(qd), "fp32", q.requires_grad)
+        ks = tr.new(P, Poly.seq(aT * qd), "fp32", True)
+        vs = tr.new(P, Poly.seq(aT * qd), "fp32", True)
+        probs = tr.new(P, Poly.tok(a * aT), "fp32", True)
+        tr.save(P, qs, probs, vs)
+        if q.requires_grad:
+            tr.save(P, ks)
+        mm = Poly.tok(2.0 * aT * qd)
+        tr.flops(P, "attention", mm * 2.0, mm * (4.0 if q.requires_grad else 3.0),
+                 Poly.tok(2.0 * dtype_bytes(q.dtype) * qd + 8.0 * a * aT))
+        ay = tr.new(P, Poly.tok(qd), q.dtype, True)
+        gated = tr.mul(P, gate, ay, out_numel=ay.numel)
+        return tr.add(P, y, gated)
 
     def _litgpt_qkv(self, L: str, h: Tensor, train: bool) -> tuple[Tensor, Tensor, Tensor]:
         """litgpt's ``CausalSelfAttention``: one fused ``attn`` linear for q, k and v (its parameters are
@@ -804,6 +852,7 @@ class ModelBuilder(Builder):
         arch, n, tr, pl = self.arch, self.n, self.tr, self.plan
         H = arch.hidden
         train = pl.layer_base_trainable(i)
+        self.layer_index = i
         L = f"{n.layers}.{i}" if not decoder_of_encdec else f"decoder.block.{i}"
         if arch.family in POST_NORM_FAMILIES:
             a = self.self_attention(L, x, train)
@@ -979,6 +1028,8 @@ class ModelBuilder(Builder):
             logits = self._ia3_scale(n.lm_head, logits, V, False)
         if self.plan.lora_on(n.lm_head) and pl.training:
             logits = self._lora(n.lm_head, x, logits, H, V, w)
+        if pl.adapter_v2:
+            logits = self._adapter_v2(n.lm_head, logits, V)
         self.logits = logits
         if not pl.training:
             return
@@ -1025,7 +1076,7 @@ class ModelBuilder(Builder):
 
 
 def _variant_key(pl: Plan, i: int, in_rg: bool) -> tuple:
-    return (pl.layer_base_trainable(i), in_rg, i in pl.checkpointed)
+    return (pl.layer_base_trainable(i), in_rg, i in pl.checkpointed, pl.llama_adapter_on(i))
 
 
 def trace_model(arch: ModelArch, plan: Plan, loss: str = "upcast") -> ModelTrace:

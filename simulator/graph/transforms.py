@@ -13,9 +13,10 @@ The Plan is consumed by ``build.trace_model``; it holds no sizes, only decisions
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from ..config import Scenario
-from ..config.methods import IA3, Adapter, BitFit, Freeze, Full, PrefixTuning, PromptTuning, QLoRA, _LoRABase
+from ..config.methods import IA3, Adapter, BitFit, Freeze, Full, LlamaAdapter, PrefixTuning, PromptTuning, QLoRA, _LoRABase
 from ..config.model import ModelArch
 
 # PEFT's LoRA defaults (peft/utils/constants.py TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
@@ -76,7 +77,7 @@ def precision_of(name: str) -> Precision:
 
 # Methods that freeze the whole base and train small add-ons: under AMP the base is loaded in the
 # 16-bit dtype (no fp32 master copy is needed for weights that never update), the add-ons in fp32.
-ADDON_METHODS = frozenset({"lora", "dora", "qlora", "ia3", "prefix", "prompt", "adapter"})
+ADDON_METHODS = frozenset({"lora", "dora", "qlora", "ia3", "prefix", "prompt", "adapter", "llama-adapter"})
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,16 @@ class Plan:
     padded: bool = False
     implementation: str = "transformers"
     offload_checkpoints: bool = False  # checkpointed block inputs live in host memory
+    llama_adapter: Any = None  # LlamaAdapter settings (litgpt's adaption prompts), or None
+
+    def llama_adapter_on(self, i: int) -> bool:
+        """Block ``i`` attends to an adaption prompt."""
+        return self.llama_adapter is not None and self.training and i >= self.llama_adapter.start_layer
+
+    @property
+    def adapter_v2(self) -> bool:
+        """Every linear has a trainable output bias and scale, the norms train (LLaMA-Adapter V2)."""
+        return self.llama_adapter is not None and self.training and self.llama_adapter.v2
 
     def layer_base_trainable(self, i: int) -> bool:
         return self.base_trainable or i in self.layers_trainable
@@ -177,6 +188,8 @@ def plan_of(sc: Scenario) -> Plan:
         base_quant, group, dq = m.quant, m.group_size, m.double_quant
         if sc.precision in ("bf16", "fp16"):
             prec = Precision(m.compute_dtype, m.compute_dtype, None, False)
+    elif isinstance(m, LlamaAdapter) and m.quant != "none":
+        base_quant, dq = m.quant, m.double_quant
     elif not training and sc.inference.weights != "none":
         base_quant, group, dq = sc.inference.weights, sc.inference.group_size, sc.inference.double_quant
     base_dtype = prec.autocast if (prec.autocast and m.kind in ADDON_METHODS) else prec.param_dtype
@@ -212,6 +225,7 @@ def plan_of(sc: Scenario) -> Plan:
         modules_to_save=mts,
         padded=sc.padded_batches,
         implementation=sc.implementation,
+        llama_adapter=m if isinstance(m, LlamaAdapter) else None,
     )
 
 

@@ -1,5 +1,8 @@
 """litgpt's own model code saves different tensors than transformers' for the same architecture.
 
+LLaMA-Adapter and LLaMA-Adapter V2 (``litgpt/adapter.py``, ``adapter_v2.py``; method 'llama-adapter') are checked
+the same way: trainable parameters and the bytes an adapted block saves.
+
 The engine's ``implementation: litgpt`` must match litgpt's ``GPT`` (``litgpt.lora``) block by block: its fused
 ``attn`` projection whose value view keeps the whole q/k/v output alive under SDPA (as many key/value heads as
 query heads), its ``LoRAQKVLinear`` (one dropout, one ``lora_A`` for every adapted projection, a grouped
@@ -130,6 +133,12 @@ def _litgpt_block_bytes(torch, lora, arch: str, kv: int, targets) -> int:
     if targets:
         lora.mark_only_lora_as_trainable(model)
     model.train()
+    return _saved_in_block(torch, model)
+
+
+def _saved_in_block(torch, model) -> int:
+    """Bytes of the distinct storages the second block saves for backward (parameters and storages an earlier
+    block saved left out)."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     inside, before, seen = [False], set(), {}
     block = model.transformer.h[1]
@@ -154,3 +163,67 @@ def _litgpt_block_bytes(torch, lora, arch: str, kv: int, targets) -> int:
 def test_litgpt_saves_what_was_measured(litgpt_lora, case):
     torch, lora = litgpt_lora
     assert _litgpt_block_bytes(torch, lora, *case) == MEASURED[case]
+
+
+# --- LLaMA-Adapter (V2) -----------------------------------------------------------------------------------------
+
+# (architecture, kv heads, V2): (bytes the adapted second block saves, trainable parameters), litgpt 0.5.3 on CPU,
+# adapter_start_layer 1, prompt length 10.  The prompt's attention runs ATen's math path on CPU and CUDA alike
+# (its keys have batch 1, the queries batch b: no fused kernel takes that).
+ADAPTER_MEASURED = {
+    ("llama", 4, False): (810_240, 644),
+    ("llama", 2, False): (810_240, 644),
+    ("llama", 4, True): (2_205_952, 5_316),
+    ("llama", 2, True): (2_008_064, 5_060),
+    ("neox", 4, False): (283_648, 644),
+    ("neox", 4, True): (1_615_616, 5_636),
+}
+
+
+def _engine_adapter(arch: str, kv: int, v2: bool) -> tuple[float, int]:
+    model = {"name": "tiny", "n_layers": 2, "hidden": 64, "n_kv_heads": kv, "vocab": 1024, **ARCHS[arch]}
+    sc = Scenario.model_validate({
+        "model": model, "gpu": "a100-sxm-40gb", "precision": "bf16", "attention": "sdpa-flash",
+        "method": {"kind": "llama-adapter", "start_layer": 1, "v2": v2},
+        "workload": {"micro_batch": BATCH, "seq_len": SEQ}, "loss": "chunked", "implementation": "litgpt"})
+    e = estimate(sc, what_fits=False, timing=False)
+    layer = "gpt_neox.layers.1" if arch == "neox" else "model.layers.1"
+    return e.activations_by_layer[layer], e.n_trainable_params
+
+
+@pytest.mark.parametrize("case", list(ADAPTER_MEASURED), ids=lambda c: f"{c[0]}-kv{c[1]}-{'v2' if c[2] else 'v1'}")
+def test_engine_equals_the_litgpt_adapter_block(case):
+    arch, kv, v2 = case
+    saved, trainable = ADAPTER_MEASURED[case]
+    # V1 leaves the blocks' inputs without grad, so no LayerNorm of an adapted block saves anything
+    cpu_ln = _cpu_layernorm_bytes(arch) if v2 else 0
+    assert _engine_adapter(arch, kv, v2) == (saved + cpu_ln, trainable)
+
+
+@pytest.fixture(scope="module")
+def litgpt_adapters(litgpt_lora):
+    torch, _ = litgpt_lora
+    import litgpt.adapter as adapter  # noqa: PLC0415
+    import litgpt.adapter_v2 as adapter_v2  # noqa: PLC0415
+    return torch, adapter, adapter_v2
+
+
+@pytest.mark.parametrize("case", list(ADAPTER_MEASURED), ids=lambda c: f"{c[0]}-kv{c[1]}-{'v2' if c[2] else 'v1'}")
+def test_litgpt_adapter_saves_what_was_measured(litgpt_adapters, case):
+    torch, adapter, adapter_v2 = litgpt_adapters
+    arch, kv, v2 = case
+    mod = adapter_v2 if v2 else adapter
+    if arch == "llama":
+        kw = dict(bias=False, norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP", intermediate_size=128,
+                  rotary_percentage=1.0, parallel_residual=False)
+    else:
+        kw = dict(bias=True, norm_class_name="LayerNorm", mlp_class_name="GptNeoxMLP", intermediate_size=256,
+                  rotary_percentage=0.25, parallel_residual=True, shared_attention_norm=False)
+    cfg = mod.Config(n_layer=2, n_embd=64, n_head=4, n_query_groups=kv, padded_vocab_size=1024, vocab_size=1024,
+                     block_size=SEQ, adapter_prompt_length=10, adapter_start_layer=1, **kw)
+    torch.manual_seed(0)
+    model = mod.GPT(cfg).to(torch.bfloat16)
+    (adapter_v2.mark_only_adapter_v2_as_trainable if v2 else adapter.mark_only_adapter_as_trainable)(model)
+    model.train()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert (_saved_in_block(torch, model), trainable) == ADAPTER_MEASURED[case]

@@ -51,7 +51,8 @@ BIG_MODELS = [m for m in ("llama-3.1-405b", "gpt3-175b", "mixtral-8x22b", "falco
               if m in ALL_MODELS]
 DEVICES = list_devices()
 
-METHOD_KINDS = ["full", "freeze", "lora", "dora", "qlora", "ia3", "prefix", "prompt", "bitfit", "adapter"]
+METHOD_KINDS = ["full", "freeze", "lora", "dora", "qlora", "ia3", "prefix", "prompt", "bitfit", "adapter",
+                "llama-adapter"]
 PRECISIONS = ["fp32", "bf16-amp", "fp16-amp", "bf16", "fp16", "fp8"]
 OPTIMIZERS = ["adamw", "adam", "sgd", "sgd-momentum", "adafactor", "lion", "adamw-8bit", "paged-adamw-8bit",
               "paged-adamw-32bit"]
@@ -195,6 +196,12 @@ def method_dict(draw, targets: tuple[str, ...], kind: str | None, junk: bool) ->
             opt("compute_dtype", lambda: _choice(draw, ["bf16", "fp16", "fp32"], junk))
             opt("group_size", lambda: _int(draw, 1, 1024, junk))
             opt("blocksize", lambda: _int(draw, 1, 4096, junk))
+    elif kind == "llama-adapter":
+        opt("prompt_length", lambda: _int(draw, 1, 64, junk))
+        opt("start_layer", lambda: draw(st.integers(-1, 40)) if junk else draw(st.integers(0, 40)))
+        opt("v2", lambda: draw(st.booleans()))
+        opt("quant", lambda: _choice(draw, ["none", "nf4", "fp4", "int8"], junk, bad=("gptq",)))
+        opt("double_quant", lambda: draw(st.booleans()))
     elif kind == "freeze":
         opt("n_trainable_layers", lambda: draw(st.integers(-1, 130)) if junk else draw(st.integers(0, 130)))
         opt("which", lambda: _choice(draw, ["last", "first"], junk))

@@ -10,7 +10,7 @@ import pytest
 
 from simulator import estimate
 from simulator.config.parallel import Parallel
-from validate.published import memory_unit, predict_record, predict_records, record_to_scenario
+from validate.published import Unsupported, memory_unit, predict_record, predict_records, record_to_scenario
 from validate.score import group_of, quantile, score
 
 PUBLIC = Path(__file__).parents[2].parent / "shared/published/public.jsonl"
@@ -594,3 +594,18 @@ def test_litgpt_adapts_parts_of_a_fused_qkv_projection():
     # the same targets under transformers stay PEFT's whole-module adapter
     hf = record_to_scenario(_record(model=r["scenario"]["model"], lora=r["scenario"]["lora"], framework="other"), [])
     assert hf.method.qkv_parts == ["q", "k", "v"]
+
+
+def test_litgpt_adapter_records_run_llama_adapter():
+    """litgpt's finetune/adapter.py and adapter_v2.py rows are LLaMA-Adapter (V2) with litgpt's defaults, over a
+    bitsandbytes base when quantized -- one that kept each 4-bit matmul's input in a 2023 source."""
+    v1 = record_to_scenario(_record(method="adapter", lora=None), [])
+    assert v1.method.kind == "llama-adapter" and not v1.method.v2
+    assert (v1.method.prompt_length, v1.method.start_layer) == (10, 2)
+    r = _record(method="adapter_v2", lora=None, weight_quant="nf4", double_quant=True)
+    r["source"] = {"name": "litgpt resource tables", "where": "tutorials/resource-tables.md, 10/20/2023"}
+    v2 = record_to_scenario(r, [])
+    assert v2.method.v2 and v2.method.quant == "nf4" and v2.method.double_quant and v2.method.bnb_keeps_input
+    # elsewhere 'adapter' names no setup the records describe (bottleneck width, placement): unsupported
+    with pytest.raises(Unsupported):
+        record_to_scenario(_record(method="adapter", lora=None, framework="other"), [])
