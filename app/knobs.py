@@ -83,6 +83,7 @@ SHOWN_WHEN: dict[str, tuple[str, tuple[Any, ...]]] = {
     "parallel.pp_virtual": ("parallel.pp_schedule", ("interleaved",)),
     "parallel.fsdp_version": ("parallel.fsdp", ("full_shard", "shard_grad_op", "hybrid_shard", "no_shard")),
     "parallel.reshard_after_forward": ("parallel.fsdp", ("full_shard", "hybrid_shard")),
+    "parallel.fsdp_embedding_units": ("parallel.fsdp", ("full_shard", "hybrid_shard")),
     "parallel.fsdp_no_sync": ("parallel.fsdp", ("full_shard", "shard_grad_op", "hybrid_shard")),
     "parallel.fsdp1_mixed_units": ("parallel.fsdp_version", (1,)),
     "parallel.ddp_bucket_MiB": ("parallel.zero", (ZeroStage.NONE,)),

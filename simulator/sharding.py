@@ -87,10 +87,16 @@ class RankParams:
     block_units: tuple[tuple[float, float, float], ...] = ()
     root_dense_numel: float = 0.0
     root_quant_bytes: float = 0.0
+    embedding_unit_numels: tuple[float, ...] = ()  # the input embedding and output projection matrices (dense)
     blocks_dense_numel: float = 0.0
     blocks_quant_bytes: float = 0.0
     n_blocks: int = 0
     mixed_unit_frozen_bytes: float = 0.0  # frozen dense weights in units (blocks, root) that also hold trainable ones
+
+
+def arch_vocab(ct: CostTable) -> int:
+    """Rows of the embedding matrix (what the output projection maps to)."""
+    return ct.arch.vocab
 
 
 def rank_params(ct: CostTable, par: Parallel, stage: int = 0) -> RankParams:
@@ -112,6 +118,7 @@ def _rank_params(ct: CostTable, par: Parallel, stage: int) -> RankParams:
     per_variant: dict[tuple[int, ...], float] = {}  # one block's parameters, per block variant on the stage
     unit_split: dict[tuple[int, ...], list[float]] = {}  # per block variant: dense numel, quantized bytes, trainable
     root_dense = root_quant = blocks_dense = blocks_quant = 0.0
+    embed_units: list[float] = []
     unit_frozen: dict[object, float] = {}  # frozen dense bytes per FSDP unit kind (a block variant, or the root)
     unit_trains: set[object] = set()  # unit kinds holding a trainable parameter
     thr = par.stage3_param_persistence_threshold
@@ -152,13 +159,16 @@ def _rank_params(ct: CostTable, par: Parallel, stage: int) -> RankParams:
             root += numel * count
             root_dense += dense_n * count
             root_quant += quant_b * count
+            if len(row.shape) == 2 and arch_vocab(ct) in row.shape and not row.quantized:
+                embed_units.append(numel)  # the embedding matrix or the output projection (vocab x hidden)
     return RankParams(
         frozen_bytes=frozen, quant_bytes=quant, scale_bytes=scales, trainable_numel=tn, trainable_bytes=tb,
         groups=tuple((n, d, s, c) for (n, d, s), c in groups.items()), n_trainable_tensors=sum(groups.values()),
         largest_trainable_bytes=largest, small_bytes=small_b,
         largest_block_numel=max(per_variant.values(), default=0.0), root_numel=root, blocks_numel=blocks,
         n_blocks=len(layers), block_units=tuple(tuple(u) for u in unit_split.values()),
-        root_dense_numel=root_dense, root_quant_bytes=root_quant, blocks_dense_numel=blocks_dense,
+        root_dense_numel=root_dense, root_quant_bytes=root_quant, embedding_unit_numels=tuple(embed_units),
+        blocks_dense_numel=blocks_dense,
         blocks_quant_bytes=blocks_quant,
         mixed_unit_frozen_bytes=sum(b for u, b in unit_frozen.items() if u in unit_trains),
     )
@@ -300,7 +310,13 @@ def model_state_bytes(rp: RankParams, par: Parallel, optimizer_name: str, optimi
             gathered_grads = block_grad_numel * cdt
         else:
             keep = lambda x: x / N  # noqa: E731
-            if par.reshard_after_forward:
+            if par.reshard_after_forward and par.fsdp_embedding_units and rp.embedding_unit_numels:
+                # the embedding and the output projection are units of their own: gathered while they run (the
+                # output's beside the last block, prefetched) and the root keeps only what is left (final norm)
+                emb = max(rp.embedding_unit_numels) * cdt
+                rest = root_gather - sum(rp.embedding_unit_numels) * cdt
+                gathered = rest + max(2.0 * block_gather, emb + block_gather)
+            elif par.reshard_after_forward:
                 # FSDP: the root unit (embeddings, norm, head) stays gathered through the step; one block
                 # unit computing and the next one prefetched
                 gathered = root_gather + 2.0 * block_gather

@@ -52,6 +52,10 @@ class Parallel(Strict):
     """FSDP1 (FlatParameter, record_stream) or FSDP2 (fully_shard, per-parameter dim-0 sharding)."""
     reshard_after_forward: bool = True
     """FSDP: free the gathered parameters of a unit after its forward (re-gathered in backward)."""
+    fsdp_embedding_units: bool = False
+    """FSDP: the input embeddings and the output projection are units of their own, gathered only while they run
+    (torchtune's ``custom_sharded_layers: ['tok_embeddings', 'output']``), instead of staying gathered with the
+    root unit through the step."""
     fsdp_no_sync: bool = False
     """FSDP: gradient accumulation skips the reduce-scatter on every micro-batch but the last (FSDP1 ``no_sync()``,
     FSDP2 ``set_requires_gradient_sync(False)``; HF Accelerate / Trainer and Lightning Fabric's

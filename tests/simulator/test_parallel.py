@@ -322,3 +322,19 @@ def test_sharded_qlora_gathers_the_packed_weights_and_reduces_only_adapter_gradi
     rpf = sh.rank_params(cost_table_for(full), full.parallel)
     msf = sh.model_state_bytes(rpf, full.parallel, "adamw", "foreach", True, "fp32", "bf16", 8)
     assert msf.gathered_grad_bytes == rpf.largest_block_numel * 4
+
+
+def test_fsdp_embedding_units_are_gathered_only_while_they_run():
+    """torchtune's custom_sharded_layers: the embedding and the output projection are FSDP units of their own, so
+    the root keeps only the final norm gathered, and the peak holds two blocks or the output beside a block --
+    Llama-3.1-8B: 128256 x 4096 per matrix, 218M parameters per block, in bf16."""
+    base = {"dp": 8, "fsdp": "full_shard"}
+    sc = _sc(base, model="llama-3.1-8b")
+    own = _sc({**base, "fsdp_embedding_units": True}, model="llama-3.1-8b")
+    rp = sh.rank_params(cost_table_for(sc), sc.parallel)
+    args = ("adamw", "foreach", True, "fp32", "bf16", 8)
+    block = rp.largest_block_numel * 2
+    emb = 128256 * 4096 * 2
+    assert sorted(rp.embedding_unit_numels) == [128256 * 4096] * 2
+    assert sh.model_state_bytes(rp, sc.parallel, *args).gathered_bytes == (2 * 128256 * 4096 + 4096) * 2 + 2 * block
+    assert sh.model_state_bytes(rp, own.parallel, *args).gathered_bytes == 4096 * 2 + max(2 * block, emb + block)

@@ -609,3 +609,14 @@ def test_litgpt_adapter_records_run_llama_adapter():
     # elsewhere 'adapter' names no setup the records describe (bottleneck width, placement): unsupported
     with pytest.raises(Unsupported):
         record_to_scenario(_record(method="adapter", lora=None, framework="other"), [])
+
+
+def test_torchtune_custom_sharded_layers_make_embedding_units():
+    """A torchtune record whose config shards tok_embeddings and output on their own (custom_sharded_layers) runs
+    with fsdp_embedding_units; without that note the embeddings stay in the root unit."""
+    rec = next(r for r in _public() if r["id"] == "torchtune-2411-011")
+    assert "custom sharded" in rec["notes"]
+    assert record_to_scenario(rec, []).parallel.fsdp_embedding_units
+    plain = copy.deepcopy(rec)
+    plain["notes"] = rec["notes"].replace("custom sharded", "")
+    assert not record_to_scenario(plain, []).parallel.fsdp_embedding_units
