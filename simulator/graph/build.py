@@ -1042,7 +1042,7 @@ class ModelBuilder(Builder):
             # torchtune's CEWithChunkedOutputLoss with ``compute_cross_entropy`` under torch.compile: per chunk,
             # inductor's partitioner saves the 16-bit logits chunk (the model's output, already live), the
             # labels and two per-row fp32 reductions (max and logsumexp) and recomputes the softmax in
-            # backward -- no fp32 log-softmax is kept (checked on CPU: tests/simulator/test_compiled_loss.py)
+            # backward -- no fp32 log-softmax is kept (checked on CPU: tests/exact/test_compiled_loss.py)
             labels = tr.new("", Poly.tok(1), "int64", False)
             row_max = tr.new("", Poly.tok(1), "fp32", False)
             row_lse = tr.new("", Poly.tok(1), "fp32", False)
