@@ -332,15 +332,19 @@ def _ordered(names: Iterable[str]) -> list[str]:
 
 @cache
 def _method_key_names() -> dict[tuple[str, str], str]:
-    """(kind, field) -> state key: ``method.<field>`` for the methods that type the field as the first
-    method having it does (LoRA, DoRA and QLoRA share the rank and the targets), ``method.<kind>.<field>``
-    for a method that types it differently (IA3's targets cannot be 'all-linear')."""
-    first: dict[str, str] = {}  # field name -> the annotation of the first method that has it
+    """(kind, field) -> state key: ``method.<field>`` for the methods that type and default the field as the
+    first method having it does (LoRA, DoRA and QLoRA share the rank and the targets), ``method.<kind>.<field>``
+    for a method that types it differently (IA3's targets cannot be 'all-linear') or defaults it differently
+    (SHiRA's r is 32, LoRA's 8)."""
+    def sig(info) -> str:
+        return repr(info.annotation) + "|" + repr(info.get_default(call_default_factory=True))
+
+    first: dict[str, str] = {}  # field name -> the annotation and default of the first method that has it
     for cls in method_classes().values():
         for name, info in cls.model_fields.items():
-            first.setdefault(name, repr(info.annotation))
+            first.setdefault(name, sig(info))
     return {
-        (kind, name): f"method.{name}" if repr(info.annotation) == first[name] else f"method.{kind}.{name}"
+        (kind, name): f"method.{name}" if sig(info) == first[name] else f"method.{kind}.{name}"
         for kind, cls in method_classes().items()
         for name, info in cls.model_fields.items()
         if name != "kind"

@@ -203,6 +203,11 @@ class _SavedTensorRecorder:
         self._alive: list[torch.Tensor] = []
 
     def record(self, t: torch.Tensor, where: str | None = None) -> None:
+        if t.layout == torch.sparse_coo and t.device.type != "meta":
+            # a sparse COO operand (PEFT SHiRA's delta): its index and value storages
+            self.record(t._indices(), where)
+            self.record(t._values(), where)
+            return
         if t.layout != torch.strided or t.device.type == "meta":
             return
         key = _storage_key(t)

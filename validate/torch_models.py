@@ -49,6 +49,7 @@ from simulator.config import (
     PromptTuning,
     QLoRA,
     Scenario,
+    Shira,
 )
 
 __all__ = [
@@ -607,6 +608,15 @@ def _lora(model: nn.Module, arch: ModelArch, method: LoRA | DoRA) -> nn.Module:
     return peft_model
 
 
+def _shira(model: nn.Module, arch: ModelArch, method: Shira) -> nn.Module:
+    from peft import ShiraConfig, get_peft_model
+
+    cfg = ShiraConfig(r=method.r, target_modules=method.targets, random_seed=0,
+                      modules_to_save=list(method.modules_to_save) or None, task_type=_task_type(arch),
+                      fan_in_fan_out=arch.family == "gpt2")
+    return get_peft_model(model, cfg)
+
+
 def _ia3(model: nn.Module, arch: ModelArch, method: IA3) -> nn.Module:
     from peft import IA3Config, get_peft_model
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FF
@@ -708,6 +718,8 @@ def _apply_method(model: nn.Module, scenario: Scenario, dtype: torch.dtype, devi
         return _lora(model, arch, m)
     if isinstance(m, IA3):
         return _ia3(model, arch, m)
+    if isinstance(m, Shira):
+        return _shira(model, arch, m)
     if isinstance(m, (PrefixTuning, PromptTuning)):
         return _prompt_learning(model, arch, m)
     raise NotImplementedError(f"method.kind={m.kind!r}: no CPU truth builder")

@@ -143,6 +143,27 @@ class Adapter(Strict):
     """Two adapters per block (houlsby) or one (pfeiffer)."""
 
 
+class Shira(Strict):
+    """Sparse fine-tuning as PEFT's SHiRA (Sparse High Rank Adapters, ``ShiraConfig``): in each targeted linear a
+    fixed random set of r x (in + out) weight entries trains -- as many as a rank-r LoRA, spread over the whole
+    matrix.  Every forward adds them (a sparse COO tensor) to a dense clone of the frozen weight, so the clone is
+    kept for backward and the weight's gradient is computed densely before it is reduced to the entries."""
+
+    kind: Literal["shira"] = "shira"
+    r: int = Field(default=32, gt=0)
+    """Trainable entries per targeted matrix, as r x (in_features + out_features) (PEFT ``r``)."""
+    targets: list[str] | Literal["all-linear"] | None = None
+    """Module names to adapt, or 'all-linear'; None = PEFT's default for the family (as LoRA's)."""
+    modules_to_save: list[str] = Field(default_factory=list)
+    """Modules trained in full beside the sparse entries."""
+
+    @model_validator(mode="after")
+    def _targets_nonempty(self):
+        if isinstance(self.targets, list) and not self.targets:
+            raise ValueError("targets: empty list; name at least one module or use 'all-linear'")
+        return self
+
+
 class LlamaAdapter(Strict):
     """LLaMA-Adapter (Zhang et al., arXiv 2303.16199) as litgpt implements it (``litgpt/adapter.py``): from block
     ``start_layer`` on, a learned prompt of ``prompt_length`` vectors is projected through the frozen q/k/v
@@ -166,8 +187,8 @@ class LlamaAdapter(Strict):
 
 
 Method = Annotated[
-    Union[Full, Freeze, LoRA, DoRA, QLoRA, IA3, PrefixTuning, PromptTuning, BitFit, Adapter, LlamaAdapter],
+    Union[Full, Freeze, LoRA, DoRA, QLoRA, IA3, PrefixTuning, PromptTuning, BitFit, Adapter, LlamaAdapter, Shira],
     Field(discriminator="kind"),
 ]
 METHOD_KINDS = ("full", "freeze", "lora", "dora", "qlora", "ia3", "prefix", "prompt", "bitfit", "adapter",
-                "llama-adapter")
+                "llama-adapter", "shira")

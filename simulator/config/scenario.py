@@ -155,6 +155,26 @@ class Scenario(Strict):
             raise ValueError(
                 f"method.n_trainable_layers={m.n_trainable_layers} exceeds the model's n_layers={arch.n_layers}"
             )
+        if m.kind == "shira":
+            from ..graph.build import linear_shapes, matching_shapes, target_names
+            from ..graph.transforms import LORA_DEFAULTS
+
+            known = target_names(arch, embeddings=False)
+            asked = m.targets
+            if isinstance(asked, list):
+                missing = [t for t in asked if t not in known]
+                if missing:
+                    raise ValueError(f"method.targets: {missing} not in model {arch.name!r}; allowed: "
+                                     f"{', '.join(sorted(known))}, all-linear")
+            names = (asked if isinstance(asked, list)
+                     else [k for k in linear_shapes(arch) if not k.endswith("lm_head")] if asked == "all-linear"
+                     else list(LORA_DEFAULTS.get(arch.family, ("q_proj", "v_proj"))))
+            for name in names:
+                for i, o in matching_shapes(arch, name):
+                    if m.r * (i + o) > i * o:
+                        raise ValueError(
+                            f"method.r={m.r}: {name} ({o} x {i}) would train r x (in + out) = {m.r * (i + o)} "
+                            f"entries, more than its {i * o}; allowed: r <= {i * o // (i + o)}")
         if isinstance(m, (_LoRABase, IA3)):
             from ..graph.build import target_names
 

@@ -155,6 +155,29 @@ def target_names(arch: ModelArch, *, embeddings: bool = True) -> frozenset[str]:
     return frozenset(leaves | {x for x in out if x})
 
 
+@functools.cache
+def linear_shapes(arch: ModelArch) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of the model's linear layers (attention, MLP, head) by their path inside a
+    block (``self_attn.q_proj``, ``attention.output.dense``); match targets with :func:`matching_shapes`."""
+    n = names_of(arch)
+    H, qd, kvd, inter = arch.hidden, arch.q_dim, arch.kv_dim, arch.intermediate
+    out = {n.o: (qd, H), n.lm_head: (H, arch.vocab)}
+    if n.qkv:
+        out[n.qkv] = (H, qd + 2 * kvd)
+    else:
+        out.update({n.q: (H, qd), n.k: (H, kvd), n.v: (H, kvd)})
+    if arch.moe is None:
+        if n.gate:
+            out[n.gate] = (H, inter)
+        out.update({n.up: (H, inter), n.down: (inter, H)})
+    return {k: v for k, v in out.items() if k}
+
+
+def matching_shapes(arch: ModelArch, target: str) -> list[tuple[int, int]]:
+    """The shapes of the linear layers a PEFT target names (its leaf or a dotted suffix of the path)."""
+    return [v for k, v in linear_shapes(arch).items() if k == target or k.endswith("." + target)]
+
+
 # ---------------------------------------------------------------------------------------------
 # Quantized weight storage
 # ---------------------------------------------------------------------------------------------
@@ -293,7 +316,7 @@ class Builder:
 
     # -- linear with its adapters ---------------------------------------------------------
     def linear(self, path: str, x: Tensor, in_f: int, out_f: int, *, bias: bool, trainable: bool,
-               quantizable: bool = True, lora: bool = True) -> Tensor:
+               quantizable: bool = True, adapters: bool = True) -> Tensor:
         pl = self.plan
         leaf = _leaf(path)
         saved = pl.saved_module(leaf)
@@ -308,15 +331,39 @@ class Builder:
             x = self._ia3_scale(path, x, in_f, True)
         if quant != "dense":
             out = self._quant_matmul(path, x, w, in_f, out_f, b, quant)
+        elif adapters and pl.shira_on(path):
+            out = self._shira(path, x, w, in_f, out_f, b)
         else:
             out = self.tr.matmul(path, x, w, in_f, out_f, bias=b)
         if ia3 == "out":
             out = self._ia3_scale(path, out, out_f, False)
-        if lora and pl.lora_on(path) and pl.training:
+        if adapters and pl.lora_on(path) and pl.training:
             out = self._lora(path, x, out, in_f, out_f, w, quant)
         if pl.adapter_v2:
             out = self._adapter_v2(path, out, out_f)
         return out
+
+    def _shira(self, path: str, x: Tensor, w: Tensor, in_f: int, out_f: int, b: Tensor | None) -> Tensor:
+        """PEFT SHiRA ``Linear.forward``: ``new_weight = base_weight.clone()``, ``new_weight +=
+        sparse_coo_tensor(indices, shira_weight * scaling)`` (int64 indices; the in-place add keeps the sparse
+        operand for its masked gradient), ``F.linear(x, new_weight, bias)``, which keeps x and the dense clone.
+        The r x (in + out) entries are fp32 (PEFT's autocast_adapter_dtype), their int32 indices a device buffer;
+        the backward forms the dense weight gradient before masking it to the entries."""
+        tr = self.tr
+        r = self.plan.shira.r
+        k = r * (in_f + out_f)
+        if k > in_f * out_f:
+            raise ValueError(f"method.r={r}: {path} ({out_f} x {in_f}) would train r x (in + out) = {k} entries, more "
+                             f"than its {in_f * out_f}; allowed: r <= {in_f * out_f // (in_f + out_f)} for it")
+        vals = self.weight(f"{path}.shira_weight", k, True, dtype="fp32")
+        self.tr.param(Param(f"{path}.shira_indices", 2 * k, "int32", False, "dense", 2 * k * 4.0, 0.0, None,
+                            (2, k), False, True))
+        scaled = tr.new(path, Poly.const(k), vals.dtype, True)
+        idx = tr.new(path, Poly.const(2 * k), "int64", False)
+        new_w = tr.new(path, Poly.const(in_f * out_f), w.dtype, True)
+        tr.save(path, idx, scaled)
+        tr.transient(path, new_w.nbytes)
+        return tr.matmul(path, x, new_w, in_f, out_f, bias=b)
 
     def _adapter_v2(self, path: str, out: Tensor, out_f: int) -> Tensor:
         """litgpt ``AdapterV2Linear``: ``adapter_scale * (linear(x) + adapter_bias)``; the product keeps the sum for
@@ -637,7 +684,7 @@ class ModelBuilder(Builder):
         elif n.qkv and names is None:
             fused = f"{L}.{n.qkv}"
             litgpt = litgpt_qkv and pl.training and pl.lora_on(fused)
-            qkv = self.linear(fused, h, H, qd + 2 * kvd, bias=arch.qkv_bias, trainable=train, lora=not litgpt)
+            qkv = self.linear(fused, h, H, qd + 2 * kvd, bias=arch.qkv_bias, trainable=train, adapters=not litgpt)
             if litgpt:  # litgpt's LoRAQKVLinear on the fused projection, over the parts it names
                 widths = {"q": qd, "k": kvd, "v": kvd}
                 enabled = [(f"{n.qkv}.{p}", widths[p]) for p in ("q", "k", "v") if p in pl.lora.qkv_parts]
@@ -716,7 +763,7 @@ class ModelBuilder(Builder):
         arch, n, tr, pl = self.arch, self.n, self.tr, self.plan
         H, qd, kvd = arch.hidden, arch.q_dim, arch.kv_dim
         parts = ((n.q, qd), (n.k, kvd), (n.v, kvd))
-        base = [self.linear(f"{L}.{name}", h, H, out_f, bias=arch.qkv_bias, trainable=train, lora=False)
+        base = [self.linear(f"{L}.{name}", h, H, out_f, bias=arch.qkv_bias, trainable=train, adapters=False)
                 for name, out_f in parts]
         rg = any(t.requires_grad for t in base)
         qkv = tr.new(f"{L}.{n.q}", Poly.tok(qd + 2 * kvd), base[0].dtype, rg)
@@ -782,7 +829,8 @@ class ModelBuilder(Builder):
         arch, tr, moe = self.arch, self.tr, self.arch.moe
         H, ei, E, k = arch.hidden, arch.expert_intermediate, moe.n_experts, moe.top_k
         R = x.numel * (k / H)  # routed rows (tokens x top_k)
-        logits = self.linear(f"{L}.mlp.gate", x, H, E, bias=False, trainable=train, quantizable=False)
+        # the router is a bare weight (transformers 5's MixtralTopKRouter), no nn.Linear: no adapter targets it
+        logits = self.linear(f"{L}.mlp.gate", x, H, E, bias=False, trainable=train, quantizable=False, adapters=False)
         G = f"{L}.mlp.gate"
         probs = tr.new(G, logits.numel, "fp32", logits.requires_grad)
         topi = tr.new(G, R, "int64", False)

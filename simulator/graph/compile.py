@@ -320,7 +320,7 @@ def compile_trace(mt: ModelTrace) -> CostTable:
     for p, count in _params(traces):
         if p.tied_to is not None:
             continue
-        n_params += p.numel * count
+        n_params += 0 if p.buffer else p.numel * count
         if p.storage != "dense":
             qdata += (p.storage_bytes - p.scale_bytes) * count
             qscale += p.scale_bytes * count

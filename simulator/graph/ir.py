@@ -125,6 +125,7 @@ class Param:
     tied_to: str | None = None  # shares storage with another parameter
     shape: tuple[int, ...] = ()  # 2-D shape of matrices (factored optimizers need it)
     linear: bool = False  # the weight of an nn.Linear (what GaLore projects)
+    buffer: bool = False  # device-resident but not an nn.Parameter (no parameter count): e.g. SHiRA's indices
 
 
 @dataclass

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import Scenario
-from ..config.methods import IA3, Adapter, BitFit, Freeze, Full, LlamaAdapter, PrefixTuning, PromptTuning, QLoRA, _LoRABase
+from ..config.methods import IA3, Adapter, BitFit, Freeze, Full, LlamaAdapter, PrefixTuning, PromptTuning, QLoRA, Shira, _LoRABase
 from ..config.model import ModelArch
 
 # PEFT's LoRA defaults (peft/utils/constants.py TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
@@ -77,7 +77,7 @@ def precision_of(name: str) -> Precision:
 
 # Methods that freeze the whole base and train small add-ons: under AMP the base is loaded in the
 # 16-bit dtype (no fp32 master copy is needed for weights that never update), the add-ons in fp32.
-ADDON_METHODS = frozenset({"lora", "dora", "qlora", "ia3", "prefix", "prompt", "adapter", "llama-adapter"})
+ADDON_METHODS = frozenset({"lora", "dora", "qlora", "ia3", "prefix", "prompt", "adapter", "llama-adapter", "shira"})
 
 
 @dataclass(frozen=True)
@@ -111,6 +111,16 @@ class Plan:
     implementation: str = "transformers"
     offload_checkpoints: bool = False  # checkpointed block inputs live in host memory
     llama_adapter: Any = None  # LlamaAdapter settings (litgpt's adaption prompts), or None
+    shira: Any = None  # Shira settings (PEFT's sparse entries), or None
+    shira_targets: frozenset[str] | None = None  # None = all-linear
+
+    def shira_on(self, path: str) -> bool:
+        """PEFT target matching for SHiRA (as :meth:`lora_on`)."""
+        if self.shira is None or not self.training:
+            return False
+        if self.shira_targets is None:
+            return path.rsplit(".", 1)[-1] != "lm_head" and not path.endswith("predictions.decoder")
+        return _matches(path, self.shira_targets)
 
     def llama_adapter_on(self, i: int) -> bool:
         """Block ``i`` attends to an adaption prompt."""
@@ -176,6 +186,11 @@ def plan_of(sc: Scenario) -> Plan:
         asked = lora.targets if lora.targets is not None else LORA_DEFAULTS.get(arch.family, ("q_proj", "v_proj"))
         targets = None if asked == "all-linear" else frozenset(asked)
         mts = frozenset(lora.modules_to_save)
+    shira_t: frozenset[str] | None = None
+    if isinstance(m, Shira):
+        asked_s = m.targets if m.targets is not None else LORA_DEFAULTS.get(arch.family, ("q_proj", "v_proj"))
+        shira_t = None if asked_s == "all-linear" else frozenset(asked_s)
+        mts = frozenset(m.modules_to_save)
     ia3_t: frozenset[str] = frozenset()
     ia3_ff: frozenset[str] = frozenset()
     if isinstance(m, IA3):
@@ -207,6 +222,8 @@ def plan_of(sc: Scenario) -> Plan:
         lora=lora,
         lora_targets=targets,
         adapter_dtype="fp32" if lora is None else ("fp32" if lora.adapter_dtype == "fp32" else prec.param_dtype),
+        shira=m if isinstance(m, Shira) else None,
+        shira_targets=shira_t,
         ia3_targets=ia3_t,
         ia3_feedforward=ia3_ff,
         adapter=m if isinstance(m, Adapter) else None,

@@ -127,3 +127,16 @@ def test_not_fitting_cli_exit_codes():
     argv = ["estimate", "--model", "llama-3.1-70b", "--gpu", "l4-24gb", "--method", "full"]
     assert cli(argv)[0] == 0
     assert cli(argv + ["--fail-if-no-fit"])[0] == 1
+
+
+def test_shira_rank_beyond_a_matrix_is_a_clear_error():
+    """PEFT refuses a SHiRA rank whose r x (in + out) entries outnumber a targeted matrix: so does the scenario,
+    naming the field, the module and the largest rank it takes (2048 -> 512 k_proj: 409)."""
+    with pytest.raises(ValidationError) as info:
+        Scenario.model_validate({"model": "llama-3.2-1b", "method": {"kind": "shira", "r": 600, "targets": ["k_proj"]}})
+    msg = str(info.value)
+    assert "method.r=600" in msg and "k_proj" in msg and "r <= 409" in msg
+    code, out, err = cli(["estimate", "--model", "llama-3.2-1b", "--method", "shira", "--r", "600", "--targets", "k_proj"])
+    assert code == 2 and "method.r=600" in err and "Traceback" not in err
+    # the same rank on the larger q_proj alone is fine (2048 x 2048: up to 1024)
+    assert Scenario.model_validate({"model": "llama-3.2-1b", "method": {"kind": "shira", "r": 600, "targets": ["q_proj"]}})
