@@ -343,7 +343,8 @@ class Builder:
             out = self._adapter_v2(path, out, out_f)
         return out
 
-    def _shira(self, path: str, x: Tensor, w: Tensor, in_f: int, out_f: int, b: Tensor | None) -> Tensor:
+    def _shira(self, path: str, x: Tensor, w: Tensor, in_f: int, out_f: int, b: Tensor | None,
+               op: str = "linear") -> Tensor:
         """PEFT SHiRA ``Linear.forward``: ``new_weight = base_weight.clone()``, ``new_weight +=
         sparse_coo_tensor(indices, shira_weight * scaling)`` (int64 indices; the in-place add keeps the sparse
         operand for its masked gradient), ``F.linear(x, new_weight, bias)``, which keeps x and the dense clone.
@@ -363,7 +364,7 @@ class Builder:
         new_w = tr.new(path, Poly.const(in_f * out_f), w.dtype, True)
         tr.save(path, idx, scaled)
         tr.transient(path, new_w.nbytes)
-        return tr.matmul(path, x, new_w, in_f, out_f, bias=b)
+        return tr.matmul(path, x, new_w, in_f, out_f, bias=b, op=op)
 
     def _adapter_v2(self, path: str, out: Tensor, out_f: int) -> Tensor:
         """litgpt ``AdapterV2Linear``: ``adapter_scale * (linear(x) + adapter_bias)``; the product keeps the sum for
@@ -678,7 +679,8 @@ class ModelBuilder(Builder):
         H, qd, kvd, d = arch.hidden, arch.q_dim, arch.kv_dim, arch.d_head
         qn, kn, vn, on = names or (n.q, n.k, n.v, n.o)
         dora = pl.lora is not None and (pl.lora.kind == "dora" or getattr(pl.lora, "use_dora", False))
-        litgpt_qkv = pl.implementation == "litgpt" and not dora  # litgpt has no DoRA: PEFT's per-module layers then
+        # litgpt has no DoRA or SHiRA: PEFT's per-module layers then
+        litgpt_qkv = pl.implementation == "litgpt" and not dora and pl.shira is None
         if litgpt_qkv and names is None and cross_kv is None and not n.qkv:
             q, k, v = self._litgpt_qkv(L, h, train)
         elif n.qkv and names is None:
@@ -1071,7 +1073,10 @@ class ModelBuilder(Builder):
         ia3 = pl.ia3_on(n.lm_head) if pl.training else None
         if ia3 == "in":
             x = self._ia3_scale(n.lm_head, x, H, True)
-        logits = self.tr.matmul(n.lm_head, x, w, H, V, bias=b, op="lm_head")
+        if pl.shira_on(n.lm_head):
+            logits = self._shira(n.lm_head, x, w, H, V, b, op="lm_head")
+        else:
+            logits = self.tr.matmul(n.lm_head, x, w, H, V, bias=b, op="lm_head")
         if ia3 == "out":
             logits = self._ia3_scale(n.lm_head, logits, V, False)
         if self.plan.lora_on(n.lm_head) and pl.training:

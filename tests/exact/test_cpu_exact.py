@@ -89,6 +89,7 @@ CASES = [
     ("llama", "fp32", "sdpa-flash", {"kind": "shira", "r": 4, "targets": "all-linear"}, "none"),
     ("llama", "bf16-amp", "sdpa-flash", {"kind": "shira", "r": 4, "targets": ["q_proj", "down_proj"]}, "none"),
     ("llama", "bf16", "sdpa-flash", {"kind": "shira", "r": 4}, "full"),
+    ("llama", "bf16", "sdpa-flash", {"kind": "shira", "r": 4, "targets": ["q_proj", "lm_head"]}, "none"),
     ("llama", "bf16", "sdpa-flash", {"kind": "adapter", "bottleneck": 8}, "none"),
     ("llama", "fp32", "sdpa-flash", {"kind": "adapter", "bottleneck": 8, "placement": "pfeiffer"}, "none"),
     ("llama", "bf16-amp", "sdpa-flash", {"kind": "adapter", "bottleneck": 8}, "none"),

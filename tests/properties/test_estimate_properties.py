@@ -577,10 +577,10 @@ def test_activations_and_peak_grow_with_micro_batch(d, extra):
 
 
 @settings(max_examples=scaled(200), **FAST)
-@given(st.sampled_from(["lora", "dora", "qlora"]).flatmap(
+@given(st.sampled_from(["lora", "dora", "qlora", "shira"]).flatmap(
     lambda k: scenario_dicts(junk=False, task="train", kind=k)), st.integers(1, 256))
 def test_lora_trainable_params_strictly_grow_with_r(d, extra):
-    r1 = d["method"].get("r", 8)
+    r1 = d["method"].get("r", 32 if d["method"]["kind"] == "shira" else 8)
     d2 = {**d, "method": {**d["method"], "r": r1 + extra}}
     valid_scenario(d), valid_scenario(d2)
     n1, n2 = estimate(d, what_fits=False).n_trainable_params, estimate(d2, what_fits=False).n_trainable_params
