@@ -170,6 +170,8 @@ def linear_shapes(arch: ModelArch) -> dict[str, tuple[int, int]]:
         if n.gate:
             out[n.gate] = (H, inter)
         out.update({n.up: (H, inter), n.down: (inter, H)})
+    if arch.family in ("bert", "roberta", "deberta_v2"):  # the MLM head's transform (an nn.Linear all-linear takes)
+        out[f"{n.lm_head.rsplit('.', 1)[0]}.transform.dense"] = (H, H)
     if arch.family == "t5" and arch.arch == "encoder_decoder":  # the decoder's cross-attention and its MLP
         out.update({"layer.1.EncDecAttention.q": (H, qd), "layer.1.EncDecAttention.k": (H, kvd),
                     "layer.1.EncDecAttention.v": (H, kvd), "layer.1.EncDecAttention.o": (qd, H),
