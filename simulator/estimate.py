@@ -294,8 +294,8 @@ def train_phase_bytes(rb: RankBytes, mb: MicroBytes, in_flight, grad_accum, work
     transients = {"forward": fwd_tr, "backward": bwd_tr, "optimizer": opt_tr}
     # the loss backward is the backward's peak: the forward's 16-bit logits block sits cached beside it
     stranded = {"backward": _where(loss_first, mb.loss_stranded, 0.0)}
-    held = {"gradients": {"forward": g_acc, "backward": bwd_grads, "optimizer": rb.step_gradients}, "activations": acts,
-            "activations_by_phase": {"forward": acts, "backward": acts_bwd}, "stranded": stranded}
+    held = {"gradients": {"forward": g_acc, "backward": bwd_grads, "optimizer": rb.step_gradients},
+            "activations": {"forward": acts, "backward": acts_bwd}, "stranded": stranded}
     return phases, transients, held
 
 
@@ -338,8 +338,9 @@ def _train_memory(sc: Scenario, ct: CostTable, dev: Device, stage: int = 0
                   optimizer_states=rb.optimizer_states, workspaces=ws + rb.bucket)
     grads, acts = held["gradients"], held["activations"]
     bd = {
-        "forward": MemoryBreakdown(**common, gradients=grads["forward"], activations=acts, transients=transients["forward"]),
-        "backward": MemoryBreakdown(**common, gradients=grads["backward"], activations=held["activations_by_phase"]["backward"],
+        "forward": MemoryBreakdown(**common, gradients=grads["forward"], activations=acts["forward"],
+                                   transients=transients["forward"]),
+        "backward": MemoryBreakdown(**common, gradients=grads["backward"], activations=acts["backward"],
                                     transients=transients["backward"]),
         "optimizer": MemoryBreakdown(**common, gradients=grads["optimizer"], transients=transients["optimizer"]),
     }

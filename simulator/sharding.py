@@ -94,11 +94,6 @@ class RankParams:
     mixed_unit_frozen_bytes: float = 0.0  # frozen dense weights in units (blocks, root) that also hold trainable ones
 
 
-def arch_vocab(ct: CostTable) -> int:
-    """Rows of the embedding matrix (what the output projection maps to)."""
-    return ct.arch.vocab
-
-
 def rank_params(ct: CostTable, par: Parallel, stage: int = 0) -> RankParams:
     """Parameters one rank of ``stage`` holds after TP / EP / PP placement (cached on the cost table)."""
     key = (par.tp, par.ep, par.pp, par.stage3_param_persistence_threshold, stage)
@@ -159,7 +154,7 @@ def _rank_params(ct: CostTable, par: Parallel, stage: int) -> RankParams:
             root += numel * count
             root_dense += dense_n * count
             root_quant += quant_b * count
-            if len(row.shape) == 2 and arch_vocab(ct) in row.shape and not row.quantized:
+            if len(row.shape) == 2 and ct.arch.vocab in row.shape and not row.quantized:
                 embed_units.append(numel)  # the embedding matrix or the output projection (vocab x hidden)
     return RankParams(
         frozen_bytes=frozen, quant_bytes=quant, scale_bytes=scales, trainable_numel=tn, trainable_bytes=tb,
@@ -289,8 +284,6 @@ def model_state_bytes(rp: RankParams, par: Parallel, optimizer_name: str, optimi
         states /= N
     if par.shards_grads and N > 1:
         grads /= N
-    # parameters offloaded to the host are copied in per module even on one rank (DeepSpeed's NoGatherHandle:
-    # ``ds_tensor.to(device)``, a no-op only while the partition is already on the GPU; FSDP's CPUOffload)
     # the unsharded copies: dense elements in the compute dtype, quantized weights as stored; gradients only
     # for what trains
     block_gather = max((d * cdt + q for d, q, _ in rp.block_units), default=0.0)
@@ -298,6 +291,8 @@ def model_state_bytes(rp: RankParams, par: Parallel, optimizer_name: str, optimi
     root_gather = rp.root_dense_numel * cdt + rp.root_quant_bytes
     all_blocks_gather = rp.blocks_dense_numel * cdt + rp.blocks_quant_bytes
     block_grad_numel = max((t for _, _, t in rp.block_units), default=0.0)
+    # parameters offloaded to the host are copied in per module even on one rank (DeepSpeed's NoGatherHandle:
+    # ``ds_tensor.to(device)``, a no-op only while the partition is already on the GPU; FSDP's CPUOffload)
     if par.shards_params and (N > 1 or par.offload_params != "none"):
         if par.deepspeed:
             # parameters under stage3_param_persistence_threshold stay whole on every rank

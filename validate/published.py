@@ -514,6 +514,16 @@ def _fused_qkv_parts(raw: list[str] | None, arch: ModelArch) -> list[str] | None
     return parts or None
 
 
+def _legacy_bnb(quant: str, source: dict | None, notes: list[str]) -> bool:
+    """A 4-bit base measured with bitsandbytes < 0.43.2 (a source up to 2023), whose 4-bit matmuls kept their input
+    until backward (fixed by PR #1270, 2024-07)."""
+    year = _source_year(source)
+    legacy = quant in ("nf4", "fp4") and year is not None and year <= 2023
+    if legacy:
+        notes.append(f"source from {year}: bitsandbytes of that time kept each 4-bit matmul's input")
+    return legacy
+
+
 def _source_year(source: dict | None) -> int | None:
     """The latest 20xx year named in the record's source text (its name / where), if any."""
     text = " ".join(str(v) for v in (source or {}).values())
@@ -569,11 +579,8 @@ def _method(sc: dict, arch: ModelArch, precision: str, notes: list[str], rec_sou
         if kind == "qlora" or wq != "none":
             if wq == "none":
                 wq = "nf4"
-            year = _source_year(rec_source)
-            if wq in ("nf4", "fp4") and year is not None and year <= 2023:
-                # measured with bitsandbytes < 0.43.2: 4-bit matmuls kept their input (fixed by PR #1270, 2024-07)
+            if _legacy_bnb(wq, rec_source, notes):
                 kw["bnb_keeps_input"] = True
-                notes.append(f"source from {year}: bitsandbytes of that time kept each 4-bit matmul's input")
                 notes.append("qlora without weight_quant: NF4 base")
             if wq not in QUANTS or QUANTS[wq] == "fp8":
                 raise Unsupported(f"LoRA on a {wq!r} base not modelled")
@@ -594,12 +601,8 @@ def _method(sc: dict, arch: ModelArch, precision: str, notes: list[str], rec_sou
         dq = bool(sc.get("double_quant"))
         notes.append(f"litgpt {'adapter_v2' if v2 else 'adapter'}: LLaMA-Adapter{' V2' if v2 else ''}, "
                      "prompt length 10 from block 2 (litgpt defaults)")
-        quant = QUANTS.get(wq, "none") if wq != "none" else "none"
-        year = _source_year(rec_source)
-        legacy = quant in ("nf4", "fp4") and year is not None and year <= 2023
-        if legacy:
-            notes.append(f"source from {year}: bitsandbytes of that time kept each 4-bit matmul's input")
-        return LlamaAdapter(v2=v2, quant=quant, double_quant=dq, bnb_keeps_input=legacy)
+        quant = QUANTS.get(wq, "none")
+        return LlamaAdapter(v2=v2, quant=quant, double_quant=dq, bnb_keeps_input=_legacy_bnb(quant, rec_source, notes))
     if wq != "none":
         raise Unsupported(f"method {kind!r} on a {wq!r}-quantized base not modelled")
     if kind in ("full", "galore"):

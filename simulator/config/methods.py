@@ -33,6 +33,12 @@ class Freeze(Strict):
     """Also train the output head (and the final norm)."""
 
 
+def _check_targets(targets) -> None:
+    """An explicit target list names at least one module."""
+    if isinstance(targets, list) and not targets:
+        raise ValueError("targets: empty list; name at least one module or use 'all-linear'")
+
+
 class _LoRABase(Strict):
     r: int = Field(default=8, gt=0)
     """LoRA rank (must be > 0)."""
@@ -58,8 +64,7 @@ class _LoRABase(Strict):
 
     @model_validator(mode="after")
     def _targets_nonempty(self):
-        if isinstance(self.targets, list) and not self.targets:
-            raise ValueError("targets: empty list; name at least one module or use 'all-linear'")
+        _check_targets(self.targets)
         if not self.qkv_parts or len(set(self.qkv_parts)) != len(self.qkv_parts):
             raise ValueError(f"qkv_parts={self.qkv_parts!r}: name each of 'q', 'k', 'v' at most once, at least one")
         return self
@@ -159,8 +164,7 @@ class Shira(Strict):
 
     @model_validator(mode="after")
     def _targets_nonempty(self):
-        if isinstance(self.targets, list) and not self.targets:
-            raise ValueError("targets: empty list; name at least one module or use 'all-linear'")
+        _check_targets(self.targets)
         return self
 
 

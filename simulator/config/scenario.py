@@ -8,7 +8,7 @@ import yaml
 from pydantic import Field, field_validator, model_validator
 
 from .base import Strict
-from .methods import Freeze, Full, IA3, Method, PrefixTuning, PromptTuning, QLoRA, _LoRABase
+from .methods import Freeze, Full, IA3, Method, PrefixTuning, PromptTuning, QLoRA, Shira, _LoRABase
 from .model import ModelArch
 from .parallel import Parallel
 from .training import Attention, Checkpointing, InferenceQuant, InferWorkload, Optimizer, Precision, TrainWorkload, Workload
@@ -155,37 +155,28 @@ class Scenario(Strict):
             raise ValueError(
                 f"method.n_trainable_layers={m.n_trainable_layers} exceeds the model's n_layers={arch.n_layers}"
             )
-        if m.kind == "shira":
-            from ..graph.build import linear_shapes, matching_shapes, target_names
-            from ..graph.transforms import LORA_DEFAULTS
+        if isinstance(m, Shira):
+            from ..graph.build import linear_shapes, matching_shapes, shira_rank_error
+            from ..graph.transforms import peft_targets
 
-            known = target_names(arch, embeddings=False)
-            asked = m.targets
-            if isinstance(asked, list):
-                missing = [t for t in asked if t not in known]
-                if missing:
-                    raise ValueError(f"method.targets: {missing} not in model {arch.name!r}; allowed: "
-                                     f"{', '.join(sorted(known))}, all-linear")
-            names = (asked if isinstance(asked, list)
-                     else [k for k in linear_shapes(arch) if not k.endswith("lm_head")] if asked == "all-linear"
-                     else list(LORA_DEFAULTS.get(arch.family, ("q_proj", "v_proj"))))
+            asked = peft_targets(m.targets, arch.family)
+            names = [k for k in linear_shapes(arch) if not k.endswith("lm_head")] if asked == "all-linear" else asked
             for name in names:
                 for i, o in matching_shapes(arch, name):
-                    if m.r * (i + o) > i * o:
-                        raise ValueError(
-                            f"method.r={m.r}: {name} ({o} x {i}) would train r x (in + out) = {m.r * (i + o)} "
-                            f"entries, more than its {i * o}; allowed: r <= {i * o // (i + o)}")
-        if isinstance(m, (_LoRABase, IA3)):
+                    err = shira_rank_error(m.r, name, i, o)
+                    if err:
+                        raise ValueError(err)
+        if isinstance(m, (_LoRABase, IA3, Shira)):
             from ..graph.build import target_names
 
             known = target_names(arch, embeddings=isinstance(m, _LoRABase))
-            asked = m.targets if isinstance(m, _LoRABase) else (m.targets or [])
+            asked = m.targets if not isinstance(m, IA3) else (m.targets or [])
             if asked is not None and asked != "all-linear":
                 missing = [t for t in asked if t not in known]
                 if missing:
                     raise ValueError(
                         f"method.targets: {missing} not in model {arch.name!r}; allowed: {', '.join(sorted(known))}"
-                        + (", all-linear" if isinstance(m, _LoRABase) else "")
+                        + ("" if isinstance(m, IA3) else ", all-linear")
                     )
             if isinstance(m, IA3) and m.feedforward_modules is not None:
                 from ..graph.transforms import IA3_DEFAULTS

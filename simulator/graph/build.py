@@ -142,17 +142,11 @@ def _leaf(path: str) -> str:
 def target_names(arch: ModelArch, *, embeddings: bool = True) -> frozenset[str]:
     """Leaf (and dotted) names of the modules PEFT can adapt: the nn.Linear layers (and, for LoRA, the
     input embedding).  MoE experts are 3-D parameters and the router is no nn.Linear in transformers 5,
-    so they are not module targets."""
-    n = names_of(arch)
-    out = {n.o, n.lm_head} | ({_leaf(n.embed)} if embeddings else set())
-    out |= {n.qkv} if n.qkv else {n.q, n.k, n.v}
-    if arch.moe is None:
-        out |= {x for x in (n.gate, n.up, n.down) if x}
-    if arch.family == "t5" and arch.arch == "encoder_decoder":
-        out |= {"layer.1.EncDecAttention.q", "layer.1.EncDecAttention.k", "layer.1.EncDecAttention.v",
-                "layer.1.EncDecAttention.o", "layer.2.DenseReluDense.wo"}
-    leaves = {_leaf(x) for x in out if x}
-    return frozenset(leaves | {x for x in out if x})
+    so they are not module targets; the MLM head's transform is reached by all-linear only."""
+    out = {k for k in linear_shapes(arch) if not k.endswith(".transform.dense")}
+    if embeddings:
+        out.add(_leaf(names_of(arch).embed))
+    return frozenset({_leaf(x) for x in out} | out)
 
 
 @functools.cache
@@ -177,6 +171,14 @@ def linear_shapes(arch: ModelArch) -> dict[str, tuple[int, int]]:
                     "layer.1.EncDecAttention.v": (H, kvd), "layer.1.EncDecAttention.o": (qd, H),
                     "layer.2.DenseReluDense.wo": (inter, H)})
     return {k: v for k, v in out.items() if k}
+
+
+def shira_rank_error(r: int, name: str, in_f: int, out_f: int) -> str | None:
+    """PEFT's SHiRA bound: r x (in + out) trained entries may not outnumber the matrix's (``update_layer``)."""
+    if r * (in_f + out_f) <= in_f * out_f:
+        return None
+    return (f"method.r={r}: {name} ({out_f} x {in_f}) would train r x (in + out) = {r * (in_f + out_f)} entries, "
+            f"more than its {in_f * out_f}; allowed: r <= {in_f * out_f // (in_f + out_f)}")
 
 
 def matching_shapes(arch: ModelArch, target: str) -> list[tuple[int, int]]:
@@ -359,11 +361,11 @@ class Builder:
         tr = self.tr
         r = self.plan.shira.r
         k = r * (in_f + out_f)
-        if k > in_f * out_f:
-            raise ValueError(f"method.r={r}: {path} ({out_f} x {in_f}) would train r x (in + out) = {k} entries, more "
-                             f"than its {in_f * out_f}; allowed: r <= {in_f * out_f // (in_f + out_f)} for it")
+        err = shira_rank_error(r, path, in_f, out_f)
+        if err:
+            raise ValueError(err)
         vals = self.weight(f"{path}.shira_weight", k, True, dtype="fp32")
-        self.tr.param(Param(f"{path}.shira_indices", 2 * k, "int32", False, "dense", 2 * k * 4.0, 0.0, None,
+        tr.param(Param(f"{path}.shira_indices", 2 * k, "int32", False, "dense", 2 * k * 4.0, 0.0, None,
                             (2, k), False, True))
         scaled = tr.new(path, Poly.const(k), vals.dtype, True)
         idx = tr.new(path, Poly.const(2 * k), "int64", False)

@@ -116,11 +116,7 @@ class Plan:
 
     def shira_on(self, path: str) -> bool:
         """PEFT target matching for SHiRA (as :meth:`lora_on`)."""
-        if self.shira is None or not self.training:
-            return False
-        if self.shira_targets is None:
-            return path.rsplit(".", 1)[-1] != "lm_head" and not path.endswith("predictions.decoder")
-        return _matches(path, self.shira_targets)
+        return self.shira is not None and self.training and _targeted(path, self.shira_targets)
 
     def llama_adapter_on(self, i: int) -> bool:
         """Block ``i`` attends to an adaption prompt."""
@@ -136,11 +132,7 @@ class Plan:
 
     def lora_on(self, path: str) -> bool:
         """PEFT target matching: a target names a module's leaf or a dotted suffix of its path."""
-        if self.lora is None:
-            return False
-        if self.lora_targets is None:  # all-linear: every linear but the output layer
-            return path.rsplit(".", 1)[-1] != "lm_head" and not path.endswith("predictions.decoder")
-        return _matches(path, self.lora_targets)
+        return self.lora is not None and _targeted(path, self.lora_targets)
 
     def ia3_on(self, path: str) -> str | None:
         """'in' (feed-forward: scale the input), 'out' (scale the output) or None."""
@@ -154,6 +146,19 @@ class Plan:
 
 def _matches(path: str, names: frozenset[str]) -> bool:
     return any(path == n or path.endswith("." + n) for n in names)
+
+
+def _targeted(path: str, targets: frozenset[str] | None) -> bool:
+    """PEFT target matching: a target names a module's leaf or a dotted suffix of its path; None is all-linear,
+    every linear but the output layer."""
+    if targets is None:
+        return path.rsplit(".", 1)[-1] != "lm_head" and not path.endswith("predictions.decoder")
+    return _matches(path, targets)
+
+
+def peft_targets(asked, family: str):
+    """The targets an adapter config gives (a list or 'all-linear'), or PEFT's default for the family."""
+    return asked if asked is not None else LORA_DEFAULTS.get(family, ("q_proj", "v_proj"))
 
 
 def _checkpointed_layers(sc: Scenario) -> frozenset[int]:
@@ -183,12 +188,12 @@ def plan_of(sc: Scenario) -> Plan:
     targets = None
     mts: frozenset[str] = frozenset()
     if lora is not None:
-        asked = lora.targets if lora.targets is not None else LORA_DEFAULTS.get(arch.family, ("q_proj", "v_proj"))
+        asked = peft_targets(lora.targets, arch.family)
         targets = None if asked == "all-linear" else frozenset(asked)
         mts = frozenset(lora.modules_to_save)
     shira_t: frozenset[str] | None = None
     if isinstance(m, Shira):
-        asked_s = m.targets if m.targets is not None else LORA_DEFAULTS.get(arch.family, ("q_proj", "v_proj"))
+        asked_s = peft_targets(m.targets, arch.family)
         shira_t = None if asked_s == "all-linear" else frozenset(asked_s)
         mts = frozenset(m.modules_to_save)
     ia3_t: frozenset[str] = frozenset()

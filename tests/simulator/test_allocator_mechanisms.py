@@ -191,4 +191,4 @@ def test_the_blocks_backward_runs_after_the_loss_has_freed_its_saved_tensors():
         fixed = phases["optimizer"] - transients["optimizer"] - rb.step_gradients  # the model states
         grads = held["gradients"]["backward"]
         assert phases["backward"] - fixed - grads == pytest.approx(want_extra, rel=1e-12)
-        assert held["activations_by_phase"]["backward"] == (10 * G if post == 4 * G else 9 * G)
+        assert held["activations"]["backward"] == (10 * G if post == 4 * G else 9 * G)
