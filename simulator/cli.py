@@ -25,8 +25,8 @@ from hwprofiles import UnknownNameError, all_devices
 
 from . import report
 from .config import (
-    IA3, Adapter, BitFit, Checkpointing, DoRA, Freeze, Full, InferenceQuant, InferWorkload, LoRA, ModelArch,
-    Optimizer, PrefixTuning, PromptTuning, QLoRA, Scenario, TrainWorkload,
+    Checkpointing, InferenceQuant, InferWorkload, LoRA, Method, ModelArch, Optimizer, PrefixTuning, QLoRA, Scenario,
+    TrainWorkload,
 )
 from .config.parallel import Parallel
 from .config.training import GALORE_BASE
@@ -37,10 +37,9 @@ from .models import get_model, list_models
 PROG = "fitsim"
 
 METHOD_CLASSES: dict[str, type[BaseModel]] = {
-    c.model_fields["kind"].default: c
-    for c in (Full, Freeze, LoRA, DoRA, QLoRA, IA3, PrefixTuning, PromptTuning, BitFit, Adapter)
+    c.model_fields["kind"].default: c for c in typing.get_args(typing.get_args(Method)[0])
 }
-"""method kind -> its config class."""
+"""method kind -> its config class, in the order of the scenario's method union."""
 
 WORKLOAD_CLASSES: dict[str, type[BaseModel]] = {"train": TrainWorkload, "infer": InferWorkload}
 
@@ -377,7 +376,7 @@ workload:
   # for serving instead:  task: infer, batch: 8, prompt_len: 512, gen_len: 256
 
 method:
-  kind: qlora                # full | freeze | lora | dora | qlora | ia3 | prefix | prompt | bitfit | adapter
+  kind: qlora                # full | freeze | lora | dora | qlora | ia3 | prefix | prompt | bitfit | adapter | llama-adapter | shira
   quant: nf4                 # qlora base storage: nf4 | fp4 | int8 | gptq | awq
   r: 16                      # LoRA rank
   alpha: 32                  # scaling = alpha / r
