@@ -220,6 +220,7 @@ class MicroBytes:
     other: Any
     cast_cache: Any = 0.0  # autocast's cached weight copies of checkpointed blocks, alive through the forward
     loss_stranded: Any = 0.0  # reserved, free and too small for the loss backward (memory.loss_stranded_bytes)
+    loss_stranded_forward: Any = 0.0  # the same at the loss forward (memory.loss_forward_stranded_bytes)
     post_saved: Any = 0.0  # the head's and loss's share of ``saved``: freed once their backward has run
 
 
@@ -240,10 +241,12 @@ def micro_bytes(ct: CostTable, par, B: tuple, stage: int, loss: str) -> MicroByt
         # the cache holds copies of resident fp32 leaves: FSDP's gathered parameters and DeepSpeed's 16-bit
         # module have none
         cache = sum(nb * sum(1 for i in ls if i in layers) for ls, nb in ct.checkpoint_cast_cache) / split_div
-    stranded = mem.loss_stranded_bytes(loss, logits_n, ct.logits_dtype, ct.loss_upcast_copy)
+    stranded = mem.loss_stranded_bytes(loss, logits_n, ct.logits_dtype, ct.loss_upcast_copy, ct.loss_shift_dtype)
+    stranded_fwd = mem.loss_forward_stranded_bytes(loss, logits_n, ct.logits_dtype, ct.loss_upcast_copy,
+                                                   ct.loss_shift_dtype)
     post = ct.at(ct.post_saved, B) / split_div if stage == par.pp - 1 else 0.0
     return MicroBytes(stage_saved_bytes(ct, par, B, stage), loss_fwd, loss_bwd, blk_bwd, recompute, other, cache,
-                      stranded, post)
+                      loss_stranded=stranded, post_saved=post, loss_stranded_forward=stranded_fwd)
 
 
 def _where(cond, a, b):
@@ -292,35 +295,49 @@ def train_phase_bytes(rb: RankBytes, mb: MicroBytes, in_flight, grad_accum, work
         "optimizer": base + rb.step_gradients + opt_tr + ws,
     }
     transients = {"forward": fwd_tr, "backward": bwd_tr, "optimizer": opt_tr}
-    # the loss backward is the backward's peak: the forward's 16-bit logits block sits cached beside it
-    stranded = {"backward": _where(loss_first, mb.loss_stranded, 0.0)}
+    # the loss backward is the backward's peak: the forward's 16-bit logit blocks sit cached beside it; the loss
+    # forward is the forward's peak where it is the largest forward transient
+    loss_peak_fwd = mb.loss_forward >= _maximum(rb.dequant, mb.other)
+    stranded = {"forward": _where(loss_peak_fwd, mb.loss_stranded_forward, 0.0),
+                "backward": _where(loss_first, mb.loss_stranded, 0.0)}
     held = {"gradients": {"forward": g_acc, "backward": bwd_grads, "optimizer": rb.step_gradients},
             "activations": {"forward": acts, "backward": acts_bwd}, "stranded": stranded}
     return phases, transients, held
 
 
 def peak_of_phases(phases: dict[str, Any], transients: dict[str, Any], expandable_segments: bool,
-                   stranded: dict[str, Any] | None = None):
+                   stranded: dict[str, Any] | None = None, limit: Any = None):
     """(peak phase -- an index into the phases when they hold arrays --, allocated, allocator overhead) at the peak:
-    the phase with the most allocated bytes (the first of equals) and the allocator's overhead on it, with the
-    blocks ``stranded`` (by phase; none where absent) cached beside it."""
+    the phase with the most allocated bytes (the first of equals), and reserved minus its allocated bytes, where
+    reserved is the most any phase reserves: its allocated bytes, the segment its transient opens, the blocks
+    ``stranded`` (by phase; none where absent) cached beside it and the fragmentation share.  The caching allocator
+    keeps its segments, so ``max_memory_reserved`` is the largest phase's even where another allocates more.
+
+    Stranded blocks are whole free segments: when a request finds the device full, the allocator releases its
+    free segments and retries (c10/cuda/CUDACachingAllocator.cpp ``release_cached_blocks``), so past ``limit``
+    (the bytes the allocator can have) they cost nothing but the limit."""
     stranded = stranded or {}
     names = list(phases)
     vals = [phases[k] for k in names]
-    if any(isinstance(v, np.ndarray) for v in vals):
-        idx, allocated, tr = 0, vals[0], transients[names[0]]
-        st = stranded.get(names[0], 0.0)
-        for j, name in enumerate(names[1:], 1):
+    reserved = [v + mem.reserved_overhead_bytes(transients[k], v, expandable_segments, stranded.get(k, 0.0))
+                for k, v in zip(names, vals)]
+    kept = [v + mem.reserved_overhead_bytes(transients[k], v, expandable_segments) for k, v in zip(names, vals)]
+    if any(isinstance(v, np.ndarray) for v in (*vals, *reserved, limit)):
+        idx, allocated, most, floor = 0, vals[0], reserved[0], kept[0]
+        for j in range(1, len(names)):
             later = vals[j] > allocated  # strictly: the first of equal phases is the peak
             idx = np.where(later, j, idx)
-            tr = np.where(later, transients[name], tr)
-            st = np.where(later, stranded.get(name, 0.0), st)
             allocated = np.where(later, vals[j], allocated)
-        return idx, allocated, mem.reserved_overhead_bytes(tr, allocated, expandable_segments, st)
-    phase = max(phases, key=lambda k: phases[k])
-    allocated = phases[phase]
-    return phase, allocated, mem.reserved_overhead_bytes(transients[phase], allocated, expandable_segments,
-                                                         stranded.get(phase, 0.0))
+            most = np.maximum(most, reserved[j])
+            floor = np.maximum(floor, kept[j])
+        if limit is not None:
+            most = np.maximum(floor, np.minimum(most, limit))
+        return idx, allocated, most - allocated
+    j = max(range(len(names)), key=lambda i: vals[i])
+    most = max(reserved)
+    if limit is not None:
+        most = max(max(kept), min(most, limit))
+    return names[j], vals[j], most - vals[j]
 
 
 def _train_memory(sc: Scenario, ct: CostTable, dev: Device, stage: int = 0
@@ -459,7 +476,8 @@ def _flops(sc: Scenario, ct: CostTable) -> tuple[FlopBreakdown, int]:
 def _stage_peak(sc: Scenario, ct: CostTable, dev: Device, stage: int) -> dict[str, Any]:
     memory = (_infer_memory if not sc.is_training else _mezo_memory if sc.optimizer.forward_only else _train_memory)
     phases, bd, paged, transient, stranded, ms = memory(sc, ct, dev, stage)
-    phase, allocated, over = peak_of_phases(phases, transient, sc.expandable_segments, stranded)
+    phase, allocated, over = peak_of_phases(phases, transient, sc.expandable_segments, stranded,
+                                            dev.memory_total_bytes - paged - dev.cuda_context_bytes)
     reserved = allocated + over
     total = reserved + paged + dev.cuda_context_bytes
     b = bd[phase].model_copy(update={"allocator_overhead": over, "cuda_context": dev.cuda_context_bytes})

@@ -163,7 +163,8 @@ class TrainGrid:
             phases, transients, held = train_phase_bytes(rb, self._micro_bytes(par, stage),
                                                          sh.in_flight_microbatches(par, stage, ga), ga, ws)
             _, allocated, over = peak_of_phases(phases, transients, self.families[0].expandable_segments,
-                                                held["stranded"])
+                                                held["stranded"],
+                                                dev.memory_total_bytes - rb.paged - dev.cuda_context_bytes)
             total = allocated + over + rb.paged + dev.cuda_context_bytes
             peak = total if peak is None else np.maximum(peak, total)
         return peak

@@ -264,17 +264,31 @@ def mezo_step_transient_bytes(largest_trainable_bytes: float) -> float:
     return MEZO_STEP_TEMPORARIES * largest_trainable_bytes
 
 
-def loss_stranded_bytes(mode: str, logits_numel: float, logits_dtype: str, upcast_copy: bool) -> float:
-    """Reserved but free at the loss backward: the 16-bit logits' block.
+def loss_stranded_bytes(mode: str, logits_numel: float, logits_dtype: str, upcast_copy: bool,
+                        shift_dtype: str = "fp32") -> float:
+    """Reserved but free at the loss backward: the forward's 16-bit logit-sized blocks.
 
-    ``ForCausalLMLoss`` makes its fp32 copy (``logits.float()``), ``cross_entropy`` its fp32 log-softmax; the forward
-    frees the copy and, once the output is dropped, the 16-bit logits.  The backward then asks for two fp32
-    logit-sized blocks (nll_loss's ``zeros_like`` grad and log_softmax's grad): the first takes the freed copy's
-    block, the second a new segment, because the caching allocator serves a request only from a free block at least
-    its size (c10/cuda/CUDACachingAllocator.cpp ``get_free_block``), and the 16-bit block is half that.  It stays
-    cached through the peak, every step.  Only HF's upcast loss of 16-bit logits does this; a chunked or fused loss
-    has no logit-sized blocks, fp32 logits no copy."""
-    if mode != "upcast" or not upcast_copy or dtype_bytes(logits_dtype) >= 4.0:
+    The loss forward makes its fp32 copy (``logits.float()``, or autocast's cast inside ``cross_entropy``) and the
+    fp32 log-softmax; the forward frees the copy and, once the output is dropped, the 16-bit logits.  The backward
+    then asks for two fp32 logit-sized blocks (nll_loss's ``zeros_like`` grad and log_softmax's grad): the first
+    takes a freed fp32 block, the second a new segment, because the caching allocator serves a request only from a
+    free block at least its size (c10/cuda/CUDACachingAllocator.cpp ``get_free_block``), and a 16-bit block is half
+    that.  The 16-bit blocks stay cached through the peak, every step: the logits' (``ForCausalLMLoss``; and the
+    older model code that upcasts before shifting, ``logits = logits.float()``), and with model code that shifts the
+    16-bit logits (``shift_logits = lm_logits[..., :-1, :].contiguous()``, Qwen v1) the shifted copy's as well.
+    A chunked or fused loss has no logit-sized blocks, fp32 logits no copy."""
+    if mode not in ("upcast", "upcast-shift") or not upcast_copy or dtype_bytes(logits_dtype) >= 4.0:
+        return 0.0
+    blocks = 2.0 if mode == "upcast-shift" and dtype_bytes(shift_dtype) < 4.0 else 1.0
+    return blocks * logits_numel * dtype_bytes(logits_dtype)
+
+
+def loss_forward_stranded_bytes(mode: str, logits_numel: float, logits_dtype: str, upcast_copy: bool,
+                                shift_dtype: str = "fp32") -> float:
+    """Reserved but free at the loss forward: the 16-bit logits that ``logits = logits.float()`` frees before the
+    fp32 shifted copy asks for a block twice their size (older model code, loss 'upcast-shift').  Where the
+    logits stay referenced (``ForCausalLMLoss``) or the 16-bit logits are shifted, nothing is free yet."""
+    if mode != "upcast-shift" or not upcast_copy or dtype_bytes(logits_dtype) >= 4.0 or dtype_bytes(shift_dtype) < 4.0:
         return 0.0
     return logits_numel * dtype_bytes(logits_dtype)
 
@@ -297,7 +311,8 @@ def loss_transient_bytes(mode: str, logits_numel: float, logits_dtype: str, loss
     - upcast (HF): logits + their fp32 copy in forward; two logit-sized grads in the loss dtype in backward.
     - upcast-shift (transformers < 4.46, remote code): ``logits.float()`` then
       ``shift_logits = logits[..., :-1, :].contiguous()``: one more logit-sized copy in forward, fp32 after the
-      upcast, in the logits' dtype where the model code shifts the 16-bit logits (Qwen v1).
+      upcast (``logits = logits.float()`` has dropped the 16-bit logits by then), in the logits' dtype where the
+      model code shifts the 16-bit logits (Qwen v1; autocast's fp32 cast inside ``cross_entropy`` comes after).
     - chunked (torchtune/litgpt): 16-bit logits kept; the fp32 copy and grads exist one chunk at a time.
     - chunked-compiled (torchtune with torch.compile): the 16-bit logits are saved for backward (counted with
       the activations); the compiled forward is one fused reduction (nothing logit-sized), the compiled backward
@@ -305,9 +320,14 @@ def loss_transient_bytes(mode: str, logits_numel: float, logits_dtype: str, loss
     - fused (Liger linear+CE): per chunk logits and their grad; nothing b*s*V-sized survives.
     """
     if mode in ("upcast", "upcast-shift"):
-        shift = logits_numel * dtype_bytes(shift_dtype) if mode == "upcast-shift" else 0.0
-        return (loss_forward_transient_bytes(logits_numel, logits_dtype, upcast_copy) + shift,
-                loss_backward_transient_bytes(logits_numel, loss_dtype))
+        forward = loss_forward_transient_bytes(logits_numel, logits_dtype, upcast_copy)
+        if mode == "upcast-shift":
+            shift = logits_numel * dtype_bytes(shift_dtype)
+            # ``logits = logits.float()`` drops the 16-bit logits before the fp32 shifted copy is made
+            freed = (logits_numel * dtype_bytes(logits_dtype)
+                     if upcast_copy and dtype_bytes(shift_dtype) >= 4.0 and dtype_bytes(logits_dtype) < 4.0 else 0.0)
+            forward = max(forward, forward - freed + shift) if freed else forward + shift
+        return forward, loss_backward_transient_bytes(logits_numel, loss_dtype)
     chunk = logits_numel / LOSS_CHUNKS
     if mode == "chunked":
         return (logits_numel * dtype_bytes(logits_dtype) + chunk * 4.0, 2.0 * 4.0 * chunk)

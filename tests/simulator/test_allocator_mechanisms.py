@@ -10,8 +10,10 @@ transformers' upcast loss makes, step after step, shows which block stays cached
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
+from hwprofiles import get_device
 from simulator import Scenario, estimate
 from simulator import memory as mem
 from simulator.estimate import MicroBytes, cost_table_for, micro_bytes, peak_of_phases, rank_bytes, train_phase_bytes
@@ -107,6 +109,82 @@ def test_upcast_loss_leaves_the_16_bit_logits_block_cached_at_its_backward_peak(
     assert a.reserved == before == 3 * 2**30 + mem.segment_bytes(n * 2) + 3 * mem.segment_bytes(n * 4)
 
 
+def shift_loss_step(a: CachingAllocator, logits_numel: int, logits_bytes: int, shift_16_bit: bool) -> None:
+    """The logit-sized requests of a training step with the older model code's shifted loss, under autocast:
+    ``logits = logits.float()`` then ``logits[..., :-1, :].contiguous()`` (transformers < 4.46 Llama), or the
+    16-bit logits shifted and ``cross_entropy`` upcasting them (Qwen v1 ``modeling_qwen.py``).  The shift drops
+    one position, which no block size here resolves, so it is taken as the full count."""
+    n = logits_numel
+    a.malloc("logits", n * logits_bytes)  # lm_head output
+    if shift_16_bit:
+        a.malloc("shift", n * logits_bytes)  # lm_logits[..., :-1, :].contiguous()
+        a.malloc("upcast", n * 4)  # autocast's fp32 cast inside cross_entropy
+        a.malloc("log_softmax", n * 4)  # saved for backward
+        a.free("upcast")  # cross_entropy returns
+        a.free("shift")  # the forward returns
+    else:
+        a.malloc("upcast", n * 4)  # logits = logits.float()
+        a.free("logits")  # ... drops the 16-bit logits
+        a.malloc("shift", n * 4)  # shift_logits = logits[..., :-1, :].contiguous()
+        a.malloc("log_softmax", n * 4)  # cross_entropy on fp32: no cast
+        a.free("shift")  # the forward returns
+    a.free("upcast" if not shift_16_bit else "logits")  # the output (its logits) is dropped after .loss
+    a.malloc("nll_grad", n * 4)
+    a.malloc("lsm_grad", n * 4)  # the loss backward's peak
+    a.free("nll_grad")
+    a.free("log_softmax")
+    a.malloc("logits_grad", n * logits_bytes)  # ToCopyBackward
+    a.malloc("shift_grad", n * logits_bytes if shift_16_bit else n * 4)  # SliceBackward's zeros
+    a.free("lsm_grad")
+    a.free("logits_grad")
+    a.free("shift_grad")
+
+
+@pytest.mark.parametrize("shift_16_bit", [False, True])
+@pytest.mark.parametrize("tokens, vocab", [(4096, 151936), (2048, 32000)])
+def test_shifted_loss_strands_its_16_bit_blocks(tokens, vocab, shift_16_bit):
+    """Steady state of the shifted loss: reserved - allocated at the forward's and the backward's loss peaks are
+    loss_forward_stranded_bytes and loss_stranded_bytes (one 16-bit block: the dropped logits; two where the 16-bit
+    logits are shifted), and the forward's allocated peak is the saved log-softmax plus the forward transient of
+    loss_transient_bytes."""
+    n = tokens * vocab
+    shift = "bf16" if shift_16_bit else "fp32"
+    fwd, bwd = mem.loss_transient_bytes("upcast-shift", n, "bf16", "fp32", True, shift)
+    a = CachingAllocator()
+    a.malloc("weights", 3 * 2**30)
+    start = a.allocated
+    # the first step, recording reserved - allocated where each phase reaches its allocated peak
+    peaks: dict[str, tuple[int, int]] = {}
+    plain = a.malloc
+
+    def malloc(owner: str, request: int) -> None:
+        plain(owner, request)
+        phase = "backward" if owner.endswith("grad") else "forward"
+        if a.allocated >= peaks.get(phase, (0, 0))[0]:
+            peaks[phase] = (a.allocated, a.reserved - a.allocated)
+
+    a.malloc = malloc  # type: ignore[method-assign]
+    shift_loss_step(a, n, 2, shift_16_bit)
+    # blocks taken whole from rounded segments count their rounding (under 2 MiB each) as allocated
+    saved = mem.block_bytes(n * 4)  # the log-softmax output
+    assert 0 <= peaks["forward"][0] - start - (saved + fwd) < 4 * MiB
+    assert 0 <= peaks["backward"][0] - start - (saved + bwd) < 4 * MiB
+    stranded = {"forward": mem.loss_forward_stranded_bytes("upcast-shift", n, "bf16", True, shift),
+                "backward": mem.loss_stranded_bytes("upcast-shift", n, "bf16", True, shift)}
+    for phase, nbytes in stranded.items():
+        blocks = round(nbytes / (n * 2))  # each stranded block a segment of its own, rounded up to 2 MiB
+        assert peaks[phase][1] == blocks * mem.segment_bytes(n * 2)
+    # later steps create no segments: reserved stays at the most any phase reserved
+    most = max(peaks[p][0] + peaks[p][1] for p in peaks)
+    assert a.reserved == most
+    for _ in range(3):
+        shift_loss_step(a, n, 2, shift_16_bit)
+        assert a.reserved == most
+    assert mem.loss_stranded_bytes("upcast-shift", n, "bf16", True, shift) == n * 2 * (2 if shift_16_bit else 1)
+    # without autocast (DeepSpeed's 16-bit engine) the 16-bit shift has no copy and strands nothing
+    assert mem.loss_stranded_bytes("upcast-shift", n, "bf16", False, "bf16") == 0.0
+
+
 def test_no_block_is_stranded_without_a_16_bit_copy():
     """fp32 logits: ``.float()`` returns the same tensor, so the forward frees one fp32 block, which the first
     backward request reuses; a chunked or fused loss makes no logit-sized blocks."""
@@ -168,11 +246,16 @@ def test_no_stranded_block_when_a_block_backward_is_the_larger_transient():
     assert e.peak_reserved_bytes - e.peak_allocated_bytes == pytest.approx(want, rel=1e-12)
 
 
-def test_the_overhead_follows_the_phase_that_peaks():
-    """Stranded bytes belong to their phase: they count only where that phase holds the most allocated bytes."""
+def test_reserved_is_the_most_any_phase_reserves():
+    """Stranded bytes belong to their phase, and the allocator keeps its segments: the reserved peak is the largest
+    phase's allocated plus stranded bytes, whichever phase allocates the most."""
     none = {"forward": 0.0, "backward": 0.0}
-    assert peak_of_phases({"forward": 10.0, "backward": 5.0}, none, True, {"backward": 7.0})[2] == 0.0
-    assert peak_of_phases({"forward": 5.0, "backward": 10.0}, none, True, {"backward": 7.0})[2] == 7.0
+    assert peak_of_phases({"forward": 10.0, "backward": 5.0}, none, True, {"backward": 4.0})[1:] == (10.0, 0.0)
+    assert peak_of_phases({"forward": 10.0, "backward": 5.0}, none, True, {"backward": 7.0})[1:] == (10.0, 2.0)
+    assert peak_of_phases({"forward": 5.0, "backward": 10.0}, none, True, {"backward": 7.0})[1:] == (10.0, 7.0)
+    arrays = peak_of_phases({"forward": np.array([10.0, 5.0]), "backward": np.array([5.0, 10.0])}, none, True,
+                            {"backward": 7.0})
+    assert arrays[0].tolist() == [0, 1] and arrays[1].tolist() == [10.0, 10.0] and arrays[2].tolist() == [2.0, 7.0]
 
 
 def test_the_blocks_backward_runs_after_the_loss_has_freed_its_saved_tensors():
@@ -192,3 +275,44 @@ def test_the_blocks_backward_runs_after_the_loss_has_freed_its_saved_tensors():
         grads = held["gradients"]["backward"]
         assert phases["backward"] - fixed - grads == pytest.approx(want_extra, rel=1e-12)
         assert held["activations"]["backward"] == (10 * G if post == 4 * G else 9 * G)
+
+
+def test_qwen_v1_shifted_16_bit_logits_strand_two_blocks_at_the_loss_backward():
+    """Qwen (v1) remote code shifts the bf16 logits and lets autocast's cross_entropy upcast them: at the loss
+    backward both bf16 blocks (logits and shifted copy, 2 x 2 B x b*s*V) sit cached and free beside it, and the
+    reserved peak carries them.  Without autocast (DeepSpeed's fp16 engine) nothing is upcast or stranded."""
+    sc = _lora(model="qwen-1.8b", precision="bf16-amp", loss="upcast-shift", attention="flash2",
+               method={"kind": "lora", "r": 64}, workload={"task": "train", "micro_batch": 1, "seq_len": 4096},
+               checkpointing={"mode": "full"})
+    n = 4096 * 151936
+    ct = cost_table_for(sc)
+    mb = micro_bytes(ct, sc.parallel, basis(1, 4096), 0, sc.loss)
+    assert ct.loss_shift_dtype == "bf16"
+    assert (mb.loss_stranded, mb.loss_stranded_forward) == (2 * n * 2, 0.0)
+    e = estimate(sc, what_fits=False, timing=False)
+    rb = rank_bytes(ct, sc.parallel, sc.optimizer, 0, 1)[0]
+    dev = get_device(sc.gpu)
+    ws = dev.cublas_workspace_bytes * 2.0 + dev.cublaslt_workspace_bytes
+    phases, transients, held = train_phase_bytes(rb, mb, 1, 1, ws)
+    bwd = phases["backward"]
+    want = bwd + mem.segment_bytes(transients["backward"]) - transients["backward"] + 2 * n * 2 \
+        + mem.FRAGMENTATION_FRACTION * bwd
+    assert e.peak_reserved_bytes == pytest.approx(max(want, e.peak_allocated_bytes), rel=1e-12)
+    assert e.peak_reserved_bytes - e.peak_allocated_bytes > 2 * n * 2
+
+
+def test_stranded_blocks_are_released_when_the_device_is_full():
+    """Stranded blocks are whole free segments, which the allocator releases and retries with when cudaMalloc
+    fails: a setup whose allocated bytes fit but whose stranded logits would not still fits, its reserved
+    bytes at most the device's, while one whose allocated bytes do not fit still does not."""
+    G = float(2**30)
+    phases = {"forward": 70 * G, "backward": 72 * G}
+    zero = {"forward": 0.0, "backward": 0.0}
+    limit = 75 * G
+    _, allocated, over = peak_of_phases(phases, zero, True, {"backward": 6 * G}, limit)
+    assert allocated + over == limit  # the 6 GiB are released down to what the device has
+    _, allocated, over = peak_of_phases(phases, zero, True, {"backward": 6 * G}, 100 * G)
+    assert allocated + over == 78 * G  # room enough: they stay cached
+    _, allocated, over = peak_of_phases({"forward": 70 * G, "backward": 80 * G}, zero, True, {"backward": 6 * G},
+                                        limit)
+    assert allocated + over == 80 * G > limit  # the allocated bytes alone overflow: no release helps

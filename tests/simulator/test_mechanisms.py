@@ -86,9 +86,12 @@ def test_chunked_loss_transients():
     assert (fwd, bwd) == (n * 2 + n * 4 / 8, 2 * 4 * n / 8)
     fwd, bwd = loss_transient_bytes("upcast", n, "bf16", "fp32", True)
     assert (fwd, bwd) == (n * 2 + n * 4, 2 * 4 * n)
-    # older transformers: logits.float() and a shifted .contiguous() fp32 copy on top
-    fwd, bwd = loss_transient_bytes("upcast-shift", n, "bf16", "fp32", True)
-    assert (fwd, bwd) == (n * 2 + n * 4 + n * 4, 2 * 4 * n)
+    # older transformers: ``logits = logits.float()`` drops the bf16 logits, then a shifted .contiguous() fp32 copy
+    fwd, bwd = loss_transient_bytes("upcast-shift", n, "bf16", "fp32", True, "fp32")
+    assert (fwd, bwd) == (n * 4 + n * 4, 2 * 4 * n)
+    # Qwen v1: the bf16 logits and their shifted bf16 copy both live when autocast's cross_entropy upcasts
+    fwd, bwd = loss_transient_bytes("upcast-shift", n, "bf16", "fp32", True, "bf16")
+    assert (fwd, bwd) == (n * 2 + n * 2 + n * 4, 2 * 4 * n)
 
 
 def test_sliding_window_caps_the_kv_cache():
