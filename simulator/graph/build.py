@@ -130,6 +130,11 @@ EAGER_SOFTMAX_IN_INPUT_DTYPE = frozenset({"gpt2", "bert", "roberta", "t5", "falc
 # ``CrossEntropyLoss()``).  Under torch.autocast cross_entropy still runs in fp32; without it (DeepSpeed's
 # fp16/bf16 engine) log-softmax and its grads stay 16-bit.
 LOSS_ON_LOGITS_AS_THEY_ARE = frozenset({"torch", "qwen"})
+# Before transformers 4.46 (the shifted loss, "upcast-shift") these causal LMs shifted the logits as the head returned
+# them, with no ``logits.float()``: GPT2LMHeadModel, OPTForCausalLM, BloomForCausalLM, GPTNeoXForCausalLM,
+# FalconForCausalLM (``shift_logits = lm_logits[..., :-1, :].contiguous()`` then ``CrossEntropyLoss()``).  GPT-J
+# upcast in its head (``.to(torch.float32)``) and the Llama-like models called ``logits.float()``.
+SHIFT_16_BIT_LOGITS_BEFORE_446 = frozenset({"gpt2", "opt", "bloom", "gpt_neox", "falcon"})
 # F.multi_head_attention_forward calls softmax on the scores as they are, which torch.autocast runs in fp32.
 AUTOCAST_SOFTMAX_FP32 = frozenset({"torch"})
 
@@ -1116,7 +1121,9 @@ class ModelBuilder(Builder):
         # HF ForCausalLMLoss: logits.float(); labels padded and shifted (.contiguous(), int64);
         # cross_entropy = log_softmax (saves its output) + nll_loss (saves the target and a 0-dim
         # total_weight).  BERT's MLM head calls CrossEntropyLoss on the logits as they are (no upcast).
-        if arch.family in LOSS_ON_LOGITS_AS_THEY_ARE or pl.implementation == "litgpt":
+        as_they_are = arch.family in LOSS_ON_LOGITS_AS_THEY_ARE or (
+            loss == "upcast-shift" and arch.family in SHIFT_16_BIT_LOGITS_BEFORE_446)
+        if as_they_are or pl.implementation == "litgpt":
             # nn.CrossEntropyLoss on the logits as they are (litgpt's ``chunked_cross_entropy`` too); autocast
             # runs cross_entropy in fp32
             upcast = tr.autocast is not None
@@ -1133,7 +1140,7 @@ class ModelBuilder(Builder):
         self.loss_dtype = lf.dtype
         # the shifted contiguous copy (older HF, remote code) is taken after ``logits.float()`` where the
         # model code upcasts; Qwen (v1) shifts the 16-bit logits and autocast upcasts the shifted copy
-        self.loss_shift_dtype = logits.dtype if arch.family in LOSS_ON_LOGITS_AS_THEY_ARE else lf.dtype
+        self.loss_shift_dtype = logits.dtype if as_they_are else lf.dtype
 
 
 def _variant_key(pl: Plan, i: int, in_rg: bool) -> tuple:

@@ -316,3 +316,22 @@ def test_stranded_blocks_are_released_when_the_device_is_full():
     _, allocated, over = peak_of_phases({"forward": 70 * G, "backward": 80 * G}, zero, True, {"backward": 6 * G},
                                         limit)
     assert allocated + over == 80 * G > limit  # the allocated bytes alone overflow: no release helps
+
+
+@pytest.mark.parametrize("model, shift", [("gpt2-large", "bf16"), ("bloom-7b1", "bf16"), ("opt-6.7b", "bf16"),
+                                          ("llama-2-7b", "fp32")])
+def test_older_transformers_shift_what_each_family_head_returned(model, shift):
+    """Before transformers 4.46 GPT-2, OPT, BLOOM, GPT-NeoX and Falcon shifted the 16-bit logits (autocast's
+    cross_entropy upcasting the shifted copy), the Llama-like models their ``logits.float()`` copy: the first
+    strand two 16-bit blocks at the loss backward, the second one (the dropped 16-bit logits) at both peaks.
+    From 4.46 every family's ``ForCausalLMLoss`` upcasts the unshifted logits."""
+    kw = dict(model=model, precision="bf16-amp", workload={"task": "train", "micro_batch": 2, "seq_len": 512})
+    sc = _lora(loss="upcast-shift", **kw)
+    ct = cost_table_for(sc)
+    n = ct.at(ct.logits_numel, basis(2, 512))
+    mb = micro_bytes(ct, sc.parallel, basis(2, 512), 0, sc.loss)
+    assert ct.loss_shift_dtype == shift
+    blocks = (2, 0) if shift == "bf16" else (1, 1)
+    assert (mb.loss_stranded, mb.loss_stranded_forward) == (blocks[0] * n * 2, blocks[1] * n * 2)
+    new = cost_table_for(_lora(loss="upcast", **kw))
+    assert new.loss_upcast_copy and new.loss_dtype == "fp32"
