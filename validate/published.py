@@ -128,6 +128,11 @@ FSDP_BLOCK_UNIT_FRAMEWORKS = frozenset({"litgpt"})
 # (reduce_bucket_size 2e8, overlap_comm true, contiguous_gradients true) -- the file the Qwen, FastChat and
 # LLaMA-Factory scripts copy.  Plain DeepSpeed scripts keep DeepSpeed's code defaults.
 HF_DEEPSPEED_FRAMEWORKS = frozenset({"transformers", "peft", "trl", "accelerate", "axolotl"})
+# Launched through accelerate's DeepSpeed plugin (an ``accelerate config`` YAML with ``deepspeed_config:`` fields, no
+# DeepSpeed JSON): PEFT's and TRL's examples.  The plugin writes only the stage, the offload devices and
+# gather-on-save (accelerate/utils/dataclasses.py ``DeepSpeedPlugin.__post_init__``), and ``_prepare_deepspeed``
+# fills the hidden-size buckets only into keys set to "auto" (``fill_match``), so DeepSpeed's code defaults hold.
+ACCELERATE_PLUGIN_FRAMEWORKS = frozenset({"peft", "trl", "accelerate"})
 
 
 def _hf_deepspeed_config(zero: int, hidden: int) -> dict[str, Any]:
@@ -708,7 +713,10 @@ def _parallel(sc: dict, arch: ModelArch, training: bool, notes: list[str]) -> di
             out["fsdp"] = "shard_grad_op" if zero == 2 else "full_shard"
         elif zero:
             out["zero"] = zero
-            if sc.get("framework") in HF_DEEPSPEED_FRAMEWORKS:
+            if sc.get("framework") in ACCELERATE_PLUGIN_FRAMEWORKS:
+                notes.append(f"{sc.get('framework')} + DeepSpeed ZeRO-{zero} through accelerate's plugin (no config "
+                             "file): DeepSpeed's code defaults (5e8 reduce buckets)")
+            elif sc.get("framework") in HF_DEEPSPEED_FRAMEWORKS:
                 out.update(_hf_deepspeed_config(zero, arch.hidden))
                 notes.append(f"{sc.get('framework')} + DeepSpeed ZeRO-{zero}: the transformers docs' config "
                              + ("('auto' buckets from the hidden size)" if zero >= 3 else "(2e8 buckets, overlap_comm)"))

@@ -438,9 +438,9 @@ def test_fitted_host_costs_and_fsdp1_gradients_reproduce_their_records():
 
 
 def test_trainer_with_a_deepspeed_config_runs_deepspeeds_engine_and_the_docs_buckets():
-    """HF Trainer / accelerate + a ZeRO stage: DeepSpeed owns the precision (accelerate leaves native autocast
-    off under DistributedType.DEEPSPEED), and the config is the transformers docs' one: 2e8 buckets with
-    overlap_comm at stages 1-2, the "auto" buckets from the hidden size at stage 3."""
+    """HF Trainer + a ZeRO stage: DeepSpeed owns the precision (accelerate leaves native autocast off under
+    DistributedType.DEEPSPEED), and the config is the transformers docs' one: 2e8 buckets with overlap_comm at
+    stages 1-2, the "auto" buckets from the hidden size at stage 3.  Through accelerate's plugin: DeepSpeed's own."""
     for zero, buckets in ((2, (200_000_000, 100_000)), (3, (4096 * 4096, 40_960))):
         notes: list[str] = []
         sc = record_to_scenario(_record(framework="transformers", precision="bf16-amp", n_gpus=2,
@@ -459,6 +459,16 @@ def test_trainer_with_a_deepspeed_config_runs_deepspeeds_engine_and_the_docs_buc
     sc = record_to_scenario(_record(framework="deepspeed", precision="bf16-amp", n_gpus=2,
                                     parallel={"zero_stage": 2}), [])
     assert (sc.precision, sc.parallel.reduce_bucket_elems, sc.parallel.ipg_buffers) == ("bf16", 500_000_000, 1)
+    # PEFT's and TRL's examples launch DeepSpeed through accelerate's plugin (no JSON): nothing is "auto", so
+    # DeepSpeed's code defaults hold at stage 3 too
+    for fw in ("peft", "trl", "accelerate"):
+        notes = []
+        sc = record_to_scenario(_record(framework=fw, precision="bf16-amp", n_gpus=2, parallel={"zero_stage": 3}),
+                                notes)
+        assert sc.parallel.zero == 3 and sc.precision == "bf16"
+        assert (sc.parallel.reduce_bucket_elems, sc.parallel.stage3_prefetch_bucket_elems,
+                sc.parallel.stage3_param_persistence_threshold) == (500_000_000, 50_000_000, 100_000)
+        assert any("accelerate's plugin" in n for n in notes)
 
 
 def test_a_run_that_was_measured_recomputed_when_it_could_not_fit_without():
