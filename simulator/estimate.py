@@ -319,9 +319,8 @@ def peak_of_phases(phases: dict[str, Any], transients: dict[str, Any], expandabl
     stranded = stranded or {}
     names = list(phases)
     vals = [phases[k] for k in names]
-    reserved = [v + mem.reserved_overhead_bytes(transients[k], v, expandable_segments, stranded.get(k, 0.0))
-                for k, v in zip(names, vals)]
     kept = [v + mem.reserved_overhead_bytes(transients[k], v, expandable_segments) for k, v in zip(names, vals)]
+    reserved = [r + stranded.get(k, 0.0) for k, r in zip(names, kept)]
     if any(isinstance(v, np.ndarray) for v in (*vals, *reserved, limit)):
         idx, allocated, most, floor = 0, vals[0], reserved[0], kept[0]
         for j in range(1, len(names)):

@@ -322,11 +322,9 @@ def loss_transient_bytes(mode: str, logits_numel: float, logits_dtype: str, loss
     if mode in ("upcast", "upcast-shift"):
         forward = loss_forward_transient_bytes(logits_numel, logits_dtype, upcast_copy)
         if mode == "upcast-shift":
-            shift = logits_numel * dtype_bytes(shift_dtype)
-            # ``logits = logits.float()`` drops the 16-bit logits before the fp32 shifted copy is made
-            freed = (logits_numel * dtype_bytes(logits_dtype)
-                     if upcast_copy and dtype_bytes(shift_dtype) >= 4.0 and dtype_bytes(logits_dtype) < 4.0 else 0.0)
-            forward = max(forward, forward - freed + shift) if freed else forward + shift
+            # the shifted copy; ``logits = logits.float()`` has dropped the 16-bit logits (a block half its size)
+            forward += logits_numel * dtype_bytes(shift_dtype) - loss_forward_stranded_bytes(
+                mode, logits_numel, logits_dtype, upcast_copy, shift_dtype)
         return forward, loss_backward_transient_bytes(logits_numel, loss_dtype)
     chunk = logits_numel / LOSS_CHUNKS
     if mode == "chunked":
@@ -391,19 +389,19 @@ def segment_bytes(request):
 FRAGMENTATION_FRACTION = 0.03
 
 
-def reserved_overhead_bytes(peak_transient, allocated_peak, expandable_segments: bool, stranded=0.0):
-    """Reserved minus allocated at the peak.
+def reserved_overhead_bytes(peak_transient, allocated_peak, expandable_segments: bool):
+    """Reserved minus allocated at the peak, besides the blocks stranded there (those
+    :func:`simulator.estimate.peak_of_phases` adds, e.g. :func:`loss_stranded_bytes`, and releases when the device
+    is full).
 
-    The transient that creates the peak gets a fresh segment (rounded per :func:`segment_bytes`),
-    blocks the step frees before the peak and no request up to the peak fits in stay cached (``stranded``,
-    e.g. :func:`loss_stranded_bytes`), and other cached-but-free blocks add a fragmentation share of the
-    allocated peak.  With ``expandable_segments`` segments grow in place and only the rounding and the
-    stranded blocks remain.
+    The transient that creates the peak gets a fresh segment (rounded per :func:`segment_bytes`), and other
+    cached-but-free blocks add a fragmentation share of the allocated peak.  With ``expandable_segments``
+    segments grow in place and only the rounding remains.
     """
     if isinstance(peak_transient, np.ndarray):
         rounding = np.where(peak_transient > 0, segment_bytes(peak_transient) - peak_transient, 0.0)
     else:
         rounding = segment_bytes(peak_transient) - peak_transient if peak_transient > 0 else 0.0
     if expandable_segments:
-        return rounding + stranded
-    return rounding + stranded + FRAGMENTATION_FRACTION * allocated_peak
+        return rounding
+    return rounding + FRAGMENTATION_FRACTION * allocated_peak

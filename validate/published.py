@@ -121,13 +121,13 @@ FRAMEWORK_DEFAULTS["other"] = _HF
 # (peft.utils.other.fsdp_auto_wrap_policy).  torchtitan / torchtune use FSDP2 and sync every micro-batch.
 FSDP1_FRAMEWORKS = frozenset({"transformers", "peft", "trl", "accelerate", "axolotl", "litgpt"})
 FSDP_BLOCK_UNIT_FRAMEWORKS = frozenset({"litgpt"})
-# DeepSpeed launched by the HF Trainer / accelerate: the configs these frameworks document.  Stage 3 is the
+# DeepSpeed launched by the HF Trainer with a DeepSpeed JSON: the configs these frameworks document.  Stage 3 is the
 # transformers docs' ds_config_zero3.json, whose "auto" values transformers fills from the model
 # (integrations/deepspeed.py trainer_config_finalize: reduce_bucket_size = hidden^2, stage3_prefetch_bucket_size
 # = 0.9 hidden^2, stage3_param_persistence_threshold = 10 hidden); stages 1-2 the docs' ds_config_zero2.json
 # (reduce_bucket_size 2e8, overlap_comm true, contiguous_gradients true) -- the file the Qwen, FastChat and
 # LLaMA-Factory scripts copy.  Plain DeepSpeed scripts keep DeepSpeed's code defaults.
-HF_DEEPSPEED_FRAMEWORKS = frozenset({"transformers", "peft", "trl", "accelerate", "axolotl"})
+HF_DEEPSPEED_FRAMEWORKS = frozenset({"transformers", "axolotl"})
 # Launched through accelerate's DeepSpeed plugin (an ``accelerate config`` YAML with ``deepspeed_config:`` fields, no
 # DeepSpeed JSON): PEFT's and TRL's examples.  The plugin writes only the stage, the offload devices and
 # gather-on-save (accelerate/utils/dataclasses.py ``DeepSpeedPlugin.__post_init__``), and ``_prepare_deepspeed``
