@@ -90,9 +90,11 @@ class TrainGrid:
                     for part in compute.op_arrays(ct)]
         return self._cached(("parts", c, cp), make)
 
-    def _stage_tables(self, cp: int, pp: int, stage: int, fetch_threshold: int | None) -> tuple[np.ndarray, int]:
+    def _stage_tables(self, cp: int, pp: int, stage: int, fetch_threshold: int | None,
+                      fetch_waits: bool = True) -> tuple[np.ndarray, int]:
         """A stage's compute per (cost table, field, device, tensor-parallel degree, micro-batch), and its blocks
-        (``fetch_threshold``: ZeRO-3's persistence threshold when its per-module fetches cost host time)."""
+        (``fetch_threshold``: ZeRO-3's persistence threshold when its per-module fetches cost host time;
+        ``fetch_waits``: :func:`timing.zero3_fetch_waits`)."""
         def make() -> tuple[np.ndarray, int]:
             out = np.empty((len(self.tables), 4, len(self.devices.devices), len(self.tps), len(self.mbs)))
             n_blocks = 0
@@ -100,19 +102,22 @@ class TrainGrid:
                 counts = timing.part_counts(ct, pp, stage)
                 n_blocks = len(sh.stage_layer_ranges(ct.n_blocks, pp)[stage])
                 s = timing.combine_parts(self._part_times(c, cp), counts, n_blocks, True,
-                                         timing.fetch_host_times(ct, fetch_threshold))
+                                         timing.fetch_host_times(ct, fetch_threshold), fetch_waits)
                 for j, f in enumerate(("forward_s", "backward_s", "recompute_s", "attention_s")):
                     out[c, j] = getattr(s, f)
             return out, n_blocks
-        return self._cached(("stage tables", cp, pp, stage, fetch_threshold), make)
+        return self._cached(("stage tables", cp, pp, stage, fetch_threshold, fetch_waits), make)
 
     def _stage_compute(self, dev: Device, par, stage: int) -> timing.StageCompute:
         """A stage's compute per (family, micro-batch) for one device and layout."""
         def make() -> timing.StageCompute:
-            tables, n_blocks = self._stage_tables(par.cp, par.pp, stage, timing.zero3_fetch_threshold(par))
+            tables, n_blocks = self._stage_tables(par.cp, par.pp, stage, timing.zero3_fetch_threshold(par),
+                                                  timing.zero3_fetch_waits(par))
             rows = tables[self.table_of, :, self.device_index[dev.name], self.tps.index(par.tp)]
             return timing.StageCompute(rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3], n_blocks)
-        return self._cached(("stage", dev.name, par.tp, par.cp, par.pp, stage, timing.zero3_fetch_threshold(par)), make)
+        key = ("stage", dev.name, par.tp, par.cp, par.pp, stage, timing.zero3_fetch_threshold(par),
+               timing.zero3_fetch_waits(par))
+        return self._cached(key, make)
 
     # ---- per layout -----------------------------------------------------------------------
 

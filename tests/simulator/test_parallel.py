@@ -258,6 +258,26 @@ def test_zero3_fetch_hooks_cost_host_time_per_module_and_pass():
     assert ef.time.forward_s == pytest.approx(e2.time.forward_s)
 
 
+def test_zero3_fetch_hooks_on_one_rank_run_ahead_of_the_gpu():
+    """With one rank nothing is gathered: the hooks are host time that hides behind the GPU's work like the
+    kernels' launches, and shows only where the host is the slower.  Across ranks they add to the pass."""
+    for mb, seq, host_bound in ((1, 128, True), (4, 8192, False)):
+        w = {"micro_batch": mb, "seq_len": seq, "grad_accum": 2}
+        plain = estimate(_sc({}, workload=w), what_fits=False)
+        one = estimate(_sc({"zero": 3}, workload=w), what_fits=False)
+        ct = cost_table_for(_sc({"zero": 3}, workload=w))
+        fetch = 2 * sum(compute.zero3_fetch_host_s(p, 100_000) * (16 if p.where == "block" else 1)
+                        for p in compute.op_arrays(ct))  # one forward pass of 2 micro-batches
+        if host_bound:  # the host issues the kernels and walks the hooks while the GPU idles
+            assert one.time.forward_s > plain.time.forward_s + 0.5 * fetch
+        else:  # the GPU's work hides the hooks
+            assert one.time.forward_s == pytest.approx(plain.time.forward_s, rel=1e-9)
+            assert one.time.backward_s == pytest.approx(plain.time.backward_s, rel=1e-9)
+        two = estimate(_sc({"dp": 2, "zero": 3}, workload=w), what_fits=False)
+        two_plain = estimate(_sc({"dp": 2, "zero": 2}, workload=w), what_fits=False)
+        assert two.time.forward_s - two_plain.time.forward_s == pytest.approx(fetch, rel=1e-9)
+
+
 def _lora_ds(r: int, par: dict, **kw) -> Scenario:
     return _sc({"dp": 2, **par}, method={"kind": "lora", "r": r, "targets": "all-linear"}, precision="bf16", **kw)
 
