@@ -536,6 +536,44 @@ def _source_year(source: dict | None) -> int | None:
     return max(years) if years else None
 
 
+# The settings a source's own training scripts fix where its record leaves them unstated.  Keyed by the
+# repository its source names; each entry cites the script.
+#   QwenLM/Qwen (README 'Profiling of Memory and Speed', Oct-Nov 2023, finetune.py + finetune/*.sh at e8e1596):
+#   finetune.py ``LoraArguments`` defaults r=64, alpha=16, dropout 0.05 on c_attn, c_proj, w1, w2; the DeepSpeed
+#   runs take the config their script passes -- finetune_ds.sh (full) ``--deepspeed finetune/ds_config_zero3.json``,
+#   finetune_lora_ds.sh / finetune_qlora_ds.sh ``ds_config_zero2.json`` -- and finetune.py hands DeepSpeed the
+#   model even on one GPU (``distributed_type = DistributedType.DEEPSPEED`` when WORLD_SIZE is 1).
+SOURCE_SCRIPT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "QwenLM/Qwen": {
+        "lora": {"r": 64, "alpha": 16, "dropout": 0.05, "targets": ["c_attn", "c_proj", "w1", "w2"]},
+        "deepspeed_zero": {"full": 3, "lora": 2, "qlora": 2},
+    },
+}
+
+
+def _source_script_defaults(rec: dict, notes: list[str]) -> dict:
+    """The record's scenario with what its source's scripts fix filled into the unstated fields
+    (:data:`SOURCE_SCRIPT_DEFAULTS`): the LoRA config, and the ZeRO stage of a run the record says DeepSpeed
+    drove."""
+    sc = rec["scenario"]
+    where = " ".join(str(v) for v in (rec.get("source") or {}).values())
+    repo = next((k for k in SOURCE_SCRIPT_DEFAULTS if re.search(rf"\b{re.escape(k)}\b(?!-)", where)), None)
+    if repo is None:
+        return sc
+    d = SOURCE_SCRIPT_DEFAULTS[repo]
+    out = dict(sc)
+    if sc.get("method") in ("lora", "qlora", "dora") and sc.get("lora") is None and "lora" in d:
+        out["lora"] = {**d["lora"], "modules_to_save": None}
+        notes.append(f"LoRA config unstated: {repo}'s script defaults r={d['lora']['r']} on {d['lora']['targets']}")
+    par = sc.get("parallel") or {}
+    strategy = str((rec.get("parallel") or {}).get("strategy") or "").lower()
+    stage = d.get("deepspeed_zero", {}).get(sc.get("method"))
+    if "deepspeed" in strategy and par.get("zero_stage") is None and not par.get("fsdp") and stage:
+        out["parallel"] = {**par, "zero_stage": stage}
+        notes.append(f"DeepSpeed stage unstated: {repo}'s {sc.get('method')} script passes ZeRO-{stage}")
+    return out
+
+
 def _torch_version(rec: dict) -> tuple[int, int] | None:
     """(major, minor) of the PyTorch release the record's text names ("PyTorch 2.0", "torch 2.0.1",
     "PyTorch 2.1.0+cu121"), when it names exactly one."""
@@ -752,7 +790,7 @@ def _deepspeed_precision(precision: str, source_text: str, notes: list[str]) -> 
 def record_to_scenario(rec: dict, notes: list[str] | None = None) -> Scenario:
     """The record's ``scenario`` as a fitsim Scenario; raises :class:`Unsupported` (or a validation error)."""
     notes = [] if notes is None else notes
-    sc = rec["scenario"]
+    sc = _source_script_defaults(rec, notes)
     notes_text = str(rec.get("notes") or "").lower()
     arch = _model(sc["model"], notes, notes_text, sc)
     dev = _gpu(sc, (rec.get("target") or {}).get("metric", ""), notes)
