@@ -768,13 +768,17 @@ def _parallel(sc: dict, arch: ModelArch, training: bool, notes: list[str]) -> di
     return out
 
 
-def _deepspeed_precision(precision: str, source_text: str, notes: list[str]) -> tuple[str, dict[str, bool]]:
+def _deepspeed_precision(precision: str, source_text: str, notes: list[str],
+                         stated: bool = True) -> tuple[str, dict[str, bool]]:
     """DeepSpeed's fp16/bf16 engine casts the module to 16 bit and keeps the fp32 master copy in the optimizer
     (no torch.autocast unless its ``torch_autocast`` block is on).  "-pure" (no fp32 master) under ZeRO is the
-    ``bf16_master_weights_and_grads`` + ``bf16_optimizer_states`` mode (DeepSpeed PR #7700)."""
+    ``bf16_master_weights_and_grads`` + ``bf16_optimizer_states`` mode (DeepSpeed PR #7700); a 16-bit checkpoint
+    dtype the record does not state (``stated`` False) is the engine's usual mode, with the fp32 master."""
     half = precision.removesuffix("-amp")
     flags: dict[str, bool] = {}
-    if precision in ("bf16", "fp16"):
+    if precision in ("bf16", "fp16") and not stated:
+        notes.append(f"precision unstated: DeepSpeed's {half} engine keeps its fp32 master copy")
+    elif precision in ("bf16", "fp16"):
         if half != "bf16":
             raise Unsupported("DeepSpeed without an fp32 master copy exists for bf16 only (bf16_master_weights_and_grads)")
         flags = {"bf16_master_weights_and_grads": True, "bf16_optimizer_states": True}
@@ -797,7 +801,8 @@ def record_to_scenario(rec: dict, notes: list[str] | None = None) -> Scenario:
     d = _defaults(sc)
     wq = sc.get("weight_quant") or "none"
     quantized = wq != "none"
-    precision = _precision(sc, arch, dev, quantized, notes)
+    # QLoRA's base is quantized whether or not the record names the format (NF4 then, see _method)
+    precision = _precision(sc, arch, dev, quantized or sc.get("method") == "qlora", notes)
     attention = _attention(sc, arch, precision, notes, _source_year(rec.get("source")))
 
     if sc.get("task") == "infer" or sc.get("method") == "inference":
@@ -841,7 +846,8 @@ def record_to_scenario(rec: dict, notes: list[str] | None = None) -> Scenario:
     ds_engine = zero >= 1 and not (sc.get("parallel") or {}).get("fsdp") \
         and precision in ("bf16-amp", "fp16-amp", "bf16", "fp16")
     if ds_engine:
-        precision, ds_flags = _deepspeed_precision(precision, str(rec.get("precision") or "").lower(), notes)
+        precision, ds_flags = _deepspeed_precision(precision, str(rec.get("precision") or "").lower(), notes,
+                                                   sc.get("precision") is not None)
     method = _method(sc, arch, precision, notes, rec.get("source"), ds_engine)
     mb, seq, ga = sc.get("micro_batch"), sc.get("seq_len"), sc.get("grad_accum")
     for k, v in (("micro_batch", mb), ("seq_len", seq), ("grad_accum", ga)):

@@ -442,6 +442,23 @@ def test_fitted_host_costs_and_fsdp1_gradients_reproduce_their_records():
     assert max(abs(e) for e in _errors(BNB_DECODE).values()) < 0.10
 
 
+def test_unstated_or_loose_precision_under_deepspeed_and_qlora_still_predicts():
+    """A DeepSpeed run with no precision stated loads the checkpoint's fp16 and runs DeepSpeed's fp16 engine
+    (fp32 master in the optimizer), not the bf16-only no-master mode; a QLoRA record that says fp32 computes
+    in 16 bits over its quantized base."""
+    notes: list[str] = []
+    sc = record_to_scenario(_record(framework="transformers", precision=None, n_gpus=2, method="full", lora=None,
+                                    parallel={"zero_stage": 3}), notes)
+    assert sc.precision == "fp16" and sc.parallel.zero == 3
+    assert not sc.parallel.bf16_master_weights_and_grads
+    assert any("fp32 master copy" in n for n in notes)
+    with pytest.raises(Unsupported, match="bf16 only"):  # stated fp16 with no master copy has no DeepSpeed mode
+        record_to_scenario(_record(framework="transformers", precision="fp16-pure", n_gpus=2, method="full",
+                                   lora=None, parallel={"zero_stage": 3}))
+    q = record_to_scenario(_record(framework="peft", method="qlora", weight_quant="none", precision="fp32"))
+    assert q.method.kind == "qlora" and q.precision in ("bf16", "bf16-amp")
+
+
 def test_a_sources_own_scripts_fill_what_its_record_leaves_unstated():
     """The Qwen README's runs: finetune.py's LoRA defaults, and the ZeRO stage each finetune/*.sh passes to a
     run the record says DeepSpeed drove (full: ds_config_zero3.json, LoRA: ds_config_zero2.json)."""
