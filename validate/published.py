@@ -16,6 +16,7 @@ written into the prediction's ``notes``.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -41,7 +42,9 @@ from simulator.config import (
     QLoRA,
     TrainWorkload,
 )
+from simulator.estimate import count_params
 from simulator.graph.build import names_of, target_names
+from simulator.models.catalog import list_models
 
 # ------------------------------------------------------------------------------------------------------------
 # Defaults for unstated fields, per framework
@@ -286,6 +289,42 @@ def _other_family(m: dict, text: str, notes: list[str]) -> str:
     return fam
 
 
+@functools.cache
+def _catalog_counts(family: str) -> tuple[tuple[str, int], ...]:
+    """(name, parameters) of the catalog's decoder-only models of ``family``, smallest first."""
+    out = []
+    for name in list_models():
+        arch = get_model(name)
+        if arch.family == family and arch.arch == "decoder" and arch.moe is None:
+            out.append((name, count_params(arch)))
+    return tuple(sorted(out, key=lambda x: x[1]))
+
+
+def _shape_from_n_params(label: str, n_params: float, fam: str | None, m: dict, notes: list[str]) -> ModelArch:
+    """A record that gives only the parameter count (the schema allows it): the catalog model of its family
+    (Llama's when unnamed, or when the family has none within 2x) nearest in size, its depth scaled so the blocks hold the parameters the embeddings
+    do not.  Weights, gradients and optimizer states follow the count; activations and FLOPs are that
+    family's at the nearest width -- an approximation the note states."""
+    family = fam or "llama"
+    near = [c for c in _catalog_counts(family) if abs(math.log(c[1] / n_params)) <= math.log(2.0)]
+    if not near:  # no model of the family within 2x: Llama's widths span 1B to 405B
+        family, near = "llama", list(_catalog_counts("llama"))
+    ref_name, ref_n = min(near, key=lambda x: abs(math.log(x[1] / n_params)))
+    ref = get_model(ref_name)
+    one, two = (count_params(ModelArch.model_validate({**ref.model_dump(), "n_layers": k})) for k in (1, 2))
+    per_block, outside = two - one, 2 * one - two  # a block's parameters; the embeddings, head and final norm
+    layers = max(1, round((n_params - outside) / per_block))
+    upd: dict[str, Any] = {"name": label, "hf_id": m.get("hf_id"), "n_layers": layers, "source": "published record"}
+    if m.get("vocab"):
+        upd["vocab"] = int(m["vocab"])
+    if m.get("tied_embeddings") is not None:
+        upd["tied_embeddings"] = bool(m["tied_embeddings"])
+    arch = ModelArch.model_validate({**ref.model_dump(), **upd})
+    notes.append(f"model {label!r}: only n_params={n_params:.3g} given -> {ref_name}'s shape ({family}) with "
+                 f"{layers} blocks instead of {ref.n_layers} ({count_params(arch):.3g} parameters)")
+    return arch
+
+
 def _model(m: dict, notes: list[str], text: str = "", sc: dict | None = None) -> ModelArch:
     errors = []
     for key in ("hf_id", "name"):
@@ -312,6 +351,9 @@ def _model(m: dict, notes: list[str], text: str = "", sc: dict | None = None) ->
     needed = {"n_layers": m.get("n_layers"), "hidden": m.get("hidden"), "n_heads": m.get("n_heads"),
               "intermediate": intermediate, "vocab": vocab}
     missing = [k for k, v in needed.items() if not v]
+    shape_given = any(m.get(k) for k in ("n_layers", "hidden", "n_heads", "intermediate"))
+    if m.get("n_params") and not shape_given and (fam is not None or not raw_family or raw_family == "other"):
+        return _shape_from_n_params(str(label), float(m["n_params"]), fam, m, notes)
     if fam is None:
         raise Unsupported(f"model {label!r} not in the catalog and family {m.get('family')!r} has no operator template")
     if missing:

@@ -92,11 +92,14 @@ def test_public_comparable_records_mostly_ok():
 
 def test_unknown_model_is_unsupported():
     r = _record(model={"name": "NoSuchModel-3B", "hf_id": "nobody/NoSuchModel-3B", "family": "llama",
-                       "n_params": 3e9, "n_layers": None, "hidden": None})
+                       "n_params": None, "n_layers": None, "hidden": None})
     p = predict_record(r)
     assert p["status"] == "unsupported"
     assert "n_params" in p["reason"] or "catalog" in p["reason"]
     assert p["predicted"] is None
+    # with its parameter count it takes Llama's nearest shape (test_a_model_known_only_by_its_parameter_count...)
+    r["scenario"]["model"]["n_params"] = 3e9
+    assert predict_record(r)["status"] == "ok"
 
 
 def test_unknown_model_with_full_arch_is_built():
@@ -440,6 +443,26 @@ def test_fitted_host_costs_and_fsdp1_gradients_reproduce_their_records():
     # throughput records: predicted tokens/s over measured
     assert max(abs(e) for e in _errors(EAGER_DECODE).values()) < 0.15
     assert max(abs(e) for e in _errors(BNB_DECODE).values()) < 0.10
+
+
+def test_a_model_known_only_by_its_parameter_count_takes_its_familys_nearest_shape():
+    from simulator.estimate import count_params
+    from validate.published import _model
+    for family, n, shape in ((None, 13e9, "llama"), ("gpt", 175e9, "gpt2"), ("bloom", 176e9, "llama"),
+                             ("qwen", 7.7e9, "qwen")):
+        notes: list[str] = []
+        arch = _model({"name": "m", "family": family, "n_params": n}, notes)
+        assert arch.family == shape
+        assert abs(count_params(arch) / n - 1) < 0.02  # depth scaled to the count
+        assert any("only n_params" in x for x in notes)
+    # a shape the record half states stays an error naming what is missing
+    with pytest.raises(Unsupported, match="lacks"):
+        _model({"name": "m", "family": "llama", "n_params": 7e9, "hidden": 4096}, [])
+    # and the record predicts: inference weights of 13B parameters in fp16
+    rec = _record(model={"name": "some-13b", "family": None, "n_params": 13e9}, task="infer", method="inference",
+                  lora=None, precision="fp16-pure", inference={"batch": 1, "prompt_len": 16, "gen_len": 16})
+    p = predict_record(rec)
+    assert p["status"] == "ok" and 26.0 < p["predicted"] < 30.0
 
 
 def test_unstated_or_loose_precision_under_deepspeed_and_qlora_still_predicts():
