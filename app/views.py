@@ -34,6 +34,12 @@ def chart(fig: Any, key: str) -> None:
 def verdict(e: Estimate) -> None:
     """The fits / does-not-fit banner with the margin, and what to change when it does not fit."""
     where = f"peak {gib(e.peak_memory_bytes)} of {gib(e.device_memory_bytes)} on {e.gpu}, during {e.peak_phase}"
+    pool = e.engine_pool
+    if pool is not None and e.fits:  # a serving engine fills its share with its KV pool
+        st.success(f"**Fits** in the engine's {gib(pool.share_bytes)}: its KV pool holds {pool.pool_tokens:,} tokens, "
+                   f"{pool.concurrency} sequences at once" + (f" in {pool.waves} waves" if pool.waves > 1 else "")
+                   + f" ({where}).")
+        return
     if e.fits:
         st.success(f"**Fits** with {gib(e.headroom_bytes)} headroom ({where}).")
         return

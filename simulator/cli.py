@@ -182,7 +182,7 @@ def build_scenario_dict(args: argparse.Namespace) -> dict[str, Any]:
     wl = _sub(data, "workload") if "workload" in data else {}
     given_train = [f for f in TRAIN_FLAGS if getattr(args, f) is not None]
     given_infer = [f for f in INFER_FLAGS if getattr(args, f) is not None]
-    infer_hint = bool(given_infer) or args.weights is not None or args.kv_dtype is not None
+    infer_hint = bool(given_infer) or any(getattr(args, f) is not None for f in INFERENCE_FLAGS)
     file_task = wl.get("task") or ("infer" if any(k in wl for k in INFER_FLAGS) else "train" if wl else None)
     task = args.task or file_task or ("infer" if infer_hint and not given_train else "train")
     if args.task and file_task and args.task != file_task and args.task in WORKLOAD_CLASSES:
@@ -244,14 +244,16 @@ def build_scenario_dict(args: argparse.Namespace) -> dict[str, Any]:
             ck.setdefault("mode", "every_k")
         data["checkpointing"] = ck
     _apply_parallel_flags(args, data)
-    if args.weights is not None or args.kv_dtype is not None:
+    if any(getattr(args, f) is not None for f in INFERENCE_FLAGS):
         inf = _sub(data, "inference")
-        if args.weights is not None:
-            inf["weights"] = args.weights
-        if args.kv_dtype is not None:
-            inf["kv_dtype"] = args.kv_dtype
+        for f in INFERENCE_FLAGS:
+            if getattr(args, f) is not None:
+                inf[f] = getattr(args, f)
         data["inference"] = inf
     return data
+
+
+INFERENCE_FLAGS = ("weights", "kv_dtype", "engine", "gpu_memory_utilization", "max_num_seqs")
 
 
 PARALLEL_FLAGS = ("tp", "pp", "cp", "ep", "zero", "fsdp", "pp_schedule", "pp_virtual")
@@ -399,6 +401,9 @@ loss: upcast                 # upcast (HF fp32 logits) | upcast-shift | chunked 
 inference:                   # task infer only
   weights: none              # none | int8 | nf4 | fp4 | gptq | awq | fp8
   kv_dtype: auto             # auto | bf16 | fp16 | fp32 | fp8 | int8
+  engine: transformers       # transformers (generate) | vllm (KV pool up front, CUDA-graph decode)
+  gpu_memory_utilization: 0.9  # engine vllm: the device share its pool fills
+  max_num_seqs: 256          # engine vllm: the most sequences decoded at once
 expandable_segments: false   # PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 """
 
@@ -479,6 +484,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--padded-batches", action="store_true", help=_doc(Scenario, "padded_batches"))
     g.add_argument("--weights", metavar="W", help=_doc(InferenceQuant, "weights") + " (implies --task infer)")
     g.add_argument("--kv-dtype", metavar="D", help=_doc(InferenceQuant, "kv_dtype") + " (implies --task infer)")
+    g.add_argument("--engine", metavar="transformers|vllm", help=_doc(InferenceQuant, "engine", choices=False)
+                   + " (implies --task infer)")
+    g.add_argument("--gpu-memory-utilization", type=float, metavar="F",
+                   help=_doc(InferenceQuant, "gpu_memory_utilization") + " (implies --task infer)")
+    g.add_argument("--max-num-seqs", type=int, metavar="N", help=_doc(InferenceQuant, "max_num_seqs")
+                   + " (implies --task infer)")
     g.add_argument("--expandable-segments", action="store_true", help=_doc(Scenario, "expandable_segments"))
     g = e.add_argument_group("parallelism, hardware and cost")
     g.add_argument("--gpus", type=int, metavar="N", help="GPUs in all; data parallel = N / (tp x pp x cp)")

@@ -20,9 +20,9 @@ from .graph.compile import CostTable, compile_trace
 from .graph.build import trace_model
 from .graph.ir import basis
 from .graph.transforms import plan_of
-from .results import Cost, Estimate, FlopBreakdown, MemoryBreakdown, Suggestion, TimeBreakdown
+from .results import Cost, EnginePool, Estimate, FlopBreakdown, MemoryBreakdown, Suggestion, TimeBreakdown
 from .uncertainty import uncertainty
-from .units import dtype_bytes, last_true
+from .units import dtype_bytes, fmt_bytes, last_true
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,28 +408,39 @@ def _infer_memory(sc: Scenario, ct: CostTable, dev: Device, stage: int = 0
     weights = rp.frozen_bytes + rp.quant_bytes + rp.trainable_bytes
     scales = rp.scale_bytes
     ctx = w.prompt_len + w.gen_len
+    paged = sc.inference.engine == "vllm"
+    seqs = w.batch
+    if paged:  # whole blocks per sequence, for the sequences the engine runs at once
+        ctx = mem.paged_context_tokens(ctx, sc.inference.kv_block_tokens)
+        seqs = min(w.batch, sc.inference.max_num_seqs)
     # KV heads split over TP ranks; with tp > n_kv_heads each rank keeps one (replicated) head
     kv_heads = max(1, arch.kv_heads // par.tp) if arch.kv_heads >= par.tp else 1
     n_layers = round(arch.decoder_layers * len(sh.stage_layer_ranges(ct.n_blocks, par.pp)[stage]) / max(1, ct.n_blocks))
     window = dict(sliding_window=arch.sliding_window,
                   full_layers=None if arch.full_attention_layers is None else
                   round(arch.full_attention_layers * n_layers / max(1, arch.decoder_layers)))
-    kv = mem.kv_cache_bytes(n_layers, kv_heads, arch.d_head, ctx, w.batch, kv_dtype(sc, ct), **window)
-    kv_prefill = mem.kv_cache_bytes(n_layers, kv_heads, arch.d_head, w.prompt_len, w.batch, kv_dtype(sc, ct), **window)
+    kv = mem.kv_cache_bytes(n_layers, kv_heads, arch.d_head, ctx, seqs, kv_dtype(sc, ct), **window)
+    kv_prefill = (kv if paged else  # the pool exists before the first prompt
+                  mem.kv_cache_bytes(n_layers, kv_heads, arch.d_head, w.prompt_len, w.batch, kv_dtype(sc, ct), **window))
     if arch.arch == "encoder":  # one bidirectional forward: nothing is cached
         kv = kv_prefill = 0.0
     T = w.batch * w.prompt_len
     prefill_tr = forward_block_transient_bytes(sc, ct, w.batch, w.prompt_len)
+    if paged:
+        # the engine sizes its pool after profiling one forward over its token budget (vLLM's
+        # max_num_batched_tokens: at least 2048, a whole prompt without chunking); the pool then fills what is left
+        T = max(mem.VLLM_PROFILE_TOKENS, w.prompt_len)
+        prefill_tr = forward_block_transient_bytes(sc, ct, 1, T)
     last = stage == par.pp - 1
     # generate() computes logits for the last position only and copies them to fp32 (on the last stage)
-    logits = mem.generation_logits_bytes(w.batch, arch.vocab, cd, par.tp) if last else 0.0
+    logits = mem.generation_logits_bytes(seqs, arch.vocab, cd, par.tp) if last else 0.0
     deq = ct.max_dequant_bytes / par.tp
     if w.prefill_logits == "all" and last:
         # a plain forward returns every position's logits; at the head the normed hidden states are live too
         prefill_tr = max(prefill_tr, mem.prefill_head_bytes(T, arch.hidden, arch.vocab, cd, par.tp)) + deq
     else:
         prefill_tr = prefill_tr + max(logits, deq)
-    decode_tr = forward_block_transient_bytes(sc, ct, w.batch, 1) + logits + deq
+    decode_tr = forward_block_transient_bytes(sc, ct, seqs, 1) + logits + deq
     ws = dev.cublas_workspace_bytes + dev.cublaslt_workspace_bytes
     phases = {
         "prefill": weights + scales + kv_prefill + prefill_tr + ws,
@@ -480,7 +491,20 @@ def _stage_peak(sc: Scenario, ct: CostTable, dev: Device, stage: int) -> dict[st
     reserved = allocated + over
     total = reserved + paged + dev.cuda_context_bytes
     b = bd[phase].model_copy(update={"allocator_overhead": over, "cuda_context": dev.cuda_context_bytes})
+    limit, needed, running, spare = memory_limit_bytes(sc, dev), total, total, 0.0
+    if engine_pool(sc):
+        # the serving engine starts when its share holds the weights, the profiled forward and one sequence; it
+        # then allocates its KV pool up front to fill the share (the device shows the share) and runs as many
+        # sequences at once as the pool holds, the others waiting
+        w = sc.workload
+        one_seq = b.kv_cache / min(w.batch, sc.inference.max_num_seqs)
+        needed = total - b.kv_cache + one_seq
+        if needed <= limit:
+            spare = limit - total  # negative where the pool holds fewer than the requested sequences
+            allocated, reserved, total = allocated + spare, reserved + spare, limit
+            b = b.model_copy(update={"kv_cache": b.kv_cache + spare})
     return dict(phases=phases, phase=phase, allocated=allocated, reserved=reserved, total=total, breakdown=b,
+                limit=limit, needed=needed, running=running, pool_spare=spare,
                 stage=stage, host_bytes=ms.host_bytes, nvme_bytes=ms.nvme_bytes,
                 model_states=ms.weights + ms.quant_data + ms.quant_scales + ms.trainable_weights + ms.gradients
                 + ms.optimizer_states + ms.paged_bytes)
@@ -489,12 +513,31 @@ def _stage_peak(sc: Scenario, ct: CostTable, dev: Device, stage: int) -> dict[st
 def _peak(sc: Scenario, ct: CostTable, dev: Device) -> dict[str, Any]:
     """The rank with the largest peak (over pipeline stages), with every checked stage's total."""
     peaks = [_stage_peak(sc, ct, dev, st) for st in sh.stages_to_check(sc.parallel.pp)]
-    worst = max(peaks, key=lambda p: p["total"])
+    worst = max(peaks, key=lambda p: p["needed"])
     return {**worst, "stage_totals": {p["stage"]: p["total"] for p in peaks}}
 
 
-def _time_and_cost(sc: Scenario, ct: CostTable, dev: Device, flops: FlopBreakdown, tokens: int
-                   ) -> tuple[TimeBreakdown, Cost]:
+def engine_pool_of(sc: Scenario, p: dict[str, Any]) -> EnginePool | None:
+    """A serving engine's KV pool and the sequences it decodes at once: the batch, capped by its max_num_seqs and
+    by the sequences of ``prompt_len + gen_len`` tokens (whole blocks) the pool holds, at least one; None
+    without a pool-sizing engine."""
+    if not engine_pool(sc):
+        return None
+    w = sc.workload
+    seqs = min(w.batch, sc.inference.max_num_seqs)
+    kv_needed = p["breakdown"].kv_cache - p["pool_spare"]  # the requested sequences'
+    pool = max(0.0, p["limit"] - (p["running"] - kv_needed))
+    seq_tokens = mem.paged_context_tokens(w.prompt_len + w.gen_len, sc.inference.kv_block_tokens)
+    per_seq = kv_needed / seqs if seqs else 0.0
+    held = int(pool // per_seq) if per_seq > 0 else seqs
+    run = max(1, min(seqs, held))
+    return EnginePool(share_bytes=p["limit"], needed_bytes=p["running"], pool_bytes=pool,
+                      pool_tokens=int(pool // (per_seq / seq_tokens)) if per_seq > 0 else 0,
+                      concurrency=run, waves=-(-w.batch // run))
+
+
+def _time_and_cost(sc: Scenario, ct: CostTable, dev: Device, flops: FlopBreakdown, tokens: int,
+                   concurrency: int | None = None) -> tuple[TimeBreakdown, Cost]:
     system = _system(sc)
     n = sc.parallel.n_gpus
     dtype = compute.matmul_dtype(ct.plan.precision.compute_dtype, sc.precision)
@@ -508,7 +551,7 @@ def _time_and_cost(sc: Scenario, ct: CostTable, dev: Device, flops: FlopBreakdow
                                             "optimizer_s", "offload_s")}
         model_flops = flops.forward + flops.backward
     else:
-        t = timing.infer_time(sc, ct, dev, system)
+        t = timing.infer_time(sc, ct, dev, system, concurrency)
         step = t.total_s
         parts = dict(prefill_s=t.prefill_s, decode_per_token_s=t.decode_per_token_s, tp_comm_s=t.tp_comm_s)
         model_flops = flops.forward
@@ -540,9 +583,21 @@ def _time_and_cost(sc: Scenario, ct: CostTable, dev: Device, flops: FlopBreakdow
     return tb, c
 
 
+def engine_pool(sc: Scenario) -> bool:
+    """Inference under a serving engine that allocates its KV pool up front (InferenceQuant.engine)."""
+    return not sc.is_training and sc.inference.engine == "vllm"
+
+
+def memory_limit_bytes(sc: Scenario, dev: Device) -> float:
+    """The device memory a setup may use: all of it, or a serving engine's share (gpu_memory_utilization)."""
+    if engine_pool(sc):
+        return sc.inference.gpu_memory_utilization * dev.memory_total_bytes
+    return dev.memory_total_bytes
+
+
 def _fits(sc: Scenario, ct: CostTable, dev: Device) -> tuple[bool, float]:
     p = _peak(sc, ct, dev)
-    return p["total"] <= dev.memory_total_bytes, p["total"]
+    return p["needed"] <= p["limit"], p["needed"]
 
 
 def _with(sc: Scenario, **upd: Any) -> Scenario:
@@ -644,7 +699,7 @@ def _estimate(sc: Scenario, what_fits: bool, with_time: bool = True) -> Estimate
     ct = cost_table_for(sc)
     p = _peak(sc, ct, dev)
     flops, tokens = _flops(sc, ct)
-    fits = p["total"] <= dev.memory_total_bytes
+    fits = p["needed"] <= p["limit"]
     b, s, skv = _dims(sc, ct)
     B = basis(b, s, skv)
     mezo = sc.is_training and sc.optimizer.forward_only  # its forwards run in inference mode: nothing saved
@@ -693,9 +748,17 @@ def _estimate(sc: Scenario, what_fits: bool, with_time: bool = True) -> Estimate
         if not fits:
             suggestions = _suggestions(sc, dev)
     time = cost_ = None
+    pool = engine_pool_of(sc, p)
+    if pool is not None:
+        w = sc.workload
+        notes.append(f"{sc.inference.engine}: the KV pool ({fmt_bytes(pool.pool_bytes)}) holds {pool.pool_tokens:,} "
+                     f"tokens; {pool.concurrency} of the {w.batch} sequences of {w.prompt_len + w.gen_len} tokens run at "
+                     f"once (max_num_seqs {sc.inference.max_num_seqs})"
+                     + (f", the batch in {pool.waves} waves" if pool.waves > 1 else "")
+                     + "; decode steps replay CUDA graphs")
     if with_time:
-        time, cost_ = _time_and_cost(sc, ct, dev, flops, tokens)
-    unc = uncertainty(p["total"], dev.cuda_context_bytes, dev.memory_total_bytes, time.step_s if time else None,
+        time, cost_ = _time_and_cost(sc, ct, dev, flops, tokens, pool.concurrency if pool else None)
+    unc = uncertainty(p["needed"], dev.cuda_context_bytes, p["limit"], time.step_s if time else None,
                       sc.parallel.n_gpus, sc.workload.task, sc.method.kind)
     return Estimate(
         n_gpus=sc.parallel.n_gpus, system=system.name, peak_stage=p["stage"],
@@ -705,10 +768,11 @@ def _estimate(sc: Scenario, what_fits: bool, with_time: bool = True) -> Estimate
         model=sc.model.name, gpu=dev.name, task=sc.workload.task, method=sc.method.kind, fits=fits,
         peak_memory_bytes=p["total"], peak_allocated_bytes=p["allocated"], peak_reserved_bytes=p["reserved"],
         peak_phase=p["phase"], phase_allocated_bytes=p["phases"], memory_bytes=p["breakdown"],
-        device_memory_bytes=dev.memory_total_bytes, headroom_bytes=dev.memory_total_bytes - p["total"],
+        device_memory_bytes=dev.memory_total_bytes, headroom_bytes=p["limit"] - p["needed"],
         n_params=ct.n_params, n_trainable_params=ct.n_trainable, flops=flops, flops_per_step=flops.per_step,
         tokens_per_step=tokens, activations_by_layer=acts_by_layer, max_batch_that_fits=max_batch,
         max_seq_len_that_fits=max_len, suggestions=suggestions, warnings=warnings, notes=notes, uncertainty=unc,
+        engine_pool=pool,
     )
 
 

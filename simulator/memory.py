@@ -339,6 +339,16 @@ def loss_transient_bytes(mode: str, logits_numel: float, logits_dtype: str, loss
 # ---------------------------------------------------------------------------------------------
 
 
+# vLLM profiles one forward over its token budget before sizing the KV pool: max_num_batched_tokens, at least
+# 2048 (vllm/config.py SchedulerConfig: max(max_model_len, 2048) without chunked prefill, 2048 or more with it).
+VLLM_PROFILE_TOKENS = 2048
+
+
+def paged_context_tokens(tokens: int, block_tokens: int) -> int:
+    """Tokens of KV cache a sequence of ``tokens`` holds in a paged pool: whole blocks of ``block_tokens``."""
+    return -(-tokens // block_tokens) * block_tokens
+
+
 def kv_cache_bytes(n_layers: int, n_kv_heads: int, head_dim: int, tokens: int, batch: int, dtype: str,
                    *, sliding_window: int | None = None, full_layers: int | None = None) -> float:
     """2 (K and V) x layers x kv heads x head_dim x context x batch x bytes/element.

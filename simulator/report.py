@@ -144,7 +144,14 @@ def header(e: Estimate, scenario: Scenario | None = None) -> list[str]:
 
 
 def verdict(e: Estimate) -> str:
-    """'FITS with 12.30 GiB headroom' or 'DOES NOT FIT: short by 4.10 GiB'."""
+    """'FITS with 12.30 GiB headroom' or 'DOES NOT FIT: short by 4.10 GiB'; under a serving engine, of its share."""
+    pool = e.engine_pool
+    if pool is not None:
+        share = f"the engine's {fmt_bytes(pool.share_bytes)} ({pct(pool.share_bytes, e.device_memory_bytes)} of the device)"
+        if e.fits:
+            return (f"FITS in {share}: its KV pool holds {pool.pool_tokens:,} tokens, {pool.concurrency} sequences "
+                    f"at once" + (f" ({pool.waves} waves)" if pool.waves > 1 else ""))
+        return f"DOES NOT FIT in {share}: short by {fmt_bytes(-e.headroom_bytes)} for one sequence"
     if e.fits:
         return f"FITS with {fmt_bytes(e.headroom_bytes)} headroom"
     return f"DOES NOT FIT: short by {fmt_bytes(-e.headroom_bytes)}"
@@ -160,6 +167,8 @@ def peak(e: Estimate) -> list[str]:
         ["allocated", fmt_bytes(e.peak_allocated_bytes), pct(e.peak_allocated_bytes, dev), "torch.cuda.max_memory_allocated"],
     ]
     band = memory_band_line(e)
+    if e.engine_pool is not None and band:  # the band is of what the engine needs to start; it shows the share
+        band = band.replace(f"  {e.uncertainty.interval}", "  to start: ", 1)
     return [f"Peak memory {fmt_bytes(e.peak_memory_bytes)} ({pct(e.peak_memory_bytes, dev)} of {fmt_bytes(dev)}), "
             f"during {e.peak_phase}", *([band] if band else []),
             *table(rows, "lrrl")]

@@ -128,6 +128,17 @@ class Uncertainty(Result):
     """Which measurements the residuals come from."""
 
 
+class EnginePool(Result):
+    """A serving engine's preallocated KV pool (inference.engine 'vllm'), per rank."""
+
+    share_bytes: float  # gpu_memory_utilization x device memory: what the engine takes
+    needed_bytes: float  # what the setup needs for all its sequences at once: weights, profiled forward, their KV
+    pool_bytes: float  # the KV pool: the share less everything else
+    pool_tokens: int  # tokens of KV cache the pool holds
+    concurrency: int  # sequences decoded at once: the batch, capped by max_num_seqs and by the pool
+    waves: int  # rounds of ``concurrency`` sequences the batch takes
+
+
 class Estimate(Result):
     model: str
     gpu: str
@@ -163,3 +174,4 @@ class Estimate(Result):
     warnings: list[str] = []
     notes: list[str] = []
     uncertainty: Uncertainty | None = None
+    engine_pool: EnginePool | None = None

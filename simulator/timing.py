@@ -134,12 +134,14 @@ def part_counts(ct: CostTable, pp: int, stage: int, decode_step: bool = False) -
 
 
 def combine_parts(times: list, counts: tuple[int, ...], n_blocks: int, training: bool,
-                  fetch_host_s: tuple[float, ...] | None = None, fetch_waits: bool = True) -> StageCompute:
+                  fetch_host_s: tuple[float, ...] | None = None, fetch_waits: bool = True,
+                  host: bool = True) -> StageCompute:
     """A stage's compute from its parts' times (``None`` where the stage runs none of a part).
     ``fetch_host_s``: per part, the host time of its ZeRO-3 parameter fetches in each pass.  ``fetch_waits``
     (:func:`zero3_fetch_waits`): the fetches wait on all-gathers, so a module's kernels wait for its fetch and
     that time adds to the pass on the GPU's clock too; else it is host time like the kernels' launches, which
-    runs ahead of the GPU and shows only where the host is the slower."""
+    runs ahead of the GPU and shows only where the host is the slower.  ``host`` False: the kernels are replayed
+    from a CUDA graph, one launch for the whole pass, so no per-kernel host time."""
     f = b = r = attn = 0.0
     hf = hb = hr = 0.0
     fx = rx = 0.0  # fetch time per pass: the whole stage, and the recomputed part of it
@@ -160,16 +162,19 @@ def combine_parts(times: list, counts: tuple[int, ...], n_blocks: int, training:
     # all-gathers delay both
     if not fetch_waits:
         hf, hb, hr, fx, rx = hf + fx, hb + fx, hr + rx, 0.0, 0.0
+    if not host:
+        hf = hb = hr = 0.0
     return StageCompute(_maximum(f, hf) + fx, _maximum(b, hb) + fx if training else 0.0,
                         _maximum(r, hr) + rx if training else 0.0, attn, n_blocks)
 
 
 def stage_compute(ct: CostTable, par, B: tuple, dev: Device, dtype: str, stage: int, training: bool,
-                  decode_step: bool = False, rows=None, head_B: tuple | None = None) -> StageCompute:
+                  decode_step: bool = False, rows=None, head_B: tuple | None = None,
+                  graphs: bool = False) -> StageCompute:
     """Compute of one micro-batch on one rank of ``stage`` (``decode_step``: see :func:`part_counts`;
     ``rows``: input rows of each GEMM in an inference forward, which picks fused dequantizing kernels;
     ``head_B``: the basis the head part (final norm, LM head) runs at when it sees fewer positions than the
-    blocks -- a prefill that keeps the last position's logits)."""
+    blocks -- a prefill that keeps the last position's logits; ``graphs``: the pass replays a CUDA graph)."""
     fused_attention = ct.plan.attention not in ("eager", "sdpa-math")
     counts = part_counts(ct, par.pp, stage, decode_step)
     fq = cp_.fused_dequant(ct.plan.base_quant, rows) if (rows is not None and not training) else False
@@ -177,7 +182,7 @@ def stage_compute(ct: CostTable, par, B: tuple, dev: Device, dtype: str, stage: 
                            par.tp, par.cp, training, fused_attention, fq) if n else None
              for part, n in zip(cp_.op_arrays(ct), counts)]
     return combine_parts(times, counts, len(sh.stage_layer_ranges(ct.n_blocks, par.pp)[stage]), training,
-                         fetch_host_times(ct, zero3_fetch_threshold(par)), zero3_fetch_waits(par))
+                         fetch_host_times(ct, zero3_fetch_threshold(par)), zero3_fetch_waits(par), not graphs)
 
 
 def zero3_fetch_waits(par) -> bool:
@@ -520,15 +525,24 @@ def prefill_head_basis(w) -> tuple | None:
     return basis(w.batch, 1, w.prompt_len) if w.prefill_logits == "last" else None
 
 
-def infer_time(sc, ct: CostTable, dev: Device, system) -> InferTime:
+def infer_time(sc, ct: CostTable, dev: Device, system, concurrency: int | None = None) -> InferTime:
     """Prefill of the prompts and the decode of ``gen_len`` tokens (one token per sequence per step).
 
     Decode reads every weight and the KV cache once per step; the operator tables carry both (the
     GEMMs' weight bytes, the attention's K/V bytes at the current context), so the roofline makes it
-    memory-bound at small batch.  Pipeline stages run one after another for a batch."""
+    memory-bound at small batch.  Pipeline stages run one after another for a batch.
+
+    A serving engine (``inference.engine`` 'vllm') runs ``concurrency`` sequences at once (its max_num_seqs, or
+    what its KV pool holds), the batch in waves of that many, and replays its decode steps from CUDA graphs
+    (vllm/worker/model_runner.py ``capture_model``): the decode step costs the GPU's time only."""
     from .graph.ir import basis
 
     par, w, prec, dtype, cd, lay = _setup(sc, ct, system)
+    graphs = sc.inference.engine == "vllm"
+    run = w.batch if concurrency is None else max(1, min(w.batch, concurrency))
+    waves = -(-w.batch // run)
+    if run != w.batch:
+        w = w.model_copy(update={"batch": run})
     Bp = basis(w.batch, w.prompt_len, w.prompt_len)
     head_B = prefill_head_basis(w)
     mid = w.prompt_len + w.gen_len / 2.0
@@ -537,7 +551,7 @@ def infer_time(sc, ct: CostTable, dev: Device, system) -> InferTime:
     prefill = decode = tp_p = tp_d = 0.0
     for st in range(par.pp):
         sp_ = stage_compute(ct, par, Bp, dev, dtype, st, False, rows=w.batch * w.prompt_len, head_B=head_B)
-        sd = stage_compute(ct, par, Bd, dev, dtype, st, False, decode_step=True, rows=w.batch)
+        sd = stage_compute(ct, par, Bd, dev, dtype, st, False, decode_step=True, rows=w.batch, graphs=graphs)
         prefill += sp_.forward_s
         decode += sd.forward_s
         tp_p += sp_.n_blocks * 2 * _coll(system, "all_reduce", w.batch * w.prompt_len * h * cd, par.tp, lay.tp)
@@ -548,5 +562,6 @@ def infer_time(sc, ct: CostTable, dev: Device, system) -> InferTime:
         prefill += (par.pp - 1) * float(comm.p2p_time_s(system, w.batch * w.prompt_len * h * cd, lay.pp_cross_node))
     prefill += tp_p
     decode += tp_d
-    total = prefill + w.gen_len * decode
-    return InferTime(prefill_s=prefill, decode_per_token_s=decode, tp_comm_s=tp_p + w.gen_len * tp_d, total_s=total)
+    total = waves * (prefill + w.gen_len * decode)
+    return InferTime(prefill_s=prefill, decode_per_token_s=decode, tp_comm_s=waves * (tp_p + w.gen_len * tp_d),
+                     total_s=total)

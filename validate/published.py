@@ -833,6 +833,22 @@ def _deepspeed_precision(precision: str, source_text: str, notes: list[str],
     return half, flags
 
 
+def _vllm_settings(text: str, notes: list[str]) -> dict[str, Any]:
+    """vLLM's pool share and sequence cap as the record's text states them (``gpu_memory_utilization=0.95``,
+    ``max_num_seqs 128``), else vLLM's defaults (0.9, 256)."""
+    out: dict[str, Any] = {}
+    m = re.search(r"gpu[_ -]memory[_ -]utili[sz]ation\D{0,4}(0?\.\d+|1(?:\.0+)?)\b", text, re.I)
+    if m:
+        out["gpu_memory_utilization"] = float(m.group(1))
+    m = re.search(r"max[_ -]num[_ -]seqs\D{0,4}(\d+)", text, re.I)
+    if m:
+        out["max_num_seqs"] = int(m.group(1))
+    notes.append(f"vLLM: KV pool filling {out.get('gpu_memory_utilization', 0.9)} of the device, up to "
+                 f"{out.get('max_num_seqs', 256)} sequences at once, CUDA-graph decode"
+                 + ("" if out else " (vLLM's defaults)"))
+    return out
+
+
 def record_to_scenario(rec: dict, notes: list[str] | None = None) -> Scenario:
     """The record's ``scenario`` as a fitsim Scenario; raises :class:`Unsupported` (or a validation error)."""
     notes = [] if notes is None else notes
@@ -849,8 +865,9 @@ def record_to_scenario(rec: dict, notes: list[str] | None = None) -> Scenario:
 
     if sc.get("task") == "infer" or sc.get("method") == "inference":
         inf = sc.get("inference") or {}
-        if (inf.get("engine") or "") in ("vllm", "tgi", "tensorrt-llm", "sglang"):
-            raise Unsupported(f"engine {inf['engine']!r} preallocates a paged KV pool: no serving-engine model yet")
+        engine = (inf.get("engine") or ("vllm" if sc.get("framework") == "vllm" else "")).lower()
+        if engine in ("tgi", "tensorrt-llm", "sglang"):
+            raise Unsupported(f"engine {engine!r}: its pool sizing and schedule are not modelled (vllm's are)")
         prompt = inf.get("prompt_len")
         if prompt is None:
             prompt = DEFAULT_PROMPT_LEN
@@ -868,11 +885,15 @@ def record_to_scenario(rec: dict, notes: list[str] | None = None) -> Scenario:
             notes.append("GPTQ/AWQ kernels run in fp16: precision fp16")
         prec = {"bf16-amp": "bf16", "fp16-amp": "fp16"}.get(precision, precision)
         dq = sc.get("double_quant")
+        infer = {"weights": weights, "double_quant": bool(dq), "kv_dtype": kv}
+        if engine == "vllm":
+            infer.update(engine="vllm", **_vllm_settings(" ".join(str(rec.get(k) or "") for k in (
+                "notes", "parallel", "precision")), notes))
         return Scenario(
             model=arch, gpu=dev.name, precision=prec, attention=attention,
             parallel=_parallel(sc, arch, False, notes),
             workload=InferWorkload(batch=inf.get("batch") or 1, prompt_len=int(prompt), gen_len=int(gen)),
-            inference={"weights": weights, "double_quant": bool(dq), "kv_dtype": kv},
+            inference=infer,
         )
 
     if sc.get("framework") == "torchtitan" and precision == "bf16-amp" and (sc.get("parallel") or {}).get("fsdp"):
@@ -1098,6 +1119,19 @@ def _unsupported_metric(metric: str) -> str | None:
     return f"metric {metric!r} not modelled"
 
 
+PROMPT_AND_OUTPUT_WORDS = ("total tokens", "input and output", "input + output", "prompt and generated",
+                           "prompt + generated", "encoded and generated", "input+output")
+
+
+def _counts_prompt_tokens(rec: dict) -> bool:
+    """Whether an inference throughput record counts the prompt tokens too (vLLM's benchmark_throughput
+    "total tokens/s"), as its target's unit note or its notes say."""
+    t = rec.get("target") or {}
+    text = " ".join(str(x or "") for x in (t.get("unit_note"), t.get("measured_how"), rec.get("unit"),
+                                           rec.get("measured_how"))).lower()
+    return any(w in text for w in PROMPT_AND_OUTPUT_WORDS)
+
+
 def predict_record(rec: dict) -> dict[str, Any]:
     """One prediction line: {id, predicted, unit, status, reason, notes, measured_as}."""
     t = rec.get("target") or {}
@@ -1143,7 +1177,12 @@ def predict_record(rec: dict) -> dict[str, Any]:
             out.update(predicted=round(e.model_state_bytes / per, 4), unit=unit)
         elif metric in TIME_METRICS:
             e = estimate(scen, what_fits=False)
-            out.update(predicted=time_metric(e, scen, metric, t.get("flops_convention")), unit=TIME_UNITS[metric])
+            value = time_metric(e, scen, metric, t.get("flops_convention"))
+            if not scen.is_training and metric.startswith("tokens_per_s") and _counts_prompt_tokens(rec):
+                w = scen.workload
+                value *= (w.prompt_len + w.gen_len) / max(1, w.gen_len)
+                notes.append("throughput counts prompt and generated tokens (the record's definition)")
+            out.update(predicted=value, unit=TIME_UNITS[metric])
         elif metric == "fits":
             e = estimate(scen, what_fits=False)
             out.update(predicted=bool(e.fits), unit=None)

@@ -129,6 +129,17 @@ class InferenceQuant(Strict):
     """bitsandbytes nested quantization of the 4-bit scales."""
     kv_dtype: Literal["auto", "bf16", "fp16", "fp32", "fp8", "int8"] = "auto"
     """KV-cache element type; 'auto' = compute dtype. int4 caches are not supported."""
+    engine: Literal["transformers", "vllm"] = "transformers"
+    """What runs the generation: transformers' ``generate`` (eager kernels launched one by one, a KV cache that
+    grows with the sequences), or a paged serving engine like vLLM (the KV pool is allocated up front to fill
+    ``gpu_memory_utilization`` of the device, decode steps replay CUDA graphs, at most ``max_num_seqs``
+    sequences run at once and the rest wait for a slot)."""
+    gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
+    """engine='vllm': the share of the device's memory the engine takes (vLLM's default 0.9)."""
+    max_num_seqs: int = Field(default=256, ge=1)
+    """engine='vllm': the most sequences decoded at once (vLLM's default 256)."""
+    kv_block_tokens: int = Field(default=16, ge=1)
+    """engine='vllm': tokens per KV-cache block; each sequence holds whole blocks (vLLM's default 16)."""
 
     @model_validator(mode="before")
     @classmethod

@@ -267,3 +267,17 @@ def test_use_dora_and_galore_rank_flags(capsys):
     assert "galore-adamw-8bit (rank 1024, std, on attn/mlp)" in capsys.readouterr().out
     assert main(["estimate", "--model", "llama-7b", "--gpu", "rtx-4090-24gb", "--use-dora"]) == 2
     assert "method 'full' has no field 'use_dora'" in capsys.readouterr().err
+
+
+def test_engine_flags_run_the_serving_engines_pool(capsys):
+    d = run_json(capsys, "estimate", "--model", "llama-3.1-8b", "--gpu", "h100-sxm-80gb", "--engine", "vllm",
+                 "--gpu-memory-utilization", "0.8", "--batch", "300", "--prompt-len", "512", "--gen-len", "256")
+    assert d["task"] == "infer" and d["fits"]
+    pool = d["engine_pool"]
+    assert pool["share_bytes"] == pytest.approx(0.8 * d["device_memory_bytes"])
+    assert d["peak_memory_bytes"] == pytest.approx(pool["share_bytes"])
+    assert pool["concurrency"] == 256 and pool["waves"] == 2
+    rc, out, _ = run(capsys, "estimate", "--model", "llama-3.1-8b", "--gpu", "h100-sxm-80gb", "--engine", "vllm")
+    assert rc == 0 and "FITS in the engine's" in out and "CUDA graphs" in out
+    rc, _, err = run(capsys, "estimate", "--model", "llama-3.1-8b", "--gpu", "h100-sxm-80gb", "--engine", "tgi")
+    assert rc == 2 and "engine" in err and "vllm" in err and "Traceback" not in err

@@ -445,6 +445,31 @@ def test_fitted_host_costs_and_fsdp1_gradients_reproduce_their_records():
     assert max(abs(e) for e in _errors(BNB_DECODE).values()) < 0.10
 
 
+def test_vllm_records_run_the_engines_pool_and_count_what_the_record_counts():
+    def rec(metric: str, unit_note: str = "", notes: str = "") -> dict:
+        r = _record(framework="vllm", task="infer", method="inference", lora=None, precision="bf16-pure",
+                    gpu="H100-SXM-80GB", inference={"batch": 1000, "prompt_len": 512, "gen_len": 256,
+                                                    "engine": "vllm"})
+        r["target"] = {"metric": metric, "value": 1.0, "measured_how": "nvidia-smi", "per": "gpu",
+                       "comparable": True, "unit_note": unit_note}
+        r["notes"] = notes
+        return r
+    notes: list[str] = []
+    sc = record_to_scenario(rec("peak_memory_per_gpu_GB", notes="gpu_memory_utilization=0.95"), notes)
+    assert sc.inference.engine == "vllm" and sc.inference.gpu_memory_utilization == 0.95
+    assert any("vLLM" in n for n in notes)
+    p = predict_record(rec("peak_memory_per_gpu_GB", "GiB"))
+    assert p["status"] == "ok"
+    assert p["predicted"] == pytest.approx(0.9 * 81_559 * 2**20 / 2**30, rel=0.02)  # the share of the device
+    out = predict_record(rec("tokens_per_s_total", "output tokens/s"))
+    total = predict_record(rec("tokens_per_s_total", "total tokens/s (input + output)"))
+    assert total["predicted"] == pytest.approx(out["predicted"] * (512 + 256) / 256)
+    # the other serving engines stay unsupported, with the reason
+    other = rec("tokens_per_s_total")
+    other["scenario"]["inference"]["engine"] = "tgi"
+    assert "tgi" in predict_record(other)["reason"]
+
+
 def test_a_model_known_only_by_its_parameter_count_takes_its_familys_nearest_shape():
     from simulator.estimate import count_params
     from validate.published import _model
