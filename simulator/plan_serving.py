@@ -90,7 +90,8 @@ def _scenario(job: Any, gpu: str, tp: int, weights: str, precision: str, batch: 
 
     return Scenario.model_validate({
         "model": job.model, "gpu": gpu, "precision": precision, "parallel": {"tp": tp},
-        "inference": {"weights": weights},
+        # a continuous-batching server replays its decode steps from CUDA graphs (vLLM, TGI, SGLang)
+        "inference": {"weights": weights, "cuda_graphs": True},
         "workload": {"task": "infer", "batch": batch, "prompt_len": job.prompt_len, "gen_len": job.gen_len}})
 
 

@@ -533,12 +533,12 @@ def infer_time(sc, ct: CostTable, dev: Device, system, concurrency: int | None =
     memory-bound at small batch.  Pipeline stages run one after another for a batch.
 
     A serving engine (``inference.engine`` 'vllm') runs ``concurrency`` sequences at once (its max_num_seqs, or
-    what its KV pool holds), the batch in waves of that many, and replays its decode steps from CUDA graphs
-    (vllm/worker/model_runner.py ``capture_model``): the decode step costs the GPU's time only."""
+    what its KV pool holds), the batch in waves of that many.  Decode steps replayed from CUDA graphs (vLLM's
+    default, vllm/worker/model_runner.py ``capture_model``; ``inference.cuda_graphs``) cost the GPU's time only."""
     from .graph.ir import basis
 
     par, w, prec, dtype, cd, lay = _setup(sc, ct, system)
-    graphs = sc.inference.engine == "vllm"
+    graphs = sc.inference.decode_graphs
     run = w.batch if concurrency is None else max(1, min(w.batch, concurrency))
     waves = -(-w.batch // run)
     if run != w.batch:

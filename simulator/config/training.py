@@ -140,6 +140,15 @@ class InferenceQuant(Strict):
     """engine='vllm': the most sequences decoded at once (vLLM's default 256)."""
     kv_block_tokens: int = Field(default=16, ge=1)
     """engine='vllm': tokens per KV-cache block; each sequence holds whole blocks (vLLM's default 16)."""
+    cuda_graphs: bool | None = None
+    """Decode steps replayed from a captured CUDA graph (no per-kernel launch cost): vLLM's default, or
+    transformers with a static cache under ``torch.compile(mode="reduce-overhead")``.  None: the engine's default
+    (on for vllm, off for transformers' generate)."""
+
+    @property
+    def decode_graphs(self) -> bool:
+        """Whether decode steps replay a CUDA graph (``cuda_graphs``, else the engine's default)."""
+        return self.engine == "vllm" if self.cuda_graphs is None else self.cuda_graphs
 
     @model_validator(mode="before")
     @classmethod
