@@ -253,7 +253,7 @@ def build_scenario_dict(args: argparse.Namespace) -> dict[str, Any]:
     return data
 
 
-INFERENCE_FLAGS = ("weights", "kv_dtype", "engine", "gpu_memory_utilization", "max_num_seqs")
+INFERENCE_FLAGS = ("weights", "kv_dtype", "engine", "gpu_memory_utilization", "max_num_seqs", "cuda_graphs")
 
 
 PARALLEL_FLAGS = ("tp", "pp", "cp", "ep", "zero", "fsdp", "pp_schedule", "pp_virtual")
@@ -404,6 +404,7 @@ inference:                   # task infer only
   engine: transformers       # transformers (generate) | vllm (KV pool up front, CUDA-graph decode)
   gpu_memory_utilization: 0.9  # engine vllm: the device share its pool fills
   max_num_seqs: 256          # engine vllm: the most sequences decoded at once
+  cuda_graphs: null          # decode steps replay CUDA graphs (null: on for vllm, off for transformers)
 expandable_segments: false   # PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 """
 
@@ -490,6 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=_doc(InferenceQuant, "gpu_memory_utilization") + " (implies --task infer)")
     g.add_argument("--max-num-seqs", type=int, metavar="N", help=_doc(InferenceQuant, "max_num_seqs")
                    + " (implies --task infer)")
+    g.add_argument("--cuda-graphs", action="store_const", const=True, default=None,
+                   help=_doc(InferenceQuant, "cuda_graphs") + " (implies --task infer)")
     g.add_argument("--expandable-segments", action="store_true", help=_doc(Scenario, "expandable_segments"))
     g = e.add_argument_group("parallelism, hardware and cost")
     g.add_argument("--gpus", type=int, metavar="N", help="GPUs in all; data parallel = N / (tp x pp x cp)")

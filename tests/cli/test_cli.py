@@ -281,3 +281,11 @@ def test_engine_flags_run_the_serving_engines_pool(capsys):
     assert rc == 0 and "FITS in the engine's" in out and "CUDA graphs" in out
     rc, _, err = run(capsys, "estimate", "--model", "llama-3.1-8b", "--gpu", "h100-sxm-80gb", "--engine", "tgi")
     assert rc == 2 and "engine" in err and "vllm" in err and "Traceback" not in err
+
+
+def test_cuda_graphs_flag_takes_the_launch_cost_out_of_decode(capsys):
+    args = ("estimate", "--model", "llama-3.1-8b", "--gpu", "h100-sxm-80gb", "--batch", "1", "--prompt-len", "64",
+            "--gen-len", "64")
+    eager = run_json(capsys, *args)["time"]["decode_per_token_s"]
+    graphs = run_json(capsys, *args, "--cuda-graphs")["time"]["decode_per_token_s"]
+    assert graphs < eager / 3  # batch-1 decode of an 8B model: launch-bound eagerly, memory-bound from a graph
