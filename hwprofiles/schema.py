@@ -390,7 +390,7 @@ IntraNodeKind = Literal["nvswitch", "nvlink-p2p", "nvlink-bridge", "pcie", "xgmi
 """GPU-to-GPU fabric inside a node: NVSwitch (all-to-all NVLink), direct NVLink links (V100 hybrid
 cube-mesh), an NVLink bridge between a pair of cards, PCIe (P2P or through host memory), AMD xGMI mesh."""
 
-InterNodeTechnology = Literal["infiniband-hdr", "infiniband-ndr", "roce", "efa", "ethernet"]
+InterNodeTechnology = Literal["infiniband-edr", "infiniband-hdr", "infiniband-ndr", "roce", "efa", "ethernet"]
 """Network between nodes: InfiniBand HDR (200 Gb/s) / NDR (400 Gb/s), RoCE, AWS EFA, plain TCP Ethernet."""
 
 HostLink = Literal["pcie", "nvlink-c2c"]

@@ -140,10 +140,11 @@ def test_system_for_derives_from_the_device_and_the_defaults() -> None:
 
 
 def test_derived_systems_cap_the_node_and_map_the_link() -> None:
-    v100 = system_for("v100-sxm-32gb", 64)
+    v100 = system_for("v100-sxm-16gb", 64)  # the 32 GB part has a catalog system (dgx-2)
     assert v100.gpus_per_node == system_defaults().max_gpus_per_node == 8
     assert v100.intra_node.kind == "nvlink-p2p"
-    assert v100.intra_node.bandwidth_GBps == get_device("v100-sxm-32gb").interconnect_bandwidth_GBps == 150
+    assert v100.intra_node.bandwidth_GBps == get_device("v100-sxm-16gb").interconnect_bandwidth_GBps == 150
+    assert system_for("v100-sxm-32gb", 64).name == "dgx-2"
     # an NVLink bridge pairs two cards: four A40s fall back to PCIe
     assert system_for("a40-48gb", 2).intra_node.kind == "nvlink-bridge"
     assert system_for("a40-48gb", 4).intra_node.kind == "pcie"
