@@ -27,13 +27,17 @@ MEGATRON_SC21 = [
 ]
 
 
+def _gpt(layers: int, hidden: int, heads: int, vocab: int, context: int) -> dict:
+    """A Megatron / GPT-2 block stack: learned positions, LayerNorm, GELU MLP of 4x, biases, tied embeddings."""
+    return {"name": f"gpt-{layers}x{hidden}", "family": "gpt2", "n_layers": layers, "hidden": hidden,
+            "n_heads": heads, "intermediate": 4 * hidden, "vocab": vocab, "max_position_embeddings": context,
+            "position": "learned", "norm": "layernorm", "norm_bias": True, "activation": "gelu_tanh",
+            "gated_mlp": False, "qkv_bias": True, "attn_out_bias": True, "mlp_bias": True, "tied_embeddings": True}
+
+
 def _megatron_gpt(layers: int, hidden: int, heads: int, tp: int, pp: int, dp: int, mb: int, ga: int) -> Scenario:
     return Scenario.model_validate({
-        "model": {"name": f"gpt-{layers}x{hidden}", "family": "gpt2", "n_layers": layers, "hidden": hidden,
-                  "n_heads": heads, "intermediate": 4 * hidden, "vocab": 51200, "max_position_embeddings": 2048,
-                  "position": "learned", "norm": "layernorm", "norm_bias": True, "activation": "gelu_tanh",
-                  "gated_mlp": False, "qkv_bias": True, "attn_out_bias": True, "mlp_bias": True,
-                  "tied_embeddings": True},
+        "model": _gpt(layers, hidden, heads, 51200, 2048),
         "gpu": "a100-sxm-80gb", "precision": "fp16-amp", "optimizer": {"name": "adam", "impl": "fused"},
         # SC21 Megatron: QK^T / PV batched GEMMs around a fused softmax (no FlashAttention yet)
         "attention": "eager", "checkpointing": {"mode": "full"},
@@ -69,11 +73,7 @@ MiB = 2**20
 
 def _gpt2_v100(layers: int, hidden: int, heads: int, par: dict, mb: int = 1, precision: str = "fp16") -> Scenario:
     return Scenario.model_validate({
-        "model": {"name": f"gpt2-{layers}x{hidden}", "family": "gpt2", "n_layers": layers, "hidden": hidden,
-                  "n_heads": heads, "intermediate": 4 * hidden, "vocab": 50304, "max_position_embeddings": 1024,
-                  "position": "learned", "norm": "layernorm", "norm_bias": True, "activation": "gelu_tanh",
-                  "gated_mlp": False, "qkv_bias": True, "attn_out_bias": True, "mlp_bias": True,
-                  "tied_embeddings": True},
+        "model": _gpt(layers, hidden, heads, 50304, 1024),
         "gpu": "v100-sxm-32gb", "precision": precision, "attention": "eager", "checkpointing": {"mode": "full"},
         "workload": {"task": "train", "micro_batch": mb, "seq_len": 1024, "grad_accum": 1}, "parallel": par})
 
