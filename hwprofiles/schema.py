@@ -96,6 +96,10 @@ def _on_log_curve(x, curve: tuple[tuple[float, ...], tuple[float, ...]], base: i
     return np.interp((np.log10 if base == 10 else np.log2)(np.maximum(x, 1.0)), xs, ys)
 
 
+AttentionKernel = Literal["flash1", "mem_efficient", "flash3"]
+"""Fused attention kernels whose speed a device profile gives relative to FlashAttention-2."""
+
+
 class Efficiency(_Strict):
     """Achievable fractions of the peaks, used by the roofline (Calculon's ``gflops_efficiency`` / ``MB_efficiency``)."""
 
@@ -115,6 +119,12 @@ class Efficiency(_Strict):
     """[tokens per sequence, fraction of ``attention_fraction``] points of the fused kernel (forward +
     backward, causal), tokens strictly increasing, fraction non-decreasing in (0, 1]; interpolated in
     log2(tokens), clamped outside; null = ``attention_fraction`` at every length."""
+    attention_kernels: dict[AttentionKernel, tuple[tuple[float, float], ...]] = Field(default_factory=dict)
+    """Speed of the other fused attention kernels relative to FlashAttention-2 (``attention_fraction`` x
+    ``attention_curve``) on the same sequences: [tokens per sequence, speed ratio] points, tokens strictly
+    increasing, interpolated in log2(tokens), clamped outside.  flash1 (FlashAttention 1) and mem_efficient
+    (xformers' / SDPA's cutlass memory-efficient kernel) are forward + backward figures; flash3
+    (FlashAttention-3, Hopper) is the forward's.  A kernel without a figure runs at FlashAttention-2's speed."""
     host_transfer_fraction: float | None = Field(default=None, gt=0, le=1)
     """Measured pinned host<->device copy bandwidth for large copies / the host link figure of the device's
     one-GPU system (``host.host_to_gpu_bandwidth_GBps``), from the micro suite's h2d/d2h cases
@@ -124,6 +134,23 @@ class Efficiency(_Strict):
     @classmethod
     def _curve_as_tuples(cls, value: Any) -> Any:
         return _as_tuples(value)
+
+    @field_validator("attention_kernels", mode="before")
+    @classmethod
+    def _kernel_curves_as_tuples(cls, value: Any) -> Any:
+        return {k: _as_tuples(v) for k, v in value.items()} if isinstance(value, dict) else value
+
+    @field_validator("attention_kernels")
+    @classmethod
+    def _kernel_curves_valid(cls, curves: dict) -> dict:
+        for kernel, curve in curves.items():
+            xs = [x for x, _ in curve]
+            if len(curve) < 2 or xs[0] <= 0 or any(b <= a for a, b in zip(xs, xs[1:])):
+                raise ValueError(f"attention_kernels.{kernel}: at least two points with tokens positive and strictly "
+                                 f"increasing, got {xs}")
+            if any(not r > 0 for _, r in curve):
+                raise ValueError(f"attention_kernels.{kernel}: speed ratios must be positive, got {[r for _, r in curve]}")
+        return curves
 
     @field_validator("matmul_curve", "attention_curve")
     @classmethod
@@ -167,6 +194,21 @@ class Efficiency(_Strict):
         if self.attention_curve is None:
             return None
         return tuple(math.log2(t) for t, _ in self.attention_curve), tuple(r for _, r in self.attention_curve)
+
+    @functools.cached_property
+    def _log_kernel_curves(self) -> dict[str, tuple[tuple[float, ...], tuple[float, ...]]]:
+        return {k: (tuple(math.log2(t) for t, _ in c), tuple(r for _, r in c)) for k, c in self.attention_kernels.items()}
+
+    def attention_kernel_ratio(self, kernel: str, tokens, backward: bool = False):
+        """Speed of ``kernel`` relative to FlashAttention-2 on sequences of ``tokens`` (scalar or array; the
+        long-sequence end when None): 1 for flash2 and for a kernel without a figure, and for flash3's backward
+        (its figure is the forward's)."""
+        curve = self._log_kernel_curves.get(kernel)
+        if curve is None or (backward and kernel == "flash3"):
+            return 1.0
+        if tokens is None:
+            return curve[1][-1]
+        return _on_log_curve(tokens, curve, 2)
 
     def attention_fraction_at(self, tokens):
         """Fraction of the dense 16-bit peak the fused attention kernel reaches on sequences of ``tokens``
@@ -308,6 +350,9 @@ def field_paths(model: BaseModel, prefix: str = "") -> Iterator[str]:
         value = getattr(model, field)
         if isinstance(value, BaseModel):
             yield from field_paths(value, f"{prefix}{field}.")
+        elif isinstance(value, dict) and value and all(isinstance(v, tuple) for v in value.values()):
+            # a mapping of curves (``efficiency.attention_kernels``): each entry is a field of its own
+            yield from (f"{prefix}{field}.{key}" for key in value)
         else:
             yield f"{prefix}{field}"
 
@@ -323,7 +368,7 @@ def _is_numeric(value: Any) -> bool:
 def _value_at(model: BaseModel, path: str) -> Any:
     value: Any = model
     for part in path.split("."):
-        value = getattr(value, part)
+        value = value[part] if isinstance(value, dict) else getattr(value, part)
     return value
 
 

@@ -396,7 +396,7 @@ optimizer:
 checkpointing:
   mode: full                 # none | full | every_k
   every_k: 1                 # with mode every_k: checkpoint one block in k
-attention: sdpa-flash        # eager | sdpa-math | sdpa-mem-efficient | sdpa-flash | flash2 | flash3
+attention: sdpa-flash        # eager | sdpa-math | sdpa-mem-efficient | sdpa-flash | flash1 | flash2 | flash3
 loss: upcast                 # upcast (HF fp32 logits) | upcast-shift | chunked | chunked-compiled (torchtune) | fused (Liger)
 inference:                   # task infer only
   weights: none              # none | int8 | nf4 | fp4 | gptq | awq | fp8

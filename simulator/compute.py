@@ -292,6 +292,11 @@ class _Efficiencies:
         """Each device's own curve on its slice of ``flops_per_gemm``."""
         return self._each(flops_per_gemm, lambda e, f: e.matmul_fraction(f, dtype))
 
+    def attention_kernel_ratio(self, kernel: str, tokens, backward: bool = False) -> np.ndarray:
+        """Each device's speed of ``kernel`` relative to FlashAttention-2 (1 where it has no figure)."""
+        return self._each(1.0 if tokens is None else tokens,
+                          lambda e, t: e.attention_kernel_ratio(kernel, None if tokens is None else t, backward))
+
 
 class Devices:
     """Several device profiles as one for :func:`part_time` and the roofline functions: each figure is an
@@ -323,14 +328,31 @@ def gemm_time_s(flops, nbytes, dev: Device, dtype: str):
     return _maximum(t_compute, memory_time_s(nbytes, dev))
 
 
-def attention_time_s(flops, nbytes, dev: Device, dtype: str, causal, tokens=None):
+def attention_kernel(plan) -> str:
+    """The fused kernel a plan's attention runs: FlashAttention 1 / 3 where named; the memory-efficient kernel
+    for SDPA given an explicit mask (transformers passes one for padded batches and prepended prefixes, and
+    SDPA's flash kernel takes none) or asked for it; FlashAttention-2 otherwise."""
+    att = plan.attention
+    if att in ("flash1", "flash3"):
+        return att
+    if att == "sdpa-mem-efficient" or (att == "sdpa-flash" and plan.implementation == "transformers"
+                                       and (plan.padded or plan.prefix_tokens > 0)):
+        return "mem_efficient"
+    return "flash2"
+
+
+def attention_time_s(flops, nbytes, dev: Device, dtype: str, causal, tokens=None, kernel: str = "flash2",
+                     backward: bool = False):
     """A fused attention kernel: the FLOPs it runs (half the counted ones under a causal mask, which
     FlopCounterMode and the MFU formulas count in full) at the device's attention fraction of peak for
-    sequences of ``tokens`` keys per call (the long-sequence figure when None).  ``causal`` may be an
-    array of flags beside arrays of FLOPs, ``tokens`` an array of setups."""
+    sequences of ``tokens`` keys per call (the long-sequence figure when None), times ``kernel``'s speed
+    relative to FlashAttention-2 (``Efficiency.attention_kernels``; ``backward``: the backward's).  ``causal``
+    may be an array of flags beside arrays of FLOPs, ``tokens`` an array of setups."""
     if (not isinstance(flops, np.ndarray) and flops <= 0) or dev.efficiency.attention_fraction is None:
         return gemm_time_s(flops, nbytes, dev, dtype)
     frac = dev.efficiency.attention_fraction_at(tokens)
+    if kernel != "flash2":
+        frac = frac * dev.efficiency.attention_kernel_ratio(kernel, tokens, backward)
     run = flops * (np.where(causal, 0.5, 1.0) if isinstance(causal, np.ndarray) else (0.5 if causal else 1.0))
     t = _maximum(run / (peak_flops(dev, dtype) * frac), memory_time_s(nbytes, dev))
     if isinstance(frac, np.ndarray) and np.isnan(frac).any():  # devices without a fused-attention figure
@@ -376,16 +398,17 @@ def _out(x):
 
 
 def part_time(part: OpArrays, B: tuple, dev: Device, dtype: str, tp, cp, training: bool,
-              fused_attention: bool = True, fused_quant=False) -> PartTime:
+              fused_attention: bool = True, fused_quant=False, attn_kernel: str = "flash2") -> PartTime:
     """One instance of a part (one block, the embeddings or the head) for one micro-batch on one rank.
     ``fused_attention``: the attention runs as one flash / SDPA kernel (not eager matmul + softmax).
     ``B``, ``tp`` and ``cp`` may be arrays of setups and ``dev`` several :class:`Devices` (broadcast
     together); the times are then arrays, computed over all operators at once with the same arithmetic
     as one setup's loop over them.  ``fused_quant`` (:func:`fused_dequant`): the quantized GEMMs read their
-    packed weights in fused kernels, with no dequantized copy (a forward without gradients)."""
+    packed weights in fused kernels, with no dequantized copy (a forward without gradients).  ``attn_kernel``:
+    the fused attention kernel (:func:`attention_kernel`)."""
     if not isinstance(dev, Devices) and not any(isinstance(x, np.ndarray) for x in (*B, tp, cp, fused_quant)):
-        return _part_time_one(part, B, dev, dtype, tp, cp, training, fused_attention, bool(fused_quant))
-    return _part_time_many(part, B, dev, dtype, tp, cp, training, fused_attention, fused_quant)
+        return _part_time_one(part, B, dev, dtype, tp, cp, training, fused_attention, bool(fused_quant), attn_kernel)
+    return _part_time_many(part, B, dev, dtype, tp, cp, training, fused_attention, fused_quant, attn_kernel)
 
 
 def attention_tokens(B: tuple, cp=1):
@@ -398,7 +421,7 @@ def attention_tokens(B: tuple, cp=1):
 
 
 def _part_time_one(part: OpArrays, B: tuple, dev: Device, dtype: str, tp: int, cp: int, training: bool,
-                   fused_attention: bool, fused_quant: bool = False) -> PartTime:
+                   fused_attention: bool, fused_quant: bool = False, kernel: str = "flash2") -> PartTime:
     fwd = bwd = rec = attn = 0.0
     seq = attention_tokens(B, cp)
     for op in part.ops:
@@ -409,7 +432,7 @@ def _part_time_one(part: OpArrays, B: tuple, dev: Device, dtype: str, tp: int, c
             nb -= op.fused_saving_bytes / div
         fused = op.attention and fused_attention
         dt = attention_dtype(dtype) if op.attention else dtype
-        t_f = attention_time_s(f, nb, dev, dt, op.causal, seq) if fused else gemm_time_s(f, nb, dev, dt)
+        t_f = attention_time_s(f, nb, dev, dt, op.causal, seq, kernel) if fused else gemm_time_s(f, nb, dev, dt)
         fwd += t_f
         if op.attention:
             attn += t_f
@@ -420,7 +443,7 @@ def _part_time_one(part: OpArrays, B: tuple, dev: Device, dtype: str, tp: int, c
             if bf > 0:
                 # a backward call runs up to two GEMMs the size of the forward one (dX, dW)
                 if fused:
-                    bwd += attention_time_s(bf, 2.0 * nb, dev, dt, op.causal, seq)
+                    bwd += attention_time_s(bf, 2.0 * nb, dev, dt, op.causal, seq, kernel, backward=True)
                 else:
                     n_mm = max(1.0, round(bf / f)) if f > 0 else 1.0
                     bwd += n_mm * gemm_time_s(bf / n_mm, 2.0 * nb / n_mm, dev, dt)
@@ -435,7 +458,7 @@ def _part_time_one(part: OpArrays, B: tuple, dev: Device, dtype: str, tp: int, c
 
 
 def _part_time_many(part: OpArrays, B: tuple, dev: Device, dtype: str, tp, cp, training: bool,
-                    fused_attention: bool, fused_quant=False) -> PartTime:
+                    fused_attention: bool, fused_quant=False, kernel: str = "flash2") -> PartTime:
     m = part.matrix
     shape = np.broadcast_shapes(*(np.shape(x) for x in (*B, tp, cp, fused_quant)), getattr(dev, "shape", ()))
     nd = len(shape)
@@ -457,7 +480,7 @@ def _part_time_many(part: OpArrays, B: tuple, dev: Device, dtype: str, tp, cp, t
         t_f[eager_attn] = gemm_time_s(f[eager_attn], nb[eager_attn], dev, adt)
     seq = attention_tokens(B, cp)
     if has_fused:
-        t_f[fused] = attention_time_s(f[fused], nb[fused], dev, adt, col(m.causal[fused]), seq)
+        t_f[fused] = attention_time_s(f[fused], nb[fused], dev, adt, col(m.causal[fused]), seq, kernel)
     fwd = _sum_rows(t_f)
     attn = _sum_rows(t_f[m.attention])
     rec = _sum_rows(t_f[m.recomputed])
@@ -473,7 +496,8 @@ def _part_time_many(part: OpArrays, B: tuple, dev: Device, dtype: str, tp, cp, t
             e = eager_attn
             t_b[e] = n_mm[e] * gemm_time_s(bf[e] / n_mm[e], 2.0 * nb[e] / n_mm[e], dev, adt)
         if has_fused:
-            t_b[fused] = attention_time_s(bf[fused], 2.0 * nb[fused], dev, adt, col(m.causal[fused]), seq)
+            t_b[fused] = attention_time_s(bf[fused], 2.0 * nb[fused], dev, adt, col(m.causal[fused]), seq, kernel,
+                                          backward=True)
         bwd = _sum_rows(np.where(bf > 0, t_b, 0.0))
     t_ew = memory_time_s(2.0 * _dot(part.elementwise_bytes, B) / (tp * cp), dev)
     t_deq = np.where(fq, 0.0, memory_time_s(part.dequant_bytes / tp, dev))

@@ -86,7 +86,8 @@ class TrainGrid:
             fused = ct.plan.attention not in ("eager", "sdpa-math")
             B = self._basis(c, self.mbs[None, None, :])
             tp = np.asarray(self.tps)[None, :, None]
-            return [compute.part_time(part, B, self.devices, dtype, tp, cp, True, fused)
+            kernel = compute.attention_kernel(ct.plan)
+            return [compute.part_time(part, B, self.devices, dtype, tp, cp, True, fused, attn_kernel=kernel)
                     for part in compute.op_arrays(ct)]
         return self._cached(("parts", c, cp), make)
 

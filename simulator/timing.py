@@ -178,8 +178,9 @@ def stage_compute(ct: CostTable, par, B: tuple, dev: Device, dtype: str, stage: 
     fused_attention = ct.plan.attention not in ("eager", "sdpa-math")
     counts = part_counts(ct, par.pp, stage, decode_step)
     fq = cp_.fused_dequant(ct.plan.base_quant, rows) if (rows is not None and not training) else False
+    kernel = cp_.attention_kernel(ct.plan)
     times = [cp_.part_time(part, head_B if (head_B is not None and part.where == "post") else B, dev, dtype,
-                           par.tp, par.cp, training, fused_attention, fq) if n else None
+                           par.tp, par.cp, training, fused_attention, fq, kernel) if n else None
              for part, n in zip(cp_.op_arrays(ct), counts)]
     return combine_parts(times, counts, len(sh.stage_layer_ranges(ct.n_blocks, par.pp)[stage]), training,
                          fetch_host_times(ct, zero3_fetch_threshold(par)), zero3_fetch_waits(par), not graphs)

@@ -301,6 +301,28 @@ def fit_attention(rows: Rows, dev: Device) -> tuple[float, Curve | None, str, st
     return plateau, curve, text, curve_text
 
 
+KERNELS_COMMENT = "# [tokens per sequence, speed relative to FlashAttention-2]"
+
+
+def fit_mem_efficient(rows: Rows, dev: Device) -> tuple[Curve, str] | None:
+    """SDPA's memory-efficient kernel relative to its flash kernel: per length, the median achieved FLOP/s of
+    the efficient forward+backward 16-bit cases over the flash ones' (None without both at two lengths)."""
+    from simulator.compute import peak_flops
+
+    rate: dict[str, dict[int, list[float]]] = {"flash": {}, "efficient": {}}
+    for c, m in rows:
+        p = getattr(c, "params", None)
+        if (c.kind == "sdpa" and p.backend in rate and p.backward and p.dtype in SIXTEEN_BIT and m.flops):
+            rate[p.backend].setdefault(p.seq, []).append(m.flops / m.time_s / peak_flops(dev, p.dtype))
+    seqs = sorted(set(rate["flash"]) & set(rate["efficient"]))
+    if len(seqs) < 2:
+        return None
+    curve = tuple((float(s), float(np.median(rate["efficient"][s]) / np.median(rate["flash"][s]))) for s in seqs)
+    n = sum(len(rate["efficient"][s]) for s in seqs)
+    return curve, ("efficient SDPA forward+backward cases (16-bit) over the flash ones of the same lengths, median "
+                   f"achieved FLOP/s per length ({n} cases): " + ", ".join(f"{int(s)}: {_fmt(r)}" for s, r in curve))
+
+
 def fit_host_transfer(rows: Rows, dev: Device) -> tuple[float, str] | None:
     """Median achieved bandwidth of large pinned copies / the host link figure of the one-GPU system."""
     from hwprofiles.registry import system_for
@@ -344,6 +366,10 @@ def fit_efficiency(results: ResultsFile, device: Device, source_name: str | None
                        ("host_transfer_fraction", fit_host_transfer(rows, device))):
         if fit is not None:
             new[field], text[field] = fit
+    eff_kernel = fit_mem_efficient(rows, device)
+    if eff_kernel is not None:  # the other kernels (FlashAttention 1 / 3) are not in the micro suite: kept
+        new["attention_kernels"] = {**old.attention_kernels, "mem_efficient": eff_kernel[0]}
+        text["attention_kernels.mem_efficient"] = eff_kernel[1]
     where = provenance(results, source_name)
     rounded = {k: _round(v) for k, v in new.items()}
     eff = Efficiency.model_validate({**old.model_dump(), **rounded})
@@ -351,6 +377,8 @@ def fit_efficiency(results: ResultsFile, device: Device, source_name: str | None
 
 
 def _round(value):
+    if isinstance(value, dict):  # kernel curves: the lengths are exact, the ratios rounded
+        return {k: tuple((x, _round(r)) for x, r in v) for k, v in value.items()}
     if isinstance(value, tuple):
         return tuple(_round(v) for v in value)
     return float(f"{value:.4g}")
@@ -385,6 +413,13 @@ def format_diff(old: Efficiency, new: Efficiency, sources: dict[str, str]) -> st
                 was = (old.attention_fraction_at(x) / old.attention_fraction) if old.attention_fraction else math.nan
                 lines.append(f"  {int(x):<26} {was:>12.4g} {v:>12.4g}")
             continue
+        if field == "attention_kernels":
+            for kernel, curve in b.items():
+                done = "yes" if f"efficiency.{field}.{kernel}" in sources else "kept"
+                lines.append(f"{field + '.' + kernel:<28} {'':>12} {'':>12}  {done}")
+                for x, v in curve:
+                    lines.append(f"  {int(x):<26} {old.attention_kernel_ratio(kernel, x):>12.4g} {v:>12.4g}")
+            continue
         lines.append(f"{field:<28} {_show(a):>12} {_show(b):>12}  {fitted}")
     return "\n".join(lines)
 
@@ -410,6 +445,12 @@ def render_efficiency_block(eff: Efficiency) -> list[str]:
         elif field == "attention_curve" and value is not None:
             out.append(f"  attention_curve:  {ATTENTION_CURVE_COMMENT}")
             out += [f"    - [{int(x)}, {yaml_float(v)}]" for x, v in value]
+        elif field == "attention_kernels":
+            if value:
+                out.append(f"  attention_kernels:  {KERNELS_COMMENT}")
+                for kernel, curve in value.items():
+                    out.append(f"    {kernel}:")
+                    out += [f"      - [{int(x)}, {yaml_float(v)}]" for x, v in curve]
         elif value is None:
             if field == "matmul_max_fraction_fp8":
                 out.append(f"  {field}: null")

@@ -499,8 +499,8 @@ def micro_cases(scale: str) -> list[MicroCase]:
 
 def _sdpa_predict_s(p: SdpaParams, dev) -> float:
     """The engine's time of one attention op (``simulator.compute.part_time`` of a part holding it alone):
-    fused backends at the attention fraction for the case's length on the causally halved FLOPs, math on the
-    GEMM curve."""
+    fused backends at the attention fraction for the case's length on the causally halved FLOPs (the efficient
+    backend at its speed relative to flash), math on the GEMM curve."""
     from simulator.compute import Op, OpArrays, part_time
     from simulator.graph.ir import Poly, basis
 
@@ -512,7 +512,8 @@ def _sdpa_predict_s(p: SdpaParams, dev) -> float:
             attention=True, causal=p.causal, tp_split=True, recomputed=False)
     part = OpArrays(where="block", layers=(0,), ops=(op,), elementwise_bytes=(0.0,) * 7, dequant_bytes=0.0,
                     n_kernels=0)
-    t = part_time(part, basis(p.batch, p.seq), dev, p.dtype, 1, 1, p.backward, fused_attention=p.backend != "math")
+    t = part_time(part, basis(p.batch, p.seq), dev, p.dtype, 1, 1, p.backward, fused_attention=p.backend != "math",
+                  attn_kernel="mem_efficient" if p.backend == "efficient" else "flash2")
     return t.forward_s + t.backward_s
 
 

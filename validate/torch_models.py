@@ -135,6 +135,8 @@ def _cuda_attention(scenario: Scenario, backends) -> tuple[str, object | None]:
         return "flash_attention_2", None
     if att == "flash3" and importlib.util.find_spec("flash_attn_interface") is not None:
         return "flash_attention_3", None
+    if att == "flash1":
+        raise NotImplementedError("attention='flash1': transformers has no FlashAttention 1 integration to run")
     raise NotImplementedError(f"attention={att!r}: the flash-attn package for it is not installed")
 
 

@@ -39,7 +39,9 @@ class Scenario(Strict):
     checkpointing: Checkpointing = Field(default_factory=Checkpointing)
     """Activation checkpointing policy."""
     attention: Attention = "sdpa-flash"
-    """Attention kernel: eager (materialised scores), sdpa-math, sdpa-mem-efficient, sdpa-flash / flash2 / flash3."""
+    """Attention kernel: eager (materialised scores), sdpa-math, sdpa-mem-efficient (also what SDPA runs when handed
+    a mask: padded batches, prefixes), sdpa-flash / flash2 (FlashAttention-2), flash1 (FlashAttention 1, flash-attn
+    before 2.0), flash3 (FlashAttention-3, Hopper)."""
     inference: InferenceQuant = Field(default_factory=InferenceQuant)
     """Weight and KV-cache quantization at inference."""
     loss: Literal["upcast", "upcast-shift", "chunked", "chunked-compiled", "fused"] = "upcast"
@@ -285,7 +287,7 @@ def check_parallel(par: Parallel, arch: ModelArch, workload: Any, attention: str
         if attention in ("eager", "sdpa-math"):
             raise ValueError(
                 f"parallel.cp={par.cp} (ring attention) needs a fused attention kernel; attention={attention!r} "
-                "materialises the scores; allowed: sdpa-flash, sdpa-mem-efficient, flash2, flash3"
+                "materialises the scores; allowed: sdpa-flash, sdpa-mem-efficient, flash1, flash2, flash3"
             )
         if arch.arch != "decoder":
             raise ValueError(f"parallel.cp={par.cp} applies to decoder-only models; {arch.name!r} is {arch.arch}")

@@ -117,7 +117,7 @@ class Checkpointing(Strict):
     """With mode='every_k': checkpoint one block in k."""
 
 
-Attention = Literal["eager", "sdpa-math", "sdpa-mem-efficient", "sdpa-flash", "flash2", "flash3"]
+Attention = Literal["eager", "sdpa-math", "sdpa-mem-efficient", "sdpa-flash", "flash1", "flash2", "flash3"]
 
 
 class InferenceQuant(Strict):

@@ -306,10 +306,14 @@ def test_predict_sdpa_is_the_engine_attention_time():
     fwd = MicroCase.of("sdpa", **base, causal=True, backward=False, backend="flash")
     assert predict_micro(fwd.spec(), "sdpa", H100) == pytest.approx(
         attention_time_s(4 * per, nbytes, dev, "bf16", True, 4096), rel=1e-12)
+    # the efficient backend at its speed relative to flash (the profile's attention_kernels.mem_efficient)
     both = MicroCase.of("sdpa", **base, causal=False, backward=True, backend="efficient")
-    want = (attention_time_s(4 * per, nbytes, dev, "bf16", False, 4096)
-            + attention_time_s(10 * per, 2 * nbytes, dev, "bf16", False, 4096))
+    want = (attention_time_s(4 * per, nbytes, dev, "bf16", False, 4096, "mem_efficient")
+            + attention_time_s(10 * per, 2 * nbytes, dev, "bf16", False, 4096, "mem_efficient", backward=True))
     assert predict_micro(both.spec(), "sdpa", H100) == pytest.approx(want, rel=1e-12)
+    flash_both = MicroCase.of("sdpa", **base, causal=False, backward=True, backend="flash")
+    assert predict_micro(flash_both.spec(), "sdpa", H100) == pytest.approx(
+        want * dev.efficiency.attention_kernel_ratio("mem_efficient", 4096), rel=1e-9)
     math_fwd = MicroCase.of("sdpa", **base, causal=True, backward=False, backend="math")
     # unfused: the GEMM path on the full (unmasked) count
     assert predict_micro(math_fwd.spec(), "sdpa", H100) == gemm_time_s(4 * per, nbytes, dev, "bf16")

@@ -1,0 +1,59 @@
+"""Which fused attention kernel runs, and its speed relative to FlashAttention-2 from the device profile."""
+
+from __future__ import annotations
+
+import pytest
+
+from hwprofiles import get_device
+from simulator import Scenario, compute, timing
+from simulator.estimate import _dims, cost_table_for
+from simulator.graph.ir import basis
+
+
+def _sc(attention: str = "sdpa-flash", gpu: str = "a100-sxm-80gb", padded: bool = False, **kw) -> Scenario:
+    return Scenario.model_validate({
+        "model": "llama-3.2-1b", "gpu": gpu, "precision": "bf16-amp", "attention": attention,
+        "padded_batches": padded, "workload": {"micro_batch": 2, "seq_len": 4096}, **kw})
+
+
+def _attention_s(sc: Scenario) -> tuple[float, float]:
+    """(forward attention seconds of one micro-batch, the whole backward) on the scenario's GPU."""
+    ct = cost_table_for(sc)
+    dev = get_device(sc.gpu)
+    B = basis(*_dims(sc, ct))
+    dtype = compute.matmul_dtype(ct.plan.precision.compute_dtype, sc.precision)
+    s = timing.stage_compute(ct, sc.parallel, B, dev, dtype, 0, True)
+    return s.attention_s, s.backward_s
+
+
+def test_the_kernel_follows_the_attention_setting_and_the_mask():
+    assert compute.attention_kernel(cost_table_for(_sc()).plan) == "flash2"
+    # transformers hands SDPA a mask for padded batches: the flash kernel takes none, the efficient one runs
+    assert compute.attention_kernel(cost_table_for(_sc(padded=True)).plan) == "mem_efficient"
+    assert compute.attention_kernel(cost_table_for(_sc("sdpa-mem-efficient")).plan) == "mem_efficient"
+    assert compute.attention_kernel(cost_table_for(_sc("flash1")).plan) == "flash1"
+    assert compute.attention_kernel(cost_table_for(_sc("flash3", "h100-sxm-80gb")).plan) == "flash3"
+    # litgpt and torchtune build their own mask-free calls
+    assert compute.attention_kernel(cost_table_for(_sc(padded=True, implementation="litgpt")).plan) == "flash2"
+
+
+def test_slower_kernels_take_their_measured_share_of_flashattention_2s_speed():
+    dev = get_device("a100-sxm-80gb")
+    fa2, _ = _attention_s(_sc())
+    for attention, padded, kernel in (("sdpa-flash", True, "mem_efficient"), ("flash1", False, "flash1")):
+        slow, _ = _attention_s(_sc(attention, padded=padded))
+        ratio = dev.efficiency.attention_kernel_ratio(kernel, 4096)
+        # FlashAttention-2's A100 figure: xformers 87 and FlashAttention 76 TFLOP/s against 173 at 4k tokens
+        assert ratio == pytest.approx({"mem_efficient": 87 / 173, "flash1": 76 / 173}[kernel], abs=0.005)
+        assert slow == pytest.approx(fa2 / ratio, rel=1e-9)
+
+
+def test_flashattention_3_speeds_up_the_forward_only_and_only_where_measured():
+    h100 = get_device("h100-sxm-80gb")
+    f2, b2 = _attention_s(_sc("flash2", "h100-sxm-80gb"))
+    f3, b3 = _attention_s(_sc("flash3", "h100-sxm-80gb"))
+    assert f3 == pytest.approx(f2 / h100.efficiency.attention_kernel_ratio("flash3", 4096), rel=1e-9)
+    assert 1.8 < f2 / f3 < 1.85  # 579 / 319 TFLOP/s forward at 4k tokens
+    assert b3 == b2  # no backward figure is published with it
+    # a device without a figure for a kernel runs it at FlashAttention-2's speed
+    assert get_device("l40s-48gb").efficiency.attention_kernel_ratio("flash3", 4096) == 1.0
