@@ -431,7 +431,7 @@ def _attention(sc: dict, arch: ModelArch, precision: str, notes: list[str], year
     if raw == "xformers":
         notes.append("xformers memory-efficient attention modelled as sdpa-mem-efficient")
         return "sdpa-mem-efficient"
-    if raw in ("eager", "flash2", "flash3"):
+    if raw in ("eager", "flash1", "flash2", "flash3"):
         return raw
     raise Unsupported(f"attention {raw!r} not modelled")
 

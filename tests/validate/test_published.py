@@ -729,3 +729,10 @@ def test_torchtune_custom_sharded_layers_make_embedding_units():
     plain = copy.deepcopy(rec)
     plain["notes"] = rec["notes"].replace("custom sharded", "")
     assert not record_to_scenario(plain, []).parallel.fsdp_embedding_units
+
+
+def test_a_records_attention_kernel_is_the_one_estimated():
+    for raw, want in (("flash1", "flash1"), ("flash2", "flash2"), ("xformers", "sdpa-mem-efficient"),
+                      ("sdpa", "sdpa-flash")):
+        sc = record_to_scenario(_record(attention=raw, precision="bf16-amp"))
+        assert sc.attention == want, raw
