@@ -243,6 +243,14 @@ def mixed_unit_grad_bytes(rp: RankParams, par: Parallel) -> float:
     return rp.mixed_unit_frozen_bytes if par.fsdp1_mixed_units else 0.0
 
 
+# DeepSpeed's NVMe offload defaults (docs/_pages/config-json.md): offload_optimizer.buffer_count 4;
+# offload_param.buffer_count 5, buffer_size 1e8 elements, max_in_cpu 1e9 elements.
+NVME_OPTIMIZER_BUFFERS = 4
+NVME_PARAM_BUFFERS = 5
+NVME_PARAM_BUFFER_ELEMS = 1e8
+NVME_PARAMS_IN_CPU = 1e9
+
+
 def model_state_bytes(rp: RankParams, par: Parallel, optimizer_name: str, optimizer_impl: str, beta1: bool,
                       param_dtype: str, compute_dtype: str, n_shard: int, galore=None) -> ModelStates:
     """Model states on one rank (see the module docstring for the rules and citations).  ``galore``: the
@@ -337,7 +345,14 @@ def model_state_bytes(rp: RankParams, par: Parallel, optimizer_name: str, optimi
         bucket = grads  # DDP's flat buckets hold a second copy of every gradient
     if par.offload_optimizer != "none":
         off = states + rp.trainable_numel * 4.0 / N  # states (+ master) and the fp32 gradient partition
-        host, nvme = (off, 0.0) if par.offload_optimizer == "cpu" else (rp.trainable_numel * 4.0 / N, states)
+        if par.offload_optimizer == "cpu":
+            host, nvme = off, 0.0
+        else:
+            # ZeRO-Infinity swaps the states and the fp32 gradient partition in and out of NVMe one sub-group at a
+            # time through a pinned pool of offload_optimizer.buffer_count (4: parameter, gradient and Adam's two
+            # moments) sub-group-sized fp32 buffers (deepspeed docs/_pages/config-json.md)
+            host = NVME_OPTIMIZER_BUFFERS * min(float(par.sub_group_size), rp.trainable_numel / N) * 4.0
+            nvme = off
         states = 0.0
         grads = min(grads, bucket) if par.deepspeed else 0.0
         step_temp = 0.0
@@ -347,6 +362,10 @@ def model_state_bytes(rp: RankParams, par: Parallel, optimizer_name: str, optimi
             host += resident
         else:
             nvme += resident
+            # the pinned pool the fetches stage through and the parameters kept in CPU memory
+            # (offload_param.buffer_count x buffer_size, max_in_cpu elements; deepspeed docs/_pages/config-json.md)
+            numel = resident / max(cdt, 1.0)
+            host += (NVME_PARAM_BUFFERS * NVME_PARAM_BUFFER_ELEMS + min(NVME_PARAMS_IN_CPU, numel)) * cdt
         weights = quant = scales = trainable = 0.0
         if par.fsdp != "none":  # FSDP CPUOffload keeps gradients and the step on the host too
             host += grads + states

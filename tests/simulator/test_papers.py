@@ -121,3 +121,26 @@ def test_cpu_adam_runs_at_the_hosts_rate_shared_by_the_nodes_ranks():
     sixteen = estimate(_gpt2_v100(50, 4096, 32, {"dp": 16, "zero": 2, "offload_optimizer": "cpu"}, mb=10),
                        what_fits=False)
     assert sixteen.time.offload_s == pytest.approx(one.time.offload_s, rel=0.02)
+
+
+def test_zero_infinity_fits_a_trillion_parameters_on_one_dgx2_node():
+    """ZeRO-Infinity's SC21 slides (deepspeedai/DeepSpeed docs/assets/files/SC21-ZeRO-Infinity.pdf): '1T params on
+    a single node' of DGX-2 (16 x 32 GB V100, 1.5 TB of CPU memory, 30 TB of NVMe), the parameters and the
+    optimizer states on NVMe.  The 1T shape is Megatron's (SC21 Table 1: 128 x 25600, 160 heads)."""
+    from simulator import sharding
+
+    par = {"dp": 16, "zero": 3, "offload_optimizer": "nvme", "offload_params": "nvme"}
+    e = estimate(_gpt2_v100(128, 25600, 160, par), what_fits=False)
+    assert 1.0e12 < e.n_params < 1.02e12 and e.system == "dgx-2" and e.fits
+    assert not any("host RAM" in w for w in e.warnings)
+    # the host holds only the swap pools: 4 sub-group buffers of fp32 states, the parameter pool and cache
+    per_rank = (4 * 1e9 * 4 + (5 * 1e8 + 1e9) * 2)
+    assert e.host_memory_bytes == pytest.approx(per_rank, rel=1e-9)
+    assert sharding.NVME_OPTIMIZER_BUFFERS == 4
+    # the NVMe holds 16 B per parameter of states and fp32 gradients plus the 16-bit parameters: 18 B in all
+    assert 16 * e.nvme_bytes == pytest.approx(18 * e.n_params, rel=0.01)
+    assert 16 * e.nvme_bytes < 30e12
+    # with the states in CPU memory instead, the node would need ~16 TB of it
+    cpu = estimate(_gpt2_v100(128, 25600, 160, {**par, "offload_optimizer": "cpu", "offload_params": "cpu"}),
+                   what_fits=False)
+    assert any("host RAM" in w for w in cpu.warnings)
