@@ -535,16 +535,28 @@ def infer_time(sc, ct: CostTable, dev: Device, system, concurrency: int | None =
     memory-bound at small batch.  Pipeline stages run one after another for a batch.
 
     A serving engine (``inference.engine`` 'vllm') runs ``concurrency`` sequences at once (its max_num_seqs, or
-    what its KV pool holds), the batch in waves of that many.  Decode steps replayed from CUDA graphs (vLLM's
-    default, vllm/worker/model_runner.py ``capture_model``; ``inference.cuda_graphs``) cost the GPU's time only."""
+    what its KV pool holds): the batch in full waves of that many and a last wave of the rest.  Decode steps
+    replayed from CUDA graphs (vLLM's default, vllm/worker/model_runner.py ``capture_model``;
+    ``inference.cuda_graphs``) cost the GPU's time only."""
+    w = sc.workload
+    run = w.batch if concurrency is None else max(1, min(w.batch, concurrency))
+    full, rest = divmod(w.batch, run)
+    one = _wave_time(sc, ct, dev, system, run)
+    total, tp = full * one.total_s, full * one.tp_comm_s
+    if rest:
+        last = _wave_time(sc, ct, dev, system, rest)
+        total, tp = total + last.total_s, tp + last.tp_comm_s
+    return InferTime(prefill_s=one.prefill_s, decode_per_token_s=one.decode_per_token_s, tp_comm_s=tp, total_s=total)
+
+
+def _wave_time(sc, ct: CostTable, dev: Device, system, batch: int) -> InferTime:
+    """:func:`infer_time` of ``batch`` sequences run together."""
     from .graph.ir import basis
 
     par, w, prec, dtype, cd, lay = _setup(sc, ct, system)
     graphs = sc.inference.decode_graphs
-    run = w.batch if concurrency is None else max(1, min(w.batch, concurrency))
-    waves = -(-w.batch // run)
-    if run != w.batch:
-        w = w.model_copy(update={"batch": run})
+    if batch != w.batch:
+        w = w.model_copy(update={"batch": batch})
     Bp = basis(w.batch, w.prompt_len, w.prompt_len)
     head_B = prefill_head_basis(w)
     mid = w.prompt_len + w.gen_len / 2.0
@@ -564,6 +576,5 @@ def infer_time(sc, ct: CostTable, dev: Device, system, concurrency: int | None =
         prefill += (par.pp - 1) * float(comm.p2p_time_s(system, w.batch * w.prompt_len * h * cd, lay.pp_cross_node))
     prefill += tp_p
     decode += tp_d
-    total = waves * (prefill + w.gen_len * decode)
-    return InferTime(prefill_s=prefill, decode_per_token_s=decode, tp_comm_s=waves * (tp_p + w.gen_len * tp_d),
-                     total_s=total)
+    total = prefill + w.gen_len * decode
+    return InferTime(prefill_s=prefill, decode_per_token_s=decode, tp_comm_s=tp_p + w.gen_len * tp_d, total_s=total)

@@ -70,7 +70,10 @@ def test_at_most_max_num_seqs_run_at_once_and_the_batch_takes_waves():
     e = estimate(_sc(batch=600, prompt=500, gen=500), what_fits=False)
     assert e.engine_pool.concurrency == 256 and e.engine_pool.waves == 3
     one = estimate(_sc(batch=256, prompt=500, gen=500), what_fits=False)
-    assert e.time.step_s == pytest.approx(3 * one.time.step_s, rel=1e-9)
+    rest = estimate(_sc(batch=600 - 512, prompt=500, gen=500), what_fits=False)
+    # two full waves and a last one of the 88 left
+    assert e.time.step_s == pytest.approx(2 * one.time.step_s + rest.time.step_s, rel=1e-9)
+    assert rest.time.step_s < one.time.step_s
     # the running sequences are what must fit: 600 queued need no more than 256
     assert e.engine_pool.needed_bytes == pytest.approx(one.engine_pool.needed_bytes)
     capped = estimate(_sc(batch=600, prompt=500, gen=500, max_num_seqs=64), what_fits=False)
