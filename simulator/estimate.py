@@ -533,7 +533,7 @@ def engine_pool_of(sc: Scenario, p: dict[str, Any]) -> EnginePool | None:
     run = max(1, min(seqs, held))
     return EnginePool(share_bytes=p["limit"], needed_bytes=p["running"], pool_bytes=pool,
                       pool_tokens=int(pool // (per_seq / seq_tokens)) if per_seq > 0 else 0,
-                      concurrency=run, waves=-(-w.batch // run))
+                      sequences_held=held, concurrency=run, waves=-(-w.batch // run))
 
 
 def _time_and_cost(sc: Scenario, ct: CostTable, dev: Device, flops: FlopBreakdown, tokens: int,
@@ -733,7 +733,8 @@ def _estimate(sc: Scenario, what_fits: bool, with_time: bool = True) -> Estimate
         cur_b = getattr(sc.workload, field_b)
         cur_s = getattr(sc.workload, field_s)
         cap_b = max(cur_b * 64, 64)
-        max_batch = _largest(sc, ct, dev, field_b, 1, cap_b)
+        # a serving engine queues what it cannot run: its batch limit is what it runs at once (below)
+        max_batch = None if engine_pool(sc) else _largest(sc, ct, dev, field_b, 1, cap_b)
         lo_s = (ct.plan.prefix_tokens or ct.plan.prompt_tokens) + 1
         # learned position tables cannot go past their length; RoPE models are searched to 4x their context
         cap_s = (sc.model.max_position_embeddings - ct.plan.prompt_tokens if sc.model.position == "learned"
@@ -751,6 +752,8 @@ def _estimate(sc: Scenario, what_fits: bool, with_time: bool = True) -> Estimate
     pool = engine_pool_of(sc, p)
     if pool is not None:
         w = sc.workload
+        if what_fits and fits:
+            max_batch = min(sc.inference.max_num_seqs, pool.sequences_held)
         notes.append(f"{sc.inference.engine}: the KV pool ({fmt_bytes(pool.pool_bytes)}) holds {pool.pool_tokens:,} "
                      f"tokens; {pool.concurrency} of the {w.batch} sequences of {w.prompt_len + w.gen_len} tokens run at "
                      f"once (max_num_seqs {sc.inference.max_num_seqs})"

@@ -135,6 +135,7 @@ class EnginePool(Result):
     needed_bytes: float  # what the setup needs for all its sequences at once: weights, profiled forward, their KV
     pool_bytes: float  # the KV pool: the share less everything else
     pool_tokens: int  # tokens of KV cache the pool holds
+    sequences_held: int  # sequences of prompt_len + gen_len tokens the pool holds at once
     concurrency: int  # sequences decoded at once: the batch, capped by max_num_seqs and by the pool
     waves: int  # rounds of ``concurrency`` sequences the batch takes
 

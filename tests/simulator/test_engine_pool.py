@@ -78,6 +78,11 @@ def test_at_most_max_num_seqs_run_at_once_and_the_batch_takes_waves():
     assert e.engine_pool.needed_bytes == pytest.approx(one.engine_pool.needed_bytes)
     capped = estimate(_sc(batch=600, prompt=500, gen=500, max_num_seqs=64), what_fits=False)
     assert capped.engine_pool.concurrency == 64 and capped.engine_pool.waves == 10
+    # the largest batch it runs at once: max_num_seqs or what the pool holds, whichever is less
+    assert estimate(_sc(batch=600, prompt=500, gen=500)).max_batch_that_fits == 256
+    long = estimate(_sc(batch=600, prompt=30000, gen=500))
+    held = long.engine_pool.sequences_held
+    assert 1 <= held < 256 and long.max_batch_that_fits == held == long.engine_pool.concurrency
 
 
 def test_a_pool_too_small_for_every_sequence_runs_what_it_holds_and_the_rest_wait():
