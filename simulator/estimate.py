@@ -503,6 +503,7 @@ def _stage_peak(sc: Scenario, ct: CostTable, dev: Device, stage: int) -> dict[st
             spare = limit - total  # negative where the pool holds fewer than the requested sequences
             allocated, reserved, total = allocated + spare, reserved + spare, limit
             b = b.model_copy(update={"kv_cache": b.kv_cache + spare})
+            phases = {k: v + spare for k, v in phases.items()}  # the pool is allocated through every phase
     return dict(phases=phases, phase=phase, allocated=allocated, reserved=reserved, total=total, breakdown=b,
                 limit=limit, needed=needed, running=running, pool_spare=spare,
                 stage=stage, host_bytes=ms.host_bytes, nvme_bytes=ms.nvme_bytes,

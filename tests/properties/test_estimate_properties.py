@@ -295,6 +295,15 @@ def scenario_dicts(draw, junk: bool = True, task: str | None = None, kind: str |
             inf["group_size"] = _int(draw, 1, 256, junk)
         if draw(st.booleans()):
             inf["double_quant"] = draw(st.booleans())
+        if draw(st.booleans()):
+            inf["engine"] = _choice(draw, ["transformers", "vllm"], junk, bad=("tgi", "sglang"))
+            if draw(st.booleans()):
+                inf["gpu_memory_utilization"] = (draw(st.floats(0.05, 1.0)) if not (junk and _junk(draw))
+                                                 else draw(st.sampled_from([0.0, 1.5, -0.2])))
+            if draw(st.booleans()):
+                inf["max_num_seqs"] = _int(draw, 1, 512, junk)
+        if draw(st.booleans()):
+            inf["cuda_graphs"] = draw(st.booleans())
         d["inference"] = inf
     if draw(st.booleans()):
         d["expandable_segments"] = draw(st.booleans()) if not (junk and _junk(draw)) else "maybe"
@@ -330,8 +339,18 @@ def check_invariants(e: Estimate, training: bool) -> None:
     values = [e.peak_memory_bytes, e.peak_reserved_bytes, e.peak_allocated_bytes, e.flops_per_step]
     assert all(math.isfinite(v) for v in values), values
     assert e.peak_allocated_bytes <= e.peak_reserved_bytes <= e.peak_memory_bytes
-    assert e.fits == (e.peak_memory_bytes <= e.device_memory_bytes)
-    assert e.headroom_bytes == pytest.approx(e.device_memory_bytes - e.peak_memory_bytes, rel=1e-12, abs=1.0)
+    assert e.fits == (e.headroom_bytes >= 0)
+    if e.engine_pool is None:
+        assert e.fits == (e.peak_memory_bytes <= e.device_memory_bytes)
+        assert e.headroom_bytes == pytest.approx(e.device_memory_bytes - e.peak_memory_bytes, rel=1e-12, abs=1.0)
+    else:  # a serving engine takes its share of the device when it starts, else shows what it lacks
+        pool = e.engine_pool
+        assert pool.share_bytes <= e.device_memory_bytes
+        if e.fits:
+            assert e.peak_memory_bytes == pytest.approx(pool.share_bytes, rel=1e-12)
+            assert 1 <= pool.concurrency <= max(1, pool.sequences_held)
+        else:
+            assert e.peak_memory_bytes > pool.share_bytes
     for c in CATEGORIES:
         v = getattr(e.memory_bytes, c)
         assert math.isfinite(v) and v >= 0, (c, v)
@@ -407,10 +426,11 @@ CLI_CHOICE_FLAGS = {
     "--loss": lambda: ["upcast", "fused", "sparse"],
     "--weights": lambda: INFER_WEIGHTS + ["q4"],
     "--kv-dtype": lambda: KV_DTYPES + ["int4"],
+    "--engine": lambda: ["transformers", "vllm", "tgi"],
 }
 CLI_INT_FLAGS = ["--seq-len", "--micro-batch", "--grad-accum", "--batch", "--prompt-len", "--gen-len", "--r",
-                 "--n-virtual-tokens", "--every-k"]
-CLI_BOOL_FLAGS = ["--expandable-segments", "--json", "--fail-if-no-fit"]
+                 "--n-virtual-tokens", "--every-k", "--max-num-seqs"]
+CLI_BOOL_FLAGS = ["--expandable-segments", "--json", "--fail-if-no-fit", "--cuda-graphs"]
 
 
 @st.composite
@@ -525,7 +545,12 @@ def test_what_fits_agrees_with_the_verdict(d):
     check_invariants(e, training=sc.is_training)
     cur_b = sc.workload.micro_batch if sc.is_training else sc.workload.batch
     note(f"fits={e.fits} max_batch={e.max_batch_that_fits} cur={cur_b}")
-    if e.fits:
+    if e.engine_pool is not None and e.fits:
+        # a serving engine queues what it cannot run: its largest batch is the one it runs at once
+        assert e.max_batch_that_fits == min(sc.inference.max_num_seqs, e.engine_pool.sequences_held)
+        assert e.engine_pool.concurrency == min(cur_b, e.max_batch_that_fits)
+        assert e.suggestions == []
+    elif e.fits:
         assert e.max_batch_that_fits is not None and e.max_batch_that_fits >= cur_b
         assert e.suggestions == []
     elif e.max_batch_that_fits is not None:
@@ -595,6 +620,14 @@ def test_kv_cache_grows_with_batch_prompt_and_generation(d, field, extra):
     d2 = _with_workload(d, **{field: d["workload"][field] + extra})
     valid_scenario(d), valid_scenario(d2)
     e1, e2 = estimate(d, what_fits=False), estimate(d2, what_fits=False)
+    if e1.engine_pool is not None:
+        # a serving engine's pool is its share less the rest, whatever runs in it: the sequences it holds at
+        # once never grow with longer sequences, and what it needs to start never shrinks
+        assert e2.engine_pool.share_bytes == e1.engine_pool.share_bytes
+        if field != "batch":
+            assert e2.engine_pool.sequences_held <= e1.engine_pool.sequences_held
+        assert _not_less(e1.engine_pool.needed_bytes, e2.engine_pool.needed_bytes)
+        return
     note(f"{field} +{extra}: kv {e1.memory_bytes.kv_cache} ({e1.peak_phase}) -> {e2.memory_bytes.kv_cache} "
          f"({e2.peak_phase}); decode {e1.phase_allocated_bytes['decode']} -> {e2.phase_allocated_bytes['decode']}")
     # the whole cache (held at the end of decode) and the allocated peak never shrink
