@@ -408,11 +408,11 @@ def _infer_memory(sc: Scenario, ct: CostTable, dev: Device, stage: int = 0
     weights = rp.frozen_bytes + rp.quant_bytes + rp.trainable_bytes
     scales = rp.scale_bytes
     ctx = w.prompt_len + w.gen_len
-    paged = sc.inference.engine == "vllm"
+    paged = engine_pool(sc)
     seqs = w.batch
     if paged:  # whole blocks per sequence, for the sequences the engine runs at once
         ctx = mem.paged_context_tokens(ctx, sc.inference.kv_block_tokens)
-        seqs = min(w.batch, sc.inference.max_num_seqs)
+        seqs = running_sequences(sc)
     # KV heads split over TP ranks; with tp > n_kv_heads each rank keeps one (replicated) head
     kv_heads = max(1, arch.kv_heads // par.tp) if arch.kv_heads >= par.tp else 1
     n_layers = round(arch.decoder_layers * len(sh.stage_layer_ranges(ct.n_blocks, par.pp)[stage]) / max(1, ct.n_blocks))
@@ -496,8 +496,7 @@ def _stage_peak(sc: Scenario, ct: CostTable, dev: Device, stage: int) -> dict[st
         # the serving engine starts when its share holds the weights, the profiled forward and one sequence; it
         # then allocates its KV pool up front to fill the share (the device shows the share) and runs as many
         # sequences at once as the pool holds, the others waiting
-        w = sc.workload
-        one_seq = b.kv_cache / min(w.batch, sc.inference.max_num_seqs)
+        one_seq = b.kv_cache / running_sequences(sc)
         needed = total - b.kv_cache + one_seq
         if needed <= limit:
             spare = limit - total  # negative where the pool holds fewer than the requested sequences
@@ -525,7 +524,7 @@ def engine_pool_of(sc: Scenario, p: dict[str, Any]) -> EnginePool | None:
     if not engine_pool(sc):
         return None
     w = sc.workload
-    seqs = min(w.batch, sc.inference.max_num_seqs)
+    seqs = running_sequences(sc)
     kv_needed = p["breakdown"].kv_cache - p["pool_spare"]  # the requested sequences'
     pool = max(0.0, p["limit"] - (p["running"] - kv_needed))
     seq_tokens = mem.paged_context_tokens(w.prompt_len + w.gen_len, sc.inference.kv_block_tokens)
@@ -587,6 +586,11 @@ def _time_and_cost(sc: Scenario, ct: CostTable, dev: Device, flops: FlopBreakdow
 def engine_pool(sc: Scenario) -> bool:
     """Inference under a serving engine that allocates its KV pool up front (InferenceQuant.engine)."""
     return not sc.is_training and sc.inference.engine == "vllm"
+
+
+def running_sequences(sc: Scenario) -> int:
+    """Sequences a serving engine is asked to run at once: the batch, up to its max_num_seqs."""
+    return min(sc.workload.batch, sc.inference.max_num_seqs)
 
 
 def memory_limit_bytes(sc: Scenario, dev: Device) -> float:

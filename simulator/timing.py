@@ -486,12 +486,13 @@ def step_time(stages: dict[int, StageCompute], ranks: dict[int, RankState], mode
     if par.offload_optimizer != "none":
         # gradients down and updated 16-bit weights up over PCIe; the step on the host CPU
         pcie = comm.host_transfer_time_s(system, n_upd * (grad_elem + cd), dev.efficiency.host_transfer_fraction)
+        node_ranks = lay.dp * lay.tp * lay.cp  # the node's ranks share its host
         # the host's CPU-Adam throughput is the node's: its ranks share the cores (DeepSpeed --bind_cores_to_rank)
         rate = system.host.cpu_adam_params_per_s
-        cpu = n_upd * lay.dp * lay.tp * lay.cp / rate if rate else 0.0
+        cpu = n_upd * node_ranks / rate if rate else 0.0
         # ZeRO-Infinity: the fp32 master and both moments (12 B/param) read and written back per step,
         # the node's ranks sharing its NVMe bandwidth
-        nvme = comm.nvme_transfer_time_s(system, 2.0 * 12.0 * n_upd * lay.dp * lay.tp * lay.cp) \
+        nvme = comm.nvme_transfer_time_s(system, 2.0 * 12.0 * n_upd * node_ranks) \
             if par.offload_optimizer == "nvme" else 0.0
         off_s = _maximum(pcie, cpu) + nvme
     else:

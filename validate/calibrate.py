@@ -270,18 +270,25 @@ def fit_matmul_fp8(rows: Rows, dev: Device, mem_fraction: float) -> tuple[float,
                    f"(torch._scaled_mm, e4m3, per-tensor scales, fast accumulation): {_fmt(value)}")
 
 
+def _sdpa_fractions(rows: Rows, dev: Device, backend: str) -> dict[int, list[float]]:
+    """Per sequence length, the achieved FLOP/s / dense 16-bit peak of the forward+backward 16-bit SDPA cases
+    of ``backend``."""
+    from simulator.compute import peak_flops
+
+    by_seq: dict[int, list[float]] = {}
+    for c, m in rows:
+        if (c.kind == "sdpa" and c.params.backend == backend and c.params.backward and c.params.dtype in SIXTEEN_BIT
+                and m.flops):
+            by_seq.setdefault(c.params.seq, []).append(m.flops / m.time_s / peak_flops(dev, c.params.dtype))
+    return by_seq
+
+
 def fit_attention(rows: Rows, dev: Device) -> tuple[float, Curve | None, str, str] | None:
     """The fused kernel's long-sequence fraction and its curve over sequence length: per length, the median
     over the flash forward+backward 16-bit SDPA cases of performed FLOP/s / dense 16-bit peak, made
     non-decreasing (pool adjacent violators); the plateau is the last point, the curve each point over it
     (None from cases of one length)."""
-    from simulator.compute import peak_flops
-
-    by_seq: dict[int, list[float]] = {}
-    for c, m in rows:
-        if (c.kind == "sdpa" and c.params.backend == "flash" and c.params.backward and c.params.dtype in SIXTEEN_BIT
-                and m.flops):
-            by_seq.setdefault(c.params.seq, []).append(m.flops / m.time_s / peak_flops(dev, c.params.dtype))
+    by_seq = _sdpa_fractions(rows, dev, "flash")
     if not by_seq:
         return None
     seqs = sorted(by_seq)
@@ -307,13 +314,7 @@ KERNELS_COMMENT = "# [tokens per sequence, speed relative to FlashAttention-2]"
 def fit_mem_efficient(rows: Rows, dev: Device) -> tuple[Curve, str] | None:
     """SDPA's memory-efficient kernel relative to its flash kernel: per length, the median achieved FLOP/s of
     the efficient forward+backward 16-bit cases over the flash ones' (None without both at two lengths)."""
-    from simulator.compute import peak_flops
-
-    rate: dict[str, dict[int, list[float]]] = {"flash": {}, "efficient": {}}
-    for c, m in rows:
-        p = getattr(c, "params", None)
-        if (c.kind == "sdpa" and p.backend in rate and p.backward and p.dtype in SIXTEEN_BIT and m.flops):
-            rate[p.backend].setdefault(p.seq, []).append(m.flops / m.time_s / peak_flops(dev, p.dtype))
+    rate = {backend: _sdpa_fractions(rows, dev, backend) for backend in ("flash", "efficient")}
     seqs = sorted(set(rate["flash"]) & set(rate["efficient"]))
     if len(seqs) < 2:
         return None

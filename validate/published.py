@@ -31,6 +31,7 @@ from simulator.config import (
     DoRA,
     Freeze,
     Full,
+    InferenceQuant,
     InferWorkload,
     LlamaAdapter,
     LoRA,
@@ -302,9 +303,9 @@ def _catalog_counts(family: str) -> tuple[tuple[str, int], ...]:
 
 def _shape_from_n_params(label: str, n_params: float, fam: str | None, m: dict, notes: list[str]) -> ModelArch:
     """A record that gives only the parameter count (the schema allows it): the catalog model of its family
-    (Llama's when unnamed, or when the family has none within 2x) nearest in size, its depth scaled so the blocks hold the parameters the embeddings
-    do not.  Weights, gradients and optimizer states follow the count; activations and FLOPs are that
-    family's at the nearest width -- an approximation the note states."""
+    (Llama's when unnamed, or when the family has none within 2x) nearest in size, its depth scaled so the
+    blocks hold the parameters the embeddings do not.  Weights, gradients and optimizer states follow the
+    count; activations and FLOPs are that family's at the nearest width -- an approximation the note states."""
     family = fam or "llama"
     near = [c for c in _catalog_counts(family) if abs(math.log(c[1] / n_params)) <= math.log(2.0)]
     if not near:  # no model of the family within 2x: Llama's widths span 1B to 405B
@@ -843,9 +844,10 @@ def _vllm_settings(text: str, notes: list[str]) -> dict[str, Any]:
     m = re.search(r"max[_ -]num[_ -]seqs\D{0,4}(\d+)", text, re.I)
     if m:
         out["max_num_seqs"] = int(m.group(1))
-    notes.append(f"vLLM: KV pool filling {out.get('gpu_memory_utilization', 0.9)} of the device, up to "
-                 f"{out.get('max_num_seqs', 256)} sequences at once, CUDA-graph decode"
-                 + ("" if out else " (vLLM's defaults)"))
+    default = InferenceQuant.model_fields
+    notes.append(f"vLLM: KV pool filling {out.get('gpu_memory_utilization', default['gpu_memory_utilization'].default)}"
+                 f" of the device, up to {out.get('max_num_seqs', default['max_num_seqs'].default)} sequences at once,"
+                 " CUDA-graph decode" + ("" if out else " (vLLM's defaults)"))
     return out
 
 
