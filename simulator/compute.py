@@ -341,6 +341,39 @@ def attention_kernel(plan) -> str:
     return "flash2"
 
 
+# The GPUs each fused attention kernel is built for (NVIDIA compute capability, major.minor): FlashAttention 1
+# Turing and Ampere (flash-attn 1.x README: sm75/sm80, Hopper through its sm80 path), FlashAttention-2 Ampere,
+# Ada and Hopper (flash-attn README: "Ampere, Ada, or Hopper GPUs"), FlashAttention-3 Hopper only (its README:
+# "H100 / H800"); SDPA's flash backend sm80 and newer (aten/src/ATen/native/transformers/cuda/sdp_utils.cpp
+# check_flash_attention_hardware_support), below which SDPA runs its memory-efficient kernel (sm50+).
+ATTENTION_MIN_CC = {"flash1": (7, 5), "flash2": (8, 0), "flash3": (9, 0), "sdpa-flash": (8, 0)}
+ATTENTION_MAX_CC = {"flash3": (9, 0)}
+
+
+def _cc(dev: Device) -> tuple[int, int] | None:
+    """The device's CUDA compute capability as (major, minor); None for AMD (gfx targets)."""
+    if dev.vendor != "nvidia" or "." not in dev.compute_capability:
+        return None
+    major, minor = dev.compute_capability.split(".")
+    return int(major), int(minor)
+
+
+def attention_support_warning(attention: str, dev: Device) -> str | None:
+    """Why ``attention`` cannot run as asked on ``dev`` (None when it can): a fused kernel built for newer (or,
+    FlashAttention-3, other) GPUs.  SDPA's flash request is no error: SDPA then runs its memory-efficient kernel,
+    which stores the same tensors."""
+    cc = _cc(dev)
+    lo, hi = ATTENTION_MIN_CC.get(attention), ATTENTION_MAX_CC.get(attention)
+    if cc is None or lo is None or (cc >= lo and (hi is None or cc[0] <= hi[0])):
+        return None
+    where = f"{dev.name} is sm{cc[0]}{cc[1]}"
+    if attention == "sdpa-flash":
+        return (f"SDPA's flash kernel needs sm80 or newer and {where}: SDPA runs its memory-efficient kernel "
+                "instead (same memory)")
+    need = f"sm{hi[0]}{hi[1]} only" if hi is not None else f"sm{lo[0]}{lo[1]} or newer"
+    return f"attention {attention!r} runs on {need} and {where}: use 'sdpa-flash', 'sdpa-mem-efficient' or 'eager'"
+
+
 def attention_time_s(flops, nbytes, dev: Device, dtype: str, causal, tokens=None, kernel: str = "flash2",
                      backward: bool = False):
     """A fused attention kernel: the FLOPs it runs (half the counted ones under a causal mask, which

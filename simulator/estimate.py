@@ -715,6 +715,9 @@ def _estimate(sc: Scenario, what_fits: bool, with_time: bool = True) -> Estimate
         warnings.append(f"{dev.name} has no native bf16; use fp16 or fp32")
     if sc.precision == "fp8" and not dev.supports_fp8:
         warnings.append(f"{dev.name} has no fp8 tensor cores")
+    attention_warning = compute.attention_support_warning(sc.attention, dev)
+    if attention_warning:
+        (notes if sc.attention == "sdpa-flash" else warnings).append(attention_warning)
     if sc.is_training and ct.n_trainable == 0:
         warnings.append(f"method {sc.method.kind!r} trains no parameter of {sc.model.name!r} (e.g. BitFit on a model without biases)")
     if sc.is_training and sc.workload.seq_len > sc.model.max_position_embeddings:

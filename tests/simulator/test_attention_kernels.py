@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from hwprofiles import get_device
-from simulator import Scenario, compute, timing
+from simulator import Scenario, compute, estimate, timing
 from simulator.estimate import _dims, cost_table_for
 from simulator.graph.ir import basis
 
@@ -57,3 +57,32 @@ def test_flashattention_3_speeds_up_the_forward_only_and_only_where_measured():
     assert b3 == b2  # no backward figure is published with it
     # a device without a figure for a kernel runs it at FlashAttention-2's speed
     assert get_device("l40s-48gb").efficiency.attention_kernel_ratio("flash3", 4096) == 1.0
+
+
+@pytest.mark.parametrize(("attention", "gpu", "says"), [
+    ("flash2", "v100-sxm-32gb", "runs on sm80 or newer and v100-sxm-32gb is sm70"),
+    ("flash2", "t4-16gb", "runs on sm80 or newer and t4-16gb is sm75"),
+    ("flash3", "a100-sxm-80gb", "runs on sm90 only and a100-sxm-80gb is sm80"),
+    ("flash1", "v100-sxm-32gb", "runs on sm75 or newer and v100-sxm-32gb is sm70"),
+    ("sdpa-flash", "t4-16gb", "SDPA runs its memory-efficient kernel"),
+])
+def test_a_kernel_built_for_other_gpus_is_named_with_both_architectures(attention, gpu, says):
+    assert says in compute.attention_support_warning(attention, get_device(gpu))
+
+
+@pytest.mark.parametrize(("attention", "gpu"), [
+    ("flash2", "a100-sxm-80gb"), ("flash2", "rtx-4090-24gb"), ("flash2", "h100-sxm-80gb"), ("flash3", "h100-sxm-80gb"),
+    ("flash1", "t4-16gb"), ("sdpa-flash", "l4-24gb"), ("sdpa-mem-efficient", "v100-sxm-32gb"), ("eager", "t4-16gb"),
+    ("flash2", "mi300x-192gb"),  # ROCm builds its own FlashAttention-2
+])
+def test_kernels_on_the_gpus_they_are_built_for_pass_without_a_word(attention, gpu):
+    assert compute.attention_support_warning(attention, get_device(gpu)) is None
+
+
+def test_the_estimate_warns_for_a_kernel_that_cannot_run_and_notes_sdpa_falling_back():
+    e = estimate(_sc("flash2", "v100-sxm-32gb", precision="fp16"), what_fits=False)
+    assert any("'flash2' runs on sm80 or newer" in w for w in e.warnings)
+    t4 = estimate(_sc("sdpa-flash", "t4-16gb", precision="fp16"), what_fits=False)
+    assert not any("sm75" in w for w in t4.warnings)
+    assert any("memory-efficient kernel instead" in n for n in t4.notes)
+    assert not any("sm" in w for w in estimate(_sc("flash2", "h100-sxm-80gb"), what_fits=False).warnings)
