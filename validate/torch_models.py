@@ -17,6 +17,7 @@ llama + sandwich_norm  ``Gemma2Config`` (soft-capping off; eager attention only)
                        ``Gemma3TextConfig`` when qk_norm is set as well
 gpt2                   ``GPT2Config`` (gelu_tanh -> "gelu_new", the Python composite GPT-2 uses)
 opt                    ``OPTConfig`` (pre-LN, learned positions with OPT's offset of 2 rows)
+gpt_neox               ``GPTNeoXConfig`` (parallel residual as parallel_block; rotary over the whole head)
 bert                   ``BertConfig`` -> ``BertForMaskedLM`` (MLM loss over the vocab)
 t5                     ``T5Config`` -> ``T5ForConditionalGeneration``
 =====================  ======================================================================
@@ -356,10 +357,37 @@ def _t5_config(arch: ModelArch, dropout: float):
     )
 
 
+def _gpt_neox_config(arch: ModelArch, dropout: float):
+    from transformers import GPTNeoXConfig
+
+    if arch.kv_heads != arch.n_heads or arch.d_head * arch.n_heads != arch.hidden:
+        raise _unsupported(arch, "GPT-NeoX has neither GQA nor a free head_dim")
+    if arch.norm != "layernorm" or not arch.norm_bias or arch.gated_mlp or arch.qk_norm:
+        raise _unsupported(arch, "GPT-NeoX uses LayerNorm with bias and a plain MLP")
+    if not (arch.qkv_bias and arch.attn_out_bias and arch.mlp_bias) or arch.lm_head_bias:
+        raise _unsupported(arch, "GPT-NeoX has biases on every linear but the output head (one attention_bias flag)")
+    return GPTNeoXConfig(
+        vocab_size=arch.vocab,
+        hidden_size=arch.hidden,
+        num_hidden_layers=arch.n_layers,
+        num_attention_heads=arch.n_heads,
+        intermediate_size=arch.intermediate,
+        hidden_act=_HF_ACT[arch.activation],
+        rotary_pct=1.0,  # ModelArch rotates the whole head (GPT-NeoX-20B rotates 25 %: same saved tensors)
+        max_position_embeddings=arch.max_position_embeddings,
+        use_parallel_residual=arch.parallel_block,
+        attention_dropout=dropout,
+        hidden_dropout=dropout,
+        tie_word_embeddings=arch.tied_embeddings,
+        use_cache=False,
+    )
+
+
 _CONFIG_BUILDERS = {
     "llama": _llama_style_config,
     "gpt2": _gpt2_config,
     "opt": _opt_config,
+    "gpt_neox": _gpt_neox_config,
     "bert": _bert_config,
     "t5": _t5_config,
 }

@@ -41,6 +41,8 @@ ARCHS = {
     "gpt2": dict(family="gpt2", n_kv_heads=4, position="learned", norm="layernorm", norm_bias=True,
                  activation="gelu_tanh", gated_mlp=False, qkv_bias=True, attn_out_bias=True, mlp_bias=True,
                  tied_embeddings=True),
+    "gpt_neox": dict(family="gpt_neox", n_kv_heads=4, norm="layernorm", norm_bias=True, activation="gelu",
+                     gated_mlp=False, qkv_bias=True, attn_out_bias=True, mlp_bias=True, parallel_block=True),
     "bert": dict(family="bert", arch="encoder", n_kv_heads=4, position="learned", norm="layernorm", norm_bias=True,
                  activation="gelu", gated_mlp=False, qkv_bias=True, attn_out_bias=True, mlp_bias=True,
                  tied_embeddings=True, type_vocab_size=2),
@@ -109,6 +111,8 @@ CASES = [
     ("gpt2", "bf16", "eager", {"kind": "full"}, "none"),
     ("gpt2", "bf16", "sdpa-flash", LORA, "none"),
     ("gpt2", "fp32", "sdpa-flash", {"kind": "bitfit"}, "none"),
+    ("gpt_neox", "fp32", "sdpa-flash", LORA, "none"),
+    ("gpt_neox", "fp32", "sdpa-flash", {"kind": "full"}, "full"),
     ("bert", "fp32", "eager", {"kind": "full"}, "none"),
     ("bert", "fp32", "sdpa-flash", LORA, "none"),
     ("bert", "bf16", "sdpa-flash", {"kind": "full"}, "none"),
@@ -161,6 +165,18 @@ def test_engine_equals_torch(case):
     assert ct.at(ct.fwd_flops, B) == truth.forward_flops
     assert ct.at(ct.bwd_flops, B) + ct.at(ct.recompute_flops, B) == truth.backward_flops
     assert ct.at(ct.recompute_flops, B) == truth.recompute_flops
+
+
+@pytest.mark.xfail(strict=True, reason="GPT-NeoX full fine-tuning without checkpointing: each block saves 8,192 B "
+                   "more than the engine counts under SDPA (16,384 B fewer under eager) at b=2, s=16, hidden=64, i.e. "
+                   "one b*s*hidden fp32 tensor; parameters, FLOPs, LoRA and checkpointed runs are exact")
+@pytest.mark.parametrize("attention", ["sdpa-flash", "eager"])
+def test_gpt_neox_full_finetuning_saved_bytes(attention):
+    sc = _scenario("gpt_neox", "fp32", attention, {"kind": "full"}, "none")
+    truth = measure(sc)
+    ct, B = _engine(sc)
+    assert (ct.n_params, ct.at(ct.fwd_flops, B)) == (truth.total_params, truth.forward_flops)
+    assert ct.at(ct.saved, B) == truth.saved_bytes_total
 
 
 OPTIMIZERS = [
