@@ -192,6 +192,12 @@ def _unsupported(arch: ModelArch, what: str) -> NotImplementedError:
     return NotImplementedError(f"model {arch.name!r} (family {arch.family!r}): {what}")
 
 
+def _require_plain_heads(arch: ModelArch, family: str) -> None:
+    """Families whose configs have one head count and head_dim = hidden / heads."""
+    if arch.kv_heads != arch.n_heads or arch.d_head * arch.n_heads != arch.hidden:
+        raise _unsupported(arch, f"{family} has neither GQA nor a free head_dim")
+
+
 def _llama_style_config(arch: ModelArch, dropout: float):
     import transformers as tf
 
@@ -260,8 +266,7 @@ def _llama_style_config(arch: ModelArch, dropout: float):
 def _gpt2_config(arch: ModelArch, dropout: float):
     from transformers import GPT2Config
 
-    if arch.kv_heads != arch.n_heads or arch.d_head * arch.n_heads != arch.hidden:
-        raise _unsupported(arch, "GPT-2 has neither GQA nor a free head_dim")
+    _require_plain_heads(arch, "GPT-2")
     return GPT2Config(
         vocab_size=arch.vocab,
         n_positions=arch.max_position_embeddings,
@@ -283,8 +288,7 @@ def _gpt2_config(arch: ModelArch, dropout: float):
 def _opt_config(arch: ModelArch, dropout: float):
     from transformers import OPTConfig
 
-    if arch.kv_heads != arch.n_heads or arch.d_head * arch.n_heads != arch.hidden:
-        raise _unsupported(arch, "OPT has neither GQA nor a free head_dim")
+    _require_plain_heads(arch, "OPT")
     return OPTConfig(
         vocab_size=arch.vocab,
         hidden_size=arch.hidden,
@@ -308,8 +312,7 @@ def _bert_config(arch: ModelArch, dropout: float):
 
     if arch.type_vocab_size < 1:
         raise _unsupported(arch, "BERT needs type_vocab_size >= 1 (token_type_ids default to zeros)")
-    if arch.kv_heads != arch.n_heads or arch.d_head * arch.n_heads != arch.hidden:
-        raise _unsupported(arch, "BERT has neither GQA nor a free head_dim")
+    _require_plain_heads(arch, "BERT")
     return BertConfig(
         vocab_size=arch.vocab,
         hidden_size=arch.hidden,
@@ -360,8 +363,7 @@ def _t5_config(arch: ModelArch, dropout: float):
 def _gpt_neox_config(arch: ModelArch, dropout: float):
     from transformers import GPTNeoXConfig
 
-    if arch.kv_heads != arch.n_heads or arch.d_head * arch.n_heads != arch.hidden:
-        raise _unsupported(arch, "GPT-NeoX has neither GQA nor a free head_dim")
+    _require_plain_heads(arch, "GPT-NeoX")
     if arch.norm != "layernorm" or not arch.norm_bias or arch.gated_mlp or arch.qk_norm:
         raise _unsupported(arch, "GPT-NeoX uses LayerNorm with bias and a plain MLP")
     if not (arch.qkv_bias and arch.attn_out_bias and arch.mlp_bias) or arch.lm_head_bias:
