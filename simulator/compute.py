@@ -347,7 +347,7 @@ def attention_kernel(plan) -> str:
 # "H100 / H800"); SDPA's flash backend sm80 and newer (aten/src/ATen/native/transformers/cuda/sdp_utils.cpp
 # check_flash_attention_hardware_support), below which SDPA runs its memory-efficient kernel (sm50+).
 ATTENTION_MIN_CC = {"flash1": (7, 5), "flash2": (8, 0), "flash3": (9, 0), "sdpa-flash": (8, 0)}
-ATTENTION_MAX_CC = {"flash3": (9, 0)}
+ATTENTION_ONLY_MAJOR = {"flash3": 9}  # kernels built for one architecture generation alone
 
 
 def _cc(dev: Device) -> tuple[int, int] | None:
@@ -363,14 +363,13 @@ def attention_support_warning(attention: str, dev: Device) -> str | None:
     FlashAttention-3, other) GPUs.  SDPA's flash request is no error: SDPA then runs its memory-efficient kernel,
     which stores the same tensors."""
     cc = _cc(dev)
-    lo, hi = ATTENTION_MIN_CC.get(attention), ATTENTION_MAX_CC.get(attention)
-    if cc is None or lo is None or (cc >= lo and (hi is None or cc[0] <= hi[0])):
+    lo, only = ATTENTION_MIN_CC.get(attention), ATTENTION_ONLY_MAJOR.get(attention)
+    if cc is None or lo is None or (cc >= lo and (only is None or cc[0] == only)):
         return None
     where = f"{dev.name} is sm{cc[0]}{cc[1]}"
+    need = f"sm{only}0 only" if only is not None else f"sm{lo[0]}{lo[1]} or newer"
     if attention == "sdpa-flash":
-        return (f"SDPA's flash kernel needs sm80 or newer and {where}: SDPA runs its memory-efficient kernel "
-                "instead (same memory)")
-    need = f"sm{hi[0]}{hi[1]} only" if hi is not None else f"sm{lo[0]}{lo[1]} or newer"
+        return f"SDPA's flash kernel needs {need} and {where}: SDPA runs its memory-efficient kernel instead (same memory)"
     return f"attention {attention!r} runs on {need} and {where}: use 'sdpa-flash', 'sdpa-mem-efficient' or 'eager'"
 
 
