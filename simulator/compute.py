@@ -27,7 +27,7 @@ import numpy as np
 
 from hwprofiles import Device
 
-from .graph.build import GPTQ_TORCH_DEQUANT_BYTES_PER_WEIGHT, GPTQ_TORCH_DEQUANT_KERNELS
+from .graph.build import GPTQ_TORCH_DEQUANT_BYTES_PER_WEIGHT, GPTQ_TORCH_DEQUANT_KERNELS, attention_kernel  # noqa: F401
 from .graph.compile import CostTable
 from .units import dtype_bytes
 
@@ -326,19 +326,6 @@ def gemm_time_s(flops, nbytes, dev: Device, dtype: str):
         return memory_time_s(nbytes, dev)
     t_compute = flops / (peak_flops(dev, dtype) * dev.efficiency.matmul_fraction(flops, dtype))
     return _maximum(t_compute, memory_time_s(nbytes, dev))
-
-
-def attention_kernel(plan) -> str:
-    """The fused kernel a plan's attention runs: FlashAttention 1 / 3 where named; the memory-efficient kernel
-    for SDPA given an explicit mask (transformers passes one for padded batches and prepended prefixes, and
-    SDPA's flash kernel takes none) or asked for it; FlashAttention-2 otherwise."""
-    att = plan.attention
-    if att in ("flash1", "flash3"):
-        return att
-    if att == "sdpa-mem-efficient" or (att == "sdpa-flash" and plan.implementation == "transformers"
-                                       and (plan.padded or plan.prefix_tokens > 0)):
-        return "mem_efficient"
-    return "flash2"
 
 
 # The GPUs each fused attention kernel is built for (NVIDIA compute capability, major.minor): FlashAttention 1

@@ -137,6 +137,35 @@ LOSS_ON_LOGITS_AS_THEY_ARE = frozenset({"torch", "qwen"})
 SHIFT_16_BIT_LOGITS_BEFORE_446 = frozenset({"gpt2", "opt", "bloom", "gpt_neox", "falcon"})
 # F.multi_head_attention_forward calls softmax on the scores as they are, which torch.autocast runs in fp32.
 AUTOCAST_SOFTMAX_FP32 = frozenset({"torch"})
+# transformers' rotary embedding sliced and concatenated back (``torch.cat([q_embed, q_pass], dim=-1)``) on q and k
+# already transposed to (b, heads, s, d): the roped q is a contiguous (b, heads, s, d) tensor, not the projection's
+# (b, s, heads, d) layout (modeling_gpt_neox.py, modeling_phi.py).  litgpt's roped q is laid out the same way.
+ROPE_CAT_HEADS_MAJOR = frozenset({"gpt_neox", "phi"})
+
+
+def attention_kernel(plan) -> str:
+    """The fused kernel a plan's attention runs: FlashAttention 1 / 3 where named; the memory-efficient kernel
+    for SDPA given an explicit mask (transformers passes one for padded batches and prepended prefixes, and
+    SDPA's flash kernel takes none) or asked for it; FlashAttention-2 otherwise."""
+    att = plan.attention
+    if att in ("flash1", "flash3"):
+        return att
+    if att == "sdpa-mem-efficient" or (att == "sdpa-flash" and plan.implementation == "transformers"
+                                       and (plan.padded or plan.prefix_tokens > 0)):
+        return "mem_efficient"
+    return "flash2"
+
+
+def fused_output_follows_query(plan, q_dtype: str) -> bool:
+    """Whether a fused attention kernel lays its output out as the query is laid out.  FlashAttention allocates
+    ``out = torch::empty_like(q)`` (flash-attention csrc/flash_attn/flash_api.cpp ``mha_fwd``, the same code in
+    ATen's SDPA flash backend), and ``empty_like`` keeps a permuted tensor's strides; the memory-efficient kernel
+    allocates (b, s, heads, d) whatever the query (ATen ``_efficient_attention_forward``).  SDPA's flash backend
+    takes 16-bit inputs only: fp32 runs the memory-efficient kernel on CUDA."""
+    if plan.attention not in ("sdpa-flash", "flash1", "flash2", "flash3") or attention_kernel(plan) == "mem_efficient":
+        return False
+    return plan.attention != "sdpa-flash" or q_dtype in ("fp16", "bf16")
+
 
 
 def _leaf(path: str) -> str:
@@ -626,6 +655,9 @@ class Builder:
         tr, arch = self.tr, self.arch
         a, d = arch.n_heads, arch.d_head
         rg = q.requires_grad or k.requires_grad or v.requires_grad
+        # matmul folds (b, heads) into one batch dimension with ``reshape``: an operand that is a slice of a fused
+        # projection's output (b, s, 3 x hidden) cannot be viewed that way, so bmm gets -- and saves -- a copy
+        q, k, v = (self._unless_slice(path, t) for t in (q, k, v))
         if q.requires_grad:
             tr.save(path, k)
         if k.requires_grad:
@@ -643,6 +675,12 @@ class Builder:
         tr.flops(path, "attention", fwd, bwd, Poly.att(a * 6.0) + Poly.tok(4.0 * a * d))
         tr.new(path, Poly.tok(a * d), probs.dtype, rg)  # probs @ V in (b, a, s, d) layout
         return tr.new(path, Poly.tok(a * d), out_dtype, rg)  # cast back, transpose(1, 2).contiguous()
+
+    def _unless_slice(self, path: str, t: Tensor) -> Tensor:
+        """``t`` itself, or a copy of it where it is a slice of a larger storage (a fused q/k/v output)."""
+        if t.is_param or t.numel == self.tr.all[t.id].numel:
+            return t
+        return self.tr.new(path, t.numel, t.dtype, t.requires_grad)
 
     # -- embeddings -----------------------------------------------------------------------
     def embedding(self, path: str, ids: Tensor, vocab: int, width: int, trainable: bool, rows: Poly,
@@ -730,12 +768,21 @@ class ModelBuilder(Builder):
         if names is None and cross_kv is None and pl.llama_adapter_on(getattr(self, "layer_index", -1)):
             # y + gating * ay is a fresh contiguous (B, T, heads, d) tensor: the reshape before proj is a view
             o = self._adaption_prompt(f"{L}.{core}", q, o)
-        elif pl.implementation == "litgpt" and names is None:
-            # litgpt's roped q is a contiguous (B, heads, T, d) tensor and SDPA's output follows its layout, so
-            # ``y.transpose(1, 2).reshape(B, T, -1)`` copies before ``proj`` (transformers' q keeps the
-            # projection's (B, T, heads, d) layout and the reshape is a view)
+        elif names is None and self._query_heads_major(cross_kv) and fused_output_follows_query(pl, q.dtype):
+            # a contiguous (B, heads, T, d) roped q: a fused kernel's output follows its layout, so
+            # ``y.transpose(1, 2).reshape(B, T, -1)`` copies before the output projection (a q in the projection's
+            # (B, T, heads, d) layout gives a (B, T, heads, d) output and the reshape is a view)
             o = tr.new(f"{L}.{core}", o.numel, o.dtype, o.requires_grad)
         return self.linear(f"{L}.{on}", o, qd, H, bias=arch.attn_out_bias, trainable=train)
+
+    def _query_heads_major(self, cross_kv: Tensor | None) -> bool:
+        """Whether the roped query reaches attention as a contiguous (b, heads, s, d) tensor
+        (:data:`ROPE_CAT_HEADS_MAJOR`, litgpt)."""
+        pl, arch = self.plan, self.arch
+        if pl.implementation == "litgpt":
+            return True
+        return (pl.implementation == "transformers" and arch.family in ROPE_CAT_HEADS_MAJOR
+                and arch.position == "rope" and cross_kv is None)
 
     def _adaption_prompt(self, P: str, q: Tensor, y: Tensor) -> Tensor:
         """litgpt adapter ``CausalSelfAttention.scaled_dot_product_attention`` from ``adapter_start_layer`` on: the

@@ -7,6 +7,7 @@ import pytest
 from hwprofiles import get_device
 from simulator import Scenario, compute, estimate, timing
 from simulator.estimate import _dims, cost_table_for
+from simulator.graph.build import fused_output_follows_query
 from simulator.graph.ir import basis
 
 
@@ -35,6 +36,30 @@ def test_the_kernel_follows_the_attention_setting_and_the_mask():
     assert compute.attention_kernel(cost_table_for(_sc("flash3", "h100-sxm-80gb")).plan) == "flash3"
     # litgpt and torchtune build their own mask-free calls
     assert compute.attention_kernel(cost_table_for(_sc(padded=True, implementation="litgpt")).plan) == "flash2"
+
+
+def _block_saved_bytes(model: str, attention: str, precision: str = "bf16", **kw) -> float:
+    sc = Scenario.model_validate({
+        "model": model, "gpu": "a100-sxm-80gb", "precision": precision, "attention": attention,
+        "workload": {"micro_batch": 2, "seq_len": 1024}, **kw})
+    return estimate(sc, what_fits=False, timing=False).activations_by_layer["gpt_neox.layers.1"]
+
+
+def test_a_heads_major_query_costs_an_output_copy_under_the_kernels_whose_output_follows_it():
+    """GPT-NeoX's roped q is a contiguous (b, heads, s, d) tensor: FlashAttention's output copies that layout and
+    the reshape before ``dense`` copies it (one b*s*hidden tensor saved); the memory-efficient kernel writes
+    (b, s, heads, d) and the reshape is a view."""
+    copy = 2 * 1024 * 6144 * 2  # micro-batch x seq x hidden x 2 B
+    flash = _block_saved_bytes("gpt-neox-20b", "sdpa-flash")
+    assert flash - _block_saved_bytes("gpt-neox-20b", "sdpa-mem-efficient") == copy
+    assert _block_saved_bytes("gpt-neox-20b", "flash2") == flash
+    # a padded batch hands SDPA a mask, so the memory-efficient kernel runs: no copy
+    assert flash - _block_saved_bytes("gpt-neox-20b", "sdpa-flash", padded_batches=True) == copy
+    plan = cost_table_for(_sc()).plan
+    assert compute.attention_kernel(plan) == "flash2"
+    assert fused_output_follows_query(plan, "bf16") and not fused_output_follows_query(plan, "fp32")
+    assert not fused_output_follows_query(cost_table_for(_sc("sdpa-mem-efficient")).plan, "bf16")
+    assert not fused_output_follows_query(cost_table_for(_sc("eager")).plan, "bf16")
 
 
 def test_slower_kernels_take_their_measured_share_of_flashattention_2s_speed():
