@@ -18,6 +18,8 @@ llama + sandwich_norm  ``Gemma2Config`` (soft-capping off; eager attention only)
 gpt2                   ``GPT2Config`` (gelu_tanh -> "gelu_new", the Python composite GPT-2 uses)
 opt                    ``OPTConfig`` (pre-LN, learned positions with OPT's offset of 2 rows)
 gpt_neox               ``GPTNeoXConfig`` (parallel residual as parallel_block; rotary over the whole head)
+phi                    ``PhiConfig`` (attention and MLP in parallel on one LayerNorm, "gelu_new"; rotary over the
+                       whole head)
 bert                   ``BertConfig`` -> ``BertForMaskedLM`` (MLM loss over the vocab)
 t5                     ``T5Config`` -> ``T5ForConditionalGeneration``
 =====================  ======================================================================
@@ -385,11 +387,39 @@ def _gpt_neox_config(arch: ModelArch, dropout: float):
     )
 
 
+def _phi_config(arch: ModelArch, dropout: float):
+    from transformers import PhiConfig
+
+    if arch.norm != "layernorm" or not arch.norm_bias or arch.gated_mlp or arch.qk_norm or not arch.parallel_block:
+        raise _unsupported(arch, "Phi runs attention and a plain MLP in parallel on one LayerNorm with bias")
+    if not (arch.qkv_bias and arch.attn_out_bias and arch.mlp_bias and arch.lm_head_bias):
+        raise _unsupported(arch, "Phi has biases on every linear, the output head included")
+    if arch.d_head * arch.n_heads != arch.hidden:
+        raise _unsupported(arch, "Phi has no free head_dim")
+    return PhiConfig(
+        vocab_size=arch.vocab,
+        hidden_size=arch.hidden,
+        intermediate_size=arch.intermediate,
+        num_hidden_layers=arch.n_layers,
+        num_attention_heads=arch.n_heads,
+        num_key_value_heads=arch.kv_heads,
+        hidden_act=_GPT2_ACT[arch.activation],
+        max_position_embeddings=arch.max_position_embeddings,
+        partial_rotary_factor=1.0,  # ModelArch rotates the whole head (Phi-1.5/2 rotate half: smaller cos/sin)
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attention_dropout=dropout,
+        tie_word_embeddings=arch.tied_embeddings,
+        use_cache=False,
+    )
+
+
 _CONFIG_BUILDERS = {
     "llama": _llama_style_config,
     "gpt2": _gpt2_config,
     "opt": _opt_config,
     "gpt_neox": _gpt_neox_config,
+    "phi": _phi_config,
     "bert": _bert_config,
     "t5": _t5_config,
 }
@@ -435,6 +465,7 @@ _LAYOUTS: dict[str, _Layout] = {
         r"self_attn\.out_proj",
         r"fc2",
     ),
+    "phi": _Layout(("model.embed_tokens",), ("model.final_layernorm", "lm_head"), r"self_attn\.dense", r"mlp\.fc2"),
     "bert": _Layout(("bert.embeddings",), ("cls",), r"attention\.output\.dense", r"output\.dense"),
     # T5: the adapter goes after self-attention only (not cross-attention), and after the FF block's wo.
     "t5": _Layout(
