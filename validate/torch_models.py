@@ -18,6 +18,7 @@ llama + sandwich_norm  ``Gemma2Config`` (soft-capping off; eager attention only)
 gpt2                   ``GPT2Config`` (gelu_tanh -> "gelu_new", the Python composite GPT-2 uses)
 opt                    ``OPTConfig`` (pre-LN, learned positions with OPT's offset of 2 rows)
 gpt_neox               ``GPTNeoXConfig`` (parallel residual as parallel_block; rotary over the whole head)
+phi3                   ``Phi3Config`` (fused qkv_proj and gate_up_proj)
 phi                    ``PhiConfig`` (attention and MLP in parallel on one LayerNorm, "gelu_new"; rotary over the
                        whole head)
 bert                   ``BertConfig`` -> ``BertForMaskedLM`` (MLM loss over the vocab)
@@ -414,12 +415,43 @@ def _phi_config(arch: ModelArch, dropout: float):
     )
 
 
+def _phi3_config(arch: ModelArch, dropout: float):
+    from transformers import Phi3Config
+
+    if arch.norm != "rmsnorm" or arch.norm_bias or not arch.gated_mlp or arch.qk_norm or arch.parallel_block:
+        raise _unsupported(arch, "Phi-3 is a pre-norm RMSNorm decoder with a gated MLP")
+    if arch.qkv_bias or arch.attn_out_bias or arch.mlp_bias or arch.lm_head_bias or arch.moe is not None:
+        raise _unsupported(arch, "Phi-3 has no biases and no experts")
+    if arch.d_head * arch.n_heads != arch.hidden:
+        raise _unsupported(arch, "Phi-3 has no free head_dim")
+    return Phi3Config(
+        vocab_size=arch.vocab,
+        hidden_size=arch.hidden,
+        intermediate_size=arch.intermediate,
+        num_hidden_layers=arch.n_layers,
+        num_attention_heads=arch.n_heads,
+        num_key_value_heads=arch.kv_heads,
+        hidden_act=_HF_ACT[arch.activation],
+        max_position_embeddings=arch.max_position_embeddings,
+        original_max_position_embeddings=arch.max_position_embeddings,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attention_dropout=dropout,
+        tie_word_embeddings=arch.tied_embeddings,
+        pad_token_id=arch.vocab - 1,  # Phi-3's 32000 is outside a tiny vocab
+        bos_token_id=arch.vocab - 1,
+        eos_token_id=arch.vocab - 1,
+        use_cache=False,
+    )
+
+
 _CONFIG_BUILDERS = {
     "llama": _llama_style_config,
     "gpt2": _gpt2_config,
     "opt": _opt_config,
     "gpt_neox": _gpt_neox_config,
     "phi": _phi_config,
+    "phi3": _phi3_config,
     "bert": _bert_config,
     "t5": _t5_config,
 }
@@ -465,6 +497,7 @@ _LAYOUTS: dict[str, _Layout] = {
         r"self_attn\.out_proj",
         r"fc2",
     ),
+    "phi3": _Layout(("model.embed_tokens",), ("model.norm", "lm_head"), r"self_attn\.o_proj", r"mlp\.down_proj"),
     "phi": _Layout(("model.embed_tokens",), ("model.final_layernorm", "lm_head"), r"self_attn\.dense", r"mlp\.fc2"),
     "bert": _Layout(("bert.embeddings",), ("cls",), r"attention\.output\.dense", r"output\.dense"),
     # T5: the adapter goes after self-attention only (not cross-attention), and after the FF block's wo.

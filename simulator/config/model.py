@@ -14,7 +14,8 @@ from pydantic import Field, model_validator
 from .base import Strict
 
 Family = Literal[
-    "llama",  # Llama 1/2/3, Mistral, Qwen1.5/2/2.5/3, Mixtral, Gemma/Gemma2, Phi-3, Yi ...: the HF Llama-style decoder
+    "llama",  # Llama 1/2/3, Mistral, Qwen1.5/2/2.5/3, Mixtral, Gemma/Gemma2, Yi ...: the HF Llama-style decoder
+    "phi3",  # Phi-3: the Llama-style decoder with fused qkv_proj and gate_up_proj and a concatenated rotary
     "qwen",  # Qwen (v1): fused c_attn, w1/w2 gated MLP
     "gpt2",
     "opt",

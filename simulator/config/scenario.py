@@ -170,8 +170,14 @@ class Scenario(Strict):
                         raise ValueError(err)
         if isinstance(m, (_LoRABase, IA3, Shira)):
             from ..graph.build import target_names
+            from ..graph.transforms import NO_PEFT_DEFAULT_TARGETS
 
             known = target_names(arch, embeddings=isinstance(m, _LoRABase))
+            if m.targets is None and arch.family in NO_PEFT_DEFAULT_TARGETS:
+                raise ValueError(
+                    f"method.targets: PEFT has no default target modules for family {arch.family!r} (model "
+                    f"{arch.name!r}); name them, allowed: {', '.join(sorted(k for k in known if '.' not in k))}"
+                    + ("" if isinstance(m, IA3) else ", all-linear"))
             asked = m.targets if not isinstance(m, IA3) else (m.targets or [])
             if asked is not None and asked != "all-linear":
                 missing = [t for t in asked if t not in known]

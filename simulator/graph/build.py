@@ -86,6 +86,10 @@ NAMES: dict[str, Names] = {
                 "layer.0.SelfAttention.v", None, "layer.0.SelfAttention.o", "layer.1.DenseReluDense.wi_0",
                 "layer.1.DenseReluDense.wi_1", "layer.1.DenseReluDense.wo", act="layer.1.DenseReluDense.act"),
 }
+# Phi-3 (modeling_phi3.py): the Llama layout with q/k/v in one ``qkv_proj`` and gate/up in one ``gate_up_proj``,
+# sliced by views -- what a kernel saves of a slice is the whole fused output, and an adapter spans it.
+NAMES["phi3"] = replace(NAMES["llama"], q="", k="", v="", qkv="self_attn.qkv_proj", gate="mlp.gate_up_proj",
+                        up="mlp.gate_up_proj", act="mlp.activation_fn")
 # A plain PyTorch model (DeepSpeedExamples' SimpleTransformerModel): nn.MultiheadAttention's packed in_proj
 # (q, k, v in one 3h x h weight with bias) and out_proj, an nn.Sequential(Linear, GELU, Linear) MLP, post-LN
 # norm1/norm2, learned positions, no final norm, a biased output projection.
@@ -139,8 +143,8 @@ SHIFT_16_BIT_LOGITS_BEFORE_446 = frozenset({"gpt2", "opt", "bloom", "gpt_neox", 
 AUTOCAST_SOFTMAX_FP32 = frozenset({"torch"})
 # transformers' rotary embedding sliced and concatenated back (``torch.cat([q_embed, q_pass], dim=-1)``) on q and k
 # already transposed to (b, heads, s, d): the roped q is a contiguous (b, heads, s, d) tensor, not the projection's
-# (b, s, heads, d) layout (modeling_gpt_neox.py, modeling_phi.py).  litgpt's roped q is laid out the same way.
-ROPE_CAT_HEADS_MAJOR = frozenset({"gpt_neox", "phi"})
+# (b, s, heads, d) layout (modeling_gpt_neox.py, modeling_phi.py, modeling_phi3.py).  litgpt's roped q is laid out the same way.
+ROPE_CAT_HEADS_MAJOR = frozenset({"gpt_neox", "phi", "phi3"})
 
 
 def attention_kernel(plan) -> str:
@@ -197,7 +201,7 @@ def linear_shapes(arch: ModelArch) -> dict[str, tuple[int, int]]:
     if arch.moe is None:
         if n.gate:
             out[n.gate] = (H, inter)
-        out.update({n.up: (H, inter), n.down: (inter, H)})
+        out.update({n.up: (H, 2 * inter if n.gate == n.up else inter), n.down: (inter, H)})
     if arch.family in ("bert", "roberta", "deberta_v2"):  # the MLM head's transform (an nn.Linear all-linear takes)
         out[f"{n.lm_head.rsplit('.', 1)[0]}.transform.dense"] = (H, H)
     if arch.family == "t5" and arch.arch == "encoder_decoder":  # the decoder's cross-attention and its MLP
@@ -867,7 +871,13 @@ class ModelBuilder(Builder):
         H, inter = arch.hidden, arch.intermediate
         if arch.moe is not None:
             return self.moe(L, x, train)
-        if arch.gated_mlp:
+        if arch.gated_mlp and n.gate == n.up:
+            # one gate_up projection chunked into views: the activation saves its slice, i.e. the whole output
+            gu = self.linear(f"{L}.{n.up}", x, H, 2 * inter, bias=arch.mlp_bias, trainable=train)
+            g = Tensor(gu.id, Poly.tok(inter), gu.dtype, gu.requires_grad, gu.module)
+            u = Tensor(gu.id, Poly.tok(inter), gu.dtype, gu.requires_grad, gu.module)
+            m = tr.mul(f"{L}.mlp", u, self.act(f"{L}.{n.act}", g))
+        elif arch.gated_mlp:
             g = self.linear(f"{L}.{n.gate}", x, H, inter, bias=arch.mlp_bias, trainable=train)
             u = self.linear(f"{L}.{n.up}", x, H, inter, bias=arch.mlp_bias, trainable=train)
             a = self.act(f"{L}.{n.act}", g)

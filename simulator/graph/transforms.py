@@ -36,6 +36,10 @@ LORA_DEFAULTS: dict[str, tuple[str, ...]] = {
     "deberta_v2": ("query_proj", "value_proj"),
 }
 
+# Families PEFT has no default for: ``target_modules`` must be named (PEFT raises "Please specify
+# `target_modules` in `peft_config`" for a model_type missing from the mappings above).
+NO_PEFT_DEFAULT_TARGETS = frozenset({"phi3"})
+
 # PEFT's IA3 defaults (peft/utils/constants.py TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING / FEEDFORWARD mapping).
 IA3_DEFAULTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "llama": (("k_proj", "v_proj", "down_proj"), ("down_proj",)),
@@ -251,4 +255,4 @@ def plan_of(sc: Scenario) -> Plan:
     )
 
 
-__all__ = ["ADDON_METHODS", "IA3_DEFAULTS", "LORA_DEFAULTS", "Plan", "Precision", "plan_of", "precision_of"]
+__all__ = ["ADDON_METHODS", "IA3_DEFAULTS", "LORA_DEFAULTS", "NO_PEFT_DEFAULT_TARGETS", "Plan", "Precision", "plan_of", "precision_of"]

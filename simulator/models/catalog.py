@@ -185,7 +185,7 @@ def _llama_like(c: _Cfg) -> dict[str, Any]:
     mt = c.model_type
     attn_bias = bool(c.get("attention_bias", False)) and mt in ("llama", "qwen3", "gemma", "gemma2")
     out: dict[str, Any] = dict(
-        family="llama",
+        family="phi3" if mt == "phi3" else "llama",
         n_layers=c.req("num_hidden_layers"),
         hidden=c.req("hidden_size"),
         n_heads=c.req("num_attention_heads"),
@@ -241,8 +241,9 @@ def _llama_like(c: _Cfg) -> dict[str, Any]:
             n_shared_experts=1 if shared else 0,
             shared_intermediate=shared or None,
         )
-    # phi3: qkv_proj and gate_up_proj are fused Linears; the parameter count equals the unfused Llama layout and the
-    # family template maps the module names.  partial_rotary_factor changes no parameter or memory size.
+    # phi3: qkv_proj and gate_up_proj are fused Linears (family "phi3"): the parameter count equals the unfused Llama
+    # layout; what is saved for backward and what an adapter spans do not.  partial_rotary_factor changes no
+    # parameter or memory size beyond the shared cos/sin.
     out["torch_dtype"] = _dtype(c)
     return out
 

@@ -520,7 +520,7 @@ def test_t5_round_trip(ff: str, act: str, gated: bool, tied: bool):
     [
         ("MistralConfig", dict(TINY, num_key_value_heads=2), "llama"),
         ("GemmaConfig", dict(TINY, num_key_value_heads=2, head_dim=16), "llama"),
-        ("Phi3Config", dict(TINY, num_key_value_heads=4, pad_token_id=0, eos_token_id=1), "llama"),
+        ("Phi3Config", dict(TINY, num_key_value_heads=4, pad_token_id=0, eos_token_id=1), "phi3"),
         ("FalconConfig", dict(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4), "falcon"),
         ("BloomConfig", dict(vocab_size=97, hidden_size=64, n_layer=2, n_head=4), "bloom"),
         ("GPTNeoXConfig", dict(TINY), "gpt_neox"),
@@ -539,7 +539,7 @@ def test_other_model_types_map(cls: str, kwargs: dict, family: str):
     a = from_hf_config(config.to_dict())
     assert a.family == family
     assert a.vocab == 97 and a.hidden == 64
-    if family == "llama":
+    if family in ("llama", "phi3"):
         # Mistral/Gemma/Phi-3 (fused qkv_proj, gate_up_proj): the Llama-style count still equals the real module's.
         model = transformers.AutoModelForCausalLM.from_config(config)
         assert llama_style_params(a) == sum(p.numel() for p in model.parameters())
