@@ -17,10 +17,10 @@ llama + sandwich_norm  ``Gemma2Config`` (soft-capping off; eager attention only)
                        ``Gemma3TextConfig`` when qk_norm is set as well
 gpt2                   ``GPT2Config`` (gelu_tanh -> "gelu_new", the Python composite GPT-2 uses)
 opt                    ``OPTConfig`` (pre-LN, learned positions with OPT's offset of 2 rows)
-gpt_neox               ``GPTNeoXConfig`` (parallel residual as parallel_block; rotary over the whole head)
+gpt_neox               ``GPTNeoXConfig`` (parallel residual as parallel_block; rotary_pct = rotary_fraction)
+gptj                   ``GPTJConfig`` (eager attention only in transformers 5; rotary_dim from rotary_fraction)
 phi3                   ``Phi3Config`` (fused qkv_proj and gate_up_proj)
-phi                    ``PhiConfig`` (attention and MLP in parallel on one LayerNorm, "gelu_new"; rotary over the
-                       whole head)
+phi                    ``PhiConfig`` (attention and MLP in parallel on one LayerNorm, "gelu_new"; partial rotary)
 bert                   ``BertConfig`` -> ``BertForMaskedLM`` (MLM loss over the vocab)
 t5                     ``T5Config`` -> ``T5ForConditionalGeneration``
 =====================  ======================================================================
@@ -378,7 +378,7 @@ def _gpt_neox_config(arch: ModelArch, dropout: float):
         num_attention_heads=arch.n_heads,
         intermediate_size=arch.intermediate,
         hidden_act=_HF_ACT[arch.activation],
-        rotary_pct=1.0,  # ModelArch rotates the whole head (GPT-NeoX-20B rotates 25 %: same saved tensors)
+        rotary_pct=arch.rotary_fraction,
         max_position_embeddings=arch.max_position_embeddings,
         use_parallel_residual=arch.parallel_block,
         attention_dropout=dropout,
@@ -406,7 +406,7 @@ def _phi_config(arch: ModelArch, dropout: float):
         num_key_value_heads=arch.kv_heads,
         hidden_act=_GPT2_ACT[arch.activation],
         max_position_embeddings=arch.max_position_embeddings,
-        partial_rotary_factor=1.0,  # ModelArch rotates the whole head (Phi-1.5/2 rotate half: smaller cos/sin)
+        partial_rotary_factor=arch.rotary_fraction,
         resid_pdrop=dropout,
         embd_pdrop=dropout,
         attention_dropout=dropout,
@@ -434,6 +434,7 @@ def _phi3_config(arch: ModelArch, dropout: float):
         hidden_act=_HF_ACT[arch.activation],
         max_position_embeddings=arch.max_position_embeddings,
         original_max_position_embeddings=arch.max_position_embeddings,
+        partial_rotary_factor=arch.rotary_fraction,
         resid_pdrop=dropout,
         embd_pdrop=dropout,
         attention_dropout=dropout,
@@ -445,12 +446,40 @@ def _phi3_config(arch: ModelArch, dropout: float):
     )
 
 
+def _gptj_config(arch: ModelArch, dropout: float):
+    from transformers import GPTJConfig
+
+    _require_plain_heads(arch, "GPT-J")
+    if arch.norm != "layernorm" or not arch.norm_bias or arch.gated_mlp or arch.qk_norm or not arch.parallel_block:
+        raise _unsupported(arch, "GPT-J runs attention and a plain MLP in parallel on one LayerNorm with bias")
+    if arch.qkv_bias or arch.attn_out_bias or not (arch.mlp_bias and arch.lm_head_bias):
+        raise _unsupported(arch, "GPT-J has no attention biases and biases on the MLP and the output head")
+    return GPTJConfig(
+        vocab_size=arch.vocab,
+        n_positions=arch.max_position_embeddings,
+        n_embd=arch.hidden,
+        n_layer=arch.n_layers,
+        n_head=arch.n_heads,
+        n_inner=arch.intermediate,
+        rotary_dim=arch.rotary_dim,
+        activation_function=_GPT2_ACT[arch.activation],
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
+        tie_word_embeddings=arch.tied_embeddings,
+        bos_token_id=arch.vocab - 1,  # GPT-J's 50256 is outside a tiny vocab
+        eos_token_id=arch.vocab - 1,
+        use_cache=False,
+    )
+
+
 _CONFIG_BUILDERS = {
     "llama": _llama_style_config,
     "gpt2": _gpt2_config,
     "opt": _opt_config,
     "gpt_neox": _gpt_neox_config,
     "phi": _phi_config,
+    "gptj": _gptj_config,
     "phi3": _phi3_config,
     "bert": _bert_config,
     "t5": _t5_config,

@@ -84,6 +84,9 @@ class ModelArch(Strict):
 
     position: Literal["rope", "learned", "alibi", "relative"] = "rope"
     """Position encoding; 'learned' adds a max_position x hidden table."""
+    rotary_fraction: float = Field(default=1.0, gt=0.0, le=1.0)
+    """Share of each head's dims the rotary embedding turns (HF partial_rotary_factor / rotary_pct, GPT-J
+    rotary_dim / head_dim): sizes the cos/sin tables."""
     norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
     """Normalisation layer type."""
     activation: Literal["silu", "gelu", "gelu_tanh", "relu"] = "silu"
@@ -140,6 +143,11 @@ class ModelArch(Strict):
     @property
     def d_head(self) -> int:
         return self.head_dim or self.hidden // self.n_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dims of each head the rotary embedding turns (``int(head_dim * partial_rotary_factor)`` as HF sizes it)."""
+        return int(self.d_head * self.rotary_fraction)
 
     @property
     def q_dim(self) -> int:

@@ -139,12 +139,23 @@ LOSS_ON_LOGITS_AS_THEY_ARE = frozenset({"torch", "qwen"})
 # FalconForCausalLM (``shift_logits = lm_logits[..., :-1, :].contiguous()`` then ``CrossEntropyLoss()``).  GPT-J
 # upcast in its head (``.to(torch.float32)``) and the Llama-like models called ``logits.float()``.
 SHIFT_16_BIT_LOGITS_BEFORE_446 = frozenset({"gpt2", "opt", "bloom", "gpt_neox", "falcon"})
+# transformers 5 decoders whose eager attention receives a materialised (b, 1, s, s) causal mask
+# (masking_utils ``create_causal_mask``; SDPA and flash get none without padding and run causal kernels).
+EAGER_4D_MASK_FAMILIES = frozenset({"llama", "phi3", "gpt2", "gptj", "gpt_neox", "phi"})
+# HF eager attention that upcasts q and k to fp32 before ``q @ k^T`` (modeling_gptj.py ``_attn``: "Keep the attention
+# weights computation in fp32 to avoid overflow issues"), then casts the probabilities to the value's dtype.
+EAGER_QK_FP32 = frozenset({"gptj"})
 # F.multi_head_attention_forward calls softmax on the scores as they are, which torch.autocast runs in fp32.
 AUTOCAST_SOFTMAX_FP32 = frozenset({"torch"})
 # transformers' rotary embedding sliced and concatenated back (``torch.cat([q_embed, q_pass], dim=-1)``) on q and k
 # already transposed to (b, heads, s, d): the roped q is a contiguous (b, heads, s, d) tensor, not the projection's
 # (b, s, heads, d) layout (modeling_gpt_neox.py, modeling_phi.py, modeling_phi3.py).  litgpt's roped q is laid out the same way.
 ROPE_CAT_HEADS_MAJOR = frozenset({"gpt_neox", "phi", "phi3"})
+
+
+# GPT-J gathers its sin/cos table in every layer and ``repeat_interleave``s it inside each q and k rotation
+# (modeling_gptj.py ``apply_rotary_pos_emb``): four tables per layer, none shared.
+ROPE_TABLES_PER_CALL = frozenset({"gptj"})
 
 
 def attention_kernel(plan) -> str:
@@ -614,6 +625,10 @@ class Builder:
         rg = q.requires_grad or k.requires_grad or v.requires_grad
         fwd = Poly.att(4.0 * a * d)
         if impl == "eager":
+            if arch.family in EAGER_QK_FP32 and self.plan.implementation == "transformers":
+                # ``query.to(torch.float32)``, ``key.to(torch.float32)``; under autocast the matmul casts them back
+                q = tr.autocast_in(path, tr.cast(path, q, "fp32"))
+                k = tr.autocast_in(path, tr.cast(path, k, "fp32"))
             if akv != a:  # repeat_kv: expand + reshape copies K and V to all heads
                 k = tr.new(path, Poly.kv(a * d), k.dtype, k.requires_grad)
                 v = tr.new(path, Poly.kv(a * d), v.dtype, v.requires_grad)
@@ -622,8 +637,8 @@ class Builder:
                 probs32 = probs = tr.new(path, Poly.att(a), q.dtype, rg)  # softmax in the input dtype
             else:
                 probs32 = tr.new(path, Poly.att(a), "fp32", rg)  # softmax(..., dtype=float32)
-                probs = tr.cast(path, probs32, q.dtype)
-            return self._explicit_attention(path, q, k, v, probs32, probs, fwd, q.dtype)
+                probs = tr.cast(path, probs32, v.dtype)  # ``.to(query.dtype)`` / ``.to(value.dtype)``
+            return self._explicit_attention(path, q, k, v, probs32, probs, fwd, v.dtype)
         if impl == "sdpa-math":
             # ATen's math kernel upcasts 16-bit q/k/v to fp32, scales q and k by sqrt(scale)
             # (new storages), repeats GQA heads, and keeps the softmax in fp32.
@@ -761,8 +776,12 @@ class ModelBuilder(Builder):
             k = self.rmsnorm(f"{L}.self_attn.k_norm", k, d, train)
         if arch.position == "rope" and cross_kv is None:
             cos, sin = self.globals["cos"], self.globals["sin"]
-            q = self.rope(f"{L}.self_attn", q, cos, sin)
-            k = self.rope(f"{L}.self_attn", k, cos, sin)
+            if arch.family in ROPE_TABLES_PER_CALL and pl.implementation == "transformers":
+                q = self.rope(f"{L}.self_attn", q, *self._rope_tables(L, q.dtype))
+                k = self.rope(f"{L}.self_attn", k, *self._rope_tables(L, k.dtype))
+            else:
+                q = self.rope(f"{L}.self_attn", q, cos, sin)
+                k = self.rope(f"{L}.self_attn", k, cos, sin)
         if pl.prefix_tokens and cross_kv is None:
             pk = self.globals["prefix"]
             k = tr.new(f"{L}.self_attn", Poly.kv(kvd), k.dtype, k.requires_grad or pk.requires_grad)
@@ -778,6 +797,13 @@ class ModelBuilder(Builder):
             # (B, T, heads, d) layout gives a (B, T, heads, d) output and the reshape is a view)
             o = tr.new(f"{L}.{core}", o.numel, o.dtype, o.requires_grad)
         return self.linear(f"{L}.{on}", o, qd, H, bias=arch.attn_out_bias, trainable=train)
+
+    def _rope_tables(self, L: str, dtype: str) -> tuple[Tensor, Tensor]:
+        """GPT-J's ``apply_rotary_pos_emb``: sin and cos gathered per layer in the key's dtype and
+        ``repeat_interleave``d per call -- a (1, s, 1, rotary_dim) pair of the call's own."""
+        d = self.arch.rotary_dim
+        return (self.tr.new(f"{L}.self_attn", Poly.pos(d), dtype, False),
+                self.tr.new(f"{L}.self_attn", Poly.pos(d), dtype, False))
 
     def _query_heads_major(self, cross_kv: Tensor | None) -> bool:
         """Whether the roped query reaches attention as a contiguous (b, heads, s, d) tensor
@@ -1077,13 +1103,19 @@ class ModelBuilder(Builder):
         if n.embed_norm:
             x = self.layernorm(n.embed_norm, x, H, pl.embeddings_trainable)
         if arch.position == "rope":
-            d = arch.d_head
+            d = arch.rotary_dim
             dt = x.dtype
             self.globals["cos"] = tr.new("model.rotary_emb", Poly.pos(d), dt, False)
             self.globals["sin"] = tr.new("model.rotary_emb", Poly.pos(d), dt, False)
             # (1, s) int64 position ids: handed to every block (a checkpoint keeps them alive)
             self.globals["position_ids"] = tr.new("model", Poly.pos(1), "int64", False)
             self.checkpoint_inputs.append(self.globals["position_ids"])
+        if (pl.attention == "eager" and pl.implementation == "transformers" and arch.family in EAGER_4D_MASK_FAMILIES
+                and "attn_mask" not in self.globals):
+            # eager attention gets the causal mask as a (b, 1, s, s) float tensor in the hidden states' dtype
+            # (masking_utils ``eager_mask``): one for all blocks, so a checkpoint keeps it alive
+            self.globals["attn_mask"] = tr.new("model", Poly.att(1), x.dtype, False)
+            self.checkpoint_inputs.append(self.globals["attn_mask"])
         if arch.family == "t5":
             self.relative_bias("encoder")
         return x

@@ -180,6 +180,18 @@ def _dtype(c: _Cfg, default: str = "fp32") -> str:
     return _DTYPES[raw]
 
 
+def _rotary_fraction(c: _Cfg, key: str = "partial_rotary_factor", default: float = 1.0) -> float:
+    """The share of each head the rotary embedding turns: transformers 5 keeps it in ``rope_parameters``,
+    released configs at the top level (``partial_rotary_factor``; GPT-NeoX ``rotary_pct``)."""
+    rope = c.get("rope_parameters") or {}
+    value = rope.get("partial_rotary_factor") if isinstance(rope, Mapping) else None
+    if value is None:
+        value = c.get(key, default)
+    if not 0.0 < float(value) <= 1.0:
+        raise ValueError(f"config.json (model_type {c.model_type!r}): {key}={value} must be in (0, 1]")
+    return float(value)
+
+
 def _llama_like(c: _Cfg) -> dict[str, Any]:
     """HF Llama-style decoders: llama, mistral, mixtral, qwen2, qwen2_moe, qwen3, gemma, gemma2, phi3."""
     mt = c.model_type
@@ -241,6 +253,8 @@ def _llama_like(c: _Cfg) -> dict[str, Any]:
             n_shared_experts=1 if shared else 0,
             shared_intermediate=shared or None,
         )
+    if mt == "phi3":
+        out["rotary_fraction"] = _rotary_fraction(c)
     # phi3: qkv_proj and gate_up_proj are fused Linears (family "phi3"): the parameter count equals the unfused Llama
     # layout; what is saved for backward and what an adapter spans do not.  partial_rotary_factor changes no
     # parameter or memory size beyond the shared cos/sin.
@@ -409,6 +423,7 @@ def _gpt_neox(c: _Cfg) -> dict[str, Any]:
         qkv_bias=bias,
         attn_out_bias=bias,
         mlp_bias=True,
+        rotary_fraction=_rotary_fraction(c, "rotary_pct"),
         # Parallel residual still uses two LayerNorms (input_layernorm, post_attention_layernorm).
         parallel_block=bool(c.get("use_parallel_residual", True)),
         tied_embeddings=bool(c.get("tie_word_embeddings", False)),
@@ -419,8 +434,13 @@ def _gpt_neox(c: _Cfg) -> dict[str, Any]:
 def _gptj(c: _Cfg) -> dict[str, Any]:
     """GPT-J: one LayerNorm (ln_1) feeds attention and MLP in parallel; q/k/v/out_proj have no bias, fc_in/fc_out
     and the untied lm_head do; rotary on ``rotary_dim`` of each head's dims (no parameters)."""
+    head = c.req("n_embd") // c.req("n_head")
+    rotary_dim = c.get("rotary_dim") or head
+    if not 0 < rotary_dim <= head:
+        raise ValueError(f"gptj config: rotary_dim={rotary_dim} must be in 1..{head} (the head dim)")
     return dict(
         family="gptj",
+        rotary_fraction=rotary_dim / head,
         n_layers=c.req("n_layer"),
         hidden=c.req("n_embd"),
         n_heads=c.req("n_head"),
@@ -462,6 +482,7 @@ def _phi(c: _Cfg) -> dict[str, Any]:
         mlp_bias=True,
         lm_head_bias=True,
         parallel_block=True,
+        rotary_fraction=_rotary_fraction(c, default=0.5),
         qk_norm=bool(c.get("qk_layernorm", False)),
         tied_embeddings=bool(c.get("tie_word_embeddings", False)),
         torch_dtype=_dtype(c),

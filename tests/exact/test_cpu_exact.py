@@ -42,9 +42,13 @@ ARCHS = {
                  activation="gelu_tanh", gated_mlp=False, qkv_bias=True, attn_out_bias=True, mlp_bias=True,
                  tied_embeddings=True),
     "gpt_neox": dict(family="gpt_neox", n_kv_heads=4, norm="layernorm", norm_bias=True, activation="gelu",
-                     gated_mlp=False, qkv_bias=True, attn_out_bias=True, mlp_bias=True, parallel_block=True),
+                     gated_mlp=False, qkv_bias=True, attn_out_bias=True, mlp_bias=True, parallel_block=True,
+                     rotary_fraction=0.25),
+    "gptj": dict(family="gptj", n_kv_heads=4, norm="layernorm", norm_bias=True, activation="gelu_tanh",
+                 gated_mlp=False, mlp_bias=True, lm_head_bias=True, parallel_block=True, rotary_fraction=0.5),
     "phi": dict(family="phi", norm="layernorm", norm_bias=True, activation="gelu_tanh", gated_mlp=False,
-                qkv_bias=True, attn_out_bias=True, mlp_bias=True, lm_head_bias=True, parallel_block=True),
+                qkv_bias=True, attn_out_bias=True, mlp_bias=True, lm_head_bias=True, parallel_block=True,
+                rotary_fraction=0.5),
     "phi3": dict(family="phi3"),
     "bert": dict(family="bert", arch="encoder", n_kv_heads=4, position="learned", norm="layernorm", norm_bias=True,
                  activation="gelu", gated_mlp=False, qkv_bias=True, attn_out_bias=True, mlp_bias=True,
@@ -59,7 +63,7 @@ ARCHS = {
 # saves nothing.
 LAYERNORMS = {("gpt2", "full"): 2 * 2 + 1, ("gpt2", "lora"): 2 * 2 + 1 - 1, ("bert", "full"): 1 + 2 * 2 + 1,
               ("gpt_neox", "full"): 2 * 2 + 1, ("phi", "full"): 1 * 2 + 1,
-              ("phi", "lora"): 1 * 2 + 1 - 1}
+              ("phi", "lora"): 1 * 2 + 1 - 1, ("gptj", "full"): 1 * 2 + 1, ("gptj", "lora"): 1 * 2 + 1 - 1}
 
 LORA = {"kind": "lora", "r": 4}
 CASES = [
@@ -126,6 +130,13 @@ CASES = [
     ("phi", "fp32", "eager", {"kind": "full"}, "none"),
     ("phi", "bf16", "sdpa-flash", {"kind": "lora", "r": 4, "targets": "all-linear"}, "none"),
     ("phi", "fp32", "sdpa-flash", {"kind": "full"}, "full"),
+    ("gptj", "fp32", "eager", {"kind": "full"}, "none"),
+    ("gptj", "bf16", "eager", {"kind": "lora", "r": 4, "targets": "all-linear"}, "none"),
+    ("gptj", "bf16-amp", "eager", {"kind": "full"}, "every_k"),
+    ("llama", "bf16", "eager", {"kind": "full"}, "full"),
+    ("gpt2", "fp32", "eager", {"kind": "full"}, "full"),
+    ("gpt_neox", "fp32", "eager", {"kind": "full"}, "full"),
+    ("phi", "fp32", "eager", {"kind": "full"}, "full"),
     ("phi3", "bf16", "sdpa-flash", {"kind": "full"}, "none"),
     ("phi3", "fp32", "eager", {"kind": "full"}, "none"),
     ("phi3", "bf16", "sdpa-flash", {"kind": "lora", "r": 4, "targets": ["qkv_proj", "gate_up_proj"]}, "none"),

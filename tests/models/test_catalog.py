@@ -545,3 +545,24 @@ def test_other_model_types_map(cls: str, kwargs: dict, family: str):
         assert llama_style_params(a) == sum(p.numel() for p in model.parameters())
     if family == "deberta_v2":
         assert (a.position, a.relative_attention_num_buckets, a.type_vocab_size) == ("relative", 16, 0)
+
+
+def test_rotary_fraction_from_each_config_spelling():
+    """The share of each head the rotary embedding turns sizes the cos/sin tables: GPT-J names rotary_dim,
+    GPT-NeoX rotary_pct, Phi partial_rotary_factor (default 0.5), transformers 5 rope_parameters."""
+    gptj = {"model_type": "gptj", "n_layer": 2, "n_embd": 4096, "n_head": 16, "vocab_size": 97, "rotary_dim": 64}
+    assert (from_hf_config(gptj).rotary_fraction, from_hf_config(gptj).rotary_dim) == (0.25, 64)
+    neox = {"model_type": "gpt_neox", "num_hidden_layers": 2, "hidden_size": 6144, "num_attention_heads": 64,
+            "intermediate_size": 24576, "vocab_size": 97, "rotary_pct": 0.25}
+    assert from_hf_config(neox).rotary_dim == 24  # int(96 * 0.25), as GPTNeoXAttention sizes it
+    neox5 = {**{k: v for k, v in neox.items() if k != "rotary_pct"},
+             "rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.5}}
+    assert from_hf_config(neox5).rotary_fraction == 0.5
+    phi = {"model_type": "phi", "num_hidden_layers": 2, "hidden_size": 2048, "num_attention_heads": 32,
+           "intermediate_size": 8192, "vocab_size": 97}
+    assert from_hf_config(phi).rotary_dim == 32
+    llama = {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+             "intermediate_size": 128, "vocab_size": 97}
+    assert from_hf_config(llama).rotary_fraction == 1.0
+    with pytest.raises(ValueError, match="rotary_pct=1.5 must be in"):
+        from_hf_config({**neox, "rotary_pct": 1.5})
