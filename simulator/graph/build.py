@@ -141,7 +141,7 @@ LOSS_ON_LOGITS_AS_THEY_ARE = frozenset({"torch", "qwen"})
 SHIFT_16_BIT_LOGITS_BEFORE_446 = frozenset({"gpt2", "opt", "bloom", "gpt_neox", "falcon"})
 # transformers 5 decoders whose eager attention receives a materialised (b, 1, s, s) causal mask
 # (masking_utils ``create_causal_mask``; SDPA and flash get none without padding and run causal kernels).
-EAGER_4D_MASK_FAMILIES = frozenset({"llama", "phi3", "gpt2", "gptj", "gpt_neox", "phi"})
+EAGER_4D_MASK_FAMILIES = frozenset({"llama", "phi3", "gpt2", "gptj", "gpt_neox", "phi", "opt"})
 # HF eager attention that upcasts q and k to fp32 before ``q @ k^T`` (modeling_gptj.py ``_attn``: "Keep the attention
 # weights computation in fp32 to avoid overflow issues"), then casts the probabilities to the value's dtype.
 EAGER_QK_FP32 = frozenset({"gptj"})
@@ -1089,10 +1089,16 @@ class ModelBuilder(Builder):
         if n.pos_embed:
             # learned positions: OPT offsets its table by 2 rows
             rows = arch.max_position_embeddings + (2 if arch.family == "opt" else 0)
-            # position ids: arange (GPT-2, OPT) or a registered buffer (BERT: not an activation)
-            pos_ids = tr.new("", Poly.pos(1), "int64", False) if arch.arch != "encoder" else \
-                Tensor(-1, Poly.pos(1), "int64", False, "", is_param=True)
-            pe = self.embedding(n.pos_embed, pos_ids, rows, H, pl.embeddings_trainable, Poly.pos(1))
+            # position ids: arange (GPT-2), the attention mask's cumsum per sequence (OPT: (b, s)) or a registered
+            # buffer (BERT: not an activation)
+            per = Poly.tok(1) if arch.family == "opt" else Poly.pos(1)
+            if arch.family == "opt":
+                # the cumsum ids themselves go to every block (a checkpoint keeps them); the table reads ids + 2
+                self.globals["position_ids"] = tr.new("model", per, "int64", False)
+                self.checkpoint_inputs.append(self.globals["position_ids"])
+            pos_ids = tr.new("", per, "int64", False) if arch.arch != "encoder" else \
+                Tensor(-1, per, "int64", False, "", is_param=True)
+            pe = self.embedding(n.pos_embed, pos_ids, rows, H, pl.embeddings_trainable, per)
             x = tr.add("", x, pe)
         if arch.type_vocab_size:
             # token_type_ids: a (1, s) slice of a zeros buffer, expanded over the batch
