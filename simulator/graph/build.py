@@ -141,12 +141,10 @@ LOSS_ON_LOGITS_AS_THEY_ARE = frozenset({"torch", "qwen"})
 SHIFT_16_BIT_LOGITS_BEFORE_446 = frozenset({"gpt2", "opt", "bloom", "gpt_neox", "falcon"})
 # transformers 5 decoders whose eager attention receives a materialised (b, 1, s, s) causal mask
 # (masking_utils ``create_causal_mask``; SDPA and flash get none without padding and run causal kernels).
-EAGER_4D_MASK_FAMILIES = frozenset({"llama", "phi3", "gpt2", "gptj", "gpt_neox", "phi", "opt"})
+EAGER_4D_MASK_FAMILIES = frozenset({"llama", "phi3", "gpt2", "gptj", "gpt_neox", "phi", "opt", "t5"})
 # HF eager attention that upcasts q and k to fp32 before ``q @ k^T`` (modeling_gptj.py ``_attn``: "Keep the attention
 # weights computation in fp32 to avoid overflow issues"), then casts the probabilities to the value's dtype.
 EAGER_QK_FP32 = frozenset({"gptj"})
-# F.multi_head_attention_forward calls softmax on the scores as they are, which torch.autocast runs in fp32.
-AUTOCAST_SOFTMAX_FP32 = frozenset({"torch"})
 # transformers' rotary embedding sliced and concatenated back (``torch.cat([q_embed, q_pass], dim=-1)``) on q and k
 # already transposed to (b, heads, s, d): the roped q is a contiguous (b, heads, s, d) tensor, not the projection's
 # (b, s, heads, d) layout (modeling_gpt_neox.py, modeling_phi.py, modeling_phi3.py).  litgpt's roped q is laid out the same way.
@@ -325,6 +323,7 @@ class ModelTrace:
     post: Trace  # final norm, head, loss
     globals_: list[Tensor] = field(default_factory=list)
     checkpoint_inputs: list[Tensor] = field(default_factory=list)  # shared tensors every block receives
+    checkpoint_from: dict[int, tuple[bool, int]] = field(default_factory=dict)  # id -> (decoder stack, first block)
     tensors: dict[int, Tensor] = field(default_factory=dict)  # every tensor by id
     layers_prefix: str = ""
     logits: Tensor | None = None
@@ -344,6 +343,7 @@ class Builder:
         self.tr = Tracer(autocast=p.autocast)
         self.globals: dict[str, Tensor] = {}
         self.checkpoint_inputs: list[Tensor] = []
+        self.checkpoint_from: dict[int, tuple[bool, int]] = {}  # id -> (decoder stack, first block taking it)
         self.logits: Tensor | None = None
         self.loss_fp32_copy = False
         self.loss_dtype = "fp32"
@@ -632,8 +632,8 @@ class Builder:
             if akv != a:  # repeat_kv: expand + reshape copies K and V to all heads
                 k = tr.new(path, Poly.kv(a * d), k.dtype, k.requires_grad)
                 v = tr.new(path, Poly.kv(a * d), v.dtype, v.requires_grad)
-            if arch.family in EAGER_SOFTMAX_IN_INPUT_DTYPE and not (
-                    arch.family in AUTOCAST_SOFTMAX_FP32 and tr.autocast is not None):
+            # softmax is on torch.autocast's fp32 list: under autocast it returns fp32 whatever the input
+            if arch.family in EAGER_SOFTMAX_IN_INPUT_DTYPE and tr.autocast is None:
                 probs32 = probs = tr.new(path, Poly.att(a), q.dtype, rg)  # softmax in the input dtype
             else:
                 probs32 = tr.new(path, Poly.att(a), "fp32", rg)  # softmax(..., dtype=float32)
@@ -911,6 +911,10 @@ class ModelBuilder(Builder):
         else:
             u = self.linear(f"{L}.{n.up}", x, H, inter, bias=arch.mlp_bias, trainable=train)
             m = self.act(f"{L}.{n.act}", u)
+        if arch.family == "t5" and self.plan.implementation == "transformers":
+            # T5DenseActDense / T5DenseGatedActDense: ``hidden_states.to(self.wo.weight.dtype)`` where they differ
+            # (fp32 weights under autocast: an fp32 copy that autocast casts back down for the matmul)
+            m = tr.cast(f"{L}.{n.down}", m, self.pdt)
         return self.linear(f"{L}.{n.down}", m, inter, H, bias=arch.mlp_bias, trainable=train)
 
     def moe(self, L: str, x: Tensor, train: bool) -> Tensor:
@@ -1037,7 +1041,8 @@ class ModelBuilder(Builder):
         arch, tr = self.arch, self.tr
         H = arch.hidden
         stack = "decoder" if enc_out is not None else "encoder"
-        if self._bias_trains[stack]:
+        if self._bias_trains[stack] and 0 not in self.plan.checkpointed:
+            # block 0 computes the bias (a checkpointed block 0 recomputes it and keeps nothing)
             tr.save(f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias", self.globals[f"{stack}_buckets"])
         h = self.t5_norm(f"{L}.layer.0.layer_norm", x, H, train)
         a = self.self_attention(L, h, train)
@@ -1095,7 +1100,7 @@ class ModelBuilder(Builder):
             if arch.family == "opt":
                 # the cumsum ids themselves go to every block (a checkpoint keeps them); the table reads ids + 2
                 self.globals["position_ids"] = tr.new("model", per, "int64", False)
-                self.checkpoint_inputs.append(self.globals["position_ids"])
+                self.keep_for_checkpoints(self.globals["position_ids"])
             pos_ids = tr.new("", per, "int64", False) if arch.arch != "encoder" else \
                 Tensor(-1, per, "int64", False, "", is_param=True)
             pe = self.embedding(n.pos_embed, pos_ids, rows, H, pl.embeddings_trainable, per)
@@ -1115,13 +1120,9 @@ class ModelBuilder(Builder):
             self.globals["sin"] = tr.new("model.rotary_emb", Poly.pos(d), dt, False)
             # (1, s) int64 position ids: handed to every block (a checkpoint keeps them alive)
             self.globals["position_ids"] = tr.new("model", Poly.pos(1), "int64", False)
-            self.checkpoint_inputs.append(self.globals["position_ids"])
-        if (pl.attention == "eager" and pl.implementation == "transformers" and arch.family in EAGER_4D_MASK_FAMILIES
-                and "attn_mask" not in self.globals):
-            # eager attention gets the causal mask as a (b, 1, s, s) float tensor in the hidden states' dtype
-            # (masking_utils ``eager_mask``): one for all blocks, so a checkpoint keeps it alive
-            self.globals["attn_mask"] = tr.new("model", Poly.att(1), x.dtype, False)
-            self.checkpoint_inputs.append(self.globals["attn_mask"])
+            self.keep_for_checkpoints(self.globals["position_ids"])
+        if arch.arch == "decoder":
+            self.eager_causal_mask(x.dtype, decoder=False)
         if arch.family == "t5":
             self.relative_bias("encoder")
         return x
@@ -1160,6 +1161,27 @@ class ModelBuilder(Builder):
         # a shared tensor, charged once to block 0
         self.globals[f"{stack}_buckets"] = tr.new(path, Poly.pos2(1), "int64", False)
         self._bias_trains = {**getattr(self, "_bias_trains", {}), stack: w.requires_grad}
+        # block 0 returns the (1, heads, s, s) bias in the table's dtype and every later block takes it as an
+        # input (a checkpoint keeps it); the decoder's block 0 also returns the cross-attention's zero bias
+        # (1, heads, s, s_enc) in the query's dtype
+        dec = stack == "decoder"
+        self.keep_for_checkpoints(tr.new(path, Poly.pos2(arch.n_heads), w.dtype, w.requires_grad), dec, 1)
+        if dec:
+            self.keep_for_checkpoints(tr.new(path, Poly.pos2(arch.n_heads), self.cdt, False), dec, 1)
+
+    def keep_for_checkpoints(self, t: Tensor, decoder: bool = False, first: int = 0) -> None:
+        """``t`` is an input of every block of its stack from block ``first`` on: a checkpointed block keeps it."""
+        self.checkpoint_inputs.append(t)
+        self.checkpoint_from[t.id] = (decoder, first)
+
+    def eager_causal_mask(self, dtype: str, decoder: bool) -> None:
+        """transformers 5 hands eager attention a materialised (b, 1, s, s) causal mask in the hidden states'
+        dtype (masking_utils ``eager_mask``; SDPA and flash get none without padding): one for all blocks."""
+        pl, arch = self.plan, self.arch
+        if (pl.attention == "eager" and pl.implementation == "transformers" and arch.family in EAGER_4D_MASK_FAMILIES
+                and "attn_mask" not in self.globals):
+            self.globals["attn_mask"] = self.tr.new("model", Poly.att(1), dtype, False)
+            self.keep_for_checkpoints(self.globals["attn_mask"], decoder)
 
     def post(self, x: Tensor, loss: str) -> None:
         arch, n, tr, pl = self.arch, self.n, self.tr, self.plan
@@ -1223,7 +1245,8 @@ class ModelBuilder(Builder):
             # runs cross_entropy in fp32
             upcast = tr.autocast is not None
         else:
-            upcast = arch.family not in ("bert", "roberta", "deberta_v2", "t5")
+            # BERT's MLM head and T5 call CrossEntropyLoss on the logits as they are: fp32 under autocast too
+            upcast = arch.family not in ("bert", "roberta", "deberta_v2", "t5") or tr.autocast is not None
         lf = tr.cast("", logits, "fp32") if upcast else logits
         lsm = tr.new("", lf.numel, lf.dtype, lf.requires_grad)
         # causal LM: labels padded and shifted (.contiguous(): a new int64 tensor); MLM: the labels themselves
@@ -1259,13 +1282,17 @@ def trace_model(arch: ModelArch, plan: Plan, loss: str = "upcast") -> ModelTrace
             b.tr.trace = Trace()
             enc_out = b.t5_norm(NAMES["t5"].final_norm, x, arch.hidden, plan.base_trainable)
             b.globals["encoder_output"] = enc_out  # one storage read by every cross-attention
+            b.keep_for_checkpoints(enc_out, True)  # every decoder block takes it
             # decoder: shift_right(labels) ids through the shared embedding, its own relative bias table
             dec_ids = b.tr.new("", Poly.tok(1), "int64", False)
             if plan.embeddings_trainable:
                 b.tr.save("decoder.embed_tokens", dec_ids)
             b.relative_bias("decoder")
+            b.eager_causal_mask(x.dtype, decoder=True)
             variants[("encoder_final_norm",)] = BlockVariant(("encoder_final_norm",), [0], b.tr.trace, True)
-            x = b.tr.new("decoder.embed_tokens", Poly.tok(arch.hidden), x.dtype, plan.embeddings_trainable)
+            # the shared embedding's enable_input_require_grads hook (checkpointing) fires for the decoder too
+            x = b.tr.new("decoder.embed_tokens", Poly.tok(arch.hidden), x.dtype,
+                         plan.embeddings_trainable or bool(plan.checkpointed))
             in_rg = x.requires_grad
         key = _variant_key(plan, i, in_rg) + (is_dec,)
         if key in variants:
@@ -1285,6 +1312,6 @@ def trace_model(arch: ModelArch, plan: Plan, loss: str = "upcast") -> ModelTrace
     b.post(x_final, loss)
     post = b.tr.trace
     return ModelTrace(arch, plan, pre, list(variants.values()), post, list(b.globals.values()),
-                      checkpoint_inputs=b.checkpoint_inputs, tensors=b.tr.all, layers_prefix=b.n.layers,
+                      checkpoint_inputs=b.checkpoint_inputs, checkpoint_from=b.checkpoint_from, tensors=b.tr.all, layers_prefix=b.n.layers,
                       logits=b.logits, loss_upcast_copy=b.loss_fp32_copy, loss_dtype=b.loss_dtype,
                       loss_shift_dtype=b.loss_shift_dtype)

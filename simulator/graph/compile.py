@@ -143,6 +143,14 @@ def _saved_bytes(mt: ModelTrace) -> tuple[Poly, dict[str, Poly], dict[str, Poly]
         loc, glob = sums(tr, True)
         by_layer[name] = loc + glob
         total = total + loc + glob
+    def name_of(v, i: int) -> str:
+        if v.key[-1] is True:
+            return f"decoder.block.{i}"
+        return f"{layers_prefix}.{i}" if v.key[-1] is False else "encoder.final_layer_norm"
+
+    # a shared tensor a checkpoint keeps is charged to the first checkpointed block that takes it
+    ckpt_blocks = sorted((v.key[-1] is True, i) for v in mt.variants if v.checkpointed for i in v.layers)
+    late: dict[str, Poly] = defaultdict(lambda: ZERO)
     for v in mt.variants:
         full, glob = sums(v.trace, True)
         n = len(v.layers)
@@ -155,13 +163,20 @@ def _saved_bytes(mt: ModelTrace) -> tuple[Poly, dict[str, Poly], dict[str, Poly]
             kept = ZERO  # copied to host memory; one block's input comes back for its recompute
         if ckpt:
             for g in mt.checkpoint_inputs:
-                if g.id not in global_seen:
-                    global_seen.add(g.id)
-                    glob = glob + g.nbytes
+                if g.id in global_seen:
+                    continue
+                dec, first = mt.checkpoint_from.get(g.id, (False, 0))
+                taker = next(((d, i) for d, i in ckpt_blocks if d == dec and i >= first), None)
+                if taker is None:  # no checkpointed block takes it
+                    continue
+                global_seen.add(g.id)
+                late[f"decoder.block.{taker[1]}" if taker[0] else f"{layers_prefix}.{taker[1]}"] += g.nbytes
+                total = total + g.nbytes
         for j, i in enumerate(v.layers):
-            name = f"{layers_prefix}.{i}" if v.key[-1] is False else f"decoder.block.{i}"
-            by_layer[name] = kept + (glob if j == 0 else ZERO)
+            by_layer[name_of(v, i)] = kept + (glob if j == 0 else ZERO)
         total = total + kept * n + glob
+    for name, nb in late.items():
+        by_layer[name] = by_layer[name] + nb
     loc, glob = sums(mt.post, True)
     by_layer["head"] = loc + glob
     total = total + loc + glob

@@ -155,6 +155,10 @@ CASES = [
     ("t5", "fp32", "eager", {"kind": "full"}, "none"),
     ("t5", "bf16", "eager", {"kind": "full"}, "none"),
     ("t5", "bf16", "eager", LORA, "none"),
+    ("t5", "fp32", "eager", {"kind": "full"}, "full"),
+    ("t5", "bf16", "eager", LORA, "full"),
+    ("t5", "bf16-amp", "eager", {"kind": "full"}, "full"),
+    ("gpt2", "bf16-amp", "eager", {"kind": "full"}, "none"),
 ]
 
 
@@ -204,6 +208,23 @@ def test_engine_equals_torch(case):
     assert ct.at(ct.fwd_flops, B) == truth.forward_flops
     assert ct.at(ct.bwd_flops, B) + ct.at(ct.recompute_flops, B) == truth.backward_flops
     assert ct.at(ct.recompute_flops, B) == truth.recompute_flops
+
+
+def test_autocast_softmax_runs_in_fp32_on_cuda_only():
+    """On CUDA, softmax is on autocast's fp32 list: a bf16 score tensor gives an fp32 softmax output (kept for its
+    backward) and a bf16 copy for ``probs @ v``.  CPU's autocast lists no softmax, so a bf16 score tensor stays
+    bf16 there.  T5's cross-attention adds a zero bias in the query's dtype (bf16 scores; its self-attention adds
+    the fp32 bias table and its scores are fp32 on both), so the engine -- modelling CUDA -- counts 4 B more per
+    cross-attention score than this CPU run, and nothing else differs."""
+    sc = _scenario("t5", "bf16-amp", "eager", {"kind": "full"}, "none")
+    truth = measure(sc)
+    ct, B = _engine(sc)
+    w, arch = sc.workload, sc.model
+    scores = w.micro_batch * arch.n_heads * w.seq_len * w.seq_len
+    assert ct.at(ct.saved, B) - truth.saved_bytes_total == arch.n_decoder_layers * scores * 4
+    for i in range(arch.n_layers):
+        name = f"encoder.block.{i}"
+        assert ct.at(ct.saved_by_layer[name], B) == truth.saved_bytes_by_layer[name]
 
 
 def test_gpt_neox_fp32_sdpa_output_copy_is_cpu_only():
