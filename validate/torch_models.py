@@ -18,6 +18,9 @@ llama + sandwich_norm  ``Gemma2Config`` (soft-capping off; eager attention only)
 gpt2                   ``GPT2Config`` (gelu_tanh -> "gelu_new", the Python composite GPT-2 uses)
 opt                    ``OPTConfig`` (pre-LN, learned positions with OPT's offset of 2 rows)
 gpt_neox               ``GPTNeoXConfig`` (parallel residual as parallel_block; rotary_pct = rotary_fraction)
+bloom                  ``BloomConfig`` (ALiBi; eager attention only in transformers 5)
+falcon                 ``FalconConfig`` (one kv head: Falcon-7B's multi-query layout; more: the new decoder
+                       architecture; eager attention)
 gptj                   ``GPTJConfig`` (eager attention only in transformers 5; rotary_dim from rotary_fraction)
 phi3                   ``Phi3Config`` (fused qkv_proj and gate_up_proj)
 phi                    ``PhiConfig`` (attention and MLP in parallel on one LayerNorm, "gelu_new"; partial rotary)
@@ -473,6 +476,63 @@ def _gptj_config(arch: ModelArch, dropout: float):
     )
 
 
+def _bloom_config(arch: ModelArch, dropout: float):
+    from transformers import BloomConfig
+
+    _require_plain_heads(arch, "BLOOM")
+    if arch.position != "alibi" or arch.norm != "layernorm" or not arch.norm_bias or arch.gated_mlp:
+        raise _unsupported(arch, "BLOOM has ALiBi, LayerNorms with bias and a plain MLP")
+    if not (arch.qkv_bias and arch.attn_out_bias and arch.mlp_bias) or arch.lm_head_bias or arch.parallel_block:
+        raise _unsupported(arch, "BLOOM has biases on every linear but the (tied) head, and sequential blocks")
+    if arch.intermediate != 4 * arch.hidden:
+        raise _unsupported(arch, "BLOOM's MLP is 4 x hidden wide")
+    return BloomConfig(
+        vocab_size=arch.vocab,
+        hidden_size=arch.hidden,
+        n_layer=arch.n_layers,
+        n_head=arch.n_heads,
+        hidden_dropout=dropout,
+        attention_dropout=dropout,
+        tie_word_embeddings=arch.tied_embeddings,
+        bos_token_id=arch.vocab - 1,
+        eos_token_id=arch.vocab - 1,
+        pad_token_id=arch.vocab - 1,
+        use_cache=False,
+    )
+
+
+def _falcon_config(arch: ModelArch, dropout: float):
+    from transformers import FalconConfig
+
+    if arch.norm != "layernorm" or not arch.norm_bias or arch.gated_mlp or arch.lm_head_bias or not arch.parallel_block:
+        raise _unsupported(arch, "Falcon runs attention and a plain MLP in parallel on LayerNorms with bias")
+    if not arch.qkv_bias == arch.attn_out_bias == arch.mlp_bias:
+        raise _unsupported(arch, "Falcon has one bias flag for every linear")
+    if arch.position != "rope" or arch.d_head * arch.n_heads != arch.hidden or arch.intermediate != 4 * arch.hidden:
+        raise _unsupported(arch, "Falcon here: rotary positions, head_dim = hidden / heads, a 4 x hidden MLP")
+    # one key/value head: Falcon-7B's multi-query layout; more: the new decoder architecture (Falcon-40B/180B)
+    new_arch = arch.kv_heads > 1
+    return FalconConfig(
+        vocab_size=arch.vocab,
+        hidden_size=arch.hidden,
+        num_hidden_layers=arch.n_layers,
+        num_attention_heads=arch.n_heads,
+        num_kv_heads=arch.kv_heads if new_arch else None,
+        new_decoder_architecture=new_arch,
+        multi_query=not new_arch,
+        parallel_attn=True,
+        bias=arch.qkv_bias,
+        alibi=False,
+        max_position_embeddings=arch.max_position_embeddings,
+        hidden_dropout=dropout,
+        attention_dropout=dropout,
+        tie_word_embeddings=arch.tied_embeddings,
+        bos_token_id=arch.vocab - 1,
+        eos_token_id=arch.vocab - 1,
+        use_cache=False,
+    )
+
+
 _CONFIG_BUILDERS = {
     "llama": _llama_style_config,
     "gpt2": _gpt2_config,
@@ -480,6 +540,8 @@ _CONFIG_BUILDERS = {
     "gpt_neox": _gpt_neox_config,
     "phi": _phi_config,
     "gptj": _gptj_config,
+    "bloom": _bloom_config,
+    "falcon": _falcon_config,
     "phi3": _phi3_config,
     "bert": _bert_config,
     "t5": _t5_config,

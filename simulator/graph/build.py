@@ -141,7 +141,7 @@ LOSS_ON_LOGITS_AS_THEY_ARE = frozenset({"torch", "qwen"})
 SHIFT_16_BIT_LOGITS_BEFORE_446 = frozenset({"gpt2", "opt", "bloom", "gpt_neox", "falcon"})
 # transformers 5 decoders whose eager attention receives a materialised (b, 1, s, s) causal mask
 # (masking_utils ``create_causal_mask``; SDPA and flash get none without padding and run causal kernels).
-EAGER_4D_MASK_FAMILIES = frozenset({"llama", "phi3", "gpt2", "gptj", "gpt_neox", "phi", "opt", "t5"})
+EAGER_4D_MASK_FAMILIES = frozenset({"llama", "phi3", "gpt2", "gptj", "gpt_neox", "phi", "opt", "t5", "bloom", "falcon"})
 # HF eager attention that upcasts q and k to fp32 before ``q @ k^T`` (modeling_gptj.py ``_attn``: "Keep the attention
 # weights computation in fp32 to avoid overflow issues"), then casts the probabilities to the value's dtype.
 EAGER_QK_FP32 = frozenset({"gptj"})
@@ -761,6 +761,10 @@ class ModelBuilder(Builder):
                 widths = {"q": qd, "k": kvd, "v": kvd}
                 enabled = [(f"{n.qkv}.{p}", widths[p]) for p in ("q", "k", "v") if p in pl.lora.qkv_parts]
                 qkv = self._litgpt_qkv_lora(L, h, qkv, enabled, qd + 2 * kvd)
+            if arch.family == "falcon" and pl.implementation == "transformers" and qkv.requires_grad:
+                # FalconAttention._split_heads picks k and v with index lists (``fused_qkv[..., [-2], :]``): each
+                # advanced index keeps its (1,) int64 index for backward
+                tr.save(fused, tr.new(fused, Poly.const(1), "int64", False), tr.new(fused, Poly.const(1), "int64", False))
             # views into one storage: the kernel saves the storage once
             q = k = v = qkv
             q = Tensor(qkv.id, Poly.tok(qd), qkv.dtype, qkv.requires_grad, qkv.module)
@@ -1121,6 +1125,9 @@ class ModelBuilder(Builder):
             # (1, s) int64 position ids: handed to every block (a checkpoint keeps them alive)
             self.globals["position_ids"] = tr.new("model", Poly.pos(1), "int64", False)
             self.keep_for_checkpoints(self.globals["position_ids"])
+        if arch.position == "alibi":
+            # BLOOM's ALiBi bias, (b * heads, 1, s) in the hidden states' dtype, handed to every block
+            self.keep_for_checkpoints(tr.new("model", Poly.tok(arch.n_heads), x.dtype, False))
         if arch.arch == "decoder":
             self.eager_causal_mask(x.dtype, decoder=False)
         if arch.family == "t5":

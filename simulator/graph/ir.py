@@ -304,7 +304,8 @@ class Tracer:
         if bias is not None:
             out_dtype = promote(out_dtype, bias.dtype) if self.autocast is None else out_dtype
         rg = xin.requires_grad or win.requires_grad or (bias is not None and bias.requires_grad)
-        out = self.new(module, rows * out_f, out_dtype, rg)
         nb = dtype_bytes(xin.dtype)
+        # recorded before its output exists: the op's watermark is its output's id (what checkpoint recompute
+        # compares with the last saved tensor)
         self.flops(module, op, mm, bwd, rows * (nb * (in_f + out_f)) + Poly.const(in_f * out_f * dtype_bytes(win.dtype)))
-        return out
+        return self.new(module, rows * out_f, out_dtype, rg)

@@ -50,6 +50,13 @@ ARCHS = {
                 qkv_bias=True, attn_out_bias=True, mlp_bias=True, lm_head_bias=True, parallel_block=True,
                 rotary_fraction=0.5),
     "phi3": dict(family="phi3"),
+    "falcon-mqa": dict(family="falcon", n_kv_heads=1, norm="layernorm", norm_bias=True, activation="gelu",
+                       gated_mlp=False, parallel_block=True, tied_embeddings=True, intermediate=256),
+    "falcon-gqa": dict(family="falcon", n_kv_heads=2, norm="layernorm", norm_bias=True, activation="gelu",
+                       gated_mlp=False, parallel_block=True, tied_embeddings=True, intermediate=256),
+    "bloom": dict(family="bloom", n_kv_heads=4, position="alibi", norm="layernorm", norm_bias=True,
+                  activation="gelu_tanh", gated_mlp=False, qkv_bias=True, attn_out_bias=True, mlp_bias=True,
+                  tied_embeddings=True, intermediate=256),
     "opt": dict(family="opt", n_kv_heads=4, position="learned", norm="layernorm", norm_bias=True, activation="relu",
                 gated_mlp=False, qkv_bias=True, attn_out_bias=True, mlp_bias=True, tied_embeddings=True),
     "bert": dict(family="bert", arch="encoder", n_kv_heads=4, position="learned", norm="layernorm", norm_bias=True,
@@ -61,13 +68,16 @@ ARCHS = {
 # LayerNorms whose statistics are saved (see the module docstring), n_layers=2: GPT-2 ln_1, ln_2 per
 # block + ln_f; BERT embeddings.LayerNorm + 2 per block + the MLM head's; GPT-NeoX input_layernorm and
 # post_attention_layernorm per block + final_layer_norm; Phi its one input_layernorm per block +
-# final_layernorm.  With LoRA the first norm sees an input that needs no grad (frozen embeddings) and
+# final_layernorm; BLOOM word_embeddings_layernorm + 2 per block + ln_f; Falcon-7B-style blocks one
+# input_layernorm, the new decoder architecture ln_attn and ln_mlp, + ln_f.  With LoRA the first norm sees an input that needs no grad (frozen embeddings) and
 # saves nothing.  Under full checkpointing only the norms outside the blocks save (FINAL_LAYERNORMS).
 LAYERNORMS = {("gpt2", "full"): 2 * 2 + 1, ("gpt2", "lora"): 2 * 2 + 1 - 1, ("bert", "full"): 1 + 2 * 2 + 1,
               ("gpt_neox", "full"): 2 * 2 + 1, ("phi", "full"): 1 * 2 + 1,
               ("phi", "lora"): 1 * 2 + 1 - 1, ("gptj", "full"): 1 * 2 + 1, ("gptj", "lora"): 1 * 2 + 1 - 1,
-              ("opt", "full"): 2 * 2 + 1, ("opt", "lora"): 2 * 2 + 1 - 1}
-FINAL_LAYERNORMS = {"bert": 2}  # BERT: embeddings.LayerNorm and the MLM head's; the decoders: their final norm
+              ("opt", "full"): 2 * 2 + 1, ("opt", "lora"): 2 * 2 + 1 - 1,
+              ("bloom", "full"): 1 + 2 * 2 + 1, ("bloom", "lora"): 2 * 2 + 1 - 1,
+              ("falcon-mqa", "lora"): 1 * 2 + 1 - 1, ("falcon-gqa", "full"): 2 * 2 + 1}
+FINAL_LAYERNORMS = {"bert": 2, "bloom": 2}  # BERT: embeddings.LayerNorm and the MLM head's; BLOOM: its embedding norm and ln_f; the others: their final norm
 
 LORA = {"kind": "lora", "r": 4}
 CASES = [
@@ -138,6 +148,7 @@ CASES = [
     ("gptj", "bf16", "eager", {"kind": "lora", "r": 4, "targets": "all-linear"}, "none"),
     ("gptj", "bf16-amp", "eager", {"kind": "full"}, "every_k"),
     ("llama", "bf16", "eager", {"kind": "full"}, "full"),
+    ("llama", "bf16", "sdpa-flash", {"kind": "lora", "r": 4, "targets": "all-linear"}, "full"),
     ("gpt2", "fp32", "eager", {"kind": "full"}, "full"),
     ("gpt_neox", "fp32", "eager", {"kind": "full"}, "full"),
     ("phi", "fp32", "eager", {"kind": "full"}, "full"),
@@ -145,6 +156,15 @@ CASES = [
     ("opt", "bf16", "sdpa-flash", {"kind": "full"}, "none"),
     ("opt", "bf16", "sdpa-flash", {"kind": "lora", "r": 4}, "full"),
     ("opt", "fp32", "eager", {"kind": "full"}, "full"),
+    ("bloom", "fp32", "eager", {"kind": "full"}, "none"),
+    ("bloom", "bf16", "eager", {"kind": "lora", "r": 4, "targets": "all-linear"}, "none"),
+    ("bloom", "bf16-amp", "eager", {"kind": "full"}, "none"),
+    ("bloom", "fp32", "eager", {"kind": "full"}, "full"),
+    ("falcon-mqa", "fp32", "eager", {"kind": "full"}, "none"),
+    ("falcon-mqa", "bf16", "eager", {"kind": "lora", "r": 4, "targets": "all-linear"}, "full"),
+    ("falcon-gqa", "bf16", "eager", {"kind": "full"}, "none"),
+    ("falcon-gqa", "fp32", "eager", {"kind": "full"}, "none"),
+    ("falcon-gqa", "bf16-amp", "eager", {"kind": "full"}, "every_k"),
     ("phi3", "bf16", "sdpa-flash", {"kind": "full"}, "none"),
     ("phi3", "fp32", "eager", {"kind": "full"}, "none"),
     ("phi3", "bf16", "sdpa-flash", {"kind": "lora", "r": 4, "targets": ["qkv_proj", "gate_up_proj"]}, "none"),
