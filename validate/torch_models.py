@@ -548,6 +548,20 @@ _CONFIG_BUILDERS = {
 }
 
 
+def _keep_in_fp32(model: nn.Module, dtype: torch.dtype) -> None:
+    """What ``from_pretrained`` does that ``from_config`` does not: a model's ``_keep_in_fp32_modules`` (T5's
+    ``wo``) stay fp32 when it loads in fp16 (transformers 5 ``_get_dtype_plan``; ``_keep_in_fp32_modules_strict``
+    for bf16 too)."""
+    names = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    if dtype == torch.bfloat16:
+        names = set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    elif dtype != torch.float16:
+        return
+    for path, module in model.named_modules():
+        if names and any(path == n or path.endswith("." + n) for n in names):
+            module.to(torch.float32)
+
+
 def hf_config(arch: ModelArch, dropout: float = 0.0):
     """The transformers config for ``arch``: every dropout probability = ``dropout``, ``use_cache=False``."""
     try:
@@ -991,6 +1005,7 @@ def build_model(scenario: Scenario, *, dropout: float = 0.0, seed: int = 0, devi
             model = cls.from_config(config, attn_implementation=attn_impl, dtype=param_dtype)
     except ValueError as e:  # e.g. Gemma2 (no SDPA: soft-capping) with attention='sdpa-*'
         raise NotImplementedError(f"{type(config).__name__} with attention={scenario.attention!r}: {e}") from e
+    _keep_in_fp32(model, param_dtype)
     _enable_checkpointing(model, scenario)
     model = _apply_method(model, scenario, param_dtype, device)
     if not any(p.requires_grad for p in model.parameters()):

@@ -139,6 +139,8 @@ LOSS_ON_LOGITS_AS_THEY_ARE = frozenset({"torch", "qwen"})
 # FalconForCausalLM (``shift_logits = lm_logits[..., :-1, :].contiguous()`` then ``CrossEntropyLoss()``).  GPT-J
 # upcast in its head (``.to(torch.float32)``) and the Llama-like models called ``logits.float()``.
 SHIFT_16_BIT_LOGITS_BEFORE_446 = frozenset({"gpt2", "opt", "bloom", "gpt_neox", "falcon"})
+# bitsandbytes' formats: transformers' bnb quantizers leave a model's ``_keep_in_fp32_modules`` unconverted
+BNB_QUANT_FORMATS = frozenset({"nf4", "fp4", "int8"})
 # transformers 5 decoders whose eager attention receives a materialised (b, 1, s, s) causal mask
 # (masking_utils ``create_causal_mask``; SDPA and flash get none without padding and run causal kernels).
 EAGER_4D_MASK_FAMILIES = frozenset({"llama", "phi3", "gpt2", "gptj", "gpt_neox", "phi", "opt", "t5", "bloom", "falcon"})
@@ -373,13 +375,13 @@ class Builder:
 
     # -- linear with its adapters ---------------------------------------------------------
     def linear(self, path: str, x: Tensor, in_f: int, out_f: int, *, bias: bool, trainable: bool,
-               quantizable: bool = True, adapters: bool = True) -> Tensor:
+               quantizable: bool = True, adapters: bool = True, dtype: str | None = None) -> Tensor:
         pl = self.plan
         leaf = _leaf(path)
         saved = pl.saved_module(leaf)
         quant = pl.base_quant if (quantizable and pl.base_quant != "dense" and not saved) else "dense"
         w = self.weight(f"{path}.weight", in_f * out_f, trainable, quant=quant, shape=(out_f, in_f), saved=saved,
-                        linear=True)
+                        linear=True, dtype=dtype)
         b = None
         if bias:
             b = self.weight(f"{path}.bias", out_f, trainable or pl.biases_trainable, saved=saved)
@@ -918,8 +920,29 @@ class ModelBuilder(Builder):
         if arch.family == "t5" and self.plan.implementation == "transformers":
             # T5DenseActDense / T5DenseGatedActDense: ``hidden_states.to(self.wo.weight.dtype)`` where they differ
             # (fp32 weights under autocast: an fp32 copy that autocast casts back down for the matmul)
-            m = tr.cast(f"{L}.{n.down}", m, self.pdt)
+            wo_dtype, wo_quantizable = self._t5_wo()
+            m = tr.cast(f"{L}.{n.down}", m, wo_dtype or (self.pdt if train else self.base_dt))
+            return self.linear(f"{L}.{n.down}", m, inter, H, bias=arch.mlp_bias, trainable=train,
+                               quantizable=wo_quantizable, dtype=wo_dtype)
         return self.linear(f"{L}.{n.down}", m, inter, H, bias=arch.mlp_bias, trainable=train)
+
+    def _t5_wo(self) -> tuple[str | None, bool]:
+        """(dtype, quantizable) of T5's ``wo``, one of ``_keep_in_fp32_modules``: ``from_pretrained`` keeps it fp32
+        when the model loads in fp16 (transformers ``_get_dtype_plan``) and bitsandbytes leaves it unquantized
+        (its ``modules_to_not_convert``)."""
+        pl = self.plan
+        loads_fp16 = "fp16" in (self.pdt, self.base_dt)
+        return ("fp32" if loads_fp16 else None), pl.base_quant not in BNB_QUANT_FORMATS
+
+    def _t5_clamp(self, L: str, x: Tensor) -> Tensor:
+        """T5Block in fp16: ``torch.clamp(x, min=-clamp_value, max=clamp_value)`` with 0-dim fp32 bounds from
+        ``torch.where`` -- the clamp keeps its input and both bounds for backward."""
+        tr = self.tr
+        if x.dtype != "fp16" or self.plan.implementation != "transformers":
+            return x
+        if x.requires_grad:
+            tr.save(L, x, tr.new(L, Poly.const(1), "fp32", False), tr.new(L, Poly.const(1), "fp32", False))
+        return tr.new(L, x.numel, x.dtype, x.requires_grad)
 
     def moe(self, L: str, x: Tensor, train: bool) -> Tensor:
         """HF Mixtral sparse MoE with the grouped-GEMM experts (transformers ``integrations/moe.py``).
@@ -1052,14 +1075,14 @@ class ModelBuilder(Builder):
         a = self.self_attention(L, h, train)
         if self.plan.adapter is not None and self.plan.adapter.placement == "houlsby":
             a = self.bottleneck(f"{L}.layer.0.SelfAttention.o.adapter", a)
-        x = tr.add(L, x, a)
+        x = self._t5_clamp(L, tr.add(L, x, a))
         ff_idx = 1
         if enc_out is not None:
             h = self.t5_norm(f"{L}.layer.1.layer_norm", x, H, train)
             ca = self.self_attention(L, h, train, cross_kv=enc_out, names=(
                 "layer.1.EncDecAttention.q", "layer.1.EncDecAttention.k", "layer.1.EncDecAttention.v",
                 "layer.1.EncDecAttention.o"))
-            x = tr.add(L, x, ca)
+            x = self._t5_clamp(L, tr.add(L, x, ca))
             ff_idx = 2
         h = self.t5_norm(f"{L}.layer.{ff_idx}.layer_norm", x, H, train)
         old = self.n
@@ -1069,7 +1092,7 @@ class ModelBuilder(Builder):
         if self.plan.adapter is not None:
             m = self.bottleneck(f"{L}.{self.n.down}.adapter", m)
         self.n = old
-        return tr.add(L, x, m)
+        return self._t5_clamp(L, tr.add(L, x, m))
 
     # -- whole model ----------------------------------------------------------------------
     def pre(self) -> Tensor:
@@ -1079,6 +1102,7 @@ class ModelBuilder(Builder):
         self.globals["ids"] = ids
         x = self.embedding(n.embed, ids, arch.vocab, H, pl.embeddings_trainable, Poly.tok(1),
                            saved=pl.saved_module(_leaf(n.embed)))
+        self.embed_dtype = x.dtype
         if pl.checkpointed:
             # transformers' gradient_checkpointing_enable() calls enable_input_require_grads() for text
             # models: a hook makes the embedding output require grad, so frozen blocks backpropagate
@@ -1295,13 +1319,14 @@ def trace_model(arch: ModelArch, plan: Plan, loss: str = "upcast") -> ModelTrace
             if plan.embeddings_trainable:
                 b.tr.save("decoder.embed_tokens", dec_ids)
             b.relative_bias("decoder")
-            b.eager_causal_mask(x.dtype, decoder=True)
+            b.eager_causal_mask(b.embed_dtype, decoder=True)
             variants[("encoder_final_norm",)] = BlockVariant(("encoder_final_norm",), [0], b.tr.trace, True)
             # the shared embedding's enable_input_require_grads hook (checkpointing) fires for the decoder too
-            x = b.tr.new("decoder.embed_tokens", Poly.tok(arch.hidden), x.dtype,
+            x = b.tr.new("decoder.embed_tokens", Poly.tok(arch.hidden), b.embed_dtype,
                          plan.embeddings_trainable or bool(plan.checkpointed))
             in_rg = x.requires_grad
-        key = _variant_key(plan, i, in_rg) + (is_dec,)
+        # T5 in fp16 turns its residual stream fp32 at the first fp32 ``wo``: blocks differ by their input dtype
+        key = _variant_key(plan, i, in_rg) + ((x.dtype,) if x.dtype != b.embed_dtype else ()) + (is_dec,)
         if key in variants:
             variants[key].layers.append(i)
             in_rg = variants[key].out_requires_grad

@@ -333,3 +333,22 @@ def test_autocast_cache_adds_to_the_forward_phase_only():
     without, _, _ = train_phase_bytes(rb, replace(mb, cast_cache=0.0), 1, 1, 0.0)
     assert with_cache["forward"] - without["forward"] == 2 * ct.n_trainable
     assert with_cache["backward"] == without["backward"] and with_cache["optimizer"] == without["optimizer"]
+
+
+def test_t5_wo_stays_out_of_bitsandbytes_and_fp32_under_fp16():
+    """T5's ``wo`` is one of ``_keep_in_fp32_modules``: bitsandbytes leaves it unquantized, and a model loaded in
+    fp16 keeps it fp32 (transformers' dtype plan) -- for flan-t5-xl that is 48 x 2048 x 5120 weights."""
+    from simulator.estimate import plan_of
+    from simulator.graph.build import trace_model
+
+    def wo_params(**kw):
+        sc = Scenario.model_validate({"model": "flan-t5-xl", "workload": {"micro_batch": 1, "seq_len": 512}, **kw})
+        mt = trace_model(sc.model, plan_of(sc), sc.loss)
+        ps = [p for tr in (mt.pre, *(v.trace for v in mt.variants), mt.post) for p in tr.params]
+        return {(p.storage, p.dtype) for p in ps if p.path.endswith(".wo.weight")}, {
+            p.storage for p in ps if p.path.endswith(".wi_0.weight")}
+
+    assert wo_params(method={"kind": "qlora"}, precision="bf16") == ({("dense", "bf16")}, {"nf4"})
+    assert wo_params(method={"kind": "qlora", "compute_dtype": "fp16"}, precision="fp16") == ({("dense", "fp32")}, {"nf4"})
+    assert wo_params(method={"kind": "full"}, precision="fp16") == ({("dense", "fp32")}, {"dense"})
+    assert wo_params(method={"kind": "full"}, precision="bf16") == ({("dense", "bf16")}, {"dense"})
