@@ -269,26 +269,20 @@ def _llama_style_config(arch: ModelArch, dropout: float):
     )
 
 
+def _gpt2_style_dims(arch: ModelArch, dropout: float) -> dict:
+    """GPT-2's keyword spelling, which GPT-J's config shares; its 50256 special token lies outside a tiny vocab."""
+    return dict(vocab_size=arch.vocab, n_positions=arch.max_position_embeddings, n_embd=arch.hidden,
+                n_layer=arch.n_layers, n_head=arch.n_heads, n_inner=arch.intermediate,
+                activation_function=_GPT2_ACT[arch.activation], resid_pdrop=dropout, embd_pdrop=dropout,
+                attn_pdrop=dropout, tie_word_embeddings=arch.tied_embeddings, bos_token_id=arch.vocab - 1,
+                eos_token_id=arch.vocab - 1, use_cache=False)
+
+
 def _gpt2_config(arch: ModelArch, dropout: float):
     from transformers import GPT2Config
 
     _require_plain_heads(arch, "GPT-2")
-    return GPT2Config(
-        vocab_size=arch.vocab,
-        n_positions=arch.max_position_embeddings,
-        n_embd=arch.hidden,
-        n_layer=arch.n_layers,
-        n_head=arch.n_heads,
-        n_inner=arch.intermediate,
-        activation_function=_GPT2_ACT[arch.activation],
-        resid_pdrop=dropout,
-        embd_pdrop=dropout,
-        attn_pdrop=dropout,
-        tie_word_embeddings=arch.tied_embeddings,
-        bos_token_id=arch.vocab - 1,  # GPT-2's 50256 is outside a tiny vocab
-        eos_token_id=arch.vocab - 1,
-        use_cache=False,
-    )
+    return GPT2Config(**_gpt2_style_dims(arch, dropout))
 
 
 def _opt_config(arch: ModelArch, dropout: float):
@@ -391,6 +385,18 @@ def _gpt_neox_config(arch: ModelArch, dropout: float):
     )
 
 
+def _standard_dims(arch: ModelArch, dropout: float, *, intermediate: bool = True) -> dict:
+    """The size keywords most transformers configs spell alike, dropouts under their common names off, and a tiny
+    vocab's special tokens on its last id (released ids such as 50256 lie outside it)."""
+    out = dict(vocab_size=arch.vocab, hidden_size=arch.hidden, num_hidden_layers=arch.n_layers,
+               num_attention_heads=arch.n_heads, max_position_embeddings=arch.max_position_embeddings,
+               attention_dropout=dropout, tie_word_embeddings=arch.tied_embeddings,
+               bos_token_id=arch.vocab - 1, eos_token_id=arch.vocab - 1, use_cache=False)
+    if intermediate:
+        out["intermediate_size"] = arch.intermediate
+    return out
+
+
 def _phi_config(arch: ModelArch, dropout: float):
     from transformers import PhiConfig
 
@@ -401,20 +407,12 @@ def _phi_config(arch: ModelArch, dropout: float):
     if arch.d_head * arch.n_heads != arch.hidden:
         raise _unsupported(arch, "Phi has no free head_dim")
     return PhiConfig(
-        vocab_size=arch.vocab,
-        hidden_size=arch.hidden,
-        intermediate_size=arch.intermediate,
-        num_hidden_layers=arch.n_layers,
-        num_attention_heads=arch.n_heads,
+        **_standard_dims(arch, dropout),
         num_key_value_heads=arch.kv_heads,
         hidden_act=_GPT2_ACT[arch.activation],
-        max_position_embeddings=arch.max_position_embeddings,
         partial_rotary_factor=arch.rotary_fraction,
         resid_pdrop=dropout,
         embd_pdrop=dropout,
-        attention_dropout=dropout,
-        tie_word_embeddings=arch.tied_embeddings,
-        use_cache=False,
     )
 
 
@@ -428,24 +426,14 @@ def _phi3_config(arch: ModelArch, dropout: float):
     if arch.d_head * arch.n_heads != arch.hidden:
         raise _unsupported(arch, "Phi-3 has no free head_dim")
     return Phi3Config(
-        vocab_size=arch.vocab,
-        hidden_size=arch.hidden,
-        intermediate_size=arch.intermediate,
-        num_hidden_layers=arch.n_layers,
-        num_attention_heads=arch.n_heads,
+        **_standard_dims(arch, dropout),
         num_key_value_heads=arch.kv_heads,
         hidden_act=_HF_ACT[arch.activation],
-        max_position_embeddings=arch.max_position_embeddings,
         original_max_position_embeddings=arch.max_position_embeddings,
         partial_rotary_factor=arch.rotary_fraction,
         resid_pdrop=dropout,
         embd_pdrop=dropout,
-        attention_dropout=dropout,
-        tie_word_embeddings=arch.tied_embeddings,
         pad_token_id=arch.vocab - 1,  # Phi-3's 32000 is outside a tiny vocab
-        bos_token_id=arch.vocab - 1,
-        eos_token_id=arch.vocab - 1,
-        use_cache=False,
     )
 
 
@@ -457,23 +445,7 @@ def _gptj_config(arch: ModelArch, dropout: float):
         raise _unsupported(arch, "GPT-J runs attention and a plain MLP in parallel on one LayerNorm with bias")
     if arch.qkv_bias or arch.attn_out_bias or not (arch.mlp_bias and arch.lm_head_bias):
         raise _unsupported(arch, "GPT-J has no attention biases and biases on the MLP and the output head")
-    return GPTJConfig(
-        vocab_size=arch.vocab,
-        n_positions=arch.max_position_embeddings,
-        n_embd=arch.hidden,
-        n_layer=arch.n_layers,
-        n_head=arch.n_heads,
-        n_inner=arch.intermediate,
-        rotary_dim=arch.rotary_dim,
-        activation_function=_GPT2_ACT[arch.activation],
-        resid_pdrop=dropout,
-        embd_pdrop=dropout,
-        attn_pdrop=dropout,
-        tie_word_embeddings=arch.tied_embeddings,
-        bos_token_id=arch.vocab - 1,  # GPT-J's 50256 is outside a tiny vocab
-        eos_token_id=arch.vocab - 1,
-        use_cache=False,
-    )
+    return GPTJConfig(**_gpt2_style_dims(arch, dropout), rotary_dim=arch.rotary_dim)
 
 
 def _bloom_config(arch: ModelArch, dropout: float):
@@ -486,19 +458,9 @@ def _bloom_config(arch: ModelArch, dropout: float):
         raise _unsupported(arch, "BLOOM has biases on every linear but the (tied) head, and sequential blocks")
     if arch.intermediate != 4 * arch.hidden:
         raise _unsupported(arch, "BLOOM's MLP is 4 x hidden wide")
-    return BloomConfig(
-        vocab_size=arch.vocab,
-        hidden_size=arch.hidden,
-        n_layer=arch.n_layers,
-        n_head=arch.n_heads,
-        hidden_dropout=dropout,
-        attention_dropout=dropout,
-        tie_word_embeddings=arch.tied_embeddings,
-        bos_token_id=arch.vocab - 1,
-        eos_token_id=arch.vocab - 1,
-        pad_token_id=arch.vocab - 1,
-        use_cache=False,
-    )
+    dims = _standard_dims(arch, dropout, intermediate=False)
+    del dims["max_position_embeddings"]  # ALiBi: no position table
+    return BloomConfig(**dims, hidden_dropout=dropout, pad_token_id=arch.vocab - 1)
 
 
 def _falcon_config(arch: ModelArch, dropout: float):
@@ -513,23 +475,14 @@ def _falcon_config(arch: ModelArch, dropout: float):
     # one key/value head: Falcon-7B's multi-query layout; more: the new decoder architecture (Falcon-40B/180B)
     new_arch = arch.kv_heads > 1
     return FalconConfig(
-        vocab_size=arch.vocab,
-        hidden_size=arch.hidden,
-        num_hidden_layers=arch.n_layers,
-        num_attention_heads=arch.n_heads,
+        **_standard_dims(arch, dropout, intermediate=False),
         num_kv_heads=arch.kv_heads if new_arch else None,
         new_decoder_architecture=new_arch,
         multi_query=not new_arch,
         parallel_attn=True,
         bias=arch.qkv_bias,
         alibi=False,
-        max_position_embeddings=arch.max_position_embeddings,
         hidden_dropout=dropout,
-        attention_dropout=dropout,
-        tie_word_embeddings=arch.tied_embeddings,
-        bos_token_id=arch.vocab - 1,
-        eos_token_id=arch.vocab - 1,
-        use_cache=False,
     )
 
 
