@@ -25,6 +25,7 @@ gptj                   ``GPTJConfig`` (eager attention only in transformers 5; r
 phi3                   ``Phi3Config`` (fused qkv_proj and gate_up_proj)
 phi                    ``PhiConfig`` (attention and MLP in parallel on one LayerNorm, "gelu_new"; partial rotary)
 bert                   ``BertConfig`` -> ``BertForMaskedLM`` (MLM loss over the vocab)
+roberta                ``RobertaConfig`` -> ``RobertaForMaskedLM`` (positions numbered from padding_idx + 1)
 t5                     ``T5Config`` -> ``T5ForConditionalGeneration``
 =====================  ======================================================================
 
@@ -307,13 +308,13 @@ def _opt_config(arch: ModelArch, dropout: float):
     )
 
 
-def _bert_config(arch: ModelArch, dropout: float):
+def _bert_config(arch: ModelArch, dropout: float, config_cls=None, **extra):
     from transformers import BertConfig
 
     if arch.type_vocab_size < 1:
         raise _unsupported(arch, "BERT needs type_vocab_size >= 1 (token_type_ids default to zeros)")
     _require_plain_heads(arch, "BERT")
-    return BertConfig(
+    return (config_cls or BertConfig)(
         vocab_size=arch.vocab,
         hidden_size=arch.hidden,
         num_hidden_layers=arch.n_layers,
@@ -326,7 +327,15 @@ def _bert_config(arch: ModelArch, dropout: float):
         type_vocab_size=arch.type_vocab_size,
         tie_word_embeddings=arch.tied_embeddings,
         use_cache=False,
+        **extra,
     )
+
+
+def _roberta_config(arch: ModelArch, dropout: float):
+    from transformers import RobertaConfig
+
+    # RoBERTa numbers positions from padding_idx + 1 (pad 1, bos 0, eos 2 as released)
+    return _bert_config(arch, dropout, RobertaConfig, pad_token_id=1, bos_token_id=0, eos_token_id=2)
 
 
 def _t5_config(arch: ModelArch, dropout: float):
@@ -497,6 +506,7 @@ _CONFIG_BUILDERS = {
     "falcon": _falcon_config,
     "phi3": _phi3_config,
     "bert": _bert_config,
+    "roberta": _roberta_config,
     "t5": _t5_config,
 }
 
@@ -558,6 +568,7 @@ _LAYOUTS: dict[str, _Layout] = {
     "phi3": _Layout(("model.embed_tokens",), ("model.norm", "lm_head"), r"self_attn\.o_proj", r"mlp\.down_proj"),
     "phi": _Layout(("model.embed_tokens",), ("model.final_layernorm", "lm_head"), r"self_attn\.dense", r"mlp\.fc2"),
     "bert": _Layout(("bert.embeddings",), ("cls",), r"attention\.output\.dense", r"output\.dense"),
+    "roberta": _Layout(("roberta.embeddings",), ("lm_head",), r"attention\.output\.dense", r"output\.dense"),
     # T5: the adapter goes after self-attention only (not cross-attention), and after the FF block's wo.
     "t5": _Layout(
         ("shared",),

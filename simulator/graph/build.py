@@ -139,6 +139,8 @@ LOSS_ON_LOGITS_AS_THEY_ARE = frozenset({"torch", "qwen"})
 # FalconForCausalLM (``shift_logits = lm_logits[..., :-1, :].contiguous()`` then ``CrossEntropyLoss()``).  GPT-J
 # upcast in its head (``.to(torch.float32)``) and the Llama-like models called ``logits.float()``.
 SHIFT_16_BIT_LOGITS_BEFORE_446 = frozenset({"gpt2", "opt", "bloom", "gpt_neox", "falcon"})
+# learned positions numbered per sequence: OPT's cumsum of the attention mask, RoBERTa's of the non-padding ids
+PER_SEQUENCE_POSITION_IDS = frozenset({"opt", "roberta"})
 # bitsandbytes' formats: transformers' bnb quantizers leave a model's ``_keep_in_fp32_modules`` unconverted
 BNB_QUANT_FORMATS = frozenset({"nf4", "fp4", "int8"})
 # transformers 5 decoders whose eager attention receives a materialised (b, 1, s, s) causal mask
@@ -1122,22 +1124,23 @@ class ModelBuilder(Builder):
         if n.pos_embed:
             # learned positions: OPT offsets its table by 2 rows
             rows = arch.max_position_embeddings + (2 if arch.family == "opt" else 0)
-            # position ids: arange (GPT-2), the attention mask's cumsum per sequence (OPT: (b, s)) or a registered
-            # buffer (BERT: not an activation)
-            per = Poly.tok(1) if arch.family == "opt" else Poly.pos(1)
+            # position ids: arange (GPT-2), a cumsum per sequence (OPT over the attention mask, RoBERTa over the
+            # non-padding ids: (b, s)) or a registered buffer (BERT: not an activation)
+            per = Poly.tok(1) if arch.family in PER_SEQUENCE_POSITION_IDS else Poly.pos(1)
             if arch.family == "opt":
                 # the cumsum ids themselves go to every block (a checkpoint keeps them); the table reads ids + 2
                 self.globals["position_ids"] = tr.new("model", per, "int64", False)
                 self.keep_for_checkpoints(self.globals["position_ids"])
-            pos_ids = tr.new("", per, "int64", False) if arch.arch != "encoder" else \
+            pos_ids = tr.new("", per, "int64", False) if arch.arch != "encoder" or arch.family == "roberta" else \
                 Tensor(-1, per, "int64", False, "", is_param=True)
             pe = self.embedding(n.pos_embed, pos_ids, rows, H, pl.embeddings_trainable, per)
             x = tr.add("", x, pe)
         if arch.type_vocab_size:
-            # token_type_ids: a (1, s) slice of a zeros buffer, expanded over the batch
+            # token_type_ids: a (1, s) slice of a zeros buffer, expanded over the batch; RoBERTa gathers it at its
+            # (b, s) position ids, a new tensor
             tt = self.embedding(n.embed.replace("word_embeddings", "token_type_embeddings"),
-                                tr.new("", Poly.pos(1), "int64", False), arch.type_vocab_size, H,
-                                pl.embeddings_trainable, Poly.tok(1))
+                                tr.new("", Poly.tok(1) if arch.family == "roberta" else Poly.pos(1), "int64", False),
+                                arch.type_vocab_size, H, pl.embeddings_trainable, Poly.tok(1))
             x = tr.add("", x, tt)
         if n.embed_norm:
             x = self.layernorm(n.embed_norm, x, H, pl.embeddings_trainable)
