@@ -242,6 +242,12 @@ def _llama_style_config(arch: ModelArch, dropout: float):
             router_jitter_noise=0.0,
             output_router_logits=False,
         )
+    if arch.sandwich_norm != arch.norm_plus_one and arch.sandwich_norm:
+        raise _unsupported(arch, "Gemma 2/3 (sandwich norms) scale their RMSNorms by 1 + weight: norm_plus_one=True")
+    if arch.norm_plus_one and not arch.sandwich_norm:
+        if arch.qkv_bias != arch.attn_out_bias or arch.mlp_bias or arch.qk_norm:
+            raise _unsupported(arch, "GemmaConfig has one attention_bias flag for q/k/v/o and no MLP bias or qk_norm")
+        return tf.GemmaConfig(**common, hidden_activation=_HF_ACT[arch.activation], attention_bias=arch.qkv_bias)
     if arch.sandwich_norm:
         if arch.qkv_bias != arch.attn_out_bias or arch.mlp_bias:
             raise _unsupported(arch, "Gemma configs have one attention_bias flag for q/k/v/o and no MLP bias")
@@ -251,7 +257,7 @@ def _llama_style_config(arch: ModelArch, dropout: float):
             hidden_activation=_HF_ACT[arch.activation],
             attention_bias=arch.qkv_bias,
             query_pre_attn_scalar=arch.d_head,
-            sliding_window=arch.max_position_embeddings,  # no window narrower than the context
+            sliding_window=arch.sliding_window or arch.max_position_embeddings,
             final_logit_softcapping=None,  # ModelArch has no soft-capping field; off so the head is a plain linear
             attn_logit_softcapping=None,
         )

@@ -101,6 +101,8 @@ class ModelArch(Strict):
     """Bias on the MLP projections."""
     norm_bias: bool = False
     """LayerNorm has a bias (RMSNorm never does)."""
+    norm_plus_one: bool = False
+    """RMSNorm scales by (1 + weight), computed in fp32 before the cast back (Gemma 1/2/3)."""
     lm_head_bias: bool = False
     """Bias on the LM head (Phi-1.5)."""
     tied_embeddings: bool = False

@@ -543,9 +543,10 @@ class Builder:
         if x32.requires_grad:
             tr.save(path, rs)  # rsqrt saves its result
         y = tr.mul(path, x32, rs, out_numel=x.numel)
-        if self.plan.implementation == "litgpt":
+        if self.plan.implementation == "litgpt" or self.arch.norm_plus_one:
             # litgpt ``RMSNorm``: ``(x_normed * weight.float()).to(dtype)`` -- a fresh fp32 copy of the weight,
-            # and the fp32 normalised input when the weight trains
+            # and the fp32 normalised input when the weight trains; Gemma's ``x_normed * (1.0 + weight.float())``
+            # the same with the fresh fp32 ``1 + weight``
             wf = tr.new(path, w.numel, "fp32", w.requires_grad)
             return tr.cast(path, tr.mul(path, y, wf, out_numel=x.numel), x.dtype)
         y = tr.cast(path, y, x.dtype)
@@ -1216,6 +1217,10 @@ class ModelBuilder(Builder):
                 and "attn_mask" not in self.globals):
             self.globals["attn_mask"] = self.tr.new("model", Poly.att(1), dtype, False)
             self.keep_for_checkpoints(self.globals["attn_mask"], decoder)
+            if arch.sliding_window and arch.full_attention_every > 1 and arch.n_layers >= arch.full_attention_every:
+                # sliding and global layers (Gemma 2/3) get a mask each: the global one from the first global layer
+                full = self.tr.new("model", Poly.att(1), dtype, False)
+                self.keep_for_checkpoints(full, decoder, arch.full_attention_every - 1)
 
     def post(self, x: Tensor, loss: str) -> None:
         arch, n, tr, pl = self.arch, self.n, self.tr, self.plan

@@ -222,6 +222,7 @@ def _llama_like(c: _Cfg) -> dict[str, Any]:
     elif mt == "gemma2":
         act = c.get("hidden_activation", c.get("hidden_act", "gelu_pytorch_tanh"))
     out["activation"] = _activation(act, mt)
+    out["norm_plus_one"] = mt in ("gemma", "gemma2")
     if mt in ("qwen2", "qwen2_moe"):
         # Qwen2 q/k/v always carry a bias (o_proj never); qwen2_moe spells it `qkv_bias`.
         out["qkv_bias"] = bool(c.get("qkv_bias", True))

@@ -186,6 +186,9 @@ def test_gpt_j_6b_parameter_count():
         ("qwen2.5-7b", "qkv_bias", True),
         ("qwen3-8b", "qk_norm", True),
         ("gemma-2-9b", "sandwich_norm", True),
+        ("gemma-2-9b", "norm_plus_one", True),
+        ("llama-3.1-8b", "norm_plus_one", False),
+        ("gpt-j-6b", "rotary_fraction", 0.25),
         ("bloom-7b1", "position", "alibi"),
         ("falcon-7b", "parallel_block", True),
         ("qwen-7b", "intermediate", 11008),  # config intermediate_size 22016 / 2
@@ -397,6 +400,7 @@ def test_llama_family_round_trip(key: str):
     assert a.tied_embeddings == config.tie_word_embeddings
     assert a.qk_norm == (key == "qwen3")
     assert a.sandwich_norm == (key == "gemma2")
+    assert a.norm_plus_one == (key in ("gemma", "gemma2"))
     assert a.qkv_bias == (key in ("qwen2", "llama-biases-tied"))
     if key == "gemma2":
         assert a.activation == "gelu_tanh"
