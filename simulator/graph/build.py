@@ -146,6 +146,10 @@ BNB_QUANT_FORMATS = frozenset({"nf4", "fp4", "int8"})
 # transformers 5 decoders whose eager attention receives a materialised (b, 1, s, s) causal mask
 # (masking_utils ``create_causal_mask``; SDPA and flash get none without padding and run causal kernels).
 EAGER_4D_MASK_FAMILIES = frozenset({"llama", "phi3", "gpt2", "gptj", "gpt_neox", "phi", "opt", "t5", "bloom", "falcon"})
+# transformers models that materialise their causal mask whatever the attention kernel (FalconModel:
+# ``create_causal_mask(..., allow_is_causal_skip=False)``), so SDPA is handed a mask (kept per call for
+# backward) and runs its memory-efficient kernel
+ALWAYS_4D_MASK_FAMILIES = frozenset({"falcon"})
 # HF eager attention that upcasts q and k to fp32 before ``q @ k^T`` (modeling_gptj.py ``_attn``: "Keep the attention
 # weights computation in fp32 to avoid overflow issues"), then casts the probabilities to the value's dtype.
 EAGER_QK_FP32 = frozenset({"gptj"})
@@ -162,13 +166,14 @@ ROPE_TABLES_PER_CALL = frozenset({"gptj"})
 
 def attention_kernel(plan) -> str:
     """The fused kernel a plan's attention runs: FlashAttention 1 / 3 where named; the memory-efficient kernel
-    for SDPA given an explicit mask (transformers passes one for padded batches and prepended prefixes, and
-    SDPA's flash kernel takes none) or asked for it; FlashAttention-2 otherwise."""
+    for SDPA given an explicit mask (transformers passes one for padded batches, prepended prefixes and models
+    that always materialise theirs, and SDPA's flash kernel takes none) or asked for it; FlashAttention-2
+    otherwise."""
     att = plan.attention
     if att in ("flash1", "flash3"):
         return att
-    if att == "sdpa-mem-efficient" or (att == "sdpa-flash" and plan.implementation == "transformers"
-                                       and (plan.padded or plan.prefix_tokens > 0)):
+    if att == "sdpa-mem-efficient" or (att == "sdpa-flash" and plan.implementation == "transformers" and (
+            plan.padded or plan.prefix_tokens > 0 or plan.arch.family in ALWAYS_4D_MASK_FAMILIES)):
         return "mem_efficient"
     return "flash2"
 
@@ -1213,8 +1218,9 @@ class ModelBuilder(Builder):
         """transformers 5 hands eager attention a materialised (b, 1, s, s) causal mask in the hidden states'
         dtype (masking_utils ``eager_mask``; SDPA and flash get none without padding): one for all blocks."""
         pl, arch = self.plan, self.arch
-        if (pl.attention == "eager" and pl.implementation == "transformers" and arch.family in EAGER_4D_MASK_FAMILIES
-                and "attn_mask" not in self.globals):
+        materialised = arch.family in ALWAYS_4D_MASK_FAMILIES or (
+            pl.attention == "eager" and arch.family in EAGER_4D_MASK_FAMILIES)
+        if materialised and pl.implementation == "transformers" and "attn_mask" not in self.globals:
             self.globals["attn_mask"] = self.tr.new("model", Poly.att(1), dtype, False)
             self.keep_for_checkpoints(self.globals["attn_mask"], decoder)
             if arch.sliding_window and arch.full_attention_every > 1 and arch.n_layers >= arch.full_attention_every:

@@ -34,6 +34,8 @@ def test_the_kernel_follows_the_attention_setting_and_the_mask():
     assert compute.attention_kernel(cost_table_for(_sc("sdpa-mem-efficient")).plan) == "mem_efficient"
     assert compute.attention_kernel(cost_table_for(_sc("flash1")).plan) == "flash1"
     assert compute.attention_kernel(cost_table_for(_sc("flash3", "h100-sxm-80gb")).plan) == "flash3"
+    # Falcon materialises its causal mask whatever the kernel: SDPA gets it and runs the memory-efficient kernel
+    assert compute.attention_kernel(cost_table_for(_sc(model="falcon-40b")).plan) == "mem_efficient"
     # litgpt and torchtune build their own mask-free calls
     assert compute.attention_kernel(cost_table_for(_sc(padded=True, implementation="litgpt")).plan) == "flash2"
 
