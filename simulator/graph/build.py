@@ -672,8 +672,11 @@ class Builder:
             lse = tr.new(path, Poly.tok(a), "fp32", False)
             tr.save(path, q, k, v, o, lse)
             if mask is not None:
-                # each call hands the kernel its own copy of the float mask, kept for backward
-                tr.save(path, tr.new(path, mask.numel, mask.dtype, False))
+                # each call hands the kernel its own copy of the float mask (a bool one, expanded over the batch,
+                # turned additive per sequence in the query's dtype), kept for backward
+                boolean = mask.dtype == "bool"
+                tr.save(path, tr.new(path, Poly.att(1) if boolean else mask.numel, q.dtype if boolean else mask.dtype,
+                                     False))
         tr.flops(path, "attention", fwd, Poly.att(10.0 * a * d) if rg else ZERO,
                  Poly.tok(2.0 * dtype_bytes(q.dtype) * a * d) + Poly.kv(2.0 * dtype_bytes(k.dtype) * akv * d))
         return o
@@ -1221,7 +1224,11 @@ class ModelBuilder(Builder):
         materialised = arch.family in ALWAYS_4D_MASK_FAMILIES or (
             pl.attention == "eager" and arch.family in EAGER_4D_MASK_FAMILIES)
         if materialised and pl.implementation == "transformers" and "attn_mask" not in self.globals:
-            self.globals["attn_mask"] = self.tr.new("model", Poly.att(1), dtype, False)
+            # eager's mask is additive in the hidden dtype, one per sequence; the one made for SDPA is a bool
+            # (s, s) mask expanded over the batch (masking_utils sdpa_mask)
+            eager = pl.attention == "eager"
+            self.globals["attn_mask"] = self.tr.new("model", Poly.att(1) if eager else Poly.pos2(1),
+                                                    dtype if eager else "bool", False)
             self.keep_for_checkpoints(self.globals["attn_mask"], decoder)
             if arch.sliding_window and arch.full_attention_every > 1 and arch.n_layers >= arch.full_attention_every:
                 # sliding and global layers (Gemma 2/3) get a mask each: the global one from the first global layer

@@ -177,6 +177,8 @@ CASES = [
     # FalconModel materialises its causal mask for SDPA too: the memory-efficient kernel on CUDA, a mask per call
     ("falcon-gqa", "bf16", "sdpa-flash", {"kind": "full"}, "none"),
     ("falcon-gqa", "fp32", "sdpa-flash", LORA, "none"),
+    ("falcon-gqa", "bf16", "sdpa-flash", {"kind": "full"}, "full"),
+    ("falcon-gqa", "fp32", "sdpa-flash", LORA, "every_k"),
     ("gemma", "bf16", "sdpa-flash", {"kind": "full"}, "none"),
     ("gemma", "bf16-amp", "sdpa-flash", LORA, "none"),
     ("gemma2", "bf16", "eager", {"kind": "full"}, "none"),
