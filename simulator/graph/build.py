@@ -145,7 +145,8 @@ PER_SEQUENCE_POSITION_IDS = frozenset({"opt", "roberta"})
 BNB_QUANT_FORMATS = frozenset({"nf4", "fp4", "int8"})
 # transformers 5 decoders whose eager attention receives a materialised (b, 1, s, s) causal mask
 # (masking_utils ``create_causal_mask``; SDPA and flash get none without padding and run causal kernels).
-EAGER_4D_MASK_FAMILIES = frozenset({"llama", "phi3", "gpt2", "gptj", "gpt_neox", "phi", "opt", "t5", "bloom", "falcon"})
+EAGER_4D_MASK_FAMILIES = frozenset({"llama", "phi3", "gpt2", "gptj", "gpt_neox", "phi", "opt", "t5", "bloom",
+                                    "falcon"})
 # transformers models that materialise their causal mask whatever the attention kernel (FalconModel:
 # ``create_causal_mask(..., allow_is_causal_skip=False)``), so SDPA is handed a mask (kept per call for
 # backward) and runs its memory-efficient kernel
@@ -155,10 +156,9 @@ ALWAYS_4D_MASK_FAMILIES = frozenset({"falcon"})
 EAGER_QK_FP32 = frozenset({"gptj"})
 # transformers' rotary embedding sliced and concatenated back (``torch.cat([q_embed, q_pass], dim=-1)``) on q and k
 # already transposed to (b, heads, s, d): the roped q is a contiguous (b, heads, s, d) tensor, not the projection's
-# (b, s, heads, d) layout (modeling_gpt_neox.py, modeling_phi.py, modeling_phi3.py).  litgpt's roped q is laid out the same way.
+# (b, s, heads, d) layout (modeling_gpt_neox.py, modeling_phi.py, modeling_phi3.py).  litgpt's roped q is laid out
+# the same way.
 ROPE_CAT_HEADS_MAJOR = frozenset({"gpt_neox", "phi", "phi3"})
-
-
 # GPT-J gathers its sin/cos table in every layer and ``repeat_interleave``s it inside each q and k rotation
 # (modeling_gptj.py ``apply_rotary_pos_emb``): four tables per layer, none shared.
 ROPE_TABLES_PER_CALL = frozenset({"gptj"})
@@ -777,12 +777,9 @@ class ModelBuilder(Builder):
             if arch.family == "falcon" and pl.implementation == "transformers" and qkv.requires_grad:
                 # FalconAttention._split_heads picks k and v with index lists (``fused_qkv[..., [-2], :]``): each
                 # advanced index keeps its (1,) int64 index for backward
-                tr.save(fused, tr.new(fused, Poly.const(1), "int64", False), tr.new(fused, Poly.const(1), "int64", False))
+                tr.save(fused, *(tr.new(fused, Poly.const(1), "int64", False) for _ in ("k", "v")))
             # views into one storage: the kernel saves the storage once
-            q = k = v = qkv
-            q = Tensor(qkv.id, Poly.tok(qd), qkv.dtype, qkv.requires_grad, qkv.module)
-            k = Tensor(qkv.id, Poly.tok(kvd), qkv.dtype, qkv.requires_grad, qkv.module)
-            v = Tensor(qkv.id, Poly.tok(kvd), qkv.dtype, qkv.requires_grad, qkv.module)
+            q, k, v = qkv.part(Poly.tok(qd)), qkv.part(Poly.tok(kvd)), qkv.part(Poly.tok(kvd))
         else:
             q = self.linear(f"{L}.{qn}", h, H, qd, bias=arch.qkv_bias, trainable=train)
             src = cross_kv if cross_kv is not None else h
@@ -879,7 +876,7 @@ class ModelBuilder(Builder):
         enabled = [(name, out_f) for name, out_f in parts if pl.training and pl.lora_on(f"{L}.{name}")]
         if enabled:
             qkv = self._litgpt_qkv_lora(L, h, qkv, enabled, qd + 2 * kvd)
-        views = tuple(Tensor(qkv.id, Poly.tok(w), qkv.dtype, qkv.requires_grad, qkv.module) for w in (qd, kvd, kvd))
+        views = tuple(qkv.part(Poly.tok(w)) for w in (qd, kvd, kvd))
         return views
 
     def _litgpt_qkv_lora(self, L: str, x: Tensor, pretrained: Tensor, enabled: list[tuple[str, int]],
@@ -917,9 +914,7 @@ class ModelBuilder(Builder):
         if arch.gated_mlp and n.gate == n.up:
             # one gate_up projection chunked into views: the activation saves its slice, i.e. the whole output
             gu = self.linear(f"{L}.{n.up}", x, H, 2 * inter, bias=arch.mlp_bias, trainable=train)
-            g = Tensor(gu.id, Poly.tok(inter), gu.dtype, gu.requires_grad, gu.module)
-            u = Tensor(gu.id, Poly.tok(inter), gu.dtype, gu.requires_grad, gu.module)
-            m = tr.mul(f"{L}.mlp", u, self.act(f"{L}.{n.act}", g))
+            m = tr.mul(f"{L}.mlp", gu.part(Poly.tok(inter)), self.act(f"{L}.{n.act}", gu.part(Poly.tok(inter))))
         elif arch.gated_mlp:
             g = self.linear(f"{L}.{n.gate}", x, H, inter, bias=arch.mlp_bias, trainable=train)
             u = self.linear(f"{L}.{n.up}", x, H, inter, bias=arch.mlp_bias, trainable=train)
@@ -931,19 +926,18 @@ class ModelBuilder(Builder):
         if arch.family == "t5" and self.plan.implementation == "transformers":
             # T5DenseActDense / T5DenseGatedActDense: ``hidden_states.to(self.wo.weight.dtype)`` where they differ
             # (fp32 weights under autocast: an fp32 copy that autocast casts back down for the matmul)
-            wo_dtype, wo_quantizable = self._t5_wo()
-            m = tr.cast(f"{L}.{n.down}", m, wo_dtype or (self.pdt if train else self.base_dt))
-            return self.linear(f"{L}.{n.down}", m, inter, H, bias=arch.mlp_bias, trainable=train,
-                               quantizable=wo_quantizable, dtype=wo_dtype)
+            wo_dtype, wo_quantizable = self._t5_wo(train)
+            return self.linear(f"{L}.{n.down}", tr.cast(f"{L}.{n.down}", m, wo_dtype), inter, H, bias=arch.mlp_bias,
+                               trainable=train, quantizable=wo_quantizable, dtype=wo_dtype)
         return self.linear(f"{L}.{n.down}", m, inter, H, bias=arch.mlp_bias, trainable=train)
 
-    def _t5_wo(self) -> tuple[str | None, bool]:
+    def _t5_wo(self, trainable: bool) -> tuple[str, bool]:
         """(dtype, quantizable) of T5's ``wo``, one of ``_keep_in_fp32_modules``: ``from_pretrained`` keeps it fp32
-        when the model loads in fp16 (transformers ``_get_dtype_plan``) and bitsandbytes leaves it unquantized
-        (its ``modules_to_not_convert``)."""
-        pl = self.plan
+        when the model loads in fp16 (transformers ``_get_dtype_plan``), else it takes the weights' dtype, and
+        bitsandbytes leaves it unquantized (its ``modules_to_not_convert``)."""
         loads_fp16 = "fp16" in (self.pdt, self.base_dt)
-        return ("fp32" if loads_fp16 else None), pl.base_quant not in BNB_QUANT_FORMATS
+        dtype = "fp32" if loads_fp16 else (self.pdt if trainable else self.base_dt)
+        return dtype, self.plan.base_quant not in BNB_QUANT_FORMATS
 
     def _t5_clamp(self, L: str, x: Tensor) -> Tensor:
         """T5Block in fp16: ``torch.clamp(x, min=-clamp_value, max=clamp_value)`` with 0-dim fp32 bounds from
@@ -996,7 +990,7 @@ class ModelBuilder(Builder):
         gu = tr.matmul(X, cur, wgu, H, 2 * ei, tokens=R, autocast=False)
         if gu.requires_grad:
             tr.save(X, offs)
-        gate = Tensor(gu.id, R * ei, gu.dtype, gu.requires_grad, gu.module)
+        gate = gu.part(R * ei)
         a = self.act(f"{X}.act_fn", gate)
         m = tr.mul(X, a, gate)  # silu(gate) * up: both views share the gate_up storage
         dn = tr.matmul(X, m, wd, ei, H, tokens=R, autocast=False)
@@ -1227,13 +1221,13 @@ class ModelBuilder(Builder):
             # eager's mask is additive in the hidden dtype, one per sequence; the one made for SDPA is a bool
             # (s, s) mask expanded over the batch (masking_utils sdpa_mask)
             eager = pl.attention == "eager"
-            self.globals["attn_mask"] = self.tr.new("model", Poly.att(1) if eager else Poly.pos2(1),
-                                                    dtype if eager else "bool", False)
+            numel, dtype = (Poly.att(1), dtype) if eager else (Poly.pos2(1), "bool")
+            self.globals["attn_mask"] = self.tr.new("model", numel, dtype, False)
             self.keep_for_checkpoints(self.globals["attn_mask"], decoder)
             if arch.sliding_window and arch.full_attention_every > 1 and arch.n_layers >= arch.full_attention_every:
                 # sliding and global layers (Gemma 2/3) get a mask each: the global one from the first global layer
-                full = self.tr.new("model", Poly.att(1), dtype, False)
-                self.keep_for_checkpoints(full, decoder, arch.full_attention_every - 1)
+                self.keep_for_checkpoints(self.tr.new("model", numel, dtype, False), decoder,
+                                          arch.full_attention_every - 1)
 
     def post(self, x: Tensor, loss: str) -> None:
         arch, n, tr, pl = self.arch, self.n, self.tr, self.plan
@@ -1365,6 +1359,7 @@ def trace_model(arch: ModelArch, plan: Plan, loss: str = "upcast") -> ModelTrace
     b.post(x_final, loss)
     post = b.tr.trace
     return ModelTrace(arch, plan, pre, list(variants.values()), post, list(b.globals.values()),
-                      checkpoint_inputs=b.checkpoint_inputs, checkpoint_from=b.checkpoint_from, tensors=b.tr.all, layers_prefix=b.n.layers,
+                      checkpoint_inputs=b.checkpoint_inputs, checkpoint_from=b.checkpoint_from, tensors=b.tr.all,
+                      layers_prefix=b.n.layers,
                       logits=b.logits, loss_upcast_copy=b.loss_fp32_copy, loss_dtype=b.loss_dtype,
                       loss_shift_dtype=b.loss_shift_dtype)

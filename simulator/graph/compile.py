@@ -143,10 +143,13 @@ def _saved_bytes(mt: ModelTrace) -> tuple[Poly, dict[str, Poly], dict[str, Poly]
         loc, glob = sums(tr, True)
         by_layer[name] = loc + glob
         total = total + loc + glob
+
+    def block_name(decoder: bool, i: int) -> str:
+        return f"decoder.block.{i}" if decoder else f"{layers_prefix}.{i}"
+
     def name_of(v, i: int) -> str:
-        if v.key[-1] is True:
-            return f"decoder.block.{i}"
-        return f"{layers_prefix}.{i}" if v.key[-1] is False else "encoder.final_layer_norm"
+        """A variant's block (T5's encoder final norm is traced as a variant of its own)."""
+        return block_name(v.key[-1], i) if isinstance(v.key[-1], bool) else "encoder.final_layer_norm"
 
     # a shared tensor a checkpoint keeps is charged to the first checkpointed block that takes it
     ckpt_blocks = sorted((v.key[-1] is True, i) for v in mt.variants if v.checkpointed for i in v.layers)
@@ -170,7 +173,7 @@ def _saved_bytes(mt: ModelTrace) -> tuple[Poly, dict[str, Poly], dict[str, Poly]
                 if taker is None:  # no checkpointed block takes it
                     continue
                 global_seen.add(g.id)
-                late[f"decoder.block.{taker[1]}" if taker[0] else f"{layers_prefix}.{taker[1]}"] += g.nbytes
+                late[block_name(*taker)] += g.nbytes
                 total = total + g.nbytes
         for j, i in enumerate(v.layers):
             by_layer[name_of(v, i)] = kept + (glob if j == 0 else ZERO)

@@ -112,6 +112,11 @@ class Tensor:
     def nbytes(self) -> Poly:
         return self.numel * dtype_bytes(self.dtype)
 
+    def part(self, numel: Poly) -> "Tensor":
+        """A view of ``numel`` elements of this tensor's storage (a slice or chunk): the same storage id, so
+        saving the view keeps the whole storage."""
+        return Tensor(self.id, numel, self.dtype, self.requires_grad, self.module)
+
 
 @dataclass(frozen=True)
 class Param:
