@@ -242,7 +242,7 @@ def _llama_style_config(arch: ModelArch, dropout: float):
             router_jitter_noise=0.0,
             output_router_logits=False,
         )
-    if arch.sandwich_norm != arch.norm_plus_one and arch.sandwich_norm:
+    if arch.sandwich_norm and not arch.norm_plus_one:
         raise _unsupported(arch, "Gemma 2/3 (sandwich norms) scale their RMSNorms by 1 + weight: norm_plus_one=True")
     if arch.norm_plus_one and not arch.sandwich_norm:
         if arch.qkv_bias != arch.attn_out_bias or arch.mlp_bias or arch.qk_norm:
@@ -375,31 +375,6 @@ def _t5_config(arch: ModelArch, dropout: float):
     )
 
 
-def _gpt_neox_config(arch: ModelArch, dropout: float):
-    from transformers import GPTNeoXConfig
-
-    _require_plain_heads(arch, "GPT-NeoX")
-    if arch.norm != "layernorm" or not arch.norm_bias or arch.gated_mlp or arch.qk_norm:
-        raise _unsupported(arch, "GPT-NeoX uses LayerNorm with bias and a plain MLP")
-    if not (arch.qkv_bias and arch.attn_out_bias and arch.mlp_bias) or arch.lm_head_bias:
-        raise _unsupported(arch, "GPT-NeoX has biases on every linear but the output head (one attention_bias flag)")
-    return GPTNeoXConfig(
-        vocab_size=arch.vocab,
-        hidden_size=arch.hidden,
-        num_hidden_layers=arch.n_layers,
-        num_attention_heads=arch.n_heads,
-        intermediate_size=arch.intermediate,
-        hidden_act=_HF_ACT[arch.activation],
-        rotary_pct=arch.rotary_fraction,
-        max_position_embeddings=arch.max_position_embeddings,
-        use_parallel_residual=arch.parallel_block,
-        attention_dropout=dropout,
-        hidden_dropout=dropout,
-        tie_word_embeddings=arch.tied_embeddings,
-        use_cache=False,
-    )
-
-
 def _standard_dims(arch: ModelArch, dropout: float, *, intermediate: bool = True) -> dict:
     """The size keywords most transformers configs spell alike, dropouts under their common names off, and a tiny
     vocab's special tokens on its last id (released ids such as 50256 lie outside it)."""
@@ -410,6 +385,23 @@ def _standard_dims(arch: ModelArch, dropout: float, *, intermediate: bool = True
     if intermediate:
         out["intermediate_size"] = arch.intermediate
     return out
+
+
+def _gpt_neox_config(arch: ModelArch, dropout: float):
+    from transformers import GPTNeoXConfig
+
+    _require_plain_heads(arch, "GPT-NeoX")
+    if arch.norm != "layernorm" or not arch.norm_bias or arch.gated_mlp or arch.qk_norm:
+        raise _unsupported(arch, "GPT-NeoX uses LayerNorm with bias and a plain MLP")
+    if not (arch.qkv_bias and arch.attn_out_bias and arch.mlp_bias) or arch.lm_head_bias:
+        raise _unsupported(arch, "GPT-NeoX has biases on every linear but the output head (one attention_bias flag)")
+    return GPTNeoXConfig(
+        **_standard_dims(arch, dropout),
+        hidden_act=_HF_ACT[arch.activation],
+        rotary_pct=arch.rotary_fraction,
+        use_parallel_residual=arch.parallel_block,
+        hidden_dropout=dropout,
+    )
 
 
 def _phi_config(arch: ModelArch, dropout: float):
