@@ -4,8 +4,9 @@ Every input model documents a field with the string literal under it (an *attrib
 help, the dashboard tooltips and the schema tables read it as ``model_fields[name].description``.
 pydantic's ``use_attribute_docstrings`` finds each class's source by walking the call stack and re-reading
 the file per class, which made importing the engine slow; :func:`attach` parses each module once
-(cached) and sets the descriptions on a class as soon as pydantic has built it (the base models call it
-from ``__pydantic_init_subclass__``).  An explicit ``Field(description=...)`` wins, as with pydantic.
+(cached) and sets the descriptions on a class the first time its ``model_fields`` is read
+(:class:`DescribedFields`, which the base models install), so that importing the engine parses no source
+at all.  An explicit ``Field(description=...)`` wins, as with pydantic.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ import functools
 import inspect
 import sys
 
-__all__ = ["attach", "module_docstrings"]
+__all__ = ["DescribedFields", "attach", "module_docstrings"]
+
+_ATTACHED: set[type] = set()
+"""Classes whose descriptions are set (each is read once)."""
 
 
 def _class_docs(node: ast.ClassDef) -> dict[str, str]:
@@ -55,7 +59,10 @@ def module_docstrings(module_name: str) -> dict[str, dict[str, str]]:
 
 def attach(cls: type) -> None:
     """Set the description of every field of pydantic model ``cls`` that has none from the attribute
-    docstring of the nearest class in its MRO that documents it."""
+    docstring of the nearest class in its MRO that documents it (once per class)."""
+    if cls in _ATTACHED:
+        return
+    _ATTACHED.add(cls)
     docs: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
         module = getattr(klass, "__module__", None)
@@ -65,3 +72,12 @@ def attach(cls: type) -> None:
     for name, info in cls.__pydantic_fields__.items():
         if info.description is None and name in docs:
             info.description = docs[name]
+
+
+class DescribedFields:
+    """``model_fields`` of a base model, as pydantic's class property, with the attribute docstrings set
+    as descriptions on first read (a class-level descriptor; list it in ``ignored_types``)."""
+
+    def __get__(self, instance: object, owner: type) -> dict:
+        attach(owner)
+        return owner.__dict__.get("__pydantic_fields__") or getattr(owner, "__pydantic_fields__", {})

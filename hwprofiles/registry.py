@@ -121,9 +121,14 @@ def _aliases() -> dict[str, str]:
     return _alias_table(_device_paths(), all_devices())
 
 
+@functools.cache
+def _direct_names() -> dict[str, str]:
+    """Normalised canonical name -> canonical name of every device profile."""
+    return {normalize(n): n for n in _device_paths()}
+
+
 def _canonical(name: str) -> str:
-    direct = {normalize(n): n for n in _device_paths()}
-    hit = direct.get(normalize(name))
+    hit = _direct_names().get(normalize(name))
     if hit is not None:  # exact name: no need to read every profile for its aliases
         return hit
     return resolve_name(name, _device_paths(), "device", aliases=_aliases())

@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ._docstrings import attach
+from ._docstrings import DescribedFields
 
 TERA = 10**12
 """TFLOPS -> FLOP/s."""
@@ -42,12 +42,9 @@ PRICE_FIELD = "price_usd_per_hour"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, ignored_types=(DescribedFields,))
 
-    @classmethod
-    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
-        super().__pydantic_init_subclass__(**kwargs)
-        attach(cls)  # attribute docstrings as descriptions (one source parse per module)
+    model_fields = DescribedFields()  # attribute docstrings as descriptions, parsed on first read
 
 
 def _as_tuples(value: Any) -> Any:
@@ -346,7 +343,7 @@ class Device(_Profile):
 
 def field_paths(model: BaseModel, prefix: str = "") -> Iterator[str]:
     """Dotted paths of every field of ``model`` and its sub-models (``peak_tflops.bf16``)."""
-    for field in type(model).model_fields:
+    for field in type(model).__pydantic_fields__:  # not model_fields: no docstring parse in a validator
         value = getattr(model, field)
         if isinstance(value, BaseModel):
             yield from field_paths(value, f"{prefix}{field}.")

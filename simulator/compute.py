@@ -140,6 +140,11 @@ class OpArrays:
         return any(op.attention for op in self.ops)
 
     @functools.cached_property
+    def any_recomputed(self) -> bool:
+        """Some operator of the part reruns in the backward (checkpointing)."""
+        return any(op.recomputed for op in self.ops)
+
+    @functools.cached_property
     def matrix(self) -> "OpMatrix":
         """The operators as coefficient matrices and flags (one row per operator)."""
         def coeffs(name: str) -> np.ndarray:
@@ -439,39 +444,89 @@ def attention_tokens(B: tuple, cp=1):
     return B[1] / b / cp if b > 0 else None
 
 
+class _Roofline:
+    """One device's GEMM roofline for one dtype, as plain floats: :func:`gemm_time_s` of one setup without
+    the attribute lookups per call (the same arithmetic, so the same numbers to the last bit)."""
+
+    __slots__ = ("peak_flops", "max_fraction", "log_flops", "fractions", "bytes_per_s")
+
+    def __init__(self, dev: Device, dtype: str) -> None:
+        eff = dev.efficiency
+        self.peak_flops = peak_flops(dev, dtype)
+        self.max_fraction = eff.max_fraction(dtype)
+        self.log_flops, self.fractions = eff._log_curve
+        self.bytes_per_s = dev.memory_bandwidth_Bps * eff.memory_bandwidth_fraction
+
+    def gemm_time_s(self, flops: float, nbytes: float) -> float:
+        t_memory = nbytes / self.bytes_per_s
+        if flops <= 0:
+            return t_memory
+        xs, ys = self.log_flops, self.fractions
+        x = math.log10(max(flops, 1.0))
+        if x <= xs[0]:
+            frac = ys[0]
+        else:
+            for i in range(1, len(xs)):
+                if x <= xs[i]:
+                    frac = ys[i - 1] + (x - xs[i - 1]) / (xs[i] - xs[i - 1]) * (ys[i] - ys[i - 1])
+                    break
+            else:
+                frac = ys[-1]
+        return max(flops / (self.peak_flops * (frac * self.max_fraction)), t_memory)
+
+
+_ROOFLINES: dict[tuple[int, str], tuple[Device, _Roofline]] = {}
+
+
+def _roofline(dev: Device, dtype: str) -> _Roofline:
+    """The cached :class:`_Roofline` of (``dev``, ``dtype``); keyed by the profile object (kept alive with it)."""
+    hit = _ROOFLINES.get((id(dev), dtype))
+    if hit is not None and hit[0] is dev:
+        return hit[1]
+    roof = _Roofline(dev, dtype)
+    _ROOFLINES[(id(dev), dtype)] = (dev, roof)
+    return roof
+
+
 def _part_time_one(part: OpArrays, B: tuple, dev: Device, dtype: str, tp: int, cp: int, training: bool,
                    fused_attention: bool, fused_quant: bool = False, kernel: str = "flash2") -> PartTime:
     fwd = bwd = rec = attn = 0.0
     seq = attention_tokens(B, cp)
+    adt = attention_dtype(dtype)
+    roofs = {dtype: _roofline(dev, dtype), adt: _roofline(dev, adt)}
+    b0, b1, b2, b3, b4, b5, b6 = B
     for op in part.ops:
         div = (tp if op.tp_split else 1) * cp
-        f = _dot(op.fwd_flops, B) / div
-        nb = _dot(op.fwd_bytes, B) / div
+        c = op.fwd_flops
+        f = (c[0] * b0 + c[1] * b1 + c[2] * b2 + c[3] * b3 + c[4] * b4 + c[5] * b5 + c[6] * b6) / div
+        c = op.fwd_bytes
+        nb = (c[0] * b0 + c[1] * b1 + c[2] * b2 + c[3] * b3 + c[4] * b4 + c[5] * b5 + c[6] * b6) / div
         if fused_quant:
             nb -= op.fused_saving_bytes / div
         fused = op.attention and fused_attention
-        dt = attention_dtype(dtype) if op.attention else dtype
-        t_f = attention_time_s(f, nb, dev, dt, op.causal, seq, kernel) if fused else gemm_time_s(f, nb, dev, dt)
+        dt = adt if op.attention else dtype
+        t_f = attention_time_s(f, nb, dev, dt, op.causal, seq, kernel) if fused else roofs[dt].gemm_time_s(f, nb)
         fwd += t_f
         if op.attention:
             attn += t_f
         if op.recomputed:
             rec += t_f
         if training:
-            bf = _dot(op.bwd_flops, B) / div
+            c = op.bwd_flops
+            bf = (c[0] * b0 + c[1] * b1 + c[2] * b2 + c[3] * b3 + c[4] * b4 + c[5] * b5 + c[6] * b6) / div
             if bf > 0:
                 # a backward call runs up to two GEMMs the size of the forward one (dX, dW)
                 if fused:
                     bwd += attention_time_s(bf, 2.0 * nb, dev, dt, op.causal, seq, kernel, backward=True)
                 else:
                     n_mm = max(1.0, round(bf / f)) if f > 0 else 1.0
-                    bwd += n_mm * gemm_time_s(bf / n_mm, 2.0 * nb / n_mm, dev, dt)
+                    bwd += n_mm * roofs[dt].gemm_time_s(bf / n_mm, 2.0 * nb / n_mm)
     t_ew = memory_time_s(2.0 * _dot(part.elementwise_bytes, B) / (tp * cp), dev)
     t_deq = 0.0 if fused_quant else memory_time_s(part.dequant_bytes / tp, dev)
     fwd += t_ew + t_deq
     if training:
         bwd += 2.0 * t_ew + (t_deq if part.dequant_in_backward else 0.0)
-        if any(op.recomputed for op in part.ops):
+        if part.any_recomputed:
             rec += t_ew + t_deq
     return PartTime(fwd, bwd, rec, attn, part.host_forward_fused_s(fused_quant), part.host_backward_s)
 

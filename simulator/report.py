@@ -124,7 +124,7 @@ def method_text(e: Estimate, scenario: Scenario | None = None) -> str:
     keys = ("quant", "r", "alpha", "targets", "n_virtual_tokens", "bottleneck", "n_trainable_layers",
             "prompt_length", "start_layer", "v2")
     fields = [f"{k}={_fmt_value(getattr(m, k)) if getattr(m, k) is not None else 'PEFT default'}"
-              for k in keys if k in type(m).model_fields]
+              for k in keys if k in type(m).__pydantic_fields__]
     kind = "qdora" if getattr(m, "use_dora", False) else m.kind
     return kind + (f" ({', '.join(fields)})" if fields else "")
 

@@ -3,17 +3,12 @@ attribute docstring is its description (the CLI help and the dashboard tooltip).
 
 from __future__ import annotations
 
-from typing import Any
-
 from pydantic import BaseModel, ConfigDict
 
-from hwprofiles._docstrings import attach
+from hwprofiles._docstrings import DescribedFields
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, ignored_types=(DescribedFields,))
 
-    @classmethod
-    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
-        super().__pydantic_init_subclass__(**kwargs)
-        attach(cls)
+    model_fields = DescribedFields()  # descriptions from the attribute docstrings, read on first use
