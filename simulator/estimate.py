@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -143,6 +143,7 @@ class RankBytes:
     step_gradients: Any  # held at the optimizer step (one parameter's with the step in backward)
     optimizer_states: Any  # incl. paged states
     paged: Any
+    paged_working: Any  # of them, the largest tensor's (stays on the device)
     bucket: Any
     gathered: Any
     gathered_grads: Any
@@ -202,6 +203,8 @@ def rank_bytes(ct: CostTable, par, optimizer, stage: int, n_shard: int) -> tuple
                    accumulated_gradients=accumulated_gradient_bytes(rp, par, prec, n_shard, grads),
                    step_gradients=step_grads,
                    optimizer_states=ms.optimizer_states + ms.paged_bytes, paged=ms.paged_bytes,
+                   paged_working=np.minimum(ms.paged_bytes, ms.paged_working_bytes) if isinstance(
+                       ms.paged_bytes, np.ndarray) else min(ms.paged_bytes, ms.paged_working_bytes),
                    bucket=ms.bucket_bytes, gathered=ms.gathered_bytes, gathered_grads=ms.gathered_grad_bytes,
                    largest_trainable=rp.largest_trainable_bytes, optimizer_transient=opt_tr,
                    backward_optimizer_transient=bwd_opt, dequant=ct.max_dequant_bytes / par.tp)
@@ -483,15 +486,34 @@ def _flops(sc: Scenario, ct: CostTable) -> tuple[FlopBreakdown, int]:
                          per_token=total / max(1, tokens)), tokens
 
 
+def allocator_limit_bytes(dev: Device, paged_working):
+    """The most PyTorch's caching allocator can reserve: the device less the CUDA context and the paged states
+    that must stay (the driver evicts the other managed pages to make room for cudaMalloc)."""
+    return dev.memory_total_bytes - paged_working - dev.cuda_context_bytes
+
+
+def device_bytes(reserved, paged, paged_working, dev: Device):
+    """(device total, bytes that must fit, paged bytes spilled to host memory) of a rank that reserves ``reserved``
+    bytes and holds ``paged`` bytes of paged optimizer states (numbers or arrays): the paged states fill what is
+    free (:func:`memory.paged_resident_bytes`) and only their working set must fit."""
+    resident = mem.paged_resident_bytes(paged, dev.memory_total_bytes - reserved - dev.cuda_context_bytes,
+                                        paged_working)
+    total = reserved + resident + dev.cuda_context_bytes
+    return total, reserved + paged_working + dev.cuda_context_bytes, paged - resident
+
+
 def _stage_peak(sc: Scenario, ct: CostTable, dev: Device, stage: int) -> dict[str, Any]:
     memory = (_infer_memory if not sc.is_training else _mezo_memory if sc.optimizer.forward_only else _train_memory)
     phases, bd, paged, transient, stranded, ms = memory(sc, ct, dev, stage)
+    working = min(paged, ms.paged_working_bytes)
     phase, allocated, over = peak_of_phases(phases, transient, sc.expandable_segments, stranded,
-                                            dev.memory_total_bytes - paged - dev.cuda_context_bytes)
+                                            allocator_limit_bytes(dev, working))
     reserved = allocated + over
-    total = reserved + paged + dev.cuda_context_bytes
-    b = bd[phase].model_copy(update={"allocator_overhead": over, "cuda_context": dev.cuda_context_bytes})
-    limit, needed, running, spare = memory_limit_bytes(sc, dev), total, total, 0.0
+    total, needed, spilled = device_bytes(reserved, paged, working, dev)
+    evictable = total - needed
+    b = bd[phase].model_copy(update={"allocator_overhead": over, "cuda_context": dev.cuda_context_bytes,
+                                     "optimizer_states": bd[phase].optimizer_states - spilled})
+    limit, running, spare = memory_limit_bytes(sc, dev), total, 0.0
     if engine_pool(sc):
         # the serving engine starts when its share holds the weights, the profiled forward and one sequence; it
         # then allocates its KV pool up front to fill the share (the device shows the share) and runs as many
@@ -505,7 +527,7 @@ def _stage_peak(sc: Scenario, ct: CostTable, dev: Device, stage: int) -> dict[st
             phases = {k: v + spare for k, v in phases.items()}  # the pool is allocated through every phase
     return dict(phases=phases, phase=phase, allocated=allocated, reserved=reserved, total=total, breakdown=b,
                 limit=limit, needed=needed, running=running, pool_spare=spare,
-                stage=stage, host_bytes=ms.host_bytes, nvme_bytes=ms.nvme_bytes,
+                stage=stage, host_bytes=ms.host_bytes + spilled, nvme_bytes=ms.nvme_bytes, paged_spilled=spilled, evictable=evictable,
                 model_states=ms.weights + ms.quant_data + ms.quant_scales + ms.trainable_weights + ms.gradients
                 + ms.optimizer_states + ms.paged_bytes)
 
@@ -537,7 +559,7 @@ def engine_pool_of(sc: Scenario, p: dict[str, Any]) -> EnginePool | None:
 
 
 def _time_and_cost(sc: Scenario, ct: CostTable, dev: Device, flops: FlopBreakdown, tokens: int,
-                   concurrency: int | None = None) -> tuple[TimeBreakdown, Cost]:
+                   concurrency: int | None = None, paged_spilled: float = 0.0) -> tuple[TimeBreakdown, Cost]:
     system = _system(sc)
     n = sc.parallel.n_gpus
     dtype = compute.matmul_dtype(ct.plan.precision.compute_dtype, sc.precision)
@@ -545,6 +567,9 @@ def _time_and_cost(sc: Scenario, ct: CostTable, dev: Device, flops: FlopBreakdow
     if sc.is_training:
         b, s, skv = _dims(sc, ct)
         t = timing.train_step_time(sc, ct, dev, system, basis(b, s, skv))
+        if paged_spilled > 0:
+            migrate = timing.paged_migration_s(system, paged_spilled, dev)
+            t = replace(t, offload_s=t.offload_s + migrate, step_s=t.step_s + migrate)
         step = t.step_s
         parts = {k: getattr(t, k) for k in ("forward_s", "backward_s", "recompute_s", "tp_comm_s", "cp_comm_exposed_s",
                                             "ep_comm_s", "pp_p2p_s", "pp_bubble_s", "dp_comm_s", "dp_comm_exposed_s",
@@ -733,6 +758,10 @@ def _estimate(sc: Scenario, what_fits: bool, with_time: bool = True) -> Estimate
                      "counts the PCIe traffic but not the CPU update")
     if mem.optimizer_is_paged(sc.optimizer.name) and sc.is_training:
         notes.append("paged optimizer states live in CUDA managed memory: counted in the device total, not in max_memory_allocated")
+        if p["paged_spilled"] > 0:
+            notes.append(f"{fmt_bytes(p['paged_spilled'])} of the paged optimizer states do not fit beside the rest: the "
+                         "driver keeps them in host memory and migrates them over the host link at every step "
+                         "(in the time as offload)")
     max_batch = max_len = None
     suggestions: list[Suggestion] = []
     if what_fits:
@@ -768,12 +797,14 @@ def _estimate(sc: Scenario, what_fits: bool, with_time: bool = True) -> Estimate
                      + (f", the batch in {pool.waves} waves" if pool.waves > 1 else "")
                      + "; decode steps replay CUDA graphs")
     if with_time:
-        time, cost_ = _time_and_cost(sc, ct, dev, flops, tokens, pool.concurrency if pool else None)
+        time, cost_ = _time_and_cost(sc, ct, dev, flops, tokens, pool.concurrency if pool else None,
+                                     p["paged_spilled"])
     unc = uncertainty(p["needed"], dev.cuda_context_bytes, p["limit"], time.step_s if time else None,
                       sc.parallel.n_gpus, sc.workload.task, sc.method.kind)
     return Estimate(
         n_gpus=sc.parallel.n_gpus, system=system.name, peak_stage=p["stage"],
         stage_peak_bytes=p["stage_totals"], host_memory_bytes=p["host_bytes"], nvme_bytes=p["nvme_bytes"],
+        paged_host_bytes=p["paged_spilled"], evictable_paged_bytes=p["evictable"],
         model_state_bytes=p["model_states"],
         time=time, cost=cost_,
         model=sc.model.name, gpu=dev.name, task=sc.workload.task, method=sc.method.kind, fits=fits,

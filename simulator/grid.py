@@ -25,7 +25,8 @@ from . import compute
 from . import sharding as sh
 from . import timing
 from .config import Scenario
-from .estimate import MicroBytes, RankBytes, micro_bytes, peak_of_phases, rank_bytes, train_phase_bytes, cost_table_for
+from .estimate import (MicroBytes, RankBytes, allocator_limit_bytes, cost_table_for, device_bytes, micro_bytes,
+                       peak_of_phases, rank_bytes, train_phase_bytes)
 from .graph.ir import basis
 
 
@@ -158,27 +159,36 @@ class TrainGrid:
 
     # ---- one (device, system, layout) -----------------------------------------------------
 
-    def peak_bytes(self, dev: Device, system, par, grad_accum: np.ndarray) -> np.ndarray:
-        """Peak device bytes of the most loaded rank, (families, micro-batches); ``grad_accum`` per micro-batch."""
+    def peak_bytes(self, dev: Device, system, par, grad_accum: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(device total, bytes that must fit, paged bytes spilled to the host) of the rank of the stage whose bytes
+        that must fit are the most (the first of equals, as ``estimate``), each (families, micro-batches);
+        ``grad_accum`` per micro-batch."""
         ga = np.asarray(grad_accum)[None, :]
         n_shard = sh.shard_group_size(par, system.gpus_per_node if par.fsdp == "hybrid_shard" else par.n_gpus)
         ws = dev.cublas_workspace_bytes * 2.0 + dev.cublaslt_workspace_bytes
-        peak = None
+        peak = spill = need = None
         for stage in sh.stages_to_check(par.pp):
             rb = self._rank_bytes(par, stage, n_shard)
             phases, transients, held = train_phase_bytes(rb, self._micro_bytes(par, stage),
                                                          sh.in_flight_microbatches(par, stage, ga), ga, ws)
             _, allocated, over = peak_of_phases(phases, transients, self.families[0].expandable_segments,
-                                                held["stranded"],
-                                                dev.memory_total_bytes - rb.paged - dev.cuda_context_bytes)
-            total = allocated + over + rb.paged + dev.cuda_context_bytes
-            peak = total if peak is None else np.maximum(peak, total)
-        return peak
+                                                held["stranded"], allocator_limit_bytes(dev, rb.paged_working))
+            total, needed, spilled = device_bytes(np.asarray(allocated + over), rb.paged, rb.paged_working, dev)
+            if need is None:
+                peak, spill, need = total, spilled, needed
+            else:
+                later = needed > need
+                peak, spill, need = (np.where(later, total, peak), np.where(later, spilled, spill),
+                                     np.maximum(need, needed))
+        return peak, need, spill
 
-    def step_s(self, dev: Device, system, par, grad_accum: np.ndarray) -> np.ndarray:
-        """Seconds per optimizer step, (families, micro-batches)."""
+    def step_s(self, dev: Device, system, par, grad_accum: np.ndarray, paged_spilled=0.0) -> np.ndarray:
+        """Seconds per optimizer step, (families, micro-batches); ``paged_spilled``: the paged bytes that migrate
+        each step (:meth:`peak_bytes`)."""
         ga = np.asarray(grad_accum)[None, :]
         stages = {st: self._stage_compute(dev, par, st) for st in sh.stages_to_check(par.pp)}
         ranks = {st: self._rank_state(par, st) for st in stages}
         t = timing.step_time(stages, ranks, self._step_model(), par, dev, system, ga, self._micro_tokens())
-        return np.broadcast_to(t.step_s, (len(self.families), len(self.mbs)))
+        step = t.step_s + np.where(paged_spilled > 0, timing.paged_migration_s(system, paged_spilled, dev), 0.0)
+        return np.broadcast_to(step, (len(self.families), len(self.mbs)))

@@ -222,6 +222,25 @@ def optimizer_is_paged(name: str) -> bool:
     return name.startswith("paged-")
 
 
+def paged_resident_bytes(paged_bytes, free_bytes, working_bytes):
+    """Paged (CUDA managed) optimizer states resident on the device (numbers or arrays).
+
+    Managed pages migrate on demand and the driver evicts them to host memory when the device is full:
+    bitsandbytes' paged optimizers "automatically evict optimizer state to CPU RAM when GPU memory runs out"
+    (bitsandbytes docs, Paged optimizers).  They hold what PyTorch's allocator and the CUDA context leave
+    free (``free_bytes``), and at least ``working_bytes``: the states of the tensor being updated, which
+    ``Optimizer8bit.prefetch_state`` brings in before its update (bitsandbytes/optim/optimizer.py)."""
+    return np.minimum(paged_bytes, np.maximum(free_bytes, working_bytes)) if isinstance(
+        free_bytes, np.ndarray) else min(paged_bytes, max(free_bytes, working_bytes))
+
+
+def paged_working_bytes(groups: list[TensorGroup], name: str, beta1: bool = True) -> float:
+    """The paged states of the largest trainable tensor (the least a paged optimizer needs on the device)."""
+    if not optimizer_is_paged(name) or not groups:
+        return 0.0
+    return max(_state_bytes_one(n, d, s, name, beta1) for n, d, s, _ in groups)
+
+
 # ---------------------------------------------------------------------------------------------
 # Loss / logits transients
 # ---------------------------------------------------------------------------------------------

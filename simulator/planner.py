@@ -245,7 +245,7 @@ class PlanRow(_Result):
     grad_accum: int
     checkpointing: str
     parallel: str
-    peak_memory_bytes: float
+    peak_memory_bytes: float  # what the setup must have on the device: the peak less evictable paged optimizer states
     usable_memory_bytes: float
     headroom_bytes: float
     step_time_s: float
@@ -387,8 +387,8 @@ def _row(sc: Any, e: Any, usable: float) -> PlanRow:
         precision=sc.precision, optimizer=sc.optimizer.name if train else "-",
         micro_batch=w.micro_batch if train else w.batch, grad_accum=w.grad_accum if train else 1,
         checkpointing=sc.checkpointing.mode if train else "-", parallel=" ".join(pieces) or "single",
-        peak_memory_bytes=e.peak_memory_bytes, usable_memory_bytes=usable,
-        headroom_bytes=e.device_memory_bytes - e.peak_memory_bytes, step_time_s=e.time.step_s,
+        peak_memory_bytes=e.required_memory_bytes, usable_memory_bytes=usable,
+        headroom_bytes=e.device_memory_bytes - e.required_memory_bytes, step_time_s=e.time.step_s,
         tokens_per_s=e.time.tokens_per_s, usd_per_million_tokens=e.cost.usd_per_million_tokens,
         kwh_per_million_tokens=e.cost.kwh_per_million_tokens, run_time_s=e.cost.run_time_s,
         run_usd=e.cost.run_usd, run_kwh=e.cost.run_kwh, p_oom=e.uncertainty.p_oom if e.uncertainty else None,
@@ -758,9 +758,9 @@ def _estimate_each(ctx: _Ctx, sp: _Space) -> tuple[list[PlanRow], int]:
         estimated += 1
         use = float(sp.usable[p, 0, 0])
         fam = _fam(ctx, sp.family_key(p, i))
-        if e.peak_memory_bytes > use:
+        if e.required_memory_bytes > use:
             mb_fail[(p, i)] = min(mb_fail.get((p, i), 1 << 60), sp.mbs[k])
-            _note_mem(fam, e.peak_memory_bytes - use, e.peak_memory_bytes, use, "peak")
+            _note_mem(fam, e.required_memory_bytes - use, e.required_memory_bytes, use, "peak")
             continue
         if _oom_too_likely(cons, e, fam):
             continue
@@ -800,8 +800,8 @@ def _search_grid(ctx: _Ctx, sp: _Space, pareto: bool) -> tuple[list[PlanRow], in
         par = sp.lay_ok[sp.lays[sp.cand_l[p]]]
         system = _system_named(None, g, n)
         ga_p = sp.ga[sp.cand_l[p]]
-        peak[p] = grid.peak_bytes(dev, system, par, ga_p)
-        step[p] = grid.step_s(dev, system, par, ga_p)
+        _, peak[p], spilled = grid.peak_bytes(dev, system, par, ga_p)
+        step[p] = grid.step_s(dev, system, par, ga_p, spilled)
 
     # throughput, run time and cost as estimate() derives them from the step time
     dp = np.array([sp.lays[j][0] for j in sp.cand_l], dtype=float)[:, None, None]
@@ -829,7 +829,7 @@ def _search_grid(ctx: _Ctx, sp: _Space, pareto: bool) -> tuple[list[PlanRow], in
         sc = sp.scenario(p, i, k)
         e = _estimate(sc, False)
         row = exact[(p, i, k)] = _row(sc, e, float(use[p, 0, 0]))
-        peak[p, i, k], tkey[p, i, k], ckey[p, i, k] = e.peak_memory_bytes, row.time_key, row.cost_key
+        peak[p, i, k], tkey[p, i, k], ckey[p, i, k] = e.required_memory_bytes, row.time_key, row.cost_key
     fits = computed & (peak <= use)
     budget_ok = ckey <= cons.budget_usd if cons.budget_usd is not None else np.ones_like(fits)
     deadline_ok = tkey <= cons.deadline_s if cons.deadline_s is not None else np.ones_like(fits)
@@ -1109,7 +1109,7 @@ def _closest_ignoring_limits(ctx: _Ctx, cap: int = 200) -> PlanRow | None:
                 "workload": {**work, "micro_batch": mbs[k], "grad_accum": int(ga[cand_l[p], k])}}
         sc = Scenario.model_validate(data)
         e = _estimate(sc, False)
-        if e.peak_memory_bytes <= usable[p, 0, 0]:
+        if e.required_memory_bytes <= usable[p, 0, 0]:
             row = _row(sc, e, float(usable[p, 0, 0]))
             if best is None or (row.run_usd if ctx.cons.budget_usd else row.run_time_s) < (
                     best.run_usd if ctx.cons.budget_usd else best.run_time_s):
@@ -1161,8 +1161,8 @@ def _search_infer(ctx: _Ctx, bound: bool, pareto: bool) -> tuple[list[PlanRow], 
                         break
                     e = _estimate(sc, False)
                     estimated += 1
-                    if e.peak_memory_bytes > use:
-                        _note_mem(fam, e.peak_memory_bytes - use, e.peak_memory_bytes, use, "peak")
+                    if e.required_memory_bytes > use:
+                        _note_mem(fam, e.required_memory_bytes - use, e.required_memory_bytes, use, "peak")
                         break
                     if _oom_too_likely(cons, e, fam):
                         break

@@ -169,6 +169,8 @@ class Estimate(Result):
     model_state_bytes: float = 0.0  # per rank: weights (incl. quantized and scales) + gradients + optimizer states
     host_memory_bytes: float = 0.0  # per rank: offloaded states / parameters in host RAM
     nvme_bytes: float = 0.0  # per rank: offloaded to NVMe
+    paged_host_bytes: float = 0.0  # per rank: paged optimizer states the driver keeps in host memory (in host_memory_bytes)
+    evictable_paged_bytes: float = 0.0  # of the peak: paged optimizer states the driver evicts when PyTorch needs the room
     time: TimeBreakdown | None = None
     cost: Cost | None = None
     suggestions: list[Suggestion] = []
@@ -176,3 +178,9 @@ class Estimate(Result):
     notes: list[str] = []
     uncertainty: Uncertainty | None = None
     engine_pool: EnginePool | None = None
+
+    @property
+    def required_memory_bytes(self) -> float:
+        """The device memory the setup must have: the peak less the paged optimizer states the driver would evict
+        (what ``fits`` and the planner compare with the device)."""
+        return self.peak_memory_bytes - self.evictable_paged_bytes

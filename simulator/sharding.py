@@ -201,6 +201,7 @@ class ModelStates:
     host_bytes: float  # host RAM for offloaded states / parameters
     nvme_bytes: float
     paged_bytes: float  # bitsandbytes paged states (CUDA managed memory)
+    paged_working_bytes: float = 0.0  # of them, the largest tensor's (its update needs them on the device)
 
 
 def weights_only_states(rp: RankParams, trainable_weights: float) -> ModelStates:
@@ -375,6 +376,8 @@ def model_state_bytes(rp: RankParams, par: Parallel, optimizer_name: str, optimi
         optimizer_states=0.0 if paged else states, gathered_bytes=gathered, gathered_grad_bytes=gathered_grads,
         bucket_bytes=bucket, step_temp_bytes=step_temp, host_bytes=host, nvme_bytes=nvme,
         paged_bytes=states if paged else 0.0,
+        paged_working_bytes=mem.paged_working_bytes(list(rp.groups), optimizer_name, beta1)
+        / (N if par.shards_optimizer and N > 1 else 1) if paged and states else 0.0,
     )
 
 

@@ -316,6 +316,14 @@ def optimizer_step_s(rank: RankState, n_updated, dev: Device):
     return _where(rank.opt_host_serial > 0, gpu + rank.opt_host_s, _maximum(gpu, rank.opt_host_s))
 
 
+def paged_migration_s(system, spilled_bytes, dev: Device):
+    """Seconds per step to migrate the paged optimizer states that do not stay on the device: each update touches
+    every tensor's states once, in the same order every step, so the pages the driver evicted (least recently
+    migrated first) are the ones needed next -- ``spilled_bytes`` come in from host memory while as many go out,
+    both directions at once over the full-duplex host link, on the stream the update waits on."""
+    return comm.host_transfer_time_s(system, spilled_bytes, dev.efficiency.host_transfer_fraction)
+
+
 def _setup(sc, ct: CostTable, system):
     """(parallel, workload, precision plan, GEMM dtype, compute-dtype bytes, group layout) of a scenario."""
     prec = ct.plan.precision

@@ -333,16 +333,30 @@ def run_estimate(d) -> Estimate | None:
     return e
 
 
-def check_invariants(e: Estimate, training: bool) -> None:
+def _paged(d) -> bool:
+    """The scenario (a dict as drawn, or a Scenario) trains with a paged optimizer."""
+    if isinstance(d, Scenario):
+        return d.is_training and d.optimizer.name.startswith("paged-")
+    opt = d.get("optimizer") if isinstance(d, dict) else None
+    return isinstance(opt, dict) and str(opt.get("name", "")).startswith("paged-")
+
+
+def check_invariants(e: Estimate, training: bool, paged: bool = False) -> None:
     note(f"estimate: peak={e.peak_memory_bytes} reserved={e.peak_reserved_bytes} allocated={e.peak_allocated_bytes} "
          f"phase={e.peak_phase} breakdown={e.memory_bytes!r}")
     values = [e.peak_memory_bytes, e.peak_reserved_bytes, e.peak_allocated_bytes, e.flops_per_step]
     assert all(math.isfinite(v) for v in values), values
     assert e.peak_allocated_bytes <= e.peak_reserved_bytes <= e.peak_memory_bytes
     assert e.fits == (e.headroom_bytes >= 0)
-    if e.engine_pool is None:
+    if e.engine_pool is None and not (training and paged):
         assert e.fits == (e.peak_memory_bytes <= e.device_memory_bytes)
         assert e.headroom_bytes == pytest.approx(e.device_memory_bytes - e.peak_memory_bytes, rel=1e-12, abs=1.0)
+    elif e.engine_pool is None:  # paged states fill what is free; only the largest tensor's must fit beside the rest
+        assert e.headroom_bytes >= e.device_memory_bytes - e.peak_memory_bytes - 1.0
+        if e.paged_host_bytes > 0 and e.fits:  # the states fill the device, the rest waits in host memory
+            assert e.peak_memory_bytes == pytest.approx(e.device_memory_bytes, rel=1e-12)
+        assert e.required_memory_bytes == pytest.approx(e.device_memory_bytes - e.headroom_bytes, rel=1e-12)
+        assert e.paged_host_bytes <= e.host_memory_bytes
     else:  # a serving engine takes its share of the device when it starts, else shows what it lacks
         pool = e.engine_pool
         assert pool.share_bytes <= e.device_memory_bytes
@@ -379,7 +393,7 @@ def check_invariants(e: Estimate, training: bool) -> None:
 def test_estimate_returns_or_raises_value_error(d):
     e = run_estimate(d)
     if e is not None:
-        check_invariants(e, training=e.task == "train")
+        check_invariants(e, training=e.task == "train", paged=_paged(d))
 
 
 @settings(max_examples=scaled(150), **FAST)
@@ -389,7 +403,7 @@ def test_big_models_return_or_raise_value_error(model, data):
     d["model"] = model
     e = run_estimate(d)
     if e is not None:
-        check_invariants(e, training=e.task == "train")
+        check_invariants(e, training=e.task == "train", paged=_paged(d))
 
 
 @settings(max_examples=scaled(120), **FAST)
@@ -527,7 +541,7 @@ def check_cli_result(argv: list[str], rc: int, out: str, err: str) -> None:
 def test_invariants_of_valid_estimates(d):
     sc = valid_scenario(d)
     e = estimate(sc, what_fits=False)
-    check_invariants(e, training=sc.is_training)
+    check_invariants(e, training=sc.is_training, paged=_paged(sc))
     if sc.is_training and sc.method.kind == "full":
         assert e.n_trainable_params == e.n_params
     # every entry point gives the same answer: Scenario, dict, YAML text; the JSON dump round-trips
@@ -542,7 +556,7 @@ def test_invariants_of_valid_estimates(d):
 def test_what_fits_agrees_with_the_verdict(d):
     sc = valid_scenario(d)
     e = estimate(sc, what_fits=True)
-    check_invariants(e, training=sc.is_training)
+    check_invariants(e, training=sc.is_training, paged=_paged(sc))
     cur_b = sc.workload.micro_batch if sc.is_training else sc.workload.batch
     note(f"fits={e.fits} max_batch={e.max_batch_that_fits} cur={cur_b}")
     if e.engine_pool is not None and e.fits:

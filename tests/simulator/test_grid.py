@@ -50,8 +50,8 @@ def test_grid_equals_estimate(grid, gpu, layout):
     dev = get_device(gpu)
     par = Parallel.model_validate(layout)
     system = _system_named(None, gpu, par.n_gpus)
-    peak = grid.peak_bytes(dev, system, par, GRAD_ACCUM)
-    step = grid.step_s(dev, system, par, GRAD_ACCUM)
+    peak, _, spilled = grid.peak_bytes(dev, system, par, GRAD_ACCUM)
+    step = grid.step_s(dev, system, par, GRAD_ACCUM, spilled)
     assert peak.shape == step.shape == (len(grid.families), len(MICRO_BATCHES))
     for i, sc in enumerate(grid.families):
         if par.offload_optimizer != "none" and sc.optimizer.name != "adamw":
@@ -171,8 +171,8 @@ def test_expert_parallel_layouts_on_a_moe_model_equal_estimate():
         par = Parallel.model_validate(layout)
         system = _system_named(None, "h100-sxm-80gb", par.n_gpus)
         ga = np.array([1, 2])
-        peak = g.peak_bytes(get_device("h100-sxm-80gb"), system, par, ga)
-        step = g.step_s(get_device("h100-sxm-80gb"), system, par, ga)
+        peak, _, spilled = g.peak_bytes(get_device("h100-sxm-80gb"), system, par, ga)
+        step = g.step_s(get_device("h100-sxm-80gb"), system, par, ga, spilled)
         for k, mb in enumerate([1, 2]):
             data = fam.model_dump()
             data.update(gpu="h100-sxm-80gb", parallel=layout,
