@@ -740,6 +740,9 @@ def _estimate(sc: Scenario, what_fits: bool, with_time: bool = True) -> Estimate
         warnings.append(f"{dev.name} has no native bf16; use fp16 or fp32")
     if sc.precision == "fp8" and not dev.supports_fp8:
         warnings.append(f"{dev.name} has no fp8 tensor cores")
+    if sc.model.family == "deberta_v2" and sc.attention != "eager":
+        notes.append(f"attention {sc.attention!r}: transformers runs DeBERTa-v2's disentangled attention eagerly "
+                     "(no SDPA or flash path); that is what is modelled")
     attention_warning = compute.attention_support_warning(sc.attention, dev)
     if attention_warning:
         (notes if sc.attention == "sdpa-flash" else warnings).append(attention_warning)

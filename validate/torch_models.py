@@ -26,6 +26,7 @@ phi3                   ``Phi3Config`` (fused qkv_proj and gate_up_proj)
 phi                    ``PhiConfig`` (attention and MLP in parallel on one LayerNorm, "gelu_new"; partial rotary)
 bert                   ``BertConfig`` -> ``BertForMaskedLM`` (MLM loss over the vocab)
 roberta                ``RobertaConfig`` -> ``RobertaForMaskedLM`` (positions numbered from padding_idx + 1)
+deberta_v2             ``DebertaV2Config`` -> ``DebertaV2ForMaskedLM`` (v3 layout: relative c2p + p2c, shared keys)
 t5                     ``T5Config`` -> ``T5ForConditionalGeneration``
 =====================  ======================================================================
 
@@ -337,6 +338,38 @@ def _bert_config(arch: ModelArch, dropout: float, config_cls=None, **extra):
     )
 
 
+def _deberta_v2_config(arch: ModelArch, dropout: float):
+    from transformers import DebertaV2Config
+
+    _require_plain_heads(arch, "DeBERTa-v2")
+    if arch.position not in ("relative", "learned"):
+        raise _unsupported(arch, f"DeBERTa-v2 positions are relative or learned, not {arch.position!r}")
+    relative = arch.position == "relative"
+    # as DeBERTa-v3 is released: content-to-position and position-to-content terms on the shared q/k projections,
+    # a LayerNorm on the relative table, no absolute position input when the attention is relative
+    return DebertaV2Config(
+        vocab_size=arch.vocab,
+        hidden_size=arch.hidden,
+        num_hidden_layers=arch.n_layers,
+        num_attention_heads=arch.n_heads,
+        intermediate_size=arch.intermediate,
+        hidden_act=_GPT2_ACT[arch.activation],
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+        max_position_embeddings=arch.max_position_embeddings,
+        type_vocab_size=arch.type_vocab_size,
+        relative_attention=relative,
+        position_biased_input=not relative,
+        position_buckets=arch.relative_attention_num_buckets if relative else -1,
+        max_relative_positions=-1,
+        pos_att_type=["p2c", "c2p"] if relative else [],
+        norm_rel_ebd="layer_norm",
+        share_att_key=True,
+        tie_word_embeddings=arch.tied_embeddings,
+        pad_token_id=0,
+    )
+
+
 def _roberta_config(arch: ModelArch, dropout: float):
     from transformers import RobertaConfig
 
@@ -505,6 +538,7 @@ _CONFIG_BUILDERS = {
     "phi3": _phi3_config,
     "bert": _bert_config,
     "roberta": _roberta_config,
+    "deberta_v2": _deberta_v2_config,
     "t5": _t5_config,
 }
 
@@ -567,6 +601,7 @@ _LAYOUTS: dict[str, _Layout] = {
     "phi": _Layout(("model.embed_tokens",), ("model.final_layernorm", "lm_head"), r"self_attn\.dense", r"mlp\.fc2"),
     "bert": _Layout(("bert.embeddings",), ("cls",), r"attention\.output\.dense", r"output\.dense"),
     "roberta": _Layout(("roberta.embeddings",), ("lm_head",), r"attention\.output\.dense", r"output\.dense"),
+    "deberta_v2": _Layout(("deberta.embeddings",), ("cls",), r"attention\.output\.dense", r"output\.dense"),
     # T5: the adapter goes after self-attention only (not cross-attention), and after the FF block's wo.
     "t5": _Layout(
         ("shared",),

@@ -117,6 +117,8 @@ def names_of(arch: ModelArch) -> Names:
         return replace(n, gate="mlp.experts.gate_up_proj", up="mlp.experts.gate_up_proj", down="mlp.experts.down_proj")
     if arch.family == "t5" and not arch.gated_mlp:
         return replace(n, gate=None, up="layer.1.DenseReluDense.wi")
+    if arch.family == "deberta_v2" and arch.position == "relative":  # no absolute position table
+        return replace(n, pos_embed=None)
     if arch.family == "falcon" and arch.kv_heads > 1:  # new decoder architecture: one norm per branch
         return replace(n, norm1="ln_attn", norm2="ln_mlp")
     return n
@@ -364,7 +366,11 @@ class Builder:
                linear: bool = False) -> Tensor:
         """A parameter: trainable ones in the parameter dtype (fp32 masters under AMP), frozen base
         weights in the base dtype.  ``saved``: a PEFT ``modules_to_save`` module -- a trainable copy
-        in the base dtype beside the frozen ``original_module``."""
+        in the base dtype beside the frozen ``original_module``.  A module called again (DeBERTa's
+        ``query_proj`` on the relative embeddings) gets the parameter it registered."""
+        known = self.tr.param_tensors.get(path)
+        if known is not None:
+            return known
         if saved:
             # the original stays (still tied if it was); the trainable copy is a new, untied tensor
             self.weight(f"{path}.original_module", numel, False, dtype=dtype or self.base_dt, quant=quant,
@@ -812,6 +818,106 @@ class ModelBuilder(Builder):
             o = tr.new(f"{L}.{core}", o.numel, o.dtype, o.requires_grad)
         return self.linear(f"{L}.{on}", o, qd, H, bias=arch.attn_out_bias, trainable=train)
 
+    # -- DeBERTa-v2 ------------------------------------------------------------------------
+    def deberta_encoder_inputs(self, x: Tensor) -> Tensor:
+        """``DebertaV2Embeddings`` multiplies its output by the (b, s) attention mask (saved); the encoder then makes
+        the (b, 1, s, s) mask ``m[:, None, None, :] * m[:, None, :, None]``, the (1, s, s) int64 relative positions
+        and ``LayerNorm(rel_embeddings.weight)`` (2 x buckets rows), all handed to every layer (a checkpoint keeps
+        them).  The mask is the model's float ones without an attention mask, the tokenizer's int64 one when
+        batches are padded."""
+        arch, pl, tr = self.arch, self.plan, self.tr
+        H = arch.hidden
+        mask_dtype = "int64" if pl.padded else "fp32"
+        mask = tr.new("deberta", Poly.tok(1), mask_dtype, False)
+        x = tr.mul("deberta.embeddings", x, tr.cast("deberta.embeddings", mask, x.dtype))
+        self.keep_for_checkpoints(tr.new("deberta.encoder", Poly.att(1), mask_dtype, False))
+        if arch.position == "relative":
+            self.keep_for_checkpoints(tr.new("deberta.encoder", Poly.pos2(1), "int64", False))
+            rows = 2 * arch.relative_attention_num_buckets
+            table = self.weight("deberta.encoder.rel_embeddings.weight", rows * H, pl.base_trainable, shape=(rows, H))
+            rel = self.layernorm("deberta.encoder.LayerNorm", table, H, pl.base_trainable)
+            self.keep_for_checkpoints(rel)
+            self.globals["rel_embeddings"] = rel
+        return x
+
+    def _bmm(self, module: str, x: Tensor, y: Tensor, out_numel: Poly, fwd: Poly) -> Tensor:
+        """``torch.bmm(x, y)`` (autocast's lower-precision list): saves y if x needs grad and x if y does; the
+        backward runs one product per operand that needs grad."""
+        tr = self.tr
+        x, y = tr.autocast_in(module, x), tr.autocast_in(module, y)
+        if x.requires_grad:
+            tr.save(module, y)
+        if y.requires_grad:
+            tr.save(module, x)
+        rg = x.requires_grad or y.requires_grad
+        tr.flops(module, "bmm", fwd, fwd * (int(x.requires_grad) + int(y.requires_grad)))
+        return tr.new(module, out_numel, tr.autocast or promote(x.dtype, y.dtype), rg)
+
+    def _scaled(self, module: str, x: Tensor) -> Tensor:
+        """``x / scaled_size_sqrt(...).to(x.dtype)``: a 0-dim fp32 divisor (cast to x's dtype), saved for the
+        backward of x."""
+        tr = self.tr
+        scale = tr.cast(module, tr.new(module, Poly.const(1), "fp32", False), x.dtype)
+        if x.requires_grad:
+            tr.save(module, scale)
+        return tr.new(module, x.numel, x.dtype, x.requires_grad)
+
+    def _gathered(self, module: str, x: Tensor, index: Tensor) -> Tensor:
+        """``torch.gather(x, -1, index.expand(...))`` into a (b * heads, s, s) score tensor: saves x and the index."""
+        tr = self.tr
+        if x.requires_grad:
+            tr.save(module, x, index)
+        return tr.new(module, Poly.att(self.arch.n_heads), x.dtype, x.requires_grad)
+
+    def deberta_attention(self, L: str, h: Tensor, train: bool) -> Tensor:
+        """DeBERTa-v2's ``DisentangledSelfAttention`` (eager: transformers gives it no SDPA or flash path), with
+        content-to-position and position-to-content terms on the shared projections (``share_att_key``).
+
+        Per layer, beside BERT's projections: q, k and v copied to (b * heads, s, d) (``transpose_for_scores``'s
+        ``contiguous``), the keys divided by the scale (a copy), ``query_proj`` / ``key_proj`` run again on the
+        normalised relative table and repeated over the batch, the two (b * heads, s, 2 x buckets) products the
+        gathers keep, their (s, s) int64 index tensors, a bool mask for ``masked_fill`` and the softmax output."""
+        arch, n, tr = self.arch, self.n, self.tr
+        H, a = arch.hidden, arch.n_heads
+        core = f"{L}.{n.attn_core}"
+
+        def heads(t: Tensor) -> Tensor:  # view -> permute(0, 2, 1, 3) -> contiguous
+            return tr.new(core, t.numel, t.dtype, t.requires_grad)
+
+        q = heads(self.linear(f"{L}.{n.q}", h, H, H, bias=arch.qkv_bias, trainable=train))
+        k = heads(self.linear(f"{L}.{n.k}", h, H, H, bias=arch.qkv_bias, trainable=train))
+        v = heads(self.linear(f"{L}.{n.v}", h, H, H, bias=arch.qkv_bias, trainable=train))
+        scores = self._bmm(core, q, self._scaled(core, k), Poly.att(a), Poly.att(2.0 * H))
+        if arch.position == "relative":
+            rel = self.globals["rel_embeddings"]
+            rows = 2 * arch.relative_attention_num_buckets
+
+            def positions(proj: str) -> Tensor:  # the projection of the table, in heads, repeated over the batch
+                p = heads(self.linear(f"{L}.{proj}", rel, H, H, bias=arch.qkv_bias, trainable=train))
+                return tr.new(core, Poly.seq(rows * H), p.dtype, p.requires_grad)
+
+            pos_q, pos_k = positions(n.q), positions(n.k)
+            index = lambda: tr.new(core, Poly.pos2(1), "int64", False)  # noqa: E731  clamp(+-rel_pos + span)
+            c2p = self._bmm(core, q, pos_k, Poly.tok(a * rows), Poly.tok(2.0 * rows * H))
+            score = self._scaled(core, self._gathered(core, c2p, index()))
+            score = tr.new(core, score.numel, score.dtype, score.requires_grad)  # ``0 + c2p / scale`` (p2c: in place)
+            p2c = self._bmm(core, k, pos_q, Poly.tok(a * rows), Poly.tok(2.0 * rows * H))
+            p2c = self._scaled(core, self._gathered(core, p2c, index()))
+            scores = tr.add(core, scores, tr.add(core, score, p2c))
+        # ``attention_mask.bool()`` and its inverse, which masked_fill keeps
+        inverse = tr.new(core, Poly.att(1), "bool", False)
+        tr.new(core, Poly.att(1), "bool", False)
+        if scores.requires_grad:
+            tr.save(core, inverse)
+        scores = tr.new(core, scores.numel, scores.dtype, scores.requires_grad)
+        # softmax is on CUDA autocast's fp32 list; it saves its output
+        probs = tr.new(core, scores.numel, "fp32" if tr.autocast else scores.dtype, scores.requires_grad)
+        if probs.requires_grad:
+            tr.save(core, probs)
+        ctx = self._bmm(core, probs, v, Poly.tok(H), Poly.att(2.0 * H))
+        o = heads(ctx)  # back to (b, s, hidden): permute + contiguous
+        return self.linear(f"{L}.{n.o}", o, H, H, bias=arch.attn_out_bias, trainable=train)
+
     def _rope_tables(self, L: str, dtype: str) -> tuple[Tensor, Tensor]:
         """GPT-J's ``apply_rotary_pos_emb``: sin and cos gathered per layer in the key's dtype and
         ``repeat_interleave``d per call -- a (1, s, 1, rotary_dim) pair of the call's own."""
@@ -1037,7 +1143,7 @@ class ModelBuilder(Builder):
         self.layer_index = i
         L = f"{n.layers}.{i}" if not decoder_of_encdec else f"decoder.block.{i}"
         if arch.family in POST_NORM_FAMILIES:
-            a = self.self_attention(L, x, train)
+            a = self.deberta_attention(L, x, train) if arch.family == "deberta_v2" else self.self_attention(L, x, train)
             if pl.adapter is not None and pl.adapter.placement == "houlsby":
                 a = self.bottleneck(f"{L}.{n.o}.adapter", a)
             x = self.norm(f"{L}.{n.norm1}", tr.add(L, a, x), H, train)
@@ -1147,6 +1253,8 @@ class ModelBuilder(Builder):
             x = tr.add("", x, tt)
         if n.embed_norm:
             x = self.layernorm(n.embed_norm, x, H, pl.embeddings_trainable)
+        if arch.family == "deberta_v2":
+            x = self.deberta_encoder_inputs(x)
         if arch.position == "rope":
             d = arch.rotary_dim
             dt = x.dtype

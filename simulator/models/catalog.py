@@ -565,6 +565,16 @@ def _deberta_v2(c: _Cfg) -> dict[str, Any]:
             "deberta-v2 config: both relative_attention and position_biased_input are set; "
             "ModelArch holds one position encoding"
         )
+    if relative:
+        # the engine's DisentangledSelfAttention is DeBERTa-v3's (and v2-xlarge's): c2p and p2c on shared q/k
+        kinds = c.get("pos_att_type") or []
+        kinds = sorted({k.strip() for k in (kinds.split("|") if isinstance(kinds, str) else kinds)})
+        if kinds != ["c2p", "p2c"] or not c.get("share_att_key", False):
+            raise ValueError(f"deberta-v2 config: pos_att_type {kinds} with share_att_key="
+                             f"{c.get('share_att_key', False)} is not modelled; allowed: ['c2p', 'p2c'] with "
+                             "share_att_key=true (DeBERTa-v3)")
+        if "layer_norm" not in str(c.get("norm_rel_ebd", "none")).lower():
+            raise ValueError("deberta-v2 config: norm_rel_ebd without 'layer_norm' is not modelled; allowed: 'layer_norm'")
     max_pos = c.get("max_position_embeddings", 512)
     buckets = c.get("position_buckets", -1)
     if buckets <= 0:

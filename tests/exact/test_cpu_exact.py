@@ -71,6 +71,10 @@ ARCHS = {
     "roberta": dict(family="roberta", arch="encoder", n_kv_heads=4, position="learned", norm="layernorm",
                     norm_bias=True, activation="gelu", gated_mlp=False, qkv_bias=True, attn_out_bias=True,
                     mlp_bias=True, tied_embeddings=True, type_vocab_size=1),
+    # DeBERTa-v3's layout: relative attention over 2 x 12 buckets (not a divisor of the test's 16 tokens)
+    "deberta": dict(family="deberta_v2", arch="encoder", n_kv_heads=4, position="relative", norm="layernorm",
+                    norm_bias=True, activation="gelu", gated_mlp=False, qkv_bias=True, attn_out_bias=True,
+                    mlp_bias=True, tied_embeddings=True, type_vocab_size=0, relative_attention_num_buckets=12),
     "t5": dict(family="t5", arch="encoder_decoder", n_kv_heads=4, position="relative", norm="rmsnorm",
                activation="relu", gated_mlp=False, tied_embeddings=True, head_dim=16),
 }
@@ -195,6 +199,11 @@ CASES = [
     ("roberta", "fp32", "eager", {"kind": "full"}, "none"),
     ("roberta", "fp32", "sdpa-flash", LORA, "none"),
     ("roberta", "fp32", "sdpa-flash", {"kind": "full"}, "full"),
+    ("deberta", "fp32", "eager", {"kind": "full"}, "none"),
+    ("deberta", "fp32", "eager", LORA, "none"),
+    ("deberta", "fp32", "eager", {"kind": "lora", "r": 4, "targets": "all-linear"}, "none"),
+    ("deberta", "fp32", "eager", {"kind": "full"}, "full"),
+    ("deberta", "fp32", "eager", LORA, "full"),
     ("t5", "fp32", "eager", {"kind": "full"}, "none"),
     ("t5", "bf16", "eager", {"kind": "full"}, "none"),
     ("t5", "bf16", "eager", LORA, "none"),
@@ -277,6 +286,26 @@ def test_autocast_softmax_runs_in_fp32_on_cuda_only():
     for i in range(arch.n_layers):
         name = f"encoder.block.{i}"
         assert ct.at(ct.saved_by_layer[name], B) == truth.saved_bytes_by_layer[name]
+
+
+def test_deberta_autocast_softmax_difference_is_the_cuda_fp32_probabilities():
+    """DeBERTa-v2 under autocast: its bf16 scores (bmm, gathers, the scaled sums) are the same on CPU and CUDA;
+    CUDA's softmax returns fp32 (4 B kept for its backward) and ``bmm(probs, v)`` keeps a bf16 copy (2 B), where
+    CPU keeps the one bf16 softmax output (2 B): the engine counts 4 B more per score element per layer.  The MLM
+    head's LayerNorm takes the bf16 GELU output: CUDA's autocast runs layer_norm in fp32 and keeps an fp32 copy of
+    its input (4 B per element), CPU's runs it on the bf16 input (2 B)."""
+    sc = _scenario("deberta", "bf16-amp", "eager", {"kind": "full"}, "none")
+    truth = measure(sc)
+    ct, B = _engine(sc)
+    w, arch = sc.workload, sc.model
+    scores = w.micro_batch * arch.n_heads * w.seq_len * w.seq_len
+    head_norm_input = w.micro_batch * w.seq_len * arch.hidden * 2
+    assert ct.at(ct.saved, B) - truth.saved_bytes_total == arch.n_layers * scores * 4 + head_norm_input
+    for i in range(arch.n_layers):
+        name = f"deberta.encoder.layer.{i}"
+        assert ct.at(ct.saved_by_layer[name], B) - truth.saved_bytes_by_layer[name] == scores * 4
+    assert ct.at(ct.fwd_flops, B) == truth.forward_flops
+    assert ct.n_params == truth.total_params
 
 
 def test_gpt_neox_fp32_sdpa_output_copy_is_cpu_only():

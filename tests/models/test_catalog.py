@@ -532,7 +532,8 @@ def test_t5_round_trip(ff: str, act: str, gated: bool, tied: bool):
         ("RobertaConfig", dict(TINY, type_vocab_size=1), "roberta"),
         (
             "DebertaV2Config",
-            dict(TINY, relative_attention=True, position_biased_input=False, position_buckets=16),
+            dict(TINY, relative_attention=True, position_biased_input=False, position_buckets=16,
+                 pos_att_type=["p2c", "c2p"], share_att_key=True, norm_rel_ebd="layer_norm"),
             "deberta_v2",
         ),
         ("MT5Config", dict(vocab_size=97, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4), "t5"),
@@ -570,3 +571,14 @@ def test_rotary_fraction_from_each_config_spelling():
     assert from_hf_config(llama).rotary_fraction == 1.0
     with pytest.raises(ValueError, match="rotary_pct=1.5 must be in"):
         from_hf_config({**neox, "rotary_pct": 1.5})
+
+
+@pytest.mark.parametrize("kwargs", [dict(pos_att_type=["c2p"], share_att_key=True, norm_rel_ebd="layer_norm"),
+                                    dict(pos_att_type=["p2c", "c2p"], share_att_key=False, norm_rel_ebd="layer_norm"),
+                                    dict(pos_att_type="p2c|c2p", share_att_key=True, norm_rel_ebd="none")])
+def test_deberta_layouts_other_than_v3_are_named_errors(kwargs: dict):
+    config = transformers.DebertaV2Config(**TINY, relative_attention=True, position_biased_input=False, **kwargs)
+    d = config.to_dict()
+    d["model_type"] = config.model_type
+    with pytest.raises(ValueError, match="deberta-v2 config: .* is not modelled; allowed"):
+        from_hf_config(d)
