@@ -315,13 +315,9 @@ def _opt_config(arch: ModelArch, dropout: float):
     )
 
 
-def _bert_config(arch: ModelArch, dropout: float, config_cls=None, **extra):
-    from transformers import BertConfig
-
-    if arch.type_vocab_size < 1:
-        raise _unsupported(arch, "BERT needs type_vocab_size >= 1 (token_type_ids default to zeros)")
-    _require_plain_heads(arch, "BERT")
-    return (config_cls or BertConfig)(
+def _encoder_kwargs(arch: ModelArch, dropout: float) -> dict:
+    """The config fields BERT-style encoders share (sizes, activation, dropouts, token types, tying)."""
+    return dict(
         vocab_size=arch.vocab,
         hidden_size=arch.hidden,
         num_hidden_layers=arch.n_layers,
@@ -333,9 +329,16 @@ def _bert_config(arch: ModelArch, dropout: float, config_cls=None, **extra):
         max_position_embeddings=arch.max_position_embeddings,
         type_vocab_size=arch.type_vocab_size,
         tie_word_embeddings=arch.tied_embeddings,
-        use_cache=False,
-        **extra,
     )
+
+
+def _bert_config(arch: ModelArch, dropout: float, config_cls=None, **extra):
+    from transformers import BertConfig
+
+    if arch.type_vocab_size < 1:
+        raise _unsupported(arch, "BERT needs type_vocab_size >= 1 (token_type_ids default to zeros)")
+    _require_plain_heads(arch, "BERT")
+    return (config_cls or BertConfig)(**_encoder_kwargs(arch, dropout), use_cache=False, **extra)
 
 
 def _deberta_v2_config(arch: ModelArch, dropout: float):
@@ -348,16 +351,7 @@ def _deberta_v2_config(arch: ModelArch, dropout: float):
     # as DeBERTa-v3 is released: content-to-position and position-to-content terms on the shared q/k projections,
     # a LayerNorm on the relative table, no absolute position input when the attention is relative
     return DebertaV2Config(
-        vocab_size=arch.vocab,
-        hidden_size=arch.hidden,
-        num_hidden_layers=arch.n_layers,
-        num_attention_heads=arch.n_heads,
-        intermediate_size=arch.intermediate,
-        hidden_act=_GPT2_ACT[arch.activation],
-        hidden_dropout_prob=dropout,
-        attention_probs_dropout_prob=dropout,
-        max_position_embeddings=arch.max_position_embeddings,
-        type_vocab_size=arch.type_vocab_size,
+        **_encoder_kwargs(arch, dropout),
         relative_attention=relative,
         position_biased_input=not relative,
         position_buckets=arch.relative_attention_num_buckets if relative else -1,
@@ -365,7 +359,6 @@ def _deberta_v2_config(arch: ModelArch, dropout: float):
         pos_att_type=["p2c", "c2p"] if relative else [],
         norm_rel_ebd="layer_norm",
         share_att_key=True,
-        tie_word_embeddings=arch.tied_embeddings,
         pad_token_id=0,
     )
 
