@@ -75,6 +75,17 @@ BNB_CALL_HOST_S = 90e-6
 FUSED_DEQUANT_MAX_ROWS: dict[str, int] = {"nf4": 1, "fp4": 1, "gptq": 50, "awq": 1024}
 
 
+# AutoGPTQ's PyTorch dequantization (``GPTQ_TORCH_DEQUANT_BYTES_PER_WEIGHT``) moves its bytes at about half the rate
+# of a streaming copy: its first kernel shifts a stride-0 expansion of the packed int32 weights by a broadcast
+# shift table into an int32 tensor, which TensorIterator cannot run on its contiguous vectorised path, and the
+# int8 / fp16 kernels after it are as many passes again over int8 data.  Fitted on QwenLM/Qwen's published
+# Q-LoRA step times (README "Profiling of Memory and Speed": Qwen-1.8B/7B/14B/72B-Chat-Int4 on one A100-80GB,
+# 256 to 1,024 tokens, gradient checkpointing), where the dequantization of every quantized linear in the forward
+# and its recompute is 40-60 % of the step: each of the four sizes needs 2.0-2.2x the streaming time of 16.5 B per
+# weight.  No kernel measurement of ours yet (validate's micro suite times bitsandbytes, not AutoGPTQ).
+GPTQ_TORCH_DEQUANT_BANDWIDTH_FRACTION = 0.48
+
+
 def fused_dequant(quant: str, rows) -> Any:
     """Whether a GEMM on ``quant`` weights with ``rows`` input rows (tokens x batch of one forward) reads the
     packed weights in a fused kernel (numbers or arrays)."""
@@ -115,6 +126,7 @@ class OpArrays:
     n_bnb_calls: int = 0  # bitsandbytes quantized linears called per forward (their Python wrappers)
     n_dequant_kernels: int = 0  # dequantization kernels per forward (in n_kernels; none when fused)
     dequant_in_backward: bool = True  # the backward dequantizes again (bitsandbytes) or reuses a saved copy
+    dequant_bandwidth_fraction: float = 1.0  # of the streaming rate, at which the dequantization kernels move bytes
 
     @property
     def host_forward_s(self) -> float:
@@ -202,7 +214,8 @@ def _part(where, layers, tr, arch, recompute_until: int | None, quant_rows, enco
         module = p.path.rsplit(".", 1)[0]
         largest[module] = max(largest.get(module, 0), p.numel)
     return OpArrays(where, tuple(layers), ops, tuple(ew), deq, n_kernels, encoder, tuple(largest.values()),
-                    len(quant_rows) if bnb else 0, n_deq, not torch_dequant)
+                    len(quant_rows) if bnb else 0, n_deq, not torch_dequant,
+                    GPTQ_TORCH_DEQUANT_BANDWIDTH_FRACTION if torch_dequant else 1.0)
 
 
 def zero3_fetch_host_s(part: OpArrays, persistence_threshold: int) -> float:
@@ -522,7 +535,7 @@ def _part_time_one(part: OpArrays, B: tuple, dev: Device, dtype: str, tp: int, c
                     n_mm = max(1.0, round(bf / f)) if f > 0 else 1.0
                     bwd += n_mm * roofs[dt].gemm_time_s(bf / n_mm, 2.0 * nb / n_mm)
     t_ew = memory_time_s(2.0 * _dot(part.elementwise_bytes, B) / (tp * cp), dev)
-    t_deq = 0.0 if fused_quant else memory_time_s(part.dequant_bytes / tp, dev)
+    t_deq = 0.0 if fused_quant else memory_time_s(part.dequant_bytes / tp, dev) / part.dequant_bandwidth_fraction
     fwd += t_ew + t_deq
     if training:
         bwd += 2.0 * t_ew + (t_deq if part.dequant_in_backward else 0.0)
@@ -574,7 +587,7 @@ def _part_time_many(part: OpArrays, B: tuple, dev: Device, dtype: str, tp, cp, t
                                           backward=True)
         bwd = _sum_rows(np.where(bf > 0, t_b, 0.0))
     t_ew = memory_time_s(2.0 * _dot(part.elementwise_bytes, B) / (tp * cp), dev)
-    t_deq = np.where(fq, 0.0, memory_time_s(part.dequant_bytes / tp, dev))
+    t_deq = np.where(fq, 0.0, memory_time_s(part.dequant_bytes / tp, dev) / part.dequant_bandwidth_fraction)
     fwd = fwd + (t_ew + t_deq)
     if training:
         bwd = bwd + (2.0 * t_ew + (t_deq if part.dequant_in_backward else 0.0))

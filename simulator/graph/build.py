@@ -259,11 +259,12 @@ BNB_NESTED_STATE_BYTES = 256 * 4 + 4
 # at least ``kernel_switch_threshold`` (128) rows with PyTorch ops (auto_gptq/nn_modules/qlinear/
 # qlinear_cuda_old.py ``forward``): ``bitwise_right_shift`` of the expanded int32 ``qweight`` (4 B written and
 # read back per weight), ``.to(torch.int8)`` (1 B written), ``bitwise_and`` (1 read, 1 written), ``weight -
-# zeros`` (1 + 1), ``scales * (...)`` (1 read, 2 written in fp16): 16 B per weight besides the packed read,
-# five kernels; the int32 expansion and its int8 cast are live together (5 B per weight).  Then
+# zeros`` (1 + 1), ``scales * (...)`` (1 read, 2 written in fp16): 16 B per weight besides the packed read, in
+# five kernels, after four small ones unpacking the zero points the same way (shift, int8 cast, ``bitwise_and``,
+# ``+ 1``): nine kernels; the int32 expansion and its int8 cast are live together (5 B per weight).  Then
 # ``torch.matmul(x, weight)``, whose backward uses the fp16 weight it saved instead of dequantizing again.
 GPTQ_TORCH_DEQUANT_BYTES_PER_WEIGHT = 16.0
-GPTQ_TORCH_DEQUANT_KERNELS = 5
+GPTQ_TORCH_DEQUANT_KERNELS = 9
 GPTQ_TORCH_DEQUANT_PEAK_BYTES_PER_WEIGHT = 5.0
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
+from hwprofiles import get_device
 from simulator import Scenario
 from simulator.estimate import cost_table_for
 from simulator.graph.ir import basis
@@ -243,7 +246,8 @@ def test_flash_attention_runs_at_its_benchmarked_rate_for_the_sequence_length():
 def test_gptq_training_dequantizes_with_pytorch_ops_and_keeps_the_fp16_weight():
     """AutoGPTQ's QuantLinear in training (no ExLlama: it has no backward) dequantizes each call of >= 128 rows
     with PyTorch ops -- int32 shift, int8 cast, and, minus zeros, times scales: 16 B of traffic and five
-    kernels per weight matrix instead of bitsandbytes' one 2.5 B kernel -- with the int32 expansion and its int8
+    kernels per weight matrix, after four unpacking the zero points, instead of bitsandbytes' one 2.5 B kernel,
+    at about half the streaming rate (fitted on Qwen's Q-LoRA step times) -- with the int32 expansion and its int8
     cast live together (5 B per weight), and torch.matmul saves the fp16 weight for the input's gradient, so
     the backward does not dequantize again.  Inference keeps the one-kernel dequantization."""
     from simulator import compute
@@ -270,7 +274,16 @@ def test_gptq_training_dequantizes_with_pytorch_ops_and_keeps_the_fp16_weight():
     n = next(p for p in compute.op_arrays(nf4_ct) if p.where == "block")
     storage = sum(r.storage_bytes for r in gptq_ct.param_rows if r.quantized and r.layers == g.layers)
     assert g.dequant_bytes == pytest.approx(storage + 16.0 * block_n)
-    assert (g.n_dequant_kernels, n.n_dequant_kernels) == (35, 7) and not g.dequant_in_backward
+    assert (g.n_dequant_kernels, n.n_dequant_kernels) == (63, 7) and not g.dequant_in_backward
+    assert g.dequant_bandwidth_fraction == compute.GPTQ_TORCH_DEQUANT_BANDWIDTH_FRACTION < 1.0
+    assert n.dequant_bandwidth_fraction == 1.0
+    # the dequantization's time: its bytes at that fraction of the streaming rate
+    dev = get_device("a100-sxm-80gb")
+    fwd = compute.part_time(g, basis(B, S), dev, "fp16", 1, 1, False).forward_s
+    streaming = compute.part_time(replace(g, dequant_bandwidth_fraction=1.0), basis(B, S), dev, "fp16", 1, 1,
+                                  False).forward_s
+    extra = compute.memory_time_s(g.dequant_bytes, dev) * (1 / compute.GPTQ_TORCH_DEQUANT_BANDWIDTH_FRACTION - 1)
+    assert fwd - streaming == pytest.approx(extra, rel=1e-9)
     assert g.elementwise_bytes == n.elementwise_bytes  # the fp16 copies are the dequantization's, not eager ops'
     infer = scen({"inference": {"weights": "gptq"}},
                  workload={"task": "infer", "batch": 8, "prompt_len": 512, "gen_len": 16})
