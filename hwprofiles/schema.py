@@ -122,6 +122,11 @@ class Efficiency(_Strict):
     increasing, interpolated in log2(tokens), clamped outside.  flash1 (FlashAttention 1) and mem_efficient
     (xformers' / SDPA's cutlass memory-efficient kernel) are forward + backward figures; flash3
     (FlashAttention-3, Hopper) is the forward's.  A kernel without a figure runs at FlashAttention-2's speed."""
+    gptq_torch_dequant_fraction: float | None = Field(default=None, gt=0, le=1)
+    """Rate at which AutoGPTQ's PyTorch dequantization (the path GPTQ fine-tuning takes) moves its bytes /
+    the streaming rate (``memory_bandwidth_fraction``), from the micro suite's gptq dequant cases
+    (``python -m validate calibrate``); null = the engine's default
+    (``simulator.compute.GPTQ_TORCH_DEQUANT_BANDWIDTH_FRACTION``, fitted on published Q-LoRA steps)."""
     host_transfer_fraction: float | None = Field(default=None, gt=0, le=1)
     """Measured pinned host<->device copy bandwidth for large copies / the host link figure of the device's
     one-GPU system (``host.host_to_gpu_bandwidth_GBps``), from the micro suite's h2d/d2h cases

@@ -82,8 +82,25 @@ FUSED_DEQUANT_MAX_ROWS: dict[str, int] = {"nf4": 1, "fp4": 1, "gptq": 50, "awq":
 # Q-LoRA step times (README "Profiling of Memory and Speed": Qwen-1.8B/7B/14B/72B-Chat-Int4 on one A100-80GB,
 # 256 to 1,024 tokens, gradient checkpointing), where the dequantization of every quantized linear in the forward
 # and its recompute is 40-60 % of the step: each of the four sizes needs 2.0-2.2x the streaming time of 16.5 B per
-# weight.  No kernel measurement of ours yet (validate's micro suite times bitsandbytes, not AutoGPTQ).
+# weight.  A device's own figure, from the micro suite's gptq dequant cases, replaces it
+# (``Efficiency.gptq_torch_dequant_fraction``).
 GPTQ_TORCH_DEQUANT_BANDWIDTH_FRACTION = 0.48
+
+
+def gptq_torch_dequant_fraction(dev):
+    """The share of the streaming rate AutoGPTQ's PyTorch dequantization reaches on ``dev`` (its calibrated figure,
+    else :data:`GPTQ_TORCH_DEQUANT_BANDWIDTH_FRACTION`; an array over several :class:`Devices`)."""
+    own = dev.efficiency.gptq_torch_dequant_fraction
+    if isinstance(own, np.ndarray):  # several devices: each one's figure, defaults filled in
+        return own
+    return own if own is not None else GPTQ_TORCH_DEQUANT_BANDWIDTH_FRACTION
+
+
+def dequant_time_s(part: "OpArrays", nbytes, dev):
+    """Time of a part's dequantization kernels moving ``nbytes``: streaming, or AutoGPTQ's PyTorch path at its
+    share of the streaming rate."""
+    t = memory_time_s(nbytes, dev)
+    return t / gptq_torch_dequant_fraction(dev) if part.torch_dequant else t
 
 
 def fused_dequant(quant: str, rows) -> Any:
@@ -126,7 +143,7 @@ class OpArrays:
     n_bnb_calls: int = 0  # bitsandbytes quantized linears called per forward (their Python wrappers)
     n_dequant_kernels: int = 0  # dequantization kernels per forward (in n_kernels; none when fused)
     dequant_in_backward: bool = True  # the backward dequantizes again (bitsandbytes) or reuses a saved copy
-    dequant_bandwidth_fraction: float = 1.0  # of the streaming rate, at which the dequantization kernels move bytes
+    torch_dequant: bool = False  # AutoGPTQ's PyTorch-op dequantization (:func:`dequant_time_s`)
 
     @property
     def host_forward_s(self) -> float:
@@ -214,8 +231,7 @@ def _part(where, layers, tr, arch, recompute_until: int | None, quant_rows, enco
         module = p.path.rsplit(".", 1)[0]
         largest[module] = max(largest.get(module, 0), p.numel)
     return OpArrays(where, tuple(layers), ops, tuple(ew), deq, n_kernels, encoder, tuple(largest.values()),
-                    len(quant_rows) if bnb else 0, n_deq, not torch_dequant,
-                    GPTQ_TORCH_DEQUANT_BANDWIDTH_FRACTION if torch_dequant else 1.0)
+                    len(quant_rows) if bnb else 0, n_deq, not torch_dequant, torch_dequant)
 
 
 def zero3_fetch_host_s(part: OpArrays, persistence_threshold: int) -> float:
@@ -288,6 +304,7 @@ class _Efficiencies:
             [d.efficiency.memory_bandwidth_fraction for d in devices]).reshape(shape)
         att = [d.efficiency.attention_fraction for d in devices]
         self.attention_fraction = np.array([math.nan if a is None else a for a in att]).reshape(shape)
+        self.gptq_torch_dequant_fraction = np.array([gptq_torch_dequant_fraction(d) for d in devices]).reshape(shape)
 
     def _each(self, values, fraction) -> np.ndarray:
         """``fraction(efficiency, slice)`` of each device on its slice of ``values`` (broadcast to the
@@ -535,7 +552,7 @@ def _part_time_one(part: OpArrays, B: tuple, dev: Device, dtype: str, tp: int, c
                     n_mm = max(1.0, round(bf / f)) if f > 0 else 1.0
                     bwd += n_mm * roofs[dt].gemm_time_s(bf / n_mm, 2.0 * nb / n_mm)
     t_ew = memory_time_s(2.0 * _dot(part.elementwise_bytes, B) / (tp * cp), dev)
-    t_deq = 0.0 if fused_quant else memory_time_s(part.dequant_bytes / tp, dev) / part.dequant_bandwidth_fraction
+    t_deq = 0.0 if fused_quant else dequant_time_s(part, part.dequant_bytes / tp, dev)
     fwd += t_ew + t_deq
     if training:
         bwd += 2.0 * t_ew + (t_deq if part.dequant_in_backward else 0.0)
@@ -587,7 +604,7 @@ def _part_time_many(part: OpArrays, B: tuple, dev: Device, dtype: str, tp, cp, t
                                           backward=True)
         bwd = _sum_rows(np.where(bf > 0, t_b, 0.0))
     t_ew = memory_time_s(2.0 * _dot(part.elementwise_bytes, B) / (tp * cp), dev)
-    t_deq = np.where(fq, 0.0, memory_time_s(part.dequant_bytes / tp, dev) / part.dequant_bandwidth_fraction)
+    t_deq = np.where(fq, 0.0, dequant_time_s(part, part.dequant_bytes / tp, dev))
     fwd = fwd + (t_ew + t_deq)
     if training:
         bwd = bwd + (2.0 * t_ew + (t_deq if part.dequant_in_backward else 0.0))

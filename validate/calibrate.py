@@ -17,7 +17,9 @@
   ``simulator.compute.attention_time_s`` runs them) per second / dense 16-bit peak, made non-decreasing in
   length: the longest length's value is the fraction, each length's over it the curve;
 * ``host_transfer_fraction`` — median over the pinned h2d and d2h copies of >= 64 MiB of achieved bytes/s /
-  the host link figure of the device's one-GPU system (at most 1).
+  the host link figure of the device's one-GPU system (at most 1);
+* ``gptq_torch_dequant_fraction`` — median over the gptq dequant cases (AutoGPTQ's PyTorch dequantization, the
+  bytes the engine counts for it) of achieved bytes/s / the fitted streaming rate (at most 1).
 
 A field without measurements keeps its value and its citation.  Each fitted field is cited with the
 results file, its date and the machine's fingerprint (GPU, driver, torch, CUDA).  Only micro results are
@@ -340,6 +342,18 @@ def fit_host_transfer(rows: Rows, dev: Device) -> tuple[float, str] | None:
                    f"/ host link {link_GBps:g} GB/s = {_fmt(value)}{capped}")
 
 
+def fit_gptq_dequant(rows: Rows, dev: Device, mem_fraction: float) -> tuple[float, str] | None:
+    """Median achieved bandwidth of AutoGPTQ's PyTorch dequantization / the streaming rate."""
+    rates = [m.bytes_moved / m.time_s for c, m in rows if c.kind == "dequant" and c.params.quant == "gptq"
+             and m.bytes_moved]
+    if not rates:
+        return None
+    stream = dev.memory_bandwidth_Bps * mem_fraction
+    value = min(1.0, float(np.median(rates)) / stream)
+    return value, (f"median bandwidth of {len(rates)} gptq PyTorch dequantizations: {float(np.median(rates)) / GIGA:.0f} "
+                   f"GB/s / streaming {stream / GIGA:.0f} GB/s = {_fmt(value)}")
+
+
 def fit_efficiency(results: ResultsFile, device: Device, source_name: str | None = None
                    ) -> tuple[Efficiency, dict[str, str]]:
     """The device's efficiencies fitted from the micro cases of ``results`` and the citation of each fitted
@@ -364,7 +378,8 @@ def fit_efficiency(results: ResultsFile, device: Device, source_name: str | None
         if curve is not None:
             new["attention_curve"], text["attention_curve"] = curve, curve_text
     for field, fit in (("matmul_max_fraction_fp8", fit_matmul_fp8(rows, device, mem_fraction)),
-                       ("host_transfer_fraction", fit_host_transfer(rows, device))):
+                       ("host_transfer_fraction", fit_host_transfer(rows, device)),
+                       ("gptq_torch_dequant_fraction", fit_gptq_dequant(rows, device, mem_fraction))):
         if fit is not None:
             new[field], text[field] = fit
     eff_kernel = fit_mem_efficient(rows, device)

@@ -142,10 +142,19 @@ class DequantParams(_Strict):
     """Rows of the weight."""
     in_features: int = Field(ge=1)
     """Columns of the weight."""
-    quant: Literal["nf4", "int8"]
-    """nf4: bitsandbytes 4-bit NormalFloat, blocksize 64; int8: bitsandbytes row-wise int8."""
+    quant: Literal["nf4", "int8", "gptq"]
+    """nf4: bitsandbytes 4-bit NormalFloat, blocksize 64; int8: bitsandbytes row-wise int8; gptq: AutoGPTQ's
+    PyTorch-op dequantization of 4-bit weights in groups of 128 (``qlinear_cuda_old``, the path fine-tuning
+    takes), replayed with the same torch ops (no AutoGPTQ needed)."""
     double_quant: bool
     """nf4: absmax quantised to 8 bits (``compress_statistics=True``)."""
+
+    @model_validator(mode="after")
+    def _gptq_shape(self) -> DequantParams:
+        if self.quant == "gptq" and (self.in_features % GPTQ_GROUP or self.out_features % 8):
+            raise ValueError(f"gptq: in_features must be a multiple of {GPTQ_GROUP} and out_features of 8, got "
+                             f"({self.out_features}, {self.in_features})")
+        return self
 
 
 class TransferParams(_Strict):
@@ -303,16 +312,21 @@ def adamw_bytes(p: AdamwParams) -> float:
 
 
 def dequant_out_dtype(p: DequantParams) -> str:
-    """What the kernel writes: bf16 for nf4 (the compute dtype of QLoRA), fp32 for bitsandbytes' int8."""
-    return "bf16" if p.quant == "nf4" else "fp32"
+    """What the kernel writes: bf16 for nf4 (the compute dtype of QLoRA), fp32 for bitsandbytes' int8, fp16 for
+    AutoGPTQ."""
+    return {"nf4": "bf16", "int8": "fp32", "gptq": "fp16"}[p.quant]
 
 
 def dequant_bytes(p: DequantParams) -> float:
-    """The packed weight with its scales (``quant_storage_bytes``) read, the dequantised copy written."""
-    from simulator.graph.build import quant_storage_bytes
+    """The packed weight with its scales (``quant_storage_bytes``) read, the dequantised copy written; AutoGPTQ's
+    PyTorch path: the packed storage and its intermediates (``GPTQ_TORCH_DEQUANT_BYTES_PER_WEIGHT``), as the
+    engine counts them in training."""
+    from simulator.graph.build import GPTQ_TORCH_DEQUANT_BYTES_PER_WEIGHT, quant_storage_bytes
 
     numel = p.out_features * p.in_features
-    stored, _ = quant_storage_bytes(p.quant, numel, p.out_features, p.in_features, 128, p.double_quant)
+    stored, _ = quant_storage_bytes(p.quant, numel, p.out_features, p.in_features, GPTQ_GROUP, p.double_quant)
+    if p.quant == "gptq":
+        return float(stored + GPTQ_TORCH_DEQUANT_BYTES_PER_WEIGHT * numel)
     return float(stored + numel * _ELEMENT_BYTES[dequant_out_dtype(p)])
 
 
@@ -375,6 +389,8 @@ CE_SHAPES: tuple[tuple[int, int], ...] = ((1024, 32000), (4096, 32000), (1024, 1
 ADAMW_NUMELS: tuple[int, ...] = (10_000_000, 100_000_000, 1_000_000_000)
 ADAMW_TENSOR_NUMEL = 2**24
 DEQUANT_SHAPES: tuple[tuple[int, int], ...] = ((4096, 4096), (14336, 4096), (28672, 8192))
+GPTQ_GROUP = 128
+"""Group size of the gptq dequant cases (AutoGPTQ's default, the one Qwen's Int4 checkpoints use)."""
 """Llama-3 8B attention and MLP weights, Llama-3 70B MLP weight."""
 TRANSFER_SIZES_BYTES: tuple[int, ...] = (1 * MiB, 16 * MiB, 256 * MiB, 1 * GiB)
 COLLECTIVE_SIZES_BYTES: tuple[int, ...] = (8 * MiB, 512 * MiB)
@@ -447,6 +463,7 @@ def gpu_cases() -> list[MicroCase]:
         cases += [MicroCase.of("dequant", out_features=out_f, in_features=in_f, quant="nf4", double_quant=dq)
                   for dq in (False, True)]
         cases.append(MicroCase.of("dequant", out_features=out_f, in_features=in_f, quant="int8", double_quant=False))
+        cases.append(MicroCase.of("dequant", out_features=out_f, in_features=in_f, quant="gptq", double_quant=False))
     cases += [MicroCase.of(kind, size_bytes=size, pinned=pinned)
               for kind in TRANSFER_KINDS for pinned in (True, False) for size in TRANSFER_SIZES_BYTES]
     cases += [MicroCase.of(kind, size_bytes=size, n_ranks=n, dtype="bf16")
@@ -477,6 +494,7 @@ def cpu_cases() -> list[MicroCase]:
         MicroCase.of("dequant", out_features=256, in_features=512, quant="nf4", double_quant=False),
         MicroCase.of("dequant", out_features=256, in_features=512, quant="nf4", double_quant=True),
         MicroCase.of("dequant", out_features=256, in_features=512, quant="int8", double_quant=False),
+        MicroCase.of("dequant", out_features=256, in_features=512, quant="gptq", double_quant=False),
         MicroCase.of("h2d", size_bytes=1 * MiB, pinned=True),
         MicroCase.of("d2h", size_bytes=1 * MiB, pinned=False),
         MicroCase.of("all_reduce", size_bytes=1 * MiB, n_ranks=2, dtype="fp32"),
@@ -527,7 +545,7 @@ def predict_micro(case_spec: dict[str, Any], kind: str, device_profile_name: str
     ``simulator.comm.group_collective_time_s`` on the device's ``n_ranks``-GPU system."""
     from hwprofiles.registry import get_device, system_for
     from simulator import comm
-    from simulator.compute import gemm_time_s, memory_time_s
+    from simulator.compute import gemm_time_s, gptq_torch_dequant_fraction, memory_time_s
 
     case = MicroCase.from_spec(kind, case_spec)
     dev = get_device(device_profile_name)
@@ -543,6 +561,8 @@ def predict_micro(case_spec: dict[str, Any], kind: str, device_profile_name: str
         system = system_for(dev.name, p.n_ranks)
         per_node = min(p.n_ranks, system.gpus_per_node)
         return float(comm.group_collective_time_s(system, case.kind, p.size_bytes, p.n_ranks, per_node))
+    if isinstance(p, DequantParams) and p.quant == "gptq":
+        return float(memory_time_s(case_bytes(case), dev) / gptq_torch_dequant_fraction(dev))
     return float(memory_time_s(case_bytes(case), dev))
 
 
@@ -800,10 +820,45 @@ def _bnb():
     return bitsandbytes, bnbf
 
 
+def gptq_torch_dequant_fn(out_features: int, in_features: int, device: str, group: int = GPTQ_GROUP
+                          ) -> Callable[[], Any]:
+    """AutoGPTQ ``qlinear_cuda_old.QuantLinear``'s PyTorch dequantization of a random 4-bit (out, in) weight,
+    op for op: unpack the zero points (shift, int8 cast, ``bitwise_and``, ``+ 1``) and the weights (shift of the
+    expanded int32 ``qweight``, int8 cast, ``bitwise_and``), then ``scales * (weight - zeros)`` in fp16."""
+    import torch
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    qweight = torch.randint(-2**31, 2**31 - 1, (in_features // 8, out_features), generator=g, dtype=torch.int32)
+    qzeros = torch.randint(-2**31, 2**31 - 1, (in_features // group, out_features // 8), generator=g,
+                           dtype=torch.int32)
+    qweight, qzeros = qweight.to(device), qzeros.to(device)
+    scales = (torch.rand(in_features // group, out_features, generator=g) * 0.01).to(device, torch.float16)
+    wf = torch.tensor(list(range(0, 32, 4)), dtype=torch.int32, device=device).unsqueeze(0)
+
+    def fn():
+        zeros = torch.bitwise_right_shift(torch.unsqueeze(qzeros, 2).expand(-1, -1, 8), wf.unsqueeze(0)).to(torch.int8)
+        torch.bitwise_and(zeros, 15, out=zeros)
+        zeros = zeros + 1
+        zeros = zeros.reshape(-1, 1, zeros.shape[1] * zeros.shape[2])
+        weight = torch.bitwise_right_shift(torch.unsqueeze(qweight, 1).expand(-1, 8, -1), wf.unsqueeze(-1)).to(torch.int8)
+        torch.bitwise_and(weight, 15, out=weight)
+        weight = weight.reshape(-1, group, weight.shape[2])
+        weight = scales.reshape(-1, 1, scales.shape[-1]) * (weight - zeros)
+        return weight.reshape(weight.shape[0] * weight.shape[1], weight.shape[2])
+
+    fn.inputs = (qweight, qzeros, scales)  # for checking the replay against the packing format
+    return fn
+
+
 def _run_dequant(case: MicroCase, device: str) -> Measurement:
     import torch
 
     p: DequantParams = case.params
+    if p.quant == "gptq":
+        fn = gptq_torch_dequant_fn(p.out_features, p.in_features, device)
+        with torch.no_grad():
+            samples, extra = _time_call(fn, device)
+        return _measurement(case, samples, extra)
     _, bnbf = _bnb()
     w = torch.randn(p.out_features, p.in_features, device=device, dtype=torch.bfloat16)
     if p.quant == "nf4":

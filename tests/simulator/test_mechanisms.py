@@ -275,15 +275,23 @@ def test_gptq_training_dequantizes_with_pytorch_ops_and_keeps_the_fp16_weight():
     storage = sum(r.storage_bytes for r in gptq_ct.param_rows if r.quantized and r.layers == g.layers)
     assert g.dequant_bytes == pytest.approx(storage + 16.0 * block_n)
     assert (g.n_dequant_kernels, n.n_dequant_kernels) == (63, 7) and not g.dequant_in_backward
-    assert g.dequant_bandwidth_fraction == compute.GPTQ_TORCH_DEQUANT_BANDWIDTH_FRACTION < 1.0
-    assert n.dequant_bandwidth_fraction == 1.0
-    # the dequantization's time: its bytes at that fraction of the streaming rate
+    assert g.torch_dequant and not n.torch_dequant
+    # the dequantization's time: its bytes at the engine's share of the streaming rate, or the device's own
+    # calibrated one
     dev = get_device("a100-sxm-80gb")
+    assert dev.efficiency.gptq_torch_dequant_fraction is None
     fwd = compute.part_time(g, basis(B, S), dev, "fp16", 1, 1, False).forward_s
-    streaming = compute.part_time(replace(g, dequant_bandwidth_fraction=1.0), basis(B, S), dev, "fp16", 1, 1,
-                                  False).forward_s
+    streaming = compute.part_time(replace(g, torch_dequant=False), basis(B, S), dev, "fp16", 1, 1, False).forward_s
     extra = compute.memory_time_s(g.dequant_bytes, dev) * (1 / compute.GPTQ_TORCH_DEQUANT_BANDWIDTH_FRACTION - 1)
     assert fwd - streaming == pytest.approx(extra, rel=1e-9)
+    calibrated = dev.model_copy(update={"efficiency": dev.efficiency.model_copy(
+        update={"gptq_torch_dequant_fraction": 0.8})})
+    fwd_cal = compute.part_time(g, basis(B, S), calibrated, "fp16", 1, 1, False).forward_s
+    assert fwd_cal - streaming == pytest.approx(compute.memory_time_s(g.dequant_bytes, dev) * (1 / 0.8 - 1), rel=1e-9)
+    # the planner's arrays over several devices take each device's figure
+    many = compute.Devices([dev, calibrated])
+    both = compute.part_time(g, basis(B, S), many, "fp16", 1, 1, False).forward_s
+    assert both.ravel().tolist() == pytest.approx([fwd, fwd_cal], rel=1e-12)
     assert g.elementwise_bytes == n.elementwise_bytes  # the fp16 copies are the dequantization's, not eager ops'
     infer = scen({"inference": {"weights": "gptq"}},
                  workload={"task": "infer", "batch": 8, "prompt_len": 512, "gen_len": 16})

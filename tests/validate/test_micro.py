@@ -16,7 +16,8 @@ torch = pytest.importorskip("torch")
 
 from hwprofiles.registry import get_device, system_for  # noqa: E402
 from simulator import comm  # noqa: E402
-from simulator.compute import attention_time_s, gemm_time_s, memory_time_s  # noqa: E402
+from simulator.compute import (GPTQ_TORCH_DEQUANT_BANDWIDTH_FRACTION, attention_time_s, gemm_time_s,  # noqa: E402
+                               memory_time_s)
 from validate import micro  # noqa: E402
 from validate.micro import MicroCase, case_bytes, case_flops, predict_micro  # noqa: E402
 from validate.run import run_suite  # noqa: E402
@@ -144,6 +145,37 @@ def test_dequant_bytes_by_hand():
     assert case_bytes(i8) == 131_072 + 1_024 + 524_288
 
 
+def test_gptq_dequant_bytes_and_prediction():
+    shape = dict(out_features=256, in_features=512)  # 131,072 weights, 4 groups of 128 input rows
+    case = MicroCase.of("dequant", **shape, quant="gptq", double_quant=False)
+    # packed 4 bits (65,536 B) + fp16 scales (4 x 256 x 2) + 4-bit zeros (4 x 256 / 2) + int32 g_idx (512 x 4),
+    # and the PyTorch path's 16 B per weight
+    assert case_bytes(case) == 65_536 + 2_048 + 512 + 2_048 + 16 * 131_072
+    dev = get_device(H100)
+    assert dev.efficiency.gptq_torch_dequant_fraction is None  # not measured yet: the engine's default
+    assert predict_micro(case.spec(), "dequant", H100) == pytest.approx(
+        memory_time_s(case_bytes(case), dev) / GPTQ_TORCH_DEQUANT_BANDWIDTH_FRACTION, rel=1e-12)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        MicroCase.of("dequant", out_features=256, in_features=320, quant="gptq", double_quant=False)
+
+
+def test_gptq_dequant_replays_the_packing_format():
+    """Each int32 of ``qweight`` packs 8 consecutive input rows (4 bits each, lowest first) of one output column;
+    each int32 of ``qzeros`` 8 consecutive columns of one group; the weight is ``scale * (q - (zero + 1))``."""
+    out_f, in_f, group = 16, 256, 128
+    fn = micro.gptq_torch_dequant_fn(out_f, in_f, "cpu")
+    qweight, qzeros, scales = fn.inputs
+    w = fn()
+    assert tuple(w.shape) == (in_f, out_f) and w.dtype == torch.float16
+    expect = torch.empty(in_f, out_f, dtype=torch.float16)
+    for i in range(in_f):
+        for j in range(out_f):
+            q = (int(qweight[i // 8, j]) >> (4 * (i % 8))) & 15
+            z = ((int(qzeros[i // group, j // 8]) >> (4 * (j % 8))) & 15) + 1
+            expect[i, j] = scales[i // group, j] * float(q - z)
+    assert torch.equal(w, expect)
+
+
 def test_nf4_storage_matches_bitsandbytes():
     if not _has_bnb():
         pytest.skip("bitsandbytes not importable")
@@ -257,7 +289,7 @@ def test_gpu_grid_size_span_and_ids():
     assert kinds["sdpa"] == 48 + 48 + 16
     # 6 sizes per memory-bound dtype; copy in bf16 and fp32; 6 cross-entropy shapes
     assert (kinds["copy"], kinds["rmsnorm"], kinds["cross_entropy"]) == (12, 6, 6)
-    assert kinds["adamw"] == 6 and kinds["dequant"] == 9 and kinds["h2d"] == kinds["d2h"] == 8
+    assert kinds["adamw"] == 6 and kinds["dequant"] == 12 and kinds["h2d"] == kinds["d2h"] == 8
     assert kinds["all_reduce"] == len(micro.COLLECTIVE_RANKS) * len(micro.COLLECTIVE_SIZES_BYTES)
     assert 150 <= kinds["gemm"] <= 200
     assert 300 <= len(cases) <= 400
