@@ -54,7 +54,8 @@ LAYOUT: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("GPUs and parallelism", ("parallel", "system")),
     ("Numerics and memory", ("precision", "optimizer", "checkpointing", "loss")),
     ("Inference", ("inference",)),
-    ("Kernels and runtime", ("attention", "implementation", "padded_batches", "expandable_segments")),
+    ("Kernels and runtime", ("attention", "implementation", "padded_batches", "expandable_segments",
+                             "host_sync_per_block")),
 )
 """Sidebar sections below model, GPU and workload: (title, Scenario fields shown in it, in order).
 A Scenario field named nowhere keeps its default (or the value a loaded scenario gave it)."""

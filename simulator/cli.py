@@ -225,6 +225,8 @@ def build_scenario_dict(args: argparse.Namespace) -> dict[str, Any]:
             data[flag] = v
     if args.expandable_segments:
         data["expandable_segments"] = True
+    if args.host_sync_per_block:
+        data["host_sync_per_block"] = True
     if args.padded_batches:
         data["padded_batches"] = True
     if args.optimizer is not None:
@@ -406,6 +408,7 @@ inference:                   # task infer only
   max_num_seqs: 256          # engine vllm: the most sequences decoded at once
   cuda_graphs: null          # decode steps replay CUDA graphs (null: on for vllm, off for transformers)
 expandable_segments: false   # PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+host_sync_per_block: false   # the model's code syncs host and GPU in every block (2022's GPT-J)
 """
 
 
@@ -494,6 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cuda-graphs", action="store_const", const=True, default=None,
                    help=_doc(InferenceQuant, "cuda_graphs") + " (implies --task infer)")
     g.add_argument("--expandable-segments", action="store_true", help=_doc(Scenario, "expandable_segments"))
+    g.add_argument("--host-sync-per-block", action="store_true", help=_doc(Scenario, "host_sync_per_block"))
     g = e.add_argument_group("parallelism, hardware and cost")
     g.add_argument("--gpus", type=int, metavar="N", help="GPUs in all; data parallel = N / (tp x pp x cp)")
     g.add_argument("--system", metavar="S", help=_doc(Scenario, "system"))

@@ -51,6 +51,9 @@ class TrainGrid:
 
     def __init__(self, families: list[Scenario], micro_batches: list[int], tp_degrees: list[int],
                  devices: list[Device]) -> None:
+        if any(sc.host_sync_per_block for sc in families):
+            raise ValueError("host_sync_per_block: the planner's arrays assume launches overlap the GPU; "
+                             "estimate() models the per-block wait")
         self.families = families
         self.cts = [cost_table_for(sc) for sc in families]
         keys: dict[int, int] = {}

@@ -135,18 +135,32 @@ def part_counts(ct: CostTable, pp: int, stage: int, decode_step: bool = False) -
 
 def combine_parts(times: list, counts: tuple[int, ...], n_blocks: int, training: bool,
                   fetch_host_s: tuple[float, ...] | None = None, fetch_waits: bool = True,
-                  host: bool = True) -> StageCompute:
+                  host: bool = True, wheres: tuple[str, ...] | None = None, host_sync: bool = False) -> StageCompute:
     """A stage's compute from its parts' times (``None`` where the stage runs none of a part).
     ``fetch_host_s``: per part, the host time of its ZeRO-3 parameter fetches in each pass.  ``fetch_waits``
     (:func:`zero3_fetch_waits`): the fetches wait on all-gathers, so a module's kernels wait for its fetch and
     that time adds to the pass on the GPU's clock too; else it is host time like the kernels' launches, which
     runs ahead of the GPU and shows only where the host is the slower.  ``host`` False: the kernels are replayed
-    from a CUDA graph, one launch for the whole pass, so no per-kernel host time."""
+    from a CUDA graph, one launch for the whole pass, so no per-kernel host time.  ``host_sync``
+    (``Scenario.host_sync_per_block``): the forward of every block (``wheres`` names each part's place) waits
+    for the GPU once, so a block's launches and its kernels add up instead of overlapping, in the forward and
+    its recompute (the backward runs autograd's engine, which does not run that code)."""
     f = b = r = attn = 0.0
     hf = hb = hr = 0.0
     fx = rx = 0.0  # fetch time per pass: the whole stage, and the recomputed part of it
+    fs = rs = 0.0  # blocks whose forward waits for the GPU: launches plus kernels
     for i, (t, n) in enumerate(zip(times, counts)):
         if not n:
+            continue
+        if host_sync and host and wheres is not None and wheres[i] == "block":
+            fs = fs + n * (t.forward_s + t.host_forward_s)
+            rs = rs + _where(t.recompute_s != 0, n * (t.recompute_s + t.host_forward_s), 0.0)
+            b = b + n * t.backward_s
+            hb += n * t.host_backward_s
+            attn = attn + n * t.attention_s
+            if fetch_host_s:
+                fx += n * fetch_host_s[i]
+                rx = rx + _where(t.recompute_s != 0, n * fetch_host_s[i], 0.0)
             continue
         f = f + n * t.forward_s
         b = b + n * t.backward_s
@@ -164,13 +178,13 @@ def combine_parts(times: list, counts: tuple[int, ...], n_blocks: int, training:
         hf, hb, hr, fx, rx = hf + fx, hb + fx, hr + rx, 0.0, 0.0
     if not host:
         hf = hb = hr = 0.0
-    return StageCompute(_maximum(f, hf) + fx, _maximum(b, hb) + fx if training else 0.0,
-                        _maximum(r, hr) + rx if training else 0.0, attn, n_blocks)
+    return StageCompute(_maximum(f, hf) + fs + fx, _maximum(b, hb) + fx if training else 0.0,
+                        _maximum(r, hr) + rs + rx if training else 0.0, attn, n_blocks)
 
 
 def stage_compute(ct: CostTable, par, B: tuple, dev: Device, dtype: str, stage: int, training: bool,
                   decode_step: bool = False, rows=None, head_B: tuple | None = None,
-                  graphs: bool = False) -> StageCompute:
+                  graphs: bool = False, host_sync: bool = False) -> StageCompute:
     """Compute of one micro-batch on one rank of ``stage`` (``decode_step``: see :func:`part_counts`;
     ``rows``: input rows of each GEMM in an inference forward, which picks fused dequantizing kernels;
     ``head_B``: the basis the head part (final norm, LM head) runs at when it sees fewer positions than the
@@ -182,8 +196,10 @@ def stage_compute(ct: CostTable, par, B: tuple, dev: Device, dtype: str, stage: 
     times = [cp_.part_time(part, head_B if (head_B is not None and part.where == "post") else B, dev, dtype,
                            par.tp, par.cp, training, fused_attention, fq, kernel) if n else None
              for part, n in zip(cp_.op_arrays(ct), counts)]
+    parts = cp_.op_arrays(ct)
     return combine_parts(times, counts, len(sh.stage_layer_ranges(ct.n_blocks, par.pp)[stage]), training,
-                         fetch_host_times(ct, zero3_fetch_threshold(par)), zero3_fetch_waits(par), not graphs)
+                         fetch_host_times(ct, zero3_fetch_threshold(par)), zero3_fetch_waits(par), not graphs,
+                         tuple(p.where for p in parts), host_sync)
 
 
 def zero3_fetch_waits(par) -> bool:
@@ -381,7 +397,7 @@ def mezo_step_time(sc, ct: CostTable, dev: Device, system, B: tuple) -> TrainTim
     """MeZO on one GPU: two forwards of the batch, and the three perturbations and the update streaming every
     trainable parameter (``memory.MEZO_STEP_ACCESSES`` accesses each), issued tensor by tensor from Python."""
     par, w, prec, dtype, cd, lay = _setup(sc, ct, system)
-    fwd = stage_compute(ct, par, B, dev, dtype, 0, False).forward_s
+    fwd = stage_compute(ct, par, B, dev, dtype, 0, False, host_sync=sc.host_sync_per_block).forward_s
     rank = rank_state(ct, par, 0, sc.optimizer)
     opt = optimizer_step_s(rank, rank.trainable_numel, dev)
     return TrainTime(forward_s=2.0 * fwd, backward_s=0.0, recompute_s=0.0, tp_comm_s=0.0, cp_comm_exposed_s=0.0,
@@ -393,7 +409,8 @@ def train_step_time(sc, ct: CostTable, dev: Device, system, B: tuple) -> TrainTi
     if sc.optimizer.forward_only:
         return mezo_step_time(sc, ct, dev, system, B)
     par, w, prec, dtype, cd, lay = _setup(sc, ct, system)
-    stages = {st: stage_compute(ct, par, B, dev, dtype, st, True) for st in sh.stages_to_check(par.pp)}
+    stages = {st: stage_compute(ct, par, B, dev, dtype, st, True, host_sync=sc.host_sync_per_block)
+              for st in sh.stages_to_check(par.pp)}
     ranks = {st: rank_state(ct, par, st, sc.optimizer) for st in stages}
     return step_time(stages, ranks, step_model(ct), par, dev, system, w.grad_accum, B[0])
 
@@ -573,8 +590,11 @@ def _wave_time(sc, ct: CostTable, dev: Device, system, batch: int) -> InferTime:
     h = ct.arch.hidden
     prefill = decode = tp_p = tp_d = 0.0
     for st in range(par.pp):
-        sp_ = stage_compute(ct, par, Bp, dev, dtype, st, False, rows=w.batch * w.prompt_len, head_B=head_B)
-        sd = stage_compute(ct, par, Bd, dev, dtype, st, False, decode_step=True, rows=w.batch, graphs=graphs)
+        sync = sc.host_sync_per_block
+        sp_ = stage_compute(ct, par, Bp, dev, dtype, st, False, rows=w.batch * w.prompt_len, head_B=head_B,
+                            host_sync=sync)
+        sd = stage_compute(ct, par, Bd, dev, dtype, st, False, decode_step=True, rows=w.batch, graphs=graphs,
+                           host_sync=sync)
         prefill += sp_.forward_s
         decode += sd.forward_s
         tp_p += sp_.n_blocks * 2 * _coll(system, "all_reduce", w.batch * w.prompt_len * h * cd, par.tp, lay.tp)

@@ -572,11 +572,21 @@ def _legacy_bnb(quant: str, source: dict | None, notes: list[str]) -> bool:
     return legacy
 
 
+# The year of sources whose records name none, from the history of the file they cite.
+SOURCE_YEARS: dict[str, int] = {
+    # the table came with accelerate's ea0d5368 "Add benchmarks (#506)", 2022-07-12, and was only moved since
+    "huggingface/accelerate benchmarks/big_model_inference": 2022,
+}
+
+
 def _source_year(source: dict | None) -> int | None:
-    """The latest 20xx year named in the record's source text (its name / where), if any."""
+    """The latest 20xx year named in the record's source text (its name / where), else the year of a known
+    source (:data:`SOURCE_YEARS`), if any."""
     text = " ".join(str(v) for v in (source or {}).values())
     years = [int(y) for y in re.findall(r"\b(20[12]\d)\b", text)]
-    return max(years) if years else None
+    if years:
+        return max(years)
+    return next((y for name, y in SOURCE_YEARS.items() if name in text), None)
 
 
 # The settings a source's own training scripts fix where its record leaves them unstated.  Keyed by the
@@ -864,6 +874,7 @@ def record_to_scenario(rec: dict, notes: list[str] | None = None) -> Scenario:
     # QLoRA's base is quantized whether or not the record names the format (NF4 then, see _method)
     precision = _precision(sc, arch, dev, quantized or sc.get("method") == "qlora", notes)
     attention = _attention(sc, arch, precision, notes, _source_year(rec.get("source")))
+    sync = _host_sync_per_block(arch, sc, _source_year(rec.get("source")), notes)
 
     if sc.get("task") == "infer" or sc.get("method") == "inference":
         inf = sc.get("inference") or {}
@@ -895,7 +906,7 @@ def record_to_scenario(rec: dict, notes: list[str] | None = None) -> Scenario:
             model=arch, gpu=dev.name, precision=prec, attention=attention,
             parallel=_parallel(sc, arch, False, notes),
             workload=InferWorkload(batch=inf.get("batch") or 1, prompt_len=int(prompt), gen_len=int(gen)),
-            inference=infer,
+            inference=infer, host_sync_per_block=sync,
         )
 
     if sc.get("framework") == "torchtitan" and precision == "bf16-amp" and (sc.get("parallel") or {}).get("fsdp"):
@@ -970,8 +981,19 @@ def record_to_scenario(rec: dict, notes: list[str] | None = None) -> Scenario:
         workload=TrainWorkload(micro_batch=mb_v, seq_len=seq or d["seq_len"], grad_accum=ga_v),
         optimizer=optimizer, checkpointing=_checkpointing(sc, notes), padded_batches=padded, parallel=par,
         implementation=sc.get("framework") if sc.get("framework") in ("litgpt", "torchtune") else "transformers",
+        host_sync_per_block=sync,
     )
     return _checkpointing_that_ran(scen, sc, (rec.get("target") or {}).get("metric", ""), notes)
+
+
+def _host_sync_per_block(arch: ModelArch, sc: dict, year: int | None, notes: list[str]) -> bool:
+    """GPT-J in the transformers of 2022 built its rotary tables on the CPU in every layer and copied them to the
+    GPU (``fixed_pos_embedding(...).to(x.device)``): the host waits for the GPU once per block."""
+    if arch.family != "gptj" or sc.get("framework") in ("litgpt", "torchtune") or year is None or year > 2022:
+        return False
+    notes.append(f"GPT-J in {year}'s transformers copies its rotary tables to the GPU per layer: host and GPU "
+                 "wait for each other once per block")
+    return True
 
 
 def _checkpointing_that_ran(scen: Scenario, sc: dict, metric: str, notes: list[str]) -> Scenario:

@@ -60,6 +60,10 @@ class Scenario(Strict):
     mem-efficient kernel."""
     expandable_segments: bool = False
     """PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (less fragmentation in reserved memory)."""
+    host_sync_per_block: bool = False
+    """The model's code copies a host tensor to the GPU in every block, so the host waits for the GPU there and
+    launching a block's kernels stops overlapping running them (forward and recompute): GPT-J in transformers
+    releases of 2022, which built its rotary tables on the CPU per layer (``fixed_pos_embedding(...).to(x.device)``)."""
     parallel: Parallel = Field(default_factory=Parallel)
     """How the job is spread over GPUs: dp x tp x pp x cp ranks, ZeRO / FSDP sharding, offload."""
     system: str | None = None

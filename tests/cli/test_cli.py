@@ -289,3 +289,12 @@ def test_cuda_graphs_flag_takes_the_launch_cost_out_of_decode(capsys):
     eager = run_json(capsys, *args)["time"]["decode_per_token_s"]
     graphs = run_json(capsys, *args, "--cuda-graphs")["time"]["decode_per_token_s"]
     assert graphs < eager / 3  # batch-1 decode of an 8B model: launch-bound eagerly, memory-bound from a graph
+
+
+def test_host_sync_per_block_flag_adds_the_launches_to_each_block(capsys):
+    args = ("estimate", "--model", "gpt-j-6b", "--gpu", "titan-rtx-24gb", "--precision", "fp16", "--batch", "1",
+            "--prompt-len", "16", "--gen-len", "32")
+    overlapped = run_json(capsys, *args)
+    synced = run_json(capsys, *args, "--host-sync-per-block")
+    assert synced["scenario"]["host_sync_per_block"] is True
+    assert synced["time"]["decode_per_token_s"] > 1.5 * overlapped["time"]["decode_per_token_s"]

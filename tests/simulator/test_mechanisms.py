@@ -373,3 +373,41 @@ def test_t5_wo_stays_out_of_bitsandbytes_and_fp32_under_fp16():
     assert wo_params(method={"kind": "qlora", "compute_dtype": "fp16"}, precision="fp16") == ({("dense", "fp32")}, {"nf4"})
     assert wo_params(method={"kind": "full"}, precision="fp16") == ({("dense", "fp32")}, {"dense"})
     assert wo_params(method={"kind": "full"}, precision="bf16") == ({("dense", "bf16")}, {"dense"})
+
+
+def test_host_sync_per_block_adds_each_blocks_launches_to_its_kernels():
+    """A block whose forward copies a host tensor to the GPU (2022's GPT-J: its rotary tables, per layer) makes
+    the host wait there: the block's launches and its kernels add up, where otherwise the host runs ahead and
+    only the slower of the two counts.  The embeddings and the head still overlap; the decode step's time is
+    the blocks' sums plus the rest's maximum."""
+    from simulator import compute, timing
+
+    sc = Scenario.model_validate({"model": "gpt-j-6b", "gpu": "titan-rtx-24gb", "precision": "fp16",
+                                  "workload": {"task": "infer", "batch": 1, "prompt_len": 16, "gen_len": 32}})
+    ct, dev = cost_table_for(sc), get_device("titan-rtx-24gb")
+    B = basis(1, 1, 32)
+    parts, counts = compute.op_arrays(ct), timing.part_counts(ct, 1, 0, decode_step=True)
+    times = [compute.part_time(p, B, dev, "fp16", 1, 1, False) if n else None for p, n in zip(parts, counts)]
+    wheres = tuple(p.where for p in parts)
+    kw = dict(times=times, counts=counts, n_blocks=ct.n_blocks, training=False, wheres=wheres)
+    plain, synced = timing.combine_parts(**kw), timing.combine_parts(**kw, host_sync=True)
+    live = [(p, t, n) for p, t, n in zip(parts, times, counts) if n]
+    blocks = sum(n * (t.forward_s + t.host_forward_s) for p, t, n in live if p.where == "block")
+    rest_gpu = sum(n * t.forward_s for p, t, n in live if p.where != "block")
+    rest_host = sum(n * t.host_forward_s for p, t, n in live if p.where != "block")
+    assert synced.forward_s == pytest.approx(blocks + max(rest_gpu, rest_host), rel=1e-12)
+    assert plain.forward_s == pytest.approx(max(sum(n * t.forward_s for _, t, n in live),
+                                                sum(n * t.host_forward_s for _, t, n in live)), rel=1e-12)
+    assert synced.forward_s > plain.forward_s
+    # a CUDA graph replays the step with no per-kernel launches: nothing to wait on
+    assert timing.combine_parts(**kw, host=False, host_sync=True).forward_s == timing.combine_parts(
+        **kw, host=False).forward_s
+
+
+def test_the_planner_refuses_families_that_sync_per_block():
+    from simulator.grid import TrainGrid
+
+    fam = Scenario.model_validate({"model": "gpt-j-6b", "host_sync_per_block": True,
+                                   "workload": {"task": "train", "micro_batch": 1, "seq_len": 256}})
+    with pytest.raises(ValueError, match="host_sync_per_block"):
+        TrainGrid([fam], [1], [1], [get_device("h100-sxm-80gb")])

@@ -237,6 +237,25 @@ def test_gptj_record_resolves_to_the_catalog_and_a_titan_rtx():
     assert p["status"] == "ok" and p["unit"] == "s" and p["predicted"] > 0
 
 
+def test_gptj_of_2022_waits_for_the_gpu_in_every_block():
+    # the accelerate table names no year: its source's first commit does (2022-07-12), when GPT-J built its rotary
+    # tables on the CPU per layer and SDPA was not yet transformers' default attention
+    r = _accelerate_gptj("fp16-pure", "decode_time_per_token_s")
+    assert record_to_scenario(r, []).host_sync_per_block is False  # a hand-made record without a source
+    r["source"] = {"name": "huggingface/accelerate benchmarks/big_model_inference/README.md"}
+    notes: list[str] = []
+    scen = record_to_scenario(r, notes)
+    assert scen.host_sync_per_block and scen.attention == "eager"
+    assert any("rotary tables" in n for n in notes)
+    neox = copy.deepcopy(r)
+    neox["scenario"]["model"] = {**r["scenario"]["model"], "name": "EleutherAI/gpt-neox-20b",
+                                 "hf_id": "EleutherAI/gpt-neox-20b"}
+    assert record_to_scenario(neox, []).host_sync_per_block is False
+    later = copy.deepcopy(r)
+    later["source"] = {"name": "a GPT-J benchmark of 2024"}
+    assert record_to_scenario(later, []).host_sync_per_block is False
+
+
 def test_gptj_fp16_gpu0_holds_every_weight_under_a_sequential_device_map():
     # fp16 GPT-J = 6,050,882,784 x 2 B = 12,101,765,568 B (11.27 GiB) < the 24 GB Titan RTX's free memory less
     # the largest layer (lm_head 50400 x 4096 + 50400 = 206,488,800 params, 412,977,600 B): all of it on GPU 0.
