@@ -357,7 +357,7 @@ def _deberta_v2_config(arch: ModelArch, dropout: float):
         position_buckets=arch.relative_attention_num_buckets if relative else -1,
         max_relative_positions=-1,
         pos_att_type=["p2c", "c2p"] if relative else [],
-        norm_rel_ebd="layer_norm",
+        norm_rel_ebd="layer_norm" if relative else "none",
         share_att_key=True,
         pad_token_id=0,
     )

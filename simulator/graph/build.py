@@ -1247,9 +1247,10 @@ class ModelBuilder(Builder):
             x = tr.add("", x, pe)
         if arch.type_vocab_size:
             # token_type_ids: a (1, s) slice of a zeros buffer, expanded over the batch; RoBERTa gathers it at its
-            # (b, s) position ids, a new tensor
+            # (b, s) position ids, and DeBERTa-v2 makes ``torch.zeros(input_shape)``: new (b, s) tensors
+            per = Poly.tok(1) if arch.family in ("roberta", "deberta_v2") else Poly.pos(1)
             tt = self.embedding(n.embed.replace("word_embeddings", "token_type_embeddings"),
-                                tr.new("", Poly.tok(1) if arch.family == "roberta" else Poly.pos(1), "int64", False),
+                                tr.new("", per, "int64", False),
                                 arch.type_vocab_size, H, pl.embeddings_trainable, Poly.tok(1))
             x = tr.add("", x, tt)
         if n.embed_norm:

@@ -75,6 +75,11 @@ ARCHS = {
     "deberta": dict(family="deberta_v2", arch="encoder", n_kv_heads=4, position="relative", norm="layernorm",
                     norm_bias=True, activation="gelu", gated_mlp=False, qkv_bias=True, attn_out_bias=True,
                     mlp_bias=True, tied_embeddings=True, type_vocab_size=0, relative_attention_num_buckets=12),
+    # DeBERTa-v2 with absolute positions and token types instead (relative_attention false): its own attention
+    # code without the c2p / p2c terms
+    "deberta-abs": dict(family="deberta_v2", arch="encoder", n_kv_heads=4, position="learned", norm="layernorm",
+                        norm_bias=True, activation="gelu", gated_mlp=False, qkv_bias=True, attn_out_bias=True,
+                        mlp_bias=True, tied_embeddings=True, type_vocab_size=2),
     "t5": dict(family="t5", arch="encoder_decoder", n_kv_heads=4, position="relative", norm="rmsnorm",
                activation="relu", gated_mlp=False, tied_embeddings=True, head_dim=16),
 }
@@ -204,6 +209,8 @@ CASES = [
     ("deberta", "fp32", "eager", {"kind": "lora", "r": 4, "targets": "all-linear"}, "none"),
     ("deberta", "fp32", "eager", {"kind": "full"}, "full"),
     ("deberta", "fp32", "eager", LORA, "full"),
+    ("deberta-abs", "fp32", "eager", {"kind": "full"}, "none"),
+    ("deberta-abs", "fp32", "eager", LORA, "full"),
     ("t5", "fp32", "eager", {"kind": "full"}, "none"),
     ("t5", "bf16", "eager", {"kind": "full"}, "none"),
     ("t5", "bf16", "eager", LORA, "none"),
