@@ -307,7 +307,11 @@ def ranks(e: Estimate) -> list[str]:
         for st, v in sorted(e.stage_peak_bytes.items()):
             rows.append([f"stage {st}", fmt_bytes(v), "<- largest" if st == e.peak_stage else ""])
     if e.host_memory_bytes:
-        rows.append(["host RAM per rank", fmt_bytes(e.host_memory_bytes), "offloaded states / parameters"])
+        what = "offloaded states / parameters"
+        if e.paged_host_bytes:
+            what = (f"of which {fmt_bytes(e.paged_host_bytes)} paged optimizer states the device has no room for"
+                    if e.paged_host_bytes < e.host_memory_bytes else "paged optimizer states the device has no room for")
+        rows.append(["host RAM per rank", fmt_bytes(e.host_memory_bytes), what])
     if e.nvme_bytes:
         rows.append(["NVMe per rank", fmt_bytes(e.nvme_bytes), "offloaded to NVMe"])
     return table(rows, "lrl") if rows else []
@@ -337,8 +341,9 @@ def timing(e: Estimate) -> list[str]:
     t = e.time
     if t is None:
         return []
-    rows = [[TIME_LABELS[k], fmt_seconds(getattr(t, k)), pct(getattr(t, k), t.step_s)]
-            for k in TIME_LABELS if getattr(t, k)]
+    labels = TIME_LABELS if not e.paged_host_bytes else {**TIME_LABELS, "offload_s": "offload (exposed; paged migration)"}
+    rows = [[labels[k], fmt_seconds(getattr(t, k)), pct(getattr(t, k), t.step_s)]
+            for k in labels if getattr(t, k)]
     if e.task == "infer":
         rows.append(["per output token (decode)", fmt_seconds(t.decode_per_token_s), ""])
     if t.dp_comm_s:

@@ -116,3 +116,15 @@ def test_the_planners_arrays_agree_with_estimate_when_states_spill():
         assert need[0, k] == e.required_memory_bytes == e.device_memory_bytes - e.headroom_bytes
         assert spilled[0, k] == e.paged_host_bytes
         assert step[0, k] == e.time.step_s
+
+
+def test_the_report_says_where_the_spilled_states_are_and_what_their_migration_costs():
+    from simulator.report import render
+
+    sc = _scenario("rtx-4090-24gb")
+    e = estimate(sc, what_fits=False)
+    text = render(e, sc)
+    assert "paged optimizer states the device has no room for" in text
+    assert "offload (exposed; paged migration)" in text
+    roomy = render(estimate(_scenario("h100-sxm-80gb"), what_fits=False))
+    assert "paged migration" not in roomy and "no room" not in roomy
