@@ -1159,7 +1159,6 @@ def _counts_prompt_tokens(rec: dict) -> bool:
 def predict_record(rec: dict) -> dict[str, Any]:
     """One prediction line: {id, predicted, unit, status, reason, notes, measured_as}."""
     t = rec.get("target") or {}
-    sc = rec.get("scenario") or {}
     metric = t.get("metric", "")
     out: dict[str, Any] = {"id": rec.get("id"), "predicted": None, "unit": None, "status": "unsupported",
                            "reason": None, "notes": []}
