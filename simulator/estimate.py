@@ -740,6 +740,9 @@ def _estimate(sc: Scenario, what_fits: bool, with_time: bool = True) -> Estimate
         warnings.append(f"{dev.name} has no native bf16; use fp16 or fp32")
     if sc.precision == "fp8" and not dev.supports_fp8:
         warnings.append(f"{dev.name} has no fp8 tensor cores")
+    if sc.is_training and sc.model.arch == "encoder":
+        notes.append(f"{sc.model.name} is estimated with its masked-LM head: b x s x {sc.model.vocab:,} logits and "
+                     "their loss; a sequence-classification head (pooler + num_labels classifier) has no such logits")
     if sc.model.family == "deberta_v2" and sc.attention != "eager":
         notes.append(f"attention {sc.attention!r}: transformers runs DeBERTa-v2's disentangled attention eagerly "
                      "(no SDPA or flash path); that is what is modelled")

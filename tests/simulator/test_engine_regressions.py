@@ -191,3 +191,14 @@ def test_what_fits_on_prompt_tuning_with_learned_positions():
     exit 2"""
     e = estimate({"model": "gpt2", "workload": {"task": "train", "micro_batch": 1, "seq_len": 21}, "method": {"kind": "prompt"}})
     assert e.max_seq_len_that_fits is not None and e.max_seq_len_that_fits + 20 <= 1024
+
+
+def test_encoder_training_says_it_models_the_masked_lm_head():
+    from simulator import estimate
+
+    train = estimate({"model": "bert-base-uncased", "workload": {"task": "train", "micro_batch": 8, "seq_len": 512}},
+                     what_fits=False)
+    assert any("masked-LM head" in n and "30,522 logits" in n for n in train.notes)
+    decoder = estimate({"model": "llama-3.2-1b", "workload": {"task": "train", "micro_batch": 1, "seq_len": 512}},
+                       what_fits=False)
+    assert not any("masked-LM head" in n for n in decoder.notes)
