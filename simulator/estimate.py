@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -203,8 +203,7 @@ def rank_bytes(ct: CostTable, par, optimizer, stage: int, n_shard: int) -> tuple
                    accumulated_gradients=accumulated_gradient_bytes(rp, par, prec, n_shard, grads),
                    step_gradients=step_grads,
                    optimizer_states=ms.optimizer_states + ms.paged_bytes, paged=ms.paged_bytes,
-                   paged_working=np.minimum(ms.paged_bytes, ms.paged_working_bytes) if isinstance(
-                       ms.paged_bytes, np.ndarray) else min(ms.paged_bytes, ms.paged_working_bytes),
+                   paged_working=ms.paged_working_bytes,
                    bucket=ms.bucket_bytes, gathered=ms.gathered_bytes, gathered_grads=ms.gathered_grad_bytes,
                    largest_trainable=rp.largest_trainable_bytes, optimizer_transient=opt_tr,
                    backward_optimizer_transient=bwd_opt, dequant=ct.max_dequant_bytes / par.tp)
@@ -505,11 +504,10 @@ def device_bytes(reserved, paged, paged_working, dev: Device):
 def _stage_peak(sc: Scenario, ct: CostTable, dev: Device, stage: int) -> dict[str, Any]:
     memory = (_infer_memory if not sc.is_training else _mezo_memory if sc.optimizer.forward_only else _train_memory)
     phases, bd, paged, transient, stranded, ms = memory(sc, ct, dev, stage)
-    working = min(paged, ms.paged_working_bytes)
     phase, allocated, over = peak_of_phases(phases, transient, sc.expandable_segments, stranded,
-                                            allocator_limit_bytes(dev, working))
+                                            allocator_limit_bytes(dev, ms.paged_working_bytes))
     reserved = allocated + over
-    total, needed, spilled = device_bytes(reserved, paged, working, dev)
+    total, needed, spilled = device_bytes(reserved, paged, ms.paged_working_bytes, dev)
     evictable = total - needed
     b = bd[phase].model_copy(update={"allocator_overhead": over, "cuda_context": dev.cuda_context_bytes,
                                      "optimizer_states": bd[phase].optimizer_states - spilled})
@@ -527,7 +525,8 @@ def _stage_peak(sc: Scenario, ct: CostTable, dev: Device, stage: int) -> dict[st
             phases = {k: v + spare for k, v in phases.items()}  # the pool is allocated through every phase
     return dict(phases=phases, phase=phase, allocated=allocated, reserved=reserved, total=total, breakdown=b,
                 limit=limit, needed=needed, running=running, pool_spare=spare,
-                stage=stage, host_bytes=ms.host_bytes + spilled, nvme_bytes=ms.nvme_bytes, paged_spilled=spilled, evictable=evictable,
+                stage=stage, host_bytes=ms.host_bytes + spilled, nvme_bytes=ms.nvme_bytes, paged_spilled=spilled,
+                evictable=evictable,
                 model_states=ms.weights + ms.quant_data + ms.quant_scales + ms.trainable_weights + ms.gradients
                 + ms.optimizer_states + ms.paged_bytes)
 
@@ -566,10 +565,7 @@ def _time_and_cost(sc: Scenario, ct: CostTable, dev: Device, flops: FlopBreakdow
     peak = compute.peak_flops(dev, dtype)
     if sc.is_training:
         b, s, skv = _dims(sc, ct)
-        t = timing.train_step_time(sc, ct, dev, system, basis(b, s, skv))
-        if paged_spilled > 0:
-            migrate = timing.paged_migration_s(system, paged_spilled, dev)
-            t = replace(t, offload_s=t.offload_s + migrate, step_s=t.step_s + migrate)
+        t = timing.train_step_time(sc, ct, dev, system, basis(b, s, skv), paged_spilled)
         step = t.step_s
         parts = {k: getattr(t, k) for k in ("forward_s", "backward_s", "recompute_s", "tp_comm_s", "cp_comm_exposed_s",
                                             "ep_comm_s", "pp_p2p_s", "pp_bubble_s", "dp_comm_s", "dp_comm_exposed_s",

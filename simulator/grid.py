@@ -192,6 +192,6 @@ class TrainGrid:
         ga = np.asarray(grad_accum)[None, :]
         stages = {st: self._stage_compute(dev, par, st) for st in sh.stages_to_check(par.pp)}
         ranks = {st: self._rank_state(par, st) for st in stages}
-        t = timing.step_time(stages, ranks, self._step_model(), par, dev, system, ga, self._micro_tokens())
-        step = t.step_s + np.where(paged_spilled > 0, timing.paged_migration_s(system, paged_spilled, dev), 0.0)
-        return np.broadcast_to(step, (len(self.families), len(self.mbs)))
+        t = timing.step_time(stages, ranks, self._step_model(), par, dev, system, ga, self._micro_tokens(),
+                             paged_spilled)
+        return np.broadcast_to(t.step_s, (len(self.families), len(self.mbs)))

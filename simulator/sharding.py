@@ -201,7 +201,7 @@ class ModelStates:
     host_bytes: float  # host RAM for offloaded states / parameters
     nvme_bytes: float
     paged_bytes: float  # bitsandbytes paged states (CUDA managed memory)
-    paged_working_bytes: float = 0.0  # of them, the largest tensor's (its update needs them on the device)
+    paged_working_bytes: float = 0.0  # of them, the largest tensor's (its update needs them on the device; <= paged)
 
 
 def weights_only_states(rp: RankParams, trainable_weights: float) -> ModelStates:

@@ -155,20 +155,14 @@ def combine_parts(times: list, counts: tuple[int, ...], n_blocks: int, training:
         if host_sync and host and wheres is not None and wheres[i] == "block":
             fs = fs + n * (t.forward_s + t.host_forward_s)
             rs = rs + _where(t.recompute_s != 0, n * (t.recompute_s + t.host_forward_s), 0.0)
-            b = b + n * t.backward_s
-            hb += n * t.host_backward_s
-            attn = attn + n * t.attention_s
-            if fetch_host_s:
-                fx += n * fetch_host_s[i]
-                rx = rx + _where(t.recompute_s != 0, n * fetch_host_s[i], 0.0)
-            continue
-        f = f + n * t.forward_s
+        else:
+            f = f + n * t.forward_s
+            r = r + n * t.recompute_s
+            hf += n * t.host_forward_s
+            hr = hr + _where(t.recompute_s != 0, n * t.host_forward_s, 0.0)
         b = b + n * t.backward_s
-        r = r + n * t.recompute_s
         attn = attn + n * t.attention_s
-        hf += n * t.host_forward_s
         hb += n * t.host_backward_s
-        hr = hr + _where(t.recompute_s != 0, n * t.host_forward_s, 0.0)
         if fetch_host_s:
             fx += n * fetch_host_s[i]
             rx = rx + _where(t.recompute_s != 0, n * fetch_host_s[i], 0.0)
@@ -193,10 +187,10 @@ def stage_compute(ct: CostTable, par, B: tuple, dev: Device, dtype: str, stage: 
     counts = part_counts(ct, par.pp, stage, decode_step)
     fq = cp_.fused_dequant(ct.plan.base_quant, rows) if (rows is not None and not training) else False
     kernel = cp_.attention_kernel(ct.plan)
+    parts = cp_.op_arrays(ct)
     times = [cp_.part_time(part, head_B if (head_B is not None and part.where == "post") else B, dev, dtype,
                            par.tp, par.cp, training, fused_attention, fq, kernel) if n else None
-             for part, n in zip(cp_.op_arrays(ct), counts)]
-    parts = cp_.op_arrays(ct)
+             for part, n in zip(parts, counts)]
     return combine_parts(times, counts, len(sh.stage_layer_ranges(ct.n_blocks, par.pp)[stage]), training,
                          fetch_host_times(ct, zero3_fetch_threshold(par)), zero3_fetch_waits(par), not graphs,
                          tuple(p.where for p in parts), host_sync)
@@ -405,14 +399,15 @@ def mezo_step_time(sc, ct: CostTable, dev: Device, system, B: tuple) -> TrainTim
                      optimizer_s=opt, offload_s=0.0, step_s=2.0 * fwd + opt)
 
 
-def train_step_time(sc, ct: CostTable, dev: Device, system, B: tuple) -> TrainTime:
+def train_step_time(sc, ct: CostTable, dev: Device, system, B: tuple, paged_spilled=0.0) -> TrainTime:
+    """One optimizer step of ``sc`` (``paged_spilled``: see :func:`step_time`)."""
     if sc.optimizer.forward_only:
         return mezo_step_time(sc, ct, dev, system, B)
     par, w, prec, dtype, cd, lay = _setup(sc, ct, system)
     stages = {st: stage_compute(ct, par, B, dev, dtype, st, True, host_sync=sc.host_sync_per_block)
               for st in sh.stages_to_check(par.pp)}
     ranks = {st: rank_state(ct, par, st, sc.optimizer) for st in stages}
-    return step_time(stages, ranks, step_model(ct), par, dev, system, w.grad_accum, B[0])
+    return step_time(stages, ranks, step_model(ct), par, dev, system, w.grad_accum, B[0], paged_spilled)
 
 
 _STAGE_FIELDS = ("forward_s", "backward_s", "recompute_s", "attention_s", "n_blocks")
@@ -438,9 +433,11 @@ def _slowest(stages: dict[int, StageCompute], ranks: dict[int, RankState]) -> tu
 
 
 def step_time(stages: dict[int, StageCompute], ranks: dict[int, RankState], model: StepModel, par, dev: Device,
-              system, m, micro_tokens) -> TrainTime:
+              system, m, micro_tokens, paged_spilled=0.0) -> TrainTime:
     """One optimizer step of ``m`` micro-batches of ``micro_tokens`` tokens each, from the stages' compute.
-    ``par``, ``dev`` and ``system`` are one setup's; every other number may be an array of setups."""
+    ``par``, ``dev`` and ``system`` are one setup's; every other number may be an array of setups.
+    ``paged_spilled``: paged optimizer states kept in host memory, migrated every step (:func:`paged_migration_s`,
+    part of the offload time)."""
     lay = layout(par, system.gpus_per_node)
     slow, rank = _slowest(stages, ranks)
     cd = model.compute_bytes
@@ -526,6 +523,7 @@ def step_time(stages: dict[int, StageCompute], ranks: dict[int, RankState], mode
         shard = all_params_16 / max(1, n_shard)
         pcie = comm.host_transfer_time_s(system, 2.0 * shard, dev.efficiency.host_transfer_fraction) * m
         off_s = off_s + _maximum(0.0, pcie - (slow.forward_s + slow.backward_s) * m)
+    off_s = off_s + paged_migration_s(system, paged_spilled, dev)
     step = pipe_s + dp_exposed + opt_s + off_s
     return TrainTime(
         forward_s=slow.forward_s * m, backward_s=slow.backward_s * m, recompute_s=slow.recompute_s * m,
@@ -589,8 +587,8 @@ def _wave_time(sc, ct: CostTable, dev: Device, system, batch: int) -> InferTime:
     Bd = basis(w.batch, 1, mid)
     h = ct.arch.hidden
     prefill = decode = tp_p = tp_d = 0.0
+    sync = sc.host_sync_per_block
     for st in range(par.pp):
-        sync = sc.host_sync_per_block
         sp_ = stage_compute(ct, par, Bp, dev, dtype, st, False, rows=w.batch * w.prompt_len, head_B=head_B,
                             host_sync=sync)
         sd = stage_compute(ct, par, Bd, dev, dtype, st, False, decode_step=True, rows=w.batch, graphs=graphs,
