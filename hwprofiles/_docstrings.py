@@ -80,4 +80,4 @@ class DescribedFields:
 
     def __get__(self, instance: object, owner: type) -> dict:
         attach(owner)
-        return owner.__dict__.get("__pydantic_fields__") or getattr(owner, "__pydantic_fields__", {})
+        return getattr(owner, "__pydantic_fields__", {})

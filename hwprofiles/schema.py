@@ -71,7 +71,7 @@ class PeakTflops(_Strict):
     """INT8 tensor-core rate, dense TOPS; null where no INT8 tensor path was found in the sources."""
 
 
-def _interp(x: float, xs: tuple[float, ...], ys: tuple[float, ...]) -> float:
+def interp_clamped(x: float, xs: tuple[float, ...], ys: tuple[float, ...]) -> float:
     """Piecewise-linear interpolation of (xs, ys) at x, clamped to the end values (numpy.interp for one value)."""
     if x <= xs[0]:
         return ys[0]
@@ -87,7 +87,7 @@ def _on_log_curve(x, curve: tuple[tuple[float, ...], tuple[float, ...]], base: i
     linear in log_base(x), clamped outside; a scalar without numpy (one call in an estimate's hot path)."""
     xs, ys = curve
     if isinstance(x, int | float):
-        return _interp((math.log10 if base == 10 else math.log2)(max(x, 1.0)), xs, ys)
+        return interp_clamped((math.log10 if base == 10 else math.log2)(max(x, 1.0)), xs, ys)
     import numpy as np  # lazy: profiles load without numpy
 
     return np.interp((np.log10 if base == 10 else np.log2)(np.maximum(x, 1.0)), xs, ys)
@@ -176,14 +176,14 @@ class Efficiency(_Strict):
         return self.matmul_max_fraction
 
     @functools.cached_property
-    def _log_curve(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    def log_matmul_curve(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """The curve as (log10 flops, fraction) tuples, computed once per profile."""
         return tuple(math.log10(f) for f, _ in self.matmul_curve), tuple(r for _, r in self.matmul_curve)
 
     def matmul_fraction(self, flops_per_gemm, dtype: str = "bf16"):
         """Achievable fraction of peak for a GEMM of ``flops_per_gemm`` FLOPs (scalar or array): the curve
         interpolated in log10(flops), clamped outside, times :meth:`max_fraction`."""
-        out = _on_log_curve(flops_per_gemm, self._log_curve, 10) * self.max_fraction(dtype)
+        out = _on_log_curve(flops_per_gemm, self.log_matmul_curve, 10) * self.max_fraction(dtype)
         if isinstance(flops_per_gemm, int | float):
             return out
         import numpy as np  # lazy: profiles load without numpy

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from hwprofiles import Device
+from hwprofiles.schema import interp_clamped
 
 from .graph.build import GPTQ_TORCH_DEQUANT_BYTES_PER_WEIGHT, GPTQ_TORCH_DEQUANT_KERNELS, attention_kernel  # noqa: F401
 from .graph.compile import CostTable
@@ -484,24 +485,14 @@ class _Roofline:
         eff = dev.efficiency
         self.peak_flops = peak_flops(dev, dtype)
         self.max_fraction = eff.max_fraction(dtype)
-        self.log_flops, self.fractions = eff._log_curve
+        self.log_flops, self.fractions = eff.log_matmul_curve
         self.bytes_per_s = dev.memory_bandwidth_Bps * eff.memory_bandwidth_fraction
 
     def gemm_time_s(self, flops: float, nbytes: float) -> float:
         t_memory = nbytes / self.bytes_per_s
         if flops <= 0:
             return t_memory
-        xs, ys = self.log_flops, self.fractions
-        x = math.log10(max(flops, 1.0))
-        if x <= xs[0]:
-            frac = ys[0]
-        else:
-            for i in range(1, len(xs)):
-                if x <= xs[i]:
-                    frac = ys[i - 1] + (x - xs[i - 1]) / (xs[i] - xs[i - 1]) * (ys[i] - ys[i - 1])
-                    break
-            else:
-                frac = ys[-1]
+        frac = interp_clamped(math.log10(max(flops, 1.0)), self.log_flops, self.fractions)
         return max(flops / (self.peak_flops * (frac * self.max_fraction)), t_memory)
 
 
