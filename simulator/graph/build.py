@@ -901,13 +901,14 @@ class ModelBuilder(Builder):
             index = lambda: tr.new(core, Poly.pos2(1), "int64", False)  # noqa: E731  clamp(+-rel_pos + span)
             c2p = self._bmm(core, q, pos_k, Poly.tok(a * rows), Poly.tok(2.0 * rows * H))
             score = self._scaled(core, self._gathered(core, c2p, index()))
-            score = tr.new(core, score.numel, score.dtype, score.requires_grad)  # ``0 + c2p / scale`` (p2c: in place)
+            score = tr.new(core, score.numel, score.dtype, score.requires_grad)  # ``score = 0; score += c2p / scale``
             p2c = self._bmm(core, k, pos_q, Poly.tok(a * rows), Poly.tok(2.0 * rows * H))
             p2c = self._scaled(core, self._gathered(core, p2c, index()))
-            scores = tr.add(core, scores, tr.add(core, score, p2c))
+            score.requires_grad = score.requires_grad or p2c.requires_grad  # ``score += p2c / scale``: in place
+            scores = tr.add(core, scores, score)
         # ``attention_mask.bool()`` and its inverse, which masked_fill keeps
-        inverse = tr.new(core, Poly.att(1), "bool", False)
         tr.new(core, Poly.att(1), "bool", False)
+        inverse = tr.new(core, Poly.att(1), "bool", False)
         if scores.requires_grad:
             tr.save(core, inverse)
         scores = tr.new(core, scores.numel, scores.dtype, scores.requires_grad)
