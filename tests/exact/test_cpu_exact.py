@@ -32,6 +32,9 @@ pytestmark = pytest.mark.torch
 
 BASE = dict(name="tiny", n_layers=2, hidden=64, n_heads=4, n_kv_heads=2, intermediate=160, vocab=128,
             max_position_embeddings=256)
+# the post-norm BERT-style encoders: GELU MLP, biases everywhere, tied MLM head
+_ENCODER = dict(arch="encoder", n_kv_heads=4, norm="layernorm", norm_bias=True, activation="gelu", gated_mlp=False,
+                qkv_bias=True, attn_out_bias=True, mlp_bias=True, tied_embeddings=True)
 ARCHS = {
     "llama": dict(family="llama"),
     "llama-tied": dict(family="llama", tied_embeddings=True),
@@ -65,21 +68,14 @@ ARCHS = {
                   tied_embeddings=True, intermediate=256),
     "opt": dict(family="opt", n_kv_heads=4, position="learned", norm="layernorm", norm_bias=True, activation="relu",
                 gated_mlp=False, qkv_bias=True, attn_out_bias=True, mlp_bias=True, tied_embeddings=True),
-    "bert": dict(family="bert", arch="encoder", n_kv_heads=4, position="learned", norm="layernorm", norm_bias=True,
-                 activation="gelu", gated_mlp=False, qkv_bias=True, attn_out_bias=True, mlp_bias=True,
-                 tied_embeddings=True, type_vocab_size=2),
-    "roberta": dict(family="roberta", arch="encoder", n_kv_heads=4, position="learned", norm="layernorm",
-                    norm_bias=True, activation="gelu", gated_mlp=False, qkv_bias=True, attn_out_bias=True,
-                    mlp_bias=True, tied_embeddings=True, type_vocab_size=1),
+    "bert": dict(_ENCODER, family="bert", position="learned", type_vocab_size=2),
+    "roberta": dict(_ENCODER, family="roberta", position="learned", type_vocab_size=1),
     # DeBERTa-v3's layout: relative attention over 2 x 12 buckets (not a divisor of the test's 16 tokens)
-    "deberta": dict(family="deberta_v2", arch="encoder", n_kv_heads=4, position="relative", norm="layernorm",
-                    norm_bias=True, activation="gelu", gated_mlp=False, qkv_bias=True, attn_out_bias=True,
-                    mlp_bias=True, tied_embeddings=True, type_vocab_size=0, relative_attention_num_buckets=12),
+    "deberta": dict(_ENCODER, family="deberta_v2", position="relative", type_vocab_size=0,
+                    relative_attention_num_buckets=12),
     # DeBERTa-v2 with absolute positions and token types instead (relative_attention false): its own attention
     # code without the c2p / p2c terms
-    "deberta-abs": dict(family="deberta_v2", arch="encoder", n_kv_heads=4, position="learned", norm="layernorm",
-                        norm_bias=True, activation="gelu", gated_mlp=False, qkv_bias=True, attn_out_bias=True,
-                        mlp_bias=True, tied_embeddings=True, type_vocab_size=2),
+    "deberta-abs": dict(_ENCODER, family="deberta_v2", position="learned", type_vocab_size=2),
     "t5": dict(family="t5", arch="encoder_decoder", n_kv_heads=4, position="relative", norm="rmsnorm",
                activation="relu", gated_mlp=False, tied_embeddings=True, head_dim=16),
 }
