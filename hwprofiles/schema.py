@@ -97,12 +97,18 @@ AttentionKernel = Literal["flash1", "mem_efficient", "flash3"]
 """Fused attention kernels whose speed a device profile gives relative to FlashAttention-2."""
 
 
+MATMUL_FRACTION_LIMIT = 1.25
+"""Largest measured GEMM throughput / datasheet peak a profile may state: datasheet peaks assume the rated boost
+clock, which GeForce boards exceed under load (RTX 5090: 239 of 209.5 TFLOPS bf16, rtx-5090-32gb.yaml)."""
+
+
 class Efficiency(_Strict):
     """Achievable fractions of the peaks, used by the roofline (Calculon's ``gflops_efficiency`` / ``MB_efficiency``)."""
 
-    matmul_max_fraction: float = Field(gt=0, le=1)
-    """Best measured GEMM throughput / dense bf16 peak (large, well-shaped GEMMs)."""
-    matmul_max_fraction_fp8: float | None = Field(gt=0, le=1)
+    matmul_max_fraction: float = Field(gt=0, le=MATMUL_FRACTION_LIMIT)
+    """Best measured GEMM throughput / dense bf16 peak (large, well-shaped GEMMs).  Above 1 where the card sustains
+    a boost clock above the one its datasheet peak is quoted at (GeForce boards)."""
+    matmul_max_fraction_fp8: float | None = Field(gt=0, le=MATMUL_FRACTION_LIMIT)
     """Best measured FP8 GEMM throughput / dense fp8 peak; null = use ``matmul_max_fraction``."""
     matmul_curve: tuple[tuple[float, float], ...] = Field(min_length=2)
     """[flops_per_gemm, fraction of the max fraction] points, flops strictly increasing, fraction non-decreasing in (0, 1]; interpolated in log10(flops), clamped outside."""

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from hwprofiles import Device
-from hwprofiles.schema import GIGA, Efficiency
+from hwprofiles.schema import GIGA, MATMUL_FRACTION_LIMIT, Efficiency
 
 from .micro import MicroCase
 from .schema import Measurement, ResultsFile
@@ -245,7 +245,7 @@ def fit_matmul(rows: Rows, dev: Device, mem_fraction: float) -> tuple[float, Cur
     if len(gemms) < 2:
         return None
     large = _large(gemms)
-    max_fraction = min(1.0, _quantile(large, MAX_FRACTION_QUANTILE))
+    max_fraction = min(MATMUL_FRACTION_LIMIT, _quantile(large, MAX_FRACTION_QUANTILE))
     points = fit_log_curve([x for x, _ in gemms], [f for _, f in gemms])
     if len(points) < 2:
         return None
@@ -267,7 +267,7 @@ def fit_matmul_fp8(rows: Rows, dev: Device, mem_fraction: float) -> tuple[float,
     if not gemms:
         return None
     large = _large(gemms)
-    value = min(1.0, _quantile(large, MAX_FRACTION_QUANTILE))
+    value = min(MATMUL_FRACTION_LIMIT, _quantile(large, MAX_FRACTION_QUANTILE))
     return value, (f"90th percentile of achieved/dense fp8 peak over {len(large)} large fp8 GEMMs "
                    f"(torch._scaled_mm, e4m3, per-tensor scales, fast accumulation): {_fmt(value)}")
 

@@ -200,6 +200,32 @@ def test_rtx4090_bf16_is_the_fp32_accumulate_rate() -> None:
     assert rtx.peak_tflops.bf16 == pytest.approx(330.3 / 2, abs=0.06)
 
 
+
+@pytest.mark.parametrize(("name", "tflops", "dtype"), [
+    # zzc0721/torch-performance-test-data database.md, torch.mm best of 1024-10240 square: the median of each
+    # card's entries over its datasheet dense peak.
+    ("RTX4090-24GB", 166.575, "bf16"),   # 170.06, 173.31, 162.39, 163.09 of 165.2
+    ("RTX3090-24GB", 76.58, "bf16"),     # 76.34, 76.58, 76.68 of 71.2
+    ("RTX5090-32GB", 239.105, "bf16"),   # 236.03, 242.18 of 209.5
+    ("RTX-A6000-48GB", 123.34, "bf16"),  # of 154.8
+    ("L40S-48GB", 269.15, "bf16"),       # of 362
+    ("T4-16GB", 42.31, "fp16"),          # mean of 41.91 and 42.71, of 65
+])
+def test_measured_matmul_rates(name: str, tflops: float, dtype: str) -> None:
+    device = get_device(name)
+    best = device.peak_flops(dtype) * device.efficiency.matmul_max_fraction
+    assert best == pytest.approx(tflops * 1e12, rel=1e-3)
+    assert "torch-performance-test-data" in device.sources["efficiency.matmul_max_fraction"]
+
+
+def test_geforce_boost_clocks_may_exceed_the_datasheet_peak_but_not_without_bound() -> None:
+    data = _h100_dict()
+    data["efficiency"]["matmul_max_fraction"] = 1.14
+    assert Device.model_validate(data).efficiency.matmul_max_fraction == 1.14
+    data["efficiency"]["matmul_max_fraction"] = 1.3
+    with pytest.raises(ValidationError, match="matmul_max_fraction"):
+        Device.model_validate(data)
+
 def test_cublas_workspace_sizes() -> None:
     # CUBLAS_WORKSPACE_CONFIG default ":4096:2:16:8" = 4096 KiB x 2 + 16 KiB x 8 (reference §1.5).
     assert get_device("A100-SXM-80GB").cublas_workspace_bytes == 4096 * 1024 * 2 + 16 * 1024 * 8 == 8_519_680
