@@ -218,6 +218,17 @@ def test_measured_matmul_rates(name: str, tflops: float, dtype: str) -> None:
     assert "torch-performance-test-data" in device.sources["efficiency.matmul_max_fraction"]
 
 
+
+@pytest.mark.parametrize(("name", "copy_GBps"), [
+    # chsasank/device-benchmarks README summary: torch copy_ bandwidth (2 x bytes / time).
+    ("RTX4090-24GB", 912), ("RTX3090-24GB", 831), ("A10-24GB", 469), ("T4-16GB", 240),
+])
+def test_measured_copy_bandwidth(name: str, copy_GBps: float) -> None:
+    device = get_device(name)
+    achieved = device.memory_bandwidth_Bps * device.efficiency.memory_bandwidth_fraction
+    assert achieved == pytest.approx(copy_GBps * 1e9, rel=2e-3)
+    assert "device-benchmarks" in device.sources["efficiency.memory_bandwidth_fraction"]
+
 def test_geforce_boost_clocks_may_exceed_the_datasheet_peak_but_not_without_bound() -> None:
     data = _h100_dict()
     data["efficiency"]["matmul_max_fraction"] = 1.14
