@@ -136,7 +136,7 @@ def time_and_cost(e: Estimate) -> None:
         row[0].metric("$ per million tokens", usd(c.usd_per_million_tokens), border=True,
                       help=None if c.usd_per_gpu_hour is None else f"At ${c.usd_per_gpu_hour:.2f} per GPU-hour.")
         row[1].metric("kWh per million tokens", kwh(c.kwh_per_million_tokens), border=True,
-                      help=f"{c.watts_per_gpu:.0f} W per GPU.")
+                      help=f"{c.watts_per_gpu:.0f} W per GPU." if c.watts_per_gpu else c.power_source)
         if c.run_tokens:
             row[2].metric("Run time", fmt_seconds(c.run_time_s or 0.0), border=True,
                           help=f"{fmt_count(c.run_tokens)} tokens.")

@@ -586,21 +586,24 @@ def _time_and_cost(sc: Scenario, ct: CostTable, dev: Device, flops: FlopBreakdow
     price_src = (system.price_source if price == system.price_usd_per_gpu_hour else dev.price_source) if price else None
     if system.node_power_per_gpu_W and system.device == dev.name:
         watts, power_src = system.node_power_per_gpu_W, f"{system.name}: node_power_W / gpus_per_node (host included)"
-    else:
-        watts, power_src = dev.tdp_W or 0.0, f"{dev.name}: tdp_W (board power limit, the GPU alone)"
+    elif dev.tdp_W:
+        watts, power_src = dev.tdp_W, f"{dev.name}: tdp_W (board power limit, the GPU alone)"
+    else:  # no power figure: no energy rather than zero energy
+        watts, power_src = None, f"no power figure: {system.name} states no node_power_W and {dev.name} no tdp_W"
     usd_step = cost.run_cost_usd(step, n, price) if price else None
-    kwh_step = cost.energy_kwh(step, n, watts)
+    kwh_step = cost.energy_kwh(step, n, watts) if watts else None
     run_tokens = getattr(sc.workload, "total_tokens", None)
     run = {}
     if run_tokens:
         run_time = step * run_tokens / tokens
         run = dict(run_tokens=run_tokens, run_time_s=run_time,
                    run_usd=cost.run_cost_usd(run_time, n, price) if price else None,
-                   run_kwh=cost.energy_kwh(run_time, n, watts))
+                   run_kwh=cost.energy_kwh(run_time, n, watts) if watts else None)
     c = Cost(usd_per_gpu_hour=price, price_source=price_src, watts_per_gpu=watts, power_source=power_src,
              usd_per_step=usd_step,
              usd_per_million_tokens=cost.per_million_tokens(usd_step, out_tokens) if usd_step is not None else None,
-             kwh_per_million_tokens=cost.per_million_tokens(kwh_step, out_tokens), **run)
+             kwh_per_million_tokens=cost.per_million_tokens(kwh_step, out_tokens) if kwh_step is not None else None,
+             **run)
     return tb, c
 
 

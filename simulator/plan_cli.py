@@ -124,6 +124,13 @@ def _money(x: float | None) -> str:
     return "-" if x is None else f"${x:,.2f}"
 
 
+def _kwh_cell(r: Any) -> str:
+    """The run's energy, else the energy per million tokens, else '-' (no power figure in the profiles)."""
+    if r.run_kwh is not None:
+        return f"{r.run_kwh:.2f}"
+    return "-" if r.kwh_per_million_tokens is None else f"{r.kwh_per_million_tokens:.3f}"
+
+
 def _ms(s: float) -> str:
     return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
 
@@ -183,7 +190,7 @@ def render_plan(result: Any) -> str:
                 r.checkpointing, r.parallel, fmt_bytes(r.peak_memory_bytes), fmt_bytes(r.headroom_bytes),
                 f"{r.step_time_s:.3g} s", f"{r.tokens_per_s:,.0f}", _hours(r.run_time_s),
                 _money(r.run_usd if r.run_usd is not None else r.usd_per_million_tokens),
-                f"{r.run_kwh:.2f}" if r.run_kwh is not None else f"{r.kwh_per_million_tokens:.3f}"]
+                _kwh_cell(r)]
 
     b = result.best
     out = [f"best ({result.objective}): {b.n_gpus}x {b.gpu}, {b.method}, {b.parallel}"]

@@ -292,7 +292,8 @@ def _fleet(ctx: Any, fam: _Family, c: _Cand, lim: _Limits) -> tuple[Any, _Fail |
         parallel=f"{point.replicas} replica{'s' if point.replicas > 1 else ''} x tp{fam.tp}",
         peak_memory_bytes=e.peak_memory_bytes, usable_memory_bytes=fam.usable,
         headroom_bytes=e.device_memory_bytes - e.peak_memory_bytes, step_time_s=t.step_s, tokens_per_s=out_tps,
-        usd_per_million_tokens=usd_m, kwh_per_million_tokens=sv.kwh_per_million_tokens(n, e.cost.watts_per_gpu, out_tps),
+        usd_per_million_tokens=usd_m,
+        kwh_per_million_tokens=sv.kwh_per_million_tokens(n, e.cost.watts_per_gpu, out_tps) if e.cost.watts_per_gpu else None,
         serving=metrics)
     return row, None
 

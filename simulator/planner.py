@@ -251,7 +251,7 @@ class PlanRow(_Result):
     step_time_s: float
     tokens_per_s: float
     usd_per_million_tokens: float | None
-    kwh_per_million_tokens: float
+    kwh_per_million_tokens: float | None
     run_time_s: float | None = None
     run_usd: float | None = None
     run_kwh: float | None = None

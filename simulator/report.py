@@ -365,10 +365,14 @@ def cost(e: Estimate) -> list[str]:
         rows.append(["$ per million tokens", f"${c.usd_per_million_tokens:,.4g}", f"at ${c.usd_per_gpu_hour:.2f}/GPU-hour ({c.price_source})"])
     else:
         rows.append(["$ per million tokens", "-", "no price in the profiles for this GPU"])
-    rows.append(["kWh per million tokens", f"{c.kwh_per_million_tokens:,.4g}", f"{c.watts_per_gpu:.0f} W per GPU ({c.power_source})"])
+    if c.kwh_per_million_tokens is None:
+        rows.append(["kWh per million tokens", "unknown", c.power_source])
+    else:
+        rows.append(["kWh per million tokens", f"{c.kwh_per_million_tokens:,.4g}",
+                     f"{c.watts_per_gpu:.0f} W per GPU ({c.power_source})"])
     if c.run_tokens:
         rows.append([f"run of {fmt_count(c.run_tokens)} tokens", fmt_seconds(c.run_time_s or 0.0),
-                     (f"${c.run_usd:,.2f}" if c.run_usd is not None else "no price") + f", {c.run_kwh:,.1f} kWh"])
+                     (f"${c.run_usd:,.2f}" if c.run_usd is not None else "no price") + (f", {c.run_kwh:,.1f} kWh" if c.run_kwh is not None else ", energy unknown")])
     return table(rows, "lrl")
 
 

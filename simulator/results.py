@@ -91,11 +91,12 @@ class Cost(Result):
 
     usd_per_gpu_hour: float | None
     price_source: str | None
-    watts_per_gpu: float
+    watts_per_gpu: float | None
+    """None where neither the system nor the device profile states a power figure."""
     power_source: str
     usd_per_step: float | None
     usd_per_million_tokens: float | None
-    kwh_per_million_tokens: float
+    kwh_per_million_tokens: float | None
     run_tokens: float | None = None
     run_time_s: float | None = None
     run_usd: float | None = None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from pydantic import ValidationError
 
@@ -136,6 +138,19 @@ def test_time_cost_and_energy_are_consistent():
     assert c.run_kwh == pytest.approx(c.run_time_s * 8 * c.watts_per_gpu / 3.6e6)
     assert 0 < t.mfu < t.hfu < 1  # checkpointing: recompute counts toward HFU only
 
+
+
+def test_a_device_without_a_power_figure_has_no_energy_rather_than_zero():
+    # a10g-24gb has no tdp_W and its node (aws-g5-48xlarge) no node_power_W: the step still has a price
+    sc = {"model": "qwen2.5-0.5b", "gpu": "a10g-24gb", "method": {"kind": "lora"},
+          "workload": {"task": "train", "micro_batch": 1, "seq_len": 512, "total_tokens": 1e8}}
+    c = estimate(sc, what_fits=False).cost
+    assert c.watts_per_gpu is None and c.kwh_per_million_tokens is None and c.run_kwh is None
+    assert "a10g-24gb no tdp_W" in c.power_source
+    assert c.usd_per_million_tokens > 0 and c.run_usd > 0
+    from simulator.report import render
+    report = render(estimate(sc, what_fits=False), Scenario.model_validate(sc))
+    assert re.search(r"kWh per million tokens +unknown", report) and "energy unknown" in report
 
 @pytest.mark.parametrize("par,field", [
     ({"tp": 3}, "tp=3 does not divide"),
