@@ -279,7 +279,7 @@ def check_parallel(par: Parallel, arch: ModelArch, workload: Any, attention: str
     if par.tp > 1 and arch.kv_heads % par.tp and (training or par.tp % arch.kv_heads):
         raise ValueError(
             f"parallel.tp={par.tp} does not divide the model's n_kv_heads={arch.kv_heads} ({arch.name!r})"
-            + ("" if training else f"; for inference tp may also be a multiple of n_kv_heads (replicated KV heads)")
+            + ("" if training else "; for inference tp may also be a multiple of n_kv_heads (replicated KV heads)")
         )
     layers = arch.n_layers + (arch.n_decoder_layers or 0) if arch.arch == "encoder_decoder" else arch.n_layers
     if par.pp > layers:
