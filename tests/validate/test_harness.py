@@ -14,7 +14,6 @@ torch = pytest.importorskip("torch")
 from simulator import estimate  # noqa: E402
 from validate.e2e import (  # noqa: E402
     PREFILL_POSITIONS,
-    E2ECase,
     case_from_spec,
     cpu_grid,
     gpu_grid,
