@@ -8,12 +8,13 @@ from typing import Any
 
 import numpy as np
 
-from hwprofiles import Device, get_device
+from hwprofiles import Device, diskcache, get_device
 
 from . import compute, cost, timing
 from . import galore as gl
 from . import memory as mem
 from . import sharding as sh
+from ._code import ENGINE_CODE
 from .config import Scenario
 from .config.training import InferWorkload, TrainWorkload
 from .graph.compile import CostTable, compile_trace
@@ -57,7 +58,8 @@ def cost_table_for(sc: Scenario) -> CostTable:
     if ct is None:
         if len(_TABLES) > 512:
             _TABLES.clear()
-        ct = _TABLES[key] = compile_trace(trace_model(sc.model, plan_of(sc), sc.loss))
+        ct = _TABLES[key] = diskcache.load_or_build(
+            "cost-table", key, lambda: compile_trace(trace_model(sc.model, plan_of(sc), sc.loss)), code=ENGINE_CODE)
     return ct
 
 

@@ -61,6 +61,9 @@ from typing import Literal
 
 from pydantic import ConfigDict, Field, ValidationError, model_validator
 
+from hwprofiles import diskcache
+
+from ._code import ENGINE_CODE
 from .config.base import Strict
 from .results import Uncertainty
 
@@ -350,6 +353,10 @@ def parse_bands(text: str, source: str = "<text>") -> ErrorBands:
 def load_bands(path: str | None = None) -> ErrorBands:
     """The band file (default :data:`BANDS_PATH`), read once per path."""
     p = Path(path) if path is not None else BANDS_PATH
+    return diskcache.load_or_build("bands", "", lambda: _read_bands(p), code=ENGINE_CODE, sources=(p,))
+
+
+def _read_bands(p: Path) -> ErrorBands:
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as e:

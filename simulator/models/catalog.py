@@ -25,8 +25,11 @@ import yaml
 # libyaml's safe loader when PyYAML was built with it (10x faster), the pure-Python one otherwise
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
+from hwprofiles import diskcache
 from hwprofiles.names import UnknownNameError, normalize, resolve_name
+from hwprofiles.registry import yaml_files
 
+from .._code import ENGINE_CODE
 from ..config.model import ModelArch, MoE
 
 _DIR = pathlib.Path(__file__).resolve().parent
@@ -41,7 +44,7 @@ _VARIANT_TOKENS = frozenset({"instruct", "chat", "hf", "it", "base", "gptq", "aw
 
 @functools.cache
 def _catalog_files() -> dict[str, pathlib.Path]:
-    return {p.stem: p for p in sorted(_DIR.glob("*.yaml"), key=lambda p: p.stem)}
+    return yaml_files(_DIR)
 
 
 def list_models() -> list[str]:
@@ -52,6 +55,10 @@ def list_models() -> list[str]:
 @functools.cache
 def _load(name: str) -> ModelArch:
     path = _catalog_files()[name]
+    return diskcache.load_or_build("model", name, lambda: _validate(name, path), code=ENGINE_CODE, sources=(path,))
+
+
+def _validate(name: str, path: pathlib.Path) -> ModelArch:
     data = yaml.load(path.read_text(encoding="utf-8"), Loader=_LOADER)
     if not isinstance(data, dict):
         raise ValueError(f"{path.name}: expected a mapping of ModelArch fields, got {type(data).__name__}")

@@ -4,8 +4,9 @@
 
 Prints
   (a) ``import simulator`` in a fresh interpreter, and whether torch got imported (it must not);
-  (b) the cold ``estimate()`` of llama-3.1-8b QLoRA: the first call in a new process (model YAML, device
-      profile, trace and compile of the cost table);
+  (b) the cold ``estimate()`` of llama-3.1-8b QLoRA: the first call in a new process, with the disk cache
+      (hwprofiles.diskcache, in a temporary folder) that an earlier process left -- validated profiles and
+      the compiled cost table -- and with the cache off (YAML parsing and validation, trace and compile);
   (c) the cached ``estimate(what_fits=False)``: the same Scenario object N times, and varied
       micro_batch / seq_len (pre-built Scenario objects, and dicts that are validated on each call);
   (d) the same with ``what_fits=True`` (largest batch / length by bisection).
@@ -25,6 +26,7 @@ import pstats
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -60,10 +62,12 @@ print(json.dumps({"import_s": t1 - t0, "torch": torch_loaded, "heavy": heavy, "c
 """
 
 
-def fresh_process_runs(n: int) -> list[dict]:
+def fresh_process_runs(n: int, cache_dir: str) -> list[dict]:
     # as an installed package runs: with its bytecode cached (pip writes the .pyc files on install), so the
-    # children may write it (PYTHONDONTWRITEBYTECODE dropped) and a first, unmeasured run does
+    # children may write it (PYTHONDONTWRITEBYTECODE dropped) and a first, unmeasured run does -- and fills
+    # the disk cache ``cache_dir`` ("off": none)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["FITSIM_CACHE_DIR"] = cache_dir
     env["PYTHONPATH"] = str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")
     subprocess.run([sys.executable, "-c", _CHILD, json.dumps(SCENARIO)], cwd=REPO, env=env,
                    capture_output=True, text=True, check=True)
@@ -125,13 +129,16 @@ def main() -> int:
     print(f"python {sys.version.split()[0]} on {os.cpu_count()} CPUs; repo {REPO}")
 
     # (a) + (b): fresh interpreters
-    runs = fresh_process_runs(args.procs)
+    with tempfile.TemporaryDirectory(prefix="fitsim-bench-cache-") as cache_dir:
+        runs = fresh_process_runs(args.procs, cache_dir)
+    uncached = fresh_process_runs(args.procs, "off")
     print(f"\n(a) import simulator, fresh process (x{args.procs})")
     ok_import = row("import simulator", [r["import_s"] for r in runs], TARGET_IMPORT_S)
     print(f"  torch imported: {any(r['torch'] for r in runs)}; heavy modules loaded: {sorted({m for r in runs for m in r['heavy']}) or 'none'}")
     print(f"  whole child process (interpreter start + import + 2 estimates): median {fmt(statistics.median(r['process_s'] for r in runs))}")
     print(f"\n(b) cold estimate(), llama-3.1-8b QLoRA, first call in a new process (x{args.procs})")
     ok_cold = row("first estimate(dict, what_fits=False)", [r["cold_s"] for r in runs], TARGET_COLD_S)
+    row("the same with the disk cache off", [r["cold_s"] for r in uncached])
     row("second estimate(dict) in that process", [r["second_s"] for r in runs])
 
     from simulator import Scenario, estimate
