@@ -273,7 +273,9 @@ class Device(_Profile):
     memory_capacity_GB: float = Field(gt=0)
     """Marketed memory capacity in (vendor) GB, per visible device."""
     memory_total_bytes: int = Field(gt=0)
-    """Total memory the driver reports (nvidia-smi ``memory.total`` / ``torch.cuda.get_device_properties().total_memory``), bytes."""
+    """Total memory CUDA reports to PyTorch (``torch.cuda.get_device_properties().total_memory``, cudaMemGetInfo's
+    total), bytes: what the CUDA context, the caching allocator and the libraries share.  nvidia-smi's
+    ``memory.total`` can be larger (H100 SXM: 81,559 against 81,079.5 MiB; T4 with ECC on: 15,360 against 15,102)."""
     hbm_bandwidth_GBps: float = Field(gt=0)
     """Peak device-memory bandwidth (HBM or GDDR), GB/s."""
     peak_tflops: PeakTflops

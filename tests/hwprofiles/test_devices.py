@@ -186,8 +186,8 @@ def test_h100_sxm_figures() -> None:
     assert h100.memory_bandwidth_Bps == 3350e9
     # NVLink4 "900 GB/s" is bidirectional; 450 per direction (reference §6.4).
     assert h100.interconnect_bandwidth_GBps == 450
-    # nvidia-smi memory.total 81,559 MiB = 81,559 * 1,048,576 B.
-    assert h100.memory_total_bytes == 81_559 * 1_048_576 == 85_520_809_984
+    # CUDA's total as torch reads it on our own H100 run (nvidia-smi's memory.total says 81,559 MiB).
+    assert h100.memory_total_bytes == 85_017_493_504
     # ml-engineering best bf16 matmul 794.5 TFLOPS of 989 (reference §7.2).
     assert h100.efficiency.matmul_max_fraction == pytest.approx(794.5 / 989, abs=1e-4)
     assert h100.supports_fp8 and h100.supports_bf16
@@ -228,6 +228,27 @@ def test_measured_copy_bandwidth(name: str, copy_GBps: float) -> None:
     achieved = device.memory_bandwidth_Bps * device.efficiency.memory_bandwidth_fraction
     assert achieved == pytest.approx(copy_GBps * 1e9, rel=2e-3)
     assert "device-benchmarks" in device.sources["efficiency.memory_bandwidth_fraction"]
+
+
+@pytest.mark.parametrize(("name", "total_MiB"), [
+    # torch.cuda.get_device_properties().total_memory printed on the card (see each profile's source)
+    ("T4-16GB", 15102), ("A10G-24GB", 22587), ("A40-48GB", 45416), ("L40S-48GB", 45589),
+    ("RTX-A6000-48GB", 48676), ("RTX3090-24GB", 24268), ("RTX4090-24GB", 24563), ("A100-SXM-40GB", 40536),
+    ("V100-SXM-16GB", 16160), ("H100-PCIe-80GB", 81008), ("H200-SXM-141GB", 143156), ("MI300X-192GB", 196592),
+])
+def test_memory_is_what_cuda_reports_to_torch(name: str, total_MiB: int) -> None:
+    assert get_device(name).memory_total_bytes == total_MiB * 2**20
+
+
+def test_h100_memory_is_our_own_runs_reading() -> None:
+    import json
+
+    results = sorted((Path(__file__).resolve().parents[2] / "validate" / "results").glob("*h100-sxm-80gb*.json"))
+    assert results
+    for path in results:
+        fp = json.loads(path.read_text())["fingerprint"]
+        assert fp["device_profile"] == "h100-sxm-80gb"
+        assert get_device("h100-sxm-80gb").memory_total_bytes == fp["memory_total_bytes"]
 
 def test_geforce_boost_clocks_may_exceed_the_datasheet_peak_but_not_without_bound() -> None:
     data = _h100_dict()
