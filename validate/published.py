@@ -746,7 +746,7 @@ def _named_device(text: str):
     for dev in all_devices():
         parts = dev.name.split("-")
         family = "".join(parts[:2]) if parts[0] == "rtx" else parts[0]
-        if family not in words and not (parts[0] == "rtx" and family in t.replace(" ", "")):
+        if family not in words and not (parts[0] == "rtx" and family in re.sub(r"[\s_-]", "", t)):
             continue
         size = next((int(p[:-2]) for p in parts if p.endswith("gb") and p[:-2].isdigit()), None)
         form = next((p for p in parts if p in _FORMS), None)
@@ -780,6 +780,10 @@ def _gpu(sc: dict, metric: str = "", notes: list[str] | None = None):
     try:
         return get_device(g)
     except Exception as err:
+        dev = _named_device(g)  # a canonical-looking name the catalog spells otherwise ("H200-141GB")
+        if dev is not None:
+            notes.append(f"gpu {g!r} -> {dev.name}")
+            return dev
         raise Unsupported(f"gpu {g!r} has no profile in hwprofiles/ ({str(err).split(';')[0]})") from None
 
 

@@ -250,6 +250,17 @@ def test_h100_memory_is_our_own_runs_reading() -> None:
         assert fp["device_profile"] == "h100-sxm-80gb"
         assert get_device("h100-sxm-80gb").memory_total_bytes == fp["memory_total_bytes"]
 
+
+def test_export_variants_are_their_base_part_with_the_cut_they_carry() -> None:
+    # A800 / H800: the A100 / H100 SXM with NVLink cut to 400 GB/s bidirectional; H20: Hopper capped at 148 TFLOPS
+    for variant, base in (("a800-sxm-80gb", "a100-sxm-80gb"), ("h800-sxm-80gb", "h100-sxm-80gb")):
+        v, b = get_device(variant), get_device(base)
+        assert v.peak_tflops == b.peak_tflops and v.hbm_bandwidth_GBps == b.hbm_bandwidth_GBps
+        assert v.interconnect_bandwidth_GBps == 200 < b.interconnect_bandwidth_GBps
+    h20 = get_device("H20")
+    assert (h20.peak_tflops.bf16, h20.hbm_bandwidth_GBps, h20.memory_capacity_GB) == (148, 4000, 96)
+    assert h20.efficiency.attention_fraction is None  # no FlashAttention figure for it: the GEMM curve
+
 def test_geforce_boost_clocks_may_exceed_the_datasheet_peak_but_not_without_bound() -> None:
     data = _h100_dict()
     data["efficiency"]["matmul_max_fraction"] = 1.14

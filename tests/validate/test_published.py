@@ -126,6 +126,22 @@ def test_unnamed_gpu_predicts_memory_on_a_stand_in_but_not_time():
     assert record_to_scenario(r, notes).gpu == "a100-sxm-80gb"
 
 
+@pytest.mark.parametrize(("gpu", "device"), [
+    ("A800-SXM-80GB", "a800-sxm-80gb"), ("H800-SXM-80GB", "h800-sxm-80gb"), ("H20-96GB", "h20-96gb"),
+    ("H200-141GB", "h200-sxm-141gb"),  # canonical-looking, spelled otherwise in the catalog
+    ("GeForce-RTX-3090-24GB", "rtx-3090-24gb"), ("A100-40GB-PCIE", "a100-pcie-40gb"),
+    ("other:8x NVIDIA A800 80GB", "a800-sxm-80gb"),
+])
+def test_gpu_names_resolve_to_profiles(gpu, device):
+    notes: list[str] = []
+    assert record_to_scenario(_record(gpu=gpu), notes).gpu == device
+
+
+def test_a_gpu_without_a_profile_is_unsupported_not_a_guess():
+    # a V100 PCIe is not the SXM2 part (250 W, another tensor rate): no profile, so the record is unsupported
+    p = predict_record(_record(gpu="V100-PCIE-32GB"))
+    assert p["status"] == "unsupported" and "V100-PCIE-32GB" in p["reason"]
+
 def test_unit_and_measured_field():
     # 1e9 stated -> GB; GiB stated -> GiB; unclear -> GiB (torch tools print bytes / 2**30 as "GB").
     assert memory_unit({"unit_note": "GB = 1e9 bytes (stated by source script)"})[0] == "GB"
