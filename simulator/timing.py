@@ -331,6 +331,8 @@ def paged_migration_s(system, spilled_bytes, dev: Device):
     every tensor's states once, in the same order every step, so the pages the driver evicted (least recently
     migrated first) are the ones needed next -- ``spilled_bytes`` come in from host memory while as many go out,
     both directions at once over the full-duplex host link, on the stream the update waits on."""
+    if not isinstance(spilled_bytes, np.ndarray) and spilled_bytes <= 0:
+        return 0.0  # nothing spilled (a single setup): no transfer, and no import of the array-based comm module
     return comm.host_transfer_time_s(system, spilled_bytes, dev.efficiency.host_transfer_fraction)
 
 
