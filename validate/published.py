@@ -746,8 +746,12 @@ def _named_device(text: str):
     for dev in all_devices():
         parts = dev.name.split("-")
         family = "".join(parts[:2]) if parts[0] == "rtx" else parts[0]
-        if family not in words and not (parts[0] == "rtx" and family in re.sub(r"[\s_-]", "", t)):
+        compact = re.sub(r"[\s_-]", "", t)
+        if family not in words and not (parts[0] == "rtx" and family in compact):
             continue
+        extra = [q for q in parts[2:] if not (q.endswith("gb") and q[:-2].isdigit()) and q not in _FORMS]
+        if parts[0] == "rtx" and any(q not in compact for q in extra):
+            continue  # 'Quadro RTX 6000' (Turing) is not the RTX 6000 Ada
         size = next((int(p[:-2]) for p in parts if p.endswith("gb") and p[:-2].isdigit()), None)
         form = next((p for p in parts if p in _FORMS), None)
         if sizes and size not in sizes:
