@@ -61,7 +61,7 @@ def device_rows() -> list[dict[str, Any]]:
         rows.append({
             "device": d.name,
             "product": d.display_name,
-            "memory (GiB, driver)": round(d.memory_total_bytes / GiB, 1),
+            "memory (GiB, as CUDA reports it)": round(d.memory_total_bytes / GiB, 1),
             "memory (GB, marketed)": d.memory_capacity_GB,
             "bandwidth (GB/s)": d.hbm_bandwidth_GBps,
             "fp32 TFLOPS": p.fp32,
