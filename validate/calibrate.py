@@ -21,12 +21,16 @@
 * ``gptq_torch_dequant_fraction`` — median over the gptq dequant cases (AutoGPTQ's PyTorch dequantization, the
   bytes the engine counts for it) of achieved bytes/s / the fitted streaming rate (at most 1).
 
+The profile's ``memory_total_bytes`` takes the fingerprint's ``total_memory`` (what CUDA reports to PyTorch on
+the measured GPU itself) when the results were measured on the profile's own device.
+
 A field without measurements keeps its value and its citation.  Each fitted field is cited with the
 results file, its date and the machine's fingerprint (GPU, driver, torch, CUDA).  Only micro results are
 fitted: end-to-end measurements are for scoring the engine, never for fitting it.
 
-``--write`` rewrites only the ``efficiency:`` block and the ``sources`` lines of the fitted fields; every
-other line (comments included) stays as it was, and the new file must validate as a :class:`Device`.
+``--write`` rewrites only the ``efficiency:`` block, the ``memory_total_bytes`` line and the ``sources`` lines
+of the fitted fields; every other line (comments included) stays as it was, and the new file must validate as
+a :class:`Device`.
 """
 
 from __future__ import annotations
@@ -492,15 +496,30 @@ def _top_level(lines: list[str], key: str, where: str) -> int:
     return hits[0]
 
 
-def rewrite_efficiency_yaml(text: str, eff: Efficiency, sources: dict[str, str], where: str = "profile") -> str:
-    """``text`` with its ``efficiency:`` block replaced by ``eff`` and the ``sources`` lines of ``sources``
-    replaced (or added after the other ``efficiency.`` citations); every other line unchanged.  The result
-    must validate as a :class:`Device`."""
+def fit_memory_total(results: ResultsFile, source_name: str | None = None) -> tuple[int, str] | None:
+    """(bytes, citation) of the GPU's ``total_memory`` as the results' fingerprint read it, or None."""
+    fp = results.fingerprint
+    if not fp.memory_total_bytes:
+        return None
+    mib = fp.memory_total_bytes / 2**20
+    return fp.memory_total_bytes, (
+        f"torch.cuda.get_device_properties().total_memory (cudaMemGetInfo's total: what the CUDA context and the "
+        f"caching allocator share) measured on {fp.device_name}: {fp.memory_total_bytes:,} B = {mib:,.1f} MiB; "
+        f"{provenance(results, source_name)}")
+
+
+def rewrite_efficiency_yaml(text: str, eff: Efficiency, sources: dict[str, str], where: str = "profile",
+                            memory_total_bytes: int | None = None) -> str:
+    """``text`` with its ``efficiency:`` block replaced by ``eff`` (and its ``memory_total_bytes`` line by the
+    measured value when given) and the ``sources`` lines of ``sources`` replaced (or added after the other
+    ``efficiency.`` citations); every other line unchanged.  The result must validate as a :class:`Device`."""
     import yaml
 
     lines = text.splitlines()
     start = _top_level(lines, "efficiency", where)
     lines[start:_block_end(lines, start)] = render_efficiency_block(eff)
+    if memory_total_bytes is not None:
+        lines[_top_level(lines, "memory_total_bytes", where)] = f"memory_total_bytes: {memory_total_bytes}"
     src = _top_level(lines, "sources", where)
     end = _block_end(lines, src)
     for key, cite in sources.items():
@@ -543,9 +562,15 @@ def calibrate(results_path: str | Path, device: str | None = None, yaml_path: st
     if warning:
         report.append(f"warning: {warning}")
     report.append(format_diff(dev.efficiency, eff, sources))
+    # the card's memory is a reading, not a fit: taken only from the profile's own GPU
+    memory = None if warning else fit_memory_total(results, path.name)
+    if memory is not None:
+        report.append(f"{'memory_total_bytes':<28} {dev.memory_total_bytes:>12} {memory[0]:>12}  measured")
+        sources = {**sources, "memory_total_bytes": memory[1]}
     written = None
     if write:
-        target.write_text(rewrite_efficiency_yaml(target.read_text(), eff, sources, str(target)))
+        target.write_text(rewrite_efficiency_yaml(target.read_text(), eff, sources, str(target),
+                                                  memory[0] if memory is not None else None))
         written = target
         report.append(f"wrote {target}")
     else:

@@ -53,9 +53,11 @@ def synthetic_time_s(case, dev, eff: Efficiency) -> float:
     return b / (dev.memory_bandwidth_Bps * eff.memory_bandwidth_fraction)
 
 
-def fingerprint(name: str = "NVIDIA H100 80GB HBM3", profile: str | None = H100, platform: str = "cuda"):
+def fingerprint(name: str = "NVIDIA H100 80GB HBM3", profile: str | None = H100, platform: str = "cuda",
+                memory_total_bytes: int | None = None):
     return Fingerprint(platform=platform, device_name=name, device_count=1, device_profile=profile, driver="560.35.03",
-                       cuda="12.6", python="3.11.7", packages={"torch": "2.13.0"})
+                       cuda="12.6", python="3.11.7", packages={"torch": "2.13.0"},
+                       memory_total_bytes=memory_total_bytes)
 
 
 def synthetic_results(eff: Efficiency, kinds: set[str] | None = None, suite: str = "micro",
@@ -256,3 +258,24 @@ def test_cli_dry_run_then_write_on_a_copy(tmp_path, capsys):
     other = tmp_path / "a100-sxm-80gb.yaml"
     shutil.copy(DEVICES_DIR / "a100-sxm-80gb.yaml", other)
     assert main(["calibrate", "--results", str(results), "--yaml", str(other)]) == 2  # not the measured GPU
+
+
+def test_the_measured_cards_memory_replaces_the_profiles(tmp_path):
+    measured = 85_000_000_000 // 2**20 * 2**20
+    res = synthetic_results(known_efficiency(), kinds={"copy", "gemm"}, fp=fingerprint(memory_total_bytes=measured))
+    results = write_results(res, tmp_path / "results")
+    target = tmp_path / f"{H100}.yaml"
+    shutil.copy(DEVICES_DIR / f"{H100}.yaml", target)
+    before = target.read_text()
+    report, written = cal.calibrate(results, yaml_path=target, write=True)
+    assert written == target and f"{get_device(H100).memory_total_bytes}" in report and f"{measured}" in report
+    dev = load_device_file(target)
+    assert dev.memory_total_bytes == measured
+    assert results.name in dev.sources["memory_total_bytes"] and "NVIDIA H100 80GB HBM3" in dev.sources["memory_total_bytes"]
+    changed = {a for a, b in zip(before.splitlines(), target.read_text().splitlines()) if a != b}
+    assert not any(line.startswith(("peak_tflops", "hbm_bandwidth", "name:")) for line in changed)
+    # calibrating another profile from this GPU's file (--device) leaves that profile's memory alone
+    other = tmp_path / "h100-sxm-96gb.yaml"
+    shutil.copy(DEVICES_DIR / "h100-sxm-96gb.yaml", other)
+    cal.calibrate(results, device="h100-sxm-96gb", yaml_path=other, write=True)
+    assert load_device_file(other).memory_total_bytes == get_device("h100-sxm-96gb").memory_total_bytes
