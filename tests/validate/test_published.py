@@ -131,6 +131,7 @@ def test_unnamed_gpu_predicts_memory_on_a_stand_in_but_not_time():
     ("H200-141GB", "h200-sxm-141gb"),  # canonical-looking, spelled otherwise in the catalog
     ("GeForce-RTX-3090-24GB", "rtx-3090-24gb"), ("A100-40GB-PCIE", "a100-pcie-40gb"),
     ("other:8x NVIDIA A800 80GB", "a800-sxm-80gb"), ("other:NVIDIA RTX 6000 Ada Generation", "rtx-6000-ada-48gb"),
+    ("V100-PCIE-32GB", "v100-pcie-32gb"), ("V100-SXM-32GB", "v100-sxm-32gb"),  # the form factor picks the board
 ])
 def test_gpu_names_resolve_to_profiles(gpu, device):
     notes: list[str] = []
@@ -138,9 +139,9 @@ def test_gpu_names_resolve_to_profiles(gpu, device):
 
 
 def test_a_gpu_without_a_profile_is_unsupported_not_a_guess():
-    # a V100 PCIe is not the SXM2 part (250 W, another tensor rate): no profile, so the record is unsupported
-    p = predict_record(_record(gpu="V100-PCIE-32GB"))
-    assert p["status"] == "unsupported" and "V100-PCIE-32GB" in p["reason"]
+    # a P100 has no profile: the record is unsupported rather than run on the nearest name
+    p = predict_record(_record(gpu="P100-PCIE-16GB"))
+    assert p["status"] == "unsupported" and "P100-PCIE-16GB" in p["reason"]
     # nor is a Turing Quadro RTX 6000 the RTX 6000 Ada: memory goes to the stand-in, said in the notes
     p = predict_record(_record(gpu="other:Quadro RTX 6000"))
     assert any("stand-in" in n for n in p["notes"]) and not any("rtx-6000-ada" in n for n in p["notes"])
