@@ -255,8 +255,8 @@ def _system_devices() -> dict[str, str | None]:
     """System name -> its top-level ``device:`` as written (None when the line is not a plain name), read
     from the text so that choosing a system for a device parses only that device's systems."""
     paths = _system_paths()
-    return diskcache.load_or_build("system-devices", ",".join(paths), _scan_system_devices, code=_CODE,
-                                   sources=tuple(paths.values()))
+    return diskcache.load_or_build("system-devices", "", _scan_system_devices, code=_CODE,
+                                   sources=tuple(paths.values()))  # the key: every system file's stamp
 
 
 def _scan_system_devices() -> dict[str, str | None]:

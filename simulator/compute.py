@@ -358,8 +358,8 @@ def _maximum(a, b):
 def gemm_time_s(flops, nbytes, dev: Device, dtype: str):
     """Roofline time of one GEMM-like call: compute at the achievable fraction of peak for calls of that
     size, or memory traffic at the streaming fraction, whichever is longer."""
-    if not isinstance(flops, np.ndarray) and flops <= 0:
-        return memory_time_s(nbytes, dev)
+    if not isinstance(flops, np.ndarray) and not isinstance(nbytes, np.ndarray):
+        return _roofline(dev, dtype).gemm_time_s(flops, nbytes)  # one setup: the cached scalar roofline
     t_compute = flops / (peak_flops(dev, dtype) * dev.efficiency.matmul_fraction(flops, dtype))
     return _maximum(t_compute, memory_time_s(nbytes, dev))
 

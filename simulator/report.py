@@ -372,7 +372,8 @@ def cost(e: Estimate) -> list[str]:
                      f"{c.watts_per_gpu:.0f} W per GPU ({c.power_source})"])
     if c.run_tokens:
         rows.append([f"run of {fmt_count(c.run_tokens)} tokens", fmt_seconds(c.run_time_s or 0.0),
-                     (f"${c.run_usd:,.2f}" if c.run_usd is not None else "no price") + (f", {c.run_kwh:,.1f} kWh" if c.run_kwh is not None else ", energy unknown")])
+                     (f"${c.run_usd:,.2f}" if c.run_usd is not None else "no price")
+                     + (f", {c.run_kwh:,.1f} kWh" if c.run_kwh is not None else ", energy unknown")])
     return table(rows, "lrl")
 
 

@@ -742,11 +742,11 @@ def _named_device(text: str):
     words = set(re.findall(r"[a-z0-9]+", t))
     sizes = {int(m) for m in re.findall(r"(\d+)\s*gb", t)}
     forms = {f for f in _FORMS if f in words or (f == "sxm" and any(w.startswith("sxm") for w in words))}
+    compact = re.sub(r"[\s_-]", "", t)
     hits = []
     for dev in all_devices():
         parts = dev.name.split("-")
         family = "".join(parts[:2]) if parts[0] == "rtx" else parts[0]
-        compact = re.sub(r"[\s_-]", "", t)
         if family not in words and not (parts[0] == "rtx" and family in compact):
             continue
         extra = [q for q in parts[2:] if not (q.endswith("gb") and q[:-2].isdigit()) and q not in _FORMS]
@@ -881,8 +881,9 @@ def record_to_scenario(rec: dict, notes: list[str] | None = None) -> Scenario:
     quantized = wq != "none"
     # QLoRA's base is quantized whether or not the record names the format (NF4 then, see _method)
     precision = _precision(sc, arch, dev, quantized or sc.get("method") == "qlora", notes)
-    attention = _attention(sc, arch, precision, notes, _source_year(rec.get("source")))
-    sync = _host_sync_per_block(arch, sc, _source_year(rec.get("source")), notes)
+    year = _source_year(rec.get("source"))
+    attention = _attention(sc, arch, precision, notes, year)
+    sync = _host_sync_per_block(arch, sc, year, notes)
 
     if sc.get("task") == "infer" or sc.get("method") == "inference":
         inf = sc.get("inference") or {}
@@ -941,7 +942,6 @@ def record_to_scenario(rec: dict, notes: list[str] | None = None) -> Scenario:
     if loss == "chunked" and sc.get("framework") == "torchtune" and _compiled(notes_text):
         # the recipe's ``compile: True`` compiles the loss's per-chunk cross-entropy (training.compile_loss)
         loss = "chunked-compiled"
-    year = _source_year(rec.get("source"))
     if loss == "upcast" and year is not None and year <= 2023:
         # transformers before 4.46 (Oct 2024) and 2023 remote-code models shift a contiguous copy of the logits
         loss = "upcast-shift"
