@@ -261,6 +261,32 @@ def test_export_variants_are_their_base_part_with_the_cut_they_carry() -> None:
     assert (h20.peak_tflops.bf16, h20.hbm_bandwidth_GBps, h20.memory_capacity_GB) == (148, 4000, 96)
     assert h20.efficiency.attention_fraction is None  # no FlashAttention figure for it: the GEMM curve
 
+
+@pytest.mark.parametrize(("name", "sms", "boost_ghz", "flops_per_sm_clock"), [
+    # dense 16-bit tensor FLOPs per SM per clock with FP32 accumulate: GeForce Ampere / Ada run half the
+    # FP16-accumulate 1024 (the 3090's 71.2 = 82 x 1.695 x 512, the 4090's 165.2 = 128 x 2.52 x 512),
+    # professional boards the full rate
+    ("RTX3090-24GB", 82, 1.695, 512), ("RTX4090-24GB", 128, 2.52, 512),
+    ("RTX3060-12GB", 28, 1.777, 512), ("RTX4060Ti-16GB", 34, 2.535, 512), ("RTX4080-16GB", 76, 2.505, 512),
+    ("RTX6000Ada-48GB", 142, 2.505, 1024), ("RTXPRO6000-96GB", 188, 2.6, 1024),
+])
+def test_tensor_rates_follow_sms_and_clock(name: str, sms: int, boost_ghz: float, flops_per_sm_clock: int) -> None:
+    assert get_device(name).peak_tflops.bf16 == pytest.approx(sms * boost_ghz * flops_per_sm_clock / 1000, rel=3e-3)
+
+
+def test_datasheet_variants_of_measured_boards() -> None:
+    l40, l40s = get_device("L40"), get_device("L40S")
+    assert l40.peak_tflops.bf16 == pytest.approx(l40s.peak_tflops.bf16 / 2, rel=1e-3)  # 181.05 of 362.05
+    assert l40.memory_total_bytes == l40s.memory_total_bytes and l40.tdp_W == 300
+    for size in (16, 32):
+        pcie, sxm = get_device(f"V100-PCIE-{size}GB"), get_device(f"V100-SXM-{size}GB")
+        assert (pcie.peak_tflops.fp16, pcie.peak_tflops.fp32, pcie.tdp_W) == (112, 14, 250)
+        assert pcie.memory_total_bytes == sxm.memory_total_bytes and pcie.form_factor == "pcie"
+    # the RTX PRO 6000's measured 417.98 TFLOPS is above the GeForce half rate (188 x 2.6 x 512 = 250)
+    pro = get_device("RTXPRO6000-96GB")
+    achieved = pro.peak_tflops.bf16 * pro.efficiency.matmul_max_fraction
+    assert achieved == pytest.approx(417.98, rel=1e-3) and achieved > 188 * 2.6 * 512 / 1000
+
 def test_geforce_boost_clocks_may_exceed_the_datasheet_peak_but_not_without_bound() -> None:
     data = _h100_dict()
     data["efficiency"]["matmul_max_fraction"] = 1.14
