@@ -17,10 +17,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
-
-# libyaml's safe loader when PyYAML was built with it (10x faster), the pure-Python one otherwise
-_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 from pydantic import BaseModel, ValidationError
 
 from hwprofiles import diskcache
@@ -52,9 +48,20 @@ def yaml_files(folder: Path) -> dict[str, Path]:
     return {s: folder / f"{s}.yaml" for s in stems}
 
 
+def load_yaml(text: str) -> Any:
+    """YAML text as Python data, with libyaml's safe loader when PyYAML was built with it (10x faster) and the
+    pure-Python one otherwise.  PyYAML is imported here, on first use: a process whose profiles and models
+    all come from the disk cache never parses YAML, and importing it costs 30 ms."""
+    import yaml
+
+    return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
 def _read_yaml(path: Path) -> dict:
+    import yaml
+
     try:
-        data = yaml.load(path.read_text(), Loader=_LOADER)
+        data = load_yaml(path.read_text())
     except (OSError, yaml.YAMLError) as err:
         raise ProfileError(f"{path}: cannot read profile: {err}") from err
     if not isinstance(data, dict):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, field_validator, model_validator
 
 from .base import Strict
@@ -261,10 +260,14 @@ class Scenario(Strict):
 
     # YAML round trip -------------------------------------------------------------------------
     def to_yaml(self) -> str:
+        import yaml
+
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
     @classmethod
     def from_yaml(cls, text: str) -> "Scenario":
+        import yaml
+
         data = yaml.safe_load(text)
         if not isinstance(data, dict):
             raise ValueError("scenario YAML must be a mapping with at least 'model'")

@@ -20,14 +20,9 @@ import pathlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import yaml
-
-# libyaml's safe loader when PyYAML was built with it (10x faster), the pure-Python one otherwise
-_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
 from hwprofiles import diskcache
 from hwprofiles.names import UnknownNameError, normalize, resolve_name
-from hwprofiles.registry import yaml_files
+from hwprofiles.registry import load_yaml, yaml_files
 
 from .._code import ENGINE_CODE
 from ..config.model import ModelArch, MoE
@@ -59,7 +54,7 @@ def _load(name: str) -> ModelArch:
 
 
 def _validate(name: str, path: pathlib.Path) -> ModelArch:
-    data = yaml.load(path.read_text(encoding="utf-8"), Loader=_LOADER)
+    data = load_yaml(path.read_text(encoding="utf-8"))
     if not isinstance(data, dict):
         raise ValueError(f"{path.name}: expected a mapping of ModelArch fields, got {type(data).__name__}")
     try:
