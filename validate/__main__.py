@@ -35,16 +35,21 @@ def _cmd_published(args: argparse.Namespace) -> int:
 
 def _cmd_score(args: argparse.Namespace) -> int:
     from .published import load_jsonl
-    from .score import format_table, score, worst
+    from .score import format_slices, format_table, score, score_slices, worst
 
     records = load_jsonl(args.records)
     preds = load_jsonl(args.predictions)
     table = score(records, preds)
+    slices = score_slices(records, preds)
     bad = worst(records, preds, n=args.worst)
     if args.json:
-        print(json.dumps({"groups": table, "worst": bad}, indent=2))
+        print(json.dumps({"groups": table, "slices": [{"group": g, "kind": k, "scope": sc, **row}
+                                                       for (g, k, sc), row in slices.items()],
+                          "worst": bad}, indent=2))
         return 0
     print(format_table(table))
+    print("\nby target (comparable records; memory and speed apart, one GPU apart from several):")
+    print(format_slices(slices))
     if bad:
         print(f"\nworst {len(bad)} (comparable, numeric):")
         for w in bad:

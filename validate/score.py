@@ -5,6 +5,9 @@ Per group: n records, n comparable, n ok (a comparable record predicted with sta
 comparable, and on the ok comparable records: median and p90 of |predicted - value| / value for numeric
 metrics, accuracy for ``fits``.  Non-comparable records are scored only in the ``*_all`` columns
 (``n_ok_all``, ``median_all``) so that their errors never mix into the headline numbers.
+
+:func:`score_slices` cuts each group the way the accuracy targets are stated: memory and speed apart, one GPU
+apart from several, each slice against its target (:data:`TARGETS`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,32 @@ _SUFFIX = re.compile(r"-\d+$")
 
 def group_of(record_id: str) -> str:
     return _SUFFIX.sub("", record_id)
+
+
+TARGETS: dict[tuple[str, str], tuple[float, float | None]] = {
+    ("memory", "1 GPU"): (0.10, 0.25),
+    ("memory", "multi-GPU"): (0.10, None),
+    ("speed", "1 GPU"): (0.15, None),
+    ("speed", "multi-GPU"): (0.15, None),
+}
+"""(kind, scope) -> (median |error| target, p90 target or None): single-GPU memory median <= 10 % and p90 <= 25 %;
+multi-GPU memory median <= 10 %; throughput, MFU and step time median <= 15 % (the engine's accuracy targets)."""
+
+
+def metric_kind(metric: str) -> str:
+    """'memory' (peak or total GPU memory), 'fits' (a fit verdict), 'host' (host memory) or 'speed' (time,
+    throughput, TFLOP/s, MFU)."""
+    m = metric.lower()
+    if m == "fits":
+        return "fits"
+    if "cpu_memory" in m:
+        return "host"
+    return "memory" if "memory" in m else "speed"
+
+
+def record_scope(rec: dict) -> str:
+    """'1 GPU' or 'multi-GPU'."""
+    return "multi-GPU" if int(rec.get("n_gpus") or 1) > 1 else "1 GPU"
 
 
 def quantile(xs: list[float], q: float) -> float | None:
@@ -87,6 +116,40 @@ def score(records: Iterable[dict], predictions: Iterable[dict]) -> dict[str, dic
     out = {g: _row(pairs) for g, pairs in sorted(groups.items())}
     out["all"] = _row([(r, by_id.get(r["id"])) for r in recs])
     return out
+
+
+def score_slices(records: Iterable[dict], predictions: Iterable[dict]) -> dict[tuple[str, str, str], dict[str, Any]]:
+    """{(group, kind, scope): row} over the comparable records of each (memory | speed) x (1 GPU | multi-GPU)
+    slice, with ``target_median`` / ``target_p90`` and ``meets`` (None where the slice has no numeric error)."""
+    by_id = {p["id"]: p for p in predictions}
+    slices: dict[tuple[str, str, str], list[tuple[dict, dict | None]]] = {}
+    for r in records:
+        kind = metric_kind(str(r["target"].get("metric", "")))
+        if kind not in ("memory", "speed") or not r["target"].get("comparable"):
+            continue
+        slices.setdefault((group_of(r["id"]), kind, record_scope(r)), []).append((r, by_id.get(r["id"])))
+    out = {}
+    for key, pairs in sorted(slices.items()):
+        row = _row(pairs)
+        med_t, p90_t = TARGETS[key[1:]]
+        meets = None
+        if row["median"] is not None:
+            meets = row["median"] <= med_t and (p90_t is None or row["p90"] <= p90_t)
+        out[key] = {**row, "target_median": med_t, "target_p90": p90_t, "meets": meets}
+    return out
+
+
+def format_slices(table: dict[tuple[str, str, str], dict[str, Any]]) -> str:
+    head = ["group", "kind", "scope", "ok/comp", "median", "p90", "target", "meets"]
+    lines = []
+    for (g, kind, scope), r in table.items():
+        target = f"<={100 * r['target_median']:.0f}%" + (f", p90<={100 * r['target_p90']:.0f}%" if r["target_p90"] else "")
+        meets = "-" if r["meets"] is None else ("yes" if r["meets"] else "NO")
+        lines.append([g, kind, scope, f"{r['n_ok']}/{r['n_comparable']}", _fmt(r["median"], True), _fmt(r["p90"], True),
+                      target, meets])
+    widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h) for i, h in enumerate(head)]
+    fmt = lambda row: "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))  # noqa: E731
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(l) for l in lines])
 
 
 def worst(records: Iterable[dict], predictions: Iterable[dict], n: int = 10, comparable_only: bool = True) -> list[dict]:

@@ -11,7 +11,7 @@ import pytest
 from simulator import estimate
 from simulator.config.parallel import Parallel
 from validate.published import Unsupported, memory_unit, predict_record, predict_records, record_to_scenario
-from validate.score import group_of, quantile, score
+from validate.score import format_slices, group_of, metric_kind, quantile, score, score_slices
 
 PUBLIC = Path(__file__).parents[2].parent / "shared/published/public.jsonl"
 KEYS = {"id", "predicted", "unit", "status", "reason"}
@@ -225,6 +225,36 @@ def test_score_arithmetic_on_hand_made_pair():
     assert b["median_all"] == pytest.approx(0.5)
     # "all": comparable numeric errors are still only src-a's two
     assert t["all"]["n_ok"] == 3 and t["all"]["median"] == pytest.approx(0.125)
+
+
+def test_slices_cut_memory_from_speed_and_one_gpu_from_several_against_their_targets():
+    def rec(i, metric, value, n_gpus, comparable=True):
+        return {"id": f"src-{i:03d}", "n_gpus": n_gpus,
+                "target": {"metric": metric, "value": value, "comparable": comparable}}
+
+    def pred(i, value):
+        return {"id": f"src-{i:03d}", "predicted": value, "unit": None, "status": "ok", "reason": None}
+
+    recs = [rec(1, "peak_memory_per_gpu_GB", 10.0, 1), rec(2, "peak_memory_per_gpu_GB", 10.0, 1),
+            rec(3, "peak_memory_total_GB", 40.0, 4), rec(4, "tokens_per_s_per_gpu", 100.0, 8),
+            rec(5, "step_time_s", 2.0, 1), rec(6, "fits", True, 1), rec(7, "step_time_s", 1.0, 1, comparable=False),
+            rec(8, "other:peak_cpu_memory", 5.0, 1)]
+    preds = [pred(1, 10.5), pred(2, 13.0), pred(3, 38.0), pred(4, 80.0), pred(5, 2.2), pred(6, True), pred(7, 9.0),
+             pred(8, 5.0)]
+    t = score_slices(recs, preds)
+    assert set(t) == {("src", "memory", "1 GPU"), ("src", "memory", "multi-GPU"), ("src", "speed", "multi-GPU"),
+                      ("src", "speed", "1 GPU")}  # fits, host memory and non-comparable records are in no slice
+    m1 = t[("src", "memory", "1 GPU")]
+    assert m1["n_ok"] == 2 and m1["median"] == pytest.approx((0.05 + 0.3) / 2)  # 0.175 > 10 %
+    assert m1["p90"] == pytest.approx(0.05 + 0.9 * 0.25) and m1["meets"] is False
+    assert t[("src", "memory", "multi-GPU")]["median"] == pytest.approx(0.05)
+    assert t[("src", "memory", "multi-GPU")]["meets"] is True and t[("src", "memory", "multi-GPU")]["target_p90"] is None
+    assert t[("src", "speed", "multi-GPU")]["median"] == pytest.approx(0.2) and t[("src", "speed", "multi-GPU")]["meets"] is False
+    assert t[("src", "speed", "1 GPU")]["median"] == pytest.approx(0.1) and t[("src", "speed", "1 GPU")]["meets"] is True
+    assert (metric_kind("peak_memory_total_GB"), metric_kind("tflops_per_gpu"), metric_kind("fits")) == (
+        "memory", "speed", "fits")
+    text = format_slices(t)
+    assert "NO" in text and "p90<=25%" in text and text.count("\n") == len(t) + 1
 
 
 # ------------------------------------------------------------------------------------------------------------
