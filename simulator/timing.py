@@ -287,6 +287,22 @@ def optimizer_step_bytes(numel, name: str, param_dtype: str, deepspeed: bool, im
 OPTIMIZER_OP_HOST_S = cp_.BACKWARD_HOST_PER_OP_S
 
 
+BNB_OPTIMIZERS = frozenset({"adamw-8bit", "paged-adamw-8bit", "paged-adamw-32bit", "galore-adamw-8bit"})
+"""Optimizers whose step is bitsandbytes' ``Optimizer8bit.step`` loop (GaLore's 8-bit AdamW runs the same loop)."""
+
+BNB_DISPATCHED_OPS_PER_TENSOR = 2
+"""Operators bitsandbytes' step dispatches per parameter (counted on the real optimizer on CPU): the ``detach`` of
+``update_step`` and the fused ``bitsandbytes::optimizer_update_8bit_blockwise`` / ``optimizer_update_32bit``."""
+
+
+def bnb_cuda_calls_per_tensor(name: str) -> int:
+    """CUDA runtime calls bitsandbytes' step makes per parameter on a GPU besides its operators
+    (bitsandbytes/optim/optimizer.py ``Optimizer8bit.step``): ``sync_gpu(p)`` -- a ``torch.cuda.synchronize()``
+    after every parameter's update --, and for a paged optimizer ``prefetch_state``'s two
+    ``cudaMemPrefetchAsync`` (``F.prefetch_tensor`` of both states)."""
+    return 1 + (2 if name.startswith("paged-") else 0)
+
+
 def optimizer_ops_per_tensor(opt, param_dtype: str, matrix: bool) -> int:
     """Operators a for-loop optimizer dispatches per parameter tensor and step (0 where the step runs as
     multi-tensor or fused kernels, whose launches are per group).  Counted on the real optimizers
@@ -294,9 +310,12 @@ def optimizer_ops_per_tensor(opt, param_dtype: str, matrix: bool) -> int:
     weight decay, lerp, mul, addcmul, sqrt, div, add, addcdiv (Adam: no weight decay); SGD: the parameter
     ``add_`` (+ the buffer's ``mul_`` and ``add_`` with momentum); transformers' Adafactor: 26 for a factored
     matrix, 16 for a vector, +2 for the first moment, +3 for ``scale_parameter`` (the RMS compared on the
-    host), +3 for a 16-bit parameter (its fp32 copies and the copy back); MeZO: ``memory.MEZO_OPS_PER_TENSOR``."""
+    host), +3 for a 16-bit parameter (its fp32 copies and the copy back); MeZO: ``memory.MEZO_OPS_PER_TENSOR``;
+    bitsandbytes: :data:`BNB_DISPATCHED_OPS_PER_TENSOR` plus its CUDA calls (:func:`bnb_cuda_calls_per_tensor`)."""
     if opt.name == "mezo":
         return MEZO_OPS_PER_TENSOR
+    if opt.name in BNB_OPTIMIZERS:
+        return BNB_DISPATCHED_OPS_PER_TENSOR + bnb_cuda_calls_per_tensor(opt.name)
     if opt.name == "adafactor":
         return ((26 if matrix else 16) + (2 if opt.beta1 else 0) + (3 if opt.scale_parameter else 0)
                 + (3 if dtype_bytes(param_dtype) < 4 else 0))
@@ -314,9 +333,10 @@ def optimizer_host_s(groups, opt, deepspeed: bool) -> float:
 
 
 def optimizer_syncs_per_tensor(opt) -> bool:
-    """Whether the loop waits for the device once per parameter (Adafactor's ``scale_parameter``: the RMS is a
-    device tensor compared on the host), so that its host time and kernels run one after the other."""
-    return opt.name == "adafactor" and opt.scale_parameter
+    """Whether the loop waits for the device once per parameter, so that its host time and kernels run one after
+    the other: Adafactor's ``scale_parameter`` (the RMS is a device tensor compared on the host) and every
+    bitsandbytes optimizer (``sync_gpu(p)`` after each update, :func:`bnb_cuda_calls_per_tensor`)."""
+    return (opt.name == "adafactor" and opt.scale_parameter) or opt.name in BNB_OPTIMIZERS
 
 
 def optimizer_step_s(rank: RankState, n_updated, dev: Device):

@@ -77,3 +77,31 @@ def test_adafactor_step_is_host_bound_and_serial_with_scale_parameter():
     assert host > gpu and serial == pytest.approx(gpu + host, rel=1e-12)  # waits for the device per parameter
     overlapped, gpu2, host2 = _adafactor_step_s(False)
     assert gpu2 == gpu and overlapped == pytest.approx(max(gpu2, host2), rel=1e-12) and host2 < host
+
+
+@pytest.mark.parametrize("name", ["adamw-8bit", "paged-adamw-8bit", "paged-adamw-32bit"])
+def test_bitsandbytes_step_dispatches_per_tensor_and_waits_for_each(name):
+    """bitsandbytes' step loops over the parameters in Python: per tensor the operators counted on the real
+    optimizer on CPU (AdamW8bit; the paged ones run the same loop, only on CUDA managed memory), plus the CUDA calls
+    only a GPU makes (a synchronize after each update, two prefetches when paged).  The synchronize puts the host
+    time and the kernels one after the other."""
+    pytest.importorskip("bitsandbytes")
+    t = optimizer_step_traffic(Optimizer(name="adamw-8bit"), SHAPE, COUNT, torch.float32)
+    assert t.ops == COUNT * timing.BNB_DISPATCHED_OPS_PER_TENSOR
+    opt = Optimizer(name=name)
+    cuda_only = timing.bnb_cuda_calls_per_tensor(name)
+    assert cuda_only == (3 if name.startswith("paged-") else 1)
+    assert timing.optimizer_ops_per_tensor(opt, "fp32", matrix=True) == timing.BNB_DISPATCHED_OPS_PER_TENSOR + cuda_only
+    assert timing.optimizer_syncs_per_tensor(opt)
+    assert not timing.optimizer_syncs_per_tensor(Optimizer(name="adamw", impl="for-loop"))
+    # QLoRA r=16 on every projection of Llama-3.1-8B: 7 x 2 adapter tensors x 32 blocks, each paying its host time
+    # after its kernel
+    sc = Scenario(model="llama-3.1-8b", gpu="h100-sxm-80gb", method={"kind": "qlora", "r": 16, "targets": "all-linear"},
+                  optimizer=opt)
+    from simulator.estimate import cost_table_for
+
+    rank = timing.rank_state(cost_table_for(sc), sc.parallel, 0, opt)
+    host = 448 * (timing.BNB_DISPATCHED_OPS_PER_TENSOR + cuda_only) * timing.OPTIMIZER_OP_HOST_S
+    assert rank.opt_host_s == pytest.approx(host) and rank.opt_host_serial == 1.0
+    gpu = cp.memory_time_s(rank.trainable_numel * rank.opt_step_bytes_per_param, get_device("h100-sxm-80gb"))
+    assert estimate(sc).time.optimizer_s == pytest.approx(gpu + host)
