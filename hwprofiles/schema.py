@@ -135,6 +135,11 @@ class Efficiency(_Strict):
     the streaming rate (``memory_bandwidth_fraction``), from the micro suite's gptq dequant cases
     (``python -m validate calibrate``); null = the engine's default
     (``simulator.compute.GPTQ_TORCH_DEQUANT_BANDWIDTH_FRACTION``, fitted on published Q-LoRA steps)."""
+    bnb_optimizer_fraction: float | None = Field(default=None, gt=0, le=1)
+    """Rate at which bitsandbytes' 8-bit blockwise optimizer kernel (``AdamW8bit``: one 256-element block per
+    thread block, each dequantizing, updating and requantizing both states) moves its bytes / the streaming rate
+    (``memory_bandwidth_fraction``), from the micro suite's bnb-8bit adamw cases net of the step's per-tensor host
+    time (``python -m validate calibrate``); null = the streaming rate."""
     host_transfer_fraction: float | None = Field(default=None, gt=0, le=1)
     """Measured pinned host<->device copy bandwidth for large copies / the host link figure of the device's
     one-GPU system (``host.host_to_gpu_bandwidth_GBps``), from the micro suite's h2d/d2h cases

@@ -290,6 +290,9 @@ OPTIMIZER_OP_HOST_S = cp_.BACKWARD_HOST_PER_OP_S
 BNB_OPTIMIZERS = frozenset({"adamw-8bit", "paged-adamw-8bit", "paged-adamw-32bit", "galore-adamw-8bit"})
 """Optimizers whose step is bitsandbytes' ``Optimizer8bit.step`` loop (GaLore's 8-bit AdamW runs the same loop)."""
 
+BNB_8BIT_OPTIMIZERS = frozenset({"adamw-8bit", "paged-adamw-8bit", "galore-adamw-8bit"})
+"""The bitsandbytes optimizers whose states are 8-bit blockwise (``optimizer_update_8bit_blockwise``)."""
+
 BNB_DISPATCHED_OPS_PER_TENSOR = 2
 """Operators bitsandbytes' step dispatches per parameter (counted on the real optimizer on CPU): the ``detach`` of
 ``update_step`` and the fused ``bitsandbytes::optimizer_update_8bit_blockwise`` / ``optimizer_update_32bit``."""
@@ -339,10 +342,25 @@ def optimizer_syncs_per_tensor(opt) -> bool:
     return (opt.name == "adafactor" and opt.scale_parameter) or opt.name in BNB_OPTIMIZERS
 
 
+def bnb_optimizer_fraction(dev: Device) -> float:
+    """The share of the streaming rate bitsandbytes' blockwise 8-bit optimizer kernel reaches on ``dev``: its
+    calibrated figure (``Efficiency.bnb_optimizer_fraction``), else the streaming rate itself."""
+    own = dev.efficiency.bnb_optimizer_fraction
+    return own if own is not None else 1.0
+
+
+def optimizer_kernel_s(nbytes, bnb8, dev: Device):
+    """Device time of an optimizer step's kernels moving ``nbytes``: streaming, and where ``bnb8`` (a flag, or an
+    array of them) bitsandbytes' 8-bit blockwise kernel at its share of the streaming rate
+    (:func:`bnb_optimizer_fraction`)."""
+    t = cp_.memory_time_s(nbytes, dev)
+    return _where(bnb8 > 0, t / bnb_optimizer_fraction(dev), t)
+
+
 def optimizer_step_s(rank: RankState, n_updated, dev: Device):
     """One on-device optimizer step over ``n_updated`` parameters: its kernels' traffic, or a for-loop's host time
     where that is longer -- their sum where the loop waits for the device per parameter."""
-    gpu = cp_.memory_time_s(n_updated * rank.opt_step_bytes_per_param, dev)
+    gpu = optimizer_kernel_s(n_updated * rank.opt_step_bytes_per_param, rank.opt_bnb8, dev)
     return _where(rank.opt_host_serial > 0, gpu + rank.opt_host_s, _maximum(gpu, rank.opt_host_s))
 
 
@@ -374,6 +392,7 @@ class RankState:
     opt_step_bytes_per_param: Any  # device traffic of the optimizer step per updated parameter
     opt_host_s: Any = 0.0  # host time of a for-loop optimizer's Python loop
     opt_host_serial: Any = 0.0  # 1 where that loop waits for the device per parameter (no overlap with its kernels)
+    opt_bnb8: Any = 0.0  # 1 where bitsandbytes' 8-bit blockwise kernel runs the step (its rate: bnb_optimizer_fraction)
 
 
 def rank_state(ct: CostTable, par, stage: int, optimizer) -> RankState:
@@ -387,7 +406,7 @@ def rank_state(ct: CostTable, par, stage: int, optimizer) -> RankState:
                      optimizer_step_bytes(1.0, optimizer.name, prec.param_dtype, par.deepspeed, optimizer.impl,
                                           optimizer.beta1),
                      optimizer_host_s(rp.groups, optimizer, par.deepspeed),
-                     float(optimizer_syncs_per_tensor(optimizer)))
+                     float(optimizer_syncs_per_tensor(optimizer)), float(optimizer.name in BNB_8BIT_OPTIMIZERS))
 
 
 @dataclass(frozen=True)

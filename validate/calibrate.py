@@ -19,7 +19,10 @@
 * ``host_transfer_fraction`` — median over the pinned h2d and d2h copies of >= 64 MiB of achieved bytes/s /
   the host link figure of the device's one-GPU system (at most 1);
 * ``gptq_torch_dequant_fraction`` — median over the gptq dequant cases (AutoGPTQ's PyTorch dequantization, the
-  bytes the engine counts for it) of achieved bytes/s / the fitted streaming rate (at most 1).
+  bytes the engine counts for it) of achieved bytes/s / the fitted streaming rate (at most 1);
+* ``bnb_optimizer_fraction`` — median over the bnb-8bit adamw cases (bitsandbytes' ``AdamW8bit`` step) of the
+  bytes the engine counts for it / (measured time - the step's per-tensor host time the engine adds after each
+  kernel) / the fitted streaming rate (at most 1).
 
 The profile's ``memory_total_bytes`` takes the fingerprint's ``total_memory`` (what CUDA reports to PyTorch on
 the measured GPU itself) when the results were measured on the profile's own device.
@@ -208,8 +211,9 @@ def _fmt(x: float) -> str:
 def _kind_medians(rows: Rows, kinds: tuple[str, ...], peak_Bps: float) -> dict[str, tuple[float, int]]:
     out: dict[str, tuple[float, int]] = {}
     for kind in kinds:
+        # bitsandbytes' 8-bit step is not a streaming kernel: it has a field of its own (fit_bnb_optimizer)
         fr = [m.bytes_moved / m.time_s / peak_Bps for c, m in rows if c.kind == kind and m.bytes_moved
-              and m.bytes_moved >= MIN_STREAM_BYTES]
+              and m.bytes_moved >= MIN_STREAM_BYTES and getattr(c.params, "impl", None) != "bnb-8bit"]
         if fr:
             out[kind] = (float(np.median(fr)), len(fr))
     return out
@@ -346,6 +350,25 @@ def fit_host_transfer(rows: Rows, dev: Device) -> tuple[float, str] | None:
                    f"/ host link {link_GBps:g} GB/s = {_fmt(value)}{capped}")
 
 
+def fit_bnb_optimizer(rows: Rows, dev: Device, mem_fraction: float) -> tuple[float, str] | None:
+    """Median achieved bandwidth of bitsandbytes' 8-bit AdamW kernels (the step's time less its per-tensor host
+    time) / the streaming rate."""
+    from .micro import bnb_step_host_s
+
+    rates = []
+    for c, m in rows:
+        if c.kind == "adamw" and c.params.impl == "bnb-8bit" and m.bytes_moved:
+            kernels_s = m.time_s - bnb_step_host_s(c.params)
+            if kernels_s > 0:
+                rates.append(m.bytes_moved / kernels_s)
+    if not rates:
+        return None
+    stream = dev.memory_bandwidth_Bps * mem_fraction
+    value = min(1.0, float(np.median(rates)) / stream)
+    return value, (f"median bandwidth of {len(rates)} bitsandbytes AdamW8bit steps, less their per-tensor host time: "
+                   f"{float(np.median(rates)) / GIGA:.0f} GB/s / streaming {stream / GIGA:.0f} GB/s = {_fmt(value)}")
+
+
 def fit_gptq_dequant(rows: Rows, dev: Device, mem_fraction: float) -> tuple[float, str] | None:
     """Median achieved bandwidth of AutoGPTQ's PyTorch dequantization / the streaming rate."""
     rates = [m.bytes_moved / m.time_s for c, m in rows if c.kind == "dequant" and c.params.quant == "gptq"
@@ -383,7 +406,8 @@ def fit_efficiency(results: ResultsFile, device: Device, source_name: str | None
             new["attention_curve"], text["attention_curve"] = curve, curve_text
     for field, fit in (("matmul_max_fraction_fp8", fit_matmul_fp8(rows, device, mem_fraction)),
                        ("host_transfer_fraction", fit_host_transfer(rows, device)),
-                       ("gptq_torch_dequant_fraction", fit_gptq_dequant(rows, device, mem_fraction))):
+                       ("gptq_torch_dequant_fraction", fit_gptq_dequant(rows, device, mem_fraction)),
+                       ("bnb_optimizer_fraction", fit_bnb_optimizer(rows, device, mem_fraction))):
         if fit is not None:
             new[field], text[field] = fit
     eff_kernel = fit_mem_efficient(rows, device)

@@ -24,7 +24,9 @@ Kinds and what one call is:
   log-probabilities.
 * ``adamw`` — one ``torch.optim.AdamW.step()`` (fused or foreach) over fp32 parameters split into
   tensors of ``tensor_numel``: ``simulator.timing.optimizer_step_bytes`` (param, grad, both moments read,
-  param and moments written: 28 B/param).
+  param and moments written: 28 B/param); ``bnb-8bit``: bitsandbytes' ``AdamW8bit`` over the same parameters
+  (param and grad read, param written, both 8-bit states read and written: 16 B/param), its step one parameter
+  at a time with a synchronize after each.
 * ``dequant`` — bitsandbytes ``dequantize_4bit`` (nf4, blocksize 64, optionally double-quantised
   absmax) to bf16, or ``int8_vectorwise_dequant`` (row-wise int8 to fp32): the packed weight with its
   scales read (``simulator.graph.build.quant_storage_bytes``) and the dequantised copy written.  The int8
@@ -131,8 +133,9 @@ class AdamwParams(_Strict):
     """Parameters updated."""
     tensor_numel: int = Field(ge=1)
     """Parameters per tensor (the last tensor takes the remainder)."""
-    impl: Literal["fused", "foreach"]
-    """``fused=True`` (one kernel over all tensors) or ``foreach=True`` (multi-tensor ops)."""
+    impl: Literal["fused", "foreach", "bnb-8bit"]
+    """``fused=True`` (one kernel over all tensors), ``foreach=True`` (multi-tensor ops) or bitsandbytes'
+    ``AdamW8bit`` (blockwise 8-bit states, one kernel per tensor)."""
 
 
 class DequantParams(_Strict):
@@ -305,10 +308,18 @@ def rows_bytes(kind: str, p: RowsParams) -> float:
 def adamw_bytes(p: AdamwParams) -> float:
     """``simulator.timing.optimizer_step_bytes`` for fp32 AdamW in the case's implementation: fused, 3 x 4 B
     param/grad/param-out + 4 x 4 B moments in and out = 28 B per parameter; foreach / for-loop, the 21
-    parameter-sized accesses of its separate kernels = 84 B."""
+    parameter-sized accesses of its separate kernels = 84 B; bitsandbytes 8-bit, 3 x 4 B + 4 x 1 B = 16 B."""
     from simulator.timing import optimizer_step_bytes
 
+    if p.impl == "bnb-8bit":
+        return float(optimizer_step_bytes(p.numel, "adamw-8bit", "fp32", False))
     return float(optimizer_step_bytes(p.numel, "adamw", "fp32", False, p.impl))
+
+
+def adamw_tensors(p: AdamwParams) -> list[int]:
+    """The tensor sizes of the case: ``tensor_numel`` each, the last one the remainder."""
+    return [p.tensor_numel] * (p.numel // p.tensor_numel) + ([p.numel % p.tensor_numel] if p.numel % p.tensor_numel
+                                                             else [])
 
 
 def dequant_out_dtype(p: DequantParams) -> str:
@@ -458,7 +469,7 @@ def gpu_cases() -> list[MicroCase]:
     """The full grid for one data-centre GPU (about 5 minutes on an H100; collectives only with >= 2 GPUs)."""
     cases = _gemm_cases() + _sdpa_cases() + _rows_cases()
     cases += [MicroCase.of("adamw", numel=n, tensor_numel=ADAMW_TENSOR_NUMEL, impl=impl)
-              for n in ADAMW_NUMELS for impl in ("fused", "foreach")]
+              for n in ADAMW_NUMELS for impl in ("fused", "foreach", "bnb-8bit")]
     for out_f, in_f in DEQUANT_SHAPES:
         cases += [MicroCase.of("dequant", out_features=out_f, in_features=in_f, quant="nf4", double_quant=dq)
                   for dq in (False, True)]
@@ -491,6 +502,7 @@ def cpu_cases() -> list[MicroCase]:
         MicroCase.of("cross_entropy", rows=32, cols=1000, dtype="fp32"),
         MicroCase.of("adamw", numel=100_000, tensor_numel=30_000, impl="fused"),
         MicroCase.of("adamw", numel=100_000, tensor_numel=30_000, impl="foreach"),
+        MicroCase.of("adamw", numel=100_000, tensor_numel=30_000, impl="bnb-8bit"),
         MicroCase.of("dequant", out_features=256, in_features=512, quant="nf4", double_quant=False),
         MicroCase.of("dequant", out_features=256, in_features=512, quant="nf4", double_quant=True),
         MicroCase.of("dequant", out_features=256, in_features=512, quant="int8", double_quant=False),
@@ -546,6 +558,7 @@ def predict_micro(case_spec: dict[str, Any], kind: str, device_profile_name: str
     from hwprofiles.registry import get_device, system_for
     from simulator import comm
     from simulator.compute import gemm_time_s, gptq_torch_dequant_fraction, memory_time_s
+    from simulator.timing import optimizer_kernel_s
 
     case = MicroCase.from_spec(kind, case_spec)
     dev = get_device(device_profile_name)
@@ -563,7 +576,19 @@ def predict_micro(case_spec: dict[str, Any], kind: str, device_profile_name: str
         return float(comm.group_collective_time_s(system, case.kind, p.size_bytes, p.n_ranks, per_node))
     if isinstance(p, DequantParams) and p.quant == "gptq":
         return float(memory_time_s(case_bytes(case), dev) / gptq_torch_dequant_fraction(dev))
+    if isinstance(p, AdamwParams) and p.impl == "bnb-8bit":
+        return float(optimizer_kernel_s(case_bytes(case), 1.0, dev) + bnb_step_host_s(p))
     return float(memory_time_s(case_bytes(case), dev))
+
+
+def bnb_step_host_s(p: AdamwParams) -> float:
+    """The host time of bitsandbytes' step over the case's tensors, after each tensor's kernel (it synchronizes per
+    tensor): ``simulator.timing``'s operators per tensor at its cost per operator."""
+    from simulator.config import Optimizer
+    from simulator.timing import OPTIMIZER_OP_HOST_S, optimizer_ops_per_tensor
+
+    per_tensor = optimizer_ops_per_tensor(Optimizer(name="adamw-8bit"), "fp32", matrix=False)
+    return len(adamw_tensors(p)) * per_tensor * OPTIMIZER_OP_HOST_S
 
 
 # ---------------------------------------------------------------------------------------------
@@ -799,12 +824,17 @@ def _run_adamw(case: MicroCase, device: str) -> Measurement:
     import torch
 
     p: AdamwParams = case.params
-    sizes = [p.tensor_numel] * (p.numel // p.tensor_numel) + ([p.numel % p.tensor_numel] if p.numel % p.tensor_numel
-                                                                else [])
+    sizes = adamw_tensors(p)
     params = [torch.randn(n, device=device, dtype=torch.float32) for n in sizes]
     for t in params:
         t.grad = torch.randn_like(t)
-    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, **{p.impl: True})
+    if p.impl == "bnb-8bit":
+        bnb, _ = _bnb()
+        # min_8bit_size=1: every tensor gets 8-bit states, whatever its size
+        opt = bnb.optim.AdamW8bit(params, lr=1e-4, weight_decay=0.01, min_8bit_size=1)
+        opt.step()  # the first step allocates the states
+    else:
+        opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, **{p.impl: True})
     samples, extra = _time_call(opt.step, device)
     extra["tensors"] = float(len(sizes))
     return _measurement(case, samples, extra)

@@ -105,3 +105,26 @@ def test_bitsandbytes_step_dispatches_per_tensor_and_waits_for_each(name):
     assert rank.opt_host_s == pytest.approx(host) and rank.opt_host_serial == 1.0
     gpu = cp.memory_time_s(rank.trainable_numel * rank.opt_step_bytes_per_param, get_device("h100-sxm-80gb"))
     assert estimate(sc).time.optimizer_s == pytest.approx(gpu + host)
+
+
+def test_a_calibrated_bitsandbytes_rate_slows_only_its_8bit_kernel():
+    """``Efficiency.bnb_optimizer_fraction`` (from the micro suite's bnb-8bit cases) divides the 8-bit kernel's
+    streaming time; the torch and the 32-bit paged optimizers keep the streaming rate."""
+    dev = get_device("h100-sxm-80gb")
+    slow = dev.model_copy(update={"efficiency": dev.efficiency.model_copy(update={"bnb_optimizer_fraction": 0.25})})
+    assert timing.bnb_optimizer_fraction(dev) == 1.0 and timing.bnb_optimizer_fraction(slow) == 0.25
+    nbytes = 1e10
+    assert timing.optimizer_kernel_s(nbytes, 1.0, slow) == pytest.approx(4 * cp.memory_time_s(nbytes, dev))
+    assert timing.optimizer_kernel_s(nbytes, 0.0, slow) == cp.memory_time_s(nbytes, dev)
+    sc = Scenario(model="llama-3.2-1b", gpu="h100-sxm-80gb", precision="bf16")
+    from simulator.estimate import cost_table_for
+
+    ct = cost_table_for(sc)
+    for name, scaled in (("adamw-8bit", True), ("paged-adamw-8bit", True), ("paged-adamw-32bit", False),
+                         ("adamw", False)):
+        rank = timing.rank_state(ct, sc.parallel, 0, Optimizer(name=name))
+        assert rank.opt_bnb8 == float(scaled)
+        gpu = cp.memory_time_s(rank.trainable_numel * rank.opt_step_bytes_per_param, dev)
+        t_fast = timing.optimizer_step_s(rank, rank.trainable_numel, dev)
+        t_slow = timing.optimizer_step_s(rank, rank.trainable_numel, slow)
+        assert t_slow - t_fast == pytest.approx(3 * gpu if scaled else 0.0, abs=1e-12), name

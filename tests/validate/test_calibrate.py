@@ -16,7 +16,7 @@ from simulator import comm
 from simulator.compute import peak_flops
 from validate import calibrate as cal
 from validate.__main__ import main
-from validate.micro import COLLECTIVE_KINDS, case_bytes, case_flops, gpu_cases
+from validate.micro import COLLECTIVE_KINDS, bnb_step_host_s, case_bytes, case_flops, gpu_cases
 from validate.schema import CaseResult, Fingerprint, Measurement, ResultsFile, write_results
 
 H100 = "h100-sxm-80gb"
@@ -28,7 +28,7 @@ def known_efficiency() -> Efficiency:
     base = get_device(H100).efficiency
     return base.model_copy(update={"matmul_max_fraction": 0.74, "matmul_max_fraction_fp8": 0.62,
                                    "memory_bandwidth_fraction": 0.9, "attention_fraction": 0.41,
-                                   "gptq_torch_dequant_fraction": 0.37,
+                                   "gptq_torch_dequant_fraction": 0.37, "bnb_optimizer_fraction": 0.23,
                                    "attention_curve": ((512, 0.45), (2048, 0.8), (8192, 0.97), (16384, 1.0)),
                                    "attention_kernels": {**base.attention_kernels,
                                                          "mem_efficient": ((512, 0.7), (16384, 0.45))},
@@ -50,6 +50,9 @@ def synthetic_time_s(case, dev, eff: Efficiency) -> float:
         return b / (HOST_GBPS * 1e9)
     if case.kind == "dequant" and case.params.quant == "gptq":  # AutoGPTQ's PyTorch path, slower than streaming
         return b / (dev.memory_bandwidth_Bps * eff.memory_bandwidth_fraction * eff.gptq_torch_dequant_fraction)
+    if case.kind == "adamw" and case.params.impl == "bnb-8bit":  # its kernels, then its host time per tensor
+        return (b / (dev.memory_bandwidth_Bps * eff.memory_bandwidth_fraction * eff.bnb_optimizer_fraction)
+                + bnb_step_host_s(case.params))
     return b / (dev.memory_bandwidth_Bps * eff.memory_bandwidth_fraction)
 
 
@@ -100,6 +103,7 @@ def test_fit_recovers_the_known_curve_within_one_percent():
     link = system_for(H100, 1).host.host_to_gpu_bandwidth_GBps
     assert eff.host_transfer_fraction == pytest.approx(HOST_GBPS / link, rel=0.01)
     assert eff.gptq_torch_dequant_fraction == pytest.approx(0.37, rel=0.01)
+    assert eff.bnb_optimizer_fraction == pytest.approx(0.23, rel=0.01)
     assert 5 <= len(eff.matmul_curve) <= 9 and eff.matmul_curve[-1][1] == 1.0
     # the efficient kernel's speed against flash, point by point; FlashAttention 1 / 3 (not measured) kept
     for tokens in (512, 1024, 2048, 4096, 8192, 16384):

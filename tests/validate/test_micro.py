@@ -15,7 +15,7 @@ from pydantic import ValidationError
 torch = pytest.importorskip("torch")
 
 from hwprofiles.registry import get_device, system_for  # noqa: E402
-from simulator import comm  # noqa: E402
+from simulator import comm, timing  # noqa: E402
 from simulator.compute import (GPTQ_TORCH_DEQUANT_BANDWIDTH_FRACTION, attention_time_s, gemm_time_s,  # noqa: E402
                                memory_time_s)
 from validate import micro  # noqa: E402
@@ -70,7 +70,8 @@ def test_cpu_grid_statuses(cpu_run):
         assert by_id[cid].status == "skipped", cid
         assert by_id[cid].message and by_id[cid].measured is None
     for c in res.cases:
-        if c.case_id in CUDA_ONLY or (c.kind == "dequant" and not _has_bnb()):
+        needs_bnb = c.kind == "dequant" or c.spec.get("impl") == "bnb-8bit"
+        if c.case_id in CUDA_ONLY or (needs_bnb and not _has_bnb()):
             continue
         assert c.status == "ok", (c.case_id, c.message)
     ok_kinds = {c.kind for c in res.cases if c.status == "ok"}
@@ -130,6 +131,8 @@ def test_memory_bound_bytes_by_hand():
     assert case_bytes(MicroCase.of("adamw", numel=100_000, tensor_numel=30_000, impl="fused")) == 2_800_000
     # foreach: 13 reads + 8 writes of parameter-sized fp32 tensors (tests/exact/test_optimizer_step_exact.py)
     assert case_bytes(MicroCase.of("adamw", numel=100_000, tensor_numel=30_000, impl="foreach")) == 8_400_000
+    # bitsandbytes AdamW8bit: param and grad read, param written (12 B), both 8-bit states read and written (4 B)
+    assert case_bytes(MicroCase.of("adamw", numel=100_000, tensor_numel=30_000, impl="bnb-8bit")) == 1_600_000
 
 
 def test_dequant_bytes_by_hand():
@@ -289,7 +292,7 @@ def test_gpu_grid_size_span_and_ids():
     assert kinds["sdpa"] == 48 + 48 + 16
     # 6 sizes per memory-bound dtype; copy in bf16 and fp32; 6 cross-entropy shapes
     assert (kinds["copy"], kinds["rmsnorm"], kinds["cross_entropy"]) == (12, 6, 6)
-    assert kinds["adamw"] == 6 and kinds["dequant"] == 12 and kinds["h2d"] == kinds["d2h"] == 8
+    assert kinds["adamw"] == 9 and kinds["dequant"] == 12 and kinds["h2d"] == kinds["d2h"] == 8
     assert kinds["all_reduce"] == len(micro.COLLECTIVE_RANKS) * len(micro.COLLECTIVE_SIZES_BYTES)
     assert 150 <= kinds["gemm"] <= 200
     assert 300 <= len(cases) <= 400
@@ -362,6 +365,12 @@ def test_predict_memory_bound_transfers_and_collectives():
               MicroCase.of("adamw", numel=10**9, tensor_numel=2**24, impl="fused"),
               MicroCase.of("dequant", out_features=14336, in_features=4096, quant="nf4", double_quant=True)):
         assert predict_micro(c.spec(), c.kind, H100) == memory_time_s(case_bytes(c), dev)
+    # bitsandbytes' step: its kernels at the streaming rate (no calibrated figure yet), then per tensor (4 here: three
+    # of 30,000 and the remainder) its two operators and the synchronize after each
+    bnb = MicroCase.of("adamw", numel=100_000, tensor_numel=30_000, impl="bnb-8bit")
+    assert dev.efficiency.bnb_optimizer_fraction is None
+    assert predict_micro(bnb.spec(), "adamw", H100) == pytest.approx(
+        memory_time_s(1_600_000, dev) + 4 * 3 * timing.OPTIMIZER_OP_HOST_S)
     h2d = MicroCase.of("h2d", size_bytes=2**30, pinned=True)
     assert predict_micro(h2d.spec(), "h2d", H100) == comm.host_transfer_time_s(system_for(H100, 1), 2**30)
     ar = MicroCase.of("all_reduce", size_bytes=2**29, n_ranks=8, dtype="bf16")
