@@ -350,35 +350,32 @@ def fit_host_transfer(rows: Rows, dev: Device) -> tuple[float, str] | None:
                    f"/ host link {link_GBps:g} GB/s = {_fmt(value)}{capped}")
 
 
+def _share_of_streaming(rates: list[float], dev: Device, mem_fraction: float, what: str) -> tuple[float, str] | None:
+    """Median of ``rates`` (bytes/s) / the streaming rate, at most 1, and its citation (``what``: the cases)."""
+    if not rates:
+        return None
+    median, stream = float(np.median(rates)), dev.memory_bandwidth_Bps * mem_fraction
+    value = min(1.0, median / stream)
+    return value, (f"median bandwidth of {len(rates)} {what}: {median / GIGA:.0f} GB/s / streaming {stream / GIGA:.0f} "
+                   f"GB/s = {_fmt(value)}")
+
+
 def fit_bnb_optimizer(rows: Rows, dev: Device, mem_fraction: float) -> tuple[float, str] | None:
     """Median achieved bandwidth of bitsandbytes' 8-bit AdamW kernels (the step's time less its per-tensor host
     time) / the streaming rate."""
     from .micro import bnb_step_host_s
 
-    rates = []
-    for c, m in rows:
-        if c.kind == "adamw" and c.params.impl == "bnb-8bit" and m.bytes_moved:
-            kernels_s = m.time_s - bnb_step_host_s(c.params)
-            if kernels_s > 0:
-                rates.append(m.bytes_moved / kernels_s)
-    if not rates:
-        return None
-    stream = dev.memory_bandwidth_Bps * mem_fraction
-    value = min(1.0, float(np.median(rates)) / stream)
-    return value, (f"median bandwidth of {len(rates)} bitsandbytes AdamW8bit steps, less their per-tensor host time: "
-                   f"{float(np.median(rates)) / GIGA:.0f} GB/s / streaming {stream / GIGA:.0f} GB/s = {_fmt(value)}")
+    kernels = [(m.bytes_moved, m.time_s - bnb_step_host_s(c.params)) for c, m in rows
+               if c.kind == "adamw" and c.params.impl == "bnb-8bit" and m.bytes_moved]
+    return _share_of_streaming([b / t for b, t in kernels if t > 0], dev, mem_fraction,
+                               "bitsandbytes AdamW8bit steps, less their per-tensor host time")
 
 
 def fit_gptq_dequant(rows: Rows, dev: Device, mem_fraction: float) -> tuple[float, str] | None:
     """Median achieved bandwidth of AutoGPTQ's PyTorch dequantization / the streaming rate."""
     rates = [m.bytes_moved / m.time_s for c, m in rows if c.kind == "dequant" and c.params.quant == "gptq"
              and m.bytes_moved]
-    if not rates:
-        return None
-    stream = dev.memory_bandwidth_Bps * mem_fraction
-    value = min(1.0, float(np.median(rates)) / stream)
-    return value, (f"median bandwidth of {len(rates)} gptq PyTorch dequantizations: {float(np.median(rates)) / GIGA:.0f} "
-                   f"GB/s / streaming {stream / GIGA:.0f} GB/s = {_fmt(value)}")
+    return _share_of_streaming(rates, dev, mem_fraction, "gptq PyTorch dequantizations")
 
 
 def fit_efficiency(results: ResultsFile, device: Device, source_name: str | None = None
