@@ -81,13 +81,19 @@ def workload_line(scenario: Scenario) -> str:
     return f"infer: batch {w.batch} x (prompt {w.prompt_len} + generate {w.gen_len} tokens)"
 
 
+TORCH_OPTIMIZERS = frozenset({"adamw", "adam", "sgd", "sgd-momentum"})
+"""The optimizers whose torch implementation (foreach, fused, for-loop) changes their memory and time."""
+
+
 def optimizer_text(opt) -> str:
     """The optimizer with what changes its memory: the torch implementation, GaLore's projection, a step in backward."""
     if opt.galore is not None:
         g = opt.galore
         text = f"{opt.name} (rank {g.rank}, {g.proj_type}, on {'/'.join(g.targets)})"
-    else:
+    elif opt.name in TORCH_OPTIMIZERS:
         text = f"{opt.name} ({opt.impl})"
+    else:  # bitsandbytes, transformers' Adafactor, MeZO: torch's foreach / fused switch does not apply
+        text = opt.name
     return text + (", stepped in backward" if opt.in_backward else "")
 
 

@@ -59,6 +59,14 @@ def test_readme_command_prints_verdict_and_sizes(capsys):
     assert f"during {e.peak_phase}" in out
     # the QLoRA knobs and the workload are echoed
     assert "qlora (quant=nf4" in out and "micro-batch 4 x seq_len 2048" in out
+    assert "optimizer adamw (foreach)," in out  # torch's implementation, which sets its memory and time
+
+
+def test_the_torch_implementation_is_shown_only_for_torch_optimizers(capsys):
+    for optimizer, shown in (("paged-adamw-8bit", "optimizer paged-adamw-8bit,"), ("adafactor", "optimizer adafactor,"),
+                             ("sgd-momentum", "optimizer sgd-momentum (foreach),")):
+        rc, out, _ = run(capsys, *README_ARGS, "--optimizer", optimizer)
+        assert rc == 0 and shown in out, optimizer
 
 
 def test_json_has_the_estimate_and_the_scenario(capsys):
