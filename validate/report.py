@@ -196,12 +196,12 @@ def summarize(comparisons: Iterable[Comparison]) -> dict[str, dict[str, dict[str
     return dict(out)
 
 
-def published_summary(records_path: str | Path) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+def published_summary(records_path: str | Path) -> tuple[dict[str, dict[str, Any]], dict[str, Any], dict[tuple, Any]]:
     """Published records scored: ``{class: stats}`` over the comparable, predicted records (class
-    ``memory`` for the memory metrics, ``time`` for times and throughputs, ``fits``), and the per-group
-    table of :func:`validate.score.score`."""
+    ``memory`` for the memory metrics, ``time`` for times and throughputs, ``fits``), the per-group
+    table of :func:`validate.score.score` and the per-target slices of :func:`validate.score.score_slices`."""
     from .published import load_jsonl, predict_records
-    from .score import record_error, score
+    from .score import record_error, score, score_slices
 
     records = load_jsonl(records_path)
     preds = predict_records(records)
@@ -225,7 +225,7 @@ def published_summary(records_path: str | Path) -> tuple[dict[str, dict[str, Any
     out = {k: _stats(v) for k, v in sorted(errs.items())}
     if fits:
         out["fits"] = {"n": len(fits), "accuracy": sum(fits) / len(fits)}
-    return out, score(records, preds)
+    return out, score(records, preds), score_slices(records, preds)
 
 
 # --------------------------------------------------------------------------------------------
@@ -268,7 +268,7 @@ def worst(comparisons: Iterable[Comparison], n: int = 10) -> list[Comparison]:
 
 
 def format_report(files: list[tuple[str, ResultsFile]], comparisons: list[Comparison],
-                  published: tuple[dict, dict] | None = None, n_worst: int = 10) -> str:
+                  published: tuple[dict, dict, dict] | None = None, n_worst: int = 10) -> str:
     """The plain-text report: machines, per-suite summary, the worst cases with a diagnosis, every
     comparison, the published scores, and the commands that reproduce each results file."""
     lines = ["fitsim validation report", ""]
@@ -295,12 +295,13 @@ def format_report(files: list[tuple[str, ResultsFile]], comparisons: list[Compar
             lines.append(f"  {c.case_id} [{c.metric}] measured {_val(c.measured, c.unit)}, predicted "
                          f"{_val(c.predicted, c.unit)} ({err}): {c.diagnosis}")
     if published is not None:
-        pub, table = published
+        pub, table, slices = published
         lines += ["", "Published measurements (comparable records)"]
         lines += format_summary({"published": pub})
-        from .score import format_table
+        from .score import format_slices, format_table
 
-        lines += ["", format_table(table)]
+        lines += ["", format_table(table), "", "By target (memory and speed apart, one GPU apart from several)",
+                  format_slices(slices)]
     lines += ["", "Every comparison"]
     for c in comparisons:
         err = ("right" if not c.error else "WRONG") if c.unit == "bool" else f"{100 * c.error:+.1f}%"
