@@ -32,6 +32,7 @@ from validate.schema import (  # noqa: E402
     parse_results,
     write_results,
 )
+from validate.score import score, score_slices  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 HAS_BNB = True
@@ -224,6 +225,18 @@ def test_report_errors_are_the_known_ratios():
     assert "tokens_per" not in text  # throughputs are not time terms
     page = report_html(comps, text)
     assert page.count("plotly-graph-div") == 5 and "e2e: allocated" in page
+    # published records scored beside the runs: the group table and the per-target slices
+    recs = [{"id": "src-001", "n_gpus": 1, "target": {"metric": "peak_memory_per_gpu_GB", "value": 10.0, "comparable": True}},
+            {"id": "src-002", "n_gpus": 8, "target": {"metric": "step_time_s", "value": 2.0, "comparable": True}}]
+    preds = [{"id": "src-001", "predicted": 12.0, "unit": "GiB", "status": "ok", "reason": None},
+             {"id": "src-002", "predicted": 2.1, "unit": "s", "status": "ok", "reason": None}]
+    stats = {"n": 1, "median_abs_err": 0.2, "p90_abs_err": 0.2, "max_abs_err": 0.2, "median_err": 0.2}
+    published = ({"memory": stats}, score(recs, preds), score_slices(recs, preds))
+    text = format_report([("synthetic.json", res)], comps, published)
+    assert "By target" in text
+    rows = {line.split()[1]: line.split()[-1] for line in text.splitlines()
+            if line.startswith("src ") and line.split()[1] in ("memory", "speed")}
+    assert rows == {"memory": "NO", "speed": "yes"}  # 20 % against 10 %; 5 % against 15 %
 
 
 def test_older_generation_results_are_predicted_with_every_prefill_logit():
