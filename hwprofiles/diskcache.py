@@ -76,9 +76,11 @@ def _py_files(root: str, rel: str) -> list[tuple[str, os.stat_result]]:
 
 
 def file_stamp(path: Path) -> str:
-    """What identifies one version of a source file: its absolute path, size and modification time."""
-    st = path.stat()
-    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    """What identifies one version of a source file: its absolute path, size and modification time.  The path is
+    made absolute without resolving symlinks (``Path.resolve`` costs a system call per component, a tenth of a
+    millisecond per file on a first estimate); a file reached through another link only misses the cache."""
+    st = os.stat(path)
+    return f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}"
 
 
 def _entry_path(root: Path, fingerprint: str, namespace: str, key: str) -> Path:
