@@ -201,7 +201,36 @@ OPTIMIZERS = {"adamw": "adamw", "adam": "adam", "adamw-8bit": "adamw-8bit", "pag
               "paged-adamw-32bit": "paged-adamw-32bit", "sgd": "sgd", "adafactor": "adafactor", "lion": "lion"}
 QUANTS = {"nf4": "nf4", "fp4": "fp4", "int8": "int8", "int4-gptq": "gptq", "int4-awq": "awq", "fp8": "fp8"}
 FAMILIES = {"llama": "llama", "qwen": "qwen", "gpt": "gpt2", "gpt2": "gpt2", "gpt-neox": "gpt_neox",
-            "gpt_neox": "gpt_neox", "gptj": "gptj", "gpt-j": "gptj", "t5": "t5", "phi": "phi", "bloom": "bloom", "falcon": "falcon", "opt": "opt"}
+            "gpt_neox": "gpt_neox", "gptj": "gptj", "gpt-j": "gptj", "t5": "t5", "phi": "phi", "bloom": "bloom", "falcon": "falcon", "opt": "opt",
+            "phi3": "phi3", "phi-3": "phi3", "bert": "bert", "roberta": "roberta", "deberta": "deberta_v2",
+            "deberta-v2": "deberta_v2", "deberta_v2": "deberta_v2"}
+# Families without a block template of their own whose blocks are another family's layout with other switches: the
+# template and the switches (HF config.json / modeling code of each).  Mistral, Mixtral (MoE from the record), Yi,
+# DeepSeek (dense), InternLM, Code Llama, TinyLlama, Baichuan-2-7B: the Llama block.  Qwen2 / Qwen2.5: Llama with
+# q/k/v biases; Qwen3: Llama with per-head q/k RMSNorm.  Gemma: Llama with (1 + weight) RMSNorm, tanh-GELU gating and
+# tied embeddings.  MPT (mosaicml/mpt-*, llm-foundry): GPT-2's 4h GELU MLP and fused q/k/v under ALiBi, no biases
+# (``no_bias: true``), LayerNorm without bias, tied embeddings.  StarCoder / SantaCoder (GPTBigCode): GPT-2's block
+# with one key/value head (MQA, the record's n_kv_heads).
+FAMILY_STAND_INS: dict[str, tuple[str, dict[str, Any]]] = {
+    **{f: ("llama", {}) for f in ("mistral", "mixtral", "yi", "deepseek", "internlm", "internlm2", "codellama",
+                                  "code-llama", "tinyllama", "baichuan", "baichuan2", "vicuna")},
+    **{f: ("llama", dict(qkv_bias=True)) for f in ("qwen2", "qwen2.5", "qwen1.5", "qwen2_moe")},
+    "qwen3": ("llama", dict(qk_norm=True)),
+    "gemma": ("llama", dict(norm_plus_one=True, activation="gelu_tanh", tied_embeddings=True)),
+    "mpt": ("gpt2", dict(position="alibi", activation="gelu", qkv_bias=False, attn_out_bias=False, mlp_bias=False,
+                         norm_bias=False, tied_embeddings=True)),
+    **{f: ("gpt2", {}) for f in ("starcoder", "gpt_bigcode", "gpt-bigcode", "santacoder")},
+}
+# A family named only in the model's name or hub id (family "other" or unset): unambiguous tokens -> stand-in family.
+STAND_IN_NAME_TOKENS: tuple[tuple[str, str], ...] = (
+    ("mosaicml/mpt", "mpt"), ("mpt-", "mpt"), ("mixtral", "mixtral"), ("mistral", "mistral"), ("gemma", "gemma"),
+    ("qwen3", "qwen3"), ("qwen2", "qwen2"), ("qwen1.5", "qwen1.5"), ("starcoder", "starcoder"),
+    ("santacoder", "santacoder"), ("baichuan", "baichuan"), ("internlm", "internlm"), ("deepseek", "deepseek"),
+    ("tinyllama", "tinyllama"), ("codellama", "codellama"), ("code-llama", "code-llama"),
+)
+# Sizes the stand-in family fixes when the record leaves them out: MPT's MLP is expansion_ratio 4 x d_model and its
+# vocabulary 50,432 (mosaicml/mpt-7b and mpt-30b config.json).
+STAND_IN_DIMS: dict[str, dict[str, Any]] = {"mpt": {"intermediate_ratio": 4, "vocab": 50432}}
 # Architecture details a record never carries, per family (the HF implementation's choices).
 FAMILY_ARCH: dict[str, dict[str, Any]] = {
     "llama": {},
@@ -339,6 +368,17 @@ def _model(m: dict, notes: list[str], text: str = "", sc: dict | None = None) ->
     sc = sc or {}
     raw_family = (m.get("family") or "").lower()
     fam = FAMILIES.get(raw_family)
+    stand_in: dict[str, Any] = {}
+    if fam is None and raw_family in ("", "other"):
+        hay = " ".join(str(m.get(k) or "") for k in ("name", "hf_id")).lower()
+        named = next((f for token, f in STAND_IN_NAME_TOKENS if token in hay), None)
+        if named is not None:
+            notes.append(f"family {raw_family or 'unstated'}: the name says {named}")
+            raw_family = named
+    if fam is None and raw_family in FAMILY_STAND_INS:
+        fam, stand_in = FAMILY_STAND_INS[raw_family]
+        switches = ", ".join(f"{k}={v}" for k, v in stand_in.items())
+        notes.append(f"family {raw_family!r}: the {fam} block template" + (f" with {switches}" if switches else " as is"))
     label = m.get("hf_id") or m.get("name") or "?"
     if fam is None and raw_family == "other" and all(m.get(k) for k in ("n_layers", "hidden", "n_heads")):
         fam = _other_family(m, text, notes)
@@ -349,6 +389,13 @@ def _model(m: dict, notes: list[str], text: str = "", sc: dict | None = None) ->
         notes.append(f"vocab unstated: Megatron GPT's GPT-2 BPE ({GPT2_BPE_VOCAB}) padded to a multiple of "
                      f"{MEGATRON_VOCAB_DIVISIBLE_BY} x tp={tp} -> {vocab}")
     intermediate = m.get("intermediate")
+    dims = STAND_IN_DIMS.get(raw_family, {})
+    if not intermediate and m.get("hidden") and "intermediate_ratio" in dims:
+        intermediate = dims["intermediate_ratio"] * int(m["hidden"])
+        notes.append(f"intermediate unstated: {raw_family} MLP {dims['intermediate_ratio']} x hidden = {intermediate}")
+    if not vocab and "vocab" in dims:
+        vocab = dims["vocab"]
+        notes.append(f"vocab unstated: {raw_family} default {vocab}")
     needed = {"n_layers": m.get("n_layers"), "hidden": m.get("hidden"), "n_heads": m.get("n_heads"),
               "intermediate": intermediate, "vocab": vocab}
     missing = [k for k, v in needed.items() if not v]
@@ -361,11 +408,12 @@ def _model(m: dict, notes: list[str], text: str = "", sc: dict | None = None) ->
         raise Unsupported(f"model {label!r} not in the catalog and the record lacks {', '.join(missing)} "
                           f"(only n_params={m.get('n_params')}); add it to simulator/models/")
     moe = m.get("moe")
-    extra: dict[str, Any] = dict(FAMILY_ARCH.get(fam, {}))
+    extra: dict[str, Any] = {**FAMILY_ARCH.get(fam, {}), **stand_in}
     tied = m.get("tied_embeddings")
     if tied is None:
-        tied = fam == "gpt2"
-        notes.append(f"tied_embeddings unstated: {'tied' if tied else 'untied'} ({fam} default)")
+        tied = extra.pop("tied_embeddings", fam == "gpt2")
+        notes.append(f"tied_embeddings unstated: {'tied' if tied else 'untied'} ({raw_family or fam} default)")
+    extra.pop("tied_embeddings", None)
     seq = int(sc.get("seq_len") or 0)
     if extra.get("position") == "learned" and seq > 2048:
         extra["max_position_embeddings"] = seq

@@ -805,3 +805,41 @@ def test_a_records_attention_kernel_is_the_one_estimated():
                       ("sdpa", "sdpa-flash")):
         sc = record_to_scenario(_record(attention=raw, precision="bf16-amp"))
         assert sc.attention == want, raw
+
+
+def _arch_record(family: str, **model) -> dict:
+    """A training record whose model is not in the catalog: only its family and shape."""
+    m = {"name": "custom", "hf_id": None, "family": family, "n_params": None, "n_layers": 4, "hidden": 512,
+         "n_heads": 8, "n_kv_heads": None, "intermediate": None, "vocab": None, "tied_embeddings": None,
+         "head_dim": None, "moe": None, **model}
+    sc = {"task": "train", "model": m, "method": "full", "lora": None, "weight_quant": "none", "double_quant": None,
+          "precision": "bf16-pure", "optimizer": "adamw", "micro_batch": 2, "seq_len": 1024, "grad_accum": 1,
+          "global_batch": None, "checkpointing": "none", "attention": "flash2", "n_gpus": 1, "n_nodes": 1,
+          "parallel": {"dp": 1, "tp": 1, "pp": 1, "cp": 1, "ep": 1, "zero_stage": None}, "inference": None,
+          "gpu": "A100-SXM-80GB", "framework": "other", "unstated": []}
+    return {"id": "hand-arch", "scenario": sc, "target": {"metric": "peak_memory_per_gpu_GB", "value": 1.0,
+                                                          "measured_how": "allocated", "per": "gpu", "comparable": True}}
+
+
+def test_families_without_a_template_of_their_own_take_their_layouts_template_and_switches():
+    notes: list[str] = []
+    mpt = record_to_scenario(_arch_record("mpt"), notes).model  # mosaicml/mpt-*: ALiBi, no biases, tied
+    assert (mpt.family, mpt.position, mpt.activation, mpt.tied_embeddings) == ("gpt2", "alibi", "gelu", True)
+    assert not (mpt.qkv_bias or mpt.attn_out_bias or mpt.mlp_bias or mpt.norm_bias)
+    assert (mpt.intermediate, mpt.vocab) == (4 * 512, 50432)  # expansion_ratio 4; the MPT vocabulary
+    assert any("family 'mpt': the gpt2 block template with position=alibi" in n for n in notes)
+    # family "other" (or unset) with a name that says which
+    named = record_to_scenario(_arch_record("other", hf_id="mosaicml/mpt-7b", name="MPT 7B"), []).model
+    assert (named.family, named.position, named.qkv_bias) == ("gpt2", "alibi", False)
+    qwen2 = record_to_scenario(_arch_record("qwen2", intermediate=1536, vocab=32000, n_kv_heads=2), []).model
+    assert (qwen2.family, qwen2.qkv_bias, qwen2.tied_embeddings) == ("llama", True, False)
+    gemma = record_to_scenario(_arch_record("gemma", intermediate=2048, vocab=32000), []).model
+    assert (gemma.family, gemma.norm_plus_one, gemma.activation, gemma.tied_embeddings) == ("llama", True, "gelu_tanh", True)
+    mistral_notes: list[str] = []
+    mistral = record_to_scenario(_arch_record("mistral", intermediate=1792, vocab=32000, n_kv_heads=2), mistral_notes).model
+    assert mistral.family == "llama" and any("the llama block template as is" in n for n in mistral_notes)
+    # a stated size wins over the stand-in's default
+    assert record_to_scenario(_arch_record("mpt", intermediate=1000, vocab=1000), []).model.intermediate == 1000
+    # a family nobody maps is still an answer, not a crash
+    p = predict_record(_arch_record("rwkv", intermediate=2048, vocab=32000))
+    assert p["status"] == "unsupported" and "rwkv" in p["reason"]
