@@ -24,6 +24,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from hwprofiles import all_devices, get_device
 from simulator import Scenario, estimate, get_model
 from simulator.config import (
@@ -1273,7 +1275,11 @@ def predict_record(rec: dict) -> dict[str, Any]:
         out["status"] = "ok"
     except Unsupported as err:
         out["reason"] = str(err)
-    except Exception as err:  # validation errors, engine errors: one record never stops the run
+    except ValidationError as err:  # a combination the inputs refuse: the field and the rule, as the CLI says it
+        from simulator.cli import format_validation_error
+
+        out["reason"] = f"not a valid scenario: {format_validation_error(err)}"[:500]
+    except Exception as err:  # engine errors: one record never stops the run
         out["reason"] = f"{type(err).__name__}: {err}".replace("\n", " ")[:500]
     if out["status"] != "ok":
         out["predicted"] = None

@@ -843,3 +843,12 @@ def test_families_without_a_template_of_their_own_take_their_layouts_template_an
     # a family nobody maps is still an answer, not a crash
     p = predict_record(_arch_record("rwkv", intermediate=2048, vocab=32000))
     assert p["status"] == "unsupported" and "rwkv" in p["reason"]
+
+
+def test_a_combination_the_inputs_refuse_is_unsupported_with_the_rule_in_one_line():
+    r = _arch_record("mistral", intermediate=1792, vocab=32000, n_kv_heads=2)
+    r["scenario"].update(method="lora", precision="fp8")  # float8 training is for full fine-tuning
+    p = predict_record(r)
+    assert p["status"] == "unsupported"
+    assert p["reason"].startswith("not a valid scenario: precision='fp8'") and "method 'full'" in p["reason"]
+    assert "\n" not in p["reason"] and "input_value" not in p["reason"] and "pydantic.dev" not in p["reason"]
