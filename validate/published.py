@@ -254,6 +254,17 @@ FAMILY_ARCH: dict[str, dict[str, Any]] = {
     "torch": dict(position="learned", norm="layernorm", activation="gelu", gated_mlp=False, qkv_bias=True,
                   attn_out_bias=True, mlp_bias=True, norm_bias=True, lm_head_bias=True),
 }
+# The encoders (bert-base-uncased, roberta-base, deberta-v3-base config.json): post-LN blocks with biases, a GELU MLP
+# and an MLM head tied to the embeddings; BERT learns 512 positions and 2 token types, RoBERTa 514 positions (2 held by
+# its padding offset) and 1 type, DeBERTa-v3 none of either but 256 relative buckets.
+_ENCODER_ARCH = dict(arch="encoder", norm="layernorm", activation="gelu", gated_mlp=False, qkv_bias=True,
+                     attn_out_bias=True, mlp_bias=True, norm_bias=True, tied_embeddings=True)
+FAMILY_ARCH |= {
+    "bert": dict(_ENCODER_ARCH, position="learned", max_position_embeddings=512, type_vocab_size=2),
+    "roberta": dict(_ENCODER_ARCH, position="learned", max_position_embeddings=514, type_vocab_size=1),
+    "deberta_v2": dict(_ENCODER_ARCH, position="relative", max_position_embeddings=512, type_vocab_size=0,
+                       relative_attention_num_buckets=256),
+}
 
 MEMORY_METRICS = ("peak_memory_per_gpu_GB", "peak_memory_total_GB")
 TIME_METRICS = ("step_time_s", "tokens_per_s_per_gpu", "tokens_per_s_total", "samples_per_s_total", "tflops_per_gpu",
@@ -411,11 +422,10 @@ def _model(m: dict, notes: list[str], text: str = "", sc: dict | None = None) ->
                           f"(only n_params={m.get('n_params')}); add it to simulator/models/")
     moe = m.get("moe")
     extra: dict[str, Any] = {**FAMILY_ARCH.get(fam, {}), **stand_in}
-    tied = m.get("tied_embeddings")
+    tied, family_tied = m.get("tied_embeddings"), extra.pop("tied_embeddings", fam == "gpt2")
     if tied is None:
-        tied = extra.pop("tied_embeddings", fam == "gpt2")
+        tied = family_tied
         notes.append(f"tied_embeddings unstated: {'tied' if tied else 'untied'} ({raw_family or fam} default)")
-    extra.pop("tied_embeddings", None)
     seq = int(sc.get("seq_len") or 0)
     if extra.get("position") == "learned" and seq > 2048:
         extra["max_position_embeddings"] = seq

@@ -838,6 +838,20 @@ def test_families_without_a_template_of_their_own_take_their_layouts_template_an
     mistral_notes: list[str] = []
     mistral = record_to_scenario(_arch_record("mistral", intermediate=1792, vocab=32000, n_kv_heads=2), mistral_notes).model
     assert mistral.family == "llama" and any("the llama block template as is" in n for n in mistral_notes)
+    # encoders with a template but no catalog entry: post-LN encoder blocks with biases, not a decoder's defaults
+    bert_record = _arch_record("bert", intermediate=2048, vocab=30522)
+    bert_record["scenario"]["seq_len"] = 256
+    bert = record_to_scenario(bert_record, []).model
+    assert (bert.family, bert.arch, bert.norm, bert.position, bert.activation, bert.gated_mlp) == (
+        "bert", "encoder", "layernorm", "learned", "gelu", False)
+    assert (bert.qkv_bias, bert.tied_embeddings, bert.type_vocab_size, bert.max_position_embeddings) == (True, True, 2, 512)
+    deberta = record_to_scenario({**bert_record, "scenario": {**bert_record["scenario"], "model": {
+        **bert_record["scenario"]["model"], "family": "deberta"}}}, []).model
+    assert (deberta.family, deberta.position, deberta.type_vocab_size, deberta.relative_attention_num_buckets) == (
+        "deberta_v2", "relative", 0, 256)
+    # BERT's learned table holds 512 positions: a longer sequence is refused, not silently modelled
+    assert predict_record(_arch_record("bert", intermediate=2048, vocab=30522))["reason"].startswith(
+        "not a valid scenario: workload.seq_len=1024 exceeds")
     # a stated size wins over the stand-in's default
     assert record_to_scenario(_arch_record("mpt", intermediate=1000, vocab=1000), []).model.intermediate == 1000
     # a family nobody maps is still an answer, not a crash
