@@ -10,6 +10,7 @@ import math
 
 import numpy as np
 
+from .config.training import BNB_8BIT_OPTIMIZERS, BNB_OPTIMIZERS
 from .units import MiB, dtype_bytes
 
 # ---------------------------------------------------------------------------------------------
@@ -56,7 +57,7 @@ def _state_bytes_one(numel: int, dtype: str, shape: tuple[int, ...], name: str, 
         return adam_state_bytes(numel, dtype)
     if name == "paged-adamw-32bit":
         return 2.0 * numel * 4.0
-    if name in ("adamw-8bit", "paged-adamw-8bit"):
+    if name in BNB_8BIT_OPTIMIZERS:
         return bnb_8bit_state_bytes(numel, 2)
     if name in ("sgd-momentum", "lion"):
         return numel * dtype_bytes(dtype)
@@ -75,7 +76,7 @@ def optimizer_state_bytes(groups: list[TensorGroup], name: str, beta1: bool = Tr
     (a 0-dim fp32 tensor per parameter: see :func:`step_counter_bytes`).
     """
     states = sum(_state_bytes_one(n, d, s, name, beta1) * c for n, d, s, c in groups)
-    if name in ("adamw-8bit", "paged-adamw-8bit") and any(n >= BNB_MIN_8BIT_SIZE for n, _, _, _ in groups):
+    if name in BNB_8BIT_OPTIMIZERS and any(n >= BNB_MIN_8BIT_SIZE for n, _, _, _ in groups):
         states += BNB_QMAP_BYTES
     return states
 
@@ -105,7 +106,7 @@ def optimizer_temp_bytes(groups: list[TensorGroup], name: str, impl: str) -> flo
     one parameter's worth.  bitsandbytes 8-bit/paged kernels update in place; HF Adafactor upcasts
     one parameter and its gradient to fp32 at a time.
     """
-    if not groups or name in ("sgd", "adamw-8bit", "paged-adamw-8bit", "paged-adamw-32bit"):
+    if not groups or name == "sgd" or name in BNB_OPTIMIZERS:
         return 0.0
     if name == "adafactor":
         return max(2.0 * n * 4.0 for n, _, _, _ in groups)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .config import Scenario
-from .config.training import TrainWorkload
+from .config.training import TORCH_OPTIMIZERS, TrainWorkload
 from .results import CATEGORIES, Estimate
 from .units import fmt_bytes, fmt_count, fmt_flops
 
@@ -79,10 +79,6 @@ def workload_line(scenario: Scenario) -> str:
         return (f"train: micro-batch {w.micro_batch} x seq_len {w.seq_len} x grad-accum {w.grad_accum}"
                 f" = {fmt_count(tokens)} tokens per optimizer step")
     return f"infer: batch {w.batch} x (prompt {w.prompt_len} + generate {w.gen_len} tokens)"
-
-
-TORCH_OPTIMIZERS = frozenset({"adamw", "adam", "sgd", "sgd-momentum"})
-"""The optimizers whose torch implementation (foreach, fused, for-loop) changes their memory and time."""
 
 
 def optimizer_text(opt) -> str:

@@ -30,7 +30,7 @@ from hwprofiles import Device
 from . import compute as cp_
 from . import sharding as sh
 from .memory import MEZO_OPS_PER_TENSOR, MEZO_STEP_ACCESSES
-from .config.training import GALORE_BASE
+from .config.training import BNB_8BIT_OPTIMIZERS, BNB_OPTIMIZERS, GALORE_BASE
 from .graph.compile import CostTable
 from .units import dtype_bytes
 
@@ -269,7 +269,7 @@ def optimizer_step_bytes(numel, name: str, param_dtype: str, deepspeed: bool, im
         out = (26.0 if beta1 else 21.0) * 4.0 + (3.0 * p + 12.0 if p < 4.0 else 0.0)
     elif name == "mezo":
         out = MEZO_STEP_ACCESSES * p
-    elif name in ("adamw-8bit", "paged-adamw-8bit"):
+    elif name in BNB_8BIT_OPTIMIZERS:
         out = 3.0 * p + 4.0 * 1.0
     elif name == "sgd-momentum":
         out = (5.0 if fused else 8.0) * p
@@ -287,11 +287,11 @@ def optimizer_step_bytes(numel, name: str, param_dtype: str, deepspeed: bool, im
 OPTIMIZER_OP_HOST_S = cp_.BACKWARD_HOST_PER_OP_S
 
 
-BNB_OPTIMIZERS = frozenset({"adamw-8bit", "paged-adamw-8bit", "paged-adamw-32bit", "galore-adamw-8bit"})
-"""Optimizers whose step is bitsandbytes' ``Optimizer8bit.step`` loop (GaLore's 8-bit AdamW runs the same loop)."""
+def steps_in_bnb(name: str, which: frozenset[str] = BNB_OPTIMIZERS) -> bool:
+    """Whether optimizer ``name`` is stepped by one of ``which`` bitsandbytes optimizers (GaLore's 8-bit AdamW runs
+    bitsandbytes' loop on its base)."""
+    return GALORE_BASE.get(name, name) in which
 
-BNB_8BIT_OPTIMIZERS = frozenset({"adamw-8bit", "paged-adamw-8bit", "galore-adamw-8bit"})
-"""The bitsandbytes optimizers whose states are 8-bit blockwise (``optimizer_update_8bit_blockwise``)."""
 
 BNB_DISPATCHED_OPS_PER_TENSOR = 2
 """Operators bitsandbytes' step dispatches per parameter (counted on the real optimizer on CPU): the ``detach`` of
@@ -317,7 +317,7 @@ def optimizer_ops_per_tensor(opt, param_dtype: str, matrix: bool) -> int:
     bitsandbytes: :data:`BNB_DISPATCHED_OPS_PER_TENSOR` plus its CUDA calls (:func:`bnb_cuda_calls_per_tensor`)."""
     if opt.name == "mezo":
         return MEZO_OPS_PER_TENSOR
-    if opt.name in BNB_OPTIMIZERS:
+    if steps_in_bnb(opt.name):
         return BNB_DISPATCHED_OPS_PER_TENSOR + bnb_cuda_calls_per_tensor(opt.name)
     if opt.name == "adafactor":
         return ((26 if matrix else 16) + (2 if opt.beta1 else 0) + (3 if opt.scale_parameter else 0)
@@ -339,7 +339,7 @@ def optimizer_syncs_per_tensor(opt) -> bool:
     """Whether the loop waits for the device once per parameter, so that its host time and kernels run one after
     the other: Adafactor's ``scale_parameter`` (the RMS is a device tensor compared on the host) and every
     bitsandbytes optimizer (``sync_gpu(p)`` after each update, :func:`bnb_cuda_calls_per_tensor`)."""
-    return (opt.name == "adafactor" and opt.scale_parameter) or opt.name in BNB_OPTIMIZERS
+    return (opt.name == "adafactor" and opt.scale_parameter) or steps_in_bnb(opt.name)
 
 
 def bnb_optimizer_fraction(dev: Device) -> float:
@@ -406,7 +406,7 @@ def rank_state(ct: CostTable, par, stage: int, optimizer) -> RankState:
                      optimizer_step_bytes(1.0, optimizer.name, prec.param_dtype, par.deepspeed, optimizer.impl,
                                           optimizer.beta1),
                      optimizer_host_s(rp.groups, optimizer, par.deepspeed),
-                     float(optimizer_syncs_per_tensor(optimizer)), float(optimizer.name in BNB_8BIT_OPTIMIZERS))
+                     float(optimizer_syncs_per_tensor(optimizer)), float(steps_in_bnb(optimizer.name, BNB_8BIT_OPTIMIZERS)))
 
 
 @dataclass(frozen=True)

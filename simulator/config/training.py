@@ -18,6 +18,14 @@ OptimizerName = Literal[
     "galore-adamw", "galore-adamw-8bit", "galore-adafactor", "mezo",
 ]
 
+TORCH_OPTIMIZERS = frozenset({"adamw", "adam", "sgd", "sgd-momentum"})
+"""The torch.optim optimizers, whose implementation (``Optimizer.impl``: foreach, fused, for-loop) sets their memory
+and time."""
+BNB_8BIT_OPTIMIZERS = frozenset({"adamw-8bit", "paged-adamw-8bit"})
+"""The bitsandbytes optimizers with blockwise 8-bit states (``optimizer_update_8bit_blockwise``)."""
+BNB_OPTIMIZERS = BNB_8BIT_OPTIMIZERS | {"paged-adamw-32bit"}
+"""The optimizers stepped by bitsandbytes' ``Optimizer8bit.step`` loop."""
+
 GALORE_BASE: dict[str, str] = {"galore-adamw": "adamw", "galore-adamw-8bit": "adamw-8bit", "galore-adafactor": "adafactor"}
 """GaLore optimizer -> the optimizer its unprojected parameters (and its projected states) follow (galore-torch 1.0:
 ``GaLoreAdamW``, ``GaLoreAdamW8bit`` on bitsandbytes' ``Optimizer2State``, ``GaLoreAdafactor``)."""
