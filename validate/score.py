@@ -147,8 +147,13 @@ def format_slices(table: dict[tuple[str, str, str], dict[str, Any]]) -> str:
         meets = "-" if r["meets"] is None else ("yes" if r["meets"] else "NO")
         lines.append([g, kind, scope, f"{r['n_ok']}/{r['n_comparable']}", _fmt(r["median"], True), _fmt(r["p90"], True),
                       target, meets])
-    widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h) for i, h in enumerate(head)]
-    fmt = lambda row: "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))  # noqa: E731
+    return _render(head, lines, n_left=3)
+
+
+def _render(head: list[str], lines: list[list[str]], n_left: int = 1) -> str:
+    """A plain-text table: a header, a rule, the rows; the first ``n_left`` columns left-aligned, the rest right."""
+    widths = [max([len(h), *(len(l[i]) for l in lines)]) for i, h in enumerate(head)]
+    fmt = lambda row: "  ".join(c.ljust(w) if i < n_left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))  # noqa: E731
     return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(l) for l in lines])
 
 
@@ -186,8 +191,4 @@ def format_table(table: dict[str, dict[str, Any]]) -> str:
                       _fmt(r["median"], True), _fmt(r["p90"], True),
                       (f"{100 * r['fits_accuracy']:.0f}% ({r['n_fits']})" if r["fits_accuracy"] is not None else "-"),
                       _fmt(r["n_ok_all"]), _fmt(r["median_all"], True)])
-    widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(head)]
-    fmt = lambda row: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))  # noqa: E731
-    out = [fmt(head), fmt(["-" * w for w in widths])]
-    out += [fmt(l) for l in lines]
-    return "\n".join(out)
+    return _render(head, lines)

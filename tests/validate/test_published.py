@@ -255,6 +255,7 @@ def test_slices_cut_memory_from_speed_and_one_gpu_from_several_against_their_tar
         "memory", "speed", "fits")
     text = format_slices(t)
     assert "NO" in text and "p90<=25%" in text and text.count("\n") == len(t) + 1
+    assert format_slices({}).count("\n") == 1  # no slice: the header and its rule
 
 
 # ------------------------------------------------------------------------------------------------------------
