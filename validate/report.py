@@ -201,7 +201,7 @@ def published_summary(records_path: str | Path) -> tuple[dict[str, dict[str, Any
     ``memory`` for the memory metrics, ``time`` for times and throughputs, ``fits``), the per-group
     table of :func:`validate.score.score` and the per-target slices of :func:`validate.score.score_slices`."""
     from .published import load_jsonl, predict_records
-    from .score import record_error, score, score_slices
+    from .score import metric_kind, record_error, score, score_slices
 
     records = load_jsonl(records_path)
     preds = predict_records(records)
@@ -218,8 +218,7 @@ def published_summary(records_path: str | Path) -> tuple[dict[str, dict[str, Any
         if e[0] == "fits":
             fits.append(bool(e[1]))
             continue
-        metric = r["target"]["metric"]
-        cls = "memory" if "memory" in metric else "time"
+        cls = "time" if metric_kind(r["target"]["metric"]) == "speed" else "memory"
         sign = 1.0 if p["predicted"] >= r["target"]["value"] else -1.0
         errs[cls].append(sign * e[1])
     out = {k: _stats(v) for k, v in sorted(errs.items())}
