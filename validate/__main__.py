@@ -68,6 +68,16 @@ def _shard(text: str) -> tuple[int, int]:
     return i, n
 
 
+def _positive_s(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"--budget-s {text!r}: expected a positive number of seconds, e.g. 540")
+    return v
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from .run import run_suite
     from .schema import ResultsError
@@ -76,6 +86,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     argv += ["--only", args.only] if args.only else []
     argv += ["--shard", f"{args.shard[0]}/{args.shard[1]}"] if args.shard else []
     argv += ["--profile", args.profile] if args.profile else []
+    argv += ["--budget-s", f"{args.budget_s:g}"] if args.budget_s is not None else []
     if args.dry_run:
         from .run import dry_run
 
@@ -93,14 +104,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 0
     try:
         res, path = run_suite(args.suite, device=args.device, scale=args.scale, out_dir=args.out, only=args.only,
-                              shard=args.shard, profile=args.profile, argv=argv,
+                              shard=args.shard, profile=args.profile, argv=argv, budget_s=args.budget_s,
                               progress=lambda line: print(line, file=sys.stderr, flush=True))
     except (ValueError, RuntimeError, ResultsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     n_ok = sum(c.status == "ok" for c in res.cases)
-    print(f"{len(res.cases)} cases ({n_ok} ok) in {res.duration_s:.0f} s -> {path}")
-    return 0
+    ended = "" if res.stopped is None else f" of {res.planned_cases} planned (stopped: {res.stopped})"
+    print(f"{len(res.cases)} cases ({n_ok} ok){ended} in {res.duration_s:.0f} s -> {path}")
+    return 130 if res.stopped == "interrupted" else 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -214,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", default="validate/results", help="folder for the results file (default validate/results)")
     pr.add_argument("--only", default=None, help="run only the cases whose id contains this text")
     pr.add_argument("--shard", type=_shard, default=None, help="run the I-th of N equal parts of the grid (I/N)")
+    pr.add_argument("--budget-s", type=_positive_s, default=None,
+                    help="wall-time budget: start no case the budget cannot hold (judged by the longest case of "
+                         "its kind so far); the file keeps what was measured")
     pr.add_argument("--profile", default=None, help="hwprofiles device to record when the GPU's name matches none "
                                                     "(with --dry-run: the device to predict for, default h100-sxm-80gb)")
     pr.add_argument("--dry-run", action="store_true",

@@ -266,6 +266,15 @@ def worst(comparisons: Iterable[Comparison], n: int = 10) -> list[Comparison]:
     return (numeric[:n] + wrong)[: n + len(wrong)]
 
 
+def _ending(res: ResultsFile) -> str:
+    """How a run that measured fewer cases than it planned ended ('' for a complete run)."""
+    if res.complete:
+        return ""
+    why = {"budget": "stopped by its time budget", "interrupted": "interrupted"}.get(
+        res.stopped or "", "the run did not finish")
+    return f"; {why} after {len(res.cases)} of {res.planned_cases} planned"
+
+
 def format_report(files: list[tuple[str, ResultsFile]], comparisons: list[Comparison],
                   published: tuple[dict, dict, dict] | None = None, n_worst: int = 10) -> str:
     """The plain-text report: machines, per-suite summary, the worst cases with a diagnosis, every
@@ -278,7 +287,8 @@ def format_report(files: list[tuple[str, ResultsFile]], comparisons: list[Compar
         for c in res.cases:
             status[c.status] += 1
         lines.append(f"{name}: {res.suite} suite, {len(res.cases)} cases "
-                     f"({', '.join(f'{v} {k}' for k, v in sorted(status.items()))}), {res.created_utc[:19]} UTC")
+                     f"({', '.join(f'{v} {k}' for k, v in sorted(status.items()))}){_ending(res)}, "
+                     f"{res.created_utc[:19]} UTC")
         lines.append(f"  on {fp.device_name} x{fp.device_count} (profile {fp.device_profile or 'none'}), driver "
                      f"{fp.driver or '-'}, CUDA {fp.cuda or '-'}; {pk}")
         lines.append(f"  reproduce: {res.command}")

@@ -3,8 +3,11 @@
 Each case is measured in the same process, one after the other; a case that runs out of memory is
 recorded with status 'oom' (a measurement: the engine must have said it does not fit), one that cannot
 run here (a kernel or package this machine lacks) as 'skipped' with the reason, any other failure as
-'error' with its message — and the suite goes on.  The file is written once, at the end, under a new
-name (:func:`validate.schema.write_results`).
+'error' with its message — and the suite goes on.  The file is written under a new name
+(:func:`validate.schema.write_results`) after the first case and rewritten after every later one, so a run
+cut off by a time limit keeps what it measured (``planned_cases`` says how much is missing).  With a time
+budget (``--budget-s``) the cases run in :func:`coverage_order`, and the run does not start a case that the
+budget cannot hold -- judged by the longest case of the same kind so far -- and records ``stopped: budget``.
 
 Suites:
 
@@ -91,32 +94,88 @@ def shard_of(cases: list[Any], shard: tuple[int, int] | None) -> list[Any]:
     return cases[i - 1::n]
 
 
+def coverage_order(cases: list[Any], stride: int = 4) -> list[Any]:
+    """``cases`` reordered so that every prefix spans each kind and each kind's range: within a kind, every
+    ``stride``-th case first, then the ones after them (sizes spread over the grid, not its small end); the
+    kinds take turns.  A run cut short by its budget then still calibrates every curve, only more coarsely."""
+    by_kind: dict[str, list[Any]] = {}
+    for c in cases:
+        by_kind.setdefault(c.kind, []).append(c)
+    queues = [[c for k in range(stride) for c in group[k::stride]] for group in by_kind.values()]
+    out: list[Any] = []
+    for i in range(max(map(len, queues), default=0)):
+        out += [q[i] for q in queues if i < len(q)]
+    return out
+
+
+def expected_case_s(kind: str, wall_s_by_kind: dict[str, float]) -> float:
+    """Wall time to expect of the next case of ``kind``: the longest case of that kind so far, else the longest
+    of any kind, else 0 (nothing measured yet: the first case always starts)."""
+    if kind in wall_s_by_kind:
+        return wall_s_by_kind[kind]
+    return max(wall_s_by_kind.values(), default=0.0)
+
+
+def budget_allows(elapsed_s: float, expected_s: float, budget_s: float | None) -> bool:
+    """Whether a case expected to take ``expected_s`` still ends within ``budget_s`` (None: no budget)."""
+    return budget_s is None or elapsed_s + expected_s <= budget_s
+
+
 def run_suite(suite: str, *, device: str, scale: Scale, out_dir: str | Path | None, only: str | None = None,
               shard: tuple[int, int] | None = None, profile: str | None = None, argv: Iterable[str] | None = None,
-              progress: Callable[[str], None] | None = None) -> tuple[ResultsFile, Path | None]:
-    """Measure every case of ``suite`` (those whose id contains ``only``); write the results file into
-    ``out_dir`` (None: do not write).  Returns the results and the path written."""
+              progress: Callable[[str], None] | None = None, budget_s: float | None = None,
+              ) -> tuple[ResultsFile, Path | None]:
+    """Measure every case of ``suite`` (those whose id contains ``only``) within ``budget_s`` seconds of wall
+    time (None: no limit); write the results file into ``out_dir`` after every case (None: do not write).
+    Returns the results and the path written.  Ctrl-C ends the run with ``stopped: interrupted`` and the
+    cases measured so far."""
     from .harness import fingerprint
 
+    if budget_s is not None and budget_s <= 0:
+        raise ValueError(f"budget_s={budget_s}: allowed a positive number of seconds (or none)")
     fp = fingerprint(device, profile=profile)
     cases = shard_of([c for c in cases_for(suite, scale) if only is None or only in c.case_id], shard)
     if not cases:
         raise ValueError(f"--only {only!r} / --shard {shard} leaves no case of suite {suite!r} at scale {scale!r}")
+    if budget_s is not None:
+        cases = coverage_order(cases)
     started = datetime.now(timezone.utc)
+    command = "python -m validate " + shlex.join(list(argv) if argv is not None else sys.argv[1:])
     t0 = time.perf_counter()
     results: list[CaseResult] = []
-    for i, case in enumerate(cases, 1):
-        r = measure_case(case, device)
-        results.append(r)
-        if progress is not None:
-            t = r.measured.time_s if r.measured and r.measured.time_s is not None else None
-            what = f"{t * 1e3:.3f} ms" if t is not None else (r.message or "")[:80]
-            progress(f"[{i}/{len(cases)}] {r.status:<7} {r.case_id}  {what}")
-    command = "python -m validate " + shlex.join(list(argv) if argv is not None else sys.argv[1:])
-    res = ResultsFile(schema_version=SCHEMA_VERSION, suite=suite, created_utc=started.isoformat(), command=command,
-                      fingerprint=fp, cases=tuple(results), duration_s=time.perf_counter() - t0)
-    path = write_results(res, out_dir) if out_dir is not None else None
-    return res, path
+    wall_s_by_kind: dict[str, float] = {}
+    stopped = None
+    path: Path | None = None
+
+    def save() -> ResultsFile:
+        nonlocal path
+        res = ResultsFile(schema_version=SCHEMA_VERSION, suite=suite, created_utc=started.isoformat(),
+                          command=command, fingerprint=fp, cases=tuple(results),
+                          duration_s=time.perf_counter() - t0, planned_cases=len(cases), stopped=stopped)
+        if out_dir is not None:
+            path = write_results(res, out_dir, own=path)
+        return res
+
+    try:
+        for i, case in enumerate(cases, 1):
+            if not budget_allows(time.perf_counter() - t0, expected_case_s(case.kind, wall_s_by_kind), budget_s):
+                stopped = "budget"
+                if progress is not None:
+                    progress(f"budget of {budget_s:.0f} s reached: {len(cases) - i + 1} of {len(cases)} cases not run")
+                break
+            c0 = time.perf_counter()
+            r = measure_case(case, device)
+            wall_s_by_kind[case.kind] = max(wall_s_by_kind.get(case.kind, 0.0), time.perf_counter() - c0)
+            results.append(r)
+            if i < len(cases):
+                save()
+            if progress is not None:
+                t = r.measured.time_s if r.measured and r.measured.time_s is not None else None
+                what = f"{t * 1e3:.3f} ms" if t is not None else (r.message or "")[:80]
+                progress(f"[{i}/{len(cases)}] {r.status:<7} {r.case_id}  {what}")
+    except KeyboardInterrupt:
+        stopped = "interrupted"
+    return save(), path
 
 
 def predicted_seconds(case: Any, device_profile: str) -> tuple[bool, float]:

@@ -140,6 +140,19 @@ class ResultsFile(_Strict):
     """Every case, in the order run."""
     duration_s: float = Field(ge=0)
     """Wall time of the whole run."""
+    planned_cases: int | None = Field(default=None, ge=0)
+    """How many cases the run set out to measure; more than ``len(cases)`` when it ended early (the file is
+    rewritten after every case, so a run cut off by a time limit leaves the cases it finished).  None in files
+    written before the field existed (they are complete)."""
+    stopped: Literal["budget", "interrupted"] | None = None
+    """Why the run ended before its last case: 'budget' -- it did not start a case that its ``--budget-s``
+    could not hold; 'interrupted' -- stopped from outside (Ctrl-C).  None: it ran to the end, or was killed
+    between two rewrites (then ``planned_cases`` says how many are missing)."""
+
+    @property
+    def complete(self) -> bool:
+        """Whether every planned case was run."""
+        return self.planned_cases is None or len(self.cases) >= self.planned_cases
 
 
 class ResultsError(ValueError):
@@ -212,12 +225,15 @@ def results_filename(results: ResultsFile) -> str:
     return f"{results.suite}-{_slug(fp.device_profile or fp.device_name)}-{stamp}.json"
 
 
-def write_results(results: ResultsFile, out_dir: str | Path) -> Path:
-    """Write ``results`` into ``out_dir`` under :func:`results_filename`; never overwrites an existing file."""
+def write_results(results: ResultsFile, out_dir: str | Path, own: Path | None = None) -> Path:
+    """Write ``results`` into ``out_dir`` under :func:`results_filename`; never overwrites an existing file
+    other than ``own``, the file this same run wrote before (a run rewrites its file after every case).  The
+    text goes to a temporary file first and replaces the target in one step, so a reader -- or a run killed
+    mid-write -- never sees a half-written file."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / results_filename(results)
-    if path.exists():
+    if path.exists() and path != own:
         raise ResultsError(f"{path}: exists; results files are never overwritten (move it away or wait a second)")
     tmp = path.with_suffix(".json.partial")
     tmp.write_text(results.model_dump_json(indent=1) + "\n")

@@ -20,7 +20,7 @@ from validate.e2e import (  # noqa: E402
     measured_scenario,
 )
 from validate.report import compare_results, format_report, report_html, summarize  # noqa: E402
-from validate.run import measure_case, run_suite, shard_of  # noqa: E402
+from validate.run import coverage_order, measure_case, run_suite, shard_of  # noqa: E402
 from validate.schema import (  # noqa: E402
     SCHEMA_VERSION,
     CaseResult,
@@ -157,6 +157,78 @@ def test_cpu_suite_runs_and_writes_a_readable_file(tmp_path):
                 assert m.extra[PREFILL_POSITIONS] == 1.0  # the prefill keeps the last position's logits, as generate
     assert res.fingerprint.platform == "cpu" and res.fingerprint.packages["torch"].startswith("2.")
     assert res.command == "python -m validate run --suite e2e"
+
+
+class _FakeRun:
+    """Stands in for the measurements: each case takes ``case_s`` on a fake clock; ``on_case(i)`` runs first."""
+
+    def __init__(self, monkeypatch, case_s: float, on_case=None):
+        import validate.run as run_mod
+
+        self.now, self.n, self.case_s, self.on_case = 0.0, 0, case_s, on_case
+        monkeypatch.setattr(run_mod.time, "perf_counter", lambda: self.now)
+        monkeypatch.setattr(run_mod, "measure_case", self.measure)
+
+    def measure(self, case, device):
+        self.n += 1
+        if self.on_case is not None:
+            self.on_case(self.n)
+        self.now += self.case_s
+        return CaseResult(case_id=case.case_id, suite=case.suite, kind=case.kind, spec={}, status="ok",
+                          measured=Measurement(time_s=0.01))
+
+
+def test_a_time_budget_stops_before_a_case_it_cannot_hold(monkeypatch, tmp_path):
+    grid = coverage_order(cpu_grid())
+    assert len(grid) >= 4
+    _FakeRun(monkeypatch, case_s=10.0)
+    # 0 s: the first case always starts; 10 s: 10 + 10 <= 25 starts the second; 20 s: 20 + 10 > 25 stops
+    res, path = run_suite("e2e", device="cpu", scale="cpu", out_dir=tmp_path, budget_s=25.0,
+                          argv=["run", "--suite", "e2e", "--budget-s", "25"])
+    assert [c.case_id for c in res.cases] == [c.case_id for c in grid[:2]]
+    assert (res.stopped, res.planned_cases, res.complete) == ("budget", len(grid), False)
+    assert load_results(path) == res and res.duration_s == 20.0
+    text = format_report([(path.name, res)], [])
+    assert f"2 cases (2 ok); stopped by its time budget after 2 of {len(grid)} planned" in text
+    assert list(tmp_path.iterdir()) == [path]  # one file, rewritten in place; no temporary left
+
+
+def test_coverage_order_spans_every_kind_and_range_early():
+    from types import SimpleNamespace as C
+
+    cases = [C(kind="gemm", n=i) for i in range(8)] + [C(kind="copy", n=i) for i in range(3)]
+    order = [(c.kind, c.n) for c in coverage_order(cases)]
+    assert order == [("gemm", 0), ("copy", 0), ("gemm", 4), ("copy", 1), ("gemm", 1), ("copy", 2),
+                     ("gemm", 5), ("gemm", 2), ("gemm", 6), ("gemm", 3), ("gemm", 7)]
+    assert coverage_order([]) == []
+
+
+def test_a_run_killed_between_cases_leaves_what_it_measured(monkeypatch, tmp_path):
+    grid = cpu_grid()
+    seen = []
+
+    def check_the_file(n):  # what a kill just before case n would leave on disk
+        files = list(tmp_path.glob("*.json"))
+        seen.append(len(load_results(files[0]).cases) if files else 0)
+        if n == 3:
+            raise KeyboardInterrupt
+
+    _FakeRun(monkeypatch, case_s=1.0, on_case=check_the_file)
+    res, path = run_suite("e2e", device="cpu", scale="cpu", out_dir=tmp_path)
+    assert seen == [0, 1, 2]
+    assert (len(res.cases), res.stopped, res.planned_cases) == (2, "interrupted", len(grid))
+    killed = res.model_copy(update={"stopped": None})
+    assert "the run did not finish after 2 of" in format_report([("f.json", killed)], [])
+    assert load_results(path) == res
+
+
+def test_budget_is_checked(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "validate", "run", "--suite", "e2e", "--device", "cpu", "--scale",
+                          "cpu", "--out", str(tmp_path), "--budget-s", "0"], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 2 and "--budget-s '0': expected a positive number of seconds" in out.stderr
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(ValueError, match="budget_s=-1: allowed a positive number"):
+        run_suite("e2e", device="cpu", scale="cpu", out_dir=None, budget_s=-1)
 
 
 def test_an_oom_is_recorded_and_the_suite_goes_on(monkeypatch):
