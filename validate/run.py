@@ -94,14 +94,21 @@ def shard_of(cases: list[Any], shard: tuple[int, int] | None) -> list[Any]:
     return cases[i - 1::n]
 
 
-def coverage_order(cases: list[Any], stride: int = 4) -> list[Any]:
-    """``cases`` reordered so that every prefix spans each kind and each kind's range: within a kind, every
-    ``stride``-th case first, then the ones after them (sizes spread over the grid, not its small end); the
-    kinds take turns.  A run cut short by its budget then still calibrates every curve, only more coarsely."""
+def spread_order(n: int) -> list[int]:
+    """0..n-1 in bit-reversed order (0, 4, 2, 6, 1, 5, 3, 7 for 8): every prefix is spread evenly over the
+    range, so the first few cases of a grid sorted by size span all its sizes."""
+    bits = max(1, (n - 1).bit_length())
+    return sorted(range(n), key=lambda i: int(format(i, f"0{bits}b")[::-1], 2))
+
+
+def coverage_order(cases: list[Any]) -> list[Any]:
+    """``cases`` reordered so that every prefix spans each kind and each kind's range: within a kind in
+    :func:`spread_order`, the kinds taking turns.  A run cut short by its budget then still calibrates every
+    curve, only more coarsely."""
     by_kind: dict[str, list[Any]] = {}
     for c in cases:
         by_kind.setdefault(c.kind, []).append(c)
-    queues = [[c for k in range(stride) for c in group[k::stride]] for group in by_kind.values()]
+    queues = [[group[i] for i in spread_order(len(group))] for group in by_kind.values()]
     out: list[Any] = []
     for i in range(max(map(len, queues), default=0)):
         out += [q[i] for q in queues if i < len(q)]

@@ -20,7 +20,7 @@ from validate.e2e import (  # noqa: E402
     measured_scenario,
 )
 from validate.report import compare_results, format_report, report_html, summarize  # noqa: E402
-from validate.run import coverage_order, measure_case, run_suite, shard_of  # noqa: E402
+from validate.run import coverage_order, measure_case, run_suite, shard_of, spread_order  # noqa: E402
 from validate.schema import (  # noqa: E402
     SCHEMA_VERSION,
     CaseResult,
@@ -198,9 +198,13 @@ def test_coverage_order_spans_every_kind_and_range_early():
 
     cases = [C(kind="gemm", n=i) for i in range(8)] + [C(kind="copy", n=i) for i in range(3)]
     order = [(c.kind, c.n) for c in coverage_order(cases)]
-    assert order == [("gemm", 0), ("copy", 0), ("gemm", 4), ("copy", 1), ("gemm", 1), ("copy", 2),
-                     ("gemm", 5), ("gemm", 2), ("gemm", 6), ("gemm", 3), ("gemm", 7)]
+    assert order == [("gemm", 0), ("copy", 0), ("gemm", 4), ("copy", 2), ("gemm", 2), ("copy", 1),
+                     ("gemm", 6), ("gemm", 1), ("gemm", 5), ("gemm", 3), ("gemm", 7)]
     assert coverage_order([]) == []
+    for n in (1, 2, 5, 167):
+        assert sorted(spread_order(n)) == list(range(n))
+    first = spread_order(167)[:16]  # the first 16 of a 167-case grid reach across it
+    assert min(first) == 0 and max(first) >= 150 and max(b - a for a, b in zip(sorted(first), sorted(first)[1:])) <= 16
 
 
 def test_a_run_killed_between_cases_leaves_what_it_measured(monkeypatch, tmp_path):
