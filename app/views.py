@@ -130,7 +130,8 @@ def time_and_cost(e: Estimate) -> None:
     row[1].metric("Tokens/s", tokens_per_s(t.tokens_per_s), border=True, help="All GPUs together.")
     row[2].metric("Tokens/s per GPU", tokens_per_s(t.tokens_per_s_per_gpu), border=True)
     row[3].metric("MFU", percent(t.mfu), border=True,
-                  help=f"Model FLOPs utilisation of the dense peak of the matmul dtype; HFU (with recompute) {percent(t.hfu)}.")
+                  help=f"Model FLOPs utilisation of the dense peak of the matmul dtype; HFU (the FLOPs the kernels "
+                       f"run: recompute in, causal attention's masked half out) {percent(t.hfu)}.")
     if c is not None:
         row = st.columns(4)
         row[0].metric("$ per million tokens", usd(c.usd_per_million_tokens), border=True,

@@ -269,6 +269,25 @@ def op_arrays(ct: CostTable) -> tuple[OpArrays, ...]:
     return out
 
 
+def causal_skipped_flops(ct: CostTable, B: tuple) -> tuple[float, float, float]:
+    """(forward, backward, recompute) FLOPs of one micro-batch at basis ``B`` that are counted for causal
+    attention but never run: FlopCounterMode and the MFU formulas count the whole score matrix, a fused
+    (flash / memory-efficient) kernel skips its masked half (:func:`attention_time_s`).  Eager and SDPA-math
+    attention compute the full matrix and skip nothing."""
+    if ct.plan.attention in ("eager", "sdpa-math"):
+        return 0.0, 0.0, 0.0
+    f = bw = rc = 0.0
+    for part in op_arrays(ct):
+        n = len(part.layers)
+        for op in part.ops:
+            if op.attention and op.causal:
+                half = 0.5 * n * _dot(op.fwd_flops, B)
+                f += half
+                bw += 0.5 * n * _dot(op.bwd_flops, B)
+                rc += half if op.recomputed else 0.0
+    return f, bw, rc
+
+
 def head_fwd_flops(ct: CostTable, B: tuple) -> float:
     """Forward FLOPs of the head part (final norm, LM head) at basis ``B``."""
     return sum(_dot(op.fwd_flops, B) for part in op_arrays(ct) if part.where == "post" for op in part.ops)

@@ -470,7 +470,10 @@ def _flops(sc: Scenario, ct: CostTable) -> tuple[FlopBreakdown, int]:
             f, bw, rc = 2.0 * f, 0.0, 0.0
         tokens = w.micro_batch * w.seq_len * reps
         per_step = f + bw + rc
-        return FlopBreakdown(forward=f, backward=bw, recompute=rc, per_step=per_step, per_token=per_step / tokens), tokens
+        sf, sb, sr = compute.causal_skipped_flops(ct, B)
+        skipped = (2.0 * sf if sc.optimizer.forward_only else sf + sb + sr) * reps
+        return FlopBreakdown(forward=f, backward=bw, recompute=rc, per_step=per_step, per_token=per_step / tokens,
+                             executed_per_step=per_step - skipped), tokens
     # inference: prefill over the prompt + one forward per generated token over a growing context
     f_prefill = ct.at(ct.fwd_flops, B)
     head_B = timing.prefill_head_basis(w)
@@ -483,8 +486,10 @@ def _flops(sc: Scenario, ct: CostTable) -> tuple[FlopBreakdown, int]:
     f_decode = w.batch * (lin_per_tok * w.gen_len + att_coef * ctx_sum)
     tokens = w.batch * (w.prompt_len + w.gen_len)
     total = f_prefill + f_decode
+    # the prefill's causal attention skips its masked half; a decode step's one query sees every key
+    skipped = compute.causal_skipped_flops(ct, B)[0]
     return FlopBreakdown(forward=total, backward=0.0, recompute=0.0, per_step=total,
-                         per_token=total / max(1, tokens)), tokens
+                         per_token=total / max(1, tokens), executed_per_step=total - skipped), tokens
 
 
 def allocator_limit_bytes(dev: Device, paged_working):
@@ -583,7 +588,7 @@ def _time_and_cost(sc: Scenario, ct: CostTable, dev: Device, flops: FlopBreakdow
     tps = out_tokens / step if step > 0 else 0.0
     tb = TimeBreakdown(step_s=step, **parts, tokens_per_s=tps, tokens_per_s_per_gpu=tps / n,
                        mfu=model_flops / (step * n * peak) if step > 0 else 0.0,
-                       hfu=flops.per_step / (step * n * peak) if step > 0 else 0.0)
+                       hfu=flops.executed_per_step / (step * n * peak) if step > 0 else 0.0)
     price = system.price_usd_per_gpu_hour if (system.price_usd_per_gpu_hour and system.device == dev.name) else dev.price_usd_per_hour
     price_src = (system.price_source if price == system.price_usd_per_gpu_hour else dev.price_source) if price else None
     if system.node_power_per_gpu_W and system.device == dev.name:

@@ -239,6 +239,10 @@ def flops(e: Estimate) -> list[str]:
             rows.append(["recompute", fmt_flops(f.recompute), pct(f.recompute, f.per_step)])
         rows.append(["per step", fmt_flops(f.per_step), ""])
     rows.append(["per token", fmt_flops(f.per_token), f"{fmt_count(e.tokens_per_step)} tokens"])
+    if f.executed_per_step < f.per_step:
+        rows.append(["executed", fmt_flops(f.executed_per_step),
+                     "counted as above (causal attention in full, as FlopCounterMode and MFU count it); "
+                     "fused kernels skip the masked half"])
     return table(rows, "lrl")
 
 
@@ -353,7 +357,8 @@ def timing(e: Estimate) -> list[str]:
     what = "one optimizer step" if e.task == "train" else "one batch: prefill + decode"
     rows.append([f"step ({what})", fmt_seconds(t.step_s), ""])
     rows.append(["throughput", f"{t.tokens_per_s:,.0f} tokens/s", f"{t.tokens_per_s_per_gpu:,.0f} per GPU"])
-    rows.append(["MFU / HFU", f"{t.mfu * 100:.1f}% / {t.hfu * 100:.1f}%", "of the dense peak of the matmul dtype"])
+    rows.append(["MFU / HFU", f"{t.mfu * 100:.1f}% / {t.hfu * 100:.1f}%",
+                 "of the dense peak of the matmul dtype (HFU: the FLOPs the kernels run)"])
     band = time_band_line(e)
     return table(rows, "lrl") + ([band] if band else [])
 

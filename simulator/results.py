@@ -59,6 +59,7 @@ class FlopBreakdown(Result):
     recompute: float
     per_step: float  # all micro-batches of one optimizer step (or one full generation)
     per_token: float
+    executed_per_step: float  # per_step less the causal-masked half that fused attention kernels skip
 
 
 class TimeBreakdown(Result):
@@ -82,8 +83,9 @@ class TimeBreakdown(Result):
     decode_per_token_s: float = 0.0
     tokens_per_s: float  # all GPUs together
     tokens_per_s_per_gpu: float
-    mfu: float  # model FLOPs (no recompute) / (time x GPUs x dense peak of the matmul dtype)
-    hfu: float  # hardware FLOPs (with recompute) / the same
+    mfu: float  # model FLOPs (no recompute; causal attention counted in full, the PaLM / Megatron / torchtitan
+    #             convention) / (time x GPUs x dense peak of the matmul dtype)
+    hfu: float  # FLOPs the kernels execute (recompute included, the masked half of causal attention not) / the same
 
 
 class Cost(Result):

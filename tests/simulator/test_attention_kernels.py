@@ -113,3 +113,27 @@ def test_the_estimate_warns_for_a_kernel_that_cannot_run_and_notes_sdpa_falling_
     assert not any("sm75" in w for w in t4.warnings)
     assert any("memory-efficient kernel instead" in n for n in t4.notes)
     assert not any("sm" in w for w in estimate(_sc("flash2", "h100-sxm-80gb"), what_fits=False).warnings)
+
+
+def test_hfu_counts_the_flops_the_kernels_run():
+    """FLOPs are counted as FlopCounterMode counts them (the whole score matrix, backward 2.5x the forward);
+    a fused causal kernel runs half of the attention's.  Llama-3.1-8B, 2 x 4096 tokens: the attention's
+    counted forward is 4 b s^2 (heads x head_dim) per block, so the executed FLOPs are half of
+    (1 + 2.5 [+ 1 recomputed]) x 32 blocks of it fewer; eager attention runs them all.  At 128k tokens
+    the counted FLOPs put MFU above what the GPU can do if HFU used them; the executed ones keep it below 1."""
+    base = {"model": "llama-3.1-8b", "gpu": "h100-sxm-80gb", "method": {"kind": "lora"},
+            "workload": {"task": "train", "micro_batch": 2, "seq_len": 4096}}
+    attn_fwd = 4 * 2 * 4096**2 * 4096 * 32
+    for attention, ck, passes in (("sdpa-flash", "none", 3.5), ("sdpa-flash", "full", 4.5), ("eager", "none", 0)):
+        e = estimate({**base, "attention": attention, "checkpointing": {"mode": ck}}, what_fits=False)
+        assert e.flops.per_step - e.flops.executed_per_step == 0.5 * passes * attn_fwd
+        peak = compute.peak_flops(get_device("h100-sxm-80gb"), "bf16")
+        assert e.time.hfu == pytest.approx(e.flops.executed_per_step / (e.time.step_s * peak), rel=1e-12)
+    long = estimate({**base, "gpu": "a100-sxm-80gb", "method": {"kind": "qlora"}, "loss": "fused",
+                     "workload": {"task": "train", "micro_batch": 1, "seq_len": 131072},
+                     "checkpointing": {"mode": "offload"}}, what_fits=False)
+    assert 0.3 < long.time.hfu < 1 and long.time.hfu < long.time.mfu
+    infer = estimate({"model": "llama-3.1-8b", "gpu": "h100-sxm-80gb",
+                      "workload": {"task": "infer", "batch": 1, "prompt_len": 4096, "gen_len": 1}}, what_fits=False)
+    # the prefill's causal half is skipped; a decode step's single query attends every key
+    assert infer.flops.per_step - infer.flops.executed_per_step == 0.5 * 4 * 4096**2 * 4096 * 32
