@@ -163,8 +163,8 @@ after its Scenario field for a sub-model's field ('optimizer impl')."""
 TASK_LABELS = {TRAIN: "training step", INFER: "inference"}
 
 CATALOG_CHOICES: dict[str, str] = {"system": "system_names"}
-"""Knobs whose values are names from a catalog: knob key -> the :mod:`app.loaders` function listing them.
-None (the field's default) is offered first as 'default'."""
+"""Knobs whose values are names from a catalog: knob key -> the :mod:`app.loaders` function listing them
+for the scenario's GPU.  None (the field's default) is offered first as 'default'."""
 
 CATALOG_DEFAULT_LABELS: dict[str, str] = {"system": "default (derived from the GPU)"}
 

@@ -37,8 +37,14 @@ def device_names() -> list[str]:
 
 
 @st.cache_data(show_spinner=False)
-def system_names() -> list[str]:
-    return hwprofiles.list_systems()
+def system_names(gpu: str | None = None) -> list[str]:
+    """The catalog systems, or those whose GPUs are ``gpu``'s kind (a system holds one kind)."""
+    if gpu is None:
+        return hwprofiles.list_systems()
+    try:
+        return hwprofiles.systems_of(gpu)
+    except hwprofiles.UnknownNameError:
+        return hwprofiles.list_systems()
 
 
 @st.cache_data(show_spinner=False)

@@ -168,7 +168,7 @@ def _catalog_choice(prefix: str, s: dict[str, Any], knob: Knob) -> Any:
     catalog lacks (from a link) stays selectable so that the estimate can name it."""
     key = prefix + knob.key
     value = s[knob.key]
-    names: list[Any] = [None, *getattr(loaders, K.CATALOG_CHOICES[knob.key])()]
+    names: list[Any] = [None, *getattr(loaders, K.CATALOG_CHOICES[knob.key])(s.get("gpu"))]
     if value not in names:
         names.append(value)
     _seed(key, value)

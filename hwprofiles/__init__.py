@@ -20,6 +20,7 @@ from hwprofiles.registry import (
     load_system_file,
     system_defaults,
     system_for,
+    systems_of,
 )
 from hwprofiles.schema import (
     Device,
@@ -53,4 +54,5 @@ __all__ = [
     "load_system_file",
     "system_defaults",
     "system_for",
+    "systems_of",
 ]

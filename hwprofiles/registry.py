@@ -235,7 +235,8 @@ def system_for(device_name: str, n_gpus: int) -> System:
 
     A catalog system whose device is this device when there is one: the smallest whose
     ``gpus_per_node`` covers ``n_gpus`` (ties broken by name), else the largest multi-node one (the
-    job spans nodes).  Otherwise a system synthesised from the device profile and
+    job spans nodes).  Otherwise -- no catalog system of the device, or only single-node ones too small
+    (a two-GPU workstation asked for eight) -- a system synthesised from the device profile and
     ``systems/_defaults.yaml`` (``derived: true``): ``min(n_gpus, max_gpus_per_node)`` GPUs joined by
     the device's own link (``interconnect_bandwidth_GBps``, or PCIe), the default network between nodes.
     """
@@ -250,8 +251,17 @@ def system_for(device_name: str, n_gpus: int) -> System:
         covering = [s for s in candidates if s.gpus_per_node >= n_gpus]
         if covering:
             return min(covering, key=lambda s: (s.gpus_per_node, s.name))
-        return min(candidates, key=lambda s: (not s.multi_node, -s.gpus_per_node, s.name))
+        spanning = [s for s in candidates if s.multi_node]
+        if spanning:
+            return min(spanning, key=lambda s: (-s.gpus_per_node, s.name))
     return _derived_system(device.name, min(n_gpus, system_defaults().max_gpus_per_node))
+
+
+def systems_of(device_name: str) -> list[str]:
+    """The catalog systems whose GPUs are ``device_name``'s kind, by name."""
+    device = get_device(device_name)
+    others = set(_device_paths()) - {device.name}
+    return sorted(n for n, d in _system_devices().items() if d not in others and _load_system(n).device == device.name)
 
 
 _DEVICE_LINE = re.compile(r"^device:[ \t]*([A-Za-z0-9._-]+)[ \t]*(?:#.*)?$", re.MULTILINE)

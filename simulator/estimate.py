@@ -99,9 +99,22 @@ def _system(sc: Scenario):
 
 @functools.lru_cache(maxsize=256)
 def _system_named(name: str | None, gpu: str, n_gpus: int):
-    from hwprofiles import get_system, system_for
+    """The named system, checked against the job (its GPU kind, and room for ``n_gpus`` when it has no
+    network between nodes), else the one :func:`hwprofiles.system_for` picks for the GPU."""
+    from hwprofiles import get_system, system_for, systems_of
 
-    return get_system(name) if name else system_for(gpu, n_gpus)
+    if not name:
+        return system_for(gpu, n_gpus)
+    system, device = get_system(name), get_device(gpu)
+    if system.device != device.name:
+        holds = ", ".join(systems_of(device.name)) or "none in the catalog"
+        raise ValueError(f"system: {system.name!r} holds {system.device} GPUs, not gpu {device.name!r}; systems "
+                         f"with {device.name}: {holds} (or leave system out: one is derived from the GPU's links)")
+    if n_gpus > system.gpus_per_node and not system.multi_node:
+        raise ValueError(f"system: {system.name!r} is one node of {system.gpus_per_node} GPUs with no network "
+                         f"between nodes; the parallel layout needs {n_gpus} GPUs (leave system out for a "
+                         f"derived multi-node one, or use at most {system.gpus_per_node})")
+    return system
 
 
 def kv_dtype(sc: Scenario, ct: CostTable) -> str:

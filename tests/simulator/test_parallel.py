@@ -373,3 +373,21 @@ def test_fsdp_embedding_units_are_gathered_only_while_they_run():
     assert sorted(rp.embedding_unit_numels) == [128256 * 4096] * 2
     assert sh.model_state_bytes(rp, sc.parallel, *args).gathered_bytes == (2 * 128256 * 4096 + 4096) * 2 + 2 * block
     assert sh.model_state_bytes(rp, own.parallel, *args).gathered_bytes == 4096 * 2 + max(2 * block, emb + block)
+
+
+def test_a_named_system_must_hold_the_gpu_and_the_job():
+    """A system is a node of one GPU kind: naming one of another kind, or a single node too small for the
+    layout, is an error that names the field and what would do; without a name, a job larger than the
+    GPU's only catalog node (a two-card workstation) runs on a derived multi-node system."""
+    base = {"model": "llama-3.2-1b", "gpu": "rtx-4090-24gb", "method": {"kind": "lora"},
+            "workload": {"task": "train", "micro_batch": 1, "seq_len": 512}}
+    with pytest.raises(ValueError, match=r"system: 'dgx-h100' holds h100-sxm-80gb GPUs, not gpu 'rtx-4090-24gb'; "
+                                         r"systems with rtx-4090-24gb: rtx-4090-workstation"):
+        estimate({**base, "system": "dgx-h100", "parallel": {"dp": 8}}, what_fits=False)
+    with pytest.raises(ValueError, match=r"system: 'rtx-4090-workstation' is one node of 2 GPUs with no network "
+                                         r"between nodes; the parallel layout needs 8 GPUs"):
+        estimate({**base, "system": "rtx-4090-workstation", "parallel": {"dp": 8}}, what_fits=False)
+    two = estimate({**base, "parallel": {"dp": 2}}, what_fits=False)
+    eight = estimate({**base, "parallel": {"dp": 8}}, what_fits=False)
+    assert two.system == "rtx-4090-workstation"
+    assert eight.system.endswith("-derived") and eight.time.dp_comm_s > two.time.dp_comm_s > 0
