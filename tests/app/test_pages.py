@@ -15,7 +15,7 @@ from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from app import knobs  # noqa: E402
 from hwprofiles import get_device, list_devices  # noqa: E402
-from hwprofiles import get_system, list_systems  # noqa: E402
+from hwprofiles import get_system, list_systems, systems_of  # noqa: E402
 from simulator import Scenario, estimate, from_hf_config  # noqa: E402
 from simulator.config.parallel import ZeroStage  # noqa: E402
 from simulator.report import fmt_seconds  # noqa: E402
@@ -352,19 +352,24 @@ def test_pipeline_parallel_shows_the_stage_figure():
 def test_system_picker_and_total_tokens():
     at = run_app()
     picker = at.selectbox(key=E + "system")
-    assert picker.value is None and list(picker.options)[1:] == list_systems()
-    picker.set_value("grand-teton-h100").run()
+    gpu = Scenario.model_fields["gpu"].default
+    # a system holds one GPU kind: the picker offers the chosen GPU's
+    assert picker.value is None and list(picker.options)[1:] == systems_of(gpu) == ["dgx-h100"]
+    picker.set_value("dgx-h100").run()
     at.number_input(key=E + "workload.total_tokens").set_value(1e9).run()
     ok(at)
     assert not at.error, texts(at.error)
-    sc = {"model": knobs.DEFAULT_MODEL, "system": "grand-teton-h100", "workload": {"total_tokens": 1e9}}
+    sc = {"model": knobs.DEFAULT_MODEL, "system": "dgx-h100", "workload": {"total_tokens": 1e9}}
     e = estimate(sc)
-    assert metric(at, "System") == "grand-teton-h100"
+    assert metric(at, "System") == "dgx-h100"
     assert metric(at, "Run time") == fmt_seconds(e.cost.run_time_s)
     assert metric(at, "Run cost") == f"${e.cost.run_usd:,.4g}"
     assert metric(at, "Run energy") == f"{e.cost.run_kwh:,.4g} kWh"
-    assert url_scenario(at)["system"] == "grand-teton-h100"
+    assert url_scenario(at)["system"] == "dgx-h100"
     assert url_scenario(at)["workload"] == {"task": "train", "total_tokens": 1e9}
+    # a link naming another kind's system keeps it selectable and says why it does not apply
+    other = run_app(s={"model": knobs.DEFAULT_MODEL, "system": "grand-teton-h100"})
+    assert "system: 'grand-teton-h100' holds h100-sxm-96gb GPUs, not gpu 'h100-sxm-80gb'" in " ".join(texts(other.error))
 
 
 def test_parallel_link_restores_the_widgets():
