@@ -26,7 +26,7 @@ class Scenario(Strict):
     model: ModelArch
     """Architecture, or a catalog name such as 'llama-3.1-8b' (see `fitsim models`)."""
     gpu: str = "h100-sxm-80gb"
-    """Device profile name (see `fitsim gpus`)."""
+    """Device profile name (see `fitsim gpus`); left out with a system named, the system's GPU."""
     workload: Workload = Field(default_factory=TrainWorkload)
     """What one step does: training (micro-batch, seq len, grad accumulation) or inference (batch, prompt, generation)."""
     method: Method = Field(default_factory=Full)
@@ -76,6 +76,19 @@ class Scenario(Strict):
             w = dict(data["workload"])
             w["task"] = "infer" if {"batch", "prompt_len", "gen_len"} & set(w) else "train"
             data = {**data, "workload": w}
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gpu_of_the_system(cls, data: Any) -> Any:
+        """A named system without a named GPU runs the system's GPUs (a system holds one kind)."""
+        if isinstance(data, dict) and data.get("gpu") is None and isinstance(data.get("system"), str):
+            from hwprofiles import UnknownNameError, get_system
+
+            try:
+                data = {**data, "gpu": get_system(data["system"]).device}
+            except UnknownNameError:
+                pass  # the estimate names the closest systems
         return data
 
     @field_validator("model", mode="before")

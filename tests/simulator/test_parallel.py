@@ -391,3 +391,7 @@ def test_a_named_system_must_hold_the_gpu_and_the_job():
     eight = estimate({**base, "parallel": {"dp": 8}}, what_fits=False)
     assert two.system == "rtx-4090-workstation"
     assert eight.system.endswith("-derived") and eight.time.dp_comm_s > two.time.dp_comm_s > 0
+    # a system named without a GPU runs its own GPUs
+    a100 = estimate({"model": "llama-3.2-1b", "system": "dgx-a100", "parallel": {"dp": 8},
+                     "workload": {"task": "train", "micro_batch": 1, "seq_len": 512}}, what_fits=False)
+    assert (a100.gpu, a100.system) == ("a100-sxm-80gb", "dgx-a100")
