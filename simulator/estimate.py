@@ -669,25 +669,75 @@ def _largest(sc: Scenario, ct: CostTable, dev: Device, field: str, lo: int, hi: 
     return last_true(fits, lo, hi)
 
 
+SUGGESTIONS_SHOWN = 3
+
+
+def _sharding_candidates(sc: Scenario) -> list[tuple[str, dict[str, Any]]]:
+    """Changes that spread the job thinner over the same GPUs: the next ZeRO stages (or FSDP's full shard),
+    sequence parallelism beside tensor parallelism, and trading data-parallel ranks for tensor or pipeline
+    ones (an invalid split -- heads or layers that do not divide -- is dropped by the caller)."""
+    par = sc.parallel
+    pd = par.model_dump()
+    out: list[tuple[str, dict[str, Any]]] = []
+    if par.dp > 1 and par.fsdp == "none":
+        for stage in sorted({min(3, int(par.zero) + 1), 3} - {int(par.zero)}):
+            what = {1: "optimizer states", 2: "optimizer states and gradients",
+                    3: "parameters, gradients and optimizer states"}[stage]
+            out.append((f"ZeRO-{stage}: {what} sharded over the {par.dp} data-parallel ranks",
+                        {"parallel": {**pd, "zero": stage}}))
+    if par.dp > 1 and par.fsdp in ("shard_grad_op", "no_shard", "hybrid_shard"):
+        out.append((f"FSDP full_shard over the {par.dp} data-parallel ranks", {"parallel": {**pd, "fsdp": "full_shard"}}))
+    if par.tp > 1 and not par.sp:
+        out.append(("sequence parallelism beside tensor parallelism (norms and dropout split over the TP ranks)",
+                    {"parallel": {**pd, "sp": True}}))
+    if par.dp % 2 == 0:
+        out.append((f"tensor parallel {par.tp * 2} instead of {par.tp}, data parallel {par.dp // 2}",
+                    {"parallel": {**pd, "dp": par.dp // 2, "tp": par.tp * 2}}))
+        out.append((f"pipeline parallel {par.pp * 2} instead of {par.pp}, data parallel {par.dp // 2}",
+                    {"parallel": {**pd, "dp": par.dp // 2, "pp": par.pp * 2}}))
+    return out
+
+
+def _more_gpus_candidates(sc: Scenario) -> list[tuple[str, dict[str, Any]]]:
+    """More GPUs of the same kind that shard what one holds: FSDP full_shard over 2, 4 or 8 for a single GPU,
+    twice the data-parallel ranks where the parameters or optimizer states are already sharded."""
+    par = sc.parallel
+    pd = par.model_dump()
+    if par.n_gpus == 1:
+        return [(f"{k} GPUs with FSDP full_shard", {"parallel": {**pd, "dp": k, "fsdp": "full_shard"}}) for k in (2, 4, 8)]
+    if par.shards_params or par.zero >= 1:
+        return [(f"{2 * par.n_gpus} GPUs: data parallel {2 * par.dp}, same sharding", {"parallel": {**pd, "dp": 2 * par.dp}})]
+    return []
+
+
 def _suggestions(sc: Scenario, dev: Device) -> list[Suggestion]:
-    """Try the usual fixes one at a time and keep those that help most."""
+    """Try the usual fixes one at a time; list those that fit, least disruptive first -- the order of the
+    candidates: the same job on the same GPUs (recompute, smaller micro-batches, a chunked loss, sharding
+    and splits), then leaner optimizer states, offload, more GPUs, and last a different fine-tuning method
+    -- then those that do not, closest to fitting first."""
     cands: list[tuple[str, dict[str, Any]]] = []
     if sc.is_training:
         w = sc.workload
+        opt = sc.optimizer.model_dump()
         if sc.checkpointing.mode != "full":
             cands.append(("activation checkpointing on every block", {"checkpointing": {"mode": "full"}}))
         if w.micro_batch > 1:
             half = max(1, w.micro_batch // 2)
             cands.append((f"micro-batch {half} with grad accumulation x{w.grad_accum * (w.micro_batch // half)}",
                           {"workload": {**w.model_dump(), "micro_batch": half, "grad_accum": w.grad_accum * (w.micro_batch // half)}}))
-        opt = sc.optimizer.model_dump()
+        if sc.loss in ("upcast", "upcast-shift"):
+            cands.append(("fused/chunked cross-entropy (no b*s*V fp32 logits)", {"loss": "fused"}))
+        cands += _sharding_candidates(sc)
         if sc.optimizer.name in ("adamw", "adam"):
             cands.append(("8-bit AdamW (bitsandbytes)", {"optimizer": {**opt, "name": "adamw-8bit"}}))
         if sc.optimizer.galore is not None and not sc.optimizer.in_backward and w.grad_accum == 1 and sc.parallel.n_gpus == 1:
             cands.append(("layer-wise GaLore (each weight stepped in backward)",
                           {"optimizer": {**opt, "in_backward": True}}))
-        if sc.loss == "upcast":
-            cands.append(("fused/chunked cross-entropy (no b*s*V fp32 logits)", {"loss": "fused"}))
+        par = sc.parallel
+        if (par.zero >= 1 or par.fsdp != "none") and par.offload_optimizer == "none":
+            cands.append(("optimizer states offloaded to CPU memory (the step runs on the host)",
+                          {"parallel": {**par.model_dump(), "offload_optimizer": "cpu"}}))
+        cands += _more_gpus_candidates(sc)
         if sc.method.kind == "full":
             cands.append(("LoRA r=16 on all linear layers", {"method": {"kind": "lora", "r": 16, "targets": "all-linear"}}))
         if sc.method.kind in ("full", "lora"):
@@ -701,23 +751,26 @@ def _suggestions(sc: Scenario, dev: Device) -> list[Suggestion]:
                        "workload": {**w.model_dump(), "micro_batch": 1, "grad_accum": w.grad_accum * w.micro_batch}}))
     else:
         w = sc.workload
+        if w.batch > 1:
+            cands.append((f"batch {w.batch // 2}", {"workload": {**w.model_dump(), "batch": w.batch // 2}}))
+        if sc.inference.kv_dtype in ("auto", "bf16", "fp16", "fp32"):
+            cands.append(("fp8 KV cache", {"inference": {**sc.inference.model_dump(), "kv_dtype": "fp8"}}))
         if sc.inference.weights == "none":
             cands.append(("int8 weights", {"inference": {**sc.inference.model_dump(), "weights": "int8"}}))
             cands.append(("4-bit AWQ weights", {"inference": {**sc.inference.model_dump(), "weights": "awq"}}))
-        if sc.inference.kv_dtype in ("auto", "bf16", "fp16", "fp32"):
-            cands.append(("fp8 KV cache", {"inference": {**sc.inference.model_dump(), "kv_dtype": "fp8"}}))
-        if w.batch > 1:
-            cands.append((f"batch {w.batch // 2}", {"workload": {**w.model_dump(), "batch": w.batch // 2}}))
-    out: list[Suggestion] = []
-    for text, upd in cands:
+        if sc.parallel.n_gpus == 1:
+            cands += [(f"tensor parallel over {k} GPUs", {"parallel": {**sc.parallel.model_dump(), "tp": k}})
+                      for k in (2, 4, 8)]
+    tried: list[tuple[int, Suggestion]] = []
+    for rank, (text, upd) in enumerate(cands):
         try:
             s2 = _with(sc, **upd)
-        except ValueError:
+            ok, peak = _fits(s2, cost_table_for(s2), dev)
+        except ValueError:  # a split the model or the system does not allow
             continue
-        ok, peak = _fits(s2, cost_table_for(s2), dev)
-        out.append(Suggestion(change=text, peak_memory_bytes=peak, fits=ok))
-    out.sort(key=lambda x: (not x.fits, x.peak_memory_bytes))
-    return out[:3]
+        tried.append((rank, Suggestion(change=text, peak_memory_bytes=peak, fits=ok)))
+    tried.sort(key=lambda x: (not x[1].fits, x[0] if x[1].fits else x[1].peak_memory_bytes))
+    return [s for _, s in tried[:SUGGESTIONS_SHOWN]]
 
 
 # ---------------------------------------------------------------------------------------------

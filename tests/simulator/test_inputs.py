@@ -127,6 +127,24 @@ def test_not_fitting_is_an_answer_with_suggestions():
     assert e.max_batch_that_fits is None
 
 
+def test_suggestions_that_fit_come_least_disruptive_first():
+    """Among the changes that fit, the same job on the same GPUs comes first, then more GPUs, and a different
+    fine-tuning method last -- however much more the latter saves."""
+    e = estimate({"model": "llama-3.1-8b", "gpu": "a100-sxm-80gb", "method": {"kind": "full"},
+                  "workload": {"task": "train", "micro_batch": 4, "seq_len": 4096}})
+    assert not e.fits and e.suggestions[0].change == "activation checkpointing on every block" and e.suggestions[0].fits
+    assert e.suggestions[0].peak_memory_bytes > e.suggestions[1].peak_memory_bytes  # the QLoRA recipe saves more
+    e = estimate({"model": "llama-3.1-405b", "gpu": "h100-sxm-80gb", "method": {"kind": "full"},
+                  "checkpointing": {"mode": "full"}, "parallel": {"tp": 8, "pp": 8},
+                  "workload": {"task": "train", "micro_batch": 1, "seq_len": 8192, "grad_accum": 16}})
+    assert not e.fits and e.suggestions[0].change.startswith("sequence parallelism") and e.suggestions[0].fits
+    e = estimate({"model": "llama-3.1-8b", "gpu": "rtx-4090-24gb", "method": {"kind": "full"},
+                  "checkpointing": {"mode": "full"}, "workload": {"task": "train", "micro_batch": 1, "seq_len": 2048}})
+    changes = [s.change for s in e.suggestions]
+    assert all(s.fits for s in e.suggestions) and changes[0] == "8 GPUs with FSDP full_shard"
+    assert changes.index("8 GPUs with FSDP full_shard") < changes.index("LoRA r=16 on all linear layers")
+
+
 def test_not_fitting_cli_exit_codes():
     argv = ["estimate", "--model", "llama-3.1-70b", "--gpu", "l4-24gb", "--method", "full"]
     assert cli(argv)[0] == 0
