@@ -141,12 +141,13 @@ class TrainGrid:
         return self._cached(("micro_bytes", par.tp, par.sp, par.cp, par.pp, par.n_gpus == 1, stage), make)
 
     def _rank_state(self, par, stage: int) -> timing.RankState:
-        # what rank_state reads of the layout: the placement (rank_params) and DeepSpeed or not
+        # what rank_state reads of the layout: the placement (rank_params), DeepSpeed or not, FSDP's fp32 reduce
         def make() -> timing.RankState:
             items = [timing.rank_state(ct, par, stage, sc.optimizer) for ct, sc in zip(self.cts, self.families)]
             return _stack(items, timing.RankState, (1,))
+        fsdp_mp = par.fsdp not in ("none", "no_shard") and par.fsdp_mixed_precision
         return self._cached(("rank_state", par.tp, par.ep, par.pp, par.stage3_param_persistence_threshold,
-                             par.deepspeed, par.fsdp1_mixed_units, stage), make)
+                             par.deepspeed, par.fsdp1_mixed_units, fsdp_mp, stage), make)
 
     def _step_model(self) -> timing.StepModel:
         def make() -> timing.StepModel:

@@ -174,6 +174,12 @@ def _rank_params(ct: CostTable, par: Parallel, stage: int) -> RankParams:
 # ---------------------------------------------------------------------------------------------
 
 
+def fsdp_fp32_states(par: Parallel, compute_dtype: str) -> bool:
+    """FSDP's mixed precision applies: 16-bit compute over fp32 sharded parameters, gradients reduced and
+    optimizer states kept in fp32 (``Parallel.fsdp_mixed_precision``)."""
+    return par.fsdp not in ("none", "no_shard") and par.fsdp_mixed_precision and compute_dtype in ("bf16", "fp16")
+
+
 def shard_group_size(par: Parallel, gpus_per_node: int) -> int:
     """Ranks that split the model states: the data- and context-parallel ranks together (context-parallel
     ranks hold the same weights: torchtitan shards FSDP over its ``dp_shard_cp`` mesh, Megatron's
@@ -269,7 +275,7 @@ def model_state_bytes(rp: RankParams, par: Parallel, optimizer_name: str, optimi
         state_groups = [(n, state_dt, s, c) for n, _, s, c in rp.groups]
         states = mem.optimizer_state_bytes(state_groups, optimizer_name, beta1) + master
         grad_elem = dtype_bytes(wdt)
-    elif par.fsdp not in ("none", "no_shard") and compute_dtype in ("bf16", "fp16"):
+    elif fsdp_fp32_states(par, compute_dtype):
         # FSDP's MixedPrecisionPolicy(param_dtype=16-bit, reduce_dtype=fp32): the sharded parameters, their
         # gradients and the optimizer states stay fp32; only the gathered copies are 16-bit
         trainable = rp.trainable_numel * 4.0

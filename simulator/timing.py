@@ -401,6 +401,8 @@ def rank_state(ct: CostTable, par, stage: int, optimizer) -> RankState:
     cd = dtype_bytes(prec.compute_dtype)
     wdt = sh.deepspeed_weight_dtype(prec.compute_dtype, prec.param_dtype) if par.deepspeed else None
     grad_elem = dtype_bytes(wdt) if wdt else (rp.trainable_bytes / rp.trainable_numel if rp.trainable_numel else 4.0)
+    if sh.fsdp_fp32_states(par, prec.compute_dtype):
+        grad_elem = 4.0  # reduce_dtype fp32
     all_params_16 = (rp.frozen_bytes + rp.quant_bytes + rp.scale_bytes) + rp.trainable_numel * cd
     return RankState(rp.trainable_numel, grad_elem, all_params_16, sh.mixed_unit_grad_bytes(rp, par),
                      optimizer_step_bytes(1.0, optimizer.name, prec.param_dtype, par.deepspeed, optimizer.impl,

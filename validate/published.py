@@ -1028,6 +1028,12 @@ def record_to_scenario(rec: dict, notes: list[str] | None = None) -> Scenario:
         notes.append("torchtitan FSDP under pipeline parallelism keeps the gathered parameters from forward to "
                      "backward (reshard_after_forward=False)")
     par = _fsdp_framework(sc, par, str(sc.get("method")), ga_v, notes)
+    if sc.get("framework") == "torchtune" and par.get("fsdp") not in (None, "none", "no_shard"):
+        # torchtune.training.shard_model calls fully_shard(m, reshard_after_forward=..., [offload_policy]): no
+        # MixedPrecisionPolicy, so the bf16 model is sharded, reduced and stepped in bf16
+        par = {**par, "fsdp_mixed_precision": False}
+        notes.append("torchtune shards its bf16 model without a mixed-precision policy: bf16 shards, gradients "
+                     "and optimizer states")
     if (sc.get("framework") == "torchtune" and par.get("fsdp") not in (None, "none", "no_shard")
             and re.search(r"custom[ _]sharded", notes_text)):
         # torchtune's custom_sharded_layers ['tok_embeddings', 'output'] (llama3_1/70B_full.yaml, 8B_full.yaml)

@@ -52,6 +52,11 @@ class Parallel(Strict):
     """FSDP1 (FlatParameter, record_stream) or FSDP2 (fully_shard, per-parameter dim-0 sharding)."""
     reshard_after_forward: bool = True
     """FSDP: free the gathered parameters of a unit after its forward (re-gathered in backward)."""
+    fsdp_mixed_precision: bool = True
+    """FSDP with a 16-bit precision: the sharded parameters, their gradients and the optimizer states stay fp32
+    and 16-bit copies are gathered (``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``: torchtitan,
+    Accelerate's FSDP plugin); False: FSDP shards the model's own 16-bit parameters, reduces 16-bit gradients and
+    the optimizer keeps 16-bit states (torchtune's recipes call ``fully_shard`` without a policy)."""
     fsdp_embedding_units: bool = False
     """FSDP: the input embeddings and the output projection are units of their own, gathered only while they run
     (torchtune's ``custom_sharded_layers: ['tok_embeddings', 'output']``), instead of staying gathered with the

@@ -32,7 +32,8 @@ class Scenario(Strict):
     method: Method = Field(default_factory=Full)
     """Fine-tuning method (training only)."""
     precision: Precision = "bf16"
-    """Numerics: fp32, bf16-amp/fp16-amp (fp32 master weights), bf16/fp16 (pure), fp8."""
+    """Numerics: fp32, bf16-amp/fp16-amp (fp32 master weights), bf16/fp16 (pure; under FSDP the shards stay fp32
+    unless parallel.fsdp_mixed_precision is off), fp8."""
     optimizer: Optimizer = Field(default_factory=Optimizer)
     """Optimizer and its implementation."""
     checkpointing: Checkpointing = Field(default_factory=Checkpointing)

@@ -395,3 +395,19 @@ def test_a_named_system_must_hold_the_gpu_and_the_job():
     a100 = estimate({"model": "llama-3.2-1b", "system": "dgx-a100", "parallel": {"dp": 8},
                      "workload": {"task": "train", "micro_batch": 1, "seq_len": 512}}, what_fits=False)
     assert (a100.gpu, a100.system) == ("a100-sxm-80gb", "dgx-a100")
+
+
+def test_fsdp_mixed_precision_or_the_models_own_16_bit_shards():
+    """FSDP over a 16-bit model: under a MixedPrecisionPolicy (the default; torchtitan, Accelerate) each of 8 ranks
+    keeps fp32 shards of the N parameters and fp32 Adam moments (4 N / 8 and 8 N / 8 bytes) and reduce-scatters
+    fp32 gradients; without one (torchtune's fully_shard calls) the bf16 model is sharded as it is (2 N / 8 and
+    4 N / 8) and the gradients go out in bf16.  Per step: two bf16 all-gathers and one reduce-scatter, so the
+    data-parallel traffic is (2 + 2 + 4) / (2 + 2 + 2) = 4/3 times larger under the policy."""
+    base = {"model": "llama-3.1-8b", "gpu": "h100-sxm-80gb", "method": {"kind": "full"},
+            "checkpointing": {"mode": "full"}, "workload": {"task": "train", "micro_batch": 1, "seq_len": 2048}}
+    mixed, own = (estimate({**base, "parallel": {"dp": 8, "fsdp": "full_shard", "fsdp_mixed_precision": mp}},
+                           what_fits=False) for mp in (True, False))
+    n = mixed.n_params
+    assert (mixed.memory_bytes.trainable_weights, mixed.memory_bytes.optimizer_states) == (4 * n / 8, 8 * n / 8)
+    assert (own.memory_bytes.trainable_weights, own.memory_bytes.optimizer_states) == (2 * n / 8, 4 * n / 8)
+    assert mixed.time.dp_comm_s / own.time.dp_comm_s == pytest.approx(4 / 3, rel=0.02)
