@@ -71,7 +71,8 @@ def key_numbers(e: Estimate) -> None:
     row2 = st.columns(4)
     row2[0].metric("FLOPs per step" if train else "FLOPs per generation", fmt_flops(e.flops.per_step), border=True,
                    help=f"{fmt_count(e.tokens_per_step)} tokens" + (f"; forward {fmt_flops(e.flops.forward)}, backward "
-                        f"{fmt_flops(e.flops.backward)}, recompute {fmt_flops(e.flops.recompute)}" if train else ""))
+                        f"{fmt_flops(e.flops.backward)}, recompute {fmt_flops(e.flops.recompute)}" if train else "")
+                        + f"; counted with causal attention in full, the kernels run {fmt_flops(e.flops.executed_per_step)}")
     row2[1].metric("FLOPs per token", fmt_flops(e.flops.per_token), border=True)
     none = "none fits"
     row2[2].metric("Largest micro-batch" if train else "Largest batch",
