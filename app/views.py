@@ -53,7 +53,8 @@ def suggestions(e: Estimate) -> None:
         return
     lines = [f"- {s.change}: peak {gib(s.peak_memory_bytes)}, {'fits' if s.fits else 'still does not fit'}"
              for s in e.suggestions]
-    st.markdown("**Suggested changes** (lowest peak first):\n" + "\n".join(lines))
+    st.markdown("**Suggested changes** (those that fit, least disruptive first; then the closest to fitting):\n"
+                + "\n".join(lines))
 
 
 def key_numbers(e: Estimate) -> None:
