@@ -243,25 +243,27 @@ def system_for(device_name: str, n_gpus: int) -> System:
     if isinstance(n_gpus, bool) or not isinstance(n_gpus, int) or n_gpus < 1:
         raise ValueError(f"n_gpus must be a positive integer, got {n_gpus!r}")
     device = get_device(device_name)
-    # a system whose device line names another catalog device is skipped unparsed; any other is read
-    others = set(_device_paths()) - {device.name}
-    read = (_load_system(n) for n, d in _system_devices().items() if d not in others)
-    candidates = [s for s in read if s.device == device.name]
-    if candidates:
-        covering = [s for s in candidates if s.gpus_per_node >= n_gpus]
-        if covering:
-            return min(covering, key=lambda s: (s.gpus_per_node, s.name))
-        spanning = [s for s in candidates if s.multi_node]
-        if spanning:
-            return min(spanning, key=lambda s: (-s.gpus_per_node, s.name))
+    candidates = _catalog_systems_of(device.name)
+    covering = [s for s in candidates if s.gpus_per_node >= n_gpus]
+    if covering:
+        return min(covering, key=lambda s: (s.gpus_per_node, s.name))
+    spanning = [s for s in candidates if s.multi_node]
+    if spanning:
+        return min(spanning, key=lambda s: (-s.gpus_per_node, s.name))
     return _derived_system(device.name, min(n_gpus, system_defaults().max_gpus_per_node))
+
+
+def _catalog_systems_of(device_name: str) -> list[System]:
+    """The catalog systems whose ``device`` is ``device_name`` (a canonical name).  A system whose device line
+    names another catalog device is skipped unparsed; any other is read."""
+    others = set(_device_paths()) - {device_name}
+    read = (_load_system(n) for n, d in _system_devices().items() if d not in others)
+    return [s for s in read if s.device == device_name]
 
 
 def systems_of(device_name: str) -> list[str]:
     """The catalog systems whose GPUs are ``device_name``'s kind, by name."""
-    device = get_device(device_name)
-    others = set(_device_paths()) - {device.name}
-    return sorted(n for n, d in _system_devices().items() if d not in others and _load_system(n).device == device.name)
+    return sorted(s.name for s in _catalog_systems_of(get_device(device_name).name))
 
 
 _DEVICE_LINE = re.compile(r"^device:[ \t]*([A-Za-z0-9._-]+)[ \t]*(?:#.*)?$", re.MULTILINE)

@@ -145,9 +145,8 @@ class TrainGrid:
         def make() -> timing.RankState:
             items = [timing.rank_state(ct, par, stage, sc.optimizer) for ct, sc in zip(self.cts, self.families)]
             return _stack(items, timing.RankState, (1,))
-        fsdp_mp = par.fsdp not in ("none", "no_shard") and par.fsdp_mixed_precision
         return self._cached(("rank_state", par.tp, par.ep, par.pp, par.stage3_param_persistence_threshold,
-                             par.deepspeed, par.fsdp1_mixed_units, fsdp_mp, stage), make)
+                             par.deepspeed, par.fsdp1_mixed_units, sh.fsdp_policy_set(par), stage), make)
 
     def _step_model(self) -> timing.StepModel:
         def make() -> timing.StepModel:

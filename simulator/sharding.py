@@ -174,10 +174,15 @@ def _rank_params(ct: CostTable, par: Parallel, stage: int) -> RankParams:
 # ---------------------------------------------------------------------------------------------
 
 
+def fsdp_policy_set(par: Parallel) -> bool:
+    """The layout shards with FSDP under a mixed-precision policy (``Parallel.fsdp_mixed_precision``)."""
+    return par.fsdp not in ("none", "no_shard") and par.fsdp_mixed_precision
+
+
 def fsdp_fp32_states(par: Parallel, compute_dtype: str) -> bool:
     """FSDP's mixed precision applies: 16-bit compute over fp32 sharded parameters, gradients reduced and
-    optimizer states kept in fp32 (``Parallel.fsdp_mixed_precision``)."""
-    return par.fsdp not in ("none", "no_shard") and par.fsdp_mixed_precision and compute_dtype in ("bf16", "fp16")
+    optimizer states kept in fp32."""
+    return fsdp_policy_set(par) and compute_dtype in ("bf16", "fp16")
 
 
 def shard_group_size(par: Parallel, gpus_per_node: int) -> int:

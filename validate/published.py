@@ -1034,11 +1034,11 @@ def record_to_scenario(rec: dict, notes: list[str] | None = None) -> Scenario:
         par = {**par, "fsdp_mixed_precision": False}
         notes.append("torchtune shards its bf16 model without a mixed-precision policy: bf16 shards, gradients "
                      "and optimizer states")
-    if (sc.get("framework") == "torchtune" and par.get("fsdp") not in (None, "none", "no_shard")
-            and re.search(r"custom[ _]sharded", notes_text)):
-        # torchtune's custom_sharded_layers ['tok_embeddings', 'output'] (llama3_1/70B_full.yaml, 8B_full.yaml)
-        par = {**par, "fsdp_embedding_units": True}
-        notes.append("torchtune shards tok_embeddings and output as FSDP units of their own (custom_sharded_layers)")
+        if re.search(r"custom[ _]sharded", notes_text):
+            # custom_sharded_layers ['tok_embeddings', 'output'] (llama3_1/70B_full.yaml, 8B_full.yaml)
+            par = {**par, "fsdp_embedding_units": True}
+            notes.append("torchtune shards tok_embeddings and output as FSDP units of their own "
+                         "(custom_sharded_layers)")
     if sc.get("framework") == "torchtitan" and par.get("pp", 1) > 1 and mb_v > 1:
         # torchtitan splits each rank's local batch into micro-batches of parallelism.pipeline_parallel_
         # microbatch_size (default 1) that the schedule pipelines: m = local batch / 1
