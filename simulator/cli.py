@@ -396,7 +396,7 @@ optimizer:
   galore_proj_type: std      #   galore_proj_type (std | reverse_std | left | right | full),
   galore_targets: [attn, mlp]  # galore_targets (substrings or regexes of nn.Linear module paths)
 checkpointing:
-  mode: full                 # none | full | every_k
+  mode: full                 # none | full | every_k | offload | selective
   every_k: 1                 # with mode every_k: checkpoint one block in k
 attention: sdpa-flash        # eager | sdpa-math | sdpa-mem-efficient | sdpa-flash | flash1 | flash2 | flash3
 loss: upcast                 # upcast (HF fp32 logits) | upcast-shift | chunked | chunked-compiled (torchtune) | fused (Liger)
@@ -479,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
                    + " [" + " | ".join(_choices(Scenario, "precision")) + "]")
     g.add_argument("--optimizer", metavar="O", help=_doc(Optimizer, "name"))
     g.add_argument("--galore-rank", type=int, metavar="R", help="GaLore projection rank (with a galore-* optimizer)")
-    g.add_argument("--checkpointing", metavar="none|full|every_k|offload", help=_doc(Checkpointing, "mode", choices=False))
+    g.add_argument("--checkpointing", metavar="none|full|every_k|offload|selective", help=_doc(Checkpointing, "mode", choices=False))
     g.add_argument("--every-k", type=int, metavar="K", help=_doc(Checkpointing, "every_k") + " (implies --checkpointing every_k)")
     g.add_argument("--attention", metavar="A", help=_doc(Scenario, "attention", choices=False)
                    + " [" + " | ".join(_choices(Scenario, "attention")) + "]")

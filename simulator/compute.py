@@ -29,7 +29,7 @@ from hwprofiles import Device
 from hwprofiles.schema import interp_clamped
 
 from .graph.build import GPTQ_TORCH_DEQUANT_BYTES_PER_WEIGHT, GPTQ_TORCH_DEQUANT_KERNELS, attention_kernel  # noqa: F401
-from .graph.compile import CostTable
+from .graph.compile import CostTable, recomputed_ops
 from .units import dtype_bytes
 
 
@@ -202,19 +202,20 @@ class OpMatrix:
     fused_saving: np.ndarray
 
 
-def _part(where, layers, tr, arch, recompute_until: int | None, quant_rows, encoder: bool = False,
+def _part(where, layers, tr, arch, recomputed: frozenset[int], quant_rows, encoder: bool = False,
           bnb: bool = False, torch_dequant: bool = False) -> OpArrays:
-    """``torch_dequant``: the quantized linears dequantize with PyTorch ops once per forward and keep the
-    16-bit weight for backward (AutoGPTQ in training)."""
+    """``recomputed``: indices of the ops a checkpointed block reruns in backward.  ``torch_dequant``: the
+    quantized linears dequantize with PyTorch ops once per forward and keep the 16-bit weight for backward
+    (AutoGPTQ in training)."""
     # a quantized GEMM's operator reads its weight as the 16-bit copy; fused, it reads the packed storage
     saving = {r.path.rsplit(".", 1)[0]: r.numel * dtype_bytes(r.dtype) - r.storage_bytes for r in quant_rows}
     ops = tuple(
         Op(tuple(op.fwd_flops.c), tuple(op.bwd_flops.c), tuple(op.fwd_bytes.c), op.op == "attention",
            op.op == "attention" and arch.arch == "decoder",
            not (arch.moe is not None and op.module.endswith("mlp.gate")),
-           recompute_until is not None and op.watermark <= recompute_until,
+           i in recomputed,
            saving.get(op.module, 0.0) if op.op == "linear" else 0.0)
-        for op in tr.ops)
+        for i, op in enumerate(tr.ops))
     made = [t for t in tr.tensors if not t.is_param and not t.weight_copy]  # the eager ops' own tensors
     ew = [0.0] * 7
     for t in made:
@@ -254,16 +255,16 @@ def op_arrays(ct: CostTable) -> tuple[OpArrays, ...]:
             quant_by_part[r.where].append(r)
     bnb = ct.plan.base_quant in BNB_FORMATS
     tdq = ct.plan.base_quant == "gptq" and ct.plan.training
-    parts = [_part("pre", (0,), mt.pre, ct.arch, None, quant_by_part["pre"], bnb=bnb, torch_dequant=tdq)]
+    parts = [_part("pre", (0,), mt.pre, ct.arch, frozenset(), quant_by_part["pre"], bnb=bnb, torch_dequant=tdq)]
     for v in mt.variants:
-        until = None
+        until = frozenset()
         if v.checkpointed:
-            until = max((tid for _, tid in v.trace.saves if tid not in global_ids), default=-1)
+            until = frozenset(recomputed_ops(v.trace, ct.plan, global_ids, ct.arch.moe is not None))
         rows = [r for r in quant_by_part["block"] if r.layers == tuple(v.layers)]
         # encoder-decoder variants are keyed (..., is_decoder) and the encoder's final norm ("encoder_final_norm",)
         encoder = ct.arch.arch == "encoder_decoder" and (v.key[-1] is False or v.key == ("encoder_final_norm",))
         parts.append(_part("block", v.layers, v.trace, ct.arch, until, rows, encoder, bnb, tdq))
-    parts.append(_part("post", (0,), mt.post, ct.arch, None, quant_by_part["post"], bnb=bnb, torch_dequant=tdq))
+    parts.append(_part("post", (0,), mt.post, ct.arch, frozenset(), quant_by_part["post"], bnb=bnb, torch_dequant=tdq))
     out = tuple(parts)
     ct.__dict__["_ops"] = out
     return out

@@ -719,6 +719,10 @@ def _suggestions(sc: Scenario, dev: Device) -> list[Suggestion]:
     if sc.is_training:
         w = sc.workload
         opt = sc.optimizer.model_dump()
+        if sc.checkpointing.mode in ("none", "every_k") and sc.attention not in ("eager", "sdpa-math"):
+            # recomputes less than full checkpointing (the matmuls it keeps are not rerun), so it comes first
+            cands.append(("selective activation checkpointing (torchtitan's per-op policy) on every block",
+                          {"checkpointing": {"mode": "selective"}}))
         if sc.checkpointing.mode != "full":
             cands.append(("activation checkpointing on every block", {"checkpointing": {"mode": "full"}}))
         if w.micro_batch > 1:

@@ -135,7 +135,7 @@ class SearchSpace(Strict):
     time (``fitsim estimate``), not searched."""
     micro_batches: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16])
     """Training: micro-batch sizes; inference: concurrent batch sizes."""
-    checkpointing: list[Literal["none", "full"]] = Field(default_factory=lambda: ["none", "full"])
+    checkpointing: list[Literal["none", "full", "selective"]] = Field(default_factory=lambda: ["none", "full"])
     """Activation checkpointing modes (training)."""
     sharding: list[Sharding] = Field(default_factory=lambda: ["none", "zero2", "zero3", "fsdp"])
     """Data-parallel sharding with more than one data-parallel rank (DDP, ZeRO stages, FSDP); the offload

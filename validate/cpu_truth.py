@@ -34,7 +34,7 @@ from torch.utils._pytree import tree_flatten
 from simulator.config import Optimizer, Scenario, TrainWorkload
 from simulator.config.training import GALORE_BASE
 
-from .torch_models import backward_context, block_paths, build_model, forward_context, module_paths, unwrap
+from .torch_models import SAC_STORAGES, backward_context, block_paths, build_model, forward_context, module_paths, unwrap
 
 __all__ = ["Truth", "measure", "make_optimizer", "train_batch", "layer_of", "EXTRA_FLOP_FORMULAS", "StepTraffic",
            "optimizer_step_traffic", "mezo_step", "mezo_perturb", "mezo_update", "mezo_update_traffic"]
@@ -270,7 +270,15 @@ def _wrap_checkpoints(rec: _SavedTensorRecorder) -> Iterator[None]:
                     finally:
                         stack.stack.pop()
 
-                return _orig(in_block, *args, **kwargs)
+                n_sac = len(SAC_STORAGES)
+                out = _orig(in_block, *args, **kwargs)
+                # a selective checkpoint also keeps the outputs its policy saved, in its cache until the backward
+                for storage in SAC_STORAGES[n_sac:]:
+                    for t in tree_flatten([list(calls.values()) for calls in storage.values()])[0]:
+                        t = getattr(t, "val", t)  # torch.utils.checkpoint._VersionWrapper
+                        if isinstance(t, torch.Tensor):
+                            rec.record(t, _name)
+                return out
 
             mod._gradient_checkpointing_func = wrapper
             patched.append((mod, orig))

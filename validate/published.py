@@ -502,10 +502,10 @@ def _checkpointing(sc: dict, notes: list[str]) -> dict:
     if raw is None:
         raw = _defaults(sc)["checkpointing"]
         notes.append(f"checkpointing unstated: {sc.get('framework')} default {raw}")
-    if raw == "selective":
-        notes.append("selective checkpointing modelled as full (no per-op policy yet): predicts low")
+    if raw == "selective" and sc.get("framework") != "torchtitan":
+        notes.append("selective checkpointing outside torchtitan modelled as full (its per-op policy is torchtitan's)")
         raw = "full"
-    if raw not in ("none", "full", "offload"):
+    if raw not in ("none", "full", "offload", "selective"):
         raise Unsupported(f"checkpointing {raw!r} not modelled")
     return {"mode": raw}
 

@@ -921,8 +921,56 @@ def _apply_method(model: nn.Module, scenario: Scenario, dtype: torch.dtype, devi
 # --------------------------------------------------------------------------------------------
 
 
+SAC_STORAGES: list[dict] = []
+"""The output caches of the selective checkpoints run so far (``torch.utils.checkpoint``'s SAC storage: op ->
+{call index -> the kept outputs}), for the measurement harness to charge what they keep."""
+
+
+def torchtitan_sac_policy():
+    """torchtitan's per-op selective-checkpointing policy (``torchtitan/distributed/activation_checkpoint.py``,
+    ``SelectiveAC._wrap_block``), one per checkpoint call: MUST_SAVE the outputs of the compute-intensive ops
+    (``torch._functorch.partitioners.get_default_op_list().compute_intensive_ops``) and of its extra list
+    (attention kernels, ``aten.max`` for float8 scales, ``aten.linear``, ``topk``, reduce-scatter), except
+    every second ``mm`` / ``linear``, counted per pass; PREFER_RECOMPUTE for the rest.  On CPU, SDPA runs
+    ``_scaled_dot_product_flash_attention_for_cpu``, which stands here for the CUDA flash kernel that
+    torchtitan's list names (both return the output and the fp32 logsumexp)."""
+    import torch
+    from torch._functorch.partitioners import get_default_op_list
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    aten = torch.ops.aten
+    save_ops = {op.default for op in get_default_op_list().compute_intensive_ops}
+    save_ops |= {aten._scaled_dot_product_cudnn_attention.default, aten.max.default, aten.linear.default,
+                 aten.topk.default, aten._scaled_dot_product_flash_attention_for_cpu.default}
+    mm_ops = (aten.mm.default, aten.linear.default)
+    meta = {"forward_mm_count": 0, "recompute_mm_count": 0}
+
+    def policy(ctx, func, *args, **kwargs):
+        key = "recompute_mm_count" if ctx.is_recompute else "forward_mm_count"
+        if func in mm_ops:
+            meta[key] += 1
+        if func in save_ops:
+            if func in mm_ops and meta[key] % 2 == 0:
+                return CheckpointPolicy.PREFER_RECOMPUTE
+            return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+    return policy
+
+
+def torchtitan_sac_context():
+    """``context_fn`` of one selective checkpoint call (its cache is remembered in :data:`SAC_STORAGES`)."""
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    caching, cached = create_selective_checkpoint_contexts(torchtitan_sac_policy())
+    SAC_STORAGES.append(caching.storage)
+    return caching, cached
+
+
 def _enable_checkpointing(model: nn.Module, scenario: Scenario) -> None:
     """HF activation checkpointing, ``use_reentrant=False`` (transformers 5's default, passed explicitly).
+    ``selective``: every block under torchtitan's per-op policy (:func:`torchtitan_sac_policy`), with its
+    wrapper's ``early_stop=False``.
 
     every_k: blocks 0, k, 2k, ... are checkpointed (transformers counts ``GradientCheckpointingLayer``s
     in module order, so for T5 the decoder blocks continue the encoder's numbering).  HF also calls
@@ -934,6 +982,8 @@ def _enable_checkpointing(model: nn.Module, scenario: Scenario) -> None:
         return
     k = ck.every_k if ck.mode == "every_k" else 1
     kwargs = {"use_reentrant": False}
+    if ck.mode == "selective":
+        kwargs.update(context_fn=torchtitan_sac_context, early_stop=False)
     enable = getattr(model, "activation_checkpointing_enable", None)
     if enable is not None and "every_n_layers" in inspect.signature(enable).parameters:
         enable(activation_checkpointing_kwargs=kwargs, every_n_layers=k)

@@ -223,6 +223,11 @@ class Scenario(Strict):
             self._check_mezo()
         if self.precision == "fp8" and not isinstance(m, Full):
             raise ValueError(f"precision='fp8' (float8 training) applies to method 'full'; got method.kind={m.kind!r}")
+        if self.checkpointing.mode == "selective" and self.attention in ("eager", "sdpa-math"):
+            raise ValueError(
+                f"checkpointing.mode='selective' keeps the fused attention kernel's output and logsumexp; "
+                f"attention={self.attention!r} is not modelled under it: allowed attention: sdpa-flash, "
+                "sdpa-mem-efficient, flash1, flash2, flash3 (or checkpointing.mode 'full')")
         return self
 
     def _check_mezo(self) -> None:

@@ -118,9 +118,11 @@ class Optimizer(Strict):
 
 
 class Checkpointing(Strict):
-    mode: Literal["none", "full", "every_k", "offload"] = "none"
-    """Activation checkpointing: none, every block (full), every k-th block, or every block with the
-    checkpointed inputs offloaded to host memory (Unsloth's, torchtune's activation offloading)."""
+    mode: Literal["none", "full", "every_k", "offload", "selective"] = "none"
+    """Activation checkpointing: none, every block (full), every k-th block, every block with the
+    checkpointed inputs offloaded to host memory (Unsloth's, torchtune's activation offloading), or
+    every block under torchtitan's per-op selective policy (``selective``: the outputs of the attention
+    kernel, of every addmm / bmm / _scaled_mm and of every other mm are kept, the rest recomputed)."""
     every_k: int = Field(default=1, ge=1)
     """With mode='every_k': checkpoint one block in k."""
 

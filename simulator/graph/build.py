@@ -471,10 +471,12 @@ class Builder:
             tr.save(path, x)  # legacy MatMul4Bit: ctx.tensors = (A, B)
         rows = x.numel * (1.0 / in_f)
         mm = rows * (2.0 * in_f * out_f)
+        # bitsandbytes: ``F.linear(A, dequantize(B).t(), bias)``; AutoGPTQ: ``torch.matmul`` + bias add
         tr.flops(path, "linear", mm, mm if x.requires_grad else ZERO,
-                 rows * (dtype_bytes(x.dtype) * (in_f + out_f)) + Poly.const(w.nbytes.c[-1]))
-        return tr.new(path, rows * out_f, self.cdt if x.dtype == "fp32" and self.cdt != "fp32" else x.dtype,
-                      x.requires_grad or (b is not None and b.requires_grad))
+                 rows * (dtype_bytes(x.dtype) * (in_f + out_f)) + Poly.const(w.nbytes.c[-1]),
+                 aten="addmm" if b is not None and quant != "gptq" else "mm")
+        return tr.returns(tr.new(path, rows * out_f, self.cdt if x.dtype == "fp32" and self.cdt != "fp32" else x.dtype,
+                                 x.requires_grad or (b is not None and b.requires_grad)))
 
     def _lora(self, path: str, x: Tensor, result: Tensor, in_f: int, out_f: int, base_w: Tensor,
               base_quant: str = "dense") -> Tensor:
@@ -685,7 +687,8 @@ class Builder:
                 tr.save(path, tr.new(path, Poly.att(1) if boolean else mask.numel, q.dtype if boolean else mask.dtype,
                                      False))
         tr.flops(path, "attention", fwd, Poly.att(10.0 * a * d) if rg else ZERO,
-                 Poly.tok(2.0 * dtype_bytes(q.dtype) * a * d) + Poly.kv(2.0 * dtype_bytes(k.dtype) * akv * d))
+                 Poly.tok(2.0 * dtype_bytes(q.dtype) * a * d) + Poly.kv(2.0 * dtype_bytes(k.dtype) * akv * d),
+                 aten="attention", outputs=(o.id, lse.id) if rg else (o.id,))
         return o
 
     def _explicit_attention(self, path: str, q: Tensor, k: Tensor, v: Tensor, probs_saved: Tensor, probs: Tensor,
@@ -851,8 +854,8 @@ class ModelBuilder(Builder):
         if y.requires_grad:
             tr.save(module, x)
         rg = x.requires_grad or y.requires_grad
-        tr.flops(module, "bmm", fwd, fwd * (int(x.requires_grad) + int(y.requires_grad)))
-        return tr.new(module, out_numel, tr.autocast or promote(x.dtype, y.dtype), rg)
+        tr.flops(module, "bmm", fwd, fwd * (int(x.requires_grad) + int(y.requires_grad)), aten="bmm")
+        return tr.returns(tr.new(module, out_numel, tr.autocast or promote(x.dtype, y.dtype), rg))
 
     def _scaled(self, module: str, x: Tensor) -> Tensor:
         """``x / scaled_size_sqrt(...).to(x.dtype)``: a 0-dim fp32 divisor (cast to x's dtype), saved for the

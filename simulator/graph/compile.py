@@ -104,6 +104,55 @@ def _params(traces: list[tuple[Trace, int]]) -> list[tuple[Param, int]]:
     return out
 
 
+def sac_saved_ops(tr: Trace, plan: Plan, moe: bool = False) -> tuple[frozenset[int], tuple[int, ...]]:
+    """What torchtitan's per-op selective checkpointing keeps of one block's forward
+    (``torchtitan/distributed/activation_checkpoint.py`` ``SelectiveAC``): the outputs of the ops its policy
+    marks MUST_SAVE -- the compute-intensive ones (``torch._functorch.partitioners.get_default_op_list``: mm,
+    addmm, bmm, ``_scaled_mm``, the flash / memory-efficient attention kernels) -- except every second mm,
+    counted in forward order (the 2nd, 4th, ...), which is recomputed like every other op.  torchao's float8
+    linears run ``_scaled_mm``, kept whatever the count; an MoE router's gate is always recomputed
+    (``force_recompute_mm_shapes_by_fqns``).  Returns (indices of the kept ops in ``tr.ops``, ids of the tensors
+    they return); empty unless the plan checkpoints selectively."""
+    if not plan.selective_checkpoints:
+        return frozenset(), ()
+    kept: list[int] = []
+    ids: list[int] = []
+    n_mm = 0
+    for i, op in enumerate(tr.ops):
+        if not op.aten:
+            continue
+        if op.aten == "attention" and not op.outputs:
+            raise ValueError(f"checkpointing.mode='selective': {op.module} computes attention with explicit "
+                             "matmuls, which the selective policy is not modelled for; use checkpointing.mode 'full'")
+        if moe and op.module.endswith(".gate"):
+            continue  # the router: recomputed, not counted
+        if op.aten == "mm" and not (plan.float8_linears and op.op == "linear"):
+            n_mm += 1
+            if n_mm % 2 == 0:
+                continue
+        kept.append(i)
+        ids.extend(op.outputs)
+    return frozenset(kept), tuple(dict.fromkeys(ids))
+
+
+def recomputed_ops(tr: Trace, plan: Plan, global_ids: set[int], moe: bool = False) -> list[int]:
+    """Indices of the ops of a checkpointed block's trace that its backward reruns.  Full checkpointing
+    (non-reentrant, ``torch.utils.checkpoint`` early stop on) stops once the last saved tensor is rebuilt, so
+    ops after it (Llama's down_proj) are not rerun; torchtitan's selective wrapper passes ``early_stop=False``
+    and reruns every op whose output it did not keep."""
+    if plan.selective_checkpoints:
+        kept, _ = sac_saved_ops(tr, plan, moe)
+        return [i for i in range(len(tr.ops)) if i not in kept]
+    last = max((tid for _, tid in tr.saves if tid not in global_ids), default=-1)
+    return [i for i, op in enumerate(tr.ops) if op.watermark <= last]
+
+
+def _sac_kept(v, mt: ModelTrace, global_ids: set[int]) -> list[int]:
+    """Ids of the op outputs a selective checkpoint of variant ``v`` keeps beside its input (none otherwise)."""
+    _, ids = sac_saved_ops(v.trace, mt.plan, mt.arch.moe is not None)
+    return [i for i in ids if i not in global_ids and i != v.input.id]
+
+
 def _saved_bytes(mt: ModelTrace) -> tuple[Poly, dict[str, Poly], dict[str, Poly], Poly]:
     """Saved-for-backward bytes: each storage once model-wide; block-local storages x count.
 
@@ -157,11 +206,17 @@ def _saved_bytes(mt: ModelTrace) -> tuple[Poly, dict[str, Poly], dict[str, Poly]
     for v in mt.variants:
         full, glob = sums(v.trace, True)
         n = len(v.layers)
-        if full.c > max_layer.c:
-            max_layer = full
         ckpt = v.checkpointed
-        # a checkpoint keeps only the block's tensor inputs alive (hidden state + the shared tensors)
-        kept = v.input.nbytes if ckpt else full
+        # a checkpoint keeps only the block's tensor inputs alive (hidden state + the shared tensors), and
+        # under the selective policy the outputs of the ops it saves
+        sac = _sac_kept(v, mt, global_ids) if ckpt else []
+        sac_bytes = sum((all_t[i].nbytes for i in sac), ZERO)
+        # the recompute's own saved set, less what the selective checkpoint already holds
+        in_saves = {tid for _, tid in v.trace.saves}
+        rerun = full + sum((all_t[i].nbytes for i in sac if i in in_saves), ZERO) * -1.0
+        if rerun.c > max_layer.c:
+            max_layer = rerun
+        kept = v.input.nbytes + sac_bytes if ckpt else full
         if ckpt and mt.plan.offload_checkpoints:
             kept = ZERO  # copied to host memory; one block's input comes back for its recompute
         if ckpt:
@@ -293,7 +348,16 @@ def _block_saved_tp(mt: ModelTrace) -> tuple[tuple[tuple[int, ...], Poly, Poly],
     for v in mt.variants:
         if v.checkpointed:  # the checkpoint keeps the block input: hidden-sized, replicated
             kept = ZERO if mt.plan.offload_checkpoints else v.input.nbytes
-            out.append((tuple(v.layers), kept, ZERO))
+            split = ZERO
+            for tid in _sac_kept(v, mt, global_ids):  # selective: the kept op outputs
+                t = mt.tensors[tid]
+                # a row-parallel product is whole-sized on every rank (partial sums before the all-reduce); the
+                # column-parallel products and the attention output are split over the heads / columns
+                if t.module.rsplit(".", 1)[-1] in row_leaves:
+                    kept = kept + t.nbytes
+                else:
+                    split = split + t.nbytes
+            out.append((tuple(v.layers), kept, split))
             continue
         seen: set[int] = set()
         rep = split = ZERO
@@ -367,12 +431,8 @@ def compile_trace(mt: ModelTrace) -> CostTable:
     global_ids = {t.id for t in mt.globals_}
     for v in mt.variants:
         if v.checkpointed:
-            # non-reentrant checkpointing stops recomputing once the last saved tensor is rebuilt
-            # (torch.utils.checkpoint early stop): ops after it (Llama's down_proj) are not rerun
-            last = max((tid for _, tid in v.trace.saves if tid not in global_ids), default=-1)
-            for op in v.trace.ops:
-                if op.watermark <= last:
-                    rec = rec + op.fwd_flops * len(v.layers)
+            for i in recomputed_ops(v.trace, mt.plan, global_ids, mt.arch.moe is not None):
+                rec = rec + v.trace.ops[i].fwd_flops * len(v.layers)
     logits = mt.logits
     return CostTable(
         arch=mt.arch, plan=mt.plan, n_params=n_params, n_trainable=n_tr, frozen_dense_bytes=frozen,

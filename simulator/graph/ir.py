@@ -141,6 +141,8 @@ class OpRecord:
     bwd_flops: Poly = ZERO
     fwd_bytes: Poly = ZERO  # bytes read + written (for the roofline)
     watermark: int = 0  # tensor ids below this existed when the op ran (its outputs come at or after it)
+    aten: str = ""  # the ATen kernel selective checkpointing sees: mm | addmm | bmm | attention ('' for others)
+    outputs: tuple[int, ...] = ()  # ids of the tensors it returns (what a selective checkpoint keeps)
 
 
 @dataclass
@@ -206,8 +208,15 @@ class Tracer:
             if t is not None and not t.is_param:
                 self.trace.saves.append((module, t.id))
 
-    def flops(self, module: str, op: str, fwd: Poly, bwd: Poly = ZERO, fwd_bytes: Poly = ZERO) -> None:
-        self.trace.ops.append(OpRecord(module, op, fwd, bwd, fwd_bytes, len(self.all)))
+    def flops(self, module: str, op: str, fwd: Poly, bwd: Poly = ZERO, fwd_bytes: Poly = ZERO, *, aten: str = "",
+              outputs: tuple[int, ...] = ()) -> None:
+        self.trace.ops.append(OpRecord(module, op, fwd, bwd, fwd_bytes, len(self.all), aten, outputs))
+
+    def returns(self, out: Tensor) -> Tensor:
+        """Name ``out`` as what the last recorded op returns (its output is created after the record)."""
+        op = self.trace.ops[-1]
+        op.outputs = (out.id,)
+        return out
 
     def transient(self, module: str, nbytes: Poly) -> None:
         self.trace.transients.append((module, nbytes))
@@ -312,5 +321,7 @@ class Tracer:
         nb = dtype_bytes(xin.dtype)
         # recorded before its output exists: the op's watermark is its output's id (what checkpoint recompute
         # compares with the last saved tensor)
-        self.flops(module, op, mm, bwd, rows * (nb * (in_f + out_f)) + Poly.const(in_f * out_f * dtype_bytes(win.dtype)))
-        return self.new(module, rows * out_f, out_dtype, rg)
+        # F.linear: addmm with a bias, mm without (the matmul of a 3-D input folds it to 2-D)
+        self.flops(module, op, mm, bwd, rows * (nb * (in_f + out_f)) + Poly.const(in_f * out_f * dtype_bytes(win.dtype)),
+                   aten="addmm" if bias is not None else "mm")
+        return self.returns(self.new(module, rows * out_f, out_dtype, rg))

@@ -114,6 +114,8 @@ class Plan:
     padded: bool = False
     implementation: str = "transformers"
     offload_checkpoints: bool = False  # checkpointed block inputs live in host memory
+    selective_checkpoints: bool = False  # torchtitan's per-op policy keeps some op outputs (compile.sac_saved_ops)
+    float8_linears: bool = False  # under that policy: the blocks' linears run torchao's _scaled_mm (always kept)
     llama_adapter: Any = None  # LlamaAdapter settings (litgpt's adaption prompts), or None
     shira: Any = None  # Shira settings (PEFT's sparse entries), or None
     shira_targets: frozenset[str] | None = None  # None = all-linear
@@ -169,7 +171,7 @@ def _checkpointed_layers(sc: Scenario) -> frozenset[int]:
     ck, n = sc.checkpointing, sc.model.n_layers
     if not sc.is_training or ck.mode == "none":
         return frozenset()
-    if ck.mode in ("full", "offload"):
+    if ck.mode in ("full", "offload", "selective"):
         return frozenset(range(n))
     return frozenset(i for i in range(n) if i % ck.every_k == 0)
 
@@ -247,6 +249,8 @@ def plan_of(sc: Scenario) -> Plan:
         # 3. recompute
         checkpointed=_checkpointed_layers(sc),
         offload_checkpoints=sc.is_training and sc.checkpointing.mode == "offload",
+        selective_checkpoints=sc.is_training and sc.checkpointing.mode == "selective",
+        float8_linears=sc.is_training and sc.checkpointing.mode == "selective" and sc.precision == "fp8",
         attention=sc.attention,
         modules_to_save=mts,
         padded=sc.padded_batches,

@@ -113,6 +113,13 @@ CASES = [
     ("llama", "fp32", "sdpa-flash", {"kind": "lora", "r": 8, "targets": "all-linear"}, "none"),
     ("llama", "bf16", "sdpa-flash", {"kind": "lora", "r": 4, "targets": ["q_proj", "v_proj"], "lora_fa": True}, "none"),
     ("llama", "bf16", "sdpa-flash", LORA, "full"),
+    # torchtitan's per-op selective checkpointing (validate.torch_models.torchtitan_sac_policy): the block input,
+    # the attention output and logsumexp, the products of every other mm (LoRA's counted with the base's)
+    ("llama", "bf16", "sdpa-flash", {"kind": "full"}, "selective"),
+    ("llama", "fp32", "sdpa-flash", {"kind": "full"}, "selective"),
+    ("llama", "bf16-amp", "sdpa-flash", {"kind": "full"}, "selective"),
+    ("llama", "bf16", "sdpa-flash", LORA, "selective"),
+    ("llama", "bf16", "sdpa-flash", {"kind": "lora", "r": 4, "targets": "all-linear"}, "selective"),
     ("llama", "bf16", "sdpa-flash", {"kind": "dora", "r": 4, "targets": ["q_proj", "v_proj"]}, "none"),
     ("llama", "fp32", "eager", {"kind": "dora", "r": 4, "targets": "all-linear"}, "none"),
     ("llama", "bf16", "sdpa-flash", {"kind": "lora", "r": 4, "targets": ["embed_tokens", "q_proj"]}, "none"),
