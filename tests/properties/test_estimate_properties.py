@@ -275,7 +275,7 @@ def scenario_dicts(draw, junk: bool = True, task: str | None = None, kind: str |
             o["beta1"] = draw(st.booleans())
         d["optimizer"] = o
     if draw(st.booleans()):
-        c = {"mode": _choice(draw, ["none", "full", "every_k"], junk, bad=("selective", True))}
+        c = {"mode": _choice(draw, ["none", "full", "every_k", "selective"], junk, bad=("partial", True))}
         if draw(st.booleans()):
             c["every_k"] = _int(draw, 1, 8, junk)
         d["checkpointing"] = c
@@ -613,6 +613,24 @@ def test_activations_and_peak_grow_with_micro_batch(d, extra):
     assert _not_less(_saved(e1), _saved(e2))
     assert _not_less(e1.peak_allocated_bytes, e2.peak_allocated_bytes)
     assert e2.flops_per_step > e1.flops_per_step
+
+
+@settings(max_examples=scaled(100), **FAST)
+@given(scenario_dicts(junk=False, task="train"))
+def test_selective_checkpoints_keep_at_least_what_full_ones_keep(d):
+    """A selective checkpoint keeps the block input, as a full one does, plus the outputs its policy saves."""
+    ck = lambda mode: {**d, "checkpointing": {"mode": mode}}  # noqa: E731
+    valid_scenario(ck("full"))
+    try:
+        Scenario.model_validate(ck("selective"))
+    except ValidationError as err:
+        assert "checkpointing.mode='selective'" in str(err)  # explicit attention, refused with its reason
+        return
+    full, sel = estimate(ck("full"), what_fits=False), estimate(ck("selective"), what_fits=False)
+    note(f"saved full {_saved(full)} selective {_saved(sel)}")
+    assert _not_less(_saved(full), _saved(sel))
+    assert full.n_trainable_params == sel.n_trainable_params
+    assert full.flops.forward == sel.flops.forward
 
 
 @settings(max_examples=scaled(200), **FAST)
