@@ -141,6 +141,30 @@ def stage_saved_bytes(ct: CostTable, par, B: tuple, stage: int):
     return acts
 
 
+def rank_activations_by_layer(ct: CostTable, par, B: tuple, stage: int) -> dict[str, float]:
+    """One micro-batch's saved bytes per layer on one rank of ``stage`` (:func:`stage_saved_bytes` layer by
+    layer): the stage's blocks split over TP / SP / CP, the embeddings -- with the tensors every block shares --
+    on the first stage, the head on the last.  One GPU: the model's layers as traced.  Encoder-decoder stacks
+    keep the whole model's layers."""
+    whole = {k: ct.at(v, B) for k, v in ct.saved_by_layer.items()}
+    if par.n_gpus == 1 or ct.arch.arch == "encoder_decoder":
+        return whole
+    rep_div, split_div = sh.activation_split(par)
+    layers = sh.stage_layer_ranges(ct.n_blocks, par.pp)[stage]
+    prefix = ct.trace.layers_prefix
+    out: dict[str, float] = {}
+    if stage == 0:
+        out["embeddings"] = (ct.at(ct.pre_saved, B) + ct.at(ct.shared_saved, B)) / rep_div
+    for var_layers, rep, split in ct.block_saved_tp:
+        per_block = ct.at(rep, B) / rep_div + ct.at(split, B) / split_div
+        for i in var_layers:
+            if i in layers:
+                out[f"{prefix}.{i}"] = per_block
+    if stage == par.pp - 1:
+        out["head"] = ct.at(ct.post_saved, B) / split_div
+    return out
+
+
 def _stage_activation_bytes(ct: CostTable, par, B: tuple, stage: int, n_micro):
     """Saved activations on one rank of ``stage`` times the micro-batches in flight."""
     return stage_saved_bytes(ct, par, B, stage) * sh.in_flight_microbatches(par, stage, n_micro)
@@ -809,7 +833,7 @@ def _estimate(sc: Scenario, what_fits: bool, with_time: bool = True) -> Estimate
     b, s, skv = _dims(sc, ct)
     B = basis(b, s, skv)
     mezo = sc.is_training and sc.optimizer.forward_only  # its forwards run in inference mode: nothing saved
-    acts_by_layer = {} if mezo else {k: ct.at(v, B) for k, v in ct.saved_by_layer.items()}
+    acts_by_layer = {} if mezo else rank_activations_by_layer(ct, sc.parallel, B, p.get("stage") or 0)
     warnings: list[str] = []
     notes: list[str] = []
     if sc.precision in ("bf16", "bf16-amp") and not dev.supports_bf16:

@@ -399,7 +399,11 @@ def render(e: Estimate, scenario: Scenario | None = None) -> str:
         lines += _section("Suggestions", suggestions(e) or ["  (no single change tried makes a difference)"])
     lines += _section("Warnings", [f"  ! {w}" for w in e.warnings])
     lines += _section("Notes", [f"  - {n}" for n in e.notes])
-    lines += _section("Top activation consumers", top_activations(e))
+    where = ""
+    if e.n_gpus > 1:
+        where = " (one micro-batch on one GPU" + (f" of pipeline stage {e.peak_stage}" if len(e.stage_peak_bytes) > 1
+                                                 else "") + ")"
+    lines += _section("Top activation consumers" + where, top_activations(e))
     return "\n".join(lines) + "\n"
 
 

@@ -411,3 +411,33 @@ def test_fsdp_mixed_precision_or_the_models_own_16_bit_shards():
     assert (mixed.memory_bytes.trainable_weights, mixed.memory_bytes.optimizer_states) == (4 * n / 8, 8 * n / 8)
     assert (own.memory_bytes.trainable_weights, own.memory_bytes.optimizer_states) == (2 * n / 8, 4 * n / 8)
     assert mixed.time.dp_comm_s / own.time.dp_comm_s == pytest.approx(4 / 3, rel=0.02)
+
+
+@pytest.mark.parametrize("par", [
+    {"tp": 2, "sp": True, "cp": 2, "pp": 2, "dp": 2},  # 16 GPUs: every split at once
+    {"tp": 4, "dp": 2},
+])
+def test_activations_by_layer_are_one_rank_of_the_peak_stage(par):
+    """The per-layer activations the report lists are what one GPU of the peak stage holds for one micro-batch:
+    its stage's blocks only, each split over TP / SP / CP, and they add up to that rank's saved bytes."""
+    from simulator.estimate import stage_saved_bytes
+    from simulator.graph.ir import basis
+
+    d = {"model": "llama-3.1-8b", "gpu": "h100-sxm-80gb", "method": {"kind": "full"}, "precision": "bf16-amp",
+         "workload": {"micro_batch": 2, "seq_len": 4096, "grad_accum": 8}, "parallel": par}
+    sc = Scenario.model_validate(d)
+    e = estimate(sc)
+    ct = cost_table_for(sc)
+    B = basis(2, 4096)
+    stage = e.peak_stage
+    assert sum(e.activations_by_layer.values()) == pytest.approx(stage_saved_bytes(ct, sc.parallel, B, stage), rel=1e-12)
+    blocks = [k for k in e.activations_by_layer if k.startswith("model.layers.")]
+    assert len(blocks) == 32 // par.get("pp", 1)
+    one = estimate({**d, "parallel": {}, "gpu": "b200-sxm-180gb"})
+    # a block's share on one GPU: the whole block's bytes over the token and head splits (the TP-replicated
+    # norm inputs stay whole without SP)
+    # (block 5: the whole-model listing charges the tensors every block shares to the first blocks)
+    whole = one.activations_by_layer[blocks[5]]
+    assert e.activations_by_layer[blocks[5]] < whole
+    if par.get("sp"):
+        assert e.activations_by_layer[blocks[5]] == pytest.approx(whole / (par["tp"] * par["cp"]), rel=1e-12)
