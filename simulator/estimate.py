@@ -734,6 +734,39 @@ def _more_gpus_candidates(sc: Scenario) -> list[tuple[str, dict[str, Any]]]:
     return []
 
 
+MAX_SUGGESTED_GPUS = 1024
+"""The largest job :func:`_fewest_gpus` proposes."""
+
+
+def _fewest_gpus(sc: Scenario, dev: Device) -> tuple[str, dict[str, Any]] | None:
+    """The same training job on the fewest GPUs of its kind that hold it: the data-parallel degree doubled
+    until it fits (at most :data:`MAX_SUGGESTED_GPUS`), the parameters sharded (the ZeRO-3 or FSDP it uses,
+    else FSDP full_shard; ZeRO-1/2 become ZeRO-3) and every block checkpointed.  More ranks shrink only the
+    sharded model states, so a job whose activations alone overflow gets None."""
+    par = sc.parallel
+    shard: dict[str, Any] = {}
+    if not par.shards_params:
+        shard = {"zero": 3} if par.zero >= 1 else {"fsdp": "full_shard"}
+    ck = {} if sc.checkpointing.mode == "full" else {"checkpointing": {"mode": "full"}}
+    dp, others = par.dp, par.n_gpus // par.dp
+    while others * dp * 2 <= MAX_SUGGESTED_GPUS:
+        dp *= 2
+        upd = {"parallel": {**par.model_dump(), **shard, "dp": dp}, **ck}
+        try:
+            s2 = _with(sc, **upd)
+            ok, _ = _fits(s2, cost_table_for(s2), dev)
+        except ValueError:
+            return None
+        if ok:
+            how = [f"data parallel {dp}"]
+            if shard:
+                how.append("ZeRO-3" if "zero" in shard else "FSDP full_shard")
+            if ck:
+                how.append("checkpointing every block")
+            return f"{others * dp} GPUs, the fewest that hold this job ({', '.join(how)})", upd
+    return None
+
+
 def _suggestions(sc: Scenario, dev: Device) -> list[Suggestion]:
     """Try the usual fixes one at a time; list those that fit, least disruptive first -- the order of the
     candidates: the same job on the same GPUs (recompute, smaller micro-batches, a chunked loss, sharding
@@ -766,6 +799,9 @@ def _suggestions(sc: Scenario, dev: Device) -> list[Suggestion]:
             cands.append(("optimizer states offloaded to CPU memory (the step runs on the host)",
                           {"parallel": {**par.model_dump(), "offload_optimizer": "cpu"}}))
         cands += _more_gpus_candidates(sc)
+        fewest = _fewest_gpus(sc, dev)
+        if fewest is not None:
+            cands.append(fewest)
         if sc.method.kind == "full":
             cands.append(("LoRA r=16 on all linear layers", {"method": {"kind": "lora", "r": 16, "targets": "all-linear"}}))
         if sc.method.kind in ("full", "lora"):
@@ -790,9 +826,14 @@ def _suggestions(sc: Scenario, dev: Device) -> list[Suggestion]:
             cands += [(f"tensor parallel over {k} GPUs", {"parallel": {**sc.parallel.model_dump(), "tp": k}})
                       for k in (2, 4, 8)]
     tried: list[tuple[int, Suggestion]] = []
+    seen: set[str] = set()
     for rank, (text, upd) in enumerate(cands):
         try:
             s2 = _with(sc, **upd)
+            key = s2.model_dump_json()
+            if key in seen:  # the same setup reached by two routes: its first (least disruptive) wording
+                continue
+            seen.add(key)
             ok, peak = _fits(s2, cost_table_for(s2), dev)
         except ValueError:  # a split the model or the system does not allow
             continue

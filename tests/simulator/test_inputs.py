@@ -143,6 +143,29 @@ def test_suggestions_that_fit_come_least_disruptive_first():
     changes = [s.change for s in e.suggestions]
     assert all(s.fits for s in e.suggestions) and changes[0] == "8 GPUs with FSDP full_shard"
     assert changes.index("8 GPUs with FSDP full_shard") < changes.index("LoRA r=16 on all linear layers")
+    assert not any("the fewest" in c for c in changes)  # the same 8-GPU setup is listed once
+
+
+def test_a_full_fine_tune_is_told_how_many_gpus_would_hold_it():
+    """Where no single change keeps the method, the fewest GPUs of the kind that hold the job sharded and
+    checkpointed come before a change of method; 70B at 2 x 8k tokens with fp32 FSDP shards needs 64 H100s:
+    16 B of states per parameter over 64 ranks (17.6 GB) beside 80 checkpointed block inputs (21.5 GB) and the
+    recompute and head transients -- on 32 the states alone take 35 GB."""
+    e = estimate({"model": "llama-3.1-70b", "gpu": "h100-sxm-80gb", "method": {"kind": "full"}, "precision": "bf16",
+                  "checkpointing": {"mode": "selective"}, "parallel": {"dp": 8, "fsdp": "full_shard"},
+                  "workload": {"task": "train", "micro_batch": 2, "seq_len": 8192}})
+    assert not e.fits
+    first = e.suggestions[0]
+    assert first.fits and first.change.startswith("64 GPUs, the fewest that hold this job")
+    assert "checkpointing every block" in first.change
+    half = estimate({"model": "llama-3.1-70b", "gpu": "h100-sxm-80gb", "method": {"kind": "full"}, "precision": "bf16",
+                     "checkpointing": {"mode": "full"}, "parallel": {"dp": 32, "fsdp": "full_shard"},
+                     "workload": {"task": "train", "micro_batch": 2, "seq_len": 8192}}, what_fits=False)
+    assert not half.fits
+    # activations that overflow on their own leave nothing for more GPUs to shard: no such suggestion
+    e = estimate({"model": "llama-3.1-8b", "gpu": "l4-24gb", "method": {"kind": "full"}, "parallel": {"dp": 2, "fsdp": "full_shard"},
+                  "checkpointing": {"mode": "full"}, "workload": {"task": "train", "micro_batch": 64, "seq_len": 8192}})
+    assert not e.fits and not any("the fewest" in s.change for s in e.suggestions)
 
 
 def test_not_fitting_cli_exit_codes():
