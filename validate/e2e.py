@@ -243,7 +243,7 @@ def _train(model: Any, method: dict[str, Any], *, precision: str = "bf16", seq: 
         "model": model, "gpu": gpu, "precision": precision, "attention": attention, "method": method,
         "workload": {"task": "train", "micro_batch": mb, "seq_len": seq},
         "checkpointing": {"mode": ck}, "optimizer": {"name": opt, "impl": impl}})
-    cid = f"e2e/train/{name}/{_label(method)}/{precision}/s{seq}-b{mb}" + ("-ck" if ck != "none" else "")
+    cid = f"e2e/train/{name}/{_label(method)}/{precision}/s{seq}-b{mb}" + {"none": "", "full": "-ck"}.get(ck, f"-ck-{ck}")
     cid += "" if opt == "adamw" and impl == "foreach" else f"-{opt}" + ("" if impl == "foreach" else f"-{impl}")
     cid += "" if attention == "sdpa-flash" else f"-{attention}"
     return E2ECase(case_id=cid, scenario=sc, warmup=warmup, repeats=repeats)
@@ -292,6 +292,9 @@ def gpu_grid(gpu: str = "h100-sxm-80gb") -> list[E2ECase]:
             att = "sdpa-mem-efficient" if method["kind"] == "prefix" else "sdpa-flash"
             cases.append(_train("llama-3.2-1b", method, precision=prec, opt=opt, ck=ck, seq=2048, mb=4, attention=att,
                                 **g))
+    # 1b. torchtitan's per-op selective checkpointing: full pure bf16 and LoRA on the 1B model, LoRA on 8B
+    for m, method, mb in (("llama-3.2-1b", {"kind": "full"}, 4), ("llama-3.2-1b", LORA16, 4), ("llama-3.1-8b", LORA16, 2)):
+        cases.append(_train(m, method, precision="bf16", ck="selective", seq=2048, mb=mb, **g))
     # 2. model size: LoRA and QLoRA with checkpointing; full pure-bf16 on the small ones; full AMP on 8B (OOM)
     for m in ("qwen2.5-0.5b", "qwen2.5-1.5b", "llama-3.2-3b", "qwen2.5-7b", "llama-3.1-8b"):
         cases.append(_train(m, LORA16, seq=2048, mb=2, ck="full", **g))
@@ -347,6 +350,8 @@ def cpu_grid() -> list[E2ECase]:
         _train(method={"kind": "full"}, precision="fp32", opt="adamw-8bit", **t),
         _train(method={"kind": "full"}, precision="fp32", attention="sdpa-mem-efficient",
                **{k: v for k, v in t.items() if k != "attention"}),
+        _train(method={"kind": "lora", "r": 4, "alpha": 8, "targets": "all-linear"}, precision="bf16", ck="selective",
+               attention="sdpa-flash", **{k: v for k, v in t.items() if k != "attention"}),
         _infer(TINY_ARCH, batch=2, prompt=16, gen=8, precision="fp32", attention="sdpa-math", warmup=1, repeats=2),
         _infer(TINY_ARCH, batch=2, prompt=16, gen=8, weights="nf4", precision="bf16", attention="sdpa-math", warmup=1,
                repeats=2),
