@@ -54,7 +54,7 @@ LAYOUT: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("GPUs and parallelism", ("parallel", "system")),
     ("Numerics and memory", ("precision", "optimizer", "checkpointing", "loss")),
     ("Inference", ("inference",)),
-    ("Kernels and runtime", ("attention", "implementation", "padded_batches", "expandable_segments",
+    ("Kernels and runtime", ("attention", "implementation", "compile", "padded_batches", "expandable_segments",
                              "host_sync_per_block")),
 )
 """Sidebar sections below model, GPU and workload: (title, Scenario fields shown in it, in order).
@@ -108,6 +108,7 @@ FIRST: tuple[str, ...] = ("quant", "r", "alpha", "targets", "n_virtual_tokens", 
 LABELS: dict[str, str] = {
     "optimizer.name": "optimizer",
     "optimizer.impl": "optimizer implementation",
+    "compile": "torch.compile (fused pointwise kernels)",
     "optimizer.beta1": "Adafactor first moment",
     "optimizer.scale_parameter": "Adafactor scale_parameter",
     "optimizer.in_backward": "optimizer step in backward",

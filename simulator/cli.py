@@ -229,6 +229,8 @@ def build_scenario_dict(args: argparse.Namespace) -> dict[str, Any]:
         data["host_sync_per_block"] = True
     if args.padded_batches:
         data["padded_batches"] = True
+    if args.compile:
+        data["compile"] = True
     if args.optimizer is not None:
         data["optimizer"] = {**_sub(data, "optimizer"), "name": args.optimizer}
     if args.galore_rank is not None:
@@ -407,6 +409,7 @@ inference:                   # task infer only
   gpu_memory_utilization: 0.9  # engine vllm: the device share its pool fills
   max_num_seqs: 256          # engine vllm: the most sequences decoded at once
   cuda_graphs: null          # decode steps replay CUDA graphs (null: on for vllm, off for transformers)
+compile: false               # torch.compile: pointwise ops fused between matmul / attention kernels
 expandable_segments: false   # PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 host_sync_per_block: false   # the model's code syncs host and GPU in every block (2022's GPT-J)
 """
@@ -486,6 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--loss", metavar="upcast|upcast-shift|chunked|chunked-compiled|fused", help=_doc(Scenario, "loss", choices=False))
     g.add_argument("--implementation", metavar="transformers|litgpt|torchtune", help=_doc(Scenario, "implementation", choices=False))
     g.add_argument("--padded-batches", action="store_true", help=_doc(Scenario, "padded_batches"))
+    g.add_argument("--compile", action="store_true", help=_doc(Scenario, "compile"))
     g.add_argument("--weights", metavar="W", help=_doc(InferenceQuant, "weights") + " (implies --task infer)")
     g.add_argument("--kv-dtype", metavar="D", help=_doc(InferenceQuant, "kv_dtype") + " (implies --task infer)")
     g.add_argument("--engine", metavar="transformers|vllm", help=_doc(InferenceQuant, "engine", choices=False)

@@ -202,8 +202,21 @@ class OpMatrix:
     fused_saving: np.ndarray
 
 
+def compiled_kernels(tr) -> tuple[set[int], int]:
+    """Under torch.compile: the ids of the tensors of one trace part that still go through memory -- what a
+    matmul / attention kernel reads or returns, what is saved for backward, and the part's last tensor (its
+    output) -- and the kernels one forward issues: each such kernel and at most one fused pointwise kernel
+    after it, plus the one before the first (never more than the eager ops)."""
+    keep = set(tr.extern_inputs) | {i for op in tr.ops for i in op.outputs} | {tid for _, tid in tr.saves}
+    made = [t for t in tr.tensors if not t.is_param and not t.weight_copy]
+    if made:
+        keep.add(made[-1].id)
+    n_extern = sum(1 for op in tr.ops if op.aten)
+    return keep, min(len(made), 2 * n_extern + 1)
+
+
 def _part(where, layers, tr, arch, recomputed: frozenset[int], quant_rows, encoder: bool = False,
-          bnb: bool = False, torch_dequant: bool = False) -> OpArrays:
+          bnb: bool = False, torch_dequant: bool = False, compiled: bool = False) -> OpArrays:
     """``recomputed``: indices of the ops a checkpointed block reruns in backward.  ``torch_dequant``: the
     quantized linears dequantize with PyTorch ops once per forward and keep the 16-bit weight for backward
     (AutoGPTQ in training)."""
@@ -217,6 +230,10 @@ def _part(where, layers, tr, arch, recomputed: frozenset[int], quant_rows, encod
            saving.get(op.module, 0.0) if op.op == "linear" else 0.0)
         for i, op in enumerate(tr.ops))
     made = [t for t in tr.tensors if not t.is_param and not t.weight_copy]  # the eager ops' own tensors
+    n_made = len(made)
+    if compiled:
+        keep, n_made = compiled_kernels(tr)
+        made = [t for t in made if t.id in keep]
     ew = [0.0] * 7
     for t in made:
         k = dtype_bytes(t.dtype)
@@ -227,7 +244,7 @@ def _part(where, layers, tr, arch, recomputed: frozenset[int], quant_rows, encod
                            else (2.0, 1))
     deq = sum(r.storage_bytes + per_weight * r.numel for r in quant_rows)
     n_deq = kernels * len(quant_rows)
-    n_kernels = len(made) + n_deq
+    n_kernels = n_made + n_deq
     largest: dict[str, int] = {}
     for p in tr.params:
         module = p.path.rsplit(".", 1)[0]
@@ -255,7 +272,9 @@ def op_arrays(ct: CostTable) -> tuple[OpArrays, ...]:
             quant_by_part[r.where].append(r)
     bnb = ct.plan.base_quant in BNB_FORMATS
     tdq = ct.plan.base_quant == "gptq" and ct.plan.training
-    parts = [_part("pre", (0,), mt.pre, ct.arch, frozenset(), quant_by_part["pre"], bnb=bnb, torch_dequant=tdq)]
+    cc = ct.plan.compiled
+    parts = [_part("pre", (0,), mt.pre, ct.arch, frozenset(), quant_by_part["pre"], bnb=bnb, torch_dequant=tdq,
+                   compiled=cc)]
     for v in mt.variants:
         until = frozenset()
         if v.checkpointed:
@@ -263,8 +282,9 @@ def op_arrays(ct: CostTable) -> tuple[OpArrays, ...]:
         rows = [r for r in quant_by_part["block"] if r.layers == tuple(v.layers)]
         # encoder-decoder variants are keyed (..., is_decoder) and the encoder's final norm ("encoder_final_norm",)
         encoder = ct.arch.arch == "encoder_decoder" and (v.key[-1] is False or v.key == ("encoder_final_norm",))
-        parts.append(_part("block", v.layers, v.trace, ct.arch, until, rows, encoder, bnb, tdq))
-    parts.append(_part("post", (0,), mt.post, ct.arch, frozenset(), quant_by_part["post"], bnb=bnb, torch_dequant=tdq))
+        parts.append(_part("block", v.layers, v.trace, ct.arch, until, rows, encoder, bnb, tdq, cc))
+    parts.append(_part("post", (0,), mt.post, ct.arch, frozenset(), quant_by_part["post"], bnb=bnb, torch_dequant=tdq,
+                       compiled=cc))
     out = tuple(parts)
     ct.__dict__["_ops"] = out
     return out

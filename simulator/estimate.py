@@ -40,6 +40,7 @@ def _table_key(sc: Scenario) -> str:
         sc.checkpointing.model_dump_json(),
         sc.loss,
         str(sc.padded_batches),
+        str(sc.compile),
         sc.implementation,
         sc.workload.task,
         sc.inference.weights,

@@ -103,6 +103,8 @@ def runtime_line(scenario: Scenario) -> str:
     else:
         inf = scenario.inference
         parts += [f"weights {'unquantized' if inf.weights == 'none' else inf.weights}", f"KV cache {inf.kv_dtype}"]
+    if scenario.compile:
+        parts.append("torch.compile")
     if scenario.expandable_segments:
         parts.append("expandable segments")
     return ", ".join(parts)

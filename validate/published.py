@@ -1050,8 +1050,13 @@ def record_to_scenario(rec: dict, notes: list[str] | None = None) -> Scenario:
     padded = mb_v > 1 and sc.get("framework") not in UNPADDED_FRAMEWORKS and "packed" not in notes_text
     if padded:
         notes.append("micro-batch > 1 padded to its longest sample: SDPA gets an explicit mask")
+    techniques = str((rec.get("parallel") or {}).get("techniques") or "").lower()
+    compiled = _compiled(notes_text) or "torch.compile" in techniques
+    if compiled:
+        notes.append("the run compiled the model (torch.compile): pointwise ops fused between its matmul and "
+                     "attention kernels")
     scen = Scenario(
-        model=arch, gpu=dev.name, method=method, precision=precision, attention=attention, loss=loss,
+        model=arch, gpu=dev.name, method=method, precision=precision, attention=attention, loss=loss, compile=compiled,
         workload=TrainWorkload(micro_batch=mb_v, seq_len=seq or d["seq_len"], grad_accum=ga_v),
         optimizer=optimizer, checkpointing=_checkpointing(sc, notes), padded_batches=padded, parallel=par,
         implementation=sc.get("framework") if sc.get("framework") in ("litgpt", "torchtune") else "transformers",

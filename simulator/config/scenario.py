@@ -58,6 +58,12 @@ class Scenario(Strict):
     """Batches padded to their longest sequence with an attention mask (HF collators): SDPA then gets an
     explicit mask, so GQA keys/values are expanded to all heads (repeat_kv) and flash gives way to the
     mem-efficient kernel."""
+    compile: bool = False
+    """The model runs under torch.compile (inductor): the pointwise ops between two matmul / attention kernels
+    fuse into one kernel, so only the tensors those kernels read or return, the ones saved for backward and the
+    block's output go through memory, and a block issues a few fused kernels instead of one per op (the
+    backward likewise).  Saved activations are counted as the eager model saves them (the partitioner's choice
+    of what to recompute is not modelled)."""
     expandable_segments: bool = False
     """PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (less fragmentation in reserved memory)."""
     host_sync_per_block: bool = False

@@ -471,6 +471,7 @@ class Builder:
             tr.save(path, x)  # legacy MatMul4Bit: ctx.tensors = (A, B)
         rows = x.numel * (1.0 / in_f)
         mm = rows * (2.0 * in_f * out_f)
+        tr.reads(x)
         # bitsandbytes: ``F.linear(A, dequantize(B).t(), bias)``; AutoGPTQ: ``torch.matmul`` + bias add
         tr.flops(path, "linear", mm, mm if x.requires_grad else ZERO,
                  rows * (dtype_bytes(x.dtype) * (in_f + out_f)) + Poly.const(w.nbytes.c[-1]),
@@ -686,6 +687,7 @@ class Builder:
                 boolean = mask.dtype == "bool"
                 tr.save(path, tr.new(path, Poly.att(1) if boolean else mask.numel, q.dtype if boolean else mask.dtype,
                                      False))
+        tr.reads(q, k, v)
         tr.flops(path, "attention", fwd, Poly.att(10.0 * a * d) if rg else ZERO,
                  Poly.tok(2.0 * dtype_bytes(q.dtype) * a * d) + Poly.kv(2.0 * dtype_bytes(k.dtype) * akv * d),
                  aten="attention", outputs=(o.id, lse.id) if rg else (o.id,))
@@ -714,6 +716,7 @@ class Builder:
         if rg:
             n_mm = int(probs.requires_grad) + int(v.requires_grad) + int(q.requires_grad) + int(k.requires_grad)
             bwd = Poly.att(2.0 * a * d) * n_mm
+        tr.reads(q, k, v, probs)
         tr.flops(path, "attention", fwd, bwd, Poly.att(a * 6.0) + Poly.tok(4.0 * a * d))
         tr.new(path, Poly.tok(a * d), probs.dtype, rg)  # probs @ V in (b, a, s, d) layout
         return tr.new(path, Poly.tok(a * d), out_dtype, rg)  # cast back, transpose(1, 2).contiguous()
@@ -849,6 +852,7 @@ class ModelBuilder(Builder):
         backward runs one product per operand that needs grad."""
         tr = self.tr
         x, y = tr.autocast_in(module, x), tr.autocast_in(module, y)
+        tr.reads(x, y)
         if x.requires_grad:
             tr.save(module, y)
         if y.requires_grad:

@@ -152,6 +152,7 @@ class Trace:
     saves: list[tuple[str, int]] = field(default_factory=list)  # (module, tensor id)
     ops: list[OpRecord] = field(default_factory=list)
     transients: list[tuple[str, Poly]] = field(default_factory=list)  # (module, bytes) short-lived buffers
+    extern_inputs: list[int] = field(default_factory=list)  # ids of activations a matmul / attention kernel reads
 
 
 PROMOTE_ORDER = {"bool": 0, "uint8": 1, "int8": 1, "int32": 2, "int64": 3, "fp8": 4, "fp16": 5, "bf16": 5, "fp32": 7}
@@ -211,6 +212,13 @@ class Tracer:
     def flops(self, module: str, op: str, fwd: Poly, bwd: Poly = ZERO, fwd_bytes: Poly = ZERO, *, aten: str = "",
               outputs: tuple[int, ...] = ()) -> None:
         self.trace.ops.append(OpRecord(module, op, fwd, bwd, fwd_bytes, len(self.all), aten, outputs))
+
+    def reads(self, *ts: Tensor | None) -> None:
+        """``ts`` are operands of a matmul / attention kernel: activations among them are written to memory
+        whatever fuses around them (parameters are there anyway)."""
+        for t in ts:
+            if t is not None and not t.is_param:
+                self.trace.extern_inputs.append(t.id)
 
     def returns(self, out: Tensor) -> Tensor:
         """Name ``out`` as what the last recorded op returns (its output is created after the record)."""
@@ -304,6 +312,7 @@ class Tracer:
         rows = tokens if tokens is not None else x.numel * (1.0 / in_f)
         xin = self.autocast_in(module, x) if autocast else x
         win = self.autocast_in(module, w) if autocast else w
+        self.reads(xin, win)
         if win.requires_grad:
             self.save(module, xin)
         if xin.requires_grad:

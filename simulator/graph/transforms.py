@@ -116,6 +116,7 @@ class Plan:
     offload_checkpoints: bool = False  # checkpointed block inputs live in host memory
     selective_checkpoints: bool = False  # torchtitan's per-op policy keeps some op outputs (compile.sac_saved_ops)
     float8_linears: bool = False  # under that policy: the blocks' linears run torchao's _scaled_mm (always kept)
+    compiled: bool = False  # torch.compile: pointwise chains fuse between the matmul / attention kernels
     llama_adapter: Any = None  # LlamaAdapter settings (litgpt's adaption prompts), or None
     shira: Any = None  # Shira settings (PEFT's sparse entries), or None
     shira_targets: frozenset[str] | None = None  # None = all-linear
@@ -250,6 +251,7 @@ def plan_of(sc: Scenario) -> Plan:
         checkpointed=_checkpointed_layers(sc),
         offload_checkpoints=sc.is_training and sc.checkpointing.mode == "offload",
         selective_checkpoints=sc.is_training and sc.checkpointing.mode == "selective",
+        compiled=sc.compile,
         float8_linears=sc.is_training and sc.checkpointing.mode == "selective" and sc.precision == "fp8",
         attention=sc.attention,
         modules_to_save=mts,

@@ -307,6 +307,8 @@ def scenario_dicts(draw, junk: bool = True, task: str | None = None, kind: str |
         d["inference"] = inf
     if draw(st.booleans()):
         d["expandable_segments"] = draw(st.booleans()) if not (junk and _junk(draw)) else "maybe"
+    if draw(st.booleans()):
+        d["compile"] = draw(st.booleans()) if not (junk and _junk(draw)) else "inductor"
     if junk and _junk(draw, 25):
         d["parallel"] = {"tp": 2}  # unknown top-level field
     return d
@@ -613,6 +615,17 @@ def test_activations_and_peak_grow_with_micro_batch(d, extra):
     assert _not_less(_saved(e1), _saved(e2))
     assert _not_less(e1.peak_allocated_bytes, e2.peak_allocated_bytes)
     assert e2.flops_per_step > e1.flops_per_step
+
+
+@settings(max_examples=scaled(100), **FAST)
+@given(scenario_dicts(junk=False))
+def test_compiling_changes_time_only(d):
+    """torch.compile fuses pointwise kernels: never slower, the same memory and FLOPs."""
+    valid_scenario(d)
+    eager, fused = estimate({**d, "compile": False}, what_fits=False), estimate({**d, "compile": True}, what_fits=False)
+    assert fused.peak_memory_bytes == eager.peak_memory_bytes and fused.flops_per_step == eager.flops_per_step
+    if eager.time is not None:
+        assert fused.time.step_s <= eager.time.step_s * (1 + 1e-12)
 
 
 @settings(max_examples=scaled(100), **FAST)
