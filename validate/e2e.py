@@ -92,6 +92,8 @@ def run_train(case: E2ECase, device: str) -> Measurement:
         raise NotImplementedError(f"parallel.n_gpus={sc.parallel.n_gpus}: the single-process suite runs one GPU")
     with PeakMemory(device) as pm:
         model = build_model(sc, device=device)
+        if sc.compile:
+            model.compile()  # inductor, default mode: the warm-up steps compile, the timed ones run the graphs
         optimizer = make_optimizer(_unique_trainable(model), sc.optimizer, model)
         batch = {k: v.to(device) for k, v in train_batch(sc, seed=0).items()}
 
@@ -237,16 +239,17 @@ def _label(method: dict[str, Any]) -> str:
 
 def _train(model: Any, method: dict[str, Any], *, precision: str = "bf16", seq: int = 2048, mb: int = 4,
            ck: str = "none", opt: str = "adamw", impl: str = "foreach", attention: str = "sdpa-flash",
-           gpu: str = "h100-sxm-80gb", warmup: int = 2, repeats: int = 3) -> E2ECase:
+           gpu: str = "h100-sxm-80gb", warmup: int = 2, repeats: int = 3, compile: bool = False) -> E2ECase:
     name = model if isinstance(model, str) else model["name"]
     sc = Scenario.model_validate({
         "model": model, "gpu": gpu, "precision": precision, "attention": attention, "method": method,
-        "workload": {"task": "train", "micro_batch": mb, "seq_len": seq},
+        "workload": {"task": "train", "micro_batch": mb, "seq_len": seq}, "compile": compile,
         "checkpointing": {"mode": ck}, "optimizer": {"name": opt, "impl": impl}})
     cid = f"e2e/train/{name}/{_label(method)}/{precision}/s{seq}-b{mb}" + {"none": "", "full": "-ck"}.get(ck, f"-ck-{ck}")
     cid += "" if opt == "adamw" and impl == "foreach" else f"-{opt}" + ("" if impl == "foreach" else f"-{impl}")
     cid += "" if attention == "sdpa-flash" else f"-{attention}"
-    return E2ECase(case_id=cid, scenario=sc, warmup=warmup, repeats=repeats)
+    cid += "-compile" if compile else ""
+    return E2ECase(case_id=cid, scenario=sc, warmup=warmup + (2 if compile else 0), repeats=repeats)
 
 
 def _infer(model: Any, *, batch: int, prompt: int = 512, gen: int = 128, weights: str = "none",
@@ -271,7 +274,7 @@ def _small_moe() -> dict[str, Any]:
 
 
 def gpu_grid(gpu: str = "h100-sxm-80gb") -> list[E2ECase]:
-    """The single-GPU grid (about 70 cases, ≤ 20 min on one H100): methods, sizes, lengths and batches,
+    """The single-GPU grid (about 72 cases, ≤ 20 min on one H100): methods, sizes, lengths and batches,
     checkpointing, optimizers, one MoE, and generation batch sweeps with 16-bit and quantized weights.
     A few cases are expected to run out of memory on an 80 GB device: they score the fits verdict."""
     g = dict(gpu=gpu)
@@ -295,6 +298,9 @@ def gpu_grid(gpu: str = "h100-sxm-80gb") -> list[E2ECase]:
     # 1b. torchtitan's per-op selective checkpointing: full pure bf16 and LoRA on the 1B model, LoRA on 8B
     for m, method, mb in (("llama-3.2-1b", {"kind": "full"}, 4), ("llama-3.2-1b", LORA16, 4), ("llama-3.1-8b", LORA16, 2)):
         cases.append(_train(m, method, precision="bf16", ck="selective", seq=2048, mb=mb, **g))
+    # 1c. torch.compile (inductor): full pure bf16 and LoRA on the 1B model, beside their eager cases in 1.
+    for method in ({"kind": "full"}, LORA16):
+        cases.append(_train("llama-3.2-1b", method, precision="bf16", ck="full", seq=2048, mb=4, compile=True, **g))
     # 2. model size: LoRA and QLoRA with checkpointing; full pure-bf16 on the small ones; full AMP on 8B (OOM)
     for m in ("qwen2.5-0.5b", "qwen2.5-1.5b", "llama-3.2-3b", "qwen2.5-7b", "llama-3.1-8b"):
         cases.append(_train(m, LORA16, seq=2048, mb=2, ck="full", **g))
