@@ -59,6 +59,9 @@ def add_plan_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--sharding", default=None,
                    help="comma-separated data-parallel sharding to search: none, zero1, zero2, zero3, fsdp, fsdp-grad-op, "
                         "zero2-offload, zero3-offload (default none,zero2,zero3,fsdp; the offload ones also on 1 GPU)")
+    p.add_argument("--checkpointing", default=None,
+                   help="comma-separated activation checkpointing modes to search: none, full, selective "
+                        "(torchtitan's per-op policy) (default none,full)")
     p.add_argument("--headroom", type=float, default=0.05, help="share of GPU memory left free (default 0.05)")
     p.add_argument("--max-oom-prob", type=float, default=None, dest="max_oom_probability",
                    help="largest accepted probability of running out of memory, from the error bands (e.g. 0.05)")
@@ -111,6 +114,8 @@ def _inputs(args: argparse.Namespace) -> tuple[dict, dict, dict]:
                 raise ValueError(f"--{flag} {text!r}: give integers separated by commas") from None
     if args.sharding:
         space["sharding"] = [x.strip() for x in args.sharding.split(",") if x.strip()]
+    if args.checkpointing:
+        space["checkpointing"] = [x.strip() for x in args.checkpointing.split(",") if x.strip()]
     return job, cons, space
 
 

@@ -62,3 +62,15 @@ def test_bad_rate_and_targets_are_one_line_errors(capsys):
     line = one_line_error(capsys, *SERVE[:-2], "--max-tpot", "0.001", *SMALL)
     assert "constraints.max_tpot_s=1 ms is binding" in line and "cheapest setup meeting every other" in line
     assert "--tp '1,x'" in one_line_error(capsys, *SERVE, "--tp", "1,x")
+
+
+def test_training_plan_searches_the_checkpointing_modes_asked(capsys):
+    """--checkpointing picks the modes the training search tries; an unknown one is a one-line error."""
+    argv = ["plan", "--model", "llama-3.2-1b", "--task", "train", "--tokens", "1e8", "--gpu", "l4-24gb",
+            "--max-gpus", "2", "--json"]
+    rc, out, err = run(capsys, *argv, "--checkpointing", "selective")
+    assert rc == 0, err
+    d = json.loads(out)
+    assert {r["checkpointing"] for r in d["ranked"]} == {"selective"}
+    line = one_line_error(capsys, *argv, "--checkpointing", "none,partial")
+    assert "checkpointing" in line and "'selective'" in line
