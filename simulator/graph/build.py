@@ -717,7 +717,9 @@ class Builder:
             n_mm = int(probs.requires_grad) + int(v.requires_grad) + int(q.requires_grad) + int(k.requires_grad)
             bwd = Poly.att(2.0 * a * d) * n_mm
         tr.reads(q, k, v, probs)
-        tr.flops(path, "attention", fwd, bwd, Poly.att(a * 6.0) + Poly.tok(4.0 * a * d))
+        # two bmm and a softmax, recorded as one attention op with no outputs named (so selective checkpointing,
+        # whose policy would keep the bmm products, refuses it -- compile.sac_saved_ops)
+        tr.flops(path, "attention", fwd, bwd, Poly.att(a * 6.0) + Poly.tok(4.0 * a * d), aten="attention")
         tr.new(path, Poly.tok(a * d), probs.dtype, rg)  # probs @ V in (b, a, s, d) layout
         return tr.new(path, Poly.tok(a * d), out_dtype, rg)  # cast back, transpose(1, 2).contiguous()
 
