@@ -126,6 +126,12 @@ def inputs() -> dict[str, Any] | str:
                                   help=_help(SearchSpace, "methods") + " Empty: the default ones.")
         if chosen:
             space["methods"] = [options[m] for m in chosen]
+        modes = list(get_args(get_args(SearchSpace.model_fields["checkpointing"].annotation)[0]))
+        ck = st.multiselect("checkpointing", modes, default=SearchSpace.model_fields["checkpointing"].default_factory(),
+                            key=P + "checkpointing", help=_help(SearchSpace, "checkpointing")
+                            + " selective: torchtitan's per-op policy. Empty: the default ones.")
+        if ck:
+            space["checkpointing"] = ck
     top_n = c[2].number_input("rows", min_value=1, max_value=100, value=10, key=P + "top_n",
                               help="Setups in the ranked table.")
     pareto = st.checkbox("complete Pareto front (slower)", key=P + "pareto",

@@ -538,6 +538,17 @@ def test_plan_page_best_row_is_the_planners():
     assert metric(at, "Step time") == fmt_seconds(b.step_time_s)
 
 
+def test_plan_page_searches_the_checkpointing_modes_chosen():
+    at = run_app("plan.py")
+    assert at.multiselect(key="p.checkpointing").value == ["none", "full"]
+    assert "selective" in at.multiselect(key="p.checkpointing").options
+    at.multiselect(key="p.checkpointing").set_value(["selective"])
+    small_plan(at)
+    ok(at)
+    assert not at.error, texts(at.error)
+    assert set(at.dataframe[0].value["checkpointing"]) == {"selective"}
+
+
 def test_plan_page_too_small_budget_names_the_binding_constraint():
     at = small_plan(run_app("plan.py"), budget=0.01)
     ok(at)
