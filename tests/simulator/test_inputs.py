@@ -162,6 +162,13 @@ def test_a_full_fine_tune_is_told_how_many_gpus_would_hold_it():
                      "checkpointing": {"mode": "full"}, "parallel": {"dp": 32, "fsdp": "full_shard"},
                      "workload": {"task": "train", "micro_batch": 2, "seq_len": 8192}}, what_fits=False)
     assert not half.fits
+    # ZeRO-1/2 become ZeRO-3 in the search, and the count is the first doubling that fits
+    d = {"model": "llama-3.1-8b", "gpu": "a10g-24gb", "method": {"kind": "full"}, "precision": "bf16-amp",
+         "checkpointing": {"mode": "full"}, "workload": {"task": "train", "micro_batch": 1, "seq_len": 2048}}
+    e = estimate({**d, "parallel": {"dp": 2, "zero": 2}})
+    first = e.suggestions[0]
+    assert first.fits and first.change == "16 GPUs, the fewest that hold this job (data parallel 16, ZeRO-3)"
+    assert not estimate({**d, "parallel": {"dp": 8, "zero": 3}}, what_fits=False).fits
     # activations that overflow on their own leave nothing for more GPUs to shard: no such suggestion
     e = estimate({"model": "llama-3.1-8b", "gpu": "l4-24gb", "method": {"kind": "full"}, "parallel": {"dp": 2, "fsdp": "full_shard"},
                   "checkpointing": {"mode": "full"}, "workload": {"task": "train", "micro_batch": 64, "seq_len": 8192}})
