@@ -28,7 +28,7 @@ import numpy as np
 from hwprofiles import Device
 from hwprofiles.schema import interp_clamped
 
-from .graph.build import GPTQ_TORCH_DEQUANT_BYTES_PER_WEIGHT, GPTQ_TORCH_DEQUANT_KERNELS, attention_kernel  # noqa: F401
+from .graph.build import GPTQ_TORCH_DEQUANT_BYTES_PER_WEIGHT, GPTQ_TORCH_DEQUANT_KERNELS, attention_kernel, is_moe_router  # noqa: F401
 from .graph.compile import CostTable, recomputed_ops
 from .units import dtype_bytes
 
@@ -202,13 +202,17 @@ class OpMatrix:
     fused_saving: np.ndarray
 
 
-def compiled_kernels(tr) -> tuple[set[int], int]:
-    """Under torch.compile: the ids of the tensors of one trace part that still go through memory -- what a
-    matmul / attention kernel reads or returns, what is saved for backward, and the part's last tensor (its
-    output) -- and the kernels one forward issues: each such kernel and at most one fused pointwise kernel
-    after it, plus the one before the first (never more than the eager ops)."""
+def made_tensors(tr) -> list:
+    """The tensors one trace part's own ops create (parameters and dequantized weight copies aside)."""
+    return [t for t in tr.tensors if not t.is_param and not t.weight_copy]
+
+
+def compiled_kernels(tr, made: list) -> tuple[set[int], int]:
+    """Under torch.compile: the ids of the tensors of one trace part (``made``: :func:`made_tensors`) that still
+    go through memory -- what a matmul / attention kernel reads or returns, what is saved for backward, and the
+    part's last tensor (its output) -- and the kernels one forward issues: each such kernel and at most one fused
+    pointwise kernel after it, plus the one before the first (never more than the eager ops)."""
     keep = set(tr.extern_inputs) | {i for op in tr.ops for i in op.outputs} | {tid for _, tid in tr.saves}
-    made = [t for t in tr.tensors if not t.is_param and not t.weight_copy]
     if made:
         keep.add(made[-1].id)
     n_extern = sum(1 for op in tr.ops if op.aten)
@@ -225,14 +229,14 @@ def _part(where, layers, tr, arch, recomputed: frozenset[int], quant_rows, encod
     ops = tuple(
         Op(tuple(op.fwd_flops.c), tuple(op.bwd_flops.c), tuple(op.fwd_bytes.c), op.op == "attention",
            op.op == "attention" and arch.arch == "decoder",
-           not (arch.moe is not None and op.module.endswith("mlp.gate")),
+           not is_moe_router(arch, op.module),
            i in recomputed,
            saving.get(op.module, 0.0) if op.op == "linear" else 0.0)
         for i, op in enumerate(tr.ops))
-    made = [t for t in tr.tensors if not t.is_param and not t.weight_copy]  # the eager ops' own tensors
+    made = made_tensors(tr)  # the eager ops' own tensors
     n_made = len(made)
     if compiled:
-        keep, n_made = compiled_kernels(tr)
+        keep, n_made = compiled_kernels(tr, made)
         made = [t for t in made if t.id in keep]
     ew = [0.0] * 7
     for t in made:
@@ -278,7 +282,7 @@ def op_arrays(ct: CostTable) -> tuple[OpArrays, ...]:
     for v in mt.variants:
         until = frozenset()
         if v.checkpointed:
-            until = frozenset(recomputed_ops(v.trace, ct.plan, global_ids, ct.arch.moe is not None))
+            until = frozenset(recomputed_ops(v.trace, ct.plan, global_ids))
         rows = [r for r in quant_by_part["block"] if r.layers == tuple(v.layers)]
         # encoder-decoder variants are keyed (..., is_decoder) and the encoder's final norm ("encoder_final_norm",)
         encoder = ct.arch.arch == "encoder_decoder" and (v.key[-1] is False or v.key == ("encoder_final_norm",))

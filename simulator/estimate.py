@@ -147,9 +147,8 @@ def rank_activations_by_layer(ct: CostTable, par, B: tuple, stage: int) -> dict[
     layer): the stage's blocks split over TP / SP / CP, the embeddings -- with the tensors every block shares --
     on the first stage, the head on the last.  One GPU: the model's layers as traced.  Encoder-decoder stacks
     keep the whole model's layers."""
-    whole = {k: ct.at(v, B) for k, v in ct.saved_by_layer.items()}
     if par.n_gpus == 1 or ct.arch.arch == "encoder_decoder":
-        return whole
+        return {k: ct.at(v, B) for k, v in ct.saved_by_layer.items()}
     rep_div, split_div = sh.activation_split(par)
     layers = sh.stage_layer_ranges(ct.n_blocks, par.pp)[stage]
     prefix = ct.trace.layers_prefix
@@ -875,7 +874,7 @@ def _estimate(sc: Scenario, what_fits: bool, with_time: bool = True) -> Estimate
     b, s, skv = _dims(sc, ct)
     B = basis(b, s, skv)
     mezo = sc.is_training and sc.optimizer.forward_only  # its forwards run in inference mode: nothing saved
-    acts_by_layer = {} if mezo else rank_activations_by_layer(ct, sc.parallel, B, p.get("stage") or 0)
+    acts_by_layer = {} if mezo else rank_activations_by_layer(ct, sc.parallel, B, p["stage"])
     warnings: list[str] = []
     notes: list[str] = []
     if sc.precision in ("bf16", "bf16-amp") and not dev.supports_bf16:

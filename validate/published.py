@@ -999,7 +999,8 @@ def record_to_scenario(rec: dict, notes: list[str] | None = None) -> Scenario:
         if v is None:
             notes.append(f"{k} unstated: {sc.get('framework')} default {d[k]}")
     loss = d.get("loss", "upcast")
-    if loss == "chunked" and sc.get("framework") == "torchtune" and _compiled(notes_text):
+    said_compiled = _compiled(notes_text)
+    if loss == "chunked" and sc.get("framework") == "torchtune" and said_compiled:
         # the recipe's ``compile: True`` compiles the loss's per-chunk cross-entropy (training.compile_loss)
         loss = "chunked-compiled"
     if loss == "upcast" and year is not None and year <= 2023:
@@ -1051,7 +1052,7 @@ def record_to_scenario(rec: dict, notes: list[str] | None = None) -> Scenario:
     if padded:
         notes.append("micro-batch > 1 padded to its longest sample: SDPA gets an explicit mask")
     techniques = str((rec.get("parallel") or {}).get("techniques") or "").lower()
-    compiled = _compiled(notes_text) or "torch.compile" in techniques
+    compiled = said_compiled or "torch.compile" in techniques
     if compiled:
         notes.append("the run compiled the model (torch.compile): pointwise ops fused between its matmul and "
                      "attention kernels")

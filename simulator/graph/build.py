@@ -166,6 +166,15 @@ ROPE_CAT_HEADS_MAJOR = frozenset({"gpt_neox", "phi", "phi3"})
 ROPE_TABLES_PER_CALL = frozenset({"gptj"})
 
 
+MOE_ROUTER = "mlp.gate"
+"""The leaf path of an MoE block's router (``{layer}.mlp.gate``)."""
+
+
+def is_moe_router(arch: ModelArch, module: str) -> bool:
+    """``module`` is the router of an MoE block (replicated over TP, recomputed by selective checkpointing)."""
+    return arch.moe is not None and module.endswith(MOE_ROUTER)
+
+
 def attention_kernel(plan) -> str:
     """The fused kernel a plan's attention runs: FlashAttention 1 / 3 where named; the memory-efficient kernel
     for SDPA given an explicit mask (transformers passes one for padded batches, prepended prefixes and models
@@ -1081,8 +1090,8 @@ class ModelBuilder(Builder):
         H, ei, E, k = arch.hidden, arch.expert_intermediate, moe.n_experts, moe.top_k
         R = x.numel * (k / H)  # routed rows (tokens x top_k)
         # the router is a bare weight (transformers 5's MixtralTopKRouter), no nn.Linear: no adapter targets it
-        logits = self.linear(f"{L}.mlp.gate", x, H, E, bias=False, trainable=train, quantizable=False, adapters=False)
-        G = f"{L}.mlp.gate"
+        G = f"{L}.{MOE_ROUTER}"
+        logits = self.linear(G, x, H, E, bias=False, trainable=train, quantizable=False, adapters=False)
         probs = tr.new(G, logits.numel, "fp32", logits.requires_grad)
         topi = tr.new(G, R, "int64", False)
         ssum = tr.new(G, x.numel * (1.0 / H), "fp32", probs.requires_grad)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 
 from ..config.model import ModelArch
-from .build import ModelTrace, names_of, trace_model
+from .build import ModelTrace, is_moe_router, names_of, trace_model
 from .ir import ZERO, Param, Poly, Trace
 from .transforms import Plan
 
@@ -104,7 +104,7 @@ def _params(traces: list[tuple[Trace, int]]) -> list[tuple[Param, int]]:
     return out
 
 
-def sac_saved_ops(tr: Trace, plan: Plan, moe: bool = False) -> tuple[frozenset[int], tuple[int, ...]]:
+def sac_saved_ops(tr: Trace, plan: Plan) -> tuple[frozenset[int], tuple[int, ...]]:
     """What torchtitan's per-op selective checkpointing keeps of one block's forward
     (``torchtitan/distributed/activation_checkpoint.py`` ``SelectiveAC``): the outputs of the ops its policy
     marks MUST_SAVE -- the compute-intensive ones (``torch._functorch.partitioners.get_default_op_list``: mm,
@@ -124,7 +124,7 @@ def sac_saved_ops(tr: Trace, plan: Plan, moe: bool = False) -> tuple[frozenset[i
         if op.aten == "attention" and not op.outputs:
             raise ValueError(f"checkpointing.mode='selective': {op.module} computes attention with explicit "
                              "matmuls, which the selective policy is not modelled for; use checkpointing.mode 'full'")
-        if moe and op.module.endswith(".gate"):
+        if is_moe_router(plan.arch, op.module):
             continue  # the router: recomputed, not counted
         if op.aten == "mm" and not (plan.float8_linears and op.op == "linear"):
             n_mm += 1
@@ -135,13 +135,13 @@ def sac_saved_ops(tr: Trace, plan: Plan, moe: bool = False) -> tuple[frozenset[i
     return frozenset(kept), tuple(dict.fromkeys(ids))
 
 
-def recomputed_ops(tr: Trace, plan: Plan, global_ids: set[int], moe: bool = False) -> list[int]:
+def recomputed_ops(tr: Trace, plan: Plan, global_ids: set[int]) -> list[int]:
     """Indices of the ops of a checkpointed block's trace that its backward reruns.  Full checkpointing
     (non-reentrant, ``torch.utils.checkpoint`` early stop on) stops once the last saved tensor is rebuilt, so
     ops after it (Llama's down_proj) are not rerun; torchtitan's selective wrapper passes ``early_stop=False``
     and reruns every op whose output it did not keep."""
     if plan.selective_checkpoints:
-        kept, _ = sac_saved_ops(tr, plan, moe)
+        kept, _ = sac_saved_ops(tr, plan)
         return [i for i in range(len(tr.ops)) if i not in kept]
     last = max((tid for _, tid in tr.saves if tid not in global_ids), default=-1)
     return [i for i, op in enumerate(tr.ops) if op.watermark <= last]
@@ -149,7 +149,7 @@ def recomputed_ops(tr: Trace, plan: Plan, global_ids: set[int], moe: bool = Fals
 
 def _sac_kept(v, mt: ModelTrace, global_ids: set[int]) -> list[int]:
     """Ids of the op outputs a selective checkpoint of variant ``v`` keeps beside its input (none otherwise)."""
-    _, ids = sac_saved_ops(v.trace, mt.plan, mt.arch.moe is not None)
+    _, ids = sac_saved_ops(v.trace, mt.plan)
     return [i for i in ids if i not in global_ids and i != v.input.id]
 
 
@@ -211,9 +211,10 @@ def _saved_bytes(mt: ModelTrace) -> tuple[Poly, dict[str, Poly], dict[str, Poly]
         # under the selective policy the outputs of the ops it saves
         sac = _sac_kept(v, mt, global_ids) if ckpt else []
         sac_bytes = sum((all_t[i].nbytes for i in sac), ZERO)
-        # the recompute's own saved set, less what the selective checkpoint already holds
-        in_saves = {tid for _, tid in v.trace.saves}
-        rerun = full + sum((all_t[i].nbytes for i in sac if i in in_saves), ZERO) * -1.0
+        rerun = full  # the recompute's own saved set, less what the selective checkpoint already holds
+        if sac:
+            in_saves = {tid for _, tid in v.trace.saves}
+            rerun = full + sum((all_t[i].nbytes for i in sac if i in in_saves), ZERO) * -1.0
         if rerun.c > max_layer.c:
             max_layer = rerun
         kept = v.input.nbytes + sac_bytes if ckpt else full
@@ -306,7 +307,7 @@ def _tp_split(p: Param, where: str, mt: ModelTrace, row_leaves: frozenset[str], 
         n = names_of(mt.arch)
         return ndim >= 2 and not (n.pos_embed and mod.startswith(n.pos_embed))
     if ndim >= 2:
-        return not (mt.arch.moe is not None and mod.endswith("mlp.gate"))  # the MoE router stays whole
+        return not is_moe_router(mt.arch, mod)  # the MoE router stays whole
     # a bias of a column-parallel linear is split with its output features; other vectors stay whole
     return p.path.endswith(".bias") and mod in linears and mod.rsplit(".", 1)[-1] not in row_leaves
 
@@ -431,7 +432,7 @@ def compile_trace(mt: ModelTrace) -> CostTable:
     global_ids = {t.id for t in mt.globals_}
     for v in mt.variants:
         if v.checkpointed:
-            for i in recomputed_ops(v.trace, mt.plan, global_ids, mt.arch.moe is not None):
+            for i in recomputed_ops(v.trace, mt.plan, global_ids):
                 rec = rec + v.trace.ops[i].fwd_flops * len(v.layers)
     logits = mt.logits
     return CostTable(

@@ -31,7 +31,7 @@ def test_a_compiled_block_moves_only_what_its_kernels_read_return_or_keep(method
     assert fused.n_kernels < eager.n_kernels
     # per token: the bytes of the tensors a kernel reads or returns or backward keeps -- the pointwise
     # intermediates (rotary products, the activation's and the adapters' temporaries) are gone
-    keep, _ = compute.compiled_kernels(tr)
+    keep, _ = compute.compiled_kernels(tr, compute.made_tensors(tr))
     kept_tok = sum(t.nbytes.c[0] for t in tr.tensors if t.id in keep and not t.is_param and not t.weight_copy)
     assert fused.elementwise_bytes[0] == pytest.approx(kept_tok, rel=1e-12)
     assert fused.elementwise_bytes[0] < 0.8 * eager.elementwise_bytes[0]
