@@ -30,7 +30,7 @@ import tempfile
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, event, given, note, reject, settings
+from hypothesis import HealthCheck, event, example, given, note, reject, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
@@ -658,20 +658,32 @@ def test_lora_trainable_params_strictly_grow_with_r(d, extra):
     assert n2 > n1
 
 
+_TRANSIENT_PAST_10_MIB = (  # the vLLM profile's transient crosses 10 MiB between the two prompts
+    {"model": {"name": "fuzz", "family": "llama", "arch": "decoder", "n_layers": 1, "hidden": 1, "n_heads": 1,
+               "intermediate": 87, "vocab": 1, "n_kv_heads": 1, "tied_embeddings": False,
+               "moe": {"n_experts": 3, "top_k": 3}},
+     "gpu": "a10-24gb", "workload": {"task": "infer", "batch": 1, "prompt_len": 6090, "gen_len": 0},
+     "inference": {"engine": "vllm"}}, "prompt_len", 572)
+
+
 @settings(max_examples=scaled(200), **FAST)
 @given(scenario_dicts(junk=False, task="infer"), st.sampled_from(["batch", "prompt_len", "gen_len"]),
        st.integers(1, 2048))
+@example(*_TRANSIENT_PAST_10_MIB)
 def test_kv_cache_grows_with_batch_prompt_and_generation(d, field, extra):
     d2 = _with_workload(d, **{field: d["workload"][field] + extra})
     valid_scenario(d), valid_scenario(d2)
     e1, e2 = estimate(d, what_fits=False), estimate(d2, what_fits=False)
     if e1.engine_pool is not None:
         # a serving engine's pool is its share less the rest, whatever runs in it: the sequences it holds at
-        # once never grow with longer sequences, and what it needs to start never shrinks
+        # once never grow with longer sequences, and what it needs to start never shrinks but for the caching
+        # allocator's segments: a 1-10 MiB request reserves a 20 MiB segment, a larger one is rounded to 2 MiB,
+        # so a transient that grows past 10 MiB reserves less
         assert e2.engine_pool.share_bytes == e1.engine_pool.share_bytes
         if field != "batch":
             assert e2.engine_pool.sequences_held <= e1.engine_pool.sequences_held
-        assert _not_less(e1.engine_pool.needed_bytes, e2.engine_pool.needed_bytes)
+        assert _not_less(e1.engine_pool.needed_bytes - e1.memory_bytes.allocator_overhead,
+                         e2.engine_pool.needed_bytes - e2.memory_bytes.allocator_overhead)
         return
     note(f"{field} +{extra}: kv {e1.memory_bytes.kv_cache} ({e1.peak_phase}) -> {e2.memory_bytes.kv_cache} "
          f"({e2.peak_phase}); decode {e1.phase_allocated_bytes['decode']} -> {e2.phase_allocated_bytes['decode']}")
