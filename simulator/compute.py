@@ -87,6 +87,23 @@ FUSED_DEQUANT_MAX_ROWS: dict[str, int] = {"nf4": 1, "fp4": 1, "gptq": 50, "awq":
 # (``Efficiency.gptq_torch_dequant_fraction``).
 GPTQ_TORCH_DEQUANT_BANDWIDTH_FRACTION = 0.48
 
+# Float8 training (torchao ``Float8Linear``, tensorwise dynamic scaling; torchao/float8/float8_linear.py
+# ``matmul_with_hp_or_float8_args``) casts each linear's operands to fp8 around its ``_scaled_mm``: the forward
+# casts the input and the weight; the backward casts the output's gradient twice (for dX and for dW), the weight
+# again and the saved 16-bit input again.  One cast is ``torch.max(torch.abs(x))`` (float8_utils.tensor_to_amax)
+# then ``(x.to(float32) * scale).clamp(...).to(float8)`` (hp_tensor_and_scale_to_float8).  Compiled (how torchao
+# and torchtitan run it), a cast is an amax reduction reading the 16-bit tensor and one fused kernel reading it
+# again and writing fp8 in the layout the GEMM needs: 5 B per element, 2 kernels; the two casts of the gradient
+# share one amax (common subexpression): 8 B.  Eager, each of abs (r2 w2), max (r2), to-fp32 (r2 w4), mul (r4 w4),
+# clamp (r4 w4) and to-fp8 (r4 w1) is its own kernel: 33 B over 9 kernels (with the scale's own three), and the
+# backward's GEMM operands that are in the wrong layout for ``_scaled_mm`` (row-major A, column-major B) are
+# copied (fp8 read + write, 2 B): the weight, the gradient's transpose and the input.
+# (bytes per input element, per weight element, per output-gradient element) forward and backward, and kernels per
+# linear forward, compiled or eager.
+FP8_CAST_FWD_BYTES = {True: (5.0, 5.0, 0.0), False: (33.0, 33.0, 0.0)}
+FP8_CAST_BWD_BYTES = {True: (5.0, 5.0, 8.0), False: (35.0, 35.0, 68.0)}
+FP8_CAST_KERNELS = {True: 4, False: 18}
+
 
 def gptq_torch_dequant_fraction(dev):
     """The share of the streaming rate AutoGPTQ's PyTorch dequantization reaches on ``dev`` (its calibrated figure,
@@ -145,6 +162,10 @@ class OpArrays:
     n_dequant_kernels: int = 0  # dequantization kernels per forward (in n_kernels; none when fused)
     dequant_in_backward: bool = True  # the backward dequantizes again (bitsandbytes) or reuses a saved copy
     torch_dequant: bool = False  # AutoGPTQ's PyTorch-op dequantization (:func:`dequant_time_s`)
+    # float8 training: bytes the fp8 casts of the linears move per forward, backward, and recompute (coefficients)
+    cast_fwd_bytes: tuple[float, ...] = (0.0,) * 7
+    cast_bwd_bytes: tuple[float, ...] = (0.0,) * 7
+    cast_rec_bytes: tuple[float, ...] = (0.0,) * 7
 
     @property
     def host_forward_s(self) -> float:
@@ -248,13 +269,30 @@ def _part(where, layers, tr, arch, recomputed: frozenset[int], quant_rows, encod
                            else (2.0, 1))
     deq = sum(r.storage_bytes + per_weight * r.numel for r in quant_rows)
     n_deq = kernels * len(quant_rows)
-    n_kernels = n_made + n_deq
+    casts = [(i, op.fp8_cast) for i, op in enumerate(tr.ops) if op.fp8_cast is not None]
+    cast_f, cast_b, cast_r = fp8_cast_bytes(casts, recomputed, compiled)
+    n_kernels = n_made + n_deq + FP8_CAST_KERNELS[compiled] * len(casts)
     largest: dict[str, int] = {}
     for p in tr.params:
         module = p.path.rsplit(".", 1)[0]
         largest[module] = max(largest.get(module, 0), p.numel)
     return OpArrays(where, tuple(layers), ops, tuple(ew), deq, n_kernels, encoder, tuple(largest.values()),
-                    len(quant_rows) if bnb else 0, n_deq, not torch_dequant, torch_dequant)
+                    len(quant_rows) if bnb else 0, n_deq, not torch_dequant, torch_dequant, cast_f, cast_b, cast_r)
+
+
+def fp8_cast_bytes(casts: list, recomputed: frozenset[int], compiled: bool) -> tuple[tuple[float, ...], ...]:
+    """(forward, backward, recompute) bytes, as basis coefficients, of the fp8 casts of float8 linears
+    (``casts``: (op index, (input, weight, output) element polynomials)) per :data:`FP8_CAST_FWD_BYTES`; the
+    recompute casts again the linears it reruns."""
+    fwd, bwd, rec = [0.0] * 7, [0.0] * 7, [0.0] * 7
+    for i, elems in casts:
+        for n, bf, bb in zip(elems, FP8_CAST_FWD_BYTES[compiled], FP8_CAST_BWD_BYTES[compiled]):
+            for j, c in enumerate(n.c):
+                fwd[j] += c * bf
+                bwd[j] += c * bb
+                if i in recomputed:
+                    rec[j] += c * bf
+    return tuple(fwd), tuple(bwd), tuple(rec)
 
 
 def zero3_fetch_host_s(part: OpArrays, persistence_threshold: int) -> float:
@@ -505,6 +543,8 @@ def part_time(part: OpArrays, B: tuple, dev: Device, dtype: str, tp, cp, trainin
     as one setup's loop over them.  ``fused_quant`` (:func:`fused_dequant`): the quantized GEMMs read their
     packed weights in fused kernels, with no dequantized copy (a forward without gradients).  ``attn_kernel``:
     the fused attention kernel (:func:`attention_kernel`)."""
+    if part.where != "block":
+        dtype = attention_dtype(dtype)  # float8 converts the blocks' linears; the LM head stays 16-bit
     if not isinstance(dev, Devices) and not any(isinstance(x, np.ndarray) for x in (*B, tp, cp, fused_quant)):
         return _part_time_one(part, B, dev, dtype, tp, cp, training, fused_attention, bool(fused_quant), attn_kernel)
     return _part_time_many(part, B, dev, dtype, tp, cp, training, fused_attention, fused_quant, attn_kernel)
@@ -588,11 +628,12 @@ def _part_time_one(part: OpArrays, B: tuple, dev: Device, dtype: str, tp: int, c
                     bwd += n_mm * roofs[dt].gemm_time_s(bf / n_mm, 2.0 * nb / n_mm)
     t_ew = memory_time_s(2.0 * _dot(part.elementwise_bytes, B) / (tp * cp), dev)
     t_deq = 0.0 if fused_quant else dequant_time_s(part, part.dequant_bytes / tp, dev)
-    fwd += t_ew + t_deq
+    fwd += t_ew + t_deq + memory_time_s(_dot(part.cast_fwd_bytes, B) / (tp * cp), dev)
     if training:
-        bwd += 2.0 * t_ew + (t_deq if part.dequant_in_backward else 0.0)
+        bwd += 2.0 * t_ew + (t_deq if part.dequant_in_backward else 0.0) \
+            + memory_time_s(_dot(part.cast_bwd_bytes, B) / (tp * cp), dev)
         if part.any_recomputed:
-            rec += t_ew + t_deq
+            rec += t_ew + t_deq + memory_time_s(_dot(part.cast_rec_bytes, B) / (tp * cp), dev)
     return PartTime(fwd, bwd, rec, attn, part.host_forward_fused_s(fused_quant), part.host_backward_s)
 
 
@@ -640,11 +681,12 @@ def _part_time_many(part: OpArrays, B: tuple, dev: Device, dtype: str, tp, cp, t
         bwd = _sum_rows(np.where(bf > 0, t_b, 0.0))
     t_ew = memory_time_s(2.0 * _dot(part.elementwise_bytes, B) / (tp * cp), dev)
     t_deq = np.where(fq, 0.0, dequant_time_s(part, part.dequant_bytes / tp, dev))
-    fwd = fwd + (t_ew + t_deq)
+    fwd = fwd + (t_ew + t_deq + memory_time_s(_dot(part.cast_fwd_bytes, B) / (tp * cp), dev))
     if training:
-        bwd = bwd + (2.0 * t_ew + (t_deq if part.dequant_in_backward else 0.0))
+        bwd = bwd + (2.0 * t_ew + (t_deq if part.dequant_in_backward else 0.0)
+                     + memory_time_s(_dot(part.cast_bwd_bytes, B) / (tp * cp), dev))
         if m.recomputed.any():
-            rec = rec + (t_ew + t_deq)
+            rec = rec + (t_ew + t_deq + memory_time_s(_dot(part.cast_rec_bytes, B) / (tp * cp), dev))
     full = np.zeros(shape)
     return PartTime(_out(fwd + full), _out(bwd + full), _out(rec + full), _out(attn + full),
                     _out(part.host_forward_fused_s(fq)), part.host_backward_s)

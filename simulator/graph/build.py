@@ -416,7 +416,10 @@ class Builder:
         elif adapters and pl.shira_on(path):
             out = self._shira(path, x, w, in_f, out_f, b)
         else:
-            out = self.tr.matmul(path, x, w, in_f, out_f, bias=b)
+            # float8 training converts every linear of the blocks but an MoE router (torchtitan's filter:
+            # the output head stays 16-bit, and it is not built here)
+            out = self.tr.matmul(path, x, w, in_f, out_f, bias=b,
+                                 fp8_cast=pl.float8_linears and not is_moe_router(pl.arch, path))
         if ia3 == "out":
             out = self._ia3_scale(path, out, out_f, False)
         if adapters and pl.lora_on(path) and pl.training:

@@ -143,6 +143,8 @@ class OpRecord:
     watermark: int = 0  # tensor ids below this existed when the op ran (its outputs come at or after it)
     aten: str = ""  # the ATen kernel selective checkpointing sees: mm | addmm | bmm | attention ('' for others)
     outputs: tuple[int, ...] = ()  # ids of the tensors it returns (what a selective checkpoint keeps)
+    # float8 training: (input, weight, output) elements of a linear whose operands are cast to fp8 per pass
+    fp8_cast: tuple[Poly, Poly, Poly] | None = None
 
 
 @dataclass
@@ -301,12 +303,14 @@ class Tracer:
     # -- matmuls ---------------------------------------------------------------------------
     def matmul(self, module: str, x: Tensor, w: Tensor, in_f: int, out_f: int, *, op: str = "linear",
                bias: Tensor | None = None, tokens: Poly | None = None, autocast: bool = True,
-               detached: bool = False) -> Tensor:
+               detached: bool = False, fp8_cast: bool = False) -> Tensor:
         """``F.linear(x, w, bias)`` with x of ``tokens`` rows (default: x.numel / in_f).
 
         Saves x if w needs grad (for dW) and w if x needs grad (for dX; a parameter, so no
         extra memory unless it is an autocast copy).  ``detached``: the result is only used
-        detached, so its graph is recorded (and holds its saved tensors) but never run backward.  FLOPs per flop_counter: 2*rows*in*out
+        detached, so its graph is recorded (and holds its saved tensors) but never run backward.  ``fp8_cast``:
+        a float8 training linear, which casts its input and weight (and, backward, its output's gradient) to fp8
+        around the ``_scaled_mm`` (the op records their elements; the matmul keeps the 16-bit tensors).  FLOPs per flop_counter: 2*rows*in*out
         forward; backward 2*rows*in*out for dX (if x needs grad) plus the same for dW (if w needs grad).
         """
         rows = tokens if tokens is not None else x.numel * (1.0 / in_f)
@@ -333,4 +337,6 @@ class Tracer:
         # F.linear: addmm with a bias, mm without (the matmul of a 3-D input folds it to 2-D)
         self.flops(module, op, mm, bwd, rows * (nb * (in_f + out_f)) + Poly.const(in_f * out_f * dtype_bytes(win.dtype)),
                    aten="addmm" if bias is not None else "mm")
+        if fp8_cast:
+            self.trace.ops[-1].fp8_cast = (rows * in_f, Poly.const(in_f * out_f), rows * out_f)
         return self.returns(self.new(module, rows * out_f, out_dtype, rg))

@@ -115,7 +115,7 @@ class Plan:
     implementation: str = "transformers"
     offload_checkpoints: bool = False  # checkpointed block inputs live in host memory
     selective_checkpoints: bool = False  # torchtitan's per-op policy keeps some op outputs (compile.sac_saved_ops)
-    float8_linears: bool = False  # under that policy: the blocks' linears run torchao's _scaled_mm (always kept)
+    float8_linears: bool = False  # float8 training: the blocks' linears cast to fp8 and run _scaled_mm (torchao)
     compiled: bool = False  # torch.compile: pointwise chains fuse between the matmul / attention kernels
     llama_adapter: Any = None  # LlamaAdapter settings (litgpt's adaption prompts), or None
     shira: Any = None  # Shira settings (PEFT's sparse entries), or None
@@ -252,7 +252,7 @@ def plan_of(sc: Scenario) -> Plan:
         offload_checkpoints=sc.is_training and sc.checkpointing.mode == "offload",
         selective_checkpoints=sc.is_training and sc.checkpointing.mode == "selective",
         compiled=sc.compile,
-        float8_linears=sc.is_training and sc.checkpointing.mode == "selective" and sc.precision == "fp8",
+        float8_linears=sc.is_training and sc.precision == "fp8",
         attention=sc.attention,
         modules_to_save=mts,
         padded=sc.padded_batches,
