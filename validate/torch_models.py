@@ -879,6 +879,10 @@ def quantize_linears(model: nn.Module, quant: str, *, double_quant: bool, blocks
                                         compress_statistics=double_quant, quant_type=quant)
                 new.weight = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=double_quant,
                                                quant_type=quant, blocksize=blocksize)
+                # bitsandbytes repacks 4-bit weights for its CPU kernel on AVX512-BF16 hosts when no gradient
+                # flows (a host-dependent path, absent on CUDA, that fails on absmax blocks spanning rows);
+                # the CPU runs model the CUDA layout, so they keep it on every host
+                new.support_avx512bf16_for_cpu = False
             if bias:
                 new.bias = nn.Parameter(child.bias.data, requires_grad=False)
             setattr(parent, name, new.to(device))
