@@ -68,6 +68,7 @@ TASK_FIELDS: dict[str, frozenset[str]] = {
 
 SHOWN_WHEN: dict[str, tuple[str, tuple[Any, ...]]] = {
     "checkpointing.every_k": ("checkpointing.mode", ("every_k",)),
+    "checkpointing.reentrant": ("checkpointing.mode", ("full", "every_k", "offload")),
     "optimizer.beta1": ("optimizer.name", ("adafactor", "galore-adafactor")),
     "optimizer.scale_parameter": ("optimizer.name", ("adafactor",)),
     **{f"optimizer.{f}": ("optimizer.name", tuple(GALORE_BASE))
@@ -114,6 +115,7 @@ LABELS: dict[str, str] = {
     "optimizer.in_backward": "optimizer step in backward",
     "checkpointing.mode": "activation checkpointing",
     "checkpointing.every_k": "checkpoint one block in k",
+    "checkpointing.reentrant": "reentrant checkpoint (reruns the whole block)",
     "inference.weights": "weight quantization",
     "inference.group_size": "quantization group size",
     "inference.double_quant": "double quantization",

@@ -239,13 +239,15 @@ def build_scenario_dict(args: argparse.Namespace) -> dict[str, Any]:
             raise CliError("optimizer.galore_rank", "--galore-rank needs a GaLore optimizer: --optimizer "
                            + " | ".join(GALORE_BASE))
         data["optimizer"] = {**opt, "galore_rank": args.galore_rank}
-    if args.checkpointing is not None or args.every_k is not None:
+    if args.checkpointing is not None or args.every_k is not None or args.reentrant:
         ck = _sub(data, "checkpointing")
         if args.checkpointing is not None:
             ck["mode"] = args.checkpointing
         if args.every_k is not None:
             ck["every_k"] = args.every_k
             ck.setdefault("mode", "every_k")
+        if args.reentrant:
+            ck["reentrant"] = True
         data["checkpointing"] = ck
     _apply_parallel_flags(args, data)
     if any(getattr(args, f) is not None for f in INFERENCE_FLAGS):
@@ -400,6 +402,7 @@ optimizer:
 checkpointing:
   mode: full                 # none | full | every_k | offload | selective
   every_k: 1                 # with mode every_k: checkpoint one block in k
+  reentrant: false           # true: the backward reruns each block's whole forward (transformers 4, DeepSpeed, Megatron)
 attention: sdpa-flash        # eager | sdpa-math | sdpa-mem-efficient | sdpa-flash | flash1 | flash2 | flash3
 loss: upcast                 # upcast (HF fp32 logits) | upcast-shift | chunked | chunked-compiled (torchtune) | fused (Liger)
 inference:                   # task infer only
@@ -484,6 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--galore-rank", type=int, metavar="R", help="GaLore projection rank (with a galore-* optimizer)")
     g.add_argument("--checkpointing", metavar="none|full|every_k|offload|selective", help=_doc(Checkpointing, "mode", choices=False))
     g.add_argument("--every-k", type=int, metavar="K", help=_doc(Checkpointing, "every_k") + " (implies --checkpointing every_k)")
+    g.add_argument("--reentrant", action="store_true", help=_doc(Checkpointing, "reentrant"))
     g.add_argument("--attention", metavar="A", help=_doc(Scenario, "attention", choices=False)
                    + " [" + " | ".join(_choices(Scenario, "attention")) + "]")
     g.add_argument("--loss", metavar="upcast|upcast-shift|chunked|chunked-compiled|fused", help=_doc(Scenario, "loss", choices=False))

@@ -497,7 +497,17 @@ def _attention(sc: dict, arch: ModelArch, precision: str, notes: list[str], year
     raise Unsupported(f"attention {raw!r} not modelled")
 
 
-def _checkpointing(sc: dict, notes: list[str]) -> dict:
+# Frameworks whose checkpoint reruns a block's whole forward: transformers' ``gradient_checkpointing_enable``
+# passes ``use_reentrant=True`` when called without kwargs until v5 (modeling_utils.py 4.35-4.57; before 4.35 the
+# models called ``torch.utils.checkpoint.checkpoint`` without it, whose default was reentrant), and with it every
+# Trainer-based stack (TRL, PEFT's examples, HF + DeepSpeed); Megatron's ``tensor_parallel.checkpoint`` and
+# DeepSpeed's ``deepspeed.checkpointing.checkpoint`` are reentrant autograd functions.  litgpt, torchtune and
+# torchtitan wrap blocks with torch's ``checkpoint_wrapper`` (non-reentrant, early stop).
+REENTRANT_FRAMEWORKS = frozenset({"transformers", "trl", "peft", "deepspeed", "megatron", "accelerate"})
+TRANSFORMERS_V5_YEAR = 2026  # sources from this year on may run transformers 5 (non-reentrant by default)
+
+
+def _checkpointing(sc: dict, notes: list[str], year: int | None = None) -> dict:
     raw = sc.get("checkpointing")
     if raw is None:
         raw = _defaults(sc)["checkpointing"]
@@ -507,7 +517,12 @@ def _checkpointing(sc: dict, notes: list[str]) -> dict:
         raw = "full"
     if raw not in ("none", "full", "offload", "selective"):
         raise Unsupported(f"checkpointing {raw!r} not modelled")
-    return {"mode": raw}
+    out: dict[str, Any] = {"mode": raw}
+    if raw != "selective" and sc.get("framework") in REENTRANT_FRAMEWORKS and (year or 0) < TRANSFORMERS_V5_YEAR:
+        out["reentrant"] = True
+        if raw != "none":
+            notes.append(f"{sc.get('framework')}: a reentrant checkpoint reruns each block's whole forward")
+    return out
 
 
 def _optimizer(sc: dict, notes: list[str], ds_engine: bool = False, torch_v: tuple[int, int] | None = None) -> dict:
@@ -1059,7 +1074,7 @@ def record_to_scenario(rec: dict, notes: list[str] | None = None) -> Scenario:
     scen = Scenario(
         model=arch, gpu=dev.name, method=method, precision=precision, attention=attention, loss=loss, compile=compiled,
         workload=TrainWorkload(micro_batch=mb_v, seq_len=seq or d["seq_len"], grad_accum=ga_v),
-        optimizer=optimizer, checkpointing=_checkpointing(sc, notes), padded_batches=padded, parallel=par,
+        optimizer=optimizer, checkpointing=_checkpointing(sc, notes, year), padded_batches=padded, parallel=par,
         implementation=sc.get("framework") if sc.get("framework") in ("litgpt", "torchtune") else "transformers",
         host_sync_per_block=sync,
     )
@@ -1088,13 +1103,17 @@ def _checkpointing_that_ran(scen: Scenario, sc: dict, metric: str, notes: list[s
 
     if estimate(scen, what_fits=False, timing=False).fits:
         return scen
+    recomputed = scen
     for mode, how in (("full", "recomputed (full)"),
                       ("offload", "recomputed with its checkpoints in host memory (DeepSpeed cpu_checkpointing)")):
         recomputed = scen.model_copy(update={"checkpointing": scen.checkpointing.model_copy(update={"mode": mode})})
         if estimate(recomputed, what_fits=False, timing=False).fits:
             notes.append(f"checkpointing unstated and the default (none) does not fit: the run {how}")
             return recomputed
-    return scen
+    # the run ran, so it recomputed, whatever the engine counts: the mode that needs the least memory
+    notes.append("checkpointing unstated and no mode fits by the engine's count: the run ran, so it recomputed with "
+                 "its checkpoints in host memory (the least memory)")
+    return recomputed
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -972,9 +972,9 @@ def torchtitan_sac_context():
 
 
 def _enable_checkpointing(model: nn.Module, scenario: Scenario) -> None:
-    """HF activation checkpointing, ``use_reentrant=False`` (transformers 5's default, passed explicitly).
-    ``selective``: every block under torchtitan's per-op policy (:func:`torchtitan_sac_policy`), with its
-    wrapper's ``early_stop=False``.
+    """HF activation checkpointing, ``use_reentrant=False`` (transformers 5's default, passed explicitly) unless
+    the scenario's checkpoint is reentrant (transformers 4's default).  ``selective``: every block under
+    torchtitan's per-op policy (:func:`torchtitan_sac_policy`), with its wrapper's ``early_stop=False``.
 
     every_k: blocks 0, k, 2k, ... are checkpointed (transformers counts ``GradientCheckpointingLayer``s
     in module order, so for T5 the decoder blocks continue the encoder's numbering).  HF also calls
@@ -985,7 +985,7 @@ def _enable_checkpointing(model: nn.Module, scenario: Scenario) -> None:
     if ck.mode == "none":
         return
     k = ck.every_k if ck.mode == "every_k" else 1
-    kwargs = {"use_reentrant": False}
+    kwargs: dict = {"use_reentrant": ck.reentrant}
     if ck.mode == "selective":
         kwargs.update(context_fn=torchtitan_sac_context, early_stop=False)
     enable = getattr(model, "activation_checkpointing_enable", None)

@@ -125,6 +125,19 @@ class Checkpointing(Strict):
     kernel, of every addmm / bmm / _scaled_mm and of every other mm are kept, the rest recomputed)."""
     every_k: int = Field(default=1, ge=1)
     """With mode='every_k': checkpoint one block in k."""
+    reentrant: bool = False
+    """The backward reruns each checkpointed block's whole forward: ``torch.utils.checkpoint(use_reentrant=True)``
+    (transformers before v5, whose ``gradient_checkpointing_enable`` passes it), DeepSpeed's and Megatron's
+    checkpoint functions.  False: non-reentrant with torch's early stop, which ends the rerun at the last tensor
+    the backward needs (a Llama block's down_proj is not rerun)."""
+
+    @model_validator(mode="after")
+    def _reentrant_mode(self) -> "Checkpointing":
+        if self.reentrant and self.mode == "selective":
+            raise ValueError("checkpointing.reentrant=True: selective checkpointing runs non-reentrant (torch's "
+                             "selective checkpoint contexts need use_reentrant=False); use mode 'full', 'every_k' "
+                             "or 'offload', or reentrant=False")
+        return self
 
 
 Attention = Literal["eager", "sdpa-math", "sdpa-mem-efficient", "sdpa-flash", "flash1", "flash2", "flash3"]

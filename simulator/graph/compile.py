@@ -138,11 +138,13 @@ def sac_saved_ops(tr: Trace, plan: Plan) -> tuple[frozenset[int], tuple[int, ...
 def recomputed_ops(tr: Trace, plan: Plan, global_ids: set[int]) -> list[int]:
     """Indices of the ops of a checkpointed block's trace that its backward reruns.  Full checkpointing
     (non-reentrant, ``torch.utils.checkpoint`` early stop on) stops once the last saved tensor is rebuilt, so
-    ops after it (Llama's down_proj) are not rerun; torchtitan's selective wrapper passes ``early_stop=False``
-    and reruns every op whose output it did not keep."""
+    ops after it (Llama's down_proj) are not rerun; a reentrant checkpoint reruns the whole forward; torchtitan's
+    selective wrapper passes ``early_stop=False`` and reruns every op whose output it did not keep."""
     if plan.selective_checkpoints:
         kept, _ = sac_saved_ops(tr, plan)
         return [i for i in range(len(tr.ops)) if i not in kept]
+    if plan.reentrant_checkpoints:
+        return list(range(len(tr.ops)))
     last = max((tid for _, tid in tr.saves if tid not in global_ids), default=-1)
     return [i for i, op in enumerate(tr.ops) if op.watermark <= last]
 

@@ -115,6 +115,7 @@ class Plan:
     implementation: str = "transformers"
     offload_checkpoints: bool = False  # checkpointed block inputs live in host memory
     selective_checkpoints: bool = False  # torchtitan's per-op policy keeps some op outputs (compile.sac_saved_ops)
+    reentrant_checkpoints: bool = False  # a checkpointed block's whole forward reruns (no early stop)
     float8_linears: bool = False  # float8 training: the blocks' linears cast to fp8 and run _scaled_mm (torchao)
     compiled: bool = False  # torch.compile: pointwise chains fuse between the matmul / attention kernels
     llama_adapter: Any = None  # LlamaAdapter settings (litgpt's adaption prompts), or None
@@ -251,6 +252,7 @@ def plan_of(sc: Scenario) -> Plan:
         checkpointed=_checkpointed_layers(sc),
         offload_checkpoints=sc.is_training and sc.checkpointing.mode == "offload",
         selective_checkpoints=sc.is_training and sc.checkpointing.mode == "selective",
+        reentrant_checkpoints=sc.is_training and sc.checkpointing.reentrant,
         compiled=sc.compile,
         float8_linears=sc.is_training and sc.precision == "fp8",
         attention=sc.attention,

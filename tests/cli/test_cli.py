@@ -130,10 +130,20 @@ def test_inference_flags_imply_the_infer_task(capsys):
 def test_every_k_implies_the_mode_and_targets_parse(capsys):
     sc = run_json(capsys, "estimate", "--model", "llama-3.2-1b", "--every-k", "4", "--targets", "q_proj, k_proj,v_proj",
                   "--r", "16")["scenario"]
-    assert sc["checkpointing"] == {"mode": "every_k", "every_k": 4}
+    assert sc["checkpointing"] == {"mode": "every_k", "every_k": 4, "reentrant": False}
     assert sc["method"]["kind"] == "lora" and sc["method"]["targets"] == ["q_proj", "k_proj", "v_proj"]
     sc = run_json(capsys, "estimate", "--model", "llama-3.2-1b", "--method", "lora", "--targets", "all-linear")["scenario"]
     assert sc["method"]["targets"] == "all-linear"
+
+
+def test_reentrant_flag_reruns_the_whole_block_and_is_refused_with_selective(capsys):
+    base = ("estimate", "--model", "llama-3.2-1b", "--checkpointing", "full")
+    plain, whole = run_json(capsys, *base), run_json(capsys, *base, "--reentrant")
+    assert whole["scenario"]["checkpointing"] == {"mode": "full", "every_k": 1, "reentrant": True}
+    assert whole["flops_per_step"] > plain["flops_per_step"]
+    line = assert_one_line_error(*run(capsys, "estimate", "--model", "llama-3.2-1b", "--checkpointing", "selective",
+                                      "--reentrant"))
+    assert "reentrant=True" in line and "'full', 'every_k' or 'offload'" in line
 
 
 def test_not_fitting_is_an_answer_with_suggestions(capsys):

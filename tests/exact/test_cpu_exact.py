@@ -113,6 +113,9 @@ CASES = [
     ("llama", "fp32", "sdpa-flash", {"kind": "lora", "r": 8, "targets": "all-linear"}, "none"),
     ("llama", "bf16", "sdpa-flash", {"kind": "lora", "r": 4, "targets": ["q_proj", "v_proj"], "lora_fa": True}, "none"),
     ("llama", "bf16", "sdpa-flash", LORA, "full"),
+    # reentrant (transformers 4's default): the backward reruns each block's whole forward, down_proj included
+    ("llama", "bf16", "sdpa-flash", {"kind": "full"}, "full-reentrant"),
+    ("llama", "bf16-amp", "sdpa-flash", LORA, "full-reentrant"),
     # torchtitan's per-op selective checkpointing (validate.torch_models.torchtitan_sac_policy): the block input,
     # the attention output and logsumexp, the products of every other mm (LoRA's counted with the base's)
     ("llama", "bf16", "sdpa-flash", {"kind": "full"}, "selective"),
@@ -230,7 +233,8 @@ CASES = [
 
 
 def _scenario(arch: str, precision: str, attention: str, method: dict, ckpt: str, **wl) -> Scenario:
-    ck = {"mode": ckpt, "every_k": 2} if ckpt == "every_k" else {"mode": ckpt}
+    ck = ({"mode": ckpt, "every_k": 2} if ckpt == "every_k" else {"mode": "full", "reentrant": True}
+          if ckpt == "full-reentrant" else {"mode": ckpt})
     workload = {"task": "train", "micro_batch": 2, "seq_len": 16, **wl}
     return Scenario(model=ModelArch(**{**BASE, **ARCHS[arch]}), precision=precision, attention=attention,
                     method=method, checkpointing=ck, workload=workload)

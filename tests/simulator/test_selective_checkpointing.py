@@ -70,3 +70,27 @@ def test_a_job_without_checkpointing_is_offered_the_selective_policy_first():
     first = e.suggestions[0]
     assert first.change.startswith("selective activation checkpointing") and first.fits
     assert e.suggestions[1].change == "activation checkpointing on every block" and e.suggestions[1].fits
+
+
+def test_a_reentrant_checkpoint_reruns_the_whole_block_and_keeps_the_same_tensors():
+    """Early stop ends a non-reentrant rerun at the last saved tensor, the gate and up products: Llama's down_proj
+    (2 x tokens x intermediate x hidden per block) reruns only under a reentrant checkpoint."""
+    base = {"model": "llama-3.1-8b", "gpu": "a100-sxm-80gb", "method": {"kind": "full"},
+            "workload": {"micro_batch": 1, "seq_len": 2048}}
+    early = estimate({**base, "checkpointing": {"mode": "full"}}, what_fits=False)
+    whole = estimate({**base, "checkpointing": {"mode": "full", "reentrant": True}}, what_fits=False)
+    assert whole.flops.recompute - early.flops.recompute == 32 * 2 * 2048 * 14336 * 4096
+    assert whole.flops.recompute == pytest.approx(whole.flops.forward - _head_forward_flops(base), rel=1e-12)
+    assert whole.memory_bytes.activations == early.memory_bytes.activations
+    assert whole.time.recompute_s > early.time.recompute_s
+
+
+def _head_forward_flops(base: dict) -> float:
+    """Forward FLOPs outside the blocks (LM head; embeddings run none): what no checkpoint reruns."""
+    return 2 * 2048 * 4096 * 128256
+
+
+def test_reentrant_selective_checkpointing_is_refused_naming_the_modes():
+    with pytest.raises(ValidationError, match="reentrant=True.*'full', 'every_k' or 'offload'"):
+        Scenario.model_validate({"model": "llama-3.1-8b", "gpu": "a100-sxm-80gb",
+                                 "checkpointing": {"mode": "selective", "reentrant": True}})

@@ -867,3 +867,19 @@ def test_a_combination_the_inputs_refuse_is_unsupported_with_the_rule_in_one_lin
     assert p["status"] == "unsupported"
     assert p["reason"].startswith("not a valid scenario: precision='fp8'") and "method 'full'" in p["reason"]
     assert "\n" not in p["reason"] and "input_value" not in p["reason"] and "pydantic.dev" not in p["reason"]
+
+
+@pytest.mark.parametrize("framework,year,reentrant", [
+    ("transformers", 2023, True), ("deepspeed", None, True), ("megatron", 2021, True), ("trl", 2025, True),
+    ("transformers", 2026, False), ("litgpt", 2024, False), ("torchtune", 2024, False)])
+def test_frameworks_before_transformers_5_rerun_the_whole_block(framework, year, reentrant):
+    """transformers 4's ``gradient_checkpointing_enable`` passes ``use_reentrant=True``; Megatron's and DeepSpeed's
+    checkpoint functions are reentrant; litgpt and torchtune wrap blocks non-reentrant (early stop)."""
+    rec = _record(checkpointing="full", framework=framework)
+    if year is not None:
+        rec["source"] = {"name": f"a {year} benchmark"}
+    sc = record_to_scenario(rec)
+    assert sc.checkpointing.mode == "full" and sc.checkpointing.reentrant is reentrant
+    plain = sc.model_copy(update={"checkpointing": sc.checkpointing.model_copy(update={"reentrant": False})})
+    grow = estimate(sc, what_fits=False).flops.recompute / estimate(plain, what_fits=False).flops.recompute
+    assert (grow > 1.0) is reentrant
