@@ -22,6 +22,10 @@ Kinds and what one call is:
   2·rows·cols·B (+ the weight and bias, cols·B each); ``cross_entropy`` — ``F.cross_entropy`` of
   (tokens, vocab) logits: log-softmax read and written, 2·T·V·B, plus T labels (8 B) and the T picked
   log-probabilities.
+* ``fp8_cast``, ``fp8_cast_compiled`` — torchao's tensorwise float8 cast of a bf16 (rows, cols) tensor:
+  ``amax = x.abs().max()``, scale, ``(x.float() * scale).clamp(...).to(float8_e4m3fn)``, eager or under
+  ``torch.compile`` (CUDA only); bytes per element as ``simulator.compute.FP8_CAST_FWD_BYTES`` counts them
+  (33 eager, 5 compiled), the cost float8 training pays per linear operand and pass.
 * ``adamw`` — one ``torch.optim.AdamW.step()`` (fused or foreach) over fp32 parameters split into
   tensors of ``tensor_numel``: ``simulator.timing.optimizer_step_bytes`` (param, grad, both moments read,
   param and moments written: 28 B/param); ``bnb-8bit``: bitsandbytes' ``AdamW8bit`` over the same parameters
@@ -66,9 +70,10 @@ from .schema import Measurement
 # cases
 # ---------------------------------------------------------------------------------------------
 
-MicroKind = Literal["gemm", "sdpa", "copy", "rmsnorm", "layernorm", "softmax", "cross_entropy", "adamw", "dequant",
-                    "h2d", "d2h", "all_reduce", "all_gather", "reduce_scatter"]
-ROW_KINDS: tuple[str, ...] = ("copy", "rmsnorm", "layernorm", "softmax", "cross_entropy")
+MicroKind = Literal["gemm", "sdpa", "copy", "rmsnorm", "layernorm", "softmax", "cross_entropy", "fp8_cast",
+                    "fp8_cast_compiled", "adamw", "dequant", "h2d", "d2h", "all_reduce", "all_gather", "reduce_scatter"]
+ROW_KINDS: tuple[str, ...] = ("copy", "rmsnorm", "layernorm", "softmax", "cross_entropy", "fp8_cast",
+                              "fp8_cast_compiled")
 """Memory-bound kernels over one (rows, cols) tensor."""
 TRANSFER_KINDS: tuple[str, ...] = ("h2d", "d2h")
 COLLECTIVE_KINDS: tuple[str, ...] = ("all_reduce", "all_gather", "reduce_scatter")
@@ -297,7 +302,12 @@ def sdpa_bytes(p: SdpaParams) -> float:
 
 def rows_bytes(kind: str, p: RowsParams) -> float:
     """One read and one write of the (rows, cols) tensor; norms also read their weight (and bias);
-    cross_entropy adds the int64 labels and the picked log-probabilities."""
+    cross_entropy adds the int64 labels and the picked log-probabilities; an fp8 cast moves what the engine
+    charges a float8 linear per operand element."""
+    if kind in ("fp8_cast", "fp8_cast_compiled"):
+        from simulator.compute import FP8_CAST_FWD_BYTES
+
+        return FP8_CAST_FWD_BYTES[kind == "fp8_cast_compiled"][0] * p.rows * p.cols
     b = _ELEMENT_BYTES[p.dtype]
     main = 2.0 * p.rows * p.cols * b
     extra = {"copy": 0.0, "softmax": 0.0, "rmsnorm": p.cols * b, "layernorm": 2.0 * p.cols * b,
@@ -462,6 +472,9 @@ def _rows_cases() -> list[MicroCase]:
             for size in ROW_SIZES_BYTES:
                 out.append(MicroCase.of(kind, rows=size // (ROW_COLS * _ELEMENT_BYTES[dt]), cols=ROW_COLS, dtype=dt))
     out += [MicroCase.of("cross_entropy", rows=t, cols=v, dtype="bf16") for t, v in CE_SHAPES]
+    # the operands float8 training casts: activations of 8k-32k tokens x 4096, an 8B model's largest weights
+    out += [MicroCase.of(kind, rows=r, cols=c, dtype="bf16") for kind in ("fp8_cast", "fp8_cast_compiled")
+            for r, c in ((8192, 4096), (32768, 4096), (14336, 4096))]
     return out
 
 
@@ -500,6 +513,8 @@ def cpu_cases() -> list[MicroCase]:
         MicroCase.of("layernorm", rows=64, cols=256, dtype="bf16"),
         MicroCase.of("softmax", rows=64, cols=256, dtype="fp32"),
         MicroCase.of("cross_entropy", rows=32, cols=1000, dtype="fp32"),
+        MicroCase.of("fp8_cast", rows=64, cols=256, dtype="bf16"),
+        MicroCase.of("fp8_cast_compiled", rows=64, cols=256, dtype="bf16"),
         MicroCase.of("adamw", numel=100_000, tensor_numel=30_000, impl="fused"),
         MicroCase.of("adamw", numel=100_000, tensor_numel=30_000, impl="foreach"),
         MicroCase.of("adamw", numel=100_000, tensor_numel=30_000, impl="bnb-8bit"),
@@ -812,12 +827,34 @@ def _run_rows(case: MicroCase, device: str) -> Measurement:
         fn = lambda: F.layer_norm(x, (p.cols,), w, b, 1e-5)  # noqa: E731
     elif case.kind == "softmax":
         fn = lambda: torch.softmax(x, dim=-1)  # noqa: E731
+    elif case.kind in ("fp8_cast", "fp8_cast_compiled"):
+        fn = _fp8_cast_fn(x, compiled=case.kind == "fp8_cast_compiled", device=device)
     else:
         labels = torch.randint(0, p.cols, (p.rows,), device=device)
         fn = lambda: F.cross_entropy(x, labels)  # noqa: E731
     with torch.no_grad():
         samples, extra = _time_call(fn, device)
     return _measurement(case, samples, extra)
+
+
+def _fp8_cast_fn(x, *, compiled: bool, device: str) -> Callable[[], Any]:
+    """torchao's tensorwise dynamic cast (float8_utils.tensor_to_amax, amax_to_scale,
+    hp_tensor_and_scale_to_float8) of ``x`` to e4m3, as a call; compiled with inductor on CUDA only."""
+    import torch
+
+    if not hasattr(torch, "float8_e4m3fn"):
+        raise _skip("this torch has no float8_e4m3fn")
+    if compiled and device != "cuda":
+        raise _skip("the compiled float8 cast is measured on CUDA only")
+    fp8_max = torch.finfo(torch.float8_e4m3fn).max
+
+    def cast(t):
+        amax = torch.max(torch.abs(t)).to(torch.float64)
+        scale = (fp8_max / torch.clamp(amax, min=1e-12)).to(torch.float32)
+        return (t.to(torch.float32) * scale).clamp(min=-fp8_max, max=fp8_max).to(torch.float8_e4m3fn)
+
+    fn = torch.compile(cast) if compiled else cast
+    return lambda: fn(x)
 
 
 def _run_adamw(case: MicroCase, device: str) -> Measurement:

@@ -52,7 +52,7 @@ def cpu_run(tmp_path_factory):
 
 
 CUDA_ONLY = {"micro/gemm/tf32/m128-n128-k128", "micro/sdpa/efficient/fp32/b1-h2-s128-d32/causal/fwd",
-             "micro/h2d/pinned/1MiB", "micro/d2h/pageable/1MiB"}
+             "micro/h2d/pinned/1MiB", "micro/d2h/pageable/1MiB", "micro/fp8_cast_compiled/bf16/64x256"}
 
 
 def test_cpu_grid_writes_a_results_file_that_reads_back(cpu_run):
@@ -75,7 +75,8 @@ def test_cpu_grid_statuses(cpu_run):
             continue
         assert c.status == "ok", (c.case_id, c.message)
     ok_kinds = {c.kind for c in res.cases if c.status == "ok"}
-    expected = {"gemm", "sdpa", "copy", "rmsnorm", "layernorm", "softmax", "cross_entropy", "adamw", "all_reduce"}
+    expected = {"gemm", "sdpa", "copy", "rmsnorm", "layernorm", "softmax", "cross_entropy", "fp8_cast", "adamw",
+                "all_reduce"}
     assert expected | ({"dequant"} if _has_bnb() else set()) <= ok_kinds
 
 
@@ -127,6 +128,10 @@ def test_memory_bound_bytes_by_hand():
     assert case_bytes(MicroCase.of("layernorm", rows=64, cols=256, dtype="bf16")) == 65_536 + 1_024
     # log-softmax in and out (2 x 32 x 1000 x 4) + 32 labels x 8 B + 32 picked values x 4 B
     assert case_bytes(MicroCase.of("cross_entropy", rows=32, cols=1000, dtype="fp32")) == 256_000 + 384
+    # torchao's float8 cast of 64 x 256 bf16: eager abs (r2 w2), max (r2), to-fp32 (r2 w4), mul and clamp (r4 w4
+    # each), to-fp8 (r4 w1) = 33 B per element; compiled, the amax read and one fused read + fp8 write = 5 B
+    assert case_bytes(MicroCase.of("fp8_cast", rows=64, cols=256, dtype="bf16")) == 33 * 16_384
+    assert case_bytes(MicroCase.of("fp8_cast_compiled", rows=64, cols=256, dtype="bf16")) == 5 * 16_384
     # AdamW fp32: param, grad, exp_avg, exp_avg_sq read (16 B), param and moments written (12 B)
     assert case_bytes(MicroCase.of("adamw", numel=100_000, tensor_numel=30_000, impl="fused")) == 2_800_000
     # foreach: 13 reads + 8 writes of parameter-sized fp32 tensors (tests/exact/test_optimizer_step_exact.py)
