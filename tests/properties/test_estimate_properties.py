@@ -275,9 +275,11 @@ def scenario_dicts(draw, junk: bool = True, task: str | None = None, kind: str |
             o["beta1"] = draw(st.booleans())
         d["optimizer"] = o
     if draw(st.booleans()):
-        c = {"mode": _choice(draw, ["none", "full", "every_k", "selective"], junk, bad=("partial", True))}
+        c = {"mode": _choice(draw, ["none", "full", "every_k", "offload", "selective"], junk, bad=("partial", True))}
         if draw(st.booleans()):
             c["every_k"] = _int(draw, 1, 8, junk)
+        if draw(st.booleans()):
+            c["reentrant"] = draw(st.booleans()) if not (junk and _junk(draw)) else "yes"
         d["checkpointing"] = c
     if draw(st.booleans()):
         d["attention"] = _choice(draw, ATTENTIONS, junk, bad=("flash4", "sdpa"))
@@ -626,6 +628,22 @@ def test_compiling_changes_time_only(d):
     assert fused.peak_memory_bytes == eager.peak_memory_bytes and fused.flops_per_step == eager.flops_per_step
     if eager.time is not None:
         assert fused.time.step_s <= eager.time.step_s * (1 + 1e-12)
+
+
+@settings(max_examples=scaled(100), **FAST)
+@given(scenario_dicts(junk=False, task="train"), st.sampled_from(["full", "every_k", "offload"]))
+def test_a_reentrant_checkpoint_reruns_more_and_keeps_the_same(d, mode):
+    """Reentrant checkpointing reruns every op of a checkpointed block, the early-stopping kind only up to its last
+    saved tensor: never less recompute or time, the same saved tensors and forward."""
+    ck = lambda r: {**d, "checkpointing": {**d.get("checkpointing", {}), "mode": mode, "reentrant": r}}  # noqa: E731
+    valid_scenario(ck(False)), valid_scenario(ck(True))
+    early, whole = estimate(ck(False), what_fits=False), estimate(ck(True), what_fits=False)
+    note(f"recompute {early.flops.recompute} -> {whole.flops.recompute}")
+    assert _not_less(early.flops.recompute, whole.flops.recompute)
+    assert whole.flops.forward == early.flops.forward
+    assert whole.memory_bytes.activations == early.memory_bytes.activations
+    if early.time is not None:
+        assert _not_less(early.time.step_s, whole.time.step_s)
 
 
 @settings(max_examples=scaled(100), **FAST)
