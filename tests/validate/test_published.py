@@ -665,6 +665,12 @@ def test_a_run_that_was_measured_recomputed_when_it_could_not_fit_without():
     notes = []
     assert record_to_scenario(big, notes).checkpointing.mode == "offload"
     assert any("host memory" in n for n in notes)
+    # 512 x 4096 tokens fit under no mode by the engine's count: the run ran, so it recomputed with the least memory
+    huge = _record(**{**upd, "micro_batch": 512})
+    huge["target"] = {"metric": "step_time_s", "value": 300.0, "comparable": True}
+    notes = []
+    assert record_to_scenario(huge, notes).checkpointing.mode == "offload"
+    assert any("no mode fits" in n for n in notes)
     # a setup that fits without recomputing keeps the default
     short = _record(**{**upd, "micro_batch": 1, "seq_len": 256})
     short["target"] = {"metric": "step_time_s", "value": 1.0, "comparable": True}
