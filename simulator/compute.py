@@ -295,6 +295,14 @@ def fp8_cast_bytes(casts: list, recomputed: frozenset[int], compiled: bool) -> t
     return tuple(fwd), tuple(bwd), tuple(rec)
 
 
+def cast_time_s(coeffs: tuple[float, ...], B: tuple, tp, cp, dev: Device):
+    """Time of fp8 cast bytes (basis coefficients from :func:`fp8_cast_bytes`) on one rank: the activations' and
+    gradients' share of the tokens splits over the tensor- and context-parallel ranks, the weights' (the constant
+    term) over the tensor-parallel ranks only -- every context-parallel rank casts the whole weight."""
+    per_token = sum(c * b for c, b in zip(coeffs[:6], B[:6]))
+    return memory_time_s((per_token / cp + coeffs[6] * B[6]) / tp, dev)
+
+
 def zero3_fetch_host_s(part: OpArrays, persistence_threshold: int) -> float:
     """Host time of one pass's ZeRO-3 parameter fetches in one instance of ``part``: its modules that own a
     partitioned parameter (parameters under ``stage3_param_persistence_threshold`` stay whole, unfetched)."""
@@ -628,12 +636,12 @@ def _part_time_one(part: OpArrays, B: tuple, dev: Device, dtype: str, tp: int, c
                     bwd += n_mm * roofs[dt].gemm_time_s(bf / n_mm, 2.0 * nb / n_mm)
     t_ew = memory_time_s(2.0 * _dot(part.elementwise_bytes, B) / (tp * cp), dev)
     t_deq = 0.0 if fused_quant else dequant_time_s(part, part.dequant_bytes / tp, dev)
-    fwd += t_ew + t_deq + memory_time_s(_dot(part.cast_fwd_bytes, B) / (tp * cp), dev)
+    fwd += t_ew + t_deq + cast_time_s(part.cast_fwd_bytes, B, tp, cp, dev)
     if training:
         bwd += 2.0 * t_ew + (t_deq if part.dequant_in_backward else 0.0) \
-            + memory_time_s(_dot(part.cast_bwd_bytes, B) / (tp * cp), dev)
+            + cast_time_s(part.cast_bwd_bytes, B, tp, cp, dev)
         if part.any_recomputed:
-            rec += t_ew + t_deq + memory_time_s(_dot(part.cast_rec_bytes, B) / (tp * cp), dev)
+            rec += t_ew + t_deq + cast_time_s(part.cast_rec_bytes, B, tp, cp, dev)
     return PartTime(fwd, bwd, rec, attn, part.host_forward_fused_s(fused_quant), part.host_backward_s)
 
 
@@ -681,12 +689,12 @@ def _part_time_many(part: OpArrays, B: tuple, dev: Device, dtype: str, tp, cp, t
         bwd = _sum_rows(np.where(bf > 0, t_b, 0.0))
     t_ew = memory_time_s(2.0 * _dot(part.elementwise_bytes, B) / (tp * cp), dev)
     t_deq = np.where(fq, 0.0, dequant_time_s(part, part.dequant_bytes / tp, dev))
-    fwd = fwd + (t_ew + t_deq + memory_time_s(_dot(part.cast_fwd_bytes, B) / (tp * cp), dev))
+    fwd = fwd + (t_ew + t_deq + cast_time_s(part.cast_fwd_bytes, B, tp, cp, dev))
     if training:
         bwd = bwd + (2.0 * t_ew + (t_deq if part.dequant_in_backward else 0.0)
-                     + memory_time_s(_dot(part.cast_bwd_bytes, B) / (tp * cp), dev))
+                     + cast_time_s(part.cast_bwd_bytes, B, tp, cp, dev))
         if m.recomputed.any():
-            rec = rec + (t_ew + t_deq + memory_time_s(_dot(part.cast_rec_bytes, B) / (tp * cp), dev))
+            rec = rec + (t_ew + t_deq + cast_time_s(part.cast_rec_bytes, B, tp, cp, dev))
     full = np.zeros(shape)
     return PartTime(_out(fwd + full), _out(bwd + full), _out(rec + full), _out(attn + full),
                     _out(part.host_forward_fused_s(fq)), part.host_backward_s)

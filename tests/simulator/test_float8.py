@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from hwprofiles import get_device
 from simulator import Scenario, compute, estimate
 from simulator.estimate import cost_table_for
 
@@ -51,7 +52,7 @@ def test_selective_checkpointing_keeps_the_float8_outputs_so_nothing_is_recast()
 
 def test_the_lm_head_and_embeddings_stay_16_bit():
     ct, _ = _block(compile=True)
-    dev = __import__("hwprofiles").get_device("h100-sxm-80gb")
+    dev = get_device("h100-sxm-80gb")
     post = next(p for p in compute.op_arrays(ct) if p.where == "post")
     t8 = compute.part_time(post, BASIS, dev, "fp8", 1, 1, True)
     t16 = compute.part_time(post, BASIS, dev, "bf16", 1, 1, True)
@@ -68,3 +69,15 @@ def test_float8_gains_what_torchtitan_measured_over_bf16_not_the_peak_ratio():
     assert 1.15 < t16 / t8 < 1.4
     eager = estimate({**sc, "precision": "fp8", "compile": False}, what_fits=False).time.step_s
     assert eager > t8 * 1.1  # unfused casts: nine kernels and 33 bytes per element each
+
+
+def test_context_parallel_ranks_each_cast_the_whole_weight():
+    """Tokens split over context-parallel ranks; each still casts every weight: only the activation share halves."""
+    dev = get_device("h100-sxm-80gb")
+    _, part = _block(compile=True)
+    one = compute.cast_time_s(part.cast_fwd_bytes, BASIS, 1, 1, dev)
+    two = compute.cast_time_s(part.cast_fwd_bytes, BASIS, 1, 2, dev)
+    x, w = 5 * TOKENS * IN_PER_TOKEN, 5 * WEIGHTS
+    assert one == pytest.approx(compute.memory_time_s(x + w, dev), rel=1e-12)
+    assert two == pytest.approx(compute.memory_time_s(x / 2 + w, dev), rel=1e-12)
+    assert compute.cast_time_s(part.cast_fwd_bytes, BASIS, 4, 2, dev) == pytest.approx(two / 4, rel=1e-12)
