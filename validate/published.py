@@ -467,11 +467,18 @@ def _precision(sc: dict, arch: ModelArch, dev, quantized: bool, notes: list[str]
     return prec
 
 
+ALIBI_FLASH2_YEAR = 2024  # flash-attn 2.4.0 (December 2023) added ALiBi to FlashAttention-2
+
+
 def _attention(sc: dict, arch: ModelArch, precision: str, notes: list[str], year: int | None = None) -> str:
     raw = sc.get("attention")
     if arch.family == "torch":
         notes.append("nn.MultiheadAttention(need_weights=True) materialises the scores: eager attention")
         return "eager"
+    if raw == "other" and arch.position == "alibi" and (sc.get("framework") or "other") == "other":
+        # an ALiBi model's own fused kernel outside transformers: llm-foundry's Triton FlashAttention (MPT)
+        notes.append("attention other on an ALiBi model: llm-foundry's Triton FlashAttention, FlashAttention-1 class")
+        return "flash1"
     if raw in (None, "other"):
         fw = sc.get("framework") or "other"
         d = _defaults(sc)["attention"]
@@ -492,6 +499,11 @@ def _attention(sc: dict, arch: ModelArch, precision: str, notes: list[str], year
     if raw == "xformers":
         notes.append("xformers memory-efficient attention modelled as sdpa-mem-efficient")
         return "sdpa-mem-efficient"
+    if arch.position == "alibi" and raw == "flash2" and (year or 0) < ALIBI_FLASH2_YEAR:
+        # FlashAttention-2 took an ALiBi bias from v2.4 (December 2023); before, ALiBi models ran llm-foundry's
+        # Triton FlashAttention (attn_impl: triton, FlashAttention-1's algorithm)
+        notes.append("ALiBi before flash-attn 2.4: a Triton FlashAttention-1-class kernel (flash1)")
+        return "flash1"
     if raw in ("eager", "flash1", "flash2", "flash3"):
         return raw
     raise Unsupported(f"attention {raw!r} not modelled")
@@ -501,9 +513,12 @@ def _attention(sc: dict, arch: ModelArch, precision: str, notes: list[str], year
 # passes ``use_reentrant=True`` when called without kwargs until v5 (modeling_utils.py 4.35-4.57; before 4.35 the
 # models called ``torch.utils.checkpoint.checkpoint`` without it, whose default was reentrant), and with it every
 # Trainer-based stack (TRL, PEFT's examples, HF + DeepSpeed); Megatron's ``tensor_parallel.checkpoint`` and
-# DeepSpeed's ``deepspeed.checkpointing.checkpoint`` are reentrant autograd functions.  litgpt, torchtune and
-# torchtitan wrap blocks with torch's ``checkpoint_wrapper`` (non-reentrant, early stop).
-REENTRANT_FRAMEWORKS = frozenset({"transformers", "trl", "peft", "deepspeed", "megatron", "accelerate"})
+# DeepSpeed's ``deepspeed.checkpointing.checkpoint`` are reentrant autograd functions, as are NeMo's (Megatron
+# core's) and Unsloth's offloaded checkpointer (it reruns the decoder layer's forward in its backward); axolotl passes
+# ``use_reentrant=True`` itself.  litgpt, torchtune, torchtitan, llama-recipes and fsdp-qlora wrap blocks with
+# torch's ``checkpoint_wrapper`` (non-reentrant, early stop).
+REENTRANT_FRAMEWORKS = frozenset({"transformers", "trl", "peft", "deepspeed", "megatron", "accelerate", "axolotl",
+                                  "nemo", "unsloth"})
 TRANSFORMERS_V5_YEAR = 2026  # sources from this year on may run transformers 5 (non-reentrant by default)
 
 

@@ -889,3 +889,21 @@ def test_frameworks_before_transformers_5_rerun_the_whole_block(framework, year,
     plain = sc.model_copy(update={"checkpointing": sc.checkpointing.model_copy(update={"reentrant": False})})
     grow = estimate(sc, what_fits=False).flops.recompute / estimate(plain, what_fits=False).flops.recompute
     assert (grow > 1.0) is reentrant
+
+
+@pytest.mark.parametrize("attention,framework,year,kernel", [
+    ("flash2", "other", 2023, "flash1"), ("flash2", "other", 2024, "flash2"), ("other", "other", 2024, "flash1"),
+    ("flash2", "transformers", 2023, "flash1")])
+def test_alibi_models_ran_a_flashattention_1_class_kernel_before_flash_attn_2_4(attention, framework, year, kernel):
+    """FlashAttention-2 took an ALiBi bias from v2.4 (December 2023): MPT ran llm-foundry's Triton kernel before,
+    and its own fused kernel outside transformers is that one whenever a record calls it 'other'."""
+    rec = _arch_record("mpt")
+    rec["scenario"].update(attention=attention, framework=framework)
+    rec["source"] = {"name": f"a {year} benchmark table"}
+    notes: list[str] = []
+    assert record_to_scenario(rec, notes).attention == kernel
+    assert (kernel == "flash1") == any("FlashAttention-1" in n or "flash1" in n for n in notes)
+    llama = _arch_record("llama", intermediate=1536, vocab=32000)
+    llama["scenario"].update(attention="flash2")
+    llama["source"] = rec["source"]
+    assert record_to_scenario(llama).attention == "flash2"  # rotary models ran FlashAttention-2 all along
