@@ -1118,14 +1118,14 @@ def _checkpointing_that_ran(scen: Scenario, sc: dict, metric: str, notes: list[s
 
     if estimate(scen, what_fits=False, timing=False).fits:
         return scen
-    recomputed = scen
+    # the modes by memory needed, most first: the last one tried is the one that needs the least
     for mode, how in (("full", "recomputed (full)"),
                       ("offload", "recomputed with its checkpoints in host memory (DeepSpeed cpu_checkpointing)")):
         recomputed = scen.model_copy(update={"checkpointing": scen.checkpointing.model_copy(update={"mode": mode})})
         if estimate(recomputed, what_fits=False, timing=False).fits:
             notes.append(f"checkpointing unstated and the default (none) does not fit: the run {how}")
             return recomputed
-    # the run ran, so it recomputed, whatever the engine counts: the mode that needs the least memory
+    # the run ran, so it recomputed, whatever the engine counts: with the mode that needs the least memory
     notes.append("checkpointing unstated and no mode fits by the engine's count: the run ran, so it recomputed with "
                  "its checkpoints in host memory (the least memory)")
     return recomputed
