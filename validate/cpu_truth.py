@@ -594,10 +594,18 @@ def mezo_update_traffic(shape: tuple[int, ...], count: int, dtype: torch.dtype) 
     return StepTraffic(bytes=counter.bytes, ops=counter.ops)
 
 
-def _quant_state_tensors(params: list[nn.Parameter]) -> list[torch.Tensor]:
-    """The tensors of every bitsandbytes 4-bit weight's ``quant_state`` (and its nested ``state2``)."""
+def _quant_state_tensors(params: list[nn.Parameter], model: nn.Module) -> list[torch.Tensor]:
+    """The tensors of every bitsandbytes 4-bit weight's ``quant_state`` (and its nested ``state2``), and every int8
+    layer's per-row fp32 scale (``Int8Params.SCB``, which the first forward moves to ``Linear8bitLt.state``)."""
     out: list[torch.Tensor] = []
+    for m in model.modules():
+        scb = getattr(getattr(m, "state", None), "SCB", None)
+        if type(m).__name__ == "Linear8bitLt" and isinstance(scb, torch.Tensor):
+            out.append(scb)
     for p in params:
+        scb = getattr(p, "SCB", None)
+        if isinstance(scb, torch.Tensor):
+            out.append(scb)
         qs = getattr(p, "quant_state", None)
         while qs is not None:
             out += [t for t in (qs.absmax, qs.code, getattr(qs, "offset", None)) if isinstance(t, torch.Tensor)]
@@ -706,7 +714,7 @@ def _measure(scenario: Scenario, *, dropout: float, seed: int) -> Truth:
             loss.backward()
         total_flops = counter.get_total_flops()
 
-    quant_state = _quant_state_tensors(params)
+    quant_state = _quant_state_tensors(params, model)
     grads = [p.grad for p in trainable if p.grad is not None]
     optimizer.step()
     state = _optimizer_state_bytes(optimizer)

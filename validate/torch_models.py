@@ -890,6 +890,22 @@ def quantize_linears(model: nn.Module, quant: str, *, double_quant: bool, blocks
     return n
 
 
+def upcast_unquantized(model: nn.Module, which: str) -> None:
+    """What PEFT's ``prepare_model_for_kbit_training`` does to a bitsandbytes model ('all': every 16-bit parameter
+    but the ``Params4bit`` ones to fp32), or that followed by TRL's ``peft_module_casting_to_bf16`` ('norms': the
+    modules named like a norm stay fp32, the embeddings and head go back to 16 bits)."""
+    if which == "none":
+        return
+    if which == "all":
+        for p in model.parameters():
+            if p.dtype in (torch.float16, torch.bfloat16) and type(p).__name__ != "Params4bit":
+                p.data = p.data.to(torch.float32)
+        return
+    for name, module in model.named_modules():
+        if isinstance(module, nn.LayerNorm) or "norm" in name:
+            module.to(torch.float32)
+
+
 def _apply_method(model: nn.Module, scenario: Scenario, dtype: torch.dtype, device: str = "cpu") -> nn.Module:
     m, arch = scenario.method, scenario.model
     if isinstance(m, Full):
@@ -908,6 +924,7 @@ def _apply_method(model: nn.Module, scenario: Scenario, dtype: torch.dtype, devi
     if isinstance(m, QLoRA):
         quantize_linears(model, m.quant, double_quant=m.double_quant, blocksize=m.blocksize,
                          compute_dtype=_COMPUTE_DTYPES[m.compute_dtype], device=device)
+        upcast_unquantized(model, m.fp32_unquantized)
         return _lora(model, arch, m)
     if isinstance(m, (LoRA, DoRA)):
         return _lora(model, arch, m)

@@ -98,12 +98,26 @@ class QLoRA(_LoRABase):
     use_dora: bool = False
     """QDoRA: PEFT ``LoraConfig(use_dora=True)`` on a bitsandbytes base (nf4, fp4, int8) -- DoRA's magnitude vector
     and weight norm, the base weight dequantized for the norm in every forward."""
+    fp32_unquantized: Literal["none", "norms", "all"] = "none"
+    """Frozen parameters left unquantized that are kept in fp32 whatever the precision.  'all' is what PEFT's
+    ``prepare_model_for_kbit_training`` leaves (it casts every 16-bit parameter but the 4-bit ones to fp32:
+    embeddings, norms, LM head, biases); TRL's ``SFTTrainer``, axolotl and PEFT's examples call it on bitsandbytes
+    bases.  'norms': the QLoRA repository's ``qlora.py``, and TRL's ``SFTTrainer`` with ``bf16=True``
+    (``peft_module_casting_to_bf16``), cast the embeddings and head back to bf16 after it and keep the norms fp32.
+    Either makes the residual stream fp32: each bitsandbytes layer casts its input to ``compute_dtype`` and its
+    output back to the input's dtype.  Under precision fp32 every parameter is fp32 already."""
 
     @model_validator(mode="after")
     def _dora_base(self):
         if self.use_dora and self.quant not in ("nf4", "fp4", "int8"):
             raise ValueError(
                 f"method.use_dora on quant={self.quant!r}: PEFT's DoRA dequantizes bitsandbytes bases only; allowed: nf4, fp4, int8"
+            )
+        if self.fp32_unquantized != "none" and self.quant not in ("nf4", "fp4", "int8"):
+            raise ValueError(
+                f"method.fp32_unquantized={self.fp32_unquantized!r} on quant={self.quant!r}: PEFT's "
+                "prepare_model_for_kbit_training skips GPTQ bases (since 0.5), and the cast-in/cast-out of the "
+                "layers is modelled for bitsandbytes ones; allowed quant: nf4, fp4, int8, or fp32_unquantized 'none'"
             )
         return self
 

@@ -170,8 +170,15 @@ class Scenario(Strict):
                 f"workload.seq_len={seq} exceeds model {arch.name!r} max_position_embeddings={arch.max_position_embeddings} "
                 "(learned position table)"
             )
+        if isinstance(m, QLoRA) and m.fp32_unquantized == "norms" and self.precision in ("bf16", "fp16", "fp8"):
+            raise ValueError(
+                f"method.fp32_unquantized='norms' with precision={self.precision!r}: fp32 norms feed an fp32 stream "
+                "into the 16-bit embeddings' and head's matmuls, which only autocast runs; use precision 'bf16-amp' "
+                "or 'fp16-amp', or fp32_unquantized 'all'"
+            )
         if isinstance(m, QLoRA) and self.precision == "fp32":
-            raise ValueError("method.kind='qlora' with precision='fp32': QLoRA computes in 16-bit; use precision 'bf16' or 'fp16'")
+            raise ValueError("method.kind='qlora' with precision='fp32': QLoRA computes in 16-bit; use precision 'bf16' or "
+                             "'fp16' (a model loaded in fp32 around its 4-bit layers: add method.fp32_unquantized='all')")
         if isinstance(m, (PrefixTuning, PromptTuning)) and m.n_virtual_tokens >= seq:
             raise ValueError(
                 f"method.n_virtual_tokens={m.n_virtual_tokens} must be smaller than workload.seq_len={seq}"

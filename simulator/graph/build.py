@@ -475,8 +475,15 @@ class Builder:
             if x.requires_grad:
                 tr.save(path, deq)
         else:
-            deq = Tensor(-1, Poly.const(in_f * out_f), self.cdt, False, path)
+            deq = Tensor(-1, Poly.const(in_f * out_f), self.plan.quant_compute_dtype or self.cdt, False, path)
             tr.transient(path, deq.nbytes)
+        bnb = quant in BNB_QUANT_FORMATS and self.plan.quant_compute_dtype is not None
+        x_in = x
+        if bnb and quant != "int8":
+            # bitsandbytes ``Linear4bit``: ``x.to(compute_dtype)`` (a copy when the residual stream is wider, e.g.
+            # fp32 after prepare_model_for_kbit_training), the result ``.to(inp_dtype)``.  ``MatMul8bitLt``
+            # quantizes a transient fp16 copy and returns the input's dtype itself.
+            x = tr.cast(path, x, self.plan.quant_compute_dtype)
         legacy_bnb = getattr(self.plan.lora, "bnb_keeps_input", False) or getattr(self.plan.llama_adapter,
                                                                                    "bnb_keeps_input", False)
         if quant in ("nf4", "fp4") and x.requires_grad and legacy_bnb:
@@ -488,8 +495,11 @@ class Builder:
         tr.flops(path, "linear", mm, mm if x.requires_grad else ZERO,
                  rows * (dtype_bytes(x.dtype) * (in_f + out_f)) + Poly.const(w.nbytes.c[-1]),
                  aten="addmm" if b is not None and quant != "gptq" else "mm")
+        rg = x.requires_grad or (b is not None and b.requires_grad)
+        if bnb:
+            return tr.returns(tr.cast(path, tr.new(path, rows * out_f, x.dtype, rg), x_in.dtype))
         return tr.returns(tr.new(path, rows * out_f, self.cdt if x.dtype == "fp32" and self.cdt != "fp32" else x.dtype,
-                                 x.requires_grad or (b is not None and b.requires_grad)))
+                                 rg))
 
     def _lora(self, path: str, x: Tensor, result: Tensor, in_f: int, out_f: int, base_w: Tensor,
               base_quant: str = "dense") -> Tensor:
@@ -556,13 +566,18 @@ class Builder:
         return tr.cast(path, y, x.dtype)
 
     # -- norms ----------------------------------------------------------------------------
+    def norm_weight(self, path: str, width: int, trainable: bool) -> Tensor:
+        """A norm's weight: a frozen one in ``plan.norm_dtype`` where PEFT's kbit preparation left it fp32."""
+        trainable = trainable or self.plan.saved_module(_leaf(path))
+        return self.weight(f"{path}.weight", width, trainable, dtype=None if trainable else self.plan.norm_dtype)
+
     def rmsnorm(self, path: str, x: Tensor, width: int, trainable: bool) -> Tensor:
         """HF ``LlamaRMSNorm``: fp32 upcast, ``x * rsqrt(mean(x^2) + eps)``, ``weight * y.to(dtype)``.
 
         Saves the fp32 input (pow and mul share it), the fp32 rsqrt (b*s), and the cast-back
         normalised tensor when the weight trains."""
         tr = self.tr
-        w = self.weight(f"{path}.weight", width, trainable or self.plan.saved_module(_leaf(path)))
+        w = self.norm_weight(path, width, trainable)
         x32 = tr.cast(path, x, "fp32")
         if x32.requires_grad:
             tr.save(path, x32)  # pow(2) saves self
@@ -582,7 +597,7 @@ class Builder:
     def layernorm(self, path: str, x: Tensor, width: int, trainable: bool, bias: bool = True) -> Tensor:
         """``aten.native_layer_norm``: saves input, mean and rstd (fp32, b*s each); autocast runs it in fp32."""
         tr = self.tr
-        w = self.weight(f"{path}.weight", width, trainable or self.plan.saved_module(_leaf(path)))
+        w = self.norm_weight(path, width, trainable)
         b = self.weight(f"{path}.bias", width, trainable or self.plan.biases_trainable) if bias else None
         if tr.autocast is not None:
             x = tr.cast(path, x, "fp32")
@@ -597,7 +612,7 @@ class Builder:
         """HF ``T5LayerNorm``: the variance from an fp32 copy, but ``x * rsqrt(var)`` multiplies the
         original-dtype input (saved too), then casts to the weight dtype before ``weight * y``."""
         tr = self.tr
-        w = self.weight(f"{path}.weight", width, trainable or self.plan.saved_module(_leaf(path)))
+        w = self.norm_weight(path, width, trainable)
         x32 = tr.cast(path, x, "fp32")
         if x32.requires_grad:
             tr.save(path, x32)

@@ -121,6 +121,8 @@ class Plan:
     llama_adapter: Any = None  # LlamaAdapter settings (litgpt's adaption prompts), or None
     shira: Any = None  # Shira settings (PEFT's sparse entries), or None
     shira_targets: frozenset[str] | None = None  # None = all-linear
+    norm_dtype: str | None = None  # frozen norm weights' dtype when it is not base_dtype (fp32 after kbit prep)
+    quant_compute_dtype: str | None = None  # dtype a bitsandbytes layer computes in (its input cast to it and back)
 
     def shira_on(self, path: str) -> bool:
         """PEFT target matching for SHiRA (as :meth:`lora_on`)."""
@@ -212,15 +214,25 @@ def plan_of(sc: Scenario) -> Plan:
         ia3_ff = frozenset(m.feedforward_modules if m.feedforward_modules is not None else dflt[1])
     # 2. quantization
     base_quant, group, dq = "dense", 128, False
+    norm_dtype, quant_cdt = None, None
     if isinstance(m, QLoRA):
         base_quant, group, dq = m.quant, m.group_size, m.double_quant
         if sc.precision in ("bf16", "fp16"):
             prec = Precision(m.compute_dtype, m.compute_dtype, None, False)
+        if m.quant in ("nf4", "fp4", "int8"):
+            # bitsandbytes: ``x.to(compute_dtype)``, the matmul (autocast's dtype under AMP), ``.to(input dtype)``;
+            # Linear8bitLt always quantizes a 16-bit input
+            quant_cdt = prec.autocast or ("fp16" if m.quant == "int8" and m.compute_dtype == "fp32"
+                                          else m.compute_dtype)
+        if m.fp32_unquantized != "none":
+            norm_dtype = "fp32"
     elif isinstance(m, LlamaAdapter) and m.quant != "none":
         base_quant, dq = m.quant, m.double_quant
     elif not training and sc.inference.weights != "none":
         base_quant, group, dq = sc.inference.weights, sc.inference.group_size, sc.inference.double_quant
     base_dtype = prec.autocast if (prec.autocast and m.kind in ADDON_METHODS) else prec.param_dtype
+    if isinstance(m, QLoRA) and m.fp32_unquantized == "all":
+        base_dtype = "fp32"  # prepare_model_for_kbit_training: every 16-bit parameter but the 4-bit ones
     return Plan(
         arch=arch,
         precision=prec,
@@ -260,6 +272,8 @@ def plan_of(sc: Scenario) -> Plan:
         padded=sc.padded_batches,
         implementation=sc.implementation,
         llama_adapter=m if isinstance(m, LlamaAdapter) else None,
+        norm_dtype=norm_dtype,
+        quant_compute_dtype=quant_cdt,
     )
 
 

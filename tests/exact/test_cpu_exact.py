@@ -384,6 +384,35 @@ def test_qlora_equals_bitsandbytes(double_quant, use_dora, checkpointing):
     assert ct.at(ct.bwd_flops, B) == truth.backward_flops - truth.recompute_flops  # recompute: forward again
 
 
+@pytest.mark.parametrize("quant,precision,upcast,checkpointing", [
+    ("nf4", "bf16", "all", "none"), ("nf4", "bf16-amp", "all", "none"), ("nf4", "bf16-amp", "norms", "none"),
+    ("nf4", "bf16-amp", "all", "full"), ("fp4", "fp16", "all", "none"), ("nf4", "bf16", "all", "full-reentrant"),
+    ("int8", "bf16", "all", "none"),
+])
+def test_kbit_prepared_qlora_equals_bitsandbytes(quant, precision, upcast, checkpointing):
+    """PEFT's ``prepare_model_for_kbit_training`` leaves every unquantized parameter fp32 ('all'), TRL's bf16
+    casting after it the norms only ('norms').  The residual stream turns fp32 and each 4-bit layer casts its
+    input to the compute dtype and its output back (an int8 layer returns its input's dtype): the frozen storage,
+    the saved activations and the backward FLOPs are exact against bitsandbytes' own layers, and the fp32 stream
+    saves more than the 16-bit one.  (int8 under autocast is left out: on CPU bitsandbytes trains int8 layers
+    through a dequantizing F.linear that autocast narrows, where CUDA's MatMul8bitLt returns the input's dtype.)"""
+    pytest.importorskip("bitsandbytes")
+    from simulator import estimate
+
+    method = {"kind": "qlora", "quant": quant, "r": 4, "targets": "all-linear", "fp32_unquantized": upcast}
+    sc = _scenario("llama", precision, "sdpa-math", method, checkpointing)
+    truth = measure(sc)
+    ct, B = _engine(sc)
+    mb = estimate(sc).memory_bytes
+    assert mb.weights + mb.quant_scales == truth.param_bytes + truth.quant_state_bytes - truth.trainable_param_bytes
+    assert mb.trainable_weights == truth.trainable_param_bytes
+    assert ct.at(ct.saved, B) == truth.saved_bytes_total
+    assert ct.at(ct.bwd_flops, B) == truth.backward_flops - truth.recompute_flops
+    plain, _ = _engine(_scenario("llama", precision, "sdpa-math", {**method, "fp32_unquantized": "none"},
+                                 checkpointing))
+    assert ct.at(ct.saved, B) > plain.at(plain.saved, B)
+
+
 def test_lora_trainable_count_formula():
     """r * (in + out) per adapted module: q (64 -> 64) and v (64 -> 32) in 2 layers, r = 4."""
     ct, _ = _engine(_scenario("llama", "bf16", "sdpa-flash", LORA, "none"))
