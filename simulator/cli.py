@@ -44,7 +44,7 @@ METHOD_CLASSES: dict[str, type[BaseModel]] = {
 WORKLOAD_CLASSES: dict[str, type[BaseModel]] = {"train": TrainWorkload, "infer": InferWorkload}
 
 # flag dest -> field of the method config
-METHOD_FLAGS = ("r", "alpha", "targets", "quant", "use_dora", "n_virtual_tokens")
+METHOD_FLAGS = ("r", "alpha", "targets", "quant", "use_dora", "fp32_unquantized", "n_virtual_tokens")
 TRAIN_FLAGS = ("seq_len", "micro_batch", "grad_accum")
 INFER_FLAGS = ("batch", "prompt_len", "gen_len", "prefill_logits")
 
@@ -386,6 +386,7 @@ workload:
 method:
   kind: qlora                # full | freeze | lora | dora | qlora | ia3 | prefix | prompt | bitfit | adapter | llama-adapter | shira
   quant: nf4                 # qlora base storage: nf4 | fp4 | int8 | gptq | awq
+  fp32_unquantized: none     # qlora on bitsandbytes: all (PEFT prepare_model_for_kbit_training) | norms (TRL bf16) | none
   r: 16                      # LoRA rank
   alpha: 32                  # scaling = alpha / r
   targets: all-linear        # or a list: [q_proj, v_proj]
@@ -479,6 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--targets", metavar="q_proj,v_proj|all-linear", help="comma-separated module names, or all-linear")
     g.add_argument("--quant", metavar="Q", help=_doc(QLoRA, "quant"))
     g.add_argument("--use-dora", action="store_true", default=None, help=_doc(QLoRA, "use_dora"))
+    g.add_argument("--fp32-unquantized", metavar="none|norms|all", help=_doc(QLoRA, "fp32_unquantized", choices=False))
     g.add_argument("--n-virtual-tokens", type=int, metavar="N", help=_doc(PrefixTuning, "n_virtual_tokens") + " (prefix, prompt)")
     g = e.add_argument_group("numerics and runtime")
     g.add_argument("--precision", metavar="P", help=_doc(Scenario, "precision", choices=False)

@@ -662,8 +662,36 @@ def _legacy_bnb(quant: str, source: dict | None, notes: list[str]) -> bool:
     return legacy
 
 
+# Stacks that hand a bitsandbytes model to PEFT's ``prepare_model_for_kbit_training`` (every 16-bit parameter
+# but the 4-bit ones cast to fp32; peft >= 0.3, 2023-05): TRL's SFTTrainer (trl/trainer/sft_trainer.py from
+# v0.4, until PR #4577, 2025-12, dropped the call), PEFT's own examples and the transformers + PEFT QLoRA recipe
+# (the QLoRA repository's qlora.py, the HF blog notebooks).  TRL with ``bf16=True`` then runs
+# ``peft_module_casting_to_bf16`` (PR #1110, 2023-12-19): embeddings and head back to bf16, norms fp32.
+KBIT_PREP_FRAMEWORKS = frozenset({"trl", "peft", "transformers"})
+TRL_BF16_CASTING_YEAR = 2024
+TRL_NO_KBIT_PREP_YEAR = 2026
+
+
+def _fp32_unquantized(sc: dict, quant: str, precision: str, year: int | None, notes: list[str]) -> str:
+    """What a record's stack leaves in fp32 around a bitsandbytes base: 'all', 'norms' or 'none'."""
+    fw = sc.get("framework")
+    if quant not in ("nf4", "fp4", "int8") or fw not in KBIT_PREP_FRAMEWORKS:
+        return "none"
+    if fw == "trl" and year is not None and year >= TRL_NO_KBIT_PREP_YEAR:
+        return "none"
+    if fw == "trl" and (year is None or year >= TRL_BF16_CASTING_YEAR) and precision == "bf16-amp":
+        notes.append("TRL with bf16: prepare_model_for_kbit_training, then embeddings and head back to bf16 -> "
+                     "fp32 norms (fp32_unquantized 'norms')")
+        return "norms"
+    notes.append(f"{fw} on a bitsandbytes base: prepare_model_for_kbit_training leaves the unquantized parameters "
+                 "fp32 (fp32_unquantized 'all')")
+    return "all"
+
+
 # The year of sources whose records name none, from the history of the file they cite.
 SOURCE_YEARS: dict[str, int] = {
+    # the post is dated 2023-05-24 (huggingface/blog 4bit-transformers-bitsandbytes.md and its translations)
+    "4bit-transformers-bitsandbytes": 2023,
     # the table came with accelerate's ea0d5368 "Add benchmarks (#506)", 2022-07-12, and was only moved since
     "huggingface/accelerate benchmarks/big_model_inference": 2022,
 }
@@ -765,9 +793,9 @@ def _method(sc: dict, arch: ModelArch, precision: str, notes: list[str], rec_sou
         if kind == "qlora" or wq != "none":
             if wq == "none":
                 wq = "nf4"
+                notes.append("qlora without weight_quant: NF4 base")
             if _legacy_bnb(wq, rec_source, notes):
                 kw["bnb_keeps_input"] = True
-                notes.append("qlora without weight_quant: NF4 base")
             if wq not in QUANTS or QUANTS[wq] == "fp8":
                 raise Unsupported(f"LoRA on a {wq!r} base not modelled")
             dq = sc.get("double_quant")
@@ -776,7 +804,8 @@ def _method(sc: dict, arch: ModelArch, precision: str, notes: list[str], rec_sou
                 if QUANTS[wq] in ("nf4", "fp4"):
                     notes.append(f"double_quant unstated: {sc.get('framework')} default {dq}")
             compute = "fp16" if precision.startswith("fp16") else "bf16"
-            return QLoRA(quant=QUANTS[wq], double_quant=bool(dq), compute_dtype=compute, **kw)
+            up = _fp32_unquantized(sc, QUANTS[wq], precision, _source_year(rec_source), notes)
+            return QLoRA(quant=QUANTS[wq], double_quant=bool(dq), compute_dtype=compute, fp32_unquantized=up, **kw)
         return LoRA(**kw)
     text = f"{kind} {sc.get('notes') or ''} {(rec_source or {}).get('where') or ''}".lower()
     if sc.get("framework") == "litgpt" and kind in LITGPT_ADAPTER_KINDS:

@@ -146,6 +146,18 @@ def test_reentrant_flag_reruns_the_whole_block_and_is_refused_with_selective(cap
     assert "reentrant=True" in line and "'full', 'every_k' or 'offload'" in line
 
 
+def test_fp32_unquantized_flag_widens_the_stream_and_names_the_allowed_values(capsys):
+    base = ("estimate", "--model", "llama-2-7b", "--gpu", "t4-16gb", "--quant", "nf4", "--precision", "fp16",
+            "--seq-len", "512")
+    plain, prepared = run_json(capsys, *base), run_json(capsys, *base, "--fp32-unquantized", "all")
+    assert prepared["scenario"]["method"]["fp32_unquantized"] == "all"
+    assert 1.4 < prepared["memory_bytes"]["activations"] / plain["memory_bytes"]["activations"] < 2.0
+    line = assert_one_line_error(*run(capsys, *base, "--fp32-unquantized", "norms"))
+    assert "fp32_unquantized='norms'" in line and "'bf16-amp'" in line
+    line = assert_one_line_error(*run(capsys, *base, "--fp32-unquantized", "some"))
+    assert "fp32_unquantized" in line and "'all'" in line
+
+
 def test_not_fitting_is_an_answer_with_suggestions(capsys):
     argv = ["estimate", "--model", "llama-3.1-70b", "--gpu", "l4-24gb", "--method", "full"]
     rc, out, err = run(capsys, *argv)

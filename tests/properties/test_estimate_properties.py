@@ -196,6 +196,7 @@ def method_dict(draw, targets: tuple[str, ...], kind: str | None, junk: bool) ->
             opt("compute_dtype", lambda: _choice(draw, ["bf16", "fp16", "fp32"], junk))
             opt("group_size", lambda: _int(draw, 1, 1024, junk))
             opt("blocksize", lambda: _int(draw, 1, 4096, junk))
+            opt("fp32_unquantized", lambda: _choice(draw, ["none", "norms", "all"], junk, bad=("some", "fp16")))
     elif kind == "shira":
         opt("r", lambda: draw(st.integers(-2, 2048)) if junk else draw(st.integers(1, 64)))
         opt("targets", target_list)
@@ -644,6 +645,26 @@ def test_a_reentrant_checkpoint_reruns_more_and_keeps_the_same(d, mode):
     assert whole.memory_bytes.activations == early.memory_bytes.activations
     if early.time is not None:
         assert _not_less(early.time.step_s, whole.time.step_s)
+
+
+@settings(max_examples=scaled(100), **FAST)
+@given(scenario_dicts(junk=False, task="train"), st.sampled_from(["nf4", "fp4", "int8"]))
+def test_kbit_preparation_widens_the_frozen_rest_and_keeps_the_trainables(d, quant):
+    """PEFT's kbit preparation casts the unquantized parameters to fp32: more frozen bytes wherever they were 16-bit,
+    the same quantized storage and trainable adapters.  (Saved activations have no such order: an fp32 stream
+    saves no 16-bit cast copies of its logits or softmax.)"""
+    # (a modules_to_save copy is made after the cast: it trains in fp32 too, so it is left out here)
+    m = {k: v for k, v in (d.get("method") or {}).items()
+         if k not in ("kind", "quant", "fp32_unquantized", "modules_to_save")}
+    q = lambda up: {**d, "method": {**m, "kind": "qlora", "quant": quant, "fp32_unquantized": up}}  # noqa: E731
+    sc, sc_up = valid_scenario(q("none")), valid_scenario(q("all"))
+    plain, prepared = estimate(sc, what_fits=False), estimate(sc_up, what_fits=False)
+    note(f"frozen weights {plain.memory_bytes.weights} -> {prepared.memory_bytes.weights}")
+    assert prepared.memory_bytes.quant_scales == plain.memory_bytes.quant_scales
+    assert prepared.memory_bytes.trainable_weights == plain.memory_bytes.trainable_weights
+    assert prepared.memory_bytes.weights >= plain.memory_bytes.weights
+    if sc.precision != "fp32" and sc.method.compute_dtype != "fp32":  # else the rest is fp32 already
+        assert prepared.memory_bytes.weights > plain.memory_bytes.weights
 
 
 @settings(max_examples=scaled(100), **FAST)
