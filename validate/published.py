@@ -679,7 +679,8 @@ def _fp32_unquantized(sc: dict, quant: str, precision: str, year: int | None, no
         return "none"
     if fw == "trl" and year is not None and year >= TRL_NO_KBIT_PREP_YEAR:
         return "none"
-    if fw == "trl" and (year is None or year >= TRL_BF16_CASTING_YEAR) and precision == "bf16-amp":
+    if (fw == "trl" and (year is None or year >= TRL_BF16_CASTING_YEAR) and precision == "bf16-amp"
+            and quant in ("nf4", "fp4")):  # TRL casts back 4-bit models only (``is_loaded_in_4bit``)
         notes.append("TRL with bf16: prepare_model_for_kbit_training, then embeddings and head back to bf16 -> "
                      "fp32 norms (fp32_unquantized 'norms')")
         return "norms"

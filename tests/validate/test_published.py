@@ -954,7 +954,7 @@ def test_kbit_preparation_follows_the_stack_and_its_year():
         return m.fp32_unquantized
 
     assert up(2023) == "all" and up(2023, precision="fp16-pure") == "all"
-    assert up(2024) == "norms" and up(2025, precision="fp16-amp") == "all"
+    assert up(2024) == "norms" and up(2025, precision="fp16-amp") == "all" and up(2024, weight_quant="int8") == "all"
     assert up(2026) == "none" and up(None) == "norms"
     assert up(2024, framework="peft") == "all" and up(2024, framework="transformers", weight_quant="int8") == "all"
     assert up(2024, framework="litgpt") == "none" and up(2024, framework="torchtune") == "none"
