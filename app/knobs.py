@@ -37,6 +37,7 @@ from pydantic.fields import FieldInfo
 from hwprofiles import get_device
 from simulator import Scenario
 from simulator.config import ModelArch
+from simulator.config.methods import BNB_QUANTS
 from simulator.config.parallel import ZeroStage
 from simulator.config.training import GALORE_BASE
 from simulator.models import list_models, resolve_model_name
@@ -81,8 +82,8 @@ SHOWN_WHEN: dict[str, tuple[str, tuple[Any, ...]]] = {
     "method.blocksize": ("method.quant", ("nf4", "fp4")),
     "method.double_quant": ("method.quant", ("nf4", "fp4")),
     "method.bnb_keeps_input": ("method.quant", ("nf4", "fp4")),
-    "method.use_dora": ("method.quant", ("nf4", "fp4", "int8")),
-    "method.fp32_unquantized": ("method.quant", ("nf4", "fp4", "int8")),
+    "method.use_dora": ("method.quant", BNB_QUANTS),
+    "method.fp32_unquantized": ("method.quant", BNB_QUANTS),
     "method.qkv_parts": ("implementation", ("litgpt",)),
     "method.encoder_hidden_size": ("method.prefix_projection", (True,)),
     "parallel.pp_virtual": ("parallel.pp_schedule", ("interleaved",)),

@@ -29,6 +29,7 @@ from hwprofiles import Device
 from hwprofiles.schema import interp_clamped
 
 from .graph.build import GPTQ_TORCH_DEQUANT_BYTES_PER_WEIGHT, GPTQ_TORCH_DEQUANT_KERNELS, attention_kernel, is_moe_router  # noqa: F401
+from .config.methods import BNB_QUANTS
 from .graph.compile import CostTable, recomputed_ops
 from .units import dtype_bytes
 
@@ -64,7 +65,6 @@ BACKWARD_HOST_PER_OP_S = 12e-6
 # ``matmul_4bit`` with its quant-state handling, or ``MatMul4Bit`` / ``MatMul8bitLt`` autograd functions): fitted
 # to litgpt's batch-1 generation with ``--quantize bnb.nf4`` against bf16 on the same models (+0.5-0.6 ms
 # per Llama block of 7 quantized linears, 7B to 70B).
-BNB_FORMATS = frozenset({"nf4", "fp4", "int8"})
 BNB_CALL_HOST_S = 90e-6
 
 # Weight-only quantized GEMMs with few input rows run fused kernels that read the packed weights and
@@ -320,7 +320,7 @@ def op_arrays(ct: CostTable) -> tuple[OpArrays, ...]:
     for r in ct.param_rows:
         if r.quantized:
             quant_by_part[r.where].append(r)
-    bnb = ct.plan.base_quant in BNB_FORMATS
+    bnb = ct.plan.base_quant in BNB_QUANTS
     tdq = ct.plan.base_quant == "gptq" and ct.plan.training
     cc = ct.plan.compiled
     parts = [_part("pre", (0,), mt.pre, ct.arch, frozenset(), quant_by_part["pre"], bnb=bnb, torch_dequant=tdq,

@@ -129,6 +129,8 @@ def method_text(e: Estimate, scenario: Scenario | None = None) -> str:
             "prompt_length", "start_layer", "v2")
     fields = [f"{k}={_fmt_value(getattr(m, k)) if getattr(m, k) is not None else 'PEFT default'}"
               for k in keys if k in type(m).__pydantic_fields__]
+    if getattr(m, "fp32_unquantized", "none") != "none":
+        fields.append(f"fp32_unquantized={m.fp32_unquantized}")
     kind = "qdora" if getattr(m, "use_dora", False) else m.kind
     return kind + (f" ({', '.join(fields)})" if fields else "")
 

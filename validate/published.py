@@ -45,6 +45,7 @@ from simulator.config import (
     QLoRA,
     TrainWorkload,
 )
+from simulator.config.methods import BNB_QUANTS
 from simulator.estimate import count_params
 from simulator.graph.build import names_of, target_names
 from simulator.models.catalog import list_models
@@ -675,7 +676,7 @@ TRL_NO_KBIT_PREP_YEAR = 2026
 def _fp32_unquantized(sc: dict, quant: str, precision: str, year: int | None, notes: list[str]) -> str:
     """What a record's stack leaves in fp32 around a bitsandbytes base: 'all', 'norms' or 'none'."""
     fw = sc.get("framework")
-    if quant not in ("nf4", "fp4", "int8") or fw not in KBIT_PREP_FRAMEWORKS:
+    if quant not in BNB_QUANTS or fw not in KBIT_PREP_FRAMEWORKS:
         return "none"
     if fw == "trl" and year is not None and year >= TRL_NO_KBIT_PREP_YEAR:
         return "none"
@@ -787,7 +788,7 @@ def _method(sc: dict, arch: ModelArch, precision: str, notes: list[str], rec_sou
         if kind == "dora":
             if wq == "none":
                 return DoRA(**kw)
-            if QUANTS.get(wq) not in ("nf4", "fp4", "int8"):
+            if QUANTS.get(wq) not in BNB_QUANTS:
                 raise Unsupported(f"DoRA on a {wq!r} base not modelled (PEFT's DoRA dequantizes bitsandbytes bases only)")
             kw["use_dora"] = True
             notes.append("DoRA on a quantized base: QDoRA (PEFT use_dora=True over bitsandbytes)")
@@ -812,7 +813,7 @@ def _method(sc: dict, arch: ModelArch, precision: str, notes: list[str], rec_sou
     if sc.get("framework") == "litgpt" and kind in LITGPT_ADAPTER_KINDS:
         # litgpt's finetune/adapter.py and adapter_v2.py: LLaMA-Adapter (V2), prompt length 10 from block 2
         v2 = kind in ("adapter_v2", "adapter-v2", "adapter v2", "llama-adapter-v2") or "adapter_v2" in text
-        if wq != "none" and QUANTS.get(wq) not in ("nf4", "fp4", "int8"):
+        if wq != "none" and QUANTS.get(wq) not in BNB_QUANTS:
             raise Unsupported(f"LLaMA-Adapter on a {wq!r} base not modelled (litgpt quantizes with bitsandbytes)")
         dq = bool(sc.get("double_quant"))
         notes.append(f"litgpt {'adapter_v2' if v2 else 'adapter'}: LLaMA-Adapter{' V2' if v2 else ''}, "

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from simulator.config.methods import BNB_QUANTS
 from simulator.graph.transforms import ADDON_METHODS
 from simulator.config import (
     IA3,
@@ -860,7 +861,7 @@ def quantize_linears(model: nn.Module, quant: str, *, double_quant: bool, blocks
     bitsandbytes layer of ``quant`` ('nf4' / 'fp4': ``Linear4bit`` with ``Params4bit``; 'int8':
     ``Linear8bitLt`` with frozen ``Int8Params``), as ``BitsAndBytesConfig`` loading does.  The weights are
     quantized when moved to ``device``.  Returns the number of layers replaced."""
-    if quant not in ("nf4", "fp4", "int8"):
+    if quant not in BNB_QUANTS:
         raise NotImplementedError(f"quant={quant!r}: GPTQ / AWQ bases come from pre-quantized checkpoints")
     bnb = _require_bitsandbytes(f"quant={quant!r}")
     n = 0

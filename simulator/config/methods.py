@@ -78,6 +78,10 @@ class DoRA(_LoRABase):
     kind: Literal["dora"] = "dora"
 
 
+BNB_QUANTS: tuple[str, ...] = ("nf4", "fp4", "int8")
+"""The base formats bitsandbytes stores: 4-bit NF4 / FP4 (``Linear4bit``) and int8 (``Linear8bitLt``)."""
+
+
 class QLoRA(_LoRABase):
     """LoRA on a quantized, frozen base (bitsandbytes 4-bit by default; GPTQ/AWQ/int8 bases too)."""
 
@@ -109,15 +113,17 @@ class QLoRA(_LoRABase):
 
     @model_validator(mode="after")
     def _dora_base(self):
-        if self.use_dora and self.quant not in ("nf4", "fp4", "int8"):
+        if self.use_dora and self.quant not in BNB_QUANTS:
             raise ValueError(
-                f"method.use_dora on quant={self.quant!r}: PEFT's DoRA dequantizes bitsandbytes bases only; allowed: nf4, fp4, int8"
+                f"method.use_dora on quant={self.quant!r}: PEFT's DoRA dequantizes bitsandbytes bases only; allowed: "
+                + ", ".join(BNB_QUANTS)
             )
-        if self.fp32_unquantized != "none" and self.quant not in ("nf4", "fp4", "int8"):
+        if self.fp32_unquantized != "none" and self.quant not in BNB_QUANTS:
             raise ValueError(
                 f"method.fp32_unquantized={self.fp32_unquantized!r} on quant={self.quant!r}: PEFT's "
                 "prepare_model_for_kbit_training skips GPTQ bases (since 0.5), and the cast-in/cast-out of the "
-                "layers is modelled for bitsandbytes ones; allowed quant: nf4, fp4, int8, or fp32_unquantized 'none'"
+                "layers is modelled for bitsandbytes ones; allowed quant: " + ", ".join(BNB_QUANTS)
+                + ", or fp32_unquantized 'none'"
             )
         return self
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field, replace
 
+from ..config.methods import BNB_QUANTS
 from ..config.model import ModelArch
 from ..units import dtype_bytes
 from .ir import ZERO, Param, Poly, Tensor, Trace, Tracer, promote
@@ -143,8 +144,6 @@ LOSS_ON_LOGITS_AS_THEY_ARE = frozenset({"torch", "qwen"})
 SHIFT_16_BIT_LOGITS_BEFORE_446 = frozenset({"gpt2", "opt", "bloom", "gpt_neox", "falcon"})
 # learned positions numbered per sequence: OPT's cumsum of the attention mask, RoBERTa's of the non-padding ids
 PER_SEQUENCE_POSITION_IDS = frozenset({"opt", "roberta"})
-# bitsandbytes' formats: transformers' bnb quantizers leave a model's ``_keep_in_fp32_modules`` unconverted
-BNB_QUANT_FORMATS = frozenset({"nf4", "fp4", "int8"})
 # transformers 5 decoders whose eager attention receives a materialised (b, 1, s, s) causal mask
 # (masking_utils ``create_causal_mask``; SDPA and flash get none without padding and run causal kernels).
 EAGER_4D_MASK_FAMILIES = frozenset({"llama", "phi3", "gpt2", "gptj", "gpt_neox", "phi", "opt", "t5", "bloom",
@@ -477,7 +476,7 @@ class Builder:
         else:
             deq = Tensor(-1, Poly.const(in_f * out_f), self.plan.quant_compute_dtype or self.cdt, False, path)
             tr.transient(path, deq.nbytes)
-        bnb = quant in BNB_QUANT_FORMATS and self.plan.quant_compute_dtype is not None
+        bnb = quant in BNB_QUANTS and self.plan.quant_compute_dtype is not None
         x_in = x
         if bnb and quant != "int8":
             # bitsandbytes ``Linear4bit``: ``x.to(compute_dtype)`` (a copy when the residual stream is wider, e.g.
@@ -1081,7 +1080,8 @@ class ModelBuilder(Builder):
         bitsandbytes leaves it unquantized (its ``modules_to_not_convert``)."""
         loads_fp16 = "fp16" in (self.pdt, self.base_dt)
         dtype = "fp32" if loads_fp16 else (self.pdt if trainable else self.base_dt)
-        return dtype, self.plan.base_quant not in BNB_QUANT_FORMATS
+        # transformers' bnb quantizers leave a model's ``_keep_in_fp32_modules`` unconverted
+        return dtype, self.plan.base_quant not in BNB_QUANTS
 
     def _t5_clamp(self, L: str, x: Tensor) -> Tensor:
         """T5Block in fp16: ``torch.clamp(x, min=-clamp_value, max=clamp_value)`` with 0-dim fp32 bounds from

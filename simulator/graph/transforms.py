@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import Scenario
-from ..config.methods import IA3, Adapter, BitFit, Freeze, Full, LlamaAdapter, PrefixTuning, PromptTuning, QLoRA, Shira, _LoRABase
+from ..config.methods import BNB_QUANTS, IA3, Adapter, BitFit, Freeze, Full, LlamaAdapter, PrefixTuning, PromptTuning, QLoRA, Shira, _LoRABase
 from ..config.model import ModelArch
 
 # PEFT's LoRA defaults (peft/utils/constants.py TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
@@ -219,7 +219,7 @@ def plan_of(sc: Scenario) -> Plan:
         base_quant, group, dq = m.quant, m.group_size, m.double_quant
         if sc.precision in ("bf16", "fp16"):
             prec = Precision(m.compute_dtype, m.compute_dtype, None, False)
-        if m.quant in ("nf4", "fp4", "int8"):
+        if m.quant in BNB_QUANTS:
             # bitsandbytes: ``x.to(compute_dtype)``, the matmul (autocast's dtype under AMP), ``.to(input dtype)``;
             # Linear8bitLt always quantizes a 16-bit input
             quant_cdt = prec.autocast or ("fp16" if m.quant == "int8" and m.compute_dtype == "fp32"

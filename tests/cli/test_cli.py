@@ -151,6 +151,8 @@ def test_fp32_unquantized_flag_widens_the_stream_and_names_the_allowed_values(ca
             "--seq-len", "512")
     plain, prepared = run_json(capsys, *base), run_json(capsys, *base, "--fp32-unquantized", "all")
     assert prepared["scenario"]["method"]["fp32_unquantized"] == "all"
+    rc, out, _ = run(capsys, *base, "--fp32-unquantized", "all")
+    assert rc == 0 and "qlora (quant=nf4, r=8, alpha=16, targets=PEFT default, fp32_unquantized=all)" in out
     assert 1.4 < prepared["memory_bytes"]["activations"] / plain["memory_bytes"]["activations"] < 2.0
     line = assert_one_line_error(*run(capsys, *base, "--fp32-unquantized", "norms"))
     assert "fp32_unquantized='norms'" in line and "'bf16-amp'" in line
