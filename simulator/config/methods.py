@@ -105,8 +105,8 @@ class QLoRA(_LoRABase):
     fp32_unquantized: Literal["none", "norms", "all"] = "none"
     """Frozen parameters left unquantized that are kept in fp32 whatever the precision.  'all' is what PEFT's
     ``prepare_model_for_kbit_training`` leaves (it casts every 16-bit parameter but the 4-bit ones to fp32:
-    embeddings, norms, LM head, biases); TRL's ``SFTTrainer``, axolotl and PEFT's examples call it on bitsandbytes
-    bases.  'norms': the QLoRA repository's ``qlora.py``, and TRL's ``SFTTrainer`` with ``bf16=True``
+    embeddings, norms, LM head, biases); TRL's ``SFTTrainer``, PEFT's examples and scripts following the QLoRA
+    recipe call it on bitsandbytes bases.  'norms': the QLoRA repository's ``qlora.py``, and TRL's ``SFTTrainer`` with ``bf16=True``
     (``peft_module_casting_to_bf16``), cast the embeddings and head back to bf16 after it and keep the norms fp32.
     Either makes the residual stream fp32: each bitsandbytes layer casts its input to ``compute_dtype`` and its
     output back to the input's dtype.  Under precision fp32 every parameter is fp32 already."""
